@@ -1,0 +1,278 @@
+"""Building blocks shared by Spikingformer and Spikformer.
+
+Tensor layout inside the network is time first: images ``(T, B, C, H, W)`` in the tokenizer,
+tokens ``(T, B, N, C)`` in the transformer blocks (channels last, so every pointwise ConvBN is a
+plain matrix product followed by a BatchNorm over the flattened ``T*B*N`` rows; BatchNorm
+statistics are therefore shared across time steps, as in the authors' code).
+
+The two models differ only in where the spiking neuron (SN) sits relative to ConvBN:
+
+* ``ResidualStyle.SPIKE_DRIVEN`` (Spikingformer, paper Eq. 3-8): every branch is
+  ``SN -> ConvBN -> ... -> ConvBN`` and is added to a real-valued stream, so every ConvBN and
+  matrix product receives spikes.
+* ``ResidualStyle.SPIKFORMER`` (Eq. 1-2): every branch is ``ConvBN -> SN -> ... -> ConvBN -> SN``,
+  so the stream is a sum of spikes (integers) and the next block's layers receive integers > 1.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spikingformer.neuron import MultiStepLIF
+
+
+class ResidualStyle(str, enum.Enum):
+    SPIKE_DRIVEN = "spike_driven"  # Spikingformer: SN -> ConvBN -> add
+    SPIKFORMER = "spikformer"  # Spikformer: ConvBN -> SN -> add
+
+
+LIFFactory = Callable[..., MultiStepLIF]
+
+
+def lif_factory(tau: float = 2.0, backend: str = "auto") -> LIFFactory:
+    """A constructor for the model's neurons: shared tau and backend, per-layer threshold."""
+    return partial(MultiStepLIF, tau=tau, detach_reset=True, backend=backend)
+
+
+class ConvBN(nn.Module):
+    """3x3 convolution (stride 1, pad 1, no bias) + BatchNorm2d on ``(T, B, C, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, b = x.shape[:2]
+        y = self.bn(self.conv(x.flatten(0, 1)))
+        return y.view(t, b, *y.shape[1:])
+
+
+class TokenConvBN(nn.Module):
+    """Pointwise (1x1) convolution over tokens + BatchNorm1d, on ``(T, B, N, C)``.
+
+    A 1x1 convolution over channels is a linear map, so it is stored as ``nn.Linear`` weights
+    ``(out, in)``; the authors' Conv1d ``(out, in, 1)`` and Conv2d ``(out, in, 1, 1)`` weights load
+    into it by reshaping (see :mod:`spikingformer.models.official`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.bn = nn.BatchNorm1d(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
+
+
+def _max_pool(x: torch.Tensor) -> torch.Tensor:
+    """MaxPool2d(kernel 3, stride 2, padding 1) on ``(T, B, C, H, W)``."""
+    t, b = x.shape[:2]
+    y = nn.functional.max_pool2d(x.flatten(0, 1), kernel_size=3, stride=2, padding=1)
+    return y.view(t, b, *y.shape[1:])
+
+
+class SpikingTokenizer(nn.Module):
+    """Spiking Tokenizer (paper s.3.2, Eq. 9-10): images ``(T, B, C_in, H, W)`` -> tokens ``(T, B, N, D)``.
+
+    Five ConvBN stages with channels ``C_in -> D/8 -> D/4 -> D/2 -> D -> D``. Stage 0 encodes the
+    input (it sees the real-valued image or event counts). Between stages sits an SN, and a
+    max-pool (kernel 3, stride 2) in front of the last ``num_pools`` stages: 2 for CIFAR (x4
+    downsampling, SPE SPE SPED SPED), 4 for ImageNet and event data (x16, SPED x4).
+
+    * Spikingformer: ``... SN -> [MP] -> ConvBN``; the output is the last BN (real-valued).
+    * Spikformer: stages 1-3 as above, then ``SN -> [MP]`` gives ``x_feat`` and stage 4 is the
+      relative-position branch: ``x_feat + SN(ConvBN(x_feat))``.
+    """
+
+    def __init__(
+        self, in_channels: int, embed_dim: int, num_pools: int, style: ResidualStyle, lif: LIFFactory
+    ) -> None:
+        super().__init__()
+        if embed_dim % 8:
+            raise ValueError(f"embed_dim must be divisible by 8 (the tokenizer uses D/8 channels), got {embed_dim}")
+        if num_pools not in range(5):
+            raise ValueError(f"num_pools must be 0..4, got {num_pools}")
+        d = embed_dim
+        channels = [in_channels, d // 8, d // 4, d // 2, d, d]
+        self.style = ResidualStyle(style)
+        self.num_pools = num_pools
+        self.stages = nn.ModuleList(ConvBN(channels[i], channels[i + 1]) for i in range(5))
+        n_lifs = 4 if self.style is ResidualStyle.SPIKE_DRIVEN else 5
+        self.lifs = nn.ModuleList(lif() for _ in range(n_lifs))
+
+    def _pool_before(self, stage: int) -> bool:
+        return stage > 4 - self.num_pools
+
+    def _spike_pool(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """SN (then max-pool if ``stage`` is a downsampling stage) in front of ``stages[stage]``."""
+        x = self.lifs[stage - 1](x)
+        return _max_pool(x) if self._pool_before(stage) else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``."""
+        return self._forward_after_stem(self.stages[0](x))
+
+    def encode_static(self, images: torch.Tensor, time_steps: int) -> torch.Tensor:
+        """Tokens for static images ``(B, C, H, W)`` repeated over ``time_steps`` (direct encoding).
+
+        Same result as ``forward(images.expand(T, ...))``, but the first convolution runs once
+        instead of T times (every step sees the same image); BatchNorm still sees all T copies,
+        so its batch statistics and running estimates are exactly those of the repeated input.
+        """
+        stem = self.stages[0]
+        y = stem.conv(images)
+        y = y.unsqueeze(0).expand(time_steps, *y.shape).flatten(0, 1)
+        x = stem.bn(y).view(time_steps, images.shape[0], *y.shape[1:])
+        return self._forward_after_stem(x)
+
+    def _forward_after_stem(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 4):
+            x = self.stages[i](self._spike_pool(x, i))
+        x = self._spike_pool(x, 4)
+        if self.style is ResidualStyle.SPIKE_DRIVEN:
+            x = self.stages[4](x)
+        else:
+            x = x + self.lifs[4](self.stages[4](x))
+        return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D)
+
+
+def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``Q K^T V * s`` without softmax on ``(..., N, d)`` tensors.
+
+    Both association orders give the same numbers (all operands are spikes, every partial sum is a
+    small integer, and ``s`` is a power of two in the zoo), so the cheaper one is used:
+    ``(Q K^T) V`` costs ``2 N^2 d`` multiply-adds, ``Q (K^T V)`` costs ``2 N d^2``.
+    """
+    n, d = q.shape[-2:]
+    if n <= d:
+        return (q @ k.transpose(-2, -1)) @ v * scale
+    return q @ (k.transpose(-2, -1) @ v) * scale
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spiking Self Attention (paper Eq. 11-13) on tokens ``(T, B, N, D)``.
+
+    ``Q, K, V = SN(ConvBN(X'))``; ``SSA = ConvBN(SN_attn(Q K^T V * s))`` with the attention SN at
+    threshold 0.5 and s = 0.125. Spikingformer puts an SN in front (``X' = SN(X)``); Spikformer
+    puts one after the projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        style: ResidualStyle,
+        lif: LIFFactory,
+        qkv_bias: bool = False,
+        attn_threshold: float = 0.5,
+        scale: float = 0.125,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = scale
+        spike_driven = ResidualStyle(style) is ResidualStyle.SPIKE_DRIVEN
+        self.in_lif = lif() if spike_driven else nn.Identity()
+        self.q = TokenConvBN(dim, dim, qkv_bias)
+        self.k = TokenConvBN(dim, dim, qkv_bias)
+        self.v = TokenConvBN(dim, dim, qkv_bias)
+        self.q_lif, self.k_lif, self.v_lif = lif(), lif(), lif()
+        self.attn_lif = lif(v_threshold=attn_threshold)
+        self.proj = TokenConvBN(dim, dim, bias=True)
+        self.out_lif = nn.Identity() if spike_driven else lif()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, n, c = x.shape
+        return x.view(t, b, n, self.num_heads, c // self.num_heads).transpose(2, 3)  # (T, B, h, N, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_lif(x)
+        q = self._heads(self.q_lif(self.q(x)))
+        k = self._heads(self.k_lif(self.k(x)))
+        v = self._heads(self.v_lif(self.v(x)))
+        y = spike_attention(q, k, v, self.scale)  # (T, B, h, N, d)
+        y = y.transpose(2, 3).flatten(3)  # (T, B, N, D), channel = head * d + j
+        return self.out_lif(self.proj(self.attn_lif(y)))
+
+
+class SpikingMLP(nn.Module):
+    """Spiking MLP on tokens ``(T, B, N, D)``: two pointwise ConvBNs with an SN between them.
+
+    Spikingformer: ``SN -> ConvBN -> SN -> ConvBN``; Spikformer: ``ConvBN -> SN -> ConvBN -> SN``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, style: ResidualStyle, lif: LIFFactory) -> None:
+        super().__init__()
+        spike_driven = ResidualStyle(style) is ResidualStyle.SPIKE_DRIVEN
+        self.in_lif = lif() if spike_driven else nn.Identity()
+        self.fc1 = TokenConvBN(dim, hidden_dim, bias=True)
+        self.hidden_lif = lif()
+        self.fc2 = TokenConvBN(hidden_dim, dim, bias=True)
+        self.out_lif = nn.Identity() if spike_driven else lif()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_lif(self.fc2(self.hidden_lif(self.fc1(self.in_lif(x)))))
+
+
+class SpikingTransformerBlock(nn.Module):
+    """``X = X + SSA(X); X = X + MLP(X)`` on tokens ``(T, B, N, D)`` (paper Eq. 5-8)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        style: ResidualStyle,
+        lif: LIFFactory,
+        qkv_bias: bool = False,
+        attn_threshold: float = 0.5,
+        attn_scale: float = 0.125,
+    ) -> None:
+        super().__init__()
+        self.attn = SpikingSelfAttention(dim, num_heads, style, lif, qkv_bias, attn_threshold, attn_scale)
+        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), style, lif)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+HEAD_KINDS = ("avgpool_fc", "sn_avgpool_fc", "fc_avgpool", "sn_fc_avgpool")
+
+
+class ClassificationHead(nn.Module):
+    """The four classifiers of paper Eq. 14-17 on tokens ``(T, B, N, D)`` -> logits ``(B, K)``.
+
+    AvgPooling averages over tokens and time steps.
+
+    * ``avgpool_fc``    Eq. 14 ``FC(AvgPool(X))`` (the default; the FC reads real values: MACs)
+    * ``sn_avgpool_fc`` Eq. 15 ``FC(AvgPool(SN(X)))``
+    * ``fc_avgpool``    Eq. 16 ``AvgPool(FC(X))``
+    * ``sn_fc_avgpool`` Eq. 17 ``AvgPool(FC(SN(X)))`` (the FC reads spikes: accumulations only)
+
+    FC and AvgPool are both linear, so Eq. 16 equals Eq. 14 and Eq. 17 equals Eq. 15 up to
+    rounding; the forms differ in the operations a chip performs (the energy analysis counts them
+    by what the FC actually receives).
+    """
+
+    def __init__(self, dim: int, num_classes: int, kind: str, lif: LIFFactory) -> None:
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head {kind!r}; valid heads: {', '.join(HEAD_KINDS)}")
+        self.kind = kind
+        self.lif = lif() if kind.startswith("sn_") else nn.Identity()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lif(x)
+        if self.kind.endswith("avgpool_fc"):
+            return self.fc(x.mean(dim=2).mean(dim=0))
+        return self.fc(x).mean(dim=2).mean(dim=0)

@@ -1,0 +1,25 @@
+"""Spikingformer and Spikformer models, the named zoo, and loading of the authors' checkpoints."""
+
+from spikingformer.models.official import (
+    CheckpointKeyError,
+    extract_state_dict,
+    load_weights,
+    official_to_native,
+)
+from spikingformer.models.transformer import ModelConfig, SpikingTransformer
+from spikingformer.models.zoo import PAPER_PARAMS_M, ZOO, create_model, list_models, model_config, register_with_timm
+
+__all__ = [
+    "CheckpointKeyError",
+    "ModelConfig",
+    "PAPER_PARAMS_M",
+    "SpikingTransformer",
+    "ZOO",
+    "create_model",
+    "extract_state_dict",
+    "list_models",
+    "load_weights",
+    "model_config",
+    "official_to_native",
+    "register_with_timm",
+]
