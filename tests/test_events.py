@@ -1,0 +1,568 @@
+"""Tests of the event-camera data layer: readers, frame integration, emulator, augmentation, datasets."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import stat
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spikingformer.data import event_datasets
+from spikingformer.data.emulator import emulate_dvs, saccade_path
+from spikingformer.data.event_augment import EventAugment, apply_op
+from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DigitsDVS, DVS128Gesture
+from spikingformer.data.events import (
+    EventFileError,
+    integrate_frames_by_count,
+    integrate_frames_by_time,
+    make_events,
+    read_aedat2,
+    read_aedat31,
+    read_gesture_labels,
+    read_nmnist,
+    remap_cifar10dvs,
+    split_gesture_segments,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+AEDAT2_DIR = DATA / "dvs128-aedat2"
+NMNIST_SMALL = DATA / "nmnist-small"
+FIXTURE = SHARED / "fixtures" / "frames_spikingjelly_neal_walking.npz"
+
+
+def need(path: Path, what: str) -> None:
+    if not path.exists():
+        pytest.skip(f"{what} not available: {path} is absent (the shared data folder ../shared next to the repo "
+                    f"exists only on the project's machines)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writers of the formats, byte by byte from the format descriptions
+
+AEDAT2_HEADER = b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n# AEChip: DVS128\r\n"
+
+
+def write_aedat2(path: Path, addresses: list[int], timestamps: list[int], header: bytes = AEDAT2_HEADER) -> None:
+    body = b"".join(struct.pack(">II", a, t) for a, t in zip(addresses, timestamps))
+    path.write_bytes(header + body)
+
+
+AEDAT31_HEADER = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n"
+
+
+def aedat31_packet(etype: int, esize: int, overflow: int, payload: bytes, number: int, valid: int,
+                   capacity: int | None = None, ts_offset: int = 4) -> bytes:
+    cap = number if capacity is None else capacity
+    return struct.pack("<HHIIIIII", etype, 1, esize, ts_offset, overflow, cap, number, valid) + payload
+
+
+def polarity_payload(events: list[tuple[int, int, int, int, int]]) -> bytes:
+    """events: (x, y, p, valid, ts) -> uint32 data + int32 timestamp, little-endian."""
+    return b"".join(struct.pack("<Ii", (x << 17) | (y << 2) | (p << 1) | v, ts) for x, y, p, v, ts in events)
+
+
+def write_nmnist(path: Path, events: list[tuple[int, int, int, int]]) -> None:
+    """events: (x, y, p, t) -> 5 bytes: x, y, p<<7 | t[22:16], t[15:8], t[7:0]."""
+    out = bytearray()
+    for x, y, p, t in events:
+        out += bytes([x, y, (p << 7) | ((t >> 16) & 0x7F), (t >> 8) & 0xFF, t & 0xFF])
+    path.write_bytes(bytes(out))
+
+
+def to_aedat31(events: np.ndarray, per_packet: int = 1000) -> bytes:
+    """Real DVS128 events -> AEDAT 3.1 polarity packets (timestamps must be < 2**31)."""
+    out = bytearray(AEDAT31_HEADER)
+    for s in range(0, events.size, per_packet):
+        ev = events[s:s + per_packet]
+        data = ((ev["x"].astype(np.uint32) << 17) | (ev["y"].astype(np.uint32) << 2)
+                | (ev["p"].astype(np.uint32) << 1) | 1)
+        rec = np.empty((ev.size, 2), "<u4")
+        rec[:, 0] = data
+        rec[:, 1] = ev["t"].astype(np.uint32)
+        out += aedat31_packet(1, 8, 0, rec.tobytes(), ev.size, ev.size)
+    return bytes(out)
+
+
+def to_aedat2(events: np.ndarray) -> bytes:
+    addr = (events["y"].astype(np.uint32) << 8) | (events["x"].astype(np.uint32) << 1) | events["p"]
+    rec = np.empty((events.size, 2), ">u4")
+    rec[:, 0] = addr
+    rec[:, 1] = events["t"].astype(np.uint32)
+    return AEDAT2_HEADER + rec.tobytes()
+
+
+def synthetic_events(n: int, seed: int, t0: int = 1000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return make_events(t0 + np.cumsum(rng.integers(0, 50, n)), rng.integers(0, 128, n), rng.integers(0, 128, n),
+                       rng.integers(0, 2, n))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers on hand-written files
+
+
+def test_read_aedat2_hand_written(tmp_path: Path) -> None:
+    f = tmp_path / "rec.aedat"
+    # address = y << 8 | x << 1 | p
+    write_aedat2(f, [0x0000070B, 0x00007F00, 0x000000FE], [100, 250, 251])
+    ev = read_aedat2(f)
+    assert ev["x"].tolist() == [5, 0, 127]
+    assert ev["y"].tolist() == [7, 127, 0]
+    assert ev["p"].tolist() == [1, 0, 0]
+    assert ev["t"].tolist() == [100, 250, 251]
+    rm = remap_cifar10dvs(ev)  # x' = 127 - y, y' = 127 - x, p' = 1 - p
+    assert rm["x"].tolist() == [120, 0, 127]
+    assert rm["y"].tolist() == [122, 127, 0]
+    assert rm["p"].tolist() == [0, 1, 1]
+    assert rm["t"].tolist() == [100, 250, 251]
+
+
+def test_read_aedat31_hand_written(tmp_path: Path) -> None:
+    f = tmp_path / "user01_test.aedat"
+    p1 = aedat31_packet(1, 8, 0, polarity_payload([(10, 20, 1, 1, 1000), (50, 60, 1, 0, 1001),
+                                                   (127, 0, 0, 1, 1002)]), number=3, valid=2)
+    p2 = aedat31_packet(2, 16, 0, bytes(range(32)), number=2, valid=2, ts_offset=12)  # special events: skipped
+    p3 = aedat31_packet(1, 8, 1, polarity_payload([(3, 4, 1, 1, 5)]), number=1, valid=1)
+    f.write_bytes(AEDAT31_HEADER + p1 + p2 + p3)
+    ev = read_aedat31(f)
+    assert ev["x"].tolist() == [10, 127, 3]
+    assert ev["y"].tolist() == [20, 0, 4]
+    assert ev["p"].tolist() == [1, 0, 1]
+    assert ev["t"].tolist() == [1000, 1002, 2**31 + 5]
+
+
+def test_read_nmnist_hand_written(tmp_path: Path) -> None:
+    f = tmp_path / "00001.bin"
+    f.write_bytes(bytes([3, 33, 0x81, 0x23, 0x45,    # x 3, y 33, p 1, t 0x012345 = 74565
+                         0, 0, 0x00, 0x00, 0x07,     # x 0, y 0, p 0, t 7
+                         33, 1, 0xFF, 0xFF, 0xFF]))  # x 33, y 1, p 1, t 0x7FFFFF = 8388607
+    ev = read_nmnist(f)
+    assert ev["x"].tolist() == [3, 0, 33]
+    assert ev["y"].tolist() == [33, 0, 1]
+    assert ev["p"].tolist() == [1, 0, 1]
+    assert ev["t"].tolist() == [74565, 7, 8388607]
+
+
+def test_read_nmnist_overflow_marker(tmp_path: Path) -> None:
+    f = tmp_path / "ovf.bin"
+    write_nmnist(f, [(1, 2, 1, 100), (0, 240, 0, 0), (4, 5, 0, 50)])  # y = 240: +8192 us from here on
+    ev = read_nmnist(f)
+    assert ev["t"].tolist() == [100, 8242]
+    assert ev["y"].tolist() == [2, 5]
+
+
+def test_gesture_labels_and_segments(tmp_path: Path) -> None:
+    csv = tmp_path / "user01_led_labels.csv"
+    csv.write_text("class,startTime_usec,endTime_usec\n1,100,200\n11,200,350\n")
+    lab = read_gesture_labels(csv)
+    assert lab["label"].tolist() == [0, 10]
+    assert lab["start"].tolist() == [100, 200]
+    assert lab["end"].tolist() == [200, 350]
+    ev = make_events([50, 100, 150, 199, 200, 349, 350], [0] * 7, [0] * 7, [0] * 7)
+    segs = split_gesture_segments(ev, lab)
+    assert [s[0] for s in segs] == [0, 10]
+    assert segs[0][1]["t"].tolist() == [100, 150, 199]
+    assert segs[1][1]["t"].tolist() == [200, 349]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real files and the SpikingJelly fixture
+
+
+def test_real_aedat2_files_decode() -> None:
+    need(AEDAT2_DIR, "DVS128 AEDAT 2.0 recordings")
+    files = sorted(AEDAT2_DIR.glob("*.aedat"))
+    assert len(files) == 12
+    for f in files:
+        ev = read_aedat2(f)
+        assert ev.size > 1000, f
+        assert ev["x"].min() >= 0 and ev["x"].max() < 128
+        assert ev["y"].min() >= 0 and ev["y"].max() < 128
+        assert set(np.unique(ev["p"]).tolist()) <= {0, 1}
+        assert np.all(np.diff(ev["t"]) >= 0), f
+
+
+def test_real_nmnist_files_decode() -> None:
+    need(NMNIST_SMALL, "N-MNIST small copy")
+    files = sorted(NMNIST_SMALL.glob("*.bs2"))
+    assert len(files) == 1100
+    for f in files:
+        ev = read_nmnist(f)
+        assert ev.size == f.stat().st_size // 5
+        assert ev["x"].min() >= 0 and ev["x"].max() < 34
+        assert ev["y"].min() >= 0 and ev["y"].max() < 34
+        assert np.all(np.diff(ev["t"]) >= 0), f
+
+
+def test_spikingjelly_fixture_events_and_frames() -> None:
+    need(FIXTURE, "SpikingJelly frames fixture")
+    need(AEDAT2_DIR, "DVS128 AEDAT 2.0 recordings")
+    ref = np.load(FIXTURE)
+    ev = remap_cifar10dvs(read_aedat2(AEDAT2_DIR / "neal_walking.aedat"))
+    for k in "txyp":
+        np.testing.assert_array_equal(ev[k].astype(np.int64), ref[k].astype(np.int64))
+    for T in (10, 16):
+        frames = integrate_frames_by_count(ev, T, 128, 128)
+        assert frames.dtype == np.float32 and frames.shape == (T, 2, 128, 128)
+        np.testing.assert_array_equal(frames, ref[f"T{T}"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame integration, hand-computed
+
+
+def test_integrate_by_count_hand_computed() -> None:
+    # 7 events, T = 3: di = 2, slices [0,2), [2,4), [4,7)
+    ev = make_events(t=[0, 1, 2, 3, 4, 5, 6], x=[0, 1, 2, 0, 0, 2, 1], y=[0, 0, 1, 1, 0, 2, 0],
+                     p=[1, 0, 1, 1, 1, 0, 1])
+    exp = np.zeros((3, 2, 3, 3), np.float32)
+    exp[0, 1, 0, 0] = 1  # (x0, y0, p1)
+    exp[0, 0, 0, 1] = 1  # (x1, y0, p0)
+    exp[1, 1, 1, 2] = 1  # (x2, y1, p1)
+    exp[1, 1, 1, 0] = 1  # (x0, y1, p1)
+    exp[2, 1, 0, 0] = 1  # (x0, y0, p1)
+    exp[2, 0, 2, 2] = 1  # (x2, y2, p0)
+    exp[2, 1, 0, 1] = 1  # (x1, y0, p1)
+    out = integrate_frames_by_count(ev, 3, 3, 3)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, exp)
+
+
+def test_integrate_by_count_repeats_and_few_events() -> None:
+    ev = make_events(t=[0, 1, 2, 3], x=[1, 1, 1, 1], y=[0, 0, 0, 0], p=[0, 0, 0, 0])
+    out = integrate_frames_by_count(ev, 2, 1, 2)  # di = 2
+    assert out[:, 0, 0, 1].tolist() == [2.0, 2.0]
+    few = integrate_frames_by_count(ev[:2], 4, 1, 2)  # N < T: di = 0, all events in the last frame
+    assert few[:, 0, 0, 1].tolist() == [0.0, 0.0, 0.0, 2.0]
+    empty = integrate_frames_by_count(ev[:0], 3, 2, 2)
+    assert empty.shape == (3, 2, 2, 2) and empty.sum() == 0
+
+
+def test_integrate_by_time_hand_computed() -> None:
+    # t0 = 0, t_last = 20, T = 4: dt = 5; windows [0,5), [5,10), [10,15), [15, 20] (last holds t_last)
+    ev = make_events(t=[0, 4, 5, 9, 10, 14, 15, 20], x=[0, 1, 0, 1, 0, 1, 0, 1], y=[0] * 8,
+                     p=[0, 1, 1, 0, 0, 0, 1, 1])
+    exp = np.zeros((4, 2, 1, 2), np.float32)
+    exp[0, 0, 0, 0] = 1
+    exp[0, 1, 0, 1] = 1
+    exp[1, 1, 0, 0] = 1
+    exp[1, 0, 0, 1] = 1
+    exp[2, 0, 0, 0] = 1
+    exp[2, 0, 0, 1] = 1
+    exp[3, 1, 0, 0] = 1
+    exp[3, 1, 0, 1] = 1
+    np.testing.assert_array_equal(integrate_frames_by_time(ev, 4, 1, 2), exp)
+    # dt = (22 - 0) // 4 = 5: the remainder [20, 22] lands in the last window; window [5, 10) is empty
+    ev2 = make_events(t=[0, 12, 17, 22], x=[0, 0, 0, 0], y=[0] * 4, p=[0] * 4)
+    assert integrate_frames_by_time(ev2, 4, 1, 1)[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 2.0]
+
+
+def test_integrate_rejects_out_of_frame_events() -> None:
+    ev = make_events([0], [34], [0], [0])
+    with pytest.raises(ValueError, match="out of the 34x34 frame"):
+        integrate_frames_by_count(ev, 2, 34, 34)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Emulator
+
+
+def test_emulator_static_image_gives_no_events() -> None:
+    img = np.random.default_rng(0).random((16, 16))
+    assert emulate_dvs(img, amplitude=0.0).size == 0
+    assert emulate_dvs(img, path=np.zeros((5, 2))).size == 0
+
+
+def test_emulator_moving_bar_on_leading_off_trailing_edge() -> None:
+    img = np.zeros((16, 32))
+    img[:, 12:20] = 1.0  # bright vertical bar, edges at x = 12 (left) and x = 20 (right)
+    path = np.stack([np.linspace(0.0, 3.0, 7), np.zeros(7)], axis=1)  # moves 3 px to the right
+    ev = emulate_dvs(img, path=path, step_us=1000, seed=3)
+    on, off = ev[ev["p"] == 1], ev[ev["p"] == 0]
+    assert on.size > 0 and off.size > 0
+    # leading (right) edge gets brighter: ON; trailing (left) edge gets darker: OFF
+    assert set(np.unique(on["x"]).tolist()) <= {20, 21, 22}
+    assert set(np.unique(off["x"]).tolist()) <= {12, 13, 14}
+    assert np.all(np.diff(ev["t"]) >= 0) and ev["t"].min() >= 0 and ev["t"].max() <= 6000
+    # deterministic for a seed
+    again = emulate_dvs(img, path=path, step_us=1000, seed=3)
+    np.testing.assert_array_equal(ev, again)
+
+
+def test_saccade_path_is_closed_triangle() -> None:
+    p = saccade_path(2.0, 4)
+    assert p.shape == (13, 2)
+    np.testing.assert_allclose(p[[0, 4, 8, 12]], [[0, 0], [1, 2], [2, 0], [0, 0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_aedat2_errors(tmp_path: Path) -> None:
+    f = tmp_path / "trunc.aedat"
+    write_aedat2(f, [1, 2], [10, 20])
+    f.write_bytes(f.read_bytes() + b"\x01\x02\x03")
+    good_end = len(AEDAT2_HEADER) + 16
+    with pytest.raises(EventFileError) as e:
+        read_aedat2(f)
+    assert "trunc.aedat" in str(e.value) and f"byte offset {good_end}" in str(e.value)
+    g = tmp_path / "nohdr.aedat"
+    g.write_bytes(struct.pack(">II", 1, 2))
+    with pytest.raises(EventFileError, match="#!AER-DAT2.0"):
+        read_aedat2(g)
+
+
+def test_aedat31_errors(tmp_path: Path) -> None:
+    good = aedat31_packet(1, 8, 0, polarity_payload([(1, 1, 1, 1, 5)]), 1, 1)
+    f = tmp_path / "corrupt.aedat"
+    # second packet claims 100 events of 8 bytes but carries only one
+    bad = aedat31_packet(1, 8, 0, polarity_payload([(1, 1, 1, 1, 6)]), number=100, valid=100)
+    f.write_bytes(AEDAT31_HEADER + good + bad)
+    offset = len(AEDAT31_HEADER) + len(good)
+    with pytest.raises(EventFileError) as e:
+        read_aedat31(f)
+    msg = str(e.value)
+    assert "corrupt.aedat" in msg and f"byte offset {offset}" in msg and "corrupt AEDAT 3.1 packet header" in msg
+    g = tmp_path / "cut.aedat"
+    g.write_bytes(AEDAT31_HEADER + good + good[:10])
+    with pytest.raises(EventFileError) as e:
+        read_aedat31(g)
+    assert "cut.aedat" in str(e.value) and f"byte offset {offset}" in str(e.value)
+    h = tmp_path / "noend.aedat"
+    h.write_bytes(b"#!AER-DAT3.1\r\n" + good)
+    with pytest.raises(EventFileError, match="END-HEADER"):
+        read_aedat31(h)
+
+
+def test_nmnist_truncated(tmp_path: Path) -> None:
+    f = tmp_path / "12.bs2"
+    write_nmnist(f, [(1, 1, 1, 1), (2, 2, 0, 2)])
+    f.write_bytes(f.read_bytes() + b"\x00\x01")
+    with pytest.raises(EventFileError) as e:
+        read_nmnist(f)
+    assert "12.bs2" in str(e.value) and "byte offset 10" in str(e.value)
+
+
+def test_label_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad_labels.csv"
+    bad.write_text("label,start,end\n1,0,10\n")
+    with pytest.raises(EventFileError, match="bad_labels.csv.*header"):
+        read_gesture_labels(bad)
+    csv = tmp_path / "user02_led_labels.csv"
+    csv.write_text("class,startTime_usec,endTime_usec\n3,100,200\n4,5000,6000\n")
+    ev = make_events([100, 150, 300], [0] * 3, [0] * 3, [0] * 3)
+    with pytest.raises(EventFileError) as e:
+        split_gesture_segments(ev, read_gesture_labels(csv), source=csv)
+    msg = str(e.value)
+    assert "user02_led_labels.csv" in msg and "outside the recording" in msg and "[5000, 6000)" in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_event_augment_ops() -> None:
+    x = torch.zeros(3, 2, 16, 16)
+    x[:, :, 4, 8] = 1.0
+    moved = apply_op(x, "TranslateX", 3.0)
+    assert moved[:, :, 4, 11].eq(1).all() and moved.sum() == x.sum()
+    moved = apply_op(x, "TranslateY", -2.0)
+    assert moved[:, :, 2, 8].eq(1).all() and moved.sum() == x.sum()
+    assert apply_op(x, "TranslateX", 0.9999).equal(x)  # int() truncation, as in the authors' code
+    ones = torch.ones(3, 2, 32, 32)
+    cut = apply_op(ones, "Cutout", 0.0, generator=torch.Generator().manual_seed(0))
+    holes = (cut == 0)
+    assert holes.any() and holes.float().mean() <= 0.11 + 1e-6
+    assert holes.all(dim=0).all(dim=0).sum() == holes[0, 0].sum()  # the same square in every frame/channel
+    aug = EventAugment(generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        y = aug(ones)
+        assert y.shape == ones.shape
+        assert y.eq(y[0:1, 0:1]).all()  # the same op for all T frames and both polarities
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _small_nmnist(root: Path, ids: list[str]) -> list[int]:
+    need(NMNIST_SMALL, "N-MNIST small copy")
+    root.mkdir(parents=True, exist_ok=True)
+    table = dict(line.split() for line in (NMNIST_SMALL / "train1K.txt").read_text().splitlines()[1:])
+    for i in ids:
+        shutil.copy2(NMNIST_SMALL / f"{i}.bs2", root / f"{i}.bs2")
+    (root / "train3.txt").write_text("#sample #class\n" + "".join(f"{i}\t{table[i]}\n" for i in ids))
+    (root / "test0.txt").write_text("#sample #class\n")
+    return [int(table[i]) for i in ids]
+
+
+def test_nmnist_shared_small_set(tmp_path: Path) -> None:
+    need(NMNIST_SMALL, "N-MNIST small copy")
+    ds = NMNIST(NMNIST_SMALL, train=True, T=8, cache_dir=tmp_path)
+    assert len(ds) == 1000 and ds.num_classes == 10 and ds.sensor_size == (34, 34)
+    frames, label = ds[0]
+    assert label == 5  # train1K.txt: "1 5"
+    assert frames.dtype == torch.float32 and frames.shape == (8, 2, 34, 34)
+    assert frames.sum().item() == (NMNIST_SMALL / "1.bs2").stat().st_size // 5
+    test = NMNIST(NMNIST_SMALL, train=False, T=8, cache_dir=tmp_path, pad_to=48)
+    assert len(test) == 100 and test.frame_size == (48, 48)
+    frames, label = test[0]
+    assert label == 7  # test100.txt: "60001 7"
+    assert frames.shape == (8, 2, 48, 48)
+    n = (NMNIST_SMALL / "60001.bs2").stat().st_size // 5
+    assert frames[:, :, 7:41, 7:41].sum().item() == n == frames.sum().item()
+
+
+def test_nmnist_original_layout(tmp_path: Path) -> None:
+    root = tmp_path / "NMNIST"
+    for split, digit, name, events in [("Train", 3, "00002.bin", [(1, 1, 1, 5), (2, 2, 0, 9)]),
+                                       ("Train", 0, "00010.bin", [(0, 0, 0, 1)]),
+                                       ("Test", 9, "00001.bin", [(33, 33, 1, 3)])]:
+        (root / split / str(digit)).mkdir(parents=True, exist_ok=True)
+        write_nmnist(root / split / str(digit) / name, events)
+    tr = NMNIST(root, train=True, T=2, cache_dir=tmp_path / "c")
+    assert tr.targets == [0, 3]
+    frames = tr[1][0]  # events (x1, y1, p1, t5) in frame 0 and (x2, y2, p0, t9) in frame 1
+    assert frames.sum().item() == 2 and frames[0, 1, 1, 1].item() == 1 and frames[1, 0, 2, 2].item() == 1
+    te = NMNIST(root, train=False, T=2, cache_dir=tmp_path / "c")
+    assert te.targets == [9] and te[0][0][1, 1, 33, 33].item() == 1
+
+
+def test_nmnist_cache_created_reused_and_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "nm"
+    labels = _small_nmnist(root, ["1", "2", "3"])
+    ds = NMNIST(root, train=True, T=4)
+    assert ds.targets == labels
+    first = [ds[i][0] for i in range(3)]
+    cache_file = root / ".spikingformer_cache" / "frames_number_T4" / "bs2" / "2.npz"
+    assert cache_file.is_file()
+
+    def boom(path: object) -> None:
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(event_datasets, "read_nmnist", boom)
+    again = NMNIST(root, train=True, T=4)
+    for i in range(3):
+        assert again[i][0].equal(first[i])
+    monkeypatch.undo()
+
+    # replace sample "2" by the recording of "3" with a new mtime: the cache must be rebuilt
+    shutil.copyfile(root / "3.bs2", root / "2.bs2")
+    st = os.stat(root / "2.bs2")
+    os.utime(root / "2.bs2", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    rebuilt = NMNIST(root, train=True, T=4)[1][0]
+    assert rebuilt.equal(first[2])
+    assert rebuilt.sum().item() == (root / "3.bs2").stat().st_size // 5
+    # another T gets its own cache folder
+    NMNIST(root, train=True, T=2)[0]
+    assert (root / ".spikingformer_cache" / "frames_number_T2" / "bs2" / "1.npz").is_file()
+
+
+def test_cache_falls_back_to_home_for_read_only_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "ro"
+    _small_nmnist(root, ["1"])
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    root.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        ds = NMNIST(root, train=True, T=3)
+        ds[0]
+        assert not (root / ".spikingformer_cache").exists()
+        hits = list((home / ".cache" / "spikingformer").glob("ro-*/frames_number_T3/bs2/1.npz"))
+        assert len(hits) == 1
+    finally:
+        root.chmod(0o755)
+
+
+def _cifar_tree(root: Path) -> dict[str, np.ndarray]:
+    written = {}
+    for c, name in enumerate(CIFAR10DVS.classes):
+        (root / name).mkdir(parents=True)
+        for k in range(11):
+            ev = synthetic_events(20 + k, seed=100 * c + k)
+            fname = f"cifar10_{name}_{k}.aedat"
+            (root / name / fname).write_bytes(to_aedat2(ev))
+            written[f"{name}/{fname}"] = ev
+    return written
+
+
+def test_cifar10dvs_tiny_tree(tmp_path: Path) -> None:
+    root = tmp_path / "CIFAR10DVS"
+    written = _cifar_tree(root)
+    tr = CIFAR10DVS(root, train=True, T=4, cache_dir=tmp_path / "cache")
+    te = CIFAR10DVS(root, train=False, T=4, cache_dir=tmp_path / "cache")
+    # 11 files a class: ceil(11 * 0.9) = 10 train, 1 test; names sort lexicographically (0, 1, 10, 2, ..., 9)
+    assert len(tr) == 100 and len(te) == 10
+    assert te.targets == list(range(10)) and tr.targets == [c for c in range(10) for _ in range(10)]
+    assert te._keys[3] == "cat/cifar10_cat_9"
+    frames, label = te[3]
+    assert label == 3 and frames.shape == (4, 2, 128, 128)
+    ev = written["cat/cifar10_cat_9.aedat"]
+    assert frames.sum().item() == ev.size == 29
+    # the remap sends a raw event (x, y, p) to pixel (x' = 127 - y, y' = 127 - x) of channel 1 - p
+    e0 = ev[0]
+    assert frames[0, 1 - int(e0["p"]), 127 - int(e0["x"]), 127 - int(e0["y"])].item() >= 1
+    assert tr.num_classes == 10 and tr.sensor_size == (128, 128)
+
+
+def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
+    root = tmp_path / "DvsGesture"
+    root.mkdir()
+    ev_a = synthetic_events(300, seed=1, t0=10_000)
+    ev_b = synthetic_events(200, seed=2, t0=50_000)
+    (root / "user01_fluorescent.aedat").write_bytes(to_aedat31(ev_a, per_packet=64))
+    (root / "user24_led.aedat").write_bytes(to_aedat31(ev_b, per_packet=64))
+    ta = ev_a["t"]
+    cut = [int(ta[10]), int(ta[100]), int(ta[250])]
+    (root / "user01_fluorescent_labels.csv").write_text(
+        f"class,startTime_usec,endTime_usec\n2,{cut[0]},{cut[1]}\n11,{cut[1]},{cut[2]}\n")
+    tb = ev_b["t"]
+    (root / "user24_led_labels.csv").write_text(f"class,startTime_usec,endTime_usec\n5,{int(tb[0])},{int(tb[-1])}\n")
+    # without the official lists: users 1-23 train, 24-29 test
+    tr = DVS128Gesture(tmp_path, train=True, T=4, cache_dir=tmp_path / "cache")
+    te = DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache")
+    assert tr.targets == [1, 10] and te.targets == [4]
+    seg_counts = [int(((ta >= cut[0]) & (ta < cut[1])).sum()), int(((ta >= cut[1]) & (ta < cut[2])).sum())]
+    for i in range(2):
+        frames, _ = tr[i]
+        assert frames.shape == (4, 2, 128, 128)
+        assert frames.sum().item() == seg_counts[i]
+    assert te[0][0].sum().item() == int((tb < tb[-1]).sum())
+    # with the official lists (here swapped on purpose)
+    (root / "trials_to_train.txt").write_text("user24_led.aedat\n")
+    (root / "trials_to_test.txt").write_text("user01_fluorescent.aedat\n")
+    assert DVS128Gesture(root, train=True, T=4, cache_dir=tmp_path / "cache").targets == [4]
+    assert DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache").targets == [1, 10]
+    assert tr.num_classes == 11 and len(tr.classes) == 11
+
+
+def test_missing_roots_name_the_layout(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"airplane/\*\.aedat.*AEDAT 2\.0"):
+        CIFAR10DVS(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="user01_fluorescent.aedat"):
+        DVS128Gesture(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"Train/<digit>/\*\.bin"):
+        NMNIST(tmp_path)
+
+
+def test_digits_dvs() -> None:
+    tr = DigitsDVS(train=True, T=4)
+    te = DigitsDVS(train=False, T=4)
+    assert (len(tr), len(te)) == (1437, 360)
+    assert tr.num_classes == 10 and tr.sensor_size == (32, 32)
+    frames, label = te[0]
+    assert frames.dtype == torch.float32 and frames.shape == (4, 2, 32, 32)
+    assert 0 <= label < 10 and frames.sum() > 0 and frames[:, 0].sum() > 0 and frames[:, 1].sum() > 0
+    counts = np.bincount(te.targets, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: about 36 of each digit
+    assert set(tr.indices.tolist()).isdisjoint(te.indices.tolist())
+    assert math.isclose(len(te) / (len(tr) + len(te)), 0.2, abs_tol=1e-3)
