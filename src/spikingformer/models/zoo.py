@@ -60,6 +60,11 @@ def _entries() -> dict[str, dict]:
                 _FAMILY["event"], **extra.get("event", {}), arch=arch, depth=2, embed_dim=256, num_classes=classes
             )
         zoo[f"{arch}_digits"] = dict(_FAMILY["digits"], arch=arch, depth=1, embed_dim=64, num_heads=4)
+        # Small event models for the offline neuromorphic data: the embedded digits_dvs (32x32) and
+        # N-MNIST (34x34 zero-padded to 48x48); x8 downsampling keeps 16 and 36 tokens.
+        event = dict(_FAMILY["event"], **extra.get("event", {}), arch=arch, downsample=8, time_steps=8, num_classes=10)
+        zoo[f"{arch}_digits_dvs"] = dict(event, img_size=32, depth=1, embed_dim=64, num_heads=4)
+        zoo[f"{arch}_nmnist"] = dict(event, img_size=48, depth=2, embed_dim=128, num_heads=8)
     return zoo
 
 

@@ -1,0 +1,65 @@
+"""Data sets by name, as the recipes and the command line use them.
+
+Static images come out as ``(C, H, W)`` tensors, event data as ``(T, 2, H, W)`` frames (batched
+by the DataLoader to ``(B, C, H, W)`` and ``(B, T, 2, H, W)``, the models' input convention).
+Every data set carries ``num_classes`` and ``classes``.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+STATIC = ("digits", "cifar10", "cifar100", "imagenet")
+EVENT = ("digits_dvs", "nmnist", "cifar10_dvs", "dvs128_gesture")
+DATASETS = STATIC + EVENT
+NEEDS_DIR = ("cifar10", "cifar100", "imagenet", "nmnist", "cifar10_dvs", "dvs128_gesture")
+
+
+def is_event_dataset(name: str) -> bool:
+    return name in EVENT
+
+
+def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
+    """The data set named by ``data_cfg.dataset`` (a :class:`~spikingformer.config.DataSection`).
+
+    ``img_size`` is the model's input side: static images are resized/cropped to it; event frames
+    smaller than it (N-MNIST's 34x34) are zero-padded, centred, to it.
+    """
+    name = data_cfg.dataset
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(DATASETS)}")
+    if name in NEEDS_DIR and not data_cfg.data_dir:
+        raise ValueError(f"dataset '{name}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
+
+    from spikingformer.data import static
+
+    if name == "digits":
+        return static.Digits(train, img_size=img_size, augment=data_cfg.augment)
+    if name in ("cifar10", "cifar100", "imagenet"):
+        mean, std = {
+            "cifar10": (static.CIFAR10_MEAN, static.CIFAR10_STD),
+            "cifar100": (static.CIFAR100_MEAN, static.CIFAR100_STD),
+            "imagenet": (static.IMAGENET_MEAN, static.IMAGENET_STD),
+        }[name]
+        transform = static.image_transform(data_cfg, img_size, train, mean, std)
+        if name == "imagenet":
+            return static.imagenet(data_cfg.data_dir, train, transform)
+        return static.cifar(name, data_cfg.data_dir, train, transform)
+    return _event_dataset(data_cfg, img_size, train)
+
+
+def _event_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
+    from spikingformer.data import event_datasets as ev
+    from spikingformer.data.event_augment import EventAugment
+
+    transform = EventAugment() if (train and data_cfg.augment) else None
+    common = dict(train=train, T=data_cfg.frames, split_by=data_cfg.split_by, transform=transform)
+    name = data_cfg.dataset
+    if name == "digits_dvs":
+        return ev.DigitsDVS(size=img_size, **common)
+    files = dict(root=data_cfg.data_dir, cache_dir=data_cfg.cache_dir, **common)
+    if name == "nmnist":
+        return ev.NMNIST(pad_to=img_size, **files)
+    if name == "cifar10_dvs":
+        return ev.CIFAR10DVS(**files)
+    return ev.DVS128Gesture(**files)

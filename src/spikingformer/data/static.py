@@ -1,0 +1,142 @@
+"""Static image data sets: scikit-learn's digits (embedded), CIFAR-10/100 and ImageNet from disk.
+
+Nothing is downloaded: CIFAR is read from torchvision's python-pickle layout or from class-folder
+trees, ImageNet from ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``. Training transforms are
+timm's ``create_transform`` with the recipe's settings (the authors' RandAugment, random erasing,
+crop and normalisation constants, REFERENCE.md s.5.1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits split into 1,437 train / 360 test images, stratified, fixed seed 0.
+
+    Returns ``(train_images, train_labels, test_images, test_labels)``; images ``(n, 8, 8)`` in [0, 16].
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float32), digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=0.2, random_state=seed, stratify=labels)
+    return x_tr, y_tr, x_te, y_te
+
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits (1,797 real 8x8 grey images shipped inside scikit-learn).
+
+    Split by :func:`digits_split` (1,437 train / 360 test). Images are scaled to [0, 1], resized
+    (bilinear) to ``img_size`` and normalised with the training set's mean and standard deviation.
+    Training samples get a small random affine jitter (+-10 degrees, +-1 original pixel) when
+    ``augment`` is on. Items: ``(image (1, S, S) float32, label)``.
+    """
+
+    num_classes = 10
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, train: bool, img_size: int = 16, augment: bool = False) -> None:
+        x_tr, y_tr, x_te, y_te = digits_split()
+        images, labels = (x_tr, y_tr) if train else (x_te, y_te)
+        mean, std = float(x_tr.mean() / 16), float(x_tr.std() / 16)
+        x = torch.from_numpy(images / 16.0).unsqueeze(1)
+        x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        self.images = (x - mean) / std
+        self.labels = torch.from_numpy(labels)
+        self.background = -mean / std  # value of an empty pixel after normalisation
+        self.augment = None
+        if train and augment:
+            from torchvision.transforms import v2
+
+            self.augment = v2.RandomAffine(degrees=10, translate=(1 / 8, 1 / 8), fill=self.background)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, int(self.labels[index])
+
+
+def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} not found under {root}. Expected {expected}. Nothing is downloaded at run time: "
+        f"fetch the data set yourself and pass its folder with --data-dir (see docs/data.md)."
+    )
+
+
+def _with_classes(dataset: Dataset, classes: list[str]) -> Dataset:
+    dataset.num_classes = len(classes)
+    dataset.classes = list(classes)
+    return dataset
+
+
+def cifar(name: str, root: str | Path, train: bool, transform) -> Dataset:
+    """CIFAR-10 / CIFAR-100 from torchvision's pickle layout or from a class-folder tree.
+
+    Accepted layouts under ``root``: ``cifar-10-batches-py/`` (or ``cifar-100-python/``), that
+    folder itself, or ``train/<class>/*.png|jpg`` + ``test/<class>/...`` (class folders sort into
+    the standard label order).
+    """
+    root = Path(root)
+    pickle_dir = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    if root.name == pickle_dir:
+        root = root.parent
+    if (root / pickle_dir).is_dir():
+        ds = cls(str(root), train=train, transform=transform, download=False)
+        return _with_classes(ds, ds.classes)
+    split = root / ("train" if train else "test")
+    if split.is_dir():
+        ds = torchvision.datasets.ImageFolder(str(split), transform=transform)
+        expected_classes = 10 if name == "cifar10" else 100
+        if len(ds.classes) != expected_classes:
+            raise ValueError(f"{split} has {len(ds.classes)} class folders, {name} has {expected_classes}")
+        return _with_classes(ds, ds.classes)
+    raise _layout_error(
+        name, root, f"{root}/{pickle_dir}/ (torchvision's python version) or {root}/train/<class>/*.png and {root}/test/<class>/*.png"
+    )
+
+
+def imagenet(root: str | Path, train: bool, transform) -> Dataset:
+    """ImageNet-1k from ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``."""
+    root = Path(root)
+    split = root / ("train" if train else "val")
+    if not split.is_dir():
+        raise _layout_error("ImageNet", root, f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (val sorted into class folders)")
+    ds = torchvision.datasets.ImageFolder(str(split), transform=transform)
+    return _with_classes(ds, ds.classes)
+
+
+def image_transform(data_cfg, img_size: int, train: bool, mean, std):
+    """timm's transform with the recipe's augmentation (train) or resize + centre crop (eval)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=img_size,
+        is_training=train,
+        scale=tuple(data_cfg.scale),
+        ratio=tuple(data_cfg.ratio),
+        hflip=data_cfg.hflip,
+        color_jitter=0.0,
+        auto_augment=data_cfg.aa,
+        interpolation=data_cfg.interpolation,
+        mean=tuple(data_cfg.mean or mean),
+        std=tuple(data_cfg.std or std),
+        re_prob=data_cfg.reprob,
+        re_mode=data_cfg.remode,
+        crop_pct=data_cfg.crop_pct,
+    )

@@ -1,0 +1,116 @@
+"""Sub-commands ``train``, ``eval`` and ``models`` of the ``spikingformer`` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+
+from spikingformer.config import SECTIONS, load_config, recipe_names
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Help texts of a config section: the comment after each field in its source."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options (recipe section '{section}')")
+        helps = _field_help(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"{helps.get(f.name, '')} [recipe default; built-in: {default}]"
+            if f.type in ("bool", bool):
+                group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
+            else:
+                group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from spikingformer.engine.trainer import train
+
+    cfg = load_config(args.config, _overrides(args))
+    result = train(cfg)
+    if not result["is_main"]:
+        return 0
+    best, last = result["best"], result["metrics"]
+    print(f"\nfinal test top-1 {last.get('test_top1', float('nan')):.2f}%  top-5 {last.get('test_top5', float('nan')):.2f}%  "
+          f"(best top-1 {best['top1']:.2f}% at epoch {best['epoch'] + 1})")
+    _print_energy(result["checkpoint"], cfg)
+    print(f"checkpoint: {result['checkpoint']}  (last epoch: {result['last']}; metrics: {result['folder']}/metrics.jsonl)")
+    return 0
+
+
+def _print_energy(checkpoint: str, cfg) -> None:
+    """Theoretical energy per image of the best model on a few test batches (paper Eq. 19-20)."""
+    from spikingformer.analysis.energy import energy_report_for_checkpoint
+
+    report = energy_report_for_checkpoint(checkpoint, cfg.data, batches=2)
+    print(f"theoretical energy per image: {report.energy_mj:.4f} mJ  "
+          f"({report.mac_g * 1e3:.3f} M MACs, {report.ac_g * 1e3:.3f} M ACs; Eq. 19-20 with firing rates measured on the test set)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from spikingformer.engine.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
+        device=args.device, amp=args.amp, frames=args.frames,
+    )
+    print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
+          f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from spikingformer.models import ZOO, create_model, list_models
+
+    print(f"{'model':34s} {'params':>12s}  {'T':>3s}  {'input':>11s}  classes")
+    for name in list_models(args.pattern):
+        cfg = ZOO[name]
+        n = sum(p.numel() for p in create_model(name).parameters())
+        size = f"{cfg['in_channels']}x{cfg['img_size']}x{cfg['img_size']}"
+        print(f"{name:34s} {n:>12,d}  {cfg['time_steps']:>3d}  {size:>11s}  {cfg['num_classes']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model with a recipe (default: Spikingformer on the embedded digits, on the CPU)",
+        description="Train with a recipe; every recipe key can be overridden by the flag of the same name. "
+        f"Bundled recipes: {', '.join(recipe_names())}. Under torchrun: torchrun --nproc_per_node=N -m spikingformer train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default="digits", help="recipe name or path to a YAML file")
+    _add_config_flags(p)
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (this project's or the authors') and print top-1/top-5")
+    e.add_argument("--checkpoint", required=True, help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
+    e.add_argument("--model", default=None, help="zoo model name; required for the authors' checkpoints")
+    e.add_argument("--data", default=None, help="dataset name (default: the one the checkpoint was trained on)")
+    e.add_argument("--data-dir", default=None, help="dataset folder (default: the training run's)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--frames", type=int, default=None, help="T for event data (default: the training run's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--amp", default="off", help="off, auto, bf16, fp16")
+    e.set_defaults(func=run_eval)
+
+    m = sub.add_parser("models", help="list the model zoo with parameter counts")
+    m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'spikingformer_*'")
+    m.set_defaults(func=run_models)
+

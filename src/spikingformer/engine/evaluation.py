@@ -1,0 +1,53 @@
+"""Evaluate a saved model (this project's checkpoint or the authors') on a data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spikingformer import checkpoints
+from spikingformer.config import DataSection
+from spikingformer.data import build_dataset
+from spikingformer.engine.distributed import setup, teardown
+from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader
+
+
+def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str | None, frames: int | None) -> DataSection:
+    """The data settings of the checkpoint's training run, with the given values taking precedence."""
+    data = DataSection()
+    if checkpoints.is_native(checkpoint):
+        for key, value in checkpoint["train_config"]["data"].items():
+            setattr(data, key, value)
+    elif dataset is None:
+        raise ValueError("this checkpoint does not record its data set; pass --data (and --data-dir)")
+    if dataset is not None:
+        data.dataset = dataset
+        data.data_dir = data_dir
+    elif data_dir is not None:
+        data.data_dir = data_dir
+    if frames is not None:
+        data.frames = frames
+    return data
+
+
+def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
+                        data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
+                        frames: int | None = None) -> dict:
+    """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names."""
+    raw = checkpoints.load_checkpoint(path)
+    data = data_section_for(raw, dataset, data_dir, frames)
+    model = checkpoints.model_from_checkpoint(path, model_name)
+    runtime = setup(device)
+    try:
+        model = model.to(runtime.device)
+        eval_set = build_dataset(data, model.config.img_size, train=False)
+        if eval_set.num_classes != model.config.num_classes:
+            raise ValueError(
+                f"the model has {model.config.num_classes} classes but {data.dataset} has {eval_set.num_classes}; "
+                "is this the right checkpoint for this data set?"
+            )
+        loader = make_loader(eval_set, batch_size, False, runtime, data.workers, 0)
+        metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
+    finally:
+        teardown()
+    name = raw.get("model_name", model_name) if isinstance(raw, dict) else model_name
+    return {**metrics, "model": name, "dataset": data.dataset}

@@ -1,0 +1,396 @@
+"""Training and evaluation loops (one process or many under torchrun).
+
+``train(cfg)`` runs a whole recipe: data, model, timm optimiser / scheduler / mixup, mixed
+precision, per-epoch evaluation, atomic ``last.pt`` / ``best.pt`` checkpoints, JSONL + CSV logs
+(and TensorBoard when installed), and exact resumption from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from spikingformer import checkpoints
+from spikingformer.config import TrainConfig
+from spikingformer.data import build_dataset
+from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
+from spikingformer.models import ModelConfig, SpikingTransformer, model_config
+from spikingformer.neuron import MultiStepLIF
+
+
+# ----------------------------------------------------------------------------------------------
+# precision, seeding, data
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on this device (None: full fp32).
+
+    ``auto`` means bf16 on CPUs with native bf16 support (AVX512-BF16 / AMX), fp16 on CUDA.
+    """
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    if amp in ("bf16", "fp16"):
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    raise ValueError(f"unknown amp mode '{amp}'; valid: auto, off, bf16, fp16")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, keys.tolist(), pos, has_gauss, cached]  # plain data: checkpoints load with weights_only
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime, workers: int, seed: int) -> DataLoader:
+    """Shuffled, drop-last training loader or in-order eval loader, sharded across processes.
+
+    Training always uses a :class:`DistributedSampler` (a world of one included), so the global
+    order of samples depends only on the seed and the epoch: a run resumed on a different number of
+    processes sees the same epochs.
+    """
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed, drop_last=True)
+    else:  # every sample exactly once; results are summed across processes
+        dataset = Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
+        sampler = None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+class FiringRateMeter:
+    """Mean firing rate over all LIF layers (each layer's spikes/elements, averaged over layers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.total = None
+        self.calls = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MultiStepLIF)]
+
+    def _hook(self, module, inputs, output) -> None:
+        rate = output.detach().float().mean()
+        self.total = rate if self.total is None else self.total + rate
+        self.calls += 1
+
+    def pop(self) -> float:
+        value = float(self.total) / self.calls if self.calls else float("nan")
+        self.total, self.calls = None, 0
+        return value
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    pred = logits.topk(k_max, dim=1).indices
+    hits = pred.eq(target.view(-1, 1))
+    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: torch.dtype | None) -> dict:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over the whole loader, summed across processes."""
+    model.eval()
+    meter = FiringRateMeter(model)
+    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, count
+    for images, target in loader:
+        images = images.to(runtime.device, non_blocking=True)
+        target = target.to(runtime.device, non_blocking=True)
+        with _autocast(runtime.device, amp_dtype):
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+        top1, top5 = topk_correct(logits, target)
+        sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64, device=runtime.device)
+    rate = meter.pop()
+    meter.close()
+    sums = all_reduce_sum(sums, runtime)
+    n = max(float(sums[3]), 1.0)
+    return {"top1": 100 * float(sums[1]) / n, "top5": 100 * float(sums[2]) / n, "loss": float(sums[0]) / n,
+            "firing_rate": rate, "samples": int(sums[3])}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunLog:
+    """Per-epoch metrics appended to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard)."""
+
+    folder: Path
+    use_tensorboard: bool
+    writer: object = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, row: dict) -> None:
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        csv_path = self.folder / "metrics.csv"
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    name = cfg.run.name or f"{cfg.config_name}-{cfg.model.model}"
+    return Path(cfg.run.output) / name
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> SpikingTransformer:
+    mcfg = model_config(cfg.model.model, **cfg.model.model_args)
+    if mcfg.num_classes != num_classes:
+        raise ValueError(
+            f"model {cfg.model.model} has {mcfg.num_classes} classes but dataset '{cfg.data.dataset}' has {num_classes}; "
+            f"pick a matching model or pass --model-args '{{num_classes: {num_classes}}}'"
+        )
+    return SpikingTransformer(mcfg)
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    mine = model_config(cfg.model.model, **cfg.model.model_args).to_dict()
+    if saved["model_config"] != mine:
+        diff = {k: (saved["model_config"].get(k), v) for k, v in mine.items() if saved["model_config"].get(k) != v}
+        raise ValueError(
+            f"cannot resume from {path}: it holds a different model ({saved['model_name']}; differing fields "
+            f"(checkpoint, now): {diff}). Use the same --model/--model-args or start a new run with --name"
+        )
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the recipe; returns the final metrics (and the checkpoint path) on every process."""
+    runtime = setup(cfg.run.device)
+    try:
+        return _train(cfg, runtime)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from tqdm import tqdm
+
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    folder = run_folder(cfg)
+    model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
+    train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
+    eval_set = build_dataset(cfg.data, model_cfg.img_size, train=False)
+    model = build_model(cfg, train_set.num_classes).to(runtime.device)
+    if runtime.distributed and cfg.model.sync_bn:
+        if runtime.device.type != "cuda":
+            raise ValueError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); drop it for CPU runs")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net: nn.Module = model
+    if runtime.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    o, s, mx = cfg.optim, cfg.schedule, cfg.mixup
+    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
+    scheduler, total_epochs = create_scheduler_v2(
+        optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, cooldown_epochs=s.cooldown_epochs,
+        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=True,
+    )
+    amp_dtype = autocast_dtype(cfg.run.amp, runtime.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and runtime.device.type == "cuda")
+    mixup_fn = None
+    if mx.mixup > 0 or mx.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=mx.mixup, cutmix_alpha=mx.cutmix, prob=mx.mixup_prob, switch_prob=mx.mixup_switch_prob,
+                         mode=mx.mixup_mode, label_smoothing=mx.smoothing, num_classes=train_set.num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif mx.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(mx.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
+    resume = cfg.run.resume
+    if resume == "auto":
+        resume = str(folder / "last.pt") if (folder / "last.pt").exists() else None
+    if resume:
+        ckpt = checkpoints.load_checkpoint(resume)
+        if not checkpoints.is_native(ckpt):
+            raise ValueError(f"{resume} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
+        _check_resume_config(ckpt, cfg, Path(resume))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best", best)
+    else:
+        scheduler.step(0)
+
+    train_loader = make_loader(train_set, cfg.data.batch_size, True, runtime, cfg.data.workers, cfg.run.seed)
+    eval_loader = make_loader(eval_set, cfg.data.eval_batch_size, False, runtime, cfg.data.workers, cfg.run.seed)
+    if len(train_loader) == 0:
+        raise ValueError(f"batch size {cfg.data.batch_size} x {runtime.world_size} processes exceeds the {len(train_set)} training samples")
+    log = None
+    if runtime.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        log = RunLog(folder, cfg.run.tensorboard)
+        print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
+              f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
+              f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
+
+    metrics: dict = {}
+    meter = FiringRateMeter(model)
+    for epoch in range(start_epoch, total_epochs):
+        train_loader.sampler.set_epoch(epoch)
+        if mixup_fn is not None and mx.mixup_off_epoch and epoch >= mx.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False  # targets stay label-smoothed, as in the authors' code
+        net.train()
+        meter.pop()  # drop what the last evaluation recorded
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
+                   dynamic_ncols=True, mininterval=0.5)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count (this process)
+        t0, seen = time.perf_counter(), 0
+        for step, (images, target) in enumerate(bar):
+            images = images.to(runtime.device, non_blocking=True)
+            target = target.to(runtime.device, non_blocking=True)
+            hard_target = target
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+            with _autocast(runtime.device, amp_dtype):
+                logits = net(images)
+            loss = criterion(logits.float(), target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}; lower --lr or enable --clip-grad")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if o.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            n = len(hard_target)
+            seen += n
+            sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
+            if runtime.is_main and (step % cfg.run.log_interval == 0 or step == len(train_loader) - 1):
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{seen * runtime.world_size / elapsed:.0f}",
+                                fr=f"{meter.pop():.3f}")
+        bar.close()
+        epoch_time = time.perf_counter() - t0
+        sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
+        scheduler.step(epoch + 1)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0] / sums[2]),
+               "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
+               "images_per_s": float(sums[2]) / epoch_time}
+        last_epoch = epoch == total_epochs - 1
+        if (epoch + 1) % cfg.run.eval_interval == 0 or last_epoch:
+            ev = evaluate(model, eval_loader, runtime, amp_dtype)
+            row.update({f"test_{k}": v for k, v in ev.items() if k != "samples"})
+            if ev["top1"] > best["top1"]:
+                best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
+        metrics = row
+        if runtime.is_main:
+            log.write(row)
+            tqdm.write(_epoch_line(row, total_epochs))
+            state = {
+                "format": checkpoints.FORMAT, "version": 1, "model": model.state_dict(),
+                "model_name": cfg.model.model, "model_config": model.config.to_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "metrics": row, "best": best, "train_config": cfg.to_dict(), "rng": rng_state(),
+            }
+            checkpoints.save_atomic(state, folder / "last.pt")
+            if best["epoch"] == epoch:
+                checkpoints.save_atomic(state, folder / "best.pt")
+        barrier(runtime)
+    meter.close()
+    if log is not None:
+        log.close()
+    return {"metrics": metrics, "best": best, "folder": str(folder), "checkpoint": str(folder / "best.pt"),
+            "last": str(folder / "last.pt"), "is_main": runtime.is_main}
+
+
+def _epoch_line(row: dict, total: int) -> str:
+    line = (f"epoch {row['epoch'] + 1}/{total}  loss {row['train_loss']:.4f}  train {row['train_top1']:.1f}%  "
+            f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
+    if "test_top1" in row:
+        line += f"  | test top-1 {row['test_top1']:.2f}%  top-5 {row['test_top5']:.2f}%  firing rate {row['test_firing_rate']:.3f}"
+    return line
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
