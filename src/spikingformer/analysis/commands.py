@@ -1,0 +1,242 @@
+"""Sub-commands ``audit``, ``energy`` and ``fuse`` of the ``spikingformer`` command.
+
+Examples::
+
+    spikingformer audit --model spikingformer_digits --strict --out runs/audit
+    spikingformer energy --model spikingformer_cifar10_4_256 --data random --batch-size 4 --measured
+    spikingformer energy --model spikingformer_digits --compare
+    spikingformer energy --paper-log spikingformer_8_768 --ssa-heads 12
+    spikingformer fuse --checkpoint runs/best.pth --output runs/best-fused.pth
+
+Without ``--checkpoint`` the zoo model is untrained; its BatchNorm statistics are then calibrated
+on the analysed inputs (see :func:`spikingformer.analysis.inputs.calibrate_batchnorm`) so that
+its spiking activity is representative rather than nearly silent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spikingformer.analysis.inputs import calibrate_batchnorm, input_batches
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="zoo model name (spikingformer.list_models())")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights: this project's checkpoint (plain or fused) or the authors' (with --model)")
+    p.add_argument("--data", metavar="NAME", help="data set name, or 'random' for synthetic inputs (default: digits for the digits models)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set on disk")
+    p.add_argument("--batches", type=int, default=2, metavar="N", help="number of input batches (default 2)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--calibrate-bn", type=int, default=None, metavar="N",
+                   help="set BatchNorm statistics from N input batches first (default: all batches for an "
+                        "untrained zoo model, 0 with --checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --data random and of untrained weights")
+    p.add_argument("--out", metavar="DIR", help="write JSON and PNG outputs into this folder")
+
+
+def register(subparsers) -> None:
+    """Add ``audit``, ``energy`` and ``fuse`` to the ``spikingformer`` command's sub-parsers."""
+    p = subparsers.add_parser("audit", help="record every layer's inputs: values, histograms, firing rates; strict spike check",
+                              description="Spike audit (paper Appendix E, Figures 3/4).")
+    _add_common(p)
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 if any layer other than the image conv / real-input head receives non-binary values")
+    p.add_argument("--max-values", type=int, default=64, help="distinct values tracked per layer (default 64)")
+    p.set_defaults(func=run_audit)
+
+    p = subparsers.add_parser("energy", help="per-layer FLOPs, SOPs and theoretical energy (paper Eq. 18-20)",
+                              description="Theoretical energy per image (paper s.3.4), counted as the authors' code.")
+    _add_common(p)
+    p.add_argument("--integer-inputs", choices=("ac_count", "mac"), default="ac_count",
+                   help="non-binary integer inputs (Spikformer): value n = n ACs (Appendix G way 1, default) or MACs (way 2)")
+    p.add_argument("--compare", action="store_true", help="also run the other architecture of the same size on the same inputs")
+    p.add_argument("--compare-checkpoint", metavar="PATH", help="weights of the --compare model (default: untrained, BN calibrated)")
+    p.add_argument("--measured", action="store_true",
+                   help="run the accumulate-only (event-driven) path and print measured additions beside the estimate")
+    p.add_argument("--paper-log", metavar="NAME", choices=("spikingformer_8_512", "spikingformer_8_768"),
+                   help="no forward pass: the energy table from the authors' logged firing rates")
+    p.add_argument("--ssa-heads", type=int, metavar="H", help="head count of the SSA term (the 8-768 log used 12)")
+    p.set_defaults(func=run_energy)
+
+    p = subparsers.add_parser("fuse", help="fold every BatchNorm into its conv/linear layer and save the fused model",
+                              description="ConvBN fusion (paper Appendix B).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to fuse")
+    p.add_argument("--model", metavar="NAME", help="zoo model name (needed for the authors' checkpoints)")
+    p.add_argument("--output", required=True, metavar="PATH", help="where to write the fused checkpoint")
+    p.set_defaults(func=run_fuse)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared steps
+
+
+def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0) -> tuple[nn.Module, str, bool]:
+    """``(model in eval mode, display name, trained?)`` from ``--model`` / ``--checkpoint``."""
+    from spikingformer.checkpoints import load_checkpoint, model_from_checkpoint
+    from spikingformer.models import create_model
+
+    if checkpoint:
+        stored = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(checkpoint, model_name)
+        name = model_name or (stored.get("model_name") if isinstance(stored, dict) else None) or Path(checkpoint).stem
+        return model.eval(), name, True
+    if not model_name:
+        raise ValueError("name a model with --model NAME (see `spikingformer models`) or give --checkpoint PATH")
+    torch.manual_seed(seed)
+    return create_model(model_name).eval(), model_name, False
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, str, list[torch.Tensor]]:
+    model, name, trained = load_model(args.model, args.checkpoint, args.seed)
+    batches = input_batches(model.config, args.data, args.data_dir, args.batches, args.batch_size, args.seed)
+    _calibrate_if_needed(model, batches, args.calibrate_bn, trained, name)
+    return model, name, batches
+
+
+def _calibrate_if_needed(model: nn.Module, batches: list[torch.Tensor], n: int | None, trained: bool, name: str) -> None:
+    from spikingformer.deploy.fuse import is_fused
+
+    n = (0 if trained else len(batches)) if n is None else n
+    if n > 0 and is_fused(model):
+        raise ValueError("a fused model has no BatchNorm to calibrate; drop --calibrate-bn")
+    if n > 0:
+        calibrate_batchnorm(model, batches[:n])
+        print(f"note: {name}: BatchNorm statistics calibrated on {min(n, len(batches))} input batch(es)"
+              + ("" if trained else " (untrained weights)"))
+
+
+def _out_dir(args: argparse.Namespace) -> Path | None:
+    if not args.out:
+        return None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# audit
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from spikingformer.analysis.audit import format_audit, non_spike_layers, record_activity, silent_layers
+
+    model, name, batches = _prepare(args)
+    record = record_activity(model, batches, args.max_values, model_name=name)
+    print(format_audit(record))
+    silent = silent_layers(record)
+    if silent:
+        print(f"note: these layers received only zeros: {', '.join(silent)}")
+    out = _out_dir(args)
+    if out:
+        from spikingformer.analysis.plots import plot_block_inputs, plot_firing_rates
+
+        record.to_json(out / "audit.json")
+        plot_block_inputs(record, out / "block_inputs.png")
+        plot_firing_rates(record, out / "firing_rates.png")
+        print(f"wrote {out / 'audit.json'}, {out / 'block_inputs.png'}, {out / 'firing_rates.png'}")
+    bad = non_spike_layers(record)
+    if args.strict and bad:
+        print(f"spikingformer audit: strict check failed, non-binary inputs in: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# energy
+
+
+def run_energy(args: argparse.Namespace) -> int:
+    if args.paper_log:
+        return _paper_energy(args)
+    from spikingformer.analysis.audit import record_activity
+    from spikingformer.analysis.energy import energy_from_record
+
+    model, name, batches = _prepare(args)
+    record = record_activity(model, batches, model_name=name)
+    report = energy_from_record(record, args.integer_inputs)
+    if args.measured:
+        _attach_measured(report, model, batches)
+    print(report.table())
+    out = _out_dir(args)
+    if out:
+        from spikingformer.analysis.plots import plot_energy_breakdown
+
+        report.to_json(out / "energy.json")
+        plot_energy_breakdown(report, out / "energy_breakdown.png")
+        print(f"wrote {out / 'energy.json'}, {out / 'energy_breakdown.png'}")
+    if args.compare:
+        _compare(args, model, name, batches, out)
+    return 0
+
+
+def _attach_measured(report, model: nn.Module, batches: list[torch.Tensor]) -> None:
+    from spikingformer.deploy.accumulate import run_accumulate
+
+    logits, counts = run_accumulate(model, batches)
+    with torch.no_grad():
+        diff = max(float((model(x) - y).abs().max()) for x, y in zip(batches, logits))
+    report.attach_measured(counts)
+    report.notes.append(
+        f"measured: accumulate-only run on the same {counts.images} inputs; max |logit difference| to the dense "
+        f"model {diff:.3g}; 'estimate' = weight FLOPs x rate (Eq. 18 without the bias term)"
+    )
+
+
+def _compare(args: argparse.Namespace, model: nn.Module, name: str, batches: list[torch.Tensor], out: Path | None) -> None:
+    from spikingformer.analysis.compare import compare_models, counterpart_name
+
+    other_name = counterpart_name(name)
+    other, _, trained = load_model(other_name if not args.compare_checkpoint else None, args.compare_checkpoint, args.seed)
+    _calibrate_if_needed(other, batches, None, trained, other_name)
+    comparison = compare_models((model, other), batches, (name, other_name), args.integer_inputs)
+    print()
+    print(comparison.reports[1].table())
+    print()
+    print(comparison.table())
+    if out:
+        import json
+
+        with open(out / "comparison.json", "w") as f:
+            json.dump(comparison.to_dict(), f, indent=1)
+        print(f"wrote {out / 'comparison.json'}")
+
+
+def _paper_energy(args: argparse.Namespace) -> int:
+    from spikingformer.analysis.energy import energy_from_rates
+    from spikingformer.analysis.paper_rates import PAPER_LOGS, paper_rates
+    from spikingformer.models import model_config
+
+    log = PAPER_LOGS[args.paper_log]
+    report = energy_from_rates(model_config(log.model_name), paper_rates(log), args.integer_inputs, args.ssa_heads,
+                               model_name=log.model_name)
+    print(report.table())
+    print(f"authors' log ({log.ssa_heads} heads in the SSA term): MACs {log.mac_g} G, ACs {log.ac_g} G, "
+          f"energy {log.energy_mj} mJ")
+    out = _out_dir(args)
+    if out:
+        report.to_json(out / "energy.json")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# fuse
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    from spikingformer.analysis.inputs import random_batches
+    from spikingformer.deploy.fuse import fuse_model, save_fused
+
+    model, name, _ = load_model(args.model, args.checkpoint)
+    fused = fuse_model(model)
+    x = random_batches(model.config, 1, 2)[0]
+    with torch.no_grad():
+        diff = float((model(x) - fused(x)).abs().max())
+    path = save_fused(fused, args.output, name)
+    print(f"fused {name}: every BatchNorm folded into its conv/linear layer; max |logit difference| on a random "
+          f"batch {diff:.3g}; wrote {path}")
+    return 0

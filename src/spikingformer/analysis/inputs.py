@@ -1,0 +1,90 @@
+"""Input batches for the analysis tools, and BatchNorm calibration of untrained models.
+
+``input_batches(config, "random", ...)`` gives synthetic inputs of the model's shape: standard
+normal images ``(B, C, H, W)`` for static models, Poisson event counts ``(B, T, C, H, W)`` (mean
+0.2 per pixel and frame) for event models. Any other name is a data set of
+:func:`spikingformer.data.build_dataset` (its test split, in order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+RANDOM = "random"
+
+
+def default_dataset(config) -> str | None:
+    """The data set used when none is named: digits for the digits models, else none."""
+    return "digits" if config.family == "digits" else None
+
+
+def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Synthetic model inputs: images ``(B, C, S, S)`` ~ N(0, 1), or event counts ``(B, T, C, S, S)`` ~ Poisson(0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    s, c = config.img_size, config.in_channels
+    if config.family == "event":
+        rate = torch.full((batch_size, config.time_steps, c, s, s), 0.2)
+        return [torch.poisson(rate, generator=g) for _ in range(batches)]
+    return [torch.randn(batch_size, c, s, s, generator=g) for _ in range(batches)]
+
+
+def dataset_batches(config, section, batches: int, batch_size: int) -> list[torch.Tensor]:
+    """The first ``batches`` batches of a data set's test split (``section``: a
+    :class:`~spikingformer.config.DataSection`), shaped for the model."""
+    from spikingformer.data import build_dataset
+
+    data = build_dataset(section, config.img_size, train=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    out: list[torch.Tensor] = []
+    for x, _ in loader:
+        out.append(x.float())
+        if len(out) == batches:
+            break
+    if not out:
+        raise ValueError(f"dataset '{section.dataset}' gave no samples")
+    return out
+
+
+def input_batches(
+    config, data: str | None, data_dir: str | None, batches: int, batch_size: int, seed: int = 0
+) -> list[torch.Tensor]:
+    """Model inputs by name: ``"random"`` or a data set name (``None``: the model family's default)."""
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
+    data = data or default_dataset(config)
+    if data is None:
+        raise ValueError(
+            f"name the input data with --data (a data set, or 'random' for synthetic inputs); "
+            f"only the digits models have a default"
+        )
+    if data == RANDOM:
+        return random_batches(config, batches, batch_size, seed)
+    from spikingformer.config import DataSection
+
+    section = DataSection(dataset=data, data_dir=data_dir, frames=config.time_steps)
+    return dataset_batches(config, section, batches, batch_size)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to the exact average over ``batches`` (train-mode
+    forward passes, no gradient, no weight change), then return the model in eval mode.
+
+    An untrained model has default statistics (mean 0, variance 1), which gives almost no spikes in
+    eval mode; calibrating makes its activity representative of a trained network's BN behaviour.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.eval()
+    return model

@@ -1,0 +1,317 @@
+"""Spike audit, FLOPs/SOPs/energy, ConvBN fusion, accumulate-only inference and their CLI.
+
+Expectations are independent of the code under test: hand-computed operation counts, the authors'
+logged energy totals (REFERENCE.md s.6), dense PyTorch results, and hand counts of border taps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spikingformer import create_model
+from spikingformer.analysis.audit import non_spike_layers, record_activity, silent_layers
+from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, energy_from_record, layer_specs
+from spikingformer.analysis.inputs import calibrate_batchnorm, random_batches
+from spikingformer.analysis.paper_rates import PAPER_LOGS, paper_rates, paper_sops
+from spikingformer.deploy.accumulate import (
+    AccumulateModel,
+    accumulate_attention,
+    accumulate_conv2d,
+    accumulate_linear,
+)
+from spikingformer.deploy.fuse import fuse_model, is_fused, load_fused, save_fused
+from spikingformer.models import ModelConfig, SpikingTransformer, model_config
+
+# A depth-1 model small enough to count by hand: 8x8 grey input, D=16, 2 heads, T=2, 2 max-pools.
+TINY = dict(arch="spikingformer", img_size=8, in_channels=1, num_classes=3, embed_dim=16, depth=1,
+            num_heads=2, time_steps=2, downsample=4)
+# Hand counts per image (all T=2 steps). Tokenizer channels 1->2->4->8->16->16 at 8x8, 8x8, 8x8, 4x4, 2x2.
+TINY_FLOPS = {
+    "tokenizer.stages.0.conv": 9 * 1 * 2 * (2 * 64),  # 2304, the encoding conv, counted for both steps
+    "tokenizer.stages.1.conv": 9 * 2 * 4 * (2 * 64),  # 9216
+    "tokenizer.stages.2.conv": 9 * 4 * 8 * (2 * 64),  # 36864
+    "tokenizer.stages.3.conv": 9 * 8 * 16 * (2 * 16),  # 36864
+    "tokenizer.stages.4.conv": 9 * 16 * 16 * (2 * 4),  # 18432
+    # 4 tokens x 2 steps = 8 rows
+    "blocks.0.attn.q.linear": 16 * 16 * 8,  # 2048 (no bias)
+    "blocks.0.attn.k.linear": 2048,
+    "blocks.0.attn.v.linear": 2048,
+    "blocks.0.attn.proj.linear": 2048 + 16 * 8,  # 2176
+    "blocks.0.mlp.fc1.linear": 16 * 64 * 8 + 64 * 8,  # 8704
+    "blocks.0.mlp.fc2.linear": 64 * 16 * 8 + 16 * 8,  # 8320
+    "head.fc": 16 * 3 + 3,  # 51 (avgpool_fc: one row per image)
+}
+
+
+def _active(name: str, batch: int = 8, **overrides) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A zoo model with calibrated BN and livelier q/k/v neurons, so every layer sees spikes."""
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    batches = random_batches(model.config, 1, batch, seed=1)
+    calibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(f".attn.{o}" in n for o in "qkv"):
+                m.weight.fill_(2.0)
+                m.bias.fill_(0.5)
+    return model.eval(), batches
+
+
+@pytest.fixture(scope="module")
+def digits_pair():
+    return _active("spikingformer_digits"), _active("spikformer_digits")
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and SOPs by hand
+
+
+def test_flops_of_tiny_config_match_hand_counts():
+    specs = {s.name: s for s in layer_specs(ModelConfig(**TINY))}
+    assert {n: s.flops for n, s in specs.items()} == TINY_FLOPS
+    assert specs["tokenizer.stages.0.conv"].repeats_counted == 2
+
+
+def test_flops_recorded_by_hooks_match_hand_counts():
+    torch.manual_seed(0)
+    model = SpikingTransformer(ModelConfig(**TINY))
+    record = record_activity(model, [torch.randn(3, 1, 8, 8)])
+    report = energy_from_record(record)
+    assert {r.name: r.flops for r in report.rows if r.op != "attention"} == TINY_FLOPS
+    # the model computes the stem once per image: 9*1*2*64 MACs
+    assert report.stem_computed_macs == 9 * 2 * 64
+
+
+def test_sops_and_energy_of_tiny_config_with_known_rates():
+    rates = {n: 0.25 for n in TINY_FLOPS if n not in ("tokenizer.stages.0.conv", "head.fc")}
+    rates.update({"blocks.0.attn.q_lif": 0.5, "blocks.0.attn.k_lif": 0.25, "blocks.0.attn.v_lif": 0.125})
+    report = energy_from_rates(ModelConfig(**TINY), rates)
+    acs_layers = 0.25 * (9216 + 36864 + 36864 + 18432 + 3 * 2048 + 2176 + 8704 + 8320)  # 30264
+    ssa = 2 * 2 * 4 * 8**2 * (min(0.25, 0.125) + 0.5)  # T*h*N*d^2*(min(fr_k, fr_v) + fr_q) = 640
+    macs = 2304 + 51
+    assert report.row("blocks.0.attn").ops == ssa
+    assert report.conv_ac_ops == acs_layers
+    assert report.ac_ops == acs_layers + ssa
+    assert report.mac_ops == macs
+    assert report.energy_pj == pytest.approx(E_MAC_PJ * macs + E_AC_PJ * (acs_layers + ssa))
+    # the event-driven estimate leaves out the authors' bias term
+    assert report.row("blocks.0.mlp.fc1.linear").estimate == 0.25 * 16 * 64 * 8
+
+
+def test_integer_inputs_two_treatments():
+    rates = {n: 0.25 for n in TINY_FLOPS if n not in ("tokenizer.stages.0.conv", "head.fc")}
+    rates.update({"blocks.0.attn.q_lif": 0.5, "blocks.0.attn.k_lif": 0.25, "blocks.0.attn.v_lif": 0.125})
+    from spikingformer.analysis.energy import InputActivity
+
+    rates["blocks.0.mlp.fc1.linear"] = InputActivity("integer", 1.5)  # mean count 1.5
+    cfg = ModelConfig(**TINY)
+    ac = energy_from_rates(cfg, rates, integer_inputs="ac_count").row("blocks.0.mlp.fc1.linear")
+    mac = energy_from_rates(cfg, rates, integer_inputs="mac").row("blocks.0.mlp.fc1.linear")
+    assert (ac.counted_as, ac.ops) == ("AC", 8704 * 1.5)
+    assert (mac.counted_as, mac.ops) == ("MAC", 8704)
+
+
+def test_toy_linear_sops_and_measured_additions():
+    layer = nn.Linear(4, 3)
+    x = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 0]])  # 2 images, 3 spikes of 8 inputs
+    report = energy_from_record(record_activity(layer, [x]))
+    row = report.row("")
+    assert row.flops == 4 * 3 + 3 and row.rate == 3 / 8
+    assert row.ops == 15 * 3 / 8
+    y, adds = accumulate_linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-6)
+    assert adds == 3 * 3 and adds / 2 == row.estimate
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' logged totals (REFERENCE.md s.6)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_LOGS))
+def test_paper_energy_totals_reproduced(name):
+    log = PAPER_LOGS[name]
+    report = energy_from_rates(model_config(name), paper_rates(log), ssa_heads=log.ssa_heads)
+    assert report.mac_g == pytest.approx(log.mac_g, rel=1e-9)
+    assert report.ac_g == pytest.approx(log.ac_g, rel=1e-5)
+    assert report.conv_ac_ops / 1e9 == pytest.approx(log.conv_ac_g, rel=1e-5)
+    assert report.ssa_ac_ops / 1e9 == pytest.approx(log.ssa_ac_g, rel=1e-4)
+    assert report.energy_mj == pytest.approx(log.energy_mj, rel=1e-5)
+    for layer, sops in paper_sops(log).items():
+        assert report.row(layer).ops == pytest.approx(sops, rel=1e-3), layer
+
+
+def test_paper_8_768_with_the_models_eight_heads():
+    log = PAPER_LOGS["spikingformer_8_768"]
+    report = energy_from_rates(model_config("spikingformer_8_768"), paper_rates(log))  # 8 heads
+    assert report.ssa_ac_ops / 1e9 == pytest.approx(log.ssa_ac_g_model_heads, rel=1e-4)
+    assert report.ac_g == pytest.approx(log.ac_g_model_heads, rel=1e-5)
+    assert report.energy_mj == pytest.approx(log.energy_mj_model_heads, rel=1e-5)
+
+
+def test_missing_rate_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"13 layer\(s\): tokenizer.stages.1.conv"):
+        energy_from_rates(ModelConfig(**TINY), {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Spike audit
+
+
+def test_strict_audit_spikingformer_passes_spikformer_fails(digits_pair):
+    (sf, sf_x), (kf, kf_x) = digits_pair
+    sf_rec = record_activity(sf, sf_x)
+    assert non_spike_layers(sf_rec) == []
+    assert silent_layers(sf_rec) == []  # every checked layer really saw spikes
+    assert set(non_spike_layers(sf_rec, include_documented=True)) == {"tokenizer.stages.0.conv", "head.fc"}
+    for s in sf_rec.layers.values():
+        if s.binary:
+            assert 0 < s.firing_rate < 1 and s.value_counts.keys() == {0.0, 1.0}
+
+    kf_rec = record_activity(kf, kf_x)
+    expected = {f"blocks.0.attn.{o}.linear" for o in "qkv"} | {"blocks.0.mlp.fc1.linear"}
+    assert set(non_spike_layers(kf_rec)) == expected
+    q_in = kf_rec.layers["blocks.0.attn.q.linear"]
+    assert q_in.integer and q_in.maximum >= 2 and set(q_in.value_counts) <= {0.0, 1.0, 2.0}
+
+
+def test_block_inputs_and_plots(digits_pair, tmp_path):
+    from spikingformer.analysis.audit import block_inputs
+    from spikingformer.analysis.plots import plot_block_inputs, plot_energy_breakdown, plot_firing_rates
+
+    (sf, x), _ = digits_pair
+    record = record_activity(sf, x)
+    (b,) = block_inputs(record)
+    assert b.layer == "blocks.0.attn.q.linear" and b.binary and b.firing_rate == record.layers[b.layer].mean
+    for path in (plot_block_inputs(record, tmp_path / "a.png"), plot_firing_rates(record, tmp_path / "b.png"),
+                 plot_energy_breakdown(energy_from_record(record), tmp_path / "c.png")):
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvBN fusion
+
+
+def test_fusion_matches_unfused_and_round_trips(digits_pair, tmp_path):
+    (model, batches), _ = digits_pair
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial BN statistics and affine parameters
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var.mul_(1.3)
+                m.bias.add_(0.05)
+    fused = fuse_model(model)
+    assert is_fused(fused) and not is_fused(model)
+    assert all(m.bias is not None for m in fused.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    with torch.no_grad():
+        dense, folded = model(batches[0]), fused(batches[0])
+    torch.testing.assert_close(folded, dense, rtol=0, atol=1e-5)
+    path = save_fused(fused, tmp_path / "fused.pth", "spikingformer_digits")
+    reloaded = load_fused(path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batches[0]), folded)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accumulate-only inference
+
+
+def test_accumulate_conv2d_border_hand_count():
+    weight = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    bias = torch.randn(2, dtype=torch.float64)
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    x[0, 0, 0, 0] = x[0, 0, 0, 1] = x[0, 0, 1, 1] = 1  # corner (4 taps), edge (6), centre (9)
+    y, adds = accumulate_conv2d(x, weight, bias)
+    torch.testing.assert_close(y, nn.functional.conv2d(x, weight, bias, padding=1))
+    assert adds == (4 + 6 + 9) * 2  # measured; Eq. 18 would say 3 spikes x 9 taps x 2 = 54
+
+
+def test_accumulate_conv2d_strided_matches_dense():
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, 7, 6) < 0.3).double()
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    y, _ = accumulate_conv2d(x, w, b, stride=(2, 2), padding=(1, 1))
+    torch.testing.assert_close(y, nn.functional.conv2d(x, w, b, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("sparser", ["k", "v"])
+def test_accumulate_attention_matches_dense_and_counts(sparser):
+    torch.manual_seed(0)
+    shape = (2, 3, 2, 5, 4)  # T, B, h, N, d
+    rates = {"q": 0.4, "k": 0.2 if sparser == "k" else 0.5, "v": 0.5 if sparser == "k" else 0.2}
+    q, k, v = ((torch.rand(shape) < rates[o]).double() for o in "qkv")
+    y, adds = accumulate_attention(q, k, v)
+    torch.testing.assert_close(y, q @ k.transpose(-2, -1) @ v)
+    d = shape[-1]
+    nnz = {o: int(t.count_nonzero()) for o, t in zip("qkv", (q, k, v))}
+    assert adds == (min(nnz["k"], nnz["v"]) + nnz["q"]) * d
+
+
+def test_accumulate_model_logits_and_measured_counts(digits_pair):
+    (model, batches), _ = digits_pair
+    model64, x64 = copy.deepcopy(model).double(), [x.double() for x in batches]
+    acc = AccumulateModel(model64)
+    with torch.no_grad():
+        torch.testing.assert_close(acc(x64[0]), model64(x64[0]), rtol=0, atol=1e-4)
+    report = energy_from_record(record_activity(model64, x64)).attach_measured(acc.counts)
+    for r in report.rows:
+        if r.counted_as == "MAC":
+            continue
+        assert r.measured_additions > 0, r.name
+        if r.op in ("linear", "attention"):
+            assert r.measured_additions == pytest.approx(r.estimate, rel=1e-12), r.name
+        else:  # padded 3x3: border taps are not performed
+            assert r.measured_additions < r.estimate, r.name
+    stem = report.row("tokenizer.stages.0.conv")
+    assert stem.measured_macs == stem.flops / model.config.time_steps  # computed once, counted T times
+    assert acc.counts.layers["head.fc"].multiplies > 0  # the avgpool_fc head reads real values
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _run(argv: list[str]) -> int:
+    from spikingformer.cli import main
+
+    return main(argv)
+
+
+def test_cli_audit_strict(tmp_path, capsys):
+    common = ["--data", "random", "--batches", "1", "--batch-size", "4"]
+    assert _run(["audit", "--model", "spikingformer_digits", "--strict", "--out", str(tmp_path), *common]) == 0
+    assert (tmp_path / "audit.json").is_file() and (tmp_path / "block_inputs.png").is_file()
+    assert "strict audit: PASS" in capsys.readouterr().out
+    assert _run(["audit", "--model", "spikformer_digits", "--strict", *common]) == 1
+    err = capsys.readouterr().err
+    assert all(f"blocks.0.attn.{o}.linear" in err for o in "qkv") and "blocks.0.mlp.fc1.linear" in err
+
+
+def test_cli_energy_measured_and_compare(tmp_path, capsys):
+    argv = ["energy", "--model", "spikingformer_digits", "--data", "random", "--batches", "1", "--batch-size", "4",
+            "--measured", "--compare", "--out", str(tmp_path)]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured" in out and "energy ratio spikingformer_digits / spikformer_digits" in out
+    assert (tmp_path / "energy.json").is_file() and (tmp_path / "comparison.json").is_file()
+    assert _run(["energy", "--paper-log", "spikingformer_8_512"]) == 0
+    assert "7.4635" in capsys.readouterr().out
+    assert _run(["energy", "--data", "random"]) == 2  # no model: a clear error, exit 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_fuse(tmp_path, digits_pair):
+    (model, batches), _ = digits_pair
+    ckpt = tmp_path / "model.pth"
+    torch.save({"format": "spikingformer-checkpoint", "version": 1, "model": model.state_dict(),
+                "model_name": "spikingformer_digits", "model_config": model.config.to_dict()}, ckpt)
+    out = tmp_path / "fused.pth"
+    assert _run(["fuse", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
+    fused = load_fused(out)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(batches[0]), model(batches[0]), rtol=0, atol=1e-5)
+    assert _run(["audit", "--checkpoint", str(out), "--data", "random", "--batches", "1", "--batch-size", "2"]) == 0
+    assert _run(["fuse", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2
