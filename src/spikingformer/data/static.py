@@ -48,11 +48,10 @@ class Digits(Dataset):
 
     def __init__(self, train: bool, img_size: int = 16, augment: bool = False) -> None:
         x_tr, y_tr, x_te, y_te = digits_split()
-        images, labels = (x_tr, y_tr) if train else (x_te, y_te)
-        mean, std = float(x_tr.mean() / 16), float(x_tr.std() / 16)
-        x = torch.from_numpy(images / 16.0).unsqueeze(1)
-        x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.images = (x - mean) / std
+        train_images = _resize(x_tr, img_size)
+        mean, std = float(train_images.mean()), float(train_images.std())
+        images, labels = (train_images, y_tr) if train else (_resize(x_te, img_size), y_te)
+        self.images = (images - mean) / std
         self.labels = torch.from_numpy(labels)
         self.background = -mean / std  # value of an empty pixel after normalisation
         self.augment = None
@@ -69,6 +68,12 @@ class Digits(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         return image, int(self.labels[index])
+
+
+def _resize(images: np.ndarray, size: int) -> torch.Tensor:
+    """``(n, 8, 8)`` digits in [0, 16] -> ``(n, 1, size, size)`` in [0, 1], bilinear."""
+    x = torch.from_numpy(images / 16.0).float().unsqueeze(1)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
