@@ -2,20 +2,47 @@
 
 Every backend computes exactly what :func:`spikingformer.neuron.lif_reference` computes (spikes
 bit-for-bit, gradients to float32 rounding); ``tests/test_kernels.py`` holds them to it.
+
+Backends:
+
+* ``"torch"`` -- :mod:`~spikingformer.kernels.torch_loop`: plain PyTorch ops, any device.
+* ``"cpu"`` -- :mod:`~spikingformer.kernels.cpu`: a fused C++ kernel for CPU tensors, compiled on
+  first use (about a second) and cached; falls back to ``"torch"`` with one warning if it cannot
+  be built.
+* ``"triton"`` -- :mod:`~spikingformer.kernels.triton_lif`: fused Triton kernels for CUDA tensors
+  (also CPU tensors under ``TRITON_INTERPRET=1``); listed only when Triton imports.
+
+Nothing is compiled at import time: the CPU library is built by the first CPU call (or by
+:func:`select_backend` deciding whether it can be used), Triton kernels by their first launch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
 
+from spikingformer.kernels.cpu import is_available as _cpu_kernel_available
+from spikingformer.kernels.cpu import lif_cpu
 from spikingformer.kernels.torch_loop import lif_torch_loop
 from spikingformer.neuron import LIFParams
 
 LIFKernel = Callable[[torch.Tensor, LIFParams], torch.Tensor]
 
-_BACKENDS: dict[str, LIFKernel] = {"torch": lif_torch_loop}
+
+def _lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Imports Triton lazily (importing it costs a second or two) on the first call."""
+    from spikingformer.kernels.triton_lif import lif_triton
+
+    return lif_triton(x, p)
+
+
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+_BACKENDS: dict[str, LIFKernel] = {"torch": lif_torch_loop, "cpu": lif_cpu}
+if _TRITON_IMPORTABLE:
+    _BACKENDS["triton"] = _lif_triton
 
 
 def available_backends() -> list[str]:
@@ -23,12 +50,31 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def _triton_usable() -> bool:
+    if not _TRITON_IMPORTABLE:
+        return False
+    try:
+        from spikingformer.kernels import triton_lif  # noqa: F401
+    except Exception:  # a broken Triton install must not break the neuron
+        return False
+    return True
+
+
 def select_backend(x: torch.Tensor) -> str:
-    """The fastest backend for a tensor on its device."""
+    """The fastest backend for a tensor on its device.
+
+    CPU tensors: ``"cpu"`` when the fused kernel builds (first call builds it), else ``"torch"``.
+    CUDA tensors: ``"triton"`` when Triton imports, else ``"torch"``. Other devices: ``"torch"``.
+    """
+    if x.device.type == "cpu":
+        return "cpu" if _cpu_kernel_available() else "torch"
+    if x.device.type == "cuda" and _triton_usable():
+        return "triton"
     return "torch"
 
 
 def lif(x: torch.Tensor, p: LIFParams, backend: str = "auto") -> torch.Tensor:
+    """Multi-step LIF spikes of ``x`` (time-first) with the named backend ("auto": :func:`select_backend`)."""
     name = select_backend(x) if backend == "auto" else backend
     try:
         kernel = _BACKENDS[name]

@@ -1,0 +1,303 @@
+"""Every fused LIF backend against the plain-PyTorch reference (``lif_reference``).
+
+Spikes must be bit-identical to the reference; gradients with respect to the input must match the
+reference's autograd gradient to 1e-6 in float32 and, for float16/bfloat16 inputs, to the dtype's
+rounding (both gradients compared in the input dtype).
+
+Backends tested: ``torch`` and ``cpu`` in this process; ``triton`` in a subprocess that sets
+``TRITON_INTERPRET=1`` before importing torch/triton (Triton's interpreter runs the kernels on CPU
+tensors), so the rest of the session is unaffected. On a CUDA machine,
+``SPIKINGFORMER_TEST_DEVICE=cuda pytest tests/test_kernels.py`` runs the same checks on the GPU
+(``benchmarks/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikingformer import kernels
+from spikingformer.kernels import cpu as cpu_kernel
+from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference, multistep_lif
+
+DEVICE = torch.device(os.environ.get("SPIKINGFORMER_TEST_DEVICE", "cpu"))
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch", "cpu"]
+if INTERPRET or DEVICE.type == "cuda":
+    BACKENDS.append("triton")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+LIF_FIXTURE = SHARED / "fixtures" / "lif_spikingjelly.pt"
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PARAMS = [
+    LIFParams(tau=tau, v_threshold=vth, detach_reset=detach)
+    for tau in (2.0, 1.5)
+    for vth in (1.0, 0.5)
+    for detach in (True, False)
+] + [LIFParams(v_reset=-0.1, detach_reset=False), LIFParams(tau=1.5, v_reset=-0.1)]
+
+
+def _pid(p: LIFParams) -> str:
+    return f"tau{p.tau}_vth{p.v_threshold}_vr{p.v_reset}_detach{int(p.detach_reset)}"
+
+
+def _skip_unusable(backend: str) -> None:
+    if backend == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the 'cpu' backend is for CPU tensors")
+
+
+def _make_input(shape, dtype, p: LIFParams, seed: int = 0) -> torch.Tensor:
+    """Currents that make a mix of spikes, with a few first steps charging exactly to threshold."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5 + 0.8
+    if p.v_reset == 0.0:
+        flat = x.view(shape[0], -1)
+        flat[0, : min(3, flat.shape[1])] = p.tau * p.v_threshold  # H[0] = V_th exactly: must fire
+    return x.to(dtype).to(DEVICE)
+
+
+def _grad_tol(dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        return {"rtol": 1e-6, "atol": 1e-6}
+    # fp16/bf16: both gradients are float32 values rounded to the dtype; allow one rounding step.
+    return {"rtol": torch.finfo(dtype).eps, "atol": 1e-6}
+
+
+def _check_backend(backend: str, x: torch.Tensor, p: LIFParams, seed: int = 1) -> None:
+    """Spikes bit-exact and input gradient close to the reference, for input ``x`` (any layout)."""
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(x.shape, generator=g).to(x.dtype).to(x.device)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    s_ref = lif_reference(x_ref, p)
+    (gx_ref,) = torch.autograd.grad(s_ref, x_ref, grad_out)
+
+    x_k = x.detach().requires_grad_(True)
+    s_k = multistep_lif(x_k, p, backend=backend)
+    assert s_k.dtype == x.dtype and s_k.shape == x.shape
+    assert torch.equal(s_k, s_ref), f"{backend}: spikes differ from the reference"
+    (gx_k,) = torch.autograd.grad(s_k, x_k, grad_out)
+    assert gx_k.dtype == x.dtype and gx_k.shape == x.shape
+    torch.testing.assert_close(gx_k, gx_ref, **_grad_tol(x.dtype))
+
+
+@pytest.mark.parametrize("p", PARAMS, ids=_pid)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference(backend, dtype, p):
+    _skip_unusable(backend)
+    _check_backend(backend, _make_input((16, 3, 5, 7), dtype, p), p)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 5, 7), (16, 3, 5, 7), (4, 1), (2, 1000), (4, 2, 1030), (5, 3, 257), (4, 70000)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_shapes(backend, dtype, shape):
+    _skip_unusable(backend)
+    p = LIFParams(tau=1.5, detach_reset=False)
+    _check_backend(backend, _make_input(shape, dtype, p, seed=len(shape) + shape[-1]), p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_non_contiguous(backend, dtype):
+    _skip_unusable(backend)
+    p = LIFParams()
+    base = _make_input((7, 5, 16), dtype, p, seed=3)  # (N1, N2, T) -> time-first transposed view
+    x = base.permute(2, 0, 1)
+    assert not x.is_contiguous()
+    _check_backend(backend, x, p)
+    strided = _make_input((16, 6, 10), dtype, p, seed=4)[:, ::2, 1::3]
+    _check_backend(backend, strided, LIFParams(tau=1.5, v_threshold=0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_computed_sequence(backend):
+    """tau=2, V_th=1, one element, x = [2.0, 0.5, 1.5, 3.0], worked by hand.
+
+    H0 = 0 + (2.0 - 0)/2 = 1.0   -> exactly at threshold: spike, V0 = 0
+    H1 = 0 + (0.5 - 0)/2 = 0.25  -> no spike, V1 = 0.25
+    H2 = 0.25 + (1.5 - 0.25)/2 = 0.875 -> no spike, V2 = 0.875
+    H3 = 0.875 + (3.0 - 0.875)/2 = 1.9375 -> spike
+    Backward with dL/dS = 1 and detach_reset: dL/dH3 = sg(0.9375); dL/dH[t] = sg(H[t]-1) +
+    dL/dH[t+1]/2 * (1 - S[t]); dL/dX[t] = dL/dH[t]/2, with sg(z) = 4 sig(4z)(1 - sig(4z)).
+    """
+    _skip_unusable(backend)
+    p = LIFParams(tau=2.0, v_threshold=1.0)
+    x = torch.tensor([2.0, 0.5, 1.5, 3.0], device=DEVICE).view(4, 1)
+    h, v = lif_membrane_reference(x, p)
+    assert h.view(-1).tolist() == [1.0, 0.25, 0.875, 1.9375]
+    assert v.view(-1).tolist() == [0.0, 0.25, 0.875, 0.0]
+
+    def sg(z: float) -> float:
+        s = 1.0 / (1.0 + math.exp(-4.0 * z))
+        return 4.0 * s * (1.0 - s)
+
+    spikes_hand = [1.0, 0.0, 0.0, 1.0]
+    gh3 = sg(0.9375)
+    gh2 = sg(-0.125) + gh3 / 2 * 1.0
+    gh1 = sg(-0.75) + gh2 / 2 * 1.0
+    gh0 = sg(0.0) + gh1 / 2 * 0.0  # spiked at t=0, reset detached: no path through V0
+    grad_hand = [gh0 / 2, gh1 / 2, gh2 / 2, gh3 / 2]
+    assert grad_hand[0] == 0.5
+
+    xk = x.clone().requires_grad_(True)
+    s = multistep_lif(xk, p, backend=backend)
+    assert s.view(-1).tolist() == spikes_hand
+    s.sum().backward()
+    torch.testing.assert_close(xk.grad.view(-1).cpu().double(), torch.tensor(grad_hand, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def _fixture_cases():
+    if not LIF_FIXTURE.exists():
+        return []
+    return sorted(torch.load(LIF_FIXTURE, weights_only=False)["cases"])
+
+
+@pytest.mark.parametrize("case", _fixture_cases() or ["<fixture absent>"])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_spikingjelly_fixture(backend, case):
+    """SpikingJelly 0.0.0.0.12's own outputs and gradients (shared/fixtures/lif_spikingjelly.pt)."""
+    if not LIF_FIXTURE.exists():
+        pytest.skip(f"{LIF_FIXTURE} is absent (the shared fixtures directory is not next to the repository)")
+    _skip_unusable(backend)
+    c = torch.load(LIF_FIXTURE, weights_only=False)["cases"][case]
+    m = re.fullmatch(r"tau([0-9.]+)_vth([0-9.]+)_detach([01])", case)
+    assert m, f"unexpected fixture case name {case!r}"
+    p = LIFParams(tau=float(m[1]), v_threshold=float(m[2]), detach_reset=m[3] == "1")
+    x = c["x"].to(DEVICE).requires_grad_(True)
+    s = multistep_lif(x, p, backend=backend)
+    assert torch.equal(s.cpu(), c["spikes"])
+    (gx,) = torch.autograd.grad(s, x, c["grad_out"].to(DEVICE))
+    torch.testing.assert_close(gx.cpu(), c["grad_in"], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- CPU-kernel specifics ----------
+
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu" or INTERPRET, reason="CPU-kernel checks run in the main CPU session")
+
+
+@cpu_only
+def test_select_backend_and_registry():
+    assert {"torch", "cpu"} <= set(kernels.available_backends())
+    x = torch.zeros(2, 3)
+    assert kernels.select_backend(x) == "cpu"
+    with pytest.raises(ValueError, match="unknown LIF backend"):
+        multistep_lif(x, LIFParams(), backend="nope")
+
+
+@cpu_only
+def test_cpu_saves_only_the_input():
+    """Backward keeps just x (its own dtype): 2 bytes per element for bf16, nothing in float32."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    for dtype in (torch.float32, torch.bfloat16):
+        saved.clear()
+        x = torch.randn(4, 100, dtype=dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            s = multistep_lif(x, LIFParams(), backend="cpu")
+        assert len(saved) == 1 and saved[0].dtype == dtype and saved[0].data_ptr() == x.data_ptr()
+        s.sum().backward()
+
+
+@cpu_only
+def test_cpu_under_autocast_bf16():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    lif = MultiStepLIF(backend="cpu")
+    x = torch.randn(4, 2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = lin(x)
+        s = lif(a)
+    assert a.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    assert torch.equal(s, lif_reference(a.detach(), LIFParams()))
+    s.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _spike_count(i: int) -> float:
+    x = _make_input((4, 50000), torch.float32, LIFParams(), seed=i)
+    return float(multistep_lif(x, LIFParams(), backend="cpu").sum())
+
+
+class _SpikeCounts(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> float:
+        return _spike_count(i)
+
+
+@cpu_only
+def test_cpu_in_dataloader_workers():
+    """Forked DataLoader workers (after the parent used the kernel and its threads) run it too."""
+    expected = [_spike_count(i) for i in range(4)]  # parent uses the kernel (multi-threaded) first
+    loader = torch.utils.data.DataLoader(
+        _SpikeCounts(), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
+    assert [float(v) for v in loader] == expected
+
+
+@cpu_only
+def test_cpu_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_kernel._reset_for_tests()
+    try:
+        p = LIFParams()
+        x = _make_input((4, 3, 5), torch.float32, p)
+        with pytest.warns(RuntimeWarning, match="falling back to the 'torch' backend"):
+            s = multistep_lif(x, p, backend="cpu")
+        assert torch.equal(s, lif_reference(x, p))
+        assert cpu_kernel.build_error() and "no-such-compiler" in cpu_kernel.build_error()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a second call must not warn again
+            multistep_lif(x, p, backend="cpu")
+        assert kernels.select_backend(x) == "torch"
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._reset_for_tests()
+    assert kernels.select_backend(torch.zeros(2, 2)) == "cpu"
+
+
+@cpu_only
+def test_nothing_built_at_import():
+    code = (
+        "import spikingformer, spikingformer.neuron, spikingformer.kernels as k, sys;"
+        "from spikingformer.kernels import cpu;"
+        "assert cpu._lib is None and cpu.build_seconds is None;"
+        "assert 'spikingformer.kernels.triton_lif' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@cpu_only
+def test_triton_kernels_under_interpreter():
+    """Runs this file's triton-parametrised tests in a subprocess with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "triton and not interpreter"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    m = re.search(r"(\d+) passed", proc.stdout)
+    assert m and int(m[1]) >= 50, tail
