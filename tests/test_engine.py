@@ -168,3 +168,20 @@ def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
     assert "cannot resume from" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data", "cifar10", "--data-dir", str(folder)]) == 2
     assert "not found under" in capsys.readouterr().err
+
+
+def test_every_recipe_loads_with_valid_names():
+    from spikingformer.config import recipe_names
+    from spikingformer.data import DATASETS
+    from spikingformer.models import list_models, model_config
+
+    assert recipe_names() == ["cifar10", "cifar100", "cifar10_dvs", "digits", "digits_dvs", "dvs128_gesture", "imagenet", "nmnist"]
+    for name in recipe_names():
+        cfg = load_config(name)
+        assert cfg.model.model in list_models() and cfg.data.dataset in DATASETS, name
+        model_config(cfg.model.model, **cfg.model.model_args)
+    cifar = load_config("cifar10")  # spot checks against REFERENCE.md s.5.1
+    assert (cifar.optim.lr, cifar.optim.weight_decay, cifar.schedule.epochs, cifar.schedule.cooldown_epochs) == (5e-4, 0.06, 400, 10)
+    assert (cifar.mixup.mixup, cifar.mixup.mixup_off_epoch, cifar.data.aa) == (0.5, 200, "rand-m9-n1-mstd0.4-inc1")
+    dvs = load_config("cifar10_dvs")
+    assert (dvs.optim.lr, dvs.data.frames, dvs.mixup.mixup_prob, dvs.mixup.mixup_off_epoch, dvs.run.seed) == (1e-3, 16, 0.5, 75, 2021)
