@@ -19,8 +19,9 @@ Two implementations compute the same thing:
 
 * :func:`lif_reference` -- a plain loop over T with ordinary tensor operations, differentiated by
   autograd through :class:`SigmoidSurrogateSpike`. It is the ground truth for every fast path.
-* :func:`multistep_lif` -- the default path: a fused kernel (``spikingformer.kernels``) with a
-  hand-written backward that saves only the charged membrane ``H``.
+* :func:`multistep_lif` -- the default path: a fused kernel (``spikingformer.kernels``: C++ on
+  the CPU, Triton on CUDA) with a hand-written backward that keeps only the input and recomputes
+  the membrane.
 """
 
 from __future__ import annotations
