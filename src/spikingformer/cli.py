@@ -27,15 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spikingformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as err:
-            if not (module == err.name or module.startswith(f"{err.name}.")):
-                raise
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spikingformer.runtime import configure_allocator
+
+    configure_allocator()  # keep glibc malloc from unmapping large blocks every step (docs/performance.md)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

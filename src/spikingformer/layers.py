@@ -40,7 +40,12 @@ def lif_factory(tau: float = 2.0, backend: str = "auto") -> LIFFactory:
 
 
 class ConvBN(nn.Module):
-    """3x3 convolution (stride 1, pad 1, no bias) + BatchNorm2d on ``(T, B, C, H, W)``."""
+    """3x3 convolution (stride 1, pad 1, no bias) + BatchNorm2d on ``(T, B, C, H, W)``.
+
+    Runs in the channels-last memory format (the output keeps it): the CPU convolution (oneDNN),
+    BatchNorm and max-pool kernels work on it without reordering, and the tokenizer's final
+    ``(T, B, D, H, W) -> (T, B, N, D)`` becomes a free view. Only strides change, not values.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -49,7 +54,8 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, b = x.shape[:2]
-        y = self.bn(self.conv(x.flatten(0, 1)))
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # no copy if already channels-last
+        y = self.bn(self.conv(x))
         return y.view(t, b, *y.shape[1:])
 
 
@@ -69,6 +75,16 @@ class TokenConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
+
+
+def _spike_channels_last(lif: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lif(x)`` for ``(T, B, C, H, W)`` maps, run on the ``(T, B, H, W, C)`` permutation.
+
+    The neuron is elementwise over everything but T, so the permutation changes no value; for the
+    channels-last maps :class:`ConvBN` produces it is a contiguous view, so the neuron reads and
+    writes memory in order (no copy in, no copy out) and its spikes stay channels-last.
+    """
+    return lif(x.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
 
 
 def _max_pool(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +128,7 @@ class SpikingTokenizer(nn.Module):
 
     def _spike_pool(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """SN (then max-pool if ``stage`` is a downsampling stage) in front of ``stages[stage]``."""
-        x = self.lifs[stage - 1](x)
+        x = _spike_channels_last(self.lifs[stage - 1], x)
         return _max_pool(x) if self._pool_before(stage) else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +143,8 @@ class SpikingTokenizer(nn.Module):
         so its batch statistics and running estimates are exactly those of the repeated input.
         """
         stem = self.stages[0]
-        y = stem.conv(images)
-        y = y.unsqueeze(0).expand(time_steps, *y.shape).flatten(0, 1)
+        y = stem.conv(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = y.unsqueeze(0).expand(time_steps, *y.shape).reshape(-1, *y.shape[1:]).permute(0, 3, 1, 2)  # (T*B, C, H, W)
         x = stem.bn(y).view(time_steps, images.shape[0], *y.shape[1:])
         return self._forward_after_stem(x)
 
@@ -139,8 +155,8 @@ class SpikingTokenizer(nn.Module):
         if self.style is ResidualStyle.SPIKE_DRIVEN:
             x = self.stages[4](x)
         else:
-            x = x + self.lifs[4](self.stages[4](x))
-        return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D)
+            x = x + _spike_channels_last(self.lifs[4], self.stages[4](x))
+        return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D): a view of channels-last maps
 
 
 def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,419 @@
+"""Model benchmark: this project's Spikingformer against the same model built with SpikingJelly's neurons.
+
+Two architectures, as in the performance issue:
+
+* ``cifar``: Spikingformer-4-384 for CIFAR-10 (32x32 images, T = 4), batch 16;
+* ``event``: the 2-256 event model for CIFAR10-DVS (128x128 event frames, T = 16), batch 8.
+
+Each is built twice from the same code and weights: ``ours`` (the fused :class:`MultiStepLIF`
+neurons, the allocator set up as ``spikingformer`` does at start-up:
+:func:`spikingformer.runtime.configure_allocator`) and ``SJ`` (every neuron replaced by
+SpikingJelly's ``MultiStepLIFNode(backend='torch')`` with ``functional.reset_net(model)`` after
+every batch, and the C library's default allocator, as the authors' training scripts run). Each
+configuration -- model x build x {training step, inference batch} x {fp32, bf16 autocast} -- runs
+in a fresh process: two warm-up steps, then the median wall time of ``--steps`` steps. Two more
+training-step rows separate the allocator's share from the neurons' (``ours`` with the default
+allocator, ``SJ`` with the tuned one).
+
+* training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step;
+* inference batch = ``model.eval()`` forward under ``torch.inference_mode()``;
+* peak memory = the process's peak resident set (``getrusage().ru_maxrss``) minus its resident set
+  just before the first step (model and input already allocated; gradients and the AdamW state,
+  created by the first step, count in it): the step's working set. The table also gives the
+  process's peak RSS.
+* efficiency = FLOPs of our fp32 training step (counted by ``torch.utils.flop_counter.
+  FlopCounterMode`` over one forward+backward: every matmul / convolution in both passes; the
+  neurons, BatchNorm and optimizer are elementwise work and are not counted) / its median time,
+  as a fraction of the dense matmul rate measured in the same run (``torch.mm`` of 2048x2048
+  matrices, fp32 and bf16, on the same threads).
+
+Usage::
+
+    python benchmarks/bench_model.py                       # both models (~5 min on 2 idle cores)
+    python benchmarks/bench_model.py --models event --steps 5
+    python benchmarks/bench_model.py --quick               # tiny sizes, one thread: a smoke test
+    python benchmarks/bench_model.py --profile --threads 1 # where a training step's time goes
+    spikingformer bench --what model                       # the same from the installed package
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+MODELS = {
+    # key: (zoo name, batch, time steps or None for static images, img_size override)
+    "cifar": ("spikingformer_cifar10_4_384", 16, None, None),
+    "event": ("spikingformer_cifar10dvs_2_256", 8, 16, None),
+}
+QUICK = {
+    "cifar": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2),
+    "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
+}
+MODULE = "spikingformer.benchmarking.model"
+
+# Targets of the performance issue: (model, pass, our dtype, SpikingJelly build's dtype, minimum
+# speed-up); every one also asks for at most half the SpikingJelly build's peak memory.
+TARGETS = [
+    ("cifar", "train", "fp32", "fp32", 1.5),
+    ("cifar", "train", "bf16", "fp32", 2.5),
+    ("cifar", "train", "bf16", "bf16", 2.5),
+    ("event", "train", "fp32", "fp32", 3.0),
+    ("cifar", "infer", "fp32", "fp32", 2.0),
+    ("event", "infer", "fp32", "fp32", 2.0),
+]
+MAX_MEMORY_RATIO = 0.5
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def build(job: dict):
+    """The model, a batch of inputs and labels for ``job`` (deterministic: seed 0)."""
+    import torch
+
+    from spikingformer.models.zoo import create_model
+
+    torch.manual_seed(0)
+    overrides = dict(job.get("overrides", {}))
+    batch = overrides.pop("batch", job["batch"])
+    model = create_model(job["name"], **overrides)
+    c = model.config
+    if c.family == "event":
+        t = overrides.get("time_steps", job.get("time_steps") or c.time_steps)
+        # sparse event counts, as integrated DVS frames are (most pixels see no event)
+        x = torch.poisson(torch.full((batch, t, c.in_channels, c.img_size, c.img_size), 0.15))
+    else:
+        x = torch.randn(batch, c.in_channels, c.img_size, c.img_size)
+    y = torch.randint(0, c.num_classes, (batch,))
+    return model, x, y
+
+
+def _worker(job: dict) -> dict:
+    from spikingformer import runtime
+
+    if job["tuned_malloc"]:
+        runtime.configure_allocator()
+    import torch
+
+    from spikingformer.benchmarking import common
+
+    torch.set_num_threads(job["threads"])
+    model, x, y = build(job)
+    sj = job["build"] == "sj"
+    if sj:
+        common.use_spikingjelly_neurons(model)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
+    if job["mode"] == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sj:
+                common.reset_spikingjelly(model)
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+            if sj:
+                common.reset_spikingjelly(model)
+
+    rss0 = common.rss_bytes()
+    times = []
+    for i in range(job["warmup"] + job["steps"]):
+        if i == job["warmup"]:
+            faults0 = common.minor_faults()
+        t0 = time.perf_counter()
+        step()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+    result = dict(
+        times=times,
+        rss_before=rss0,
+        max_rss=common.max_rss_bytes(),
+        faults_per_step=(common.minor_faults() - faults0) / job["steps"],
+        allocator=runtime.allocator_state(),
+    )
+    if job.get("count_flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, autocast:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        result["flops"] = counter.get_total_flops()
+    return result
+
+
+def _matmul_worker(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    n = job["n"]
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        a = torch.randn(n, n).to(dt)
+        b = torch.randn(n, n).to(dt)
+        torch.mm(a, b)
+        times = []
+        for _ in range(job["reps"]):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        out[dtype] = 2 * n**3 / statistics.median(times)
+    return out
+
+
+# Operator groups of the profile (torch.profiler self CPU time by aten op / autograd node name).
+PROFILE_GROUPS = [
+    ("convolution (tokenizer, fwd+bwd)", ("convolution",)),
+    ("matmul: linear / attention (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("BatchNorm (fwd+bwd)", ("batch_norm",)),
+    ("LIF neurons (fwd+bwd)", ("CPUFusedLIF", "TorchFusedLIF", "Triton")),
+    ("max-pool (fwd+bwd)", ("max_pool",)),
+    ("copies / layout changes", ("aten::copy_", "aten::clone", "aten::contiguous")),
+    ("zero-fill", ("aten::fill_", "aten::zero_")),
+]
+
+
+def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = "ours") -> list[tuple[str, float]]:
+    """Self CPU time of one training step (after a warm-up) grouped as :data:`PROFILE_GROUPS`, in seconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from spikingformer import runtime
+    from spikingformer.benchmarking import common
+
+    runtime.configure_allocator()
+    torch.set_num_threads(threads)
+    name, batch, _, _ = MODELS[key]
+    model, x, y = build(dict(name=name, batch=batch))
+    if build_ == "sj":
+        common.use_spikingjelly_neurons(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if build_ == "sj":
+            common.reset_spikingjelly(model)
+
+    for _ in range(2):  # the heap grows over the first steps
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    groups = {label: 0.0 for label, _ in PROFILE_GROUPS}
+    other = total = 0.0
+    for event in prof.key_averages():
+        t = event.self_cpu_time_total / 1e6
+        total += t
+        label = next((lab for lab, keys in PROFILE_GROUPS if any(k in event.key for k in keys)), None)
+        if label is None:
+            other += t
+        else:
+            groups[label] += t
+    return [*groups.items(), ("other (elementwise, optimizer, autograd)", other), ("total", total)]
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model benchmark's options (shared with ``spikingformer bench``)."""
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the heap grows over the first steps)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads in every worker (default: all cores; 1 with --quick)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--no-allocator-rows", action="store_true",
+                    help="skip the two extra rows that separate the allocator's share from the neurons'")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny models (1 block, D=64, T=2, batch 2): checks the benchmark runs, times mean nothing")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the comparison: where one training step's time goes (torch.profiler, grouped)")
+
+
+def _jobs(args: argparse.Namespace) -> list[dict]:
+    jobs = []
+    for key in args.models:
+        name, batch, t, _ = MODELS[key]
+        base = dict(model=key, name=name, batch=batch, threads=args.threads, warmup=args.warmup, steps=args.steps)
+        if args.quick:
+            base["overrides"] = QUICK[key]
+        for mode in ("train", "infer"):
+            for dtype in args.dtypes:
+                for build_ in ("ours", "sj"):
+                    jobs.append(dict(base, mode=mode, dtype=dtype, build=build_, tuned_malloc=build_ == "ours",
+                                     count_flops=(build_ == "ours" and mode == "train" and dtype == "fp32")))
+        if not args.no_allocator_rows and "fp32" in args.dtypes:
+            for build_, tuned in (("ours", False), ("sj", True)):
+                jobs.append(dict(base, mode="train", dtype="fp32", build=build_, tuned_malloc=tuned))
+    return jobs
+
+
+def _row_name(job: dict) -> str:
+    label = "ours" if job["build"] == "ours" else "SJ"
+    default_alloc = job["build"] == "sj"
+    if job["tuned_malloc"] == default_alloc:  # the non-default allocator for this build
+        label += ", default malloc" if job["build"] == "ours" else ", tuned malloc"
+    return label
+
+
+def run_benchmark(args: argparse.Namespace, command: str) -> dict:
+    """Run every configuration (each in a fresh process) and print the report; returns the results."""
+    from spikingformer.benchmarking import common
+
+    if args.threads is None:
+        args.threads = 1 if args.quick else os.cpu_count()
+    sj_version = common.spikingjelly_version()
+    if sj_version == "not installed":
+        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install spikingjelly==0.0.0.0.14")
+    load_start = common.load_average()
+    start = time.perf_counter()
+    env_default = {"SPIKINGFORMER_MALLOC": "0"}  # workers decide themselves whether to tune
+    mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads),
+                           env_default)
+    results = []
+    for job in _jobs(args):
+        job = dict(job, kind="model")
+        res = common.run_worker(MODULE, job, env={} if job["tuned_malloc"] else env_default)
+        res["median"] = statistics.median(res["times"])
+        results.append((job, res))
+        print(f"  [{time.perf_counter() - start:5.0f} s] {job['model']} {job['mode']} {job['dtype']} "
+              f"{_row_name(job)}: {res['median'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - start
+
+    print("# Model benchmark\n")
+    print(f"Command: `{command}`\n")
+    print("\n".join(common.machine_lines(args.threads)))
+    print(f"- dense matmul (torch.mm {'512' if args.quick else '2048'}^2, median of 5): "
+          f"fp32 {mm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {mm['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"- {args.warmup} warm-up step(s), then the median of {args.steps} steps, each configuration in a fresh "
+          f"process; run took {elapsed:.0f} s; load average (1 min) at start / end: {load_start:.2f} / "
+          f"{common.load_average():.2f}")
+    print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
+          "max RSS = the worker's peak RSS; faults = minor page faults per timed step (4 KiB pages the kernel had to map and zero)\n")
+    if args.quick:
+        print("**--quick: tiny models, the numbers only show that the benchmark runs.**\n")
+
+    def find(job, **kw):
+        for j, r in results:
+            if j["model"] == job["model"] and all(j[k] == v for k, v in kw.items()):
+                return r
+        return None
+
+    print("| model | pass | dtype | build | ms / step | images/s | peak MB | max RSS MB | faults / step "
+          "| SJ time / ours | ours peak / SJ peak |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for job, res in results:
+        batch = job.get("overrides", {}).get("batch", job["batch"])
+        peak = res["max_rss"] - res["rss_before"]
+        ratio_t = ratio_m = ""
+        if job["build"] == "ours":
+            sj = find(job, mode=job["mode"], dtype=job["dtype"], build="sj", tuned_malloc=False)
+            if sj:
+                ratio_t = f"{sj['median'] / res['median']:.2f}x"
+                ratio_m = f"{peak / max(sj['max_rss'] - sj['rss_before'], 1):.2f}"
+        label = f"{MODELS[job['model']][0]}, B={batch}"
+        print(f"| {label} | {job['mode']} | {job['dtype']} | {_row_name(job)} | {res['median'] * 1e3:.0f} | "
+              f"{batch / res['median']:.1f} | {peak / 2**20:.0f} | {res['max_rss'] / 2**20:.0f} | "
+              f"{res['faults_per_step']:.0f} | {ratio_t} | {ratio_m} |")
+
+    print("\nEfficiency of our fp32 training step (FLOPs counted by FlopCounterMode over forward+backward; "
+          "fraction of the dense fp32 / bf16 matmul rate measured above):\n")
+    print("| model | dtype | GFLOP / step | ms / step | achieved GFLOP/s | fraction of dense matmul |")
+    print("|---|---|---:|---:|---:|---:|")
+    for job, res in results:
+        if "flops" in res:
+            for dtype in args.dtypes:
+                r = find(job, mode="train", dtype=dtype, build="ours", tuned_malloc=True)
+                if r is None:
+                    continue
+                rate = res["flops"] / r["median"]
+                print(f"| {MODELS[job['model']][0]} | {dtype} | {res['flops'] / 1e9:.1f} | {r['median'] * 1e3:.0f} | "
+                      f"{rate / 1e9:.1f} | {rate / mm[dtype]:.1%} |")
+    print("\nTargets (speed-up = the SpikingJelly build's median time / ours; memory = our step peak / its "
+          f"step peak, target <= {MAX_MEMORY_RATIO}):\n")
+    print("| model | pass | ours | SJ build | speed-up | target | met | memory ratio | met |")
+    print("|---|---|---|---|---:|---:|---|---:|---|")
+    for key, mode, dtype, sj_dtype, minimum in TARGETS:
+        ours = next((r for j, r in results if j["model"] == key and j["mode"] == mode and j["dtype"] == dtype
+                     and j["build"] == "ours" and j["tuned_malloc"]), None)
+        sj = next((r for j, r in results if j["model"] == key and j["mode"] == mode and j["dtype"] == sj_dtype
+                   and j["build"] == "sj" and not j["tuned_malloc"]), None)
+        if ours is None or sj is None:
+            continue
+        speed = sj["median"] / ours["median"]
+        mem = (ours["max_rss"] - ours["rss_before"]) / max(sj["max_rss"] - sj["rss_before"], 1)
+        print(f"| {MODELS[key][0]} | {mode} | {dtype} | {sj_dtype} | {speed:.2f}x | {minimum}x | "
+              f"{'yes' if speed >= minimum else 'no'} | {mem:.2f} | {'yes' if mem <= MAX_MEMORY_RATIO else 'no'} |")
+    print("\nAllocator: " + "; ".join(sorted({f"{_row_name(j)}: {r['allocator']}" for j, r in results})))
+    return dict(matmul=mm, results=results)
+
+
+def print_profile(args: argparse.Namespace, command: str) -> None:
+    """Profile one training step per model and dtype (each in its own process) and print the groups."""
+    from spikingformer.benchmarking import common
+
+    threads = args.threads or 1
+    print("# Where a training step's time goes\n")
+    print(f"Command: `{command}`\n")
+    print("\n".join(common.machine_lines(threads)))
+    print("- torch.profiler, self CPU time of one step after two warm-up steps, this project's neurons, "
+          f"load average (1 min) {common.load_average():.2f}\n")
+    for key in args.models:
+        cols = []
+        for dtype in args.dtypes:
+            cols.append((dtype, common.run_worker(MODULE, dict(kind="profile", model=key, dtype=dtype, threads=threads))))
+        labels = [label for label, _ in cols[0][1]["groups"]]
+        print(f"{MODELS[key][0]}, batch {MODELS[key][1]}:\n")
+        print("| operators | " + " | ".join(f"{d} s | {d} %" for d, _ in cols) + " |")
+        print("|---|" + "---:|---:|" * len(cols))
+        for i, label in enumerate(labels):
+            cells = []
+            for _, res in cols:
+                t, total = res["groups"][i][1], res["groups"][-1][1]
+                cells.append(f"{t:.2f} | {t / total:.0%}")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--worker"]:
+        import json
+
+        job = json.loads(argv[1])
+        from spikingformer.benchmarking import common
+
+        if job["kind"] == "profile":
+            common.report(dict(groups=profile_step(job["model"], job["dtype"], job["threads"])))
+        else:
+            common.report(_matmul_worker(job) if job["kind"] == "matmul" else _worker(job))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.profile:
+        print_profile(args, " ".join([os.path.basename(sys.executable), sys.argv[0], *argv]))
+        return
+    run_benchmark(args, " ".join([os.path.basename(sys.executable), sys.argv[0], *argv]))
+
+
+if __name__ == "__main__":
+    main()

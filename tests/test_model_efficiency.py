@@ -1,0 +1,140 @@
+"""Model-level efficiency changes give the same outputs and gradients as the straightforward computation.
+
+The Spiking Tokenizer runs its ConvBN stages in the channels-last memory format, applies its
+neurons to the ``(T, B, H, W, C)`` permutation of the maps (a free view of channels-last maps), and
+encodes static images with one stem convolution per image (``encode_static``). Here the tokenizer
+is recomputed the plain way -- contiguous NCHW tensors, neurons on ``(T, B, C, H, W)``, the stem on
+the image repeated T times -- and outputs, input gradients, parameter gradients and BatchNorm
+running statistics are compared (float64, so no spike can flip on rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spikingformer.layers import ResidualStyle, SpikingTokenizer, lif_factory
+from spikingformer.models.zoo import create_model
+
+
+def _conv_bn_plain(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    t, b = x.shape[:2]
+    y = stage.bn(stage.conv(x.reshape(t * b, *x.shape[2:]).contiguous()))
+    return y.reshape(t, b, *y.shape[1:])
+
+
+def tokenizer_plain(tok: SpikingTokenizer, x: torch.Tensor) -> torch.Tensor:
+    """The tokenizer written out directly on contiguous NCHW tensors: ``(T, B, C, H, W)`` -> ``(T, B, N, D)``."""
+    x = _conv_bn_plain(tok.stages[0], x)
+    for stage in range(1, 5):
+        x = tok.lifs[stage - 1](x.contiguous())
+        if tok._pool_before(stage):
+            t, b = x.shape[:2]
+            x = nn.functional.max_pool2d(x.reshape(t * b, *x.shape[2:]), 3, 2, 1)
+            x = x.reshape(t, b, *x.shape[1:])
+        if stage < 4:
+            x = _conv_bn_plain(tok.stages[stage], x)
+    if tok.style is ResidualStyle.SPIKE_DRIVEN:
+        x = _conv_bn_plain(tok.stages[4], x)
+    else:
+        x = x + tok.lifs[4](_conv_bn_plain(tok.stages[4], x).contiguous())
+    t, b, d = x.shape[:3]
+    return x.reshape(t, b, d, -1).transpose(2, 3).contiguous()
+
+
+def _make_tokenizer(style: ResidualStyle, in_channels: int, num_pools: int) -> SpikingTokenizer:
+    torch.manual_seed(0)
+    tok = SpikingTokenizer(in_channels, 32, num_pools, style, lif_factory(tau=2.0))
+    for m in tok.modules():  # non-trivial BN affine parameters, so their gradients are tested too
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.4)
+    return tok.double().train()
+
+
+def _compare(tok_a: nn.Module, out_a: torch.Tensor, x_a: torch.Tensor, tok_b: nn.Module, out_b: torch.Tensor,
+             x_b: torch.Tensor) -> None:
+    assert out_a.shape == out_b.shape
+    assert out_a.float().abs().sum() > 0
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out_a)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(x_a.grad, x_b.grad, rtol=1e-9, atol=1e-10)
+    grads_a = dict(tok_a.named_parameters())
+    for name, p in tok_b.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_a[name].grad, p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    buffers_a = dict(tok_a.named_buffers())
+    for name, buf in tok_b.named_buffers():
+        torch.testing.assert_close(buffers_a[name], buf, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("style", list(ResidualStyle))
+@pytest.mark.parametrize("num_pools", [2, 4])
+def test_tokenizer_channels_last_equals_plain_nchw(style, num_pools):
+    tok = _make_tokenizer(style, 2, num_pools)
+    ref = copy.deepcopy(tok)
+    x = torch.poisson(torch.full((3, 2, 2, 32, 32), 0.6, dtype=torch.float64))  # (T, B, C, H, W) event counts
+    x_a, x_b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = tok(x_a)
+    # the layout the change is for: tokens come out contiguous, no copy needed downstream
+    assert out.is_contiguous()
+    _compare(tok, out, x_a, ref, tokenizer_plain(ref, x_b), x_b)
+
+
+@pytest.mark.parametrize("style", list(ResidualStyle))
+def test_encode_static_equals_plain_repeated_input(style):
+    tok = _make_tokenizer(style, 3, 2)
+    ref = copy.deepcopy(tok)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64) * 2
+    x_a, x_b = images.clone().requires_grad_(True), images.clone().requires_grad_(True)
+    out = tok.encode_static(x_a, 4)
+    plain = tokenizer_plain(ref, x_b.unsqueeze(0).repeat(4, 1, 1, 1, 1))
+    _compare(tok, out, x_a, ref, plain, x_b)
+
+
+def test_tokenizer_accepts_nchw_and_channels_last_inputs_alike():
+    tok = _make_tokenizer(ResidualStyle.SPIKE_DRIVEN, 3, 2).eval()
+    x = torch.randn(2, 2, 3, 16, 16, dtype=torch.float64)
+    cl = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(tok(x), tok(cl), rtol=0, atol=0)
+        torch.testing.assert_close(tok(x), tokenizer_plain(tok, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("spikingformer_cifar10_4_256", (2, 3, 32, 32)),
+    ("spikformer_cifar10_4_256", (2, 3, 32, 32)),
+    ("spikingformer_cifar10dvs_2_256", (1, 2, 2, 64, 64)),
+])
+def test_whole_model_matches_plain_tokenizer(name, shape):
+    """The full model (float32, as trained) with its tokenizer replaced by the plain computation."""
+    torch.manual_seed(1)
+    model = create_model(name, depth=1).train()
+    ref = copy.deepcopy(model)
+    x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
+
+    def plain_features(inp: torch.Tensor) -> torch.Tensor:
+        if inp.dim() == 4:
+            tokens = tokenizer_plain(ref.tokenizer, inp.unsqueeze(0).repeat(ref.config.time_steps, 1, 1, 1, 1))
+        else:
+            tokens = tokenizer_plain(ref.tokenizer, inp.transpose(0, 1))
+        for block in ref.blocks:
+            tokens = block(tokens)
+        return tokens
+
+    out = model(x)
+    out_ref = ref.head(plain_features(x))
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            assert ref_params[pname].grad is None, pname
+            continue
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-3, atol=1e-4, msg=pname)
