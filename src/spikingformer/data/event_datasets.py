@@ -21,6 +21,8 @@ first access; :meth:`build_cache` builds them all up front.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import math
 import os
@@ -172,7 +174,7 @@ def _pad_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.pad(frames, (left, W - w - left, top, H - h - top))
 
 
-class _FileFrameDataset(Dataset):
+class _FileFrameDataset(Dataset, abc.ABC):
     """Shared machinery of the file-based datasets: lazily integrated, cached frames.
 
     Subclasses fill ``self._keys`` (cache keys), ``self._sources`` (source files per sample), ``self.targets``
@@ -203,9 +205,9 @@ class _FileFrameDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keys)
 
+    @abc.abstractmethod
     def _build(self, i: int) -> np.ndarray:
-        """Read, integrate and cache sample i; returns its frames (T, 2, *sensor_size). Set by subclasses."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _build")
+        """Read, integrate and cache sample i; returns its frames (T, 2, *sensor_size)."""
 
     def frames_numpy(self, i: int) -> np.ndarray:
         """The (unpadded, untransformed) frames of sample i, (T, 2, *sensor_size), from the cache or built."""
