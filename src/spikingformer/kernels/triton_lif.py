@@ -37,6 +37,19 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
+def _lif_step(x, v, tau, inv_tau, v_th, v_reset, RECIP: tl.constexpr):
+    """One time step on float32 blocks: charge, fire, hard reset. Returns (H, S, V)."""
+    b = x - (v - v_reset)
+    if RECIP:
+        c = b * inv_tau
+    else:
+        c = b / tau
+    h = v + c
+    s = ((h - v_th) >= 0.0).to(tl.float32)
+    return h, s, h * (1.0 - s) + v_reset * s
+
+
+@triton.jit
 def _lif_fwd_kernel(
     x_ptr, s_ptr, T, N, tau, inv_tau, v_th, v_reset,
     RECIP: tl.constexpr, BLOCK: tl.constexpr,
@@ -49,15 +62,7 @@ def _lif_fwd_kernel(
     s_ptrs = s_ptr + offs
     for _t in range(T):
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        b = x - (v - v_reset)
-        if RECIP:
-            c = b * inv_tau
-        else:
-            c = b / tau
-        h = v + c
-        spike = (h - v_th) >= 0.0
-        s = spike.to(tl.float32)
-        v = h * (1.0 - s) + v_reset * s
+        h, s, v = _lif_step(x, v, tau, inv_tau, v_th, v_reset, RECIP)
         tl.store(s_ptrs, s.to(s_ptr.dtype.element_ty), mask=mask)
         x_ptrs += N
         s_ptrs += N
@@ -77,14 +82,7 @@ def _lif_bwd_kernel(
     h_ptrs = h_ptr + offs
     for _t in range(T):
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        b = x - (v - v_reset)
-        if RECIP:
-            c = b * inv_tau
-        else:
-            c = b / tau
-        h = v + c
-        s = ((h - v_th) >= 0.0).to(tl.float32)
-        v = h * (1.0 - s) + v_reset * s
+        h, s, v = _lif_step(x, v, tau, inv_tau, v_th, v_reset, RECIP)
         tl.store(h_ptrs, h, mask=mask)
         x_ptrs += N
         h_ptrs += N
