@@ -143,6 +143,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     loss_single, loss_ddp = metrics(single)[0]["train_loss"], metrics(ddp)[0]["train_loss"]
     assert loss_ddp == pytest.approx(loss_single, rel=0.03)
     assert metrics(ddp)[1]["train_loss"] < metrics(ddp)[0]["train_loss"]  # it learns
+    # the two-process run's checkpoint resumes in a single process (a different world size)
+    resumed = train(tmp_path, "ddp", *args, "--batch-size", "64", "--epochs", "3", "--resume", "auto")
+    assert [r["epoch"] for r in metrics(resumed)] == [0, 1, 2]
+    assert checkpoints.load_checkpoint(resumed / "last.pt")["epoch"] == 2
 
 
 def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
