@@ -239,9 +239,94 @@ def train(cfg: TrainConfig) -> dict:
         teardown()
 
 
-def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+def _criterion(mx, num_classes: int):
+    """Loss and timm ``Mixup`` (None when off) for the recipe's mixup section."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mx.mixup > 0 or mx.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=mx.mixup, cutmix_alpha=mx.cutmix, prob=mx.mixup_prob, switch_prob=mx.mixup_switch_prob,
+                         mode=mx.mixup_mode, label_smoothing=mx.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup_fn
+    if mx.smoothing > 0:
+        return LabelSmoothingCrossEntropy(mx.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _resume_path(cfg: TrainConfig, folder: Path) -> str | None:
+    if cfg.run.resume == "auto":
+        return str(folder / "last.pt") if (folder / "last.pt").exists() else None
+    return cfg.run.resume
+
+
+def _restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+    """Load a ``last.pt`` into the run's objects; returns (first epoch to run, best metrics so far)."""
+    ckpt = checkpoints.load_checkpoint(path)
+    if not checkpoints.is_native(ckpt):
+        raise ValueError(f"{path} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
+    _check_resume_config(ckpt, cfg, Path(path))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1, ckpt["best"]
+
+
+@dataclass
+class _Step:
+    """What one optimisation step needs (built once per run)."""
+
+    net: nn.Module  # the model, wrapped in DistributedDataParallel when distributed
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mixup_fn: object
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+
+
+def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: FiringRateMeter, epoch: int,
+                     total_epochs: int, log_interval: int) -> torch.Tensor:
+    """One pass over ``loader`` with a progress bar; returns this process's (loss sum, correct, count)."""
+    from tqdm import tqdm
+
+    st.net.train()
+    meter.pop()  # drop what the last evaluation recorded
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
+               dynamic_ncols=True, mininterval=0.5)
+    sums = torch.zeros(3, dtype=torch.float64)
+    t0, seen = time.perf_counter(), 0
+    for step, (images, target) in enumerate(bar):
+        images = images.to(runtime.device, non_blocking=True)
+        hard_target = target = target.to(runtime.device, non_blocking=True)
+        if st.mixup_fn is not None:
+            images, target = st.mixup_fn(images, target)
+        with _autocast(runtime.device, st.amp_dtype):
+            logits = st.net(images)
+        loss = st.criterion(logits.float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}; lower --lr or enable --clip-grad")
+        st.optimizer.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        if st.clip_grad:
+            st.scaler.unscale_(st.optimizer)
+            nn.utils.clip_grad_norm_(st.model.parameters(), st.clip_grad)
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+        n = len(hard_target)
+        seen += n
+        sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
+        if runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1):
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                            lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
+    bar.close()
+    return sums
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from tqdm import tqdm
@@ -260,7 +345,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
-    o, s, mx = cfg.optim, cfg.schedule, cfg.mixup
+    o, s = cfg.optim, cfg.schedule
     optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, cooldown_epochs=s.cooldown_epochs,
@@ -268,31 +353,13 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     )
     amp_dtype = autocast_dtype(cfg.run.amp, runtime.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and runtime.device.type == "cuda")
-    mixup_fn = None
-    if mx.mixup > 0 or mx.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=mx.mixup, cutmix_alpha=mx.cutmix, prob=mx.mixup_prob, switch_prob=mx.mixup_switch_prob,
-                         mode=mx.mixup_mode, label_smoothing=mx.smoothing, num_classes=train_set.num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif mx.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(mx.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    criterion, mixup_fn = _criterion(cfg.mixup, train_set.num_classes)
+    st = _Step(net, model, optimizer, scaler, criterion, mixup_fn, amp_dtype, o.clip_grad)
 
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
-    resume = cfg.run.resume
-    if resume == "auto":
-        resume = str(folder / "last.pt") if (folder / "last.pt").exists() else None
+    resume = _resume_path(cfg, folder)
     if resume:
-        ckpt = checkpoints.load_checkpoint(resume)
-        if not checkpoints.is_native(ckpt):
-            raise ValueError(f"{resume} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
-        _check_resume_config(ckpt, cfg, Path(resume))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best", best)
+        start_epoch, best = _restore(resume, cfg, model, optimizer, scheduler, scaler)
     else:
         scheduler.step(0)
 
@@ -313,49 +380,17 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     meter = FiringRateMeter(model)
     for epoch in range(start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)
-        if mixup_fn is not None and mx.mixup_off_epoch and epoch >= mx.mixup_off_epoch:
+        if mixup_fn is not None and cfg.mixup.mixup_off_epoch and epoch >= cfg.mixup.mixup_off_epoch:
             mixup_fn.mixup_enabled = False  # targets stay label-smoothed, as in the authors' code
-        net.train()
-        meter.pop()  # drop what the last evaluation recorded
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
-                   dynamic_ncols=True, mininterval=0.5)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count (this process)
-        t0, seen = time.perf_counter(), 0
-        for step, (images, target) in enumerate(bar):
-            images = images.to(runtime.device, non_blocking=True)
-            target = target.to(runtime.device, non_blocking=True)
-            hard_target = target
-            if mixup_fn is not None:
-                images, target = mixup_fn(images, target)
-            with _autocast(runtime.device, amp_dtype):
-                logits = net(images)
-            loss = criterion(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}; lower --lr or enable --clip-grad")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if o.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            n = len(hard_target)
-            seen += n
-            sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
-            if runtime.is_main and (step % cfg.run.log_interval == 0 or step == len(train_loader) - 1):
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{seen * runtime.world_size / elapsed:.0f}",
-                                fr=f"{meter.pop():.3f}")
-        bar.close()
+        t0 = time.perf_counter()
+        sums = _train_one_epoch(st, train_loader, runtime, meter, epoch, total_epochs, cfg.run.log_interval)
         epoch_time = time.perf_counter() - t0
         sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
         scheduler.step(epoch + 1)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0] / sums[2]),
                "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
                "images_per_s": float(sums[2]) / epoch_time}
-        last_epoch = epoch == total_epochs - 1
-        if (epoch + 1) % cfg.run.eval_interval == 0 or last_epoch:
+        if (epoch + 1) % cfg.run.eval_interval == 0 or epoch == total_epochs - 1:
             ev = evaluate(model, eval_loader, runtime, amp_dtype)
             row.update({f"test_{k}": v for k, v in ev.items() if k != "samples"})
             if ev["top1"] > best["top1"]:
