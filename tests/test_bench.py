@@ -36,10 +36,11 @@ def test_bench_model_quick_prints_ratios(capsys):
     assert rc == 0
     assert "Command: `spikingformer bench" in out
     assert "torch " in out and "spikingjelly " in out and "CPU:" in out
-    assert "SJ time / ours" in out and "ours peak / SJ peak" in out
+    assert "authors' time / ours" in out and "ours peak / authors' peak" in out
     rows = [line for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384, B=2 |")]
-    assert len(rows) == 4  # train/infer x ours/SJ
-    assert any(line.split("|")[-3].strip().endswith("x") for line in rows)  # a measured ratio
+    assert len(rows) == 6  # train/infer x ours/authors' code/SJ neurons in our layers
+    ours = [line.split("|") for line in rows if line.split("|")[4].strip() == "ours"]
+    assert len(ours) == 2 and all(cells[-4].strip().endswith("x") and cells[-2].strip().endswith("x") for cells in ours)
     assert "fraction of dense matmul" in out and "Targets" in out
 
 
