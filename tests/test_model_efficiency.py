@@ -138,3 +138,47 @@ def test_whole_model_matches_plain_tokenizer(name, shape):
             assert ref_params[pname].grad is None, pname
             continue
         torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-3, atol=1e-4, msg=pname)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype):
+    """The memory-lean BN -> SN -> max-pool segment equals the plain module calls exactly, in fp32 and
+    bf16: output, input / BN-parameter gradients and running statistics; and it keeps only its input."""
+    from spikingformer.layers import ConvBN, _bn_spike_pool, bn_spike_pool
+    from spikingformer.neuron import MultiStepLIF
+
+    torch.manual_seed(0)
+    stage = ConvBN(3, 16)
+    nn.init.uniform_(stage.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(stage.bn.bias, -0.2, 0.4)
+    lif = MultiStepLIF(tau=2.0)
+    y0 = (torch.randn(4, 3, 16, 12, 12) * 2).to(dtype)
+    grad = torch.randn(4, 3, 16, *((6, 6) if pool else (12, 12))).to(dtype)
+    results = []
+    for lean in (False, True):
+        s = copy.deepcopy(stage).train()
+        y = y0.clone().requires_grad_()
+        fn = (lambda: bn_spike_pool(s, lif, pool, y)) if lean else (lambda: _bn_spike_pool(s, lif, pool, y))
+        out, saved = _saved_bytes(fn)
+        out.backward(grad)
+        results.append((out, y.grad, s.bn.weight.grad, s.bn.bias.grad, s.bn.running_mean, s.bn.running_var, saved))
+    plain, lean = results
+    for a, b in zip(plain[:6], lean[:6]):
+        assert torch.equal(a, b)
+    assert plain[0].sum() > 0  # some spikes, so the gradients are not trivially zero
+    assert lean[6] == y0.numel() * y0.element_size()  # only the input is kept
+    assert plain[6] >= 2 * lean[6]  # plain autograd keeps at least the BN output and the spikes too

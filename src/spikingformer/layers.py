@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spikingformer.neuron import MultiStepLIF
+from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 
 class ResidualStyle(str, enum.Enum):
@@ -52,11 +52,104 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution alone (the BN input), ``(T, B, C, H, W)`` -> ``(T, B, C_out, H, W)``."""
         t, b = x.shape[:2]
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # no copy if already channels-last
-        y = self.bn(self.conv(x))
+        y = self.conv(x)
         return y.view(t, b, *y.shape[1:])
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm of :meth:`convolve`'s output, on the flattened ``T*B`` maps."""
+        z = self.bn(y.flatten(0, 1))
+        return z.view(y.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.convolve(x))
+
+
+def _bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """``[MP](SN(BN(y)))``: the BN of ``stage`` on its conv output ``y``, the neuron, the optional max-pool."""
+    x = _spike_channels_last(lif, stage.normalize(y))
+    return _max_pool(x) if pool else x
+
+
+def _recompute_bn_spike_pool(stage: ConvBN, lif: MultiStepLIF, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """:func:`_bn_spike_pool` in training mode again, bit for bit, for the backward of
+    :class:`_RecomputedBNSpikePool`: BN with the batch statistics, without touching the running
+    estimates a second time, and no module calls, so forward hooks (firing-rate meters) do not
+    see the batch twice."""
+    bn = stage.bn
+    z = nn.functional.batch_norm(y.flatten(0, 1), None, None, bn.weight, bn.bias, True, 0.0, bn.eps).view(y.shape)
+    x = multistep_lif(z.permute(0, 1, 3, 4, 2), lif.params, lif.backend).permute(0, 1, 4, 2, 3)
+    return _max_pool(x) if pool else x
+
+
+class _RecomputedBNSpikePool(torch.autograd.Function):
+    """:func:`_bn_spike_pool` in training, keeping only its input ``y`` for backward.
+
+    Between two tokenizer convolutions sit BN -> SN -> max-pool. Autograd would keep the BN output
+    (the neuron's input), the spikes (the max-pool's input) and the max-pool's int64 indices: three
+    tensors the size of the largest feature maps and one of half that. This function keeps only the
+    conv output (which BN's own backward keeps anyway) and recomputes the rest in backward: one
+    more pass of BN, the fused neuron and the max-pool over maps that are freed right after.
+    Forward values, running statistics and gradients are those of the plain module calls, bit for
+    bit (``tests/test_model_efficiency.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, stage, lif, pool):
+        ctx.stage, ctx.lif, ctx.pool = stage, lif, pool
+        device = y.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(y)
+        return _bn_spike_pool(stage, lif, pool, y.detach())  # module calls: running statistics, hooks
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        bn = ctx.stage.bn
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            y = y.detach().requires_grad_()
+            out = _recompute_bn_spike_pool(ctx.stage, ctx.lif, ctx.pool, y)
+        wanted = [t for t, need in zip((y, bn.weight, bn.bias), ctx.needs_input_grad[:3]) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None)
+
+
+def bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """``[MP](SN(BN(y)))`` for a :class:`ConvBN`'s conv output: memory-lean when training (see
+    :class:`_RecomputedBNSpikePool`), the plain module calls otherwise (eval, no grad, a fused BN,
+    or a neuron that keeps state between calls and so cannot be run twice)."""
+    bn = stage.bn
+    if (torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine
+            and type(lif) is MultiStepLIF):
+        return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
+    return _bn_spike_pool(stage, lif, pool, y)
+
+
+class TokenLinear(nn.Linear):
+    """``nn.Linear`` over the channel (last) dimension of tokens, computed by the faster GEMM on the CPU.
+
+    For float32 CPU tensors outside autocast, PyTorch's ``F.linear`` calls MKL's ``sgemm``, which on
+    this project's benchmark machine (AMD EPYC, AVX-512) runs 25-35% slower than oneDNN, the library
+    PyTorch's CPU convolutions use (forward+backward of the MLP shapes: 145 vs 200 GFLOP/s). The
+    layer then computes the same product as a 1x1 convolution over a channels-last view of the same
+    memory (no copy in, no copy out), which oneDNN runs, and whose backward is oneDNN's too.
+    Everywhere else (CUDA, bf16/fp16, autocast, float64) it is plain ``F.linear``. The values differ
+    from ``F.linear``'s only by float32 rounding (another summation order); the weights, the state
+    dict and the hooks the analysis tools attach are those of ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
+        m, k = rows.shape
+        image = rows.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last strides
+        y = nn.functional.conv2d(image, self.weight.view(*self.weight.shape, 1, 1), self.bias)
+        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
 
 
 class TokenConvBN(nn.Module):
@@ -69,7 +162,7 @@ class TokenConvBN(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.linear = TokenLinear(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,14 +219,13 @@ class SpikingTokenizer(nn.Module):
     def _pool_before(self, stage: int) -> bool:
         return stage > 4 - self.num_pools
 
-    def _spike_pool(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        """SN (then max-pool if ``stage`` is a downsampling stage) in front of ``stages[stage]``."""
-        x = _spike_channels_last(self.lifs[stage - 1], x)
-        return _max_pool(x) if self._pool_before(stage) else x
+    def _spikes_for(self, stage: int, y: torch.Tensor) -> torch.Tensor:
+        """The input of ``stages[stage]``: BN of the previous stage's conv output ``y``, SN, [MP]."""
+        return bn_spike_pool(self.stages[stage - 1], self.lifs[stage - 1], self._pool_before(stage), y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``."""
-        return self._forward_after_stem(self.stages[0](x))
+        return self._forward_after_stem(self.stages[0].convolve(x))
 
     def encode_static(self, images: torch.Tensor, time_steps: int) -> torch.Tensor:
         """Tokens for static images ``(B, C, H, W)`` repeated over ``time_steps`` (direct encoding).
@@ -142,16 +234,15 @@ class SpikingTokenizer(nn.Module):
         instead of T times (every step sees the same image); BatchNorm still sees all T copies,
         so its batch statistics and running estimates are exactly those of the repeated input.
         """
-        stem = self.stages[0]
-        y = stem.conv(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = self.stages[0].conv(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
         y = y.unsqueeze(0).expand(time_steps, *y.shape).reshape(-1, *y.shape[1:]).permute(0, 3, 1, 2)  # (T*B, C, H, W)
-        x = stem.bn(y).view(time_steps, images.shape[0], *y.shape[1:])
-        return self._forward_after_stem(x)
+        return self._forward_after_stem(y.view(time_steps, images.shape[0], *y.shape[1:]))
 
-    def _forward_after_stem(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
+        """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""
         for i in range(1, 4):
-            x = self.stages[i](self._spike_pool(x, i))
-        x = self._spike_pool(x, 4)
+            y = self.stages[i].convolve(self._spikes_for(i, y))
+        x = self._spikes_for(4, y)
         if self.style is ResidualStyle.SPIKE_DRIVEN:
             x = self.stages[4](x)
         else:
