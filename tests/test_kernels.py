@@ -282,7 +282,7 @@ def test_nothing_built_at_import():
     code = (
         "import spikingformer, spikingformer.neuron, spikingformer.kernels as k, sys;"
         "from spikingformer.kernels import cpu;"
-        "assert cpu._lib is None and cpu.build_seconds is None;"
+        "assert cpu.LIBRARY.lib is None and cpu.LIBRARY.build_seconds is None;"
         "assert 'spikingformer.kernels.triton_lif' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

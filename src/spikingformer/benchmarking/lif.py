@@ -196,7 +196,7 @@ def _run_benchmark(args: argparse.Namespace, command: str) -> None:
     print(f"Command: `{command}`\n")
     print("\n".join(machine_lines(device, sj_version)))
     if device.type == "cpu":
-        built = cpu_kernel.build_seconds
+        built = cpu_kernel.LIBRARY.build_seconds
         how = f"compiled in {built:.2f} s" if built is not None else "loaded from cache"
         print(f"- fused CPU kernel: {how} (first use {first_use_s:.2f} s); {cpu_kernel.library_path()}")
     print(

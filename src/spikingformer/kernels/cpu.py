@@ -22,29 +22,23 @@ on raw pointers handed over through :mod:`ctypes`), so one ``g++`` call builds i
 second instead of the tens of seconds that compiling against ``torch/extension.h`` takes, and
 calling it costs no pybind11 dispatch.
 
-The build happens on the first call (never at import), once per process, under a lock; the
-shared object is cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-under a name hashed from the source, the compiler flags and the CPU, and written atomically so
-concurrent processes cannot load a half-written file. If it cannot be built (no compiler, ...)
+The build happens on the first call (never at import), once per process
+(:class:`spikingformer.native.NativeLibrary`); the shared object is cached in
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name hashed from the
+source, the compiler flags and the CPU. If it cannot be built (no compiler, ...)
 :func:`lif_cpu` falls back to the ``"torch"`` backend with a single warning.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from spikingformer.native import NativeLibrary
 from spikingformer.neuron import LIFParams
 
 _CPP_SOURCE = r"""
@@ -243,15 +237,7 @@ _CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_build_error: str | None = None
 _warned = False
-build_seconds: float | None = None  # wall time of the last compile in this process (None: cached/not built)
-
-
-class CPUBuildError(RuntimeError):
-    """The fused CPU kernel could not be compiled or loaded."""
 
 
 def _cpu_signature() -> str:
@@ -266,81 +252,25 @@ def _cpu_signature() -> str:
     return info
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions"
-    )
-    return Path(root)
-
-
-def library_path() -> Path:
-    """Where the compiled library for this source, compiler flags and CPU lives (or will)."""
-    key = hashlib.sha256("\0".join([_CPP_SOURCE, *_CXX_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"spikingformer_lif_cpu_{key}" / "lif_cpu.so"
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise CPUBuildError("no C++ compiler found (set CXX or install g++)")
-    return cxx
-
-
-def _compile(target: Path) -> None:
-    global build_seconds
-    target.parent.mkdir(parents=True, exist_ok=True)
-    cxx = _compiler()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "lif_cpu.cpp"
-        src.write_text(_CPP_SOURCE)
-        obj = Path(tmp) / "lif_cpu.so"
-        cmd = [cxx, *_CXX_FLAGS, str(src), "-o", str(obj)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CPUBuildError(f"running {cxx} failed: {exc}") from exc
-        if proc.returncode != 0:
-            raise CPUBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(obj, target)  # atomic: concurrent processes see either nothing or the whole file
-    build_seconds = time.perf_counter() - start
-
-
-def _load() -> ctypes.CDLL:
-    """Compile (if not cached) and load the library; raises :class:`CPUBuildError` on failure."""
-    target = library_path()
-    if not target.exists():
-        _compile(target)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise CPUBuildError(f"loading {target} failed: {exc}") from exc
+def _declare(lib: ctypes.CDLL) -> None:
     i64, f32, ci, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
     lib.sf_lif_forward.argtypes = [vp, vp, i64, i64, f32, f32, f32, ci, ci]
     lib.sf_lif_forward.restype = ci
     lib.sf_lif_backward.argtypes = [vp, vp, vp, i64, i64, f32, f32, f32, f32, ci, ci, ci]
     lib.sf_lif_backward.restype = ci
-    return lib
+
+
+LIBRARY = NativeLibrary("spikingformer_lif_cpu", lambda: _CPP_SOURCE, _CXX_FLAGS, key=_cpu_signature, declare=_declare)
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source, compiler flags and CPU lives (or will)."""
+    return LIBRARY.path()
 
 
 def get_library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; ``None`` if it cannot be built.
-
-    Thread-safe, and once per process: a forked child (DataLoader worker) reuses the parent's
-    loaded library, and a fresh process finds the cached shared object on disk.
-    """
-    global _lib, _build_error
-    if _lib is not None:
-        return _lib
-    if _build_error is not None:
-        return None
-    with _lock:
-        if _lib is None and _build_error is None:
-            try:
-                _lib = _load()
-            except CPUBuildError as exc:
-                _build_error = str(exc)
-    return _lib
+    """The loaded kernel library, building it on first use; ``None`` if it cannot be built."""
+    return LIBRARY.get()
 
 
 def is_available() -> bool:
@@ -350,14 +280,14 @@ def is_available() -> bool:
 
 def build_error() -> str | None:
     """Why the library could not be built, or ``None``."""
-    return _build_error
+    return LIBRARY.error
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded library and any build failure (tests force rebuild/failure paths)."""
-    global _lib, _build_error, _warned
-    with _lock:
-        _lib, _build_error, _warned = None, None, False
+    global _warned
+    LIBRARY.reset()
+    _warned = False
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -422,7 +352,7 @@ def _warn_fallback() -> None:
     global _warned
     if not _warned:
         _warned = True
-        reason = ((_build_error or "unknown error").splitlines() or ["unknown error"])[0][:300]
+        reason = ((LIBRARY.error or "unknown error").splitlines() or ["unknown error"])[0][:300]
         warnings.warn(
             f"spikingformer: fused CPU LIF kernel unavailable ({reason}); falling back to the 'torch' backend",
             RuntimeWarning,
