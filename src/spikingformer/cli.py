@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from spikingformer.runtime import configure_allocator
 
-    configure_allocator()  # keep glibc malloc from unmapping large blocks every step (docs/performance.md)
+    configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

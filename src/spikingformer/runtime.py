@@ -1,34 +1,29 @@
-"""Process-wide runtime settings applied when the ``spikingformer`` command starts.
+"""Process-wide runtime set-up applied when the ``spikingformer`` command starts: the CPU allocator.
 
-**The memory allocator.** A training step of a spiking transformer allocates and frees many large
-temporaries (T x B x N x D activations, their spikes and gradients: tens to hundreds of MB each).
-glibc's ``malloc`` serves every block above ``M_MMAP_THRESHOLD`` (dynamic, at most 32 MiB by
-default) with a fresh ``mmap`` and gives it back to the kernel with ``munmap`` on ``free``; memory
-freed at the top of the heap is also returned once more than ``M_TRIM_THRESHOLD`` is free. Every
-step therefore page-faults its working set in again, and the kernel zeroes each fresh 4 KiB page:
-on the 2-core benchmark machine that cost more than the arithmetic (the 2-256 event model's
-training step went from about 5.5 s to 2.2 s with the allocator kept from returning memory).
+**Why.** A training step of a spiking transformer allocates and frees many large temporaries
+(T x B x N x D activations, their spikes and gradients: tens to hundreds of MB each). PyTorch's
+default CPU allocator is the C library's ``malloc``; glibc serves every block above its mmap
+threshold (at most 32 MiB by default) with a fresh ``mmap`` and unmaps it on ``free``, so every
+step page-faults its working set in again and the kernel zeroes each fresh 4 KiB page: on the
+2-core benchmark machine that cost about a third of the 2-256 event model's training step
+(docs/performance.md). Keeping glibc from returning memory (a huge mmap threshold) removes the
+faults but lets the heap fragment: the same step then held 50% more resident memory than it used.
 
-:func:`configure_allocator` sets, through ``mallopt``,
+**What.** :func:`configure_allocator` installs a caching allocator as PyTorch's CPU allocator
+(``c10::SetCPUAllocator``; C++ in ``spikingformer/csrc/cpu_allocator.cpp``, compiled on first use
+against the installed PyTorch's headers in about a second and cached, like the LIF kernel). Blocks
+of 1 MiB and more are rounded to whole 2 MiB pages, mapped with ``MADV_HUGEPAGE`` and cached by
+size when freed; a request takes the smallest cached block that holds it and is at most twice its
+size. A training step allocates the same sizes every step, so after the first steps nothing new is
+mapped: no page faults, no zeroing, and because each large block is its own mapping, no heap
+fragmentation. Smaller blocks go to PyTorch's default path. Tensors allocated before the call keep
+their original deleter. The cache is given back by :func:`empty_cache` (the trainer calls it
+between training and evaluation) or when a mapping fails.
 
-* ``M_MMAP_THRESHOLD`` = 1 GiB: blocks up to 1 GiB come from the heap, not from their own mapping;
-* ``M_TRIM_THRESHOLD`` = 2 GiB - 1 (the largest ``int``): free memory at the heap top is kept,
-
-(where a glibc refuses a threshold above 32 MiB, as some releases do, ``M_MMAP_MAX`` = 0 instead:
-no block gets its own mapping),
-
-so the pages of one step are reused by the next (the same as starting Python with
-``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``). The price: the process
-keeps its heap mapped after a step instead of shrinking between steps, and freed blocks are reused
-rather than returned, so the peak resident memory can grow (measured in docs/performance.md: the
-2-256 event model's training step 2.6 GB -> 4.0 GB, CIFAR 4-384 unchanged) in exchange for the
-speed (event model 2.7 s -> 1.9 s per step).
-
-It is a silent no-op when the C library is not glibc (musl, macOS, Windows), when the user already
-tuned the allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or those keys in
-``GLIBC_TUNABLES``: their values win), and when ``SPIKINGFORMER_MALLOC=0`` (or ``off``/``false``/
-``no``) is set in the environment. Library users get the same behaviour by calling
-``spikingformer.runtime.configure_allocator()`` at the start of their own script.
+It is a no-op (with the reason in :func:`allocator_state`) when ``SPIKINGFORMER_ALLOCATOR=0`` (or
+``off``/``false``/``no``) is set, off Linux, and when the library cannot be built (no compiler);
+then PyTorch's default allocator stays. Library users get the same behaviour by calling
+``spikingformer.runtime.configure_allocator()`` after ``import torch`` in their own script.
 """
 
 from __future__ import annotations
@@ -36,87 +31,115 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sysconfig
+import warnings
+from importlib import resources
 
-ENV_SWITCH = "SPIKINGFORMER_MALLOC"
+ENV_SWITCH = "SPIKINGFORMER_ALLOCATOR"
+THRESHOLD = 1 << 20  # blocks from 1 MiB up are cached
 
-# mallopt parameter numbers from glibc's <malloc.h>
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-M_MMAP_MAX = -4
-
-MMAP_THRESHOLD = 1 << 30  # 1 GiB: blocks above this still get their own mapping
-TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest value it accepts
-
-_USER_TUNABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-
-_applied: str | None = None
+_installed = False
 
 
 def allocator_disabled(environ: dict | None = None) -> bool:
-    """True when ``SPIKINGFORMER_MALLOC`` asks to leave the allocator alone."""
+    """True when ``SPIKINGFORMER_ALLOCATOR`` asks to leave PyTorch's default allocator alone."""
     env = os.environ if environ is None else environ
     return env.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no")
 
 
-def user_tuned_allocator(environ: dict | None = None) -> bool:
-    """True when the environment already sets glibc's mmap/trim thresholds (the user's choice wins)."""
-    env = os.environ if environ is None else environ
-    if any(key in env for key in _USER_TUNABLES):
-        return True
-    tunables = env.get("GLIBC_TUNABLES", "")
-    return "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables
+def _source() -> str:
+    return resources.files("spikingformer").joinpath("csrc/cpu_allocator.cpp").read_text()
 
 
-def _glibc_mallopt():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return mallopt
+def _torch_build() -> str:
+    import torch
+
+    return f"{torch.__version__}|{torch.__file__}|{sysconfig.get_platform()}"
 
 
-def configure_allocator() -> str | None:
-    """Keep glibc's malloc from unmapping and trimming large blocks (see the module docstring).
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.sf_alloc_install.argtypes = [ctypes.c_int64]
+    lib.sf_alloc_install.restype = ctypes.c_int
+    lib.sf_alloc_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.sf_alloc_stats.restype = None
+    lib.sf_alloc_empty_cache.argtypes = []
+    lib.sf_alloc_empty_cache.restype = None
 
-    Returns a short description of what was set, or ``None`` when nothing was changed (disabled,
-    the user's own settings, or not glibc). Safe to call more than once.
+
+def _library():
+    """The allocator's :class:`~spikingformer.native.NativeLibrary` (built against this PyTorch)."""
+    import torch
+
+    from spikingformer.native import NativeLibrary
+
+    torch_dir = os.path.dirname(torch.__file__)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O2", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             "-I", os.path.join(torch_dir, "include")]
+    lib_dir = os.path.join(torch_dir, "lib")
+    link = ["-L", lib_dir, "-lc10", f"-Wl,-rpath,{lib_dir}"]
+    return NativeLibrary("spikingformer_cpu_allocator", _source, flags, link, key=_torch_build, declare=_declare)
+
+
+LIBRARY = None  # created on first use (needs torch imported)
+
+
+def _get_library():
+    global LIBRARY
+    if LIBRARY is None:
+        LIBRARY = _library()
+    return LIBRARY
+
+
+def configure_allocator() -> bool:
+    """Install the caching CPU allocator (see the module docstring); True when PyTorch now uses it.
+
+    Safe to call more than once. Never raises: when it cannot install, PyTorch's default stays and
+    :func:`allocator_state` says why.
     """
-    global _applied
-    if _applied is not None:
-        return _applied
-    if allocator_disabled() or user_tuned_allocator():
-        return None
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
-        return None
-    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        mmap = f"mmap_threshold={MMAP_THRESHOLD}"
-    elif mallopt(M_MMAP_MAX, 0):  # a glibc that caps the threshold (32 MiB in some releases): no mmap at all
-        mmap = "mmap_max=0"
-    else:
-        return None
-    if not mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
-        return None
-    _applied = f"glibc malloc: {mmap}, trim_threshold={TRIM_THRESHOLD}"
-    return _applied
+    global _installed
+    if _installed:
+        return True
+    if allocator_disabled() or platform.system() != "Linux":
+        return False
+    lib = _get_library().get()
+    if lib is None:
+        warnings.warn(f"spikingformer: {allocator_state()}", RuntimeWarning, stacklevel=2)
+        return False
+    _installed = lib.sf_alloc_install(THRESHOLD) == 0
+    return _installed
+
+
+def cache_stats() -> dict[str, int]:
+    """Counters of the caching allocator (all zero when it is not installed).
+
+    ``mapped``/``cached``/``peak_mapped`` are bytes (the cache's share of ``mapped`` is idle);
+    ``hits`` requests served from the cache, ``maps``/``unmaps`` fresh mappings and releases,
+    ``live_blocks`` large blocks in use.
+    """
+    keys = ("mapped", "cached", "peak_mapped", "hits", "maps", "unmaps", "live_blocks")
+    if not _installed:
+        return dict.fromkeys(keys, 0)
+    out = (ctypes.c_int64 * len(keys))()
+    LIBRARY.lib.sf_alloc_stats(out)
+    return dict(zip(keys, out))
+
+
+def empty_cache() -> None:
+    """Unmap every cached (idle) large block; a no-op when the allocator is not installed."""
+    if _installed:
+        LIBRARY.lib.sf_alloc_empty_cache()
 
 
 def allocator_state() -> str:
-    """One line saying how the allocator is set up in this process (for benchmark headers)."""
-    if _applied is not None:
-        return f"tuned by spikingformer.runtime ({_applied})"
-    if user_tuned_allocator():
-        keys = [k for k in _USER_TUNABLES if k in os.environ]
-        if os.environ.get("GLIBC_TUNABLES"):
-            keys.append("GLIBC_TUNABLES=" + os.environ["GLIBC_TUNABLES"])
-        return "tuned by the environment (" + ", ".join(keys) + ")"
+    """One line saying which CPU allocator this process uses (for benchmark headers)."""
+    if _installed:
+        return (f"spikingformer caching allocator (blocks >= {THRESHOLD >> 20} MiB cached in 2 MiB pages, "
+                "MADV_HUGEPAGE)")
     if allocator_disabled():
-        return f"C library defaults ({ENV_SWITCH}=0)"
-    if _glibc_mallopt() is None:
-        return "C library defaults (not glibc)"
-    return "C library defaults"
+        return f"PyTorch default (C library malloc; {ENV_SWITCH}=0)"
+    if platform.system() != "Linux":
+        return "PyTorch default (C library malloc; the caching allocator is Linux-only)"
+    if LIBRARY is not None and LIBRARY.error:
+        return f"PyTorch default (C library malloc; the caching allocator did not build: {LIBRARY.error.splitlines()[0][:200]})"
+    return "PyTorch default (C library malloc)"

@@ -20,7 +20,7 @@ Each is built three times, with the same weights:
 Each configuration -- model x build x {training step, inference batch} x {fp32, bf16 autocast} --
 runs in a fresh process: two warm-up steps, then the median wall time of ``--steps`` steps. Two
 more training-step rows separate the allocator's share (``ours`` with the default allocator, the
-authors' build with the tuned one).
+authors' build with ours).
 
 * training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step;
 * inference batch = ``model.eval()`` forward under ``torch.inference_mode()``;
@@ -133,7 +133,7 @@ def build(job: dict):
 def _worker(job: dict) -> dict:
     from spikingformer import runtime
 
-    if job["tuned_malloc"]:
+    if job["our_allocator"]:
         runtime.configure_allocator()
     import torch
 
@@ -291,18 +291,18 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
         for mode in ("train", "infer"):
             for dtype in args.dtypes:
                 for build_ in BUILDS:
-                    jobs.append(dict(base, mode=mode, dtype=dtype, build=build_, tuned_malloc=build_ == "ours",
+                    jobs.append(dict(base, mode=mode, dtype=dtype, build=build_, our_allocator=build_ == "ours",
                                      count_flops=(build_ == "ours" and mode == "train" and dtype == "fp32")))
         if not args.no_allocator_rows and "fp32" in args.dtypes:
-            for build_, tuned in (("ours", False), ("authors", True)):
-                jobs.append(dict(base, mode="train", dtype="fp32", build=build_, tuned_malloc=tuned))
+            for build_, ours_alloc in (("ours", False), ("authors", True)):
+                jobs.append(dict(base, mode="train", dtype="fp32", build=build_, our_allocator=ours_alloc))
     return jobs
 
 
 def _row_name(job: dict) -> str:
     label = BUILDS[job["build"]][0]
-    if job["tuned_malloc"] != (job["build"] == "ours"):  # the non-default allocator for this build
-        label += ", default malloc" if job["build"] == "ours" else ", tuned malloc"
+    if job["our_allocator"] != (job["build"] == "ours"):  # the non-default allocator for this build
+        label += ", default allocator" if job["build"] == "ours" else ", our allocator"
     return label
 
 
@@ -317,13 +317,13 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install spikingjelly==0.0.0.0.14")
     load_start = common.load_average()
     start = time.perf_counter()
-    env_default = {"SPIKINGFORMER_MALLOC": "0"}  # workers decide themselves whether to tune
+    env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
     mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads),
                            env_default)
     results = []
     for job in _jobs(args):
         job = dict(job, kind="model")
-        res = common.run_worker(MODULE, job, env={} if job["tuned_malloc"] else env_default)
+        res = common.run_worker(MODULE, job, env={} if job["our_allocator"] else env_default)
         res["median"] = statistics.median(res["times"])
         results.append((job, res))
         print(f"  [{time.perf_counter() - start:5.0f} s] {job['model']} {job['mode']} {job['dtype']} "
@@ -357,8 +357,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         peak = res["max_rss"] - res["rss_before"]
         ratios = ["", "", ""]
         if job["build"] == "ours":
-            authors = find(job, mode=job["mode"], dtype=job["dtype"], build="authors", tuned_malloc=False)
-            sj = find(job, mode=job["mode"], dtype=job["dtype"], build="sj", tuned_malloc=False)
+            authors = find(job, mode=job["mode"], dtype=job["dtype"], build="authors", our_allocator=False)
+            sj = find(job, mode=job["mode"], dtype=job["dtype"], build="sj", our_allocator=False)
             if authors:
                 ratios[0] = f"{authors['median'] / res['median']:.2f}x"
                 ratios[1] = f"{peak / max(authors['max_rss'] - authors['rss_before'], 1):.2f}"
@@ -376,7 +376,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     for job, res in results:
         if "flops" in res:
             for dtype in args.dtypes:
-                r = find(job, mode="train", dtype=dtype, build="ours", tuned_malloc=True)
+                r = find(job, mode="train", dtype=dtype, build="ours", our_allocator=True)
                 if r is None:
                     continue
                 rate = res["flops"] / r["median"]
@@ -388,9 +388,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     print("| model | pass | ours | baseline | speed-up | target | met | memory ratio | met | speed-up vs SJ in our layers |")
     print("|---|---|---|---|---:|---:|---|---:|---|---:|")
     for key, mode, dtype, sj_dtype, minimum in TARGETS:
-        def pick(build_, dt, tuned):
+        def pick(build_, dt, ours_alloc):
             return next((r for j, r in results if j["model"] == key and j["mode"] == mode and j["dtype"] == dt
-                         and j["build"] == build_ and j["tuned_malloc"] == tuned), None)
+                         and j["build"] == build_ and j["our_allocator"] == ours_alloc), None)
 
         ours, authors, sj = pick("ours", dtype, True), pick("authors", sj_dtype, False), pick("sj", sj_dtype, False)
         if ours is None or authors is None:

@@ -26,6 +26,7 @@ from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
+from spikingformer.runtime import empty_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +392,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
                "images_per_s": float(sums[2]) / epoch_time}
         if (epoch + 1) % cfg.run.eval_interval == 0 or epoch == total_epochs - 1:
+            empty_cache()  # the CPU blocks cached for training steps do not fit evaluation's sizes
             ev = evaluate(model, eval_loader, runtime, amp_dtype)
+            empty_cache()
             row.update({f"test_{k}": v for k, v in ev.items() if k != "samples"})
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
