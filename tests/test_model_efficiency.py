@@ -20,6 +20,14 @@ from spikingformer.layers import ResidualStyle, SpikingTokenizer, lif_factory
 from spikingformer.models.zoo import create_model
 
 
+@pytest.fixture(autouse=True)
+def _recompute_small_maps(monkeypatch):
+    """The test models are small: lower the threshold so the memory-lean tokenizer path runs."""
+    from spikingformer import layers
+
+    monkeypatch.setattr(layers, "RECOMPUTE_MIN_ELEMENTS", 0)
+
+
 def _conv_bn_plain(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     t, b = x.shape[:2]
     y = stage.bn(stage.conv(x.reshape(t * b, *x.shape[2:]).contiguous()))
@@ -155,11 +163,12 @@ def _saved_bytes(fn) -> int:
 
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype):
+def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype, monkeypatch):
     """The memory-lean BN -> SN -> max-pool segment equals the plain module calls exactly, in fp32 and
     bf16: output, input / BN-parameter gradients and running statistics; and it keeps only its input."""
     from spikingformer.layers import ConvBN, _bn_spike_pool, bn_spike_pool
     from spikingformer.neuron import MultiStepLIF
+
 
     torch.manual_seed(0)
     stage = ConvBN(3, 16)
@@ -182,3 +191,47 @@ def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype):
     assert plain[0].sum() > 0  # some spikes, so the gradients are not trivially zero
     assert lean[6] == y0.numel() * y0.element_size()  # only the input is kept
     assert plain[6] >= 2 * lean[6]  # plain autograd keeps at least the BN output and the spikes too
+
+
+def test_token_linear_equals_f_linear():
+    """The oneDNN route of TokenLinear (large CPU fp32 layers) computes F.linear's values and gradients."""
+    from spikingformer.layers import ONEDNN_MIN_WEIGHTS, TokenLinear
+
+    torch.manual_seed(0)
+    layer = TokenLinear(384, 512)
+    assert layer.weight.numel() >= ONEDNN_MIN_WEIGHTS
+    x = (torch.rand(2, 3, 40, 384) < 0.3).float().requires_grad_()  # spikes, (T, B, N, C)
+    grad = torch.randn(2, 3, 40, 512)
+    out = layer(x)
+    out.backward(grad)
+    got = (out.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    ref = nn.functional.linear(x, layer.weight, layer.bias)
+    ref.backward(grad)
+    for a, b in zip(got, (ref.detach(), x.grad, layer.weight.grad, layer.bias.grad)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))  # analysis hooks still fire
+    layer(x.detach()[:, :, :7].transpose(2, 3).transpose(2, 3))  # a non-contiguous input
+    assert seen == [torch.Size([2, 3, 7, 384])]
+
+
+def test_inference_bn_overwrites_the_conv_output_with_identical_values():
+    """Without autograd the tokenizer's BN writes into its input (one map fewer); same values."""
+    from spikingformer.layers import ConvBN, _bn_spike_pool, _max_pool, _spike_channels_last
+    from spikingformer.neuron import MultiStepLIF
+
+    torch.manual_seed(0)
+    stage = ConvBN(3, 16)
+    stage.bn.running_mean.uniform_(-0.5, 0.5)
+    stage.bn.running_var.uniform_(0.5, 2.0)
+    nn.init.uniform_(stage.bn.weight, 0.5, 1.5)
+    stage.eval()
+    lif = MultiStepLIF(tau=2.0)
+    with torch.no_grad():
+        y = stage.convolve(torch.randn(4, 3, 3, 12, 12) * 3)
+        bn_out = stage.normalize(y.clone())
+        expected = _max_pool(_spike_channels_last(lif, bn_out))
+        got = _bn_spike_pool(stage, lif, True, y)
+    assert torch.equal(got, expected) and expected.sum() > 0
+    assert torch.equal(y, bn_out)  # the conv output now holds the BN output, bit for bit

@@ -69,8 +69,22 @@ class ConvBN(nn.Module):
 
 
 def _bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
-    """``[MP](SN(BN(y)))``: the BN of ``stage`` on its conv output ``y``, the neuron, the optional max-pool."""
-    x = _spike_channels_last(lif, stage.normalize(y))
+    """``[MP](SN(BN(y)))``: the BN of ``stage`` on its conv output ``y``, the neuron, the optional max-pool.
+
+    In inference (no autograd, BN with running statistics) the BN overwrites ``y``, a temporary of
+    the tokenizer's, instead of allocating a second map of the same size: PyTorch's own BN kernel
+    with ``out=`` its input, so the values are those of the module call.
+    """
+    bn = stage.bn
+    if not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.affine \
+            and bn.running_mean is not None:
+        flat = y.flatten(0, 1)
+        torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
+                                             bn.eps, out=flat, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
+        z = y
+    else:
+        z = stage.normalize(y)
+    x = _spike_channels_last(lif, z)
     return _max_pool(x) if pool else x
 
 
@@ -120,13 +134,18 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
 
 def bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
     """``[MP](SN(BN(y)))`` for a :class:`ConvBN`'s conv output: memory-lean when training (see
-    :class:`_RecomputedBNSpikePool`), the plain module calls otherwise (eval, no grad, a fused BN,
-    or a neuron that keeps state between calls and so cannot be run twice)."""
+    :class:`_RecomputedBNSpikePool`, for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements),
+    the plain module calls otherwise (eval, no grad, a fused BN, small maps, or a neuron that keeps
+    state between calls and so cannot be run twice)."""
     bn = stage.bn
     if (torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine
-            and type(lif) is MultiStepLIF):
+            and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
         return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
     return _bn_spike_pool(stage, lif, pool, y)
+
+
+ONEDNN_MIN_WEIGHTS = 1 << 16  # smaller layers (e.g. 64 x 64) run faster through F.linear
+RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
 
 
 class TokenLinear(nn.Linear):
@@ -137,13 +156,16 @@ class TokenLinear(nn.Linear):
     PyTorch's CPU convolutions use (forward+backward of the MLP shapes: 145 vs 200 GFLOP/s). The
     layer then computes the same product as a 1x1 convolution over a channels-last view of the same
     memory (no copy in, no copy out), which oneDNN runs, and whose backward is oneDNN's too.
-    Everywhere else (CUDA, bf16/fp16, autocast, float64) it is plain ``F.linear``. The values differ
+    Everywhere else (CUDA, bf16/fp16, autocast, float64, and layers with fewer than
+    :data:`ONEDNN_MIN_WEIGHTS` weights, where the convolution's set-up costs more than it saves)
+    it is plain ``F.linear``. The values differ
     from ``F.linear``'s only by float32 rounding (another summation order); the weights, the state
     dict and the hooks the analysis tools attach are those of ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+                or self.weight.numel() < ONEDNN_MIN_WEIGHTS):
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
         m, k = rows.shape
