@@ -216,7 +216,8 @@ def test_token_linear_equals_f_linear():
     assert seen == [torch.Size([2, 3, 7, 384])]
 
 
-def test_inference_bn_overwrites_the_conv_output_with_identical_values():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_bn_overwrites_the_conv_output_with_identical_values(dtype):
     """Without autograd the tokenizer's BN writes into its input (one map fewer); same values."""
     from spikingformer.layers import ConvBN, _bn_spike_pool, _max_pool, _spike_channels_last
     from spikingformer.neuron import MultiStepLIF
@@ -229,7 +230,7 @@ def test_inference_bn_overwrites_the_conv_output_with_identical_values():
     stage.eval()
     lif = MultiStepLIF(tau=2.0)
     with torch.no_grad():
-        y = stage.convolve(torch.randn(4, 3, 3, 12, 12) * 3)
+        y = stage.convolve(torch.randn(4, 3, 3, 12, 12) * 3).to(dtype)  # bf16: as under autocast
         bn_out = stage.normalize(y.clone())
         expected = _max_pool(_spike_channels_last(lif, bn_out))
         got = _bn_spike_pool(stage, lif, True, y)

@@ -80,7 +80,8 @@ def _bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -
             and bn.running_mean is not None:
         flat = y.flatten(0, 1)
         torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
-                                             bn.eps, out=flat, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
+                                             bn.eps, out=flat, save_mean=bn.running_mean.new_empty(0),
+                                             save_invstd=bn.running_mean.new_empty(0))
         z = y
     else:
         z = stage.normalize(y)
