@@ -147,3 +147,14 @@ def test_allocator_build_failure_keeps_the_default_with_a_notice(tmp_path):
                TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert out.startswith("False")
     assert "did not build" in out and "no-such-compiler" in out and "RuntimeWarning" in out
+
+
+def test_bench_model_on_cuda_without_a_gpu_says_so(capsys):
+    import torch
+
+    from spikingformer.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the benchmark would run")
+    rc = main(["bench", "--what", "model", "--device", "cuda", "--quick"])
+    assert rc != 0 and "no CUDA device is visible" in capsys.readouterr().err

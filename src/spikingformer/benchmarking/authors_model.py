@@ -38,11 +38,12 @@ _FAMILIES = {
 }
 
 
-def spikingjelly_neuron(tau: float, v_threshold: float) -> nn.Module:
-    """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it."""
+def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch") -> nn.Module:
+    """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it
+    (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU)."""
     from spikingjelly.clock_driven.neuron import MultiStepLIFNode
 
-    return MultiStepLIFNode(tau=tau, v_threshold=v_threshold, detach_reset=True, backend="torch")
+    return MultiStepLIFNode(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
 
 
 class AuthorsMLP(nn.Module):

@@ -36,6 +36,29 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class MemoryProbe:
+    """Current / peak memory and a clock barrier for one device: the process's resident set on the
+    CPU, the CUDA caching allocator's allocated bytes on a GPU (whose kernels run asynchronously, so
+    timings wait for them with ``synchronize``)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+
+    def current(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else max_rss_bytes()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -93,6 +116,18 @@ def report(result: dict) -> None:
     print(_RESULT_TAG + json.dumps(result), flush=True)
 
 
+def spikingjelly_backend(device: str) -> str:
+    """SpikingJelly's fastest multi-step LIF backend for ``device``: ``cupy`` on CUDA when CuPy
+    imports (the authors' choice), else ``torch``."""
+    if device == "cuda":
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "cupy"
+    return "torch"
+
+
 class SpikingJellyLIF(nn.Module):
     """SpikingJelly's multi-step LIF (``MultiStepLIFNode``, torch backend) in place of ours.
 
@@ -101,7 +136,7 @@ class SpikingJellyLIF(nn.Module):
     every batch (:func:`reset_spikingjelly`), as in the authors' training loops.
     """
 
-    def __init__(self, lif: MultiStepLIF) -> None:
+    def __init__(self, lif: MultiStepLIF, backend: str = "torch") -> None:
         super().__init__()
         p = lif.params
         try:  # 0.0.0.0.12 - 0.0.0.0.14, the releases the authors' code runs on
@@ -109,26 +144,26 @@ class SpikingJellyLIF(nn.Module):
 
             self.node = neuron.MultiStepLIFNode(
                 tau=p.tau, v_threshold=p.v_threshold, v_reset=p.v_reset, detach_reset=p.detach_reset,
-                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend="torch",
+                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend=backend,
             )
         except ImportError:  # newer releases
             from spikingjelly.activation_based import neuron, surrogate
 
             self.node = neuron.LIFNode(
                 tau=p.tau, v_threshold=p.v_threshold, v_reset=p.v_reset, detach_reset=p.detach_reset,
-                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend="torch", step_mode="m",
+                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend=backend, step_mode="m",
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.node(x)
 
 
-def use_spikingjelly_neurons(model: nn.Module) -> int:
+def use_spikingjelly_neurons(model: nn.Module, backend: str = "torch") -> int:
     """Replace every :class:`MultiStepLIF` in ``model`` by :class:`SpikingJellyLIF`; returns how many."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, MultiStepLIF)]
     for parent, name, child in swaps:
-        setattr(parent, name, SpikingJellyLIF(child))
+        setattr(parent, name, SpikingJellyLIF(child, backend))
     return len(swaps)
 
 

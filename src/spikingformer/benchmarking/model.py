@@ -106,19 +106,21 @@ def build(job: dict):
     model = create_model(job["name"], **overrides)
     c = model.config
     build_ = job.get("build", "ours")
+    from spikingformer.benchmarking import common
+
+    sj_backend = common.spikingjelly_backend(job.get("device", "cpu"))
     ours_neuron = lambda tau, v_th: MultiStepLIF(tau=tau, v_threshold=v_th, detach_reset=True)  # noqa: E731
+    sj_neuron = lambda tau, v_th: authors_model.spikingjelly_neuron(tau, v_th, sj_backend)  # noqa: E731
     # job["authors_neuron"] = "ours" builds the authors' layers with our neurons (for tests without SpikingJelly)
     sj_neurons = build_ == "authors" and job.get("authors_neuron", "spikingjelly") == "spikingjelly"
     torch.manual_seed(0)
-    authors = authors_model.from_zoo_config(c, authors_model.spikingjelly_neuron if sj_neurons else ours_neuron)
+    authors = authors_model.from_zoo_config(c, sj_neuron if sj_neurons else ours_neuron)
     if build_ == "authors":
         model = authors
     else:
         load_weights(model, {"state_dict": authors.state_dict()})
         if build_ == "sj":
-            from spikingformer.benchmarking import common
-
-            common.use_spikingjelly_neurons(model)
+            common.use_spikingjelly_neurons(model, sj_backend)
     del authors
     torch.manual_seed(1)
     if c.family == "event":
@@ -141,9 +143,12 @@ def _worker(job: dict) -> dict:
     from spikingformer.benchmarking import common
 
     torch.set_num_threads(job["threads"])
+    device = job.get("device", "cpu")
     model, x, y = build(job)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     sj = BUILDS[job["build"]][1]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
+    memory = common.MemoryProbe(device)
     if job["mode"] == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -165,19 +170,21 @@ def _worker(job: dict) -> dict:
             if sj:
                 common.reset_spikingjelly(model)
 
-    rss0 = common.rss_bytes()
+    rss0 = memory.current()
     times = []
     for i in range(job["warmup"] + job["steps"]):
         if i == job["warmup"]:
             faults0 = common.minor_faults()
+        memory.synchronize()
         t0 = time.perf_counter()
         step()
+        memory.synchronize()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
     result = dict(
         times=times,
         rss_before=rss0,
-        max_rss=common.max_rss_bytes(),
+        max_rss=memory.peak(),
         faults_per_step=(common.minor_faults() - faults0) / job["steps"],
         allocator=runtime.allocator_state(),
     )
@@ -197,13 +204,17 @@ def _matmul_worker(job: dict) -> dict:
     the two is the machine's dense rate."""
     import torch
 
+    from spikingformer.benchmarking.common import MemoryProbe
+
     torch.set_num_threads(job["threads"])
+    device = job.get("device", "cpu")
+    sync = MemoryProbe(device).synchronize
     n = job["n"]
     out = {}
     for dtype in ("fp32", "bf16"):
         dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a = torch.randn(n, n).to(dt)
-        b = torch.randn(n, n).to(dt)
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
         image = a.view(1, n, 1, n).permute(0, 3, 1, 2)  # (1, K, M, 1) channels-last view of a
         kernel = b.t().contiguous().view(n, n, 1, 1)
         routes = {"mm": lambda: torch.mm(a, b), "onednn": lambda: torch.nn.functional.conv2d(image, kernel)}
@@ -211,8 +222,10 @@ def _matmul_worker(job: dict) -> dict:
             fn()
             times = []
             for _ in range(job["reps"]):
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times.append(time.perf_counter() - t0)
             out[f"{dtype}_{route}"] = 2 * n**3 / statistics.median(times)
         out[dtype] = max(out[f"{dtype}_mm"], out[f"{dtype}_onednn"])
@@ -282,6 +295,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads in every worker (default: all cores; 1 with --quick)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the models run; on cuda, SpikingJelly uses its cupy backend when CuPy imports, and "
+                         "peak memory is torch.cuda.max_memory_allocated")
     ap.add_argument("--no-allocator-rows", action="store_true",
                     help="skip the two extra rows that separate the allocator's share from the neurons'")
     ap.add_argument("--quick", action="store_true",
@@ -294,7 +310,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
     jobs = []
     for key in args.models:
         name, batch, t, _ = MODELS[key]
-        base = dict(model=key, name=name, batch=batch, threads=args.threads, warmup=args.warmup, steps=args.steps)
+        base = dict(model=key, name=name, batch=batch, threads=args.threads, warmup=args.warmup, steps=args.steps,
+                    device=args.device)
         if args.quick:
             base["overrides"] = QUICK[key]
         for mode in ("train", "infer"):
@@ -302,7 +319,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 for build_ in BUILDS:
                     jobs.append(dict(base, mode=mode, dtype=dtype, build=build_, our_allocator=build_ == "ours",
                                      count_flops=(build_ == "ours" and mode == "train" and dtype == "fp32")))
-        if not args.no_allocator_rows and "fp32" in args.dtypes:
+        if not args.no_allocator_rows and "fp32" in args.dtypes and args.device == "cpu":
             for build_, ours_alloc in (("ours", False), ("authors", True)):
                 jobs.append(dict(base, mode="train", dtype="fp32", build=build_, our_allocator=ours_alloc))
     return jobs
@@ -313,6 +330,12 @@ def _row_name(job: dict) -> str:
     if job["our_allocator"] != (job["build"] == "ours"):  # the non-default allocator for this build
         label += ", default allocator" if job["build"] == "ours" else ", our allocator"
     return label
+
+
+def torch_cuda_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device visible"
 
 
 def run_benchmark(args: argparse.Namespace, command: str) -> dict:
@@ -327,8 +350,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     load_start = common.load_average()
     start = time.perf_counter()
     env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
-    mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads),
-                           env_default)
+    if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
+        raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
+    mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads,
+                                        device=args.device), env_default)
     results = []
     for job in _jobs(args):
         job = dict(job, kind="model")
@@ -342,12 +367,16 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     print("# Model benchmark\n")
     print(f"Command: `{command}`\n")
     print("\n".join(common.machine_lines(args.threads)))
+    print(f"- device: {args.device}" + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
     print(f"- dense matmul ({'512' if args.quick else '2048'}^3, median of 5; the faster route is the reference): "
-          + ", ".join(f"{d} torch.mm {mm[d + '_mm'] / 1e9:.0f} / oneDNN 1x1 conv {mm[d + '_onednn'] / 1e9:.0f} GFLOP/s"
+          + ", ".join(f"{d} torch.mm {mm[d + '_mm'] / 1e9:.0f} / 1x1 conv {mm[d + '_onednn'] / 1e9:.0f} GFLOP/s"
                       for d in ("fp32", "bf16")))
     print(f"- {args.warmup} warm-up step(s), then the median of {args.steps} steps, each configuration in a fresh "
           f"process; run took {elapsed:.0f} s; load average (1 min) at start / end: {load_start:.2f} / "
           f"{common.load_average():.2f}")
+    if args.device == "cuda":
+        print("- on cuda, 'peak' and 'max RSS' are torch.cuda.max_memory_allocated minus / and memory_allocated "
+              "before the first step; SpikingJelly backend: " + common.spikingjelly_backend("cuda"))
     print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
           "max RSS = the worker's peak RSS; faults = minor page faults per timed step (4 KiB pages the kernel had to map and zero)\n")
     if args.quick:
