@@ -344,14 +344,14 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
 
     if args.threads is None:
         args.threads = 1 if args.quick else os.cpu_count()
+    if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
+        raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     sj_version = common.spikingjelly_version()
     if sj_version == "not installed":
         raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install spikingjelly==0.0.0.0.14")
     load_start = common.load_average()
     start = time.perf_counter()
     env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
-    if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
-        raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads,
                                         device=args.device), env_default)
     results = []
