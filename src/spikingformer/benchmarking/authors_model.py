@@ -41,9 +41,10 @@ _FAMILIES = {
 def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch") -> nn.Module:
     """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it
     (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU)."""
-    from spikingjelly.clock_driven.neuron import MultiStepLIFNode
+    from spikingformer.benchmarking.common import SpikingJellyLIF
+    from spikingformer.neuron import MultiStepLIF
 
-    return MultiStepLIFNode(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
+    return SpikingJellyLIF(MultiStepLIF(tau=tau, v_threshold=v_threshold, detach_reset=True), backend)
 
 
 class AuthorsMLP(nn.Module):
