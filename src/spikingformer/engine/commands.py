@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from spikingformer.config import SECTIONS, ConfigError, load_config, recipe_names
+from spikingformer.config import SECTIONS, load_config, recipe_names
 
 # `train --help` groups, in the order timm's train script shows them; a field goes to its section's
 # group unless its metadata names another (the data section's augmentation options).
@@ -43,7 +43,7 @@ def _add_recipe_options(parser, args: list[str]) -> None:
     recipe = pre.parse_known_args(args)[0].config
     try:
         cfg = load_config(recipe)
-    except ConfigError as err:
+    except (ValueError, OSError) as err:  # ConfigError, an unreadable file
         parser.error(str(err))
     groups = {}
     for group, section, f in config_options():
