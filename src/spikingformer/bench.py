@@ -24,11 +24,8 @@ def _modules(what: str):
     return {"neuron": [lif], "model": [model], "scaling": [scaling], "all": [lif, model]}[what]
 
 
-def _add_merged_arguments(parser: argparse.ArgumentParser, args: list[str] | None = None) -> None:
-    """The union of the benchmarks' options (help from the first definition; tagged with every user).
-
-    Importing the benchmarks imports torch, so the ``spikingformer`` command adds these only when
-    ``bench`` is the command being parsed."""
+def _add_merged_arguments(parser: argparse.ArgumentParser) -> None:
+    """The union of the benchmarks' options (help from the first definition; tagged with every user)."""
     from spikingformer.benchmarking import lif, model, scaling
 
     actions: dict[str, tuple[argparse.Action, list[str]]] = {}
@@ -77,9 +74,9 @@ def register(subparsers) -> None:
         "bench",
         help="benchmarks: the LIF neuron and the model against SpikingJelly, scaling with T/batch/resolution",
         description=__doc__.split("\n\n")[0],
-        populate=_add_merged_arguments,
     )
     parser.add_argument("--what", default="all", choices=WHAT,
                         help="neuron (LIF kernels), model (training step / inference vs SpikingJelly's neurons), "
                         "scaling (time and memory vs T, batch, resolution; writes plots), all (neuron + model)")
+    _add_merged_arguments(parser)
     parser.set_defaults(func=run)

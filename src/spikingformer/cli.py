@@ -2,9 +2,8 @@
 
 Each sub-command lives with the code it drives and adds itself through a ``register(subparsers)``
 function listed in ``COMMAND_MODULES``; this file only assembles them. Building the parser imports
-no PyTorch: command modules import their heavy dependencies in the function that runs the command,
-and options that need them are added by a ``populate`` function when that command is parsed. So
-``--help`` and argument errors answer without the seconds an ``import torch`` takes
+no PyTorch (command modules import their heavy dependencies in the function that runs the command),
+so ``--help`` and argument errors answer without the seconds an ``import torch`` takes
 (``benchmarks/startup.py``).
 """
 
@@ -15,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from spikingformer.suggest import closest
+from spikingformer.suggest import closest, did_you_mean
 
 COMMAND_MODULES = [
     "spikingformer.engine.commands",  # train, eval, models
@@ -42,6 +41,7 @@ class CommandParser(argparse.ArgumentParser):
         self.commands: argparse._SubParsersAction | None = None
 
     def ensure_populated(self, args: Sequence[str] = ()) -> CommandParser:
+        """Add the options ``populate`` adds (once), as for parsing ``args``; returns the parser."""
         if self._populate is not None:
             populate, self._populate = self._populate, None
             populate(self, list(args))
@@ -81,8 +81,7 @@ class CommandParser(argparse.ArgumentParser):
     def _check_value(self, action: argparse.Action, value) -> None:
         # argparse's check, with the closest choices named ("invalid choice: 'trian'; did you mean 'train'?")
         if action.choices is not None and value not in action.choices:
-            close = closest(str(value), [str(c) for c in action.choices])
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(str(value), [str(c) for c in action.choices])
             choices = ", ".join(map(repr, action.choices))
             raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
 
