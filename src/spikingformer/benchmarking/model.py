@@ -350,7 +350,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     sj_version = common.spikingjelly_version()
     if sj_version == "not installed":
-        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install spikingjelly==0.0.0.0.14")
+        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install \"spikingformer[bench]\" (SpikingJelly 0.0.0.0.14)")
     load_start = common.load_average()
     start = time.perf_counter()
     env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
