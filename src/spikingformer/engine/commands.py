@@ -7,8 +7,9 @@ import dataclasses
 
 from spikingformer.config import SECTIONS, load_config, recipe_names
 
-# `train --help` groups, in the order timm's train script shows them; a field goes to its section's
-# group unless its metadata names another (the data section's augmentation options).
+# `train --help` groups (key: title), in the order timm's train script shows them. A field goes to
+# the group named by its metadata (the data section's augmentation options), else to its section's
+# own group; the mixup section joins augmentation.
 GROUPS = {
     "model": "model",
     "data": "data",
@@ -17,7 +18,7 @@ GROUPS = {
     "schedule": "learning-rate schedule",
     "run": "run",
 }
-SECTION_GROUP = {"model": "model", "data": "data", "optim": "optim", "schedule": "schedule", "mixup": "augmentation", "run": "run"}
+SECTION_GROUP = {"mixup": "augmentation"}
 
 
 def _shown(value) -> str:
@@ -29,9 +30,9 @@ def _shown(value) -> str:
     return str(value)
 
 
-def config_options() -> list[tuple[str, str, dataclasses.Field]]:
+def _config_options() -> list[tuple[str, str, dataclasses.Field]]:
     """``(group, section, field)`` of every recipe key, in ``train --help`` order."""
-    rows = [(f.metadata.get("group") or SECTION_GROUP[section], section, f)
+    rows = [(f.metadata.get("group") or SECTION_GROUP.get(section, section), section, f)
             for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     return sorted(rows, key=lambda row: list(GROUPS).index(row[0]))
 
@@ -46,7 +47,7 @@ def _add_recipe_options(parser, args: list[str]) -> None:
     except (ValueError, OSError) as err:  # ConfigError, an unreadable file
         parser.error(str(err))
     groups = {}
-    for group, section, f in config_options():
+    for group, section, f in _config_options():
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{GROUPS[group]} options")
         flag = "--" + f.name.replace("_", "-")
