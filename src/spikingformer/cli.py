@@ -1,7 +1,10 @@
 """The ``spikingformer`` command: ``train | eval | models | audit | energy | fuse | bench``.
 
 Each sub-command lives with the code it drives and adds itself through a ``register(subparsers)``
-function listed in ``COMMAND_MODULES``; this file only assembles them.
+function listed in ``COMMAND_MODULES``; this file only assembles them. Building the parser imports
+no PyTorch (command modules import their heavy dependencies in the function that runs the command),
+so ``--help`` and argument errors answer without the seconds an ``import torch`` takes
+(``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Sequence
+
+from spikingformer.suggest import closest, did_you_mean
 
 COMMAND_MODULES = [
     "spikingformer.engine.commands",  # train, eval, models
@@ -17,10 +23,73 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+class CommandParser(argparse.ArgumentParser):
+    """The parser of the command and of each sub-command.
+
+    * options are never abbreviated (``--epoch`` is an error, not ``--epochs``);
+    * an unknown option or choice names the closest known ones; ``synonyms`` maps names other
+      tools use (``--learning-rate``) to this parser's option (``--lr``);
+    * ``populate(parser, args)``, when given, adds options on first use, seeing the arguments being
+      parsed (``train`` shows the values of the recipe its ``--config`` names).
+    """
+
+    def __init__(self, *args, populate: Callable[[CommandParser, list[str]], None] | None = None, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+        self.synonyms: dict[str, str] = {}
+        self.commands: argparse._SubParsersAction | None = None
+
+    def ensure_populated(self, args: Sequence[str] = ()) -> CommandParser:
+        """Add the options ``populate`` adds (once), as for parsing ``args``; returns the parser."""
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self, list(args))
+        return self
+
+    def add_subparsers(self, **kwargs) -> argparse._SubParsersAction:
+        self.commands = super().add_subparsers(parser_class=CommandParser, **kwargs)
+        return self.commands
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self.ensure_populated(args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            if self.commands is not None and getattr(namespace, self.commands.dest, None) in self.commands.choices:
+                parser = self.commands.choices[getattr(namespace, self.commands.dest)]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{parser.flag_hint(extras)}")
+        return namespace
+
+    def flag_hint(self, extras: Sequence[str]) -> str:
+        """``"; did you mean --lr?"`` for the unknown options among ``extras``."""
+        known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        # a token starting with "-" is an option unless it is a negative number
+        flags = [t.split("=", 1)[0] for t in extras if t.startswith("-") and not t[1:2].isdigit() and t[1:2] != "."]
+        hints = []
+        for flag in flags:
+            spelled = flag.replace("_", "-")
+            match = self.synonyms.get(spelled) or next(iter(closest(spelled, known, n=1)), None)
+            if match:
+                hints.append(match if len(flags) == 1 else f"{match} (for {flag})")
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        # argparse's check, with the closest choices named ("invalid choice: 'trian'; did you mean 'train'?")
+        if action.choices is not None and value not in action.choices:
+            hint = did_you_mean(str(value), [str(c) for c in action.choices])
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
+
+
+def build_parser() -> CommandParser:
     from spikingformer import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="spikingformer",
         description="Spike-driven transformers: train, evaluate and analyse Spikingformer / Spikformer models.",
     )
@@ -32,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spikingformer.runtime import configure_allocator
-
-    configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from spikingformer.runtime import configure_allocator
+
+    configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -8,6 +8,7 @@ command line, is an error that lists the valid ones.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from dataclasses import dataclass, field
@@ -17,82 +18,100 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from spikingformer.suggest import unknown_name
+
+
+def option(default: Any, help: str, group: str | None = None, synonyms: tuple[str, ...] = ()) -> Any:
+    """A config field with its command-line description.
+
+    ``group``: the ``train --help`` group when it is not the section's own; ``synonyms``: names other
+    tools give this option (``learning_rate``), suggested when such an unknown flag is given. Lists
+    and dicts are copied for every instance.
+    """
+    metadata = {"help": help, "group": group, "synonyms": synonyms}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+AUG = "augmentation"  # data options shown with mixup and label smoothing in `train --help`
+
 
 @dataclass
 class ModelSection:
-    model: str = "spikingformer_digits"  # a zoo name, see `spikingformer models`
-    model_args: dict = field(default_factory=dict)  # overrides of ModelConfig fields, e.g. {time_steps: 8}
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under torchrun
+    model: str = option("spikingformer_digits", "zoo model name (`spikingformer models` lists them)", synonyms=("arch",))
+    model_args: dict = option({}, "overrides of the model's fields as a YAML mapping, e.g. \"{time_steps: 8, head: sn_fc_avgpool}\"")
+    sync_bn: bool = option(False, "convert BatchNorm to SyncBatchNorm under torchrun")
 
 
 @dataclass
 class DataSection:
-    dataset: str = "digits"  # digits, cifar10, cifar100, imagenet, cifar10_dvs, dvs128_gesture, nmnist, digits_dvs
-    data_dir: str | None = None  # root of the data set on disk (not needed for digits / digits_dvs)
-    batch_size: int = 64  # per process
-    eval_batch_size: int = 128
-    workers: int = 0  # DataLoader worker processes
+    dataset: str = option("digits", "digits, cifar10, cifar100, imagenet, cifar10_dvs, dvs128_gesture, nmnist or digits_dvs")
+    data_dir: str | None = option(None, "root of the data set on disk (not needed for digits and digits_dvs)", synonyms=("data_path", "root"))
+    batch_size: int = option(64, "training images per batch, per process", synonyms=("batch", "bs"))
+    eval_batch_size: int = option(128, "images per batch when evaluating", synonyms=("validation_batch_size", "test_batch_size"))
+    workers: int = option(0, "DataLoader worker processes (0: load in the training process)", synonyms=("num_workers",))
     # static-image augmentation (timm create_transform; the authors' settings in the recipes)
-    aa: str | None = None  # RandAugment string, e.g. rand-m9-n1-mstd0.4-inc1
-    reprob: float = 0.0  # random erasing probability
-    remode: str = "const"
-    hflip: float = 0.5
-    scale: list = field(default_factory=lambda: [1.0, 1.0])
-    ratio: list = field(default_factory=lambda: [1.0, 1.0])
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0
-    mean: list | None = None  # None: the data set's standard constants
-    std: list | None = None
+    aa: str | None = option(None, "RandAugment / AutoAugment policy string, e.g. rand-m9-n1-mstd0.4-inc1 (static images)", AUG, ("auto_augment",))
+    reprob: float = option(0.0, "random erasing probability (static images)", AUG, ("re_prob",))
+    remode: str = option("const", "random erasing fill: const (zeros), rand (per-channel noise) or pixel (per-pixel noise)", AUG, ("re_mode",))
+    hflip: float = option(0.5, "horizontal flip probability (static images)", AUG)
+    scale: list = option([1.0, 1.0], "random-resized-crop area range [min, max] as fractions of the image (static images)", AUG)
+    ratio: list = option([1.0, 1.0], "random-resized-crop aspect ratio range [min, max] (static images)", AUG)
+    interpolation: str = option("bicubic", "resize interpolation: bicubic, bilinear, nearest or random (static images)")
+    crop_pct: float = option(1.0, "centre-crop fraction at evaluation (static images; 1.0 keeps the whole image)")
+    mean: list | None = option(None, "per-channel normalisation mean (unset: the data set's standard constants)")
+    std: list | None = option(None, "per-channel normalisation standard deviation (unset: the data set's standard constants)")
     # event data
-    frames: int = 16  # T: number of frames events are integrated into
-    split_by: str = "number"  # "number" (equal event counts, the authors') or "time"
-    augment: bool = False  # digits: small affine jitter; event data: the authors' DVS augmentation (flip + one of shear/translate/rotate/cutout)
-    cache_dir: str | None = None  # where integrated frames are cached (default: next to the data)
+    frames: int = option(16, "T for event data: the number of frames the events are integrated into", synonyms=("num_frames", "frames_number"))
+    split_by: str = option("number", "how events are split into frames: number (equal event counts, the authors') or time")
+    augment: bool = option(False, "digits: small affine jitter; event data: the authors' DVS augmentation (flip + one of shear, translate, rotate, cutout)", AUG)
+    cache_dir: str | None = option(None, "where integrated event frames are cached (unset: next to the data)")
 
 
 @dataclass
 class OptimSection:
-    opt: str = "adamw"  # any timm optimizer name
-    lr: float = 5e-4
-    weight_decay: float = 0.06
-    opt_eps: float = 1e-8
-    momentum: float = 0.9
-    clip_grad: float | None = None  # max gradient norm; None: no clipping
+    opt: str = option("adamw", "optimizer: any timm optimizer name (adamw, sgd, lamb, ...)", synonyms=("optimizer",))
+    lr: float = option(5e-4, "peak learning rate, reached at the end of the warm-up", synonyms=("learning_rate", "base_lr"))
+    weight_decay: float = option(0.06, "weight decay", synonyms=("wd",))
+    opt_eps: float = option(1e-8, "optimizer epsilon (Adam-type optimizers)", synonyms=("eps",))
+    momentum: float = option(0.9, "momentum (SGD-type optimizers)")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value (unset: no clipping)", synonyms=("grad_clip", "max_grad_norm"))
 
 
 @dataclass
 class ScheduleSection:
-    sched: str = "cosine"  # timm scheduler name, stepped once per epoch
-    epochs: int = 30  # epochs of the schedule; cooldown epochs run after these
-    warmup_epochs: int = 2
-    cooldown_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-5
+    sched: str = option("cosine", "learning-rate schedule: a timm scheduler name (cosine, step, plateau, ...), stepped once per epoch", synonyms=("scheduler", "lr_scheduler"))
+    epochs: int = option(30, "epochs of the schedule; the cooldown epochs run after these", synonyms=("num_epochs", "n_epochs", "max_epochs"))
+    warmup_epochs: int = option(2, "epochs of linear warm-up from --warmup-lr to --lr", synonyms=("warmup",))
+    cooldown_epochs: int = option(0, "epochs at --min-lr after the schedule ends")
+    warmup_lr: float = option(1e-5, "learning rate at the start of the warm-up")
+    min_lr: float = option(1e-5, "lowest learning rate of the schedule", synonyms=("lr_min", "final_lr"))
 
 
 @dataclass
 class MixupSection:
-    mixup: float = 0.0  # mixup alpha; 0 disables
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    mixup_off_epoch: int = 0  # stop mixing from this epoch on (0: never)
-    smoothing: float = 0.1  # label smoothing (inside the mixup targets when mixup is on)
+    mixup: float = option(0.0, "mixup alpha (0 disables mixup)", synonyms=("mixup_alpha",))
+    cutmix: float = option(0.0, "CutMix alpha (0 disables CutMix)", synonyms=("cutmix_alpha",))
+    mixup_prob: float = option(1.0, "probability of applying mixup or CutMix to a batch")
+    mixup_switch_prob: float = option(0.5, "probability of CutMix instead of mixup when both are enabled")
+    mixup_mode: str = option("batch", "how mixup parameters are drawn: batch, pair or elem")
+    mixup_off_epoch: int = option(0, "stop mixing from this epoch on (0: never)")
+    smoothing: float = option(0.1, "label smoothing (inside the mixup targets when mixup is on)", synonyms=("label_smoothing",))
 
 
 @dataclass
 class RunSection:
-    seed: int = 42
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: str = "auto"  # auto (bf16 on capable CPUs, fp16 on CUDA), off, bf16, fp16
-    output: str = "runs"  # runs are written to <output>/<name>/
-    name: str | None = None  # default: <config>-<model>
-    resume: str | None = None  # a checkpoint path, or "auto" for <output>/<name>/last.pt
-    eval_interval: int = 1  # evaluate every N epochs (and after the last)
-    log_interval: int = 10  # progress-bar refresh, in steps
-    deterministic: bool = True  # deterministic algorithms (CPU); cudnn.benchmark when False
-    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    seed: int = option(42, "random seed (weights, data order, augmentation)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = option("auto", "mixed precision: auto (bf16 on capable CPUs, fp16 on CUDA), off, bf16 or fp16", synonyms=("precision",))
+    output: str = option("runs", "runs are written to <output>/<name>/", synonyms=("output_dir", "out", "outdir"))
+    name: str | None = option(None, "run folder name (unset: <recipe>-<model>)", synonyms=("experiment", "run_name"))
+    resume: str | None = option(None, "a last.pt checkpoint to resume from, or auto for <output>/<name>/last.pt")
+    eval_interval: int = option(1, "evaluate every N epochs (and after the last)")
+    log_interval: int = option(10, "progress-bar refresh, in steps", synonyms=("print_freq",))
+    deterministic: bool = option(True, "deterministic algorithms (CPU); cudnn.benchmark when false")
+    tensorboard: bool = option(True, "also log to <output>/<name>/tensorboard/ (needs the tensorboard package)")
 
 
 SECTIONS: dict[str, type] = {
@@ -200,7 +219,7 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         text, name = path.read_text(), path.stem
     else:
         if name_or_path not in recipe_names():
-            raise ConfigError(f"unknown recipe '{name_or_path}'; bundled recipes: {', '.join(recipe_names())} (or pass a .yaml path)")
+            raise ConfigError(unknown_name("recipe", name_or_path, recipe_names(), "bundled recipes") + " (or pass a .yaml path)")
         text = (resources.files("spikingformer") / "configs" / f"{name_or_path}.yaml").read_text()
         name = name_or_path
     values = yaml.safe_load(text) or {}

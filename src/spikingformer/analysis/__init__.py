@@ -11,40 +11,12 @@
 * :mod:`~spikingformer.analysis.commands` -- the ``audit``, ``energy`` and ``fuse`` sub-commands.
 """
 
-from spikingformer.analysis.audit import (
-    InputStats,
-    SpikeRecord,
-    SpikeRecorder,
-    block_inputs,
-    documented_non_spike_layers,
-    non_spike_layers,
-    record_activity,
-)
-from spikingformer.analysis.energy import (
-    E_AC_PJ,
-    E_MAC_PJ,
-    EnergyReport,
-    EnergyRow,
-    InputActivity,
-    energy_from_rates,
-    energy_from_record,
-    layer_specs,
-)
+from spikingformer import _lazy_exports
 
-__all__ = [
-    "E_AC_PJ",
-    "E_MAC_PJ",
-    "EnergyReport",
-    "EnergyRow",
-    "InputActivity",
-    "InputStats",
-    "SpikeRecord",
-    "SpikeRecorder",
-    "block_inputs",
-    "documented_non_spike_layers",
-    "energy_from_rates",
-    "energy_from_record",
-    "layer_specs",
-    "non_spike_layers",
-    "record_activity",
-]
+_AUDIT = ("InputStats", "SpikeRecord", "SpikeRecorder", "block_inputs", "documented_non_spike_layers",
+          "non_spike_layers", "record_activity")
+_ENERGY = ("E_AC_PJ", "E_MAC_PJ", "EnergyReport", "EnergyRow", "InputActivity", "energy_from_rates",
+           "energy_from_record", "layer_specs")
+_EXPORTS = {**dict.fromkeys(_AUDIT, "spikingformer.analysis.audit"), **dict.fromkeys(_ENERGY, "spikingformer.analysis.energy")}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

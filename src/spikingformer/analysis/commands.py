@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from spikingformer.analysis.inputs import calibrate_batchnorm, input_batches
+if TYPE_CHECKING:  # torch is imported by the commands that run, not to build the parser
+    import torch
+    from torch import nn
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +77,8 @@ def register(subparsers) -> None:
 
 def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0) -> tuple[nn.Module, str, bool]:
     """``(model in eval mode, display name, trained?)`` from ``--model`` / ``--checkpoint``."""
+    import torch
+
     from spikingformer.checkpoints import load_checkpoint, model_from_checkpoint
     from spikingformer.models import create_model
 
@@ -92,6 +94,8 @@ def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0) ->
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, str, list[torch.Tensor]]:
+    from spikingformer.analysis.inputs import input_batches
+
     model, name, trained = load_model(args.model, args.checkpoint, args.seed)
     batches = input_batches(model.config, args.data, args.data_dir, args.batches, args.batch_size, args.seed)
     _calibrate_if_needed(model, batches, args.calibrate_bn, trained, name)
@@ -99,6 +103,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, str, list[torch.Tenso
 
 
 def _calibrate_if_needed(model: nn.Module, batches: list[torch.Tensor], n: int | None, trained: bool, name: str) -> None:
+    from spikingformer.analysis.inputs import calibrate_batchnorm
     from spikingformer.deploy.fuse import is_fused
 
     n = (0 if trained else len(batches)) if n is None else n
@@ -175,6 +180,8 @@ def run_energy(args: argparse.Namespace) -> int:
 
 
 def _attach_measured(report, model: nn.Module, batches: list[torch.Tensor]) -> None:
+    import torch
+
     from spikingformer.deploy.accumulate import run_accumulate
 
     logits, counts = run_accumulate(model, batches)
@@ -228,6 +235,8 @@ def _paper_energy(args: argparse.Namespace) -> int:
 
 
 def run_fuse(args: argparse.Namespace) -> int:
+    import torch
+
     from spikingformer.analysis.inputs import random_batches
     from spikingformer.deploy.fuse import fuse_model, save_fused
 

@@ -32,14 +32,14 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # imported where used, so that `spikingformer bench --help` does not import torch
+    import torch
 
-from spikingformer.kernels import cpu as cpu_kernel
-from spikingformer.neuron import LIFParams, multistep_lif
 
-P = LIFParams(tau=2.0, v_threshold=1.0, v_reset=0.0, alpha=4.0, detach_reset=True)
+NO_SPIKINGJELLY = ("SpikingJelly is not installed, so there is no comparison column; "
+                   "pip install \"spikingformer[bench]\" adds it")
 
 
 def _spikingjelly_node(device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
@@ -70,6 +70,8 @@ def _spikingjelly_node(device: torch.device) -> tuple[Callable[[torch.Tensor], t
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -92,6 +94,8 @@ def _time_ms(
 
 def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[int, int]:
     """(bytes saved for backward that are not the input's storage, bytes that alias the input)."""
+    import torch
+
     seen: set[tuple[int, int]] = set()
     extra = aliased = 0
     x = x.detach().requires_grad_(True)
@@ -116,6 +120,8 @@ def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) ->
 
 
 def machine_lines(device: torch.device, sj_version: str) -> list[str]:
+    import torch
+
     model = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -143,7 +149,7 @@ def machine_lines(device: torch.device, sj_version: str) -> list[str]:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The neuron benchmark's options (shared with ``spikingformer bench``)."""
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the benchmark runs (default: cpu)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (CPU)")
     ap.add_argument(
         "--clock", default="wall", choices=["wall", "cpu"],
@@ -152,7 +158,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--quick", action="store_true", help="1e5 and 1e6 elements only")
     ap.add_argument("--budget", type=float, default=0.6, help="seconds of repetitions per measurement")
-    ap.add_argument("--max-reps", type=int, default=25)
+    ap.add_argument("--max-reps", type=int, default=25, help="most timed calls per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="passes over the whole matrix; the best round is shown")
     ap.add_argument("--max-seconds", type=float, default=240, help="skip further rounds that would end past this")
 
@@ -162,6 +168,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> None:
 
     The caller's torch thread count is restored afterwards (``spikingformer bench`` runs in-process).
     """
+    import torch
+
     threads = torch.get_num_threads()
     try:
         _run_benchmark(args, command)
@@ -170,6 +178,12 @@ def run_benchmark(args: argparse.Namespace, command: str) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace, command: str) -> None:
+    import torch
+
+    from spikingformer.kernels import cpu as cpu_kernel
+    from spikingformer.neuron import LIFParams, multistep_lif
+
+    P = LIFParams(tau=2.0, v_threshold=1.0, v_reset=0.0, alpha=4.0, detach_reset=True)
     device = torch.device(args.device)
     if args.clock == "cpu":
         if device.type != "cpu":
@@ -195,6 +209,8 @@ def _run_benchmark(args: argparse.Namespace, command: str) -> None:
     print("# LIF neuron benchmark\n")
     print(f"Command: `{command}`\n")
     print("\n".join(machine_lines(device, sj_version)))
+    if sj is None:
+        print(f"- {NO_SPIKINGJELLY}")
     if device.type == "cpu":
         built = cpu_kernel.LIBRARY.build_seconds
         how = f"compiled in {built:.2f} s" if built is not None else "loaded from cache"
@@ -258,14 +274,15 @@ def _run_benchmark(args: argparse.Namespace, command: str) -> None:
                             checks.append(f"T={T}: {label} spikes == SpikingJelly's: {same}")
 
     print(f"Rounds run: {rounds_done} of {args.rounds} ({time.perf_counter() - bench_start:.0f} s)\n")
-    print("| T | elements (T x N) | pass | implementation | dtype | ms / call | x SJ (fp32) |")
-    print("|---:|---:|---|---|---|---:|---:|")
+    compared = sj is not None
+    print("| T | elements (T x N) | pass | implementation | dtype | ms / call |" + (" x SJ (fp32) |" if compared else ""))
+    print("|---:|---:|---|---|---|---:|" + ("---:|" if compared else ""))
     for key in keys:
         T, total, mode, label, dtype = key
         ms = best[key]
         sj_ms = best.get((T, total, mode, "spikingjelly", "float32"))
         ratio = f"{sj_ms / ms:.1f}x" if sj_ms and label != "spikingjelly" else ""
-        print(f"| {T} | {total:.0e} | {mode} | {label} | {dtype} | {ms:.3f} | {ratio} |")
+        print(f"| {T} | {total:.0e} | {mode} | {label} | {dtype} | {ms:.3f} |" + (f" {ratio} |" if compared else ""))
 
     print("\nBytes kept for backward per element (T=4, 1e6 elements; 'input' = the input's own storage):\n")
     print("| implementation | dtype | saved, extra | saved, input |")

@@ -289,12 +289,14 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The model benchmark's options (shared with ``spikingformer bench``)."""
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="which models to time: cifar (Spikingformer-4-384), event (2-256 event model); default: both")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the heap grows over the first steps)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads in every worker (default: all cores; 1 with --quick)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="precisions to time (bf16: autocast); default: both")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the models run; on cuda, SpikingJelly uses its cupy backend when CuPy imports, and "
                          "peak memory is torch.cuda.max_memory_allocated")
@@ -348,7 +350,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     sj_version = common.spikingjelly_version()
     if sj_version == "not installed":
-        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install spikingjelly==0.0.0.0.14")
+        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install \"spikingformer[bench]\" (SpikingJelly 0.0.0.0.14)")
     load_start = common.load_average()
     start = time.perf_counter()
     env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune

@@ -1,6 +1,11 @@
 """Training and evaluation engine: loops, checkpoints, distributed set-up, and the CLI commands."""
 
-from spikingformer.engine.evaluation import evaluate_checkpoint
-from spikingformer.engine.trainer import evaluate, train
+from spikingformer import _lazy_exports
 
-__all__ = ["evaluate", "evaluate_checkpoint", "train"]
+_EXPORTS = {
+    "evaluate_checkpoint": "spikingformer.engine.evaluation",
+    "evaluate": "spikingformer.engine.trainer",
+    "train": "spikingformer.engine.trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

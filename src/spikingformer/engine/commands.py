@@ -4,34 +4,60 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 
 from spikingformer.config import SECTIONS, load_config, recipe_names
 
+# `train --help` groups (key: title), in the order timm's train script shows them. A field goes to
+# the group named by its metadata (the data section's augmentation options), else to its section's
+# own group; the mixup section joins augmentation.
+GROUPS = {
+    "model": "model",
+    "data": "data",
+    "augmentation": "augmentation and regularization",
+    "optim": "optimizer",
+    "schedule": "learning-rate schedule",
+    "run": "run",
+}
+SECTION_GROUP = {"mixup": "augmentation"}
 
-def _field_help(cls: type) -> dict[str, str]:
-    """Help texts of a config section: the comment after each field in its source."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
+
+def _shown(value) -> str:
+    """A recipe value as it would be written on the command line or in YAML."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} options (recipe section '{section}')")
-        helps = _field_help(cls)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = f"{helps.get(f.name, '')} [recipe default; built-in: {default}]"
-            if f.type in ("bool", bool):
-                group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
-            else:
-                group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+def _config_options() -> list[tuple[str, str, dataclasses.Field]]:
+    """``(group, section, field)`` of every recipe key, in ``train --help`` order."""
+    rows = [(f.metadata.get("group") or SECTION_GROUP.get(section, section), section, f)
+            for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return sorted(rows, key=lambda row: list(GROUPS).index(row[0]))
+
+
+def _add_recipe_options(parser, args: list[str]) -> None:
+    """One flag per recipe key, its help ending with the value of the recipe ``--config`` names."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default="digits")
+    recipe = pre.parse_known_args(args)[0].config
+    try:
+        cfg = load_config(recipe)
+    except (ValueError, OSError) as err:  # ConfigError, an unreadable file
+        parser.error(str(err))
+    groups = {}
+    for group, section, f in _config_options():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{GROUPS[group]} options")
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} [{cfg.config_name} recipe: {_shown(getattr(getattr(cfg, section), f.name))}]"
+        if f.type in ("bool", bool):
+            groups[group].add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
+        else:
+            groups[group].add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+        for synonym in f.metadata["synonyms"]:
+            parser.synonyms["--" + synonym.replace("_", "-")] = flag
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -91,26 +117,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model with a recipe (default: Spikingformer on the embedded digits, on the CPU)",
-        description="Train with a recipe; every recipe key can be overridden by the flag of the same name. "
-        f"Bundled recipes: {', '.join(recipe_names())}. Under torchrun: torchrun --nproc_per_node=N -m spikingformer train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train with a recipe; every recipe key can be overridden by the flag of the same name. Each option "
+        "shows its value in the recipe --config names (`train --config cifar10 --help` shows cifar10's). "
+        "Under torchrun: torchrun --nproc_per_node=N -m spikingformer train ...",
+        usage="%(prog)s [-h] [--config RECIPE] [--KEY VALUE ...]",
+        populate=_add_recipe_options,
     )
-    p.add_argument("--config", default="digits", help="recipe name or path to a YAML file")
-    _add_config_flags(p)
+    p.add_argument("--config", default="digits", metavar="RECIPE",
+                   help=f"a bundled recipe ({', '.join(recipe_names())}) or the path of a YAML file (default: digits)")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (this project's or the authors') and print top-1/top-5")
-    e.add_argument("--checkpoint", required=True, help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
-    e.add_argument("--model", default=None, help="zoo model name; required for the authors' checkpoints")
-    e.add_argument("--data", default=None, help="dataset name (default: the one the checkpoint was trained on)")
-    e.add_argument("--data-dir", default=None, help="dataset folder (default: the training run's)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--frames", type=int, default=None, help="T for event data (default: the training run's)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    e.add_argument("--amp", default="off", help="off, auto, bf16, fp16")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
+    e.add_argument("--model", default=None, metavar="NAME", help="zoo model name; required for the authors' checkpoints")
+    e.add_argument("--data", default=None, metavar="NAME", help="data set name (default: the one the checkpoint was trained on)")
+    e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
+    e.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: 64)")
+    e.add_argument("--frames", type=int, default=None, metavar="T", help="T for event data (default: the training run's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
     e.set_defaults(func=run_eval)
 
     m = sub.add_parser("models", help="list the model zoo with parameter counts")
-    m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'spikingformer_*'")
+    m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'spikingformer_*' (default: all)")
     m.set_defaults(func=run_models)
-

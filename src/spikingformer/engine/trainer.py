@@ -183,7 +183,8 @@ class RunLog:
 
                 self.writer = SummaryWriter(str(self.folder / "tensorboard"))
             except ImportError:
-                self.writer = None
+                print("note: tensorboard is not installed, so no tensorboard/ folder is written (the metrics are in "
+                      "metrics.jsonl and metrics.csv); pip install tensorboard, or --tensorboard false to silence this")
 
     def write(self, row: dict) -> None:
         with open(self.folder / "metrics.jsonl", "a") as f:

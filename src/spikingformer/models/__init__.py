@@ -1,4 +1,7 @@
-"""Spikingformer and Spikformer models, the named zoo, and loading of the authors' checkpoints."""
+"""Spikingformer and Spikformer models, the named zoo, and loading of the authors' checkpoints.
+
+Importing this package registers every zoo model with timm (``timm.create_model(name)``).
+"""
 
 from spikingformer.models.official import (
     CheckpointKeyError,
@@ -23,3 +26,5 @@ __all__ = [
     "official_to_native",
     "register_with_timm",
 ]
+
+register_with_timm()

@@ -11,6 +11,7 @@ import fnmatch
 import sys
 
 from spikingformer.models.transformer import ModelConfig, SpikingTransformer
+from spikingformer.suggest import unknown_name
 
 # Paper parameter counts (REFERENCE.md s.7), millions, for the zoo table and the tests.
 PAPER_PARAMS_M = {
@@ -79,7 +80,7 @@ def list_models(pattern: str = "*") -> list[str]:
 def model_config(name: str, **overrides) -> ModelConfig:
     """The :class:`ModelConfig` of a zoo entry with ``overrides`` applied."""
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+        raise ValueError(unknown_name("model", name, ZOO))
     return ModelConfig.from_dict({**ZOO[name], **overrides})
 
 
@@ -120,10 +121,12 @@ def _timm_entrypoint(name: str):
 
 
 def register_with_timm() -> None:
-    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it."""
+    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it (once per process)."""
     from timm.models import register_model
 
     module = sys.modules[__name__]
+    if all(hasattr(module, name) for name in ZOO):
+        return  # already registered
     for name in ZOO:
         fn = _timm_entrypoint(name)
         setattr(module, name, fn)
