@@ -120,8 +120,13 @@ def _timm_entrypoint(name: str):
 
 
 def register_with_timm() -> None:
-    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it."""
+    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it (and its
+    ``checkpoint_path=`` reads files as :func:`create_model` does)."""
     from timm.models import register_model
+
+    from spikingformer.models.official import route_timm_checkpoints
+
+    route_timm_checkpoints()
 
     module = sys.modules[__name__]
     for name in ZOO:
