@@ -33,12 +33,14 @@ class _Slice(Subset):
         self.num_classes = dataset.num_classes
 
 
-@pytest.fixture(autouse=True)
-def small_digits(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def small_digits():
     build = trainer.build_dataset
-    monkeypatch.setattr(trainer, "build_dataset", lambda cfg, size, train: _Slice(build(cfg, size, train), 48 if train else 24))
-    # the energy printout after training reads its own batches; it is not what these tests check
-    monkeypatch.setattr("spikingformer.engine.commands._print_energy", lambda checkpoint, cfg: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_dataset", lambda cfg, size, train: _Slice(build(cfg, size, train), 48 if train else 24))
+        # the energy printout after training reads its own batches; it is not what these tests check
+        mp.setattr("spikingformer.engine.commands._print_energy", lambda checkpoint, cfg: None)
+        yield
 
 
 def train(tmp_path: Path, name: str, *extra: str) -> int:
@@ -118,14 +120,21 @@ def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path, capsys):
 
 
 WRITE_POINTS = ["last.pt", "best.pt", "metrics.jsonl", "metrics.csv"]
+KILL_RUN = ["--epochs", "3", "--smoothing", "0"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted run to compare the interrupted ones with."""
+    output = tmp_path_factory.mktemp("straight")
+    assert train(output, "straight", *KILL_RUN) == 0
+    return output / "straight"
 
 
 @pytest.mark.parametrize("point", WRITE_POINTS)
-def test_kill_at_every_write_point_then_resume_is_consistent(tmp_path, monkeypatch, point):
-    """A failure at each write of epoch 2 (0-based 1), then a resume, ends exactly like an uninterrupted run."""
-    common = ["--epochs", "3", "--smoothing", "0"]
-    assert train(tmp_path, "straight", *common) == 0
-    straight = tmp_path / "straight"
+def test_kill_at_every_write_point_then_resume_is_consistent(tmp_path, monkeypatch, point, straight):
+    """An interruption at a write of epoch 2 (0-based 1), then a resume, ends exactly like an uninterrupted run."""
+    common = KILL_RUN
     best_epoch = checkpoints.load_checkpoint(straight / "last.pt")["best"]["epoch"]
     assert checkpoints.load_checkpoint(straight / "best.pt")["epoch"] == best_epoch
 

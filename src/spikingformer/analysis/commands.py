@@ -231,8 +231,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     from spikingformer.analysis.inputs import random_batches
     from spikingformer.deploy.fuse import fuse_checkpoint
 
-    model, fused, path = fuse_checkpoint(args.checkpoint, args.output, args.model)
-    name = args.model or Path(args.checkpoint).stem
+    model, fused, name, path = fuse_checkpoint(args.checkpoint, args.output, args.model)
+    name = name or Path(args.checkpoint).stem
     x = random_batches(model.config, 1, 2)[0]
     with torch.no_grad():
         diff = float((model(x) - fused(x)).abs().max())

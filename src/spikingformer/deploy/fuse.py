@@ -142,10 +142,11 @@ def fused_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(f"{stem}-fused.pt")
 
 
-def fuse_checkpoint(checkpoint: str | Path, output: str | Path | None = None, model_name: str | None = None) -> tuple[nn.Module, nn.Module, Path]:
+def fuse_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
+                    model_name: str | None = None) -> tuple[nn.Module, nn.Module, str | None, Path]:
     """Fuse a checkpoint's model and save it (default :func:`fused_path`) with the source's training record.
 
-    Returns ``(model, fused model, written path)``. Refuses to write over the source checkpoint,
+    Returns ``(model, fused model, model name, written path)``. Refuses to write over the source checkpoint,
     which holds the optimizer state a resumed training needs.
     """
     from spikingformer.checkpoints import load_checkpoint, model_from_checkpoint
@@ -160,7 +161,7 @@ def fuse_checkpoint(checkpoint: str | Path, output: str | Path | None = None, mo
     name = model_name or record.get("model_name")
     fused = fuse_model(model)
     save_fused(fused, output, name, record.get("train_config"))
-    return model, fused, output
+    return model, fused, name, output
 
 
 def is_fused_checkpoint(checkpoint: object) -> bool:

@@ -41,6 +41,10 @@ def lock(folder: Path) -> IO[str]:
         handle.close()
         raise RunFolderError(f"run folder {folder} is in use by another training (process {holder}); wait for it "
                              "to finish, or train into another folder with --name") from None
+    except OSError as err:  # e.g. a file system without locks
+        handle.close()
+        raise RunFolderError(f"cannot lock the run folder {folder}: {err.strerror or err}; choose an --output on a "
+                             "local file system") from err
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

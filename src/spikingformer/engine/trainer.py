@@ -425,7 +425,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                   "(to train longer, raise --epochs with --resume auto)")
         else:
             print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
-              f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
+                  f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
                   f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
 
     metrics: dict = restored["metrics"] if restored is not None else {}
