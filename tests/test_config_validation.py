@@ -38,6 +38,7 @@ BAD_FLAGS = [
     (["--workers", "-1"], "config key 'workers' must be >= 0; got -1"),
     (["--device", "gpu"], "config key 'device' must be auto, cpu, cuda or cuda:N; got 'gpu'"),
     (["--dataset", "cifar11"], "unknown dataset 'cifar11'; valid: digits, cifar10"),
+    (["--dataset", "nmnist"], "dataset 'nmnist' is read from disk: pass its folder with --data-dir"),
     (["--opt", "adamz"], "unknown optimizer 'adamz'"),
     (["--sched", "cosin"], "config key 'sched' must be one of cosine, tanh"),
 ]

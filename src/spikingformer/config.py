@@ -286,8 +286,9 @@ assert set(RULES) == set(FIELD_SECTION), "every config field needs a rule (None:
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every field's type and range, and the names that refer to the zoo, data sets and timm.
+def validate(cfg: TrainConfig, training: bool = False) -> TrainConfig:
+    """Check every field's type and range, and the names that refer to the zoo, data sets and timm
+    (``training``: also that a data set read from disk has its ``data_dir``).
 
     Raises :class:`ConfigError` (one line naming the key, the value and what is valid) on the first
     problem. ``model_args`` values are converted to :class:`~spikingformer.models.ModelConfig`'s types.
@@ -308,16 +309,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             finite = not isinstance(value, float) or math.isfinite(value)
             if not finite or not check(value):
                 raise ConfigError(f"config key '{key}' must be {text}; got {value!r}")
-    _validate_names(cfg)
+    _validate_names(cfg, training)
     return cfg
 
 
-def _validate_names(cfg: TrainConfig) -> None:
-    from spikingformer.data import DATASETS
+def _validate_names(cfg: TrainConfig, training: bool) -> None:
+    from spikingformer.data import DATASETS, NEEDS_DIR
     from spikingformer.models import ModelConfig, model_config
 
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.data.dataset}'; valid: {', '.join(DATASETS)}")
+    if training and cfg.data.dataset in NEEDS_DIR and not cfg.data.data_dir:
+        raise ConfigError(f"dataset '{cfg.data.dataset}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
     if not _DEVICE.fullmatch(cfg.run.device):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.run.device!r}")
     if cfg.run.overwrite and cfg.run.resume is not None:

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
     The whole configuration is validated first; the main process then holds the run folder's
     lock for the whole run and applies the overwrite policy (:mod:`spikingformer.engine.run_folder`).
     """
-    validate(cfg)
+    validate(cfg, training=True)
     runtime = setup(cfg.run.device)
     held = None
     try:
