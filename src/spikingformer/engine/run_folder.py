@@ -52,14 +52,11 @@ def lock(folder: Path) -> IO[str]:
     return handle
 
 
-def remove_temporaries(folder: Path) -> list[str]:
+def remove_temporaries(folder: Path) -> None:
     """Delete the temporary files interrupted atomic writes leave (``.last.pt.*.tmp`` ...)."""
-    removed = []
     for name in RUN_FILES:
         for tmp in folder.glob(f".{name}.*.tmp"):
             tmp.unlink()
-            removed.append(tmp.name)
-    return removed
 
 
 def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
@@ -72,9 +69,7 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
     present = [name for name in HOLDS_RUN if (folder / name).exists()]
     own_last = (folder / "last.pt").resolve()
     continuing = resume is not None and Path(resume).resolve() == own_last
-    if overwrite:
-        if resume is not None and Path(resume).resolve().parent == folder.resolve():
-            raise RunFolderError(f"--overwrite would delete {resume}, the checkpoint to resume from; pass only one of them")
+    if overwrite:  # never together with resume (config validation)
         for name in RUN_FILES:
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder / "tensorboard", ignore_errors=True)
