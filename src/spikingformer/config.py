@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 from dataclasses import dataclass, field
 from importlib import resources
@@ -108,6 +110,7 @@ class RunSection:
     output: str = option("runs", "runs are written to <output>/<name>/", synonyms=("output_dir", "out", "outdir"))
     name: str | None = option(None, "run folder name (unset: <recipe>-<model>)", synonyms=("experiment", "run_name"))
     resume: str | None = option(None, "a last.pt checkpoint to resume from, or auto for <output>/<name>/last.pt")
+    overwrite: bool = option(False, "replace the run already in <output>/<name>/ (without it, training there is refused)")
     eval_interval: int = option(1, "evaluate every N epochs (and after the last)")
     log_interval: int = option(10, "progress-bar refresh, in steps", synonyms=("print_freq",))
     deterministic: bool = option(True, "deterministic algorithms (CPU); cudnn.benchmark when false")
@@ -146,6 +149,9 @@ class TrainConfig:
             raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
         cfg = cls(config_name=name)
         for section, content in values.items():
+            if content is not None and not isinstance(content, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping of key: value lines, "
+                                  f"got a {type(content).__name__}")
             for key, value in (content or {}).items():
                 cfg.set(key, value, section=section)
         return cfg
@@ -179,7 +185,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Convert a YAML or command-line value to the field's type (strings are parsed as YAML)."""
     allowed = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
     if isinstance(value, str) and str not in allowed:
-        value = yaml.safe_load(value)
+        value = parse_yaml(value, f"the value of '{key}'")
         if isinstance(value, str) and float in allowed:  # YAML reads "3e-3" (no dot) as a string
             try:
                 value = float(value)
@@ -193,9 +199,11 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if typ is type(None):
             continue
         base = get_origin(typ) or typ
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool) and base is not bool:
+            continue  # YAML's true/false are not numbers
+        if base is float and isinstance(value, (int, float)):
             return float(value)
-        if base is str:
+        if base is str and isinstance(value, (str, int, float)):
             return str(value)
         if isinstance(value, base):
             return value
@@ -222,10 +230,138 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
             raise ConfigError(unknown_name("recipe", name_or_path, recipe_names(), "bundled recipes") + " (or pass a .yaml path)")
         text = (resources.files("spikingformer") / "configs" / f"{name_or_path}.yaml").read_text()
         name = name_or_path
-    values = yaml.safe_load(text) or {}
+    values = parse_yaml(text, f"config {name_or_path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config {name_or_path} must be a mapping of sections")
     cfg = TrainConfig.from_dict({**values, "config_name": name})
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
+    validate(cfg)
     return cfg
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose errors (syntax, ``!!python/...`` tags) are one :class:`ConfigError` line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        hint = "; only plain YAML is read (no !!python tags)" if "tag" in problem else ""
+        raise ConfigError(f"cannot parse {what}: {problem}{where}{hint}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation: every field's type (from the dataclasses) and range, checked before any data is read
+
+
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _between(low: float, high: float, high_open: bool = False) -> tuple[Any, str]:
+    if high_open:
+        return (lambda v: low <= v < high), f"in [{low}, {high})"
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_PAIR = ((lambda v: len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)
+          and v[0] <= v[1]), "two positive numbers [low, high] with low <= high")
+_NUMBERS = ((lambda v: v is None or (len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))),
+            "a list of numbers")
+
+# Range (or allowed values) of every field; None: any value of the field's type is valid.
+RULES: dict[str, Any] = {
+    # model (model and model_args are checked against the zoo and ModelConfig)
+    "model": None, "model_args": None, "sync_bn": None,
+    # data
+    "dataset": None, "data_dir": None, "batch_size": _at_least(1), "eval_batch_size": _at_least(1),
+    "workers": _at_least(0), "aa": None, "reprob": _between(0, 1), "remode": ("const", "rand", "pixel"),
+    "hflip": _between(0, 1), "scale": _PAIR, "ratio": _PAIR,
+    "interpolation": ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random"),
+    "crop_pct": ((lambda v: 0 < v <= 1), "in (0, 1]"), "mean": _NUMBERS,
+    "std": ((lambda v: v is None or (len(v) > 0 and all(isinstance(x, (int, float)) and x > 0 for x in v))),
+            "a list of positive numbers"),
+    "frames": _at_least(1), "split_by": ("number", "time"), "augment": None, "cache_dir": None,
+    # optim
+    "opt": None, "lr": _POSITIVE, "weight_decay": _at_least(0), "opt_eps": _POSITIVE, "momentum": _between(0, 1),
+    "clip_grad": _POSITIVE,
+    # schedule
+    "sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "wsd", "rsqrt"),
+    "epochs": _at_least(1), "warmup_epochs": _at_least(0), "cooldown_epochs": _at_least(0),
+    "warmup_lr": _at_least(0), "min_lr": _at_least(0),
+    # mixup
+    "mixup": _at_least(0), "cutmix": _at_least(0), "mixup_prob": _between(0, 1), "mixup_switch_prob": _between(0, 1),
+    "mixup_mode": ("batch", "pair", "elem"), "mixup_off_epoch": _at_least(0), "smoothing": _between(0, 1, high_open=True),
+    # run
+    "seed": _between(0, 2**63 - 1), "device": None, "amp": ("auto", "off", "bf16", "fp16"), "output": None, "name": None,
+    "resume": None, "overwrite": None, "eval_interval": _at_least(1), "log_interval": _at_least(1),
+    "deterministic": None, "tensorboard": None,
+}
+assert set(RULES) == set(FIELD_SECTION), "every config field needs a rule (None: its type is enough)"
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def validate(cfg: TrainConfig, training: bool = False) -> TrainConfig:
+    """Check every field's type and range, and the names that refer to the zoo, data sets and timm
+    (``training``: also that a data set read from disk has its ``data_dir``).
+
+    Raises :class:`ConfigError` (one line naming the key, the value and what is valid) on the first
+    problem. ``model_args`` values are converted to :class:`~spikingformer.models.ModelConfig`'s types.
+    """
+    for section in SECTIONS:
+        target = getattr(cfg, section)
+        for key, annotation in _field_types(type(target)).items():
+            value = _convert(getattr(target, key), annotation, key)  # the type, also for fields set directly
+            setattr(target, key, value)
+            rule = RULES[key]
+            if value is None or rule is None:
+                continue
+            if isinstance(rule, tuple) and isinstance(rule[0], str):
+                if value not in rule:
+                    raise ConfigError(f"config key '{key}' must be one of {', '.join(rule)}; got {value!r}")
+                continue
+            check, text = rule
+            finite = not isinstance(value, float) or math.isfinite(value)
+            if not finite or not check(value):
+                raise ConfigError(f"config key '{key}' must be {text}; got {value!r}")
+    _validate_names(cfg, training)
+    return cfg
+
+
+def _validate_names(cfg: TrainConfig, training: bool) -> None:
+    from spikingformer.data import DATASETS, NEEDS_DIR
+    from spikingformer.models import ModelConfig, model_config
+
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{cfg.data.dataset}'; valid: {', '.join(DATASETS)}")
+    if training and cfg.data.dataset in NEEDS_DIR and not cfg.data.data_dir:
+        raise ConfigError(f"dataset '{cfg.data.dataset}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
+    if not _DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.run.device!r}")
+    if cfg.run.overwrite and cfg.run.resume is not None:
+        raise ConfigError("--overwrite starts the run afresh and --resume continues one; pass only one of them")
+    hints = get_type_hints(ModelConfig)
+    args = {}
+    for key, value in cfg.model.model_args.items():
+        if key not in hints:
+            raise ConfigError(f"unknown model_args key '{key}'; valid keys: {', '.join(hints)}")
+        args[key] = _convert(value, hints[key], f"model_args.{key}")
+    cfg.model.model_args = args
+    try:
+        mcfg = model_config(cfg.model.model, **args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("img_size", "in_channels", "num_classes", "embed_dim", "depth", "num_heads"):
+        if getattr(mcfg, key) < 1:
+            raise ConfigError(f"model_args key '{key}' must be >= 1; got {getattr(mcfg, key)}")
+    if mcfg.embed_dim % mcfg.num_heads:
+        raise ConfigError(f"model_args: embed_dim {mcfg.embed_dim} is not divisible by num_heads {mcfg.num_heads}")
+    from timm.optim import list_optimizers
+
+    opt = cfg.optim.opt.lower().removeprefix("lookahead_")
+    if opt not in list_optimizers():
+        raise ConfigError(f"unknown optimizer '{cfg.optim.opt}'; valid: timm's names, e.g. adamw, sgd, lamb")

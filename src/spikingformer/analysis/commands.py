@@ -6,7 +6,7 @@ Examples::
     spikingformer energy --model spikingformer_cifar10_4_256 --data random --batch-size 4 --measured
     spikingformer energy --model spikingformer_digits --compare
     spikingformer energy --paper-log spikingformer_8_768 --ssa-heads 12
-    spikingformer fuse --checkpoint runs/best.pth --output runs/best-fused.pth
+    spikingformer fuse --checkpoint runs/digits-spikingformer_digits/best.pt   # writes best-fused.pt beside it
 
 Without ``--checkpoint`` the zoo model is untrained; its BatchNorm statistics are then calibrated
 on the analysed inputs (see :func:`spikingformer.analysis.inputs.calibrate_batchnorm`) so that
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
                               description="ConvBN fusion (paper Appendix B).")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to fuse")
     p.add_argument("--model", metavar="NAME", help="zoo model name (needed for the authors' checkpoints)")
-    p.add_argument("--output", required=True, metavar="PATH", help="where to write the fused checkpoint")
+    p.add_argument("--output", metavar="PATH", help="where to write the fused checkpoint (default: <name>-fused.pt beside --checkpoint)")
     p.set_defaults(func=run_fuse)
 
 
@@ -238,14 +238,13 @@ def run_fuse(args: argparse.Namespace) -> int:
     import torch
 
     from spikingformer.analysis.inputs import random_batches
-    from spikingformer.deploy.fuse import fuse_model, save_fused
+    from spikingformer.deploy.fuse import fuse_checkpoint
 
-    model, name, _ = load_model(args.model, args.checkpoint)
-    fused = fuse_model(model)
+    model, fused, name, path = fuse_checkpoint(args.checkpoint, args.output, args.model)
+    name = name or Path(args.checkpoint).stem
     x = random_batches(model.config, 1, 2)[0]
     with torch.no_grad():
         diff = float((model(x) - fused(x)).abs().max())
-    path = save_fused(fused, args.output, name)
     print(f"fused {name}: every BatchNorm folded into its conv/linear layer; max |logit difference| on a random "
           f"batch {diff:.3g}; wrote {path}")
     return 0

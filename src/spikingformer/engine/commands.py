@@ -1,4 +1,4 @@
-"""Sub-commands ``train``, ``eval`` and ``models`` of the ``spikingformer`` command."""
+"""Sub-commands ``train``, ``eval``, ``models`` and ``export`` of the ``spikingformer`` command."""
 
 from __future__ import annotations
 
@@ -141,3 +141,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list the model zoo with parameter counts")
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'spikingformer_*' (default: all)")
     m.set_defaults(func=run_models)
+
+    add_export(sub)
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser(
+        "export", help="write a checkpoint's weights as .safetensors, with the model description in its metadata",
+        description="Export weights to safetensors; create_model(name, checkpoint_path=...) and timm.create_model read "
+        "them back, and eval/energy/fuse take the file like any checkpoint.",
+    )
+    x.add_argument("--checkpoint", required=True, help="this project's checkpoint (plain or fused) or the authors' (with --model)")
+    x.add_argument("--output", default=None, help="the .safetensors file to write (default: <name>.safetensors beside --checkpoint)")
+    x.add_argument("--model", default=None, help="zoo model name; required for the authors' checkpoints")
+    x.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from spikingformer.checkpoints import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.output, args.model)
+    print(f"wrote {path} (weights and model description; load with spikingformer.create_model(name, checkpoint_path=...))")
+    return 0
+

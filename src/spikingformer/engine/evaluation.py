@@ -14,8 +14,9 @@ from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader
 def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str | None, frames: int | None) -> DataSection:
     """The data settings of the checkpoint's training run, with the given values taking precedence."""
     data = DataSection()
-    if checkpoints.is_native(checkpoint):
-        for key, value in checkpoint["train_config"]["data"].items():
+    recorded = checkpoints.recorded_data(checkpoint)
+    if recorded is not None:
+        for key, value in recorded.items():
             setattr(data, key, value)
     elif dataset is None:
         raise ValueError("this checkpoint does not record its data set; pass --data (and --data-dir)")

@@ -2,13 +2,15 @@
 
 ``train(cfg)`` runs a whole recipe: data, model, timm optimiser / scheduler / mixup, mixed
 precision, per-epoch evaluation, atomic ``last.pt`` / ``best.pt`` checkpoints, JSONL + CSV logs
-(and TensorBoard when installed), and exact resumption from ``last.pt``.
+(and TensorBoard when installed), and exact resumption from ``last.pt``. The run folder is locked
+while training and never replaced by accident (:mod:`spikingformer.engine.run_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import random
 import time
@@ -21,8 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from spikingformer import checkpoints
-from spikingformer.config import TrainConfig
+from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset
+from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
@@ -170,11 +173,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class RunLog:
-    """Per-epoch metrics appended to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard)."""
+    """Per-epoch metrics in ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard).
+
+    Both files are rewritten atomically with every row, so neither is ever torn, and the CSV has
+    one column set for all rows (test columns stay empty in epochs without evaluation).
+    """
 
     folder: Path
     use_tensorboard: bool
     writer: object = field(default=None, init=False)
+    rows: list = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.use_tensorboard:
@@ -186,16 +194,29 @@ class RunLog:
                 print("note: tensorboard is not installed, so no tensorboard/ folder is written (the metrics are in "
                       "metrics.jsonl and metrics.csv); pip install tensorboard, or --tensorboard false to silence this")
 
+    def resume(self, last_row: dict) -> None:
+        """Continue the log of the checkpoint whose own row is ``last_row``: keep the logged rows of
+        earlier epochs, then ``last_row``. A kill can leave rows the checkpoint never held, or end
+        the log before the checkpoint's row; a resumed log neither repeats nor misses an epoch."""
+        path = self.folder / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.rows = [row for row in map(_json_row, lines) if row is not None and row["epoch"] < last_row["epoch"]]
+        self.rows.append(last_row)
+        self._save()
+
+    def _save(self) -> None:
+        checkpoints.write_atomic(self.folder / "metrics.jsonl",
+                                 lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        checkpoints.write_atomic(self.folder / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+
     def write(self, row: dict) -> None:
-        with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        csv_path = self.folder / "metrics.csv"
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        self.rows.append(row)
+        self._save()
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -205,6 +226,14 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _json_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("epoch"), int) else None
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -233,11 +262,23 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the recipe; returns the final metrics (and the checkpoint path) on every process."""
+    """Run the recipe; returns the final metrics (and the checkpoint path) on every process.
+
+    The whole configuration is validated first; the main process then holds the run folder's
+    lock for the whole run and applies the overwrite policy (:mod:`spikingformer.engine.run_folder`).
+    """
+    validate(cfg, training=True)
     runtime = setup(cfg.run.device)
+    held = None
     try:
+        if runtime.is_main:
+            folder = run_folder(cfg)
+            held = folders.lock(folder)
+            folders.prepare(folder, _resume_path(cfg, folder), cfg.run.overwrite)
         return _train(cfg, runtime)
     finally:
+        if held is not None:
+            held.close()
         teardown()
 
 
@@ -261,18 +302,18 @@ def _resume_path(cfg: TrainConfig, folder: Path) -> str | None:
     return cfg.run.resume
 
 
-def _restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
-    """Load a ``last.pt`` into the run's objects; returns (first epoch to run, best metrics so far)."""
+def _restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> dict:
+    """Load a ``last.pt`` into the run's objects; returns the checkpoint (its epoch, best and metrics)."""
     ckpt = checkpoints.load_checkpoint(path)
     if not checkpoints.is_native(ckpt):
         raise ValueError(f"{path} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
     _check_resume_config(ckpt, cfg, Path(path))
-    model.load_state_dict(ckpt["model"])
+    checkpoints.load_matching(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1, ckpt["best"]
+    return ckpt
 
 
 @dataclass
@@ -358,10 +399,11 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     criterion, mixup_fn = _criterion(cfg.mixup, train_set.num_classes)
     st = _Step(net, model, optimizer, scaler, criterion, mixup_fn, amp_dtype, o.clip_grad)
 
-    start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
+    start_epoch, best, restored = 0, {"top1": -1.0, "epoch": -1}, None
     resume = _resume_path(cfg, folder)
     if resume:
-        start_epoch, best = _restore(resume, cfg, model, optimizer, scheduler, scaler)
+        restored = _restore(resume, cfg, model, optimizer, scheduler, scaler)
+        start_epoch, best = restored["epoch"] + 1, restored["best"]
     else:
         scheduler.step(0)
 
@@ -371,14 +413,23 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         raise ValueError(f"batch size {cfg.data.batch_size} x {runtime.world_size} processes exceeds the {len(train_set)} training samples")
     log = None
     if runtime.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        checkpoints.write_atomic(folder / "config.yaml", lambda f: f.write(_yaml(cfg.to_dict()).encode()))
         log = RunLog(folder, cfg.run.tensorboard)
-        print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
-              f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
-              f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
+        if restored is not None:
+            log.resume(restored["metrics"])
+            own = Path(resume).resolve() == (folder / "last.pt").resolve()
+            note = folders.repair_best(folder, restored) if own else None
+            if note:
+                print(note)
+        if start_epoch >= total_epochs:
+            print(f"{folder}: this run already finished its {total_epochs} epochs; its recorded final metrics follow "
+                  "(to train longer, raise --epochs with --resume auto)")
+        else:
+            print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
+                  f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
+                  f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
 
-    metrics: dict = {}
+    metrics: dict = restored["metrics"] if restored is not None else {}
     meter = FiringRateMeter(model)
     for epoch in range(start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -400,9 +451,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
         metrics = row
-        if runtime.is_main:
-            log.write(row)
-            tqdm.write(_epoch_line(row, total_epochs))
+        if runtime.is_main:  # last.pt, then best.pt (a copy of it), then the log: see engine/run_folder.py
             state = {
                 "format": checkpoints.FORMAT, "version": 1, "model": model.state_dict(),
                 "model_name": cfg.model.model, "model_config": model.config.to_dict(),
@@ -411,7 +460,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             }
             checkpoints.save_atomic(state, folder / "last.pt")
             if best["epoch"] == epoch:
-                checkpoints.save_atomic(state, folder / "best.pt")
+                checkpoints.copy_atomic(folder / "last.pt", folder / "best.pt")
+            log.write(row)
+            tqdm.write(_epoch_line(row, total_epochs))
         barrier(runtime)
     meter.close()
     if log is not None:

@@ -16,7 +16,6 @@ the authors' models construct but never use (``norm1``/``norm2`` LayerNorms, the
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +72,8 @@ def _fit(tensor: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
     )
 
 
-def _shorten(keys: list[str], limit: int = 12) -> str:
+def shorten(keys: list[str], limit: int = 12) -> str:
+    """The first ``limit`` of ``keys``, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])
     return shown + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -103,9 +103,9 @@ def official_to_native(state_dict: Mapping[str, torch.Tensor], model: nn.Module)
     if missing or unexpected:
         parts = []
         if unexpected:
-            parts.append(f"unexpected keys in checkpoint: {_shorten(unexpected)}")
+            parts.append(f"unexpected keys in checkpoint: {shorten(unexpected)}")
         if missing:
-            parts.append(f"model keys missing from checkpoint: {_shorten(missing)}")
+            parts.append(f"model keys missing from checkpoint: {shorten(missing)}")
         raise CheckpointKeyError(
             "official checkpoint does not match this model (" + "; ".join(parts) + "). "
             "Check that the model name matches the checkpoint (family, depth, heads' dims, num_classes)."
@@ -154,28 +154,58 @@ def extract_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
     )
 
 
-def torch_load(path: str | Path) -> object:
-    """``torch.load`` restricted to tensors and plain data, plus the ``argparse.Namespace`` that
-    timm-style training scripts pickle into their checkpoints."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name and the way out
-        raise ValueError(
-            f"could not read checkpoint {path}: {err}. Only tensors and plain Python data are unpickled; "
-            "if the file is a truncated download, fetch it again."
-        ) from err
-
-
 def load_weights(model: nn.Module, checkpoint: str | Path | Mapping) -> nn.Module:
-    """Load weights from a path or an already loaded checkpoint, in any supported naming scheme."""
-    obj = torch_load(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    model.load_state_dict(extract_state_dict(obj), strict=True)
+    """Load weights from a path or an already loaded checkpoint, in any supported naming scheme.
+
+    A file that records its model (this project's checkpoints and exports) must record the same
+    configuration as ``model``: a different one raises ValueError naming the differing fields.
+    """
+    from spikingformer.checkpoints import describes_model, load_checkpoint
+
+    obj = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    where = checkpoint if isinstance(checkpoint, (str, Path)) else "the checkpoint"
+    if describes_model(obj) and getattr(model, "config", None) is not None:
+        _check_recorded_config(obj, model, where)
+    try:
+        state_dict = extract_state_dict(obj)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    model.load_state_dict(state_dict, strict=True)
     return model
+
+
+_RUNTIME_FIELDS = ("lif_backend",)  # choices of how to compute, not part of the weights
+
+
+def _check_recorded_config(checkpoint: Mapping, model: nn.Module, where: object) -> None:
+    recorded, mine = checkpoint["model_config"], model.config.to_dict()
+    diff = {k: (recorded.get(k), v) for k, v in mine.items() if k not in _RUNTIME_FIELDS and recorded.get(k) != v}
+    if diff:
+        fields = ", ".join(f"{k}: {a!r} in the file, {b!r} here" for k, (a, b) in diff.items())
+        raise ValueError(f"{where} holds a model with another configuration ({fields}); build it with those values, "
+                         "or rebuild it from the file with spikingformer.checkpoints.model_from_checkpoint(path)")
+    if checkpoint.get("fused") and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"{where} holds a fused model (no BatchNorm); rebuild it with "
+                         "spikingformer.checkpoints.model_from_checkpoint(path)")
+
+
+def route_timm_checkpoints() -> None:
+    """Make ``timm.create_model(name, checkpoint_path=PATH)`` read files for this package's models
+    with :func:`load_weights` (safe reading, one-line errors, recorded-config check); other models
+    keep timm's loader. timm offers no hook for this, so its factory's loader is wrapped once."""
+    from timm.models import _factory
+
+    original = _factory.load_checkpoint
+    if getattr(original, "spikingformer_route", False):
+        return
+
+    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
+        from spikingformer.models.transformer import SpikingTransformer
+
+        if isinstance(model, SpikingTransformer) and not args and not kwargs:
+            load_weights(model, checkpoint_path)
+            return None
+        return original(model, checkpoint_path, *args, **kwargs)
+
+    load_checkpoint.spikingformer_route = True
+    _factory.load_checkpoint = load_checkpoint

@@ -121,8 +121,13 @@ def _timm_entrypoint(name: str):
 
 
 def register_with_timm() -> None:
-    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it (once per process)."""
+    """Register every zoo model with timm, so ``timm.create_model(name)`` builds it (and its
+    ``checkpoint_path=`` reads files as :func:`create_model` does); once per process."""
     from timm.models import register_model
+
+    from spikingformer.models.official import route_timm_checkpoints
+
+    route_timm_checkpoints()
 
     module = sys.modules[__name__]
     if all(hasattr(module, name) for name in ZOO):

@@ -1,0 +1,98 @@
+"""The run folder ``<output>/<name>/``: one training at a time, never replaced by accident, and its
+checkpoints consistent after a kill at any point.
+
+Write order per epoch: ``last.pt`` (atomic), then ``best.pt`` as an atomic byte copy of it when the
+epoch is the best so far, then the metrics log. A kill between two writes leaves the files
+consistent, or repairable from ``last.pt`` alone, which :func:`repair_best` does on resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import IO
+
+from spikingformer import checkpoints
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "config.yaml")  # plus tensorboard/
+HOLDS_RUN = ("last.pt", "best.pt", "metrics.jsonl")  # a folder with any of these holds a run
+LOCK = ".lock"
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (taken, in use, or not writable)."""
+
+
+def lock(folder: Path) -> IO[str]:
+    """Create ``folder`` and hold an exclusive lock on its lock file until the returned file is
+    closed or the process ends (also by SIGKILL: the kernel drops ``flock`` locks with the process)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK, "a+")
+    except OSError as err:
+        raise RunFolderError(f"cannot create the run folder {folder}: {err.strerror or err}; choose a writable --output") from err
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunFolderError(f"run folder {folder} is in use by another training (process {holder}); wait for it "
+                             "to finish, or train into another folder with --name") from None
+    except OSError as err:  # e.g. a file system without locks
+        handle.close()
+        raise RunFolderError(f"cannot lock the run folder {folder}: {err.strerror or err}; choose an --output on a "
+                             "local file system") from err
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files interrupted atomic writes leave (``.last.pt.*.tmp`` ...)."""
+    for name in RUN_FILES:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink()
+
+
+def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
+    """Apply the overwrite policy to a locked run folder and clear leftovers of interrupted writes.
+
+    A folder that holds a run is only trained into to continue it (``resume`` is its ``last.pt``)
+    or with ``overwrite``, which deletes the run's own files first (:data:`RUN_FILES`, tensorboard/).
+    """
+    remove_temporaries(folder)
+    present = [name for name in HOLDS_RUN if (folder / name).exists()]
+    own_last = (folder / "last.pt").resolve()
+    continuing = resume is not None and Path(resume).resolve() == own_last
+    if overwrite:  # never together with resume (config validation)
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+    elif present and not continuing:
+        raise RunFolderError(f"run folder {folder} already holds a run ({', '.join(present)}); continue it with "
+                             "--resume auto, replace it with --overwrite, or train into another folder with --name")
+
+
+def repair_best(folder: Path, last: dict) -> str | None:
+    """Make ``best.pt`` the checkpoint of the best epoch ``last.pt`` records; returns a note when it acted.
+
+    ``last.pt`` is written first, so a kill before its ``best.pt`` copy leaves ``best.pt`` one best
+    epoch behind; the copy is redone here.
+    """
+    best_epoch = last["best"]["epoch"]
+    if best_epoch < 0:
+        return None  # not evaluated yet
+    best_path = folder / "best.pt"
+    held = checkpoints.load_checkpoint(best_path)["epoch"] if best_path.exists() else None
+    if held == best_epoch:
+        return None
+    if best_epoch == last["epoch"]:
+        checkpoints.copy_atomic(folder / "last.pt", best_path)
+        return f"best.pt restored from last.pt (epoch {best_epoch + 1}); the previous run stopped before copying it"
+    return (f"warning: {best_path} holds epoch {'none' if held is None else held + 1} but last.pt records the best at "
+            f"epoch {best_epoch + 1}; that checkpoint is gone (was best.pt replaced by hand?)")

@@ -1,0 +1,93 @@
+"""Every bad setting fails at start, in one line, before any data is read."""
+
+from __future__ import annotations
+
+import pytest
+
+from spikingformer.cli import main
+from spikingformer.config import RULES, ConfigError, TrainConfig, load_config
+from spikingformer.engine import trainer
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading data fails the test: validation must come first."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("data was read before the configuration was validated")
+
+    monkeypatch.setattr(trainer, "build_dataset", read)
+
+
+BAD_FLAGS = [
+    (["--eval-interval", "0"], "config key 'eval_interval' must be >= 1; got 0"),
+    (["--epochs", "-3"], "config key 'epochs' must be >= 1; got -3"),
+    (["--epochs", "true"], "config key 'epochs' expects int, got True"),
+    (["--model-args", "{time_steps: four}"], "config key 'model_args.time_steps' expects int, got 'four'"),
+    (["--model-args", "{time_steps: 0}"], "time_steps must be >= 1, got 0"),
+    (["--model-args", "{embed_dim: 30}"], "model_args: embed_dim 30 is not divisible by num_heads 4"),
+    (["--model-args", "{depht: 2}"], "unknown model_args key 'depht'; valid keys: arch, img_size"),
+    (["--model-args", "[1, 2]"], "config key 'model_args' expects dict, got [1, 2]"),
+    (["--lr", ".nan"], "config key 'lr' must be > 0; got nan"),
+    (["--hflip", "1.5"], "config key 'hflip' must be in [0, 1]; got 1.5"),
+    (["--smoothing", "1"], "config key 'smoothing' must be in [0, 1); got 1.0"),
+    (["--scale", "[0.9, 0.1]"], "config key 'scale' must be two positive numbers [low, high] with low <= high"),
+    (["--amp", "fp8"], "config key 'amp' must be one of auto, off, bf16, fp16; got 'fp8'"),
+    (["--split-by", "count"], "config key 'split_by' must be one of number, time; got 'count'"),
+    (["--batch-size", "0"], "config key 'batch_size' must be >= 1; got 0"),
+    (["--workers", "-1"], "config key 'workers' must be >= 0; got -1"),
+    (["--device", "gpu"], "config key 'device' must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    (["--dataset", "cifar11"], "unknown dataset 'cifar11'; valid: digits, cifar10"),
+    (["--dataset", "nmnist"], "dataset 'nmnist' is read from disk: pass its folder with --data-dir"),
+    (["--opt", "adamz"], "unknown optimizer 'adamz'"),
+    (["--sched", "cosin"], "config key 'sched' must be one of cosine, tanh"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_before_any_data(flags, message, no_data, tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not any(tmp_path.iterdir())  # nothing created either
+
+
+def test_bad_recipe_files_are_one_line(no_data, tmp_path, capsys):
+    cases = {
+        "list_section.yaml": ("data:\n  - batch_size\n", "config section 'data' must be a mapping of key: value lines, got a list"),
+        "python_tag.yaml": ("run:\n  seed: !!python/object/apply:os.system ['touch pwned']\n",
+                            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' "
+                            "at line 2, column 9; only plain YAML is read (no !!python tags)"),
+        "bool_epochs.yaml": ("schedule:\n  epochs: true\n", "config key 'epochs' expects int, got True"),
+        "zero_interval.yaml": ("run:\n  eval_interval: 0\n", "config key 'eval_interval' must be >= 1; got 0"),
+        "list_name.yaml": ("run:\n  name: [a, b]\n", "config key 'name' expects str or NoneType, got ['a', 'b']"),
+        "syntax.yaml": ("run: [\n", "cannot parse config"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (name, err)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_train_validates_configs_built_in_code(no_data):
+    cfg = TrainConfig()
+    cfg.schedule.epochs = 0
+    with pytest.raises(ConfigError, match="config key 'epochs' must be >= 1; got 0"):
+        trainer.train(cfg)
+    cfg = TrainConfig()
+    cfg.run.eval_interval = True
+    with pytest.raises(ConfigError, match="config key 'eval_interval' expects int, got True"):
+        trainer.train(cfg)
+
+
+def test_every_field_has_a_rule_and_every_recipe_passes():
+    from spikingformer.config import FIELD_SECTION, recipe_names
+
+    assert set(RULES) == set(FIELD_SECTION)
+    for name in recipe_names():
+        load_config(name)  # validates
+    cfg = load_config("digits", {"model_args": "{time_steps: '2', mlp_ratio: 2}"})
+    assert cfg.model.model_args == {"time_steps": 2, "mlp_ratio": 2.0}  # converted to ModelConfig's types

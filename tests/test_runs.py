@@ -1,0 +1,229 @@
+"""The run folder: overwrite policy, the lock, checkpoint/log consistency after a kill at every write,
+leftover temporaries, finished runs, full disks and unwritable folders.
+
+The runs here train a tiny model on 48 training and 24 test digits (the data set is sliced in the
+trainer), so each epoch takes well under a second; the behaviour tested does not depend on the size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from spikingformer import checkpoints
+from spikingformer.cli import main
+from spikingformer.engine import run_folder, trainer
+
+TINY = ["--model-args", "{embed_dim: 16, num_heads: 2, time_steps: 1}", "--batch-size", "16", "--eval-batch-size", "24",
+        "--amp", "off", "--tensorboard", "false", "--warmup-epochs", "0", "--lr", "3e-3", "--seed", "5"]
+
+
+class _Slice(Subset):
+    def __init__(self, dataset, n: int) -> None:
+        super().__init__(dataset, range(n))
+        self.num_classes = dataset.num_classes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_digits():
+    build = trainer.build_dataset
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_dataset", lambda cfg, size, train: _Slice(build(cfg, size, train), 48 if train else 24))
+        # the energy printout after training reads its own batches; it is not what these tests check
+        mp.setattr("spikingformer.engine.commands._print_energy", lambda checkpoint, cfg: None)
+        yield
+
+
+def train(tmp_path: Path, name: str, *extra: str) -> int:
+    return main(["train", "--output", str(tmp_path), "--name", name, *TINY, *extra])
+
+
+def rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    assert train(tmp_path, "r", "--epochs", "1") == 0
+    folder = tmp_path / "r"
+    before = (folder / "best.pt").read_bytes(), (folder / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train(tmp_path, "r", "--epochs", "1", "--lr", "1e-2") == 2
+    err = capsys.readouterr().err
+    assert f"run folder {folder} already holds a run (last.pt, best.pt, metrics.jsonl)" in err
+    assert "--resume auto" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert ((folder / "best.pt").read_bytes(), (folder / "metrics.jsonl").read_text()) == before  # nothing lost
+    # --overwrite starts afresh: one row, a new checkpoint
+    assert train(tmp_path, "r", "--epochs", "1", "--lr", "1e-2", "--overwrite") == 0
+    assert [r["epoch"] for r in rows(folder)] == [0]
+    assert checkpoints.load_checkpoint(folder / "last.pt")["train_config"]["optim"]["lr"] == 1e-2
+    # the two ways are exclusive
+    assert train(tmp_path, "r", "--epochs", "1", "--overwrite", "--resume", "auto") == 2
+    assert "pass only one of them" in capsys.readouterr().err
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from spikingformer.engine.run_folder import lock
+    handle = lock(Path(sys.argv[1]))
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_second_training_into_a_locked_folder_fails(tmp_path, capsys):
+    folder = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train(tmp_path, "busy", "--epochs", "1") == 2
+        err = capsys.readouterr().err
+        assert f"run folder {folder} is in use by another training (process {holder.pid})" in err
+        assert not (folder / "last.pt").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock with the process
+        holder.wait()
+    assert train(tmp_path, "busy", "--epochs", "1") == 0
+    with pytest.raises(run_folder.RunFolderError, match="in use by another training"):
+        with run_folder.lock(folder):  # and a lock held in this process excludes a second holder too
+            run_folder.lock(folder)
+
+
+def test_leftover_temporaries_are_removed_on_start(tmp_path):
+    assert train(tmp_path, "t", "--epochs", "1") == 0
+    folder = tmp_path / "t"
+    for name in (".last.pt.abc123.tmp", ".best.pt.x_y.tmp", ".metrics.jsonl.q.tmp"):
+        (folder / name).write_bytes(b"torn")
+    (folder / "notes.tmp").write_text("mine")  # not ours: kept
+    assert train(tmp_path, "t", "--epochs", "2", "--resume", "auto") == 0
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == ["notes.tmp"]
+
+
+def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path, capsys):
+    assert train(tmp_path, "f", "--epochs", "2") == 0
+    last = rows(tmp_path / "f")[-1]
+    capsys.readouterr()
+    assert train(tmp_path, "f", "--epochs", "2", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "this run already finished its 2 epochs" in out
+    assert f"final test top-1 {last['test_top1']:.2f}%  top-5 {last['test_top5']:.2f}%" in out and "nan" not in out
+    assert [r["epoch"] for r in rows(tmp_path / "f")] == [0, 1]
+
+
+WRITE_POINTS = ["last.pt", "best.pt", "metrics.jsonl", "metrics.csv"]
+KILL_RUN = ["--epochs", "3", "--smoothing", "0"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted run to compare the interrupted ones with."""
+    output = tmp_path_factory.mktemp("straight")
+    assert train(output, "straight", *KILL_RUN) == 0
+    return output / "straight"
+
+
+@pytest.mark.parametrize("point", WRITE_POINTS)
+def test_kill_at_every_write_point_then_resume_is_consistent(tmp_path, monkeypatch, point, straight):
+    """An interruption at a write of epoch 2 (0-based 1), then a resume, ends exactly like an uninterrupted run."""
+    common = KILL_RUN
+    best_epoch = checkpoints.load_checkpoint(straight / "last.pt")["best"]["epoch"]
+    assert checkpoints.load_checkpoint(straight / "best.pt")["epoch"] == best_epoch
+
+    # the write to interrupt: the one of epoch 1 (best.pt: its second write, if the run had one)
+    improved = [r["epoch"] for r in rows(straight) if r["test_top1"] > max([-1.0] + [q["test_top1"] for q in rows(straight)][: r["epoch"]])]
+    fail_at = 2 if point != "best.pt" or len(improved) > 1 else 1
+    real = checkpoints.write_atomic
+    calls = {"n": 0}
+
+    def torn(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt(f"killed while writing {point}")
+
+    def failing(path, write):
+        if Path(path).name == point:
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                return real(path, torn)
+        return real(path, write)
+
+    monkeypatch.setattr(checkpoints, "write_atomic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "killed", *common)
+    monkeypatch.setattr(checkpoints, "write_atomic", real)
+    killed = tmp_path / "killed"
+    assert not list(killed.glob(".*.tmp"))
+    logged = [r["epoch"] for r in rows(killed)]
+    held = checkpoints.load_checkpoint(killed / "last.pt")["epoch"]
+    assert logged == list(range(len(logged))) and max(logged) <= held  # never a row without its checkpoint
+    assert train(tmp_path, "killed", *common, "--resume", "auto") == 0
+    a, b = (checkpoints.load_checkpoint(f / "last.pt") for f in (straight, killed))
+    assert b["epoch"] == 2 and b["best"] == a["best"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    best = checkpoints.load_checkpoint(killed / "best.pt")
+    assert best["epoch"] == best_epoch  # best.pt is the checkpoint last.pt names as best
+    for k in a["model"]:
+        assert torch.equal(best["model"][k], checkpoints.load_checkpoint(straight / "best.pt")["model"][k]), k
+    assert [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows(killed)] == \
+        [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows(straight)]
+    csv_lines = (killed / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("epoch,lr,train_loss")
+
+
+def test_stale_best_is_repaired_from_last_on_resume(tmp_path, capsys):
+    """The kill the issue describes: last.pt (the new best) written, best.pt still the older epoch."""
+    assert train(tmp_path, "s", "--epochs", "2", "--smoothing", "0") == 0
+    folder = tmp_path / "s"
+    last = checkpoints.load_checkpoint(folder / "last.pt")
+    older = dict(last, epoch=0, model={k: torch.zeros_like(v) for k, v in last["model"].items()})
+    last["best"] = {"top1": 100.0, "top5": 100.0, "epoch": 1}  # last.pt names itself the best
+    checkpoints.save_atomic(last, folder / "last.pt")
+    checkpoints.save_atomic(older, folder / "best.pt")
+    capsys.readouterr()
+    assert train(tmp_path, "s", "--epochs", "2", "--smoothing", "0", "--resume", "auto") == 0
+    assert "best.pt restored from last.pt (epoch 2)" in capsys.readouterr().out
+    assert (folder / "best.pt").read_bytes() == (folder / "last.pt").read_bytes()
+
+
+def test_full_disk_is_one_line_and_keeps_previous_checkpoints(tmp_path, monkeypatch, capsys):
+    assert train(tmp_path, "d", "--epochs", "1") == 0
+    folder = tmp_path / "d"
+    before = {name: (folder / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert train(tmp_path, "d", "--epochs", "2", "--resume", "auto") == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err == (f"spikingformer train: error: no space left on device while writing {folder / 'last.pt'}; the previous "
+                   "file there (if any) is intact: free some space and run the command again (training: add --resume auto)")
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_unwritable_output_is_one_line(tmp_path, monkeypatch, capsys):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["train", "--output", str(tmp_path / "ro"), *TINY, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikingformer train: error: cannot create the run folder") and "Read-only file system" in err
+    assert "--output" in err and len(err.splitlines()) == 1
