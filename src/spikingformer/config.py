@@ -217,8 +217,13 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A recipe by name (``digits``) or YAML path, with flat ``overrides`` applied on top."""
+def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                check_names: bool = True) -> TrainConfig:
+    """A recipe by name (``digits``) or YAML path, with flat ``overrides`` applied on top.
+
+    ``check_names=False`` checks types and ranges only, without importing the model and data
+    modules (and so PyTorch): the command line uses it to show a recipe's values in ``--help``.
+    """
     name_or_path = name_or_path or "digits"
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
@@ -236,7 +241,7 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     cfg = TrainConfig.from_dict({**values, "config_name": name})
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
-    validate(cfg)
+    validate(cfg, names=check_names)
     return cfg
 
 
@@ -305,7 +310,7 @@ assert set(RULES) == set(FIELD_SECTION), "every config field needs a rule (None:
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def validate(cfg: TrainConfig, training: bool = False) -> TrainConfig:
+def validate(cfg: TrainConfig, training: bool = False, names: bool = True) -> TrainConfig:
     """Check every field's type and range, and the names that refer to the zoo, data sets and timm
     (``training``: also that a data set read from disk has its ``data_dir``).
 
@@ -328,7 +333,8 @@ def validate(cfg: TrainConfig, training: bool = False) -> TrainConfig:
             finite = not isinstance(value, float) or math.isfinite(value)
             if not finite or not check(value):
                 raise ConfigError(f"config key '{key}' must be {text}; got {value!r}")
-    _validate_names(cfg, training)
+    if names:
+        _validate_names(cfg, training)
     return cfg
 
 

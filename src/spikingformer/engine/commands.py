@@ -43,15 +43,17 @@ def _add_recipe_options(parser, args: list[str]) -> None:
     pre.add_argument("--config", default="digits")
     recipe = pre.parse_known_args(args)[0].config
     try:
-        cfg = load_config(recipe)
-    except (ValueError, OSError) as err:  # ConfigError, an unreadable file
-        parser.error(str(err))
+        cfg = load_config(recipe, check_names=False)
+    except (ValueError, OSError):  # a bad recipe: run_train reports it in one line; help shows no values
+        cfg = None
     groups = {}
     for group, section, f in _config_options():
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{GROUPS[group]} options")
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} [{cfg.config_name} recipe: {_shown(getattr(getattr(cfg, section), f.name))}]"
+        text = f.metadata["help"]
+        if cfg is not None:
+            text += f" [{cfg.config_name} recipe: {_shown(getattr(getattr(cfg, section), f.name))}]"
         if f.type in ("bool", bool):
             groups[group].add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
         else:
