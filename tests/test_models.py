@@ -154,9 +154,9 @@ def test_bad_inputs_and_options_give_clear_errors():
     model = sf.create_model("spikingformer_cifar10_4_256")
     with pytest.raises(ValueError, match="3 input channels"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="divisible by the tokenizer stride 4"):
+    with pytest.raises(ValueError, match="multiple of the tokenizer stride 4"):
         model(torch.randn(1, 3, 30, 30))
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="available models: .*spikingformer_8_512"):
         sf.create_model("spikingformer_9_999")
