@@ -46,16 +46,19 @@ class NonFiniteInputError(ValueError):
     """An input tensor holds NaN or infinite values (the message says where)."""
 
 
-def check_finite(x: torch.Tensor, what: str = "input") -> None:
+def check_finite(x: torch.Tensor, what: str = "input", names=None) -> None:
     """Raise :class:`NonFiniteInputError` if ``x`` holds a NaN or an infinity.
 
     One reduction over ``x`` (``torch.isfinite(x).all()``); only when it fails are the offending
-    samples (rows of the first dimension) located for the message. ``what`` names ``x`` in it.
+    samples (rows of the first dimension) located for the message, which calls ``x`` ``what`` and,
+    given ``names`` (a function of the list of bad rows), names their files.
     """
     if not x.is_floating_point() or bool(torch.isfinite(x).all()):
         return
     bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist() if x.dim() > 1 else []
-    rows = f" (samples {', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''} of the batch)" if bad else ""
+    files = names(bad[:8]) if (names is not None and bad) else []
+    listed = ", ".join(f"{r}: {f}" for r, f in zip(bad, files)) if files else ", ".join(map(str, bad[:8]))
+    rows = f" (samples {listed}{' ...' if len(bad) > 8 else ''} of the batch)" if bad else ""
     raise NonFiniteInputError(
         f"{what} holds NaN or infinite values{rows}: the model would give confident logits for it (a NaN "
         f"never makes a neuron fire); fix or drop those samples"
