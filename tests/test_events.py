@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 
-from spikingformer.data import event_datasets
+from spikingformer.data import event_datasets, sample_name
 from spikingformer.data.emulator import emulate_dvs, saccade_path
 from spikingformer.data.event_augment import EventAugment, apply_op
 from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DigitsDVS, DVS128Gesture
@@ -481,6 +482,7 @@ def test_nmnist_shared_small_set(tmp_path: Path) -> None:
     assert label == 5  # train1K.txt: "1 5"
     assert frames.dtype == torch.float32 and frames.shape == (8, 2, 34, 34)
     assert frames.sum().item() == (NMNIST_SMALL / "1.bs2").stat().st_size // 5
+    assert sample_name(ds, 0) == str(NMNIST_SMALL / "1.bs2")
     test = NMNIST(NMNIST_SMALL, train=False, T=8, cache_dir=tmp_path, pad_to=48)
     assert len(test) == 100 and test.frame_size == (48, 48)
     frames, label = test[0]
@@ -612,6 +614,8 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
     assert DVS128Gesture(root, train=True, T=4, cache_dir=tmp_path / "cache").targets == [4]
     assert DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache").targets == [1, 10]
     assert tr.num_classes == 11 and len(tr.classes) == 11
+    # messages about a sample (non-finite batches) name its recording and segment
+    assert sample_name(Subset(tr, [1, 0]), 0) == f"{root / 'user01_fluorescent.aedat'} segment 001"
 
 
 def test_missing_roots_name_the_layout(tmp_path: Path) -> None:
