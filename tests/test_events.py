@@ -7,18 +7,21 @@ import os
 import shutil
 import stat
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 
-from spikingformer.data import event_datasets
+from spikingformer.data import event_datasets, sample_name
 from spikingformer.data.emulator import emulate_dvs, saccade_path
 from spikingformer.data.event_augment import EventAugment, apply_op
 from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DigitsDVS, DVS128Gesture
 from spikingformer.data.events import (
     EventFileError,
+    EventFileWarning,
     integrate_frames_by_count,
     integrate_frames_by_time,
     make_events,
@@ -110,18 +113,61 @@ def synthetic_events(n: int, seed: int, t0: int = 1000) -> np.ndarray:
 
 def test_read_aedat2_hand_written(tmp_path: Path) -> None:
     f = tmp_path / "rec.aedat"
-    # address = y << 8 | x << 1 | p
+    # raw address = y << 8 | x_raw << 1 | bit0, with x = 127 - x_raw and ON = bit0 0 (jAER's DVS128.Extractor)
     write_aedat2(f, [0x0000070B, 0x00007F00, 0x000000FE], [100, 250, 251])
     ev = read_aedat2(f)
-    assert ev["x"].tolist() == [5, 0, 127]
+    assert ev["x"].tolist() == [122, 127, 0]
     assert ev["y"].tolist() == [7, 127, 0]
-    assert ev["p"].tolist() == [1, 0, 0]
+    assert ev["p"].tolist() == [0, 1, 1]
     assert ev["t"].tolist() == [100, 250, 251]
-    rm = remap_cifar10dvs(ev)  # x' = 127 - y, y' = 127 - x, p' = 1 - p
+    rm = remap_cifar10dvs(ev)  # SpikingJelly on the raw fields: x' = 127 - y, y' = 127 - x_raw, p' = 1 - bit0
     assert rm["x"].tolist() == [120, 0, 127]
     assert rm["y"].tolist() == [122, 127, 0]
     assert rm["p"].tolist() == [0, 1, 1]
     assert rm["t"].tolist() == [100, 250, 251]
+
+
+def test_aedat2_drops_sync_events_with_a_count(tmp_path: Path) -> None:
+    """Bit 15 (jAER's sync/external-input flag) or higher: not a pixel, dropped and counted, never folded."""
+    f = tmp_path / "sync.aedat"
+    write_aedat2(f, [0x0000070B, 0x000080FF, 0x00008000, 0x00010000, 0x00007F00], [1, 2, 3, 4, 5])
+    with pytest.warns(EventFileWarning, match=r"sync.aedat: dropped 3 of 5 events outside the 128x128 sensor"):
+        ev = read_aedat2(f)
+    assert ev["t"].tolist() == [1, 5] and ev["y"].tolist() == [7, 127]
+
+
+def test_aedat2_truncated_header_and_empty_recording(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.aedat"
+    cut.write_bytes(AEDAT2_HEADER[:40])  # ends inside the second header line
+    with pytest.raises(EventFileError, match=r"cut.aedat: truncated AEDAT 2.0 file: it ends inside its '#' header"):
+        read_aedat2(cut)
+    empty = tmp_path / "header_only.aedat"
+    empty.write_bytes(AEDAT2_HEADER)
+    with pytest.warns(EventFileWarning, match="header_only.aedat: the recording holds no events"):
+        assert read_aedat2(empty).size == 0
+    with pytest.raises(EventFileError, match="missing AEDAT 2.0 header"):
+        (tmp_path / "zero.aedat").write_bytes(b"")
+        read_aedat2(tmp_path / "zero.aedat")
+
+
+def test_aedat31_and_nmnist_drop_out_of_sensor_events_and_warn_when_empty(tmp_path: Path) -> None:
+    f = tmp_path / "wide.aedat"
+    payload = polarity_payload([(5, 6, 1, 1, 10), (128, 0, 1, 1, 11), (0, 4000, 0, 1, 12)])
+    f.write_bytes(AEDAT31_HEADER + aedat31_packet(1, 8, 0, payload, 3, 3))
+    with pytest.warns(EventFileWarning, match=r"wide.aedat: dropped 2 of 3 events outside the 128x128 sensor"):
+        ev = read_aedat31(f)
+    assert ev["x"].tolist() == [5] and ev["y"].tolist() == [6]
+    g = tmp_path / "header_only.aedat"
+    g.write_bytes(AEDAT31_HEADER)
+    with pytest.warns(EventFileWarning, match="header_only.aedat: the recording holds no events"):
+        assert read_aedat31(g).size == 0
+    n = tmp_path / "7.bs2"
+    write_nmnist(n, [(1, 2, 1, 100), (34, 2, 1, 101), (3, 200, 0, 102)])
+    with pytest.warns(EventFileWarning, match=r"7.bs2: dropped 2 of 3 events outside the 34x34 sensor"):
+        assert read_nmnist(n)["t"].tolist() == [100]
+    (tmp_path / "0.bs2").write_bytes(b"")
+    with pytest.warns(EventFileWarning, match="0.bs2: the recording holds no events"):
+        assert read_nmnist(tmp_path / "0.bs2").size == 0
 
 
 def test_read_aedat31_hand_written(tmp_path: Path) -> None:
@@ -180,13 +226,37 @@ def test_real_aedat2_files_decode() -> None:
     need(AEDAT2_DIR, "DVS128 AEDAT 2.0 recordings")
     files = sorted(AEDAT2_DIR.glob("*.aedat"))
     assert len(files) == 12
+    with_sync = {}
     for f in files:
-        ev = read_aedat2(f)
-        assert ev.size > 1000, f
+        data = f.read_bytes()
+        words = np.frombuffer(data[_header_length(data):], ">u4")
+        sync = int(np.count_nonzero(words[0::2] >> 15))  # addresses with bit 15 or higher set
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ev = read_aedat2(f)
+        if sync:
+            with_sync[f.name] = sync
+            assert [str(w.message) for w in caught] == [
+                f"{f}: dropped {sync} of {words.size // 2} events outside the 128x128 sensor (addresses with bit 15 "
+                f"or higher set: jAER sync/special events, not pixels)"]
+        else:
+            assert not caught
+        assert ev.size == words.size // 2 - sync > 1000, f
         assert ev["x"].min() >= 0 and ev["x"].max() < 128
         assert ev["y"].min() >= 0 and ev["y"].max() < 128
         assert set(np.unique(ev["p"]).tolist()) <= {0, 1}
         assert np.all(np.diff(ev["t"]) >= 0), f
+    # three recordings hold such events; the reader used to fold them into row 0
+    assert with_sync == {"rotated_cam255_alex_standing_up2.aedat": 99, "rotated_cam255_neal_standing_up.aedat": 80,
+                         "rotated_cam255_neal_standing_up2.aedat": 113}
+
+
+def _header_length(data: bytes) -> int:
+    """Bytes of the '#' header lines at the start of an AEDAT 2.0 file."""
+    pos = 0
+    while data[pos:pos + 1] == b"#":
+        pos = data.index(b"\n", pos) + 1
+    return pos
 
 
 def test_real_nmnist_files_decode() -> None:
@@ -412,6 +482,7 @@ def test_nmnist_shared_small_set(tmp_path: Path) -> None:
     assert label == 5  # train1K.txt: "1 5"
     assert frames.dtype == torch.float32 and frames.shape == (8, 2, 34, 34)
     assert frames.sum().item() == (NMNIST_SMALL / "1.bs2").stat().st_size // 5
+    assert sample_name(ds, 0) == str(NMNIST_SMALL / "1.bs2")
     test = NMNIST(NMNIST_SMALL, train=False, T=8, cache_dir=tmp_path, pad_to=48)
     assert len(test) == 100 and test.frame_size == (48, 48)
     frames, label = test[0]
@@ -543,6 +614,8 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
     assert DVS128Gesture(root, train=True, T=4, cache_dir=tmp_path / "cache").targets == [4]
     assert DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache").targets == [1, 10]
     assert tr.num_classes == 11 and len(tr.classes) == 11
+    # messages about a sample (non-finite batches) name its recording and segment
+    assert sample_name(Subset(tr, [1, 0]), 0) == f"{root / 'user01_fluorescent.aedat'} segment 001"
 
 
 def test_missing_roots_name_the_layout(tmp_path: Path) -> None:

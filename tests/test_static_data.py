@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
+import spikingformer as sf
 from conftest import DATA, require
 from spikingformer.config import DataSection, load_config
-from spikingformer.data import build_dataset
-from spikingformer.data.static import digits_split
+from spikingformer.data import build_dataset, check_batch
+from spikingformer.data.static import ImageFolder, UnreadableImageWarning, digits_split
+from spikingformer.engine.distributed import Runtime
+from spikingformer.engine.trainer import evaluate, make_loader
+from spikingformer.models import NonFiniteInputError
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -93,3 +98,66 @@ def test_imagenet_folders_and_missing_roots(tmp_path):
         build_dataset(DataSection(dataset="imagenet", data_dir=str(tmp_path / "x")), 224, train=True)
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid datasets: digits"):
         build_dataset(DataSection(dataset="mnist"), 32, train=True)
+
+
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+def write_cifar_folders(root, per_class=2):
+    """A CIFAR-10 class-folder tree of tiny PNGs (grey level = class * 20 + index)."""
+    for split in ("train", "test"):
+        for c, name in enumerate(CIFAR_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((32, 32, 3), c * 20 + i, np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_unreadable_files_in_an_image_folder_are_named_and_skipped(tmp_path):
+    write_cifar_folders(tmp_path)
+    text = tmp_path / "test" / "cat" / "notes.png"
+    text.write_text("this is not an image")
+    good = tmp_path / "test" / "dog" / "0.png"
+    cut = tmp_path / "test" / "dog" / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])  # a PNG cut after its header
+    cfg = load_config("cifar10", {"data_dir": str(tmp_path)}).data
+    test = build_dataset(cfg, 32, train=False)
+    assert len(test) == 22
+    runtime = Runtime(device=torch.device("cpu"))
+    loader = make_loader(test, 4, False, runtime, 0, 0)
+    with pytest.warns(UnreadableImageWarning) as caught:
+        sizes = [len(target) for _, target in loader]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert messages[0].startswith(f"skipping {text}: not a readable image (UnidentifiedImageError")
+    assert messages[1].startswith(f"skipping {cut}: not a readable image")
+    assert sum(sizes) == 20
+    model = sf.create_model("spikingformer_cifar10_4_256", embed_dim=32, depth=1, num_heads=2, time_steps=1)
+    with pytest.warns(UnreadableImageWarning):
+        assert evaluate(model, loader, runtime, None)["samples"] == 20
+
+
+def test_non_finite_images_stop_the_loop_naming_the_file(tmp_path):
+    """A sample that turns into NaN (here through its transform) stops training and evaluation with
+    the batch and its file named, also behind the shuffled, sharded training sampler."""
+    write_cifar_folders(tmp_path, per_class=3)
+    poisoned = tmp_path / "train" / "frog" / "1.png"
+
+    def transform(image):
+        x = pil_to_tensor(image).float() / 255
+        return x * float("nan") if x[0, 0, 0] == (6 * 20 + 1) / 255 else x
+
+    data = ImageFolder(str(tmp_path / "train"), transform=transform)
+    runtime = Runtime(device=torch.device("cpu"))
+    for train in (True, False):
+        loader = make_loader(data, 4, train, runtime, 0, seed=3)
+        if train:
+            loader.sampler.set_epoch(1)
+        with pytest.raises(NonFiniteInputError) as err:
+            for step, (images, _) in enumerate(loader):
+                check_batch(images, loader, step)
+        bad_row = int((~torch.isfinite(images)).flatten(1).any(1).nonzero())
+        assert str(err.value).startswith(
+            f"batch {step} (from 0) of the data holds NaN or infinite values (samples {bad_row}: {poisoned} of the batch)")
+    model = sf.create_model("spikingformer_cifar10_4_256", embed_dim=32, depth=1, num_heads=2, time_steps=1)
+    with pytest.raises(NonFiniteInputError, match=f"{poisoned} of the batch"):
+        evaluate(model, loader, runtime, None)

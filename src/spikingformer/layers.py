@@ -73,7 +73,8 @@ def _bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) -
 
     In inference (no autograd, BN with running statistics) the BN overwrites ``y``, a temporary of
     the tokenizer's, instead of allocating a second map of the same size: PyTorch's own BN kernel
-    with ``out=`` its input, so the values are those of the module call.
+    with ``out=`` its input, so the values are those of the module call. ``y`` must therefore own
+    its memory (no expanded view; see :meth:`SpikingTokenizer.encode_static`).
     """
     bn = stage.bn
     if not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.affine \
@@ -256,9 +257,12 @@ class SpikingTokenizer(nn.Module):
         Same result as ``forward(images.expand(T, ...))``, but the first convolution runs once
         instead of T times (every step sees the same image); BatchNorm still sees all T copies,
         so its batch statistics and running estimates are exactly those of the repeated input.
+        The T copies are materialised (``contiguous``, not ``reshape``, which for a batch of one
+        would return a stride-0 view of one map): the stages after the stem may overwrite their
+        input in place (:func:`_bn_spike_pool`), which needs memory of its own.
         """
         y = self.stages[0].conv(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = y.unsqueeze(0).expand(time_steps, *y.shape).reshape(-1, *y.shape[1:]).permute(0, 3, 1, 2)  # (T*B, C, H, W)
+        y = y.unsqueeze(0).expand(time_steps, *y.shape).contiguous().flatten(0, 1).permute(0, 3, 1, 2)  # (T*B, C, H, W)
         return self._forward_after_stem(y.view(time_steps, images.shape[0], *y.shape[1:]))
 
     def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,10 @@ def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list
 def dataset_batches(config, section, batches: int, batch_size: int) -> list[torch.Tensor]:
     """The first ``batches`` batches of a data set's test split (``section``: a
     :class:`~spikingformer.config.DataSection`), shaped for the model."""
-    from spikingformer.data import build_dataset
+    from spikingformer.data import build_dataset, collate
 
     data = build_dataset(section, config.img_size, train=False)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out: list[torch.Tensor] = []
     for x, _ in loader:
         out.append(x.float())

@@ -2,12 +2,14 @@
 
 Static images come out as ``(C, H, W)`` tensors, event data as ``(T, 2, H, W)`` frames (batched
 by the DataLoader to ``(B, C, H, W)`` and ``(B, T, 2, H, W)``, the models' input convention).
-Every data set carries ``num_classes`` and ``classes``.
+Every data set carries ``num_classes`` and ``classes``. Load them with :func:`collate` (it leaves
+out images a folder data set could not decode) and check each batch with :func:`check_batch`.
 """
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 STATIC = ("digits", "cifar10", "cifar100", "imagenet")
 EVENT = ("digits_dvs", "nmnist", "cifar10_dvs", "dvs128_gesture")
@@ -63,3 +65,44 @@ def _event_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     if name == "cifar10_dvs":
         return ev.CIFAR10DVS(**files)
     return ev.DVS128Gesture(**files)
+
+
+def collate(samples: list):
+    """``default_collate`` of the samples a data set could read: ``None`` items (files
+    :class:`~spikingformer.data.static.ImageFolder` could not decode, each named in a warning) are
+    left out of the batch."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise ValueError(f"none of the {len(samples)} images of a batch could be read (the warnings above name "
+                         f"the files); check the data folder")
+    return default_collate(kept)
+
+
+def sample_name(dataset: Dataset, index: int) -> str:
+    """The file behind item ``index`` of ``dataset`` (through any ``Subset``), or ``item <index>``."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)  # torchvision's ImageFolder
+    if samples is not None:
+        return str(samples[index][0])
+    source = getattr(dataset, "sample_source", None)  # the event data sets
+    return source(index) if source is not None else f"item {index} of {type(dataset).__name__}"
+
+
+def check_batch(images: torch.Tensor, loader: DataLoader, step: int) -> None:
+    """Stop with :class:`~spikingformer.models.transformer.NonFiniteInputError` if batch ``step`` of
+    ``loader`` holds NaN or infinite values, naming the batch and the files of the bad samples.
+
+    One ``torch.isfinite(images).all()`` per batch; the files are looked up only on failure, by
+    replaying the loader's (deterministic) batch sampler. Call it before mixing samples (mixup).
+    """
+    from spikingformer.models.transformer import check_finite
+
+    def names(rows: list[int]) -> list[str]:
+        sampler = getattr(loader, "batch_sampler", None)
+        batch = next((b for i, b in enumerate(sampler) if i == step), None) if sampler is not None else None
+        if batch is None or len(batch) != len(images):  # unknown, or unreadable files were left out
+            return []
+        return [sample_name(loader.dataset, batch[r]) for r in rows]
+
+    check_finite(images, f"batch {step} (from 0) of the data", names)

@@ -216,6 +216,10 @@ class _FileFrameDataset(Dataset, abc.ABC):
             return cached
         return self._build(i)
 
+    def sample_source(self, i: int) -> str:
+        """The file of sample i (for messages)."""
+        return str(self._sources[i][0])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
@@ -367,6 +371,10 @@ class DVS128Gesture(_FileFrameDataset):
                 self._keys.append(f"{aedat.stem}/{k:03d}")
                 self._sources.append([aedat, csv_path])
                 self.targets.append(int(lab))
+
+    def sample_source(self, i: int) -> str:
+        """The recording of sample i and its segment (for messages)."""
+        return f"{self._sources[i][0]} segment {self._keys[i].rsplit('/', 1)[1]}"
 
     def _build(self, i: int) -> np.ndarray:
         aedat, csv_path = self._sources[i]

@@ -7,7 +7,8 @@ Events are a numpy structured array of dtype :data:`EVENT_DTYPE` with fields
 * ``y`` (int16): row, ``0 <= y < height``,
 * ``p`` (uint8): polarity, 0 (OFF, brightness decrease) or 1 (ON, increase).
 
-Build one with :func:`make_events`. Events keep their file order.
+Build one with :func:`make_events`. Events keep their file order. Coordinates and polarity follow the
+recording software's convention for the sensor (jAER's for DVS128 AEDAT 2.0, see :func:`read_aedat2`).
 
 Readers
     :func:`read_aedat2` (AEDAT 2.0, the container of the original CIFAR10-DVS files and of jAER DVS128
@@ -15,6 +16,10 @@ Readers
     :func:`read_aedat31` (DVS128 Gesture, AEDAT 3.1 packets), :func:`read_gesture_labels` and
     :func:`split_gesture_segments` (the gesture ``*_labels.csv`` files), :func:`read_nmnist` (N-MNIST
     ``.bin``/``.bs2``). A malformed file raises :class:`EventFileError` naming the file and the byte offset.
+    Events outside the sensor (special/sync addresses, corrupt records) are dropped with one
+    :class:`EventFileWarning` per file giving their count, never folded into the frame; a recording
+    with no events gives an :class:`EventFileWarning` too. The readers' behaviour on damaged files is
+    fuzzed (``tests/test_event_fuzz.py``): they raise :class:`EventFileError` or decode.
 
 Frame integration
     :func:`integrate_frames_by_count` (SpikingJelly's ``integrate_events_by_fixed_frames_number`` with
@@ -28,6 +33,7 @@ from __future__ import annotations
 import csv
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -56,6 +62,27 @@ class EventFileError(ValueError):
 
     The message names the file, the byte offset (where it applies) and what to do about it.
     """
+
+
+class EventFileWarning(UserWarning):
+    """An event file decoded, but not entirely: events outside the sensor were dropped, or it holds none."""
+
+
+def _in_sensor(path: Path, t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, sensor: tuple[int, int],
+               what: str) -> np.ndarray:
+    """The events with ``0 <= x < width`` and ``0 <= y < height`` (``sensor`` = (height, width)); warns once
+    with the count of the others (``what`` says what they are), which are dropped, never folded."""
+    height, width = sensor
+    keep = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    dropped = int(keep.size - np.count_nonzero(keep))
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} of {keep.size} events outside the {height}x{width} sensor "
+                      f"({what})", EventFileWarning, stacklevel=3)
+        t, x, y, p = t[keep], x[keep], y[keep], p[keep]
+    if t.size == 0:
+        warnings.warn(f"{path}: the recording holds no events; its frames will be all zero", EventFileWarning,
+                      stacklevel=3)
+    return make_events(t, x, y, p)
 
 
 def make_events(t: np.ndarray | list, x: np.ndarray | list, y: np.ndarray | list,
@@ -88,31 +115,39 @@ def make_events(t: np.ndarray | list, x: np.ndarray | list, y: np.ndarray | list
 # AEDAT 2.0
 
 
-def _skip_hash_header(data: bytes) -> int:
-    """Return the offset of the first byte after the leading '#' header lines of ``data``."""
+def _skip_hash_header(data: bytes) -> int | None:
+    """The offset of the first byte after the leading '#' header lines of ``data``; None when the data ends
+    inside a header line (no closing newline)."""
     pos = 0
     n = len(data)
     while pos < n and data[pos:pos + 1] == b"#":
         nl = data.find(b"\n", pos)
         if nl < 0:
-            return n
+            return None
         pos = nl + 1
     return pos
+
+
+_DVS128_PIXEL_BITS = 0x7FFF  # y (bits 8-14), x (bits 1-7), polarity (bit 0); bit 15 marks jAER sync events
 
 
 def read_aedat2(path: PathLike) -> np.ndarray:
     """Read a jAER AEDAT 2.0 file of a DVS128 (128x128) sensor, e.g. an original CIFAR10-DVS recording.
 
     Layout: ASCII header lines starting with ``#`` (the first one ``#!AER-DAT2.0``), then big-endian uint32
-    pairs (address, timestamp in us). x = (a >> 1) & 0x7F, y = (a >> 8) & 0x7F, p = a & 1. No remapping is
-    applied here; CIFAR10-DVS needs :func:`remap_cifar10dvs` on top.
+    pairs (address, timestamp in us). The address is decoded as jAER's ``DVS128.Extractor`` does:
+    x = 127 - ((a >> 1) & 0x7F) (jAER flips x), y = (a >> 8) & 0x7F, and p = 1 - (a & 1) (the sensor signals
+    ON with address bit 0 = 0; jAER's extractor flips it so that 1 is ON, as :data:`EVENT_DTYPE`).
+    Addresses with bit 15 or any higher bit set are not pixel events (jAER: external-input sync events,
+    special events): they are dropped with an :class:`EventFileWarning` giving their count.
+    CIFAR10-DVS needs :func:`remap_cifar10dvs` on top.
 
     Returns:
         Events of dtype :data:`EVENT_DTYPE`, shape (N,), in file order.
 
     Raises:
-        EventFileError: missing ``#!AER-DAT2.0`` header, or a data section whose size is not a multiple of
-            8 bytes (truncated file).
+        EventFileError: missing ``#!AER-DAT2.0`` header, a file that ends inside its header, or a data
+            section whose size is not a multiple of 8 bytes (truncated file).
     """
     path = Path(path)
     data = path.read_bytes()
@@ -121,6 +156,10 @@ def read_aedat2(path: PathLike) -> np.ndarray:
             f"{path}: missing AEDAT 2.0 header: the file must start with '#!AER-DAT2.0' "
             f"(found {data[:16]!r}); is it an AEDAT 3.1 file (use read_aedat31) or not an AEDAT file?")
     start = _skip_hash_header(data)
+    if start is None:
+        raise EventFileError(
+            f"{path}: truncated AEDAT 2.0 file: it ends inside its '#' header (byte offset {len(data)}, no "
+            f"closing newline), before any event. Re-copy or re-download the file.")
     payload = len(data) - start
     if payload % 8:
         good = start + (payload // 8) * 8
@@ -131,14 +170,20 @@ def read_aedat2(path: PathLike) -> np.ndarray:
     words = np.frombuffer(data, dtype=">u4", offset=start)
     addr = words[0::2].astype(np.int64)
     ts = words[1::2].astype(np.int64)
-    return make_events(ts, (addr >> 1) & 0x7F, (addr >> 8) & 0x7F, addr & 1)
+    pixel = (addr & ~_DVS128_PIXEL_BITS) == 0
+    x = np.where(pixel, 127 - ((addr >> 1) & 0x7F), -1)  # -1: outside the sensor, dropped with a count
+    return _in_sensor(path, ts, x, (addr >> 8) & 0x7F, 1 - (addr & 1), DVS128_SENSOR,
+                      "addresses with bit 15 or higher set: jAER sync/special events, not pixels")
 
 
 def remap_cifar10dvs(events: np.ndarray) -> np.ndarray:
     """Apply the CIFAR10-DVS remapping of SpikingJelly (used by the Spikingformer authors).
 
-    x' = 127 - y, y' = 127 - x, p' = 1 - p (``spikingjelly/datasets/cifar10_dvs.py``, ``load_origin_data``).
-    It transposes/flips the raw DVS128 addresses into upright images.
+    On the raw address fields SpikingJelly's ``load_origin_data`` (``spikingjelly/datasets/cifar10_dvs.py``)
+    maps x' = 127 - y_raw, y' = 127 - x_raw, p' = 1 - p_raw, turning the recordings upright. On events in
+    jAER's convention from :func:`read_aedat2` (x = 127 - x_raw, p = 1 - p_raw) the same mapping reads
+    x' = 127 - y, y' = x, p' = p, which this function applies: the result equals SpikingJelly's, event for
+    event.
 
     Args:
         events: events of dtype :data:`EVENT_DTYPE` read by :func:`read_aedat2`, shape (N,).
@@ -148,8 +193,7 @@ def remap_cifar10dvs(events: np.ndarray) -> np.ndarray:
     """
     out = events.copy()
     out["x"] = 127 - events["y"]
-    out["y"] = 127 - events["x"]
-    out["p"] = 1 - events["p"]
+    out["y"] = events["x"]
     return out
 
 
@@ -167,7 +211,8 @@ def read_aedat31(path: PathLike) -> np.ndarray:
     decoded, the others are skipped. A polarity event is uint32 data + int32 timestamp (at byte
     eventTSOffset, normally 4); x = (data >> 17) & 0x1FFF, y = (data >> 2) & 0x1FFF, p = (data >> 1) & 1,
     timestamp = (eventTSOverflow << 31) | ts. Only the first eventNumber events of a packet are read, and of
-    those only the valid ones (data & 1).
+    those only the valid ones (data & 1). Events outside the 128x128 sensor are dropped with an
+    :class:`EventFileWarning` giving their count.
 
     Returns:
         Events of dtype :data:`EVENT_DTYPE`, shape (N,), in file order.
@@ -227,7 +272,8 @@ def read_aedat31(path: PathLike) -> np.ndarray:
     else:
         ts = np.zeros(0, np.int64)
         addr = np.zeros(0, np.int64)
-    return make_events(ts, (addr >> 17) & 0x1FFF, (addr >> 2) & 0x1FFF, (addr >> 1) & 1)
+    return _in_sensor(path, ts, (addr >> 17) & 0x1FFF, (addr >> 2) & 0x1FFF, (addr >> 1) & 1, DVS128_SENSOR,
+                      "corrupt polarity events")
 
 
 def read_gesture_labels(csv_path: PathLike) -> np.ndarray:
@@ -314,7 +360,8 @@ def read_nmnist(path: PathLike) -> np.ndarray:
     Layout: 5 bytes per event: byte 0 = x, byte 1 = y, bit 7 of byte 2 = polarity, bits 22..0 of bytes 2-4
     (big-endian) = timestamp in us. As in Orchard's reference reader (and tonic's), an event with y = 240 is a
     timestamp-overflow marker: it adds 2**13 us to all following timestamps and is dropped (N-MNIST files
-    contain none).
+    contain none). Other events outside the 34x34 sensor are dropped with an :class:`EventFileWarning`
+    giving their count.
 
     Returns:
         Events of dtype :data:`EVENT_DTYPE`, shape (N,), in file order.
@@ -340,7 +387,7 @@ def read_nmnist(path: PathLike) -> np.ndarray:
         t = t + np.cumsum(overflow) * (1 << 13)
         keep = ~overflow
         t, x, y, p = t[keep], x[keep], y[keep], p[keep]
-    return make_events(t, x, y, p)
+    return _in_sensor(path, t, x, y, p, NMNIST_SENSOR, "corrupt records")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,7 +488,8 @@ def integrate_frames(events: np.ndarray, T: int, height: int, width: int, split_
 
 
 __all__ = [
-    "EVENT_DTYPE", "GESTURE_LABEL_DTYPE", "DVS128_SENSOR", "NMNIST_SENSOR", "EventFileError", "make_events",
+    "EVENT_DTYPE", "GESTURE_LABEL_DTYPE", "DVS128_SENSOR", "NMNIST_SENSOR", "EventFileError", "EventFileWarning",
+    "make_events",
     "read_aedat2", "remap_cifar10dvs", "read_aedat31", "read_gesture_labels", "split_gesture_segments",
     "read_nmnist", "integrate_frames_by_count", "integrate_frames_by_time", "integrate_frames",
 ]

@@ -8,11 +8,14 @@ crop and normalisation constants, REFERENCE.md s.5.1).
 
 from __future__ import annotations
 
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import Dataset
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -83,6 +86,33 @@ def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
     )
 
 
+class UnreadableImageWarning(UserWarning):
+    """A file in an image folder could not be decoded and was left out of its batch."""
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ``ImageFolder`` that skips a file it cannot decode instead of failing mid-epoch.
+
+    Such a file (not an image, truncated, unreadable) gives one :class:`UnreadableImageWarning`
+    naming it, and the item comes back as ``None``, which :func:`spikingformer.data.collate` leaves
+    out of the batch (evaluation then counts one image less, shown in its ``samples``).
+    """
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as err:
+            warnings.warn(f"skipping {path}: not a readable image ({type(err).__name__}: {err}); delete or "
+                          f"replace the file", UnreadableImageWarning, stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
 def _with_classes(dataset: Dataset, classes: list[str]) -> Dataset:
     dataset.num_classes = len(classes)
     dataset.classes = list(classes)
@@ -106,7 +136,7 @@ def cifar(name: str, root: str | Path, train: bool, transform) -> Dataset:
         return _with_classes(ds, ds.classes)
     split = root / ("train" if train else "test")
     if split.is_dir():
-        ds = torchvision.datasets.ImageFolder(str(split), transform=transform)
+        ds = ImageFolder(str(split), transform=transform)
         expected_classes = 10 if name == "cifar10" else 100
         if len(ds.classes) != expected_classes:
             raise ValueError(f"{split} has {len(ds.classes)} class folders, {name} has {expected_classes}")
@@ -122,7 +152,7 @@ def imagenet(root: str | Path, train: bool, transform) -> Dataset:
     split = root / ("train" if train else "val")
     if not split.is_dir():
         raise _layout_error("ImageNet", root, f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (val sorted into class folders)")
-    ds = torchvision.datasets.ImageFolder(str(split), transform=transform)
+    ds = ImageFolder(str(split), transform=transform)
     return _with_classes(ds, ds.classes)
 
 

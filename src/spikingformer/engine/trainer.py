@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from spikingformer import checkpoints
 from spikingformer.config import TrainConfig, validate
-from spikingformer.data import build_dataset
+from spikingformer.data import build_dataset, check_batch, collate
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
@@ -100,6 +100,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
         shuffle=False,
         drop_last=train,
         num_workers=workers,
+        collate_fn=collate,  # leaves out images a folder data set could not decode (warned, named)
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=workers > 0,
     )
@@ -145,7 +146,8 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: 
     model.eval()
     meter = FiringRateMeter(model)
     sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, count
-    for images, target in loader:
+    for step, (images, target) in enumerate(loader):
+        check_batch(images, loader, step)
         images = images.to(runtime.device, non_blocking=True)
         target = target.to(runtime.device, non_blocking=True)
         with _autocast(runtime.device, amp_dtype):
@@ -342,6 +344,7 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     sums = torch.zeros(3, dtype=torch.float64)
     t0, seen = time.perf_counter(), 0
     for step, (images, target) in enumerate(bar):
+        check_batch(images, loader, step)
         images = images.to(runtime.device, non_blocking=True)
         hard_target = target = target.to(runtime.device, non_blocking=True)
         if st.mixup_fn is not None:

@@ -9,14 +9,16 @@ from spikingformer.models.official import (
     load_weights,
     official_to_native,
 )
-from spikingformer.models.transformer import ModelConfig, SpikingTransformer
+from spikingformer.models.transformer import ModelConfig, NonFiniteInputError, SpikingTransformer, check_finite
 from spikingformer.models.zoo import PAPER_PARAMS_M, ZOO, create_model, list_models, model_config, register_with_timm
 
 __all__ = [
     "CheckpointKeyError",
     "ModelConfig",
+    "NonFiniteInputError",
     "PAPER_PARAMS_M",
     "SpikingTransformer",
+    "check_finite",
     "ZOO",
     "create_model",
     "extract_state_dict",

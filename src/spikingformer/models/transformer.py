@@ -10,6 +10,14 @@ Input convention (the API edge):
   encoding);
 * event frames ``(B, T, C, H, W)`` (batch first, as DataLoaders give them): T comes from the data.
 
+``B >= 1``; H and W multiples of ``config.downsample``; a floating-point tensor (another floating
+dtype than the weights' is cast to it; integer tensors are refused, since uint8 images need the
+training normalisation first). Every violation raises ``ValueError`` naming the expected input.
+
+Non-finite input (NaN, inf) is not detected by ``forward``: a comparison with NaN never fires, so a
+NaN image gives the finite logits of an all-zero image. :meth:`SpikingTransformer.check_input`
+(and :func:`check_finite`) check it; the training and evaluation loops call it on every batch.
+
 Output: logits ``(B, num_classes)``.
 """
 
@@ -32,6 +40,29 @@ from spikingformer.layers import (
 )
 
 ARCHS = {"spikingformer": ResidualStyle.SPIKE_DRIVEN, "spikformer": ResidualStyle.SPIKFORMER}
+
+
+class NonFiniteInputError(ValueError):
+    """An input tensor holds NaN or infinite values (the message says where)."""
+
+
+def check_finite(x: torch.Tensor, what: str = "input", names=None) -> None:
+    """Raise :class:`NonFiniteInputError` if ``x`` holds a NaN or an infinity.
+
+    One reduction over ``x`` (``torch.isfinite(x).all()``); only when it fails are the offending
+    samples (rows of the first dimension) located for the message, which calls ``x`` ``what`` and,
+    given ``names`` (a function of the list of bad rows), names their files.
+    """
+    if not x.is_floating_point() or bool(torch.isfinite(x).all()):
+        return
+    bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist() if x.dim() > 1 else []
+    files = names(bad[:8]) if (names is not None and bad) else []
+    listed = ", ".join(f"{r}: {f}" for r, f in zip(bad, files)) if files else ", ".join(map(str, bad[:8]))
+    rows = f" (samples {listed}{' ...' if len(bad) > 8 else ''} of the batch)" if bad else ""
+    raise NonFiniteInputError(
+        f"{what} holds NaN or infinite values{rows}: the model would give confident logits for it (a NaN "
+        f"never makes a neuron fire); fix or drop those samples"
+    )
 
 
 @dataclass
@@ -134,23 +165,46 @@ class SpikingTransformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked against the input convention (module docstring), cast to the weights' dtype."""
         c = self.config
+        layouts = (f"static images (B, {c.in_channels}, H, W) or event frames (B, T, {c.in_channels}, H, W), "
+                   f"H and W multiples of {c.downsample}")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected a tensor of {layouts}, got {type(x).__name__}")
         if x.dim() not in (4, 5):
-            raise ValueError(
-                f"expected static images (B, C, H, W) or event frames (B, T, C, H, W), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected {layouts}; got shape {tuple(x.shape)} (add the batch dimension with "
+                             f"x.unsqueeze(0) for a single sample)")
+        if x.shape[0] == 0 or (x.dim() == 5 and x.shape[1] == 0):
+            raise ValueError(f"empty input of shape {tuple(x.shape)}: expected {layouts} with B >= 1 (and T >= 1)")
         channels, h, w = x.shape[-3:]
         if channels != c.in_channels:
-            raise ValueError(f"model expects {c.in_channels} input channels, got {channels} (input shape {tuple(x.shape)})")
-        if h % c.downsample or w % c.downsample:
+            kind = "event frames (B, T, C, H, W)" if x.dim() == 5 else "images (B, C, H, W)"
+            raise ValueError(f"model expects {c.in_channels} input channels, got {channels} (input shape "
+                             f"{tuple(x.shape)} read as {kind}); expected {layouts}")
+        if h % c.downsample or w % c.downsample or h == 0 or w == 0:
             raise ValueError(
-                f"input size {h}x{w} must be divisible by the tokenizer stride {c.downsample}; pad or resize the input"
+                f"input size {h}x{w} must be a positive multiple of the tokenizer stride {c.downsample}; pad or "
+                f"resize the input"
             )
+        weight = self.tokenizer.stages[0].conv.weight
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected a floating-point input ({weight.dtype}, the dtype of the model's weights), got {x.dtype}: "
+                f"normalise uint8 images as in training, or convert counts with x.float()"
+            )
+        return x.to(weight.dtype)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is a valid input: the shape, dtype and batch checks of
+        :meth:`forward`, and :func:`check_finite` (:class:`NonFiniteInputError` for NaN or inf
+        values, which ``forward`` does not detect)."""
+        self._prepare_input(x)
+        check_finite(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input (see module docstring) -> tokens after the last block, ``(T, B, N, D)``."""
-        self._check_input(x)
+        x = self._prepare_input(x)
         if x.dim() == 4:
             tokens = self.tokenizer.encode_static(x, self.config.time_steps)
         else:
