@@ -223,3 +223,67 @@ def test_every_command_runs_with_an_unusable_cache(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("not usable") == 1, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- native bf16 ---------------------------------------------------------------------------------
+
+
+def _cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool = False) -> None:
+    from spikingformer import runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def test_native_bf16_detection(monkeypatch):
+    from spikingformer.runtime import native_bf16
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)  # e.g. an AVX2-only EPYC: bf16 emulated
+    assert native_bf16() is False
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    assert native_bf16() is True
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False, amx=True)
+    assert native_bf16() is True
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below bf16: emulated again
+    assert native_bf16() is False
+
+
+def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):
+    from spikingformer.engine.trainer import autocast_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16  # the user asked for it: honoured, with a warning
+        assert autocast_dtype("auto", cpu) is None
+        assert autocast_dtype("off", cpu) is None
+    assert [str(w.message).count("\n") for w in caught] == [0]  # one warning, one line
+    assert "no native bf16" in str(caught[0].message) and "--amp off" in str(caught[0].message)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16
+        assert autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys):
+    import argparse
+
+    from spikingformer.benchmarking.model import drop_emulated_bf16
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)
+    args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
+    drop_emulated_bf16(args)
+    assert args.dtypes == ["fp32"]
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="--dtypes fp32"):
+        drop_emulated_bf16(argparse.Namespace(device="cpu", dtypes=["bf16"]))
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
+    drop_emulated_bf16(args)
+    assert args.dtypes == ["fp32", "bf16"] and capsys.readouterr().err == ""
