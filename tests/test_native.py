@@ -24,7 +24,7 @@ from spikingformer.kernels import cpu as cpu_kernel
 from spikingformer.models.zoo import create_model
 from spikingformer.native import NativeLibrary
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="needs a C++ compiler")
 
 SOURCE = 'extern "C" int sf_test_answer() { return 42; }\n'
 PLANTED = r"""
@@ -128,6 +128,7 @@ BREAKERS = [_root_is_a_file, _read_only, _garbage, _missing_symbols, _world_writ
             _foreign_owner]
 
 
+@needs_cxx
 def test_builds_into_a_private_directory_and_reuses_it(cache):
     lib, caught = get_with_warnings(tiny())
     assert lib.sf_test_answer() == 42 and caught == []
@@ -139,6 +140,7 @@ def test_builds_into_a_private_directory_and_reuses_it(cache):
     assert sorted(p.name for p in folder.iterdir()) == ["sf_native_test.so"]  # no temporary left behind
 
 
+@needs_cxx
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
 def test_broken_cache_still_gives_the_library_with_at_most_one_warning(breaker, cache, monkeypatch, tmp_path):
     lib = tiny()
@@ -154,6 +156,7 @@ def test_broken_cache_still_gives_the_library_with_at_most_one_warning(breaker, 
         assert len(caught) == 1 and expected in caught[0] and "private temporary directory" in caught[0], caught
 
 
+@needs_cxx
 def test_no_compiler_falls_back_with_one_warning_per_process(cache, monkeypatch):
     monkeypatch.setenv("CXX", str(cache / "no-such-compiler"))
     lib = tiny()
@@ -166,6 +169,7 @@ def test_no_compiler_falls_back_with_one_warning_per_process(cache, monkeypatch)
     assert lib.get().sf_test_answer() == 42
 
 
+@needs_cxx
 def test_target_arch_from_the_environment(cache, monkeypatch):
     native_path = tiny().path()
     monkeypatch.setenv(native.ARCH_ENV, "x86-64")
@@ -194,6 +198,7 @@ def small_model():
     return model, x, expected
 
 
+@needs_cxx
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
 def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypatch, tmp_path):
     model, x, expected = small_model
@@ -212,6 +217,7 @@ def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypa
         cpu_kernel._reset_for_tests()
 
 
+@needs_cxx
 def test_every_command_runs_with_an_unusable_cache(tmp_path):
     """The CLI builds the allocator at start and the kernel at the first forward: one warning for both."""
     blocker = tmp_path / "file"
