@@ -115,7 +115,9 @@ def test_attention_orders_agree_exactly():
 
 
 def test_static_input_encoding_equals_repeated_images():
-    """float64: the two routes sum in different orders, which in float32 could flip a spike."""
+    """One stem convolution per image equals T of them (batches of 2 and 1); in float64, as the two
+    batch sizes may take convolution algorithms that round differently and a float32 spike then
+    flips on some CPUs."""
     model = sf.create_model("spikingformer_cifar10_4_256", time_steps=3).double()
     torch.manual_seed(0)
     for batch in (2, 1):

@@ -8,27 +8,60 @@ Both are one C++ file each, built with one ``g++`` call (about a second) instead
 :class:`NativeLibrary` builds its library once per process, under a lock, never at import. The
 shared object is cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under
 a name hashed from the source, the compiler flags and a caller-given key (the CPU for
-``-march=native`` code, the PyTorch build for code compiled against its headers), and written
-atomically, so concurrent processes never load a half-written file. A failed build is remembered
-(:attr:`NativeLibrary.error`) and the caller falls back to pure PyTorch.
+``-march=native`` code, the PyTorch build for code compiled against its headers).
+
+Target ISA: ``-march=native`` in a library's flags is replaced by ``-march=$SPIKINGFORMER_NATIVE_ARCH``
+when that variable is set (``x86-64-v3`` for AVX2 machines, ``x86-64`` for any x86-64 CPU); the
+flags are part of the cache name, so each target has its own cached library.
+
+Cache policy (nothing here can take the library down):
+
+* Each library lives in its own directory, created with mode 0700. Before a cached library is
+  loaded, its directory and file must be owned by the current user and not writable by group or
+  others (and not be symbolic links); a library is compiled in a private temporary directory,
+  loaded from there and only then moved atomically to its cache name, so no process ever loads
+  a half-written or foreign file.
+* A cached file that does not load, or lacks the expected symbols, is rebuilt.
+* When the cache cannot be used (unwritable, a file in the way, not private, a file system that
+  does not allow loading), the library is built in a fresh private temporary directory for this
+  process instead, with one warning per cache directory.
+* When it cannot be built or loaded at all (no compiler, a bad target), :meth:`NativeLibrary.get`
+  returns ``None`` with one warning and the reason in :attr:`NativeLibrary.error`, and the caller
+  uses plain PyTorch. Nothing of this is remembered across processes.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import hashlib
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
+
+ARCH_ENV = "SPIKINGFORMER_NATIVE_ARCH"
+_CACHE_LAYOUT = "private-dirs-v2"  # hashed into every cache name: entries from before the checks are not reused
+_warned_caches: set[str] = set()
 
 
 class NativeBuildError(RuntimeError):
     """A native library could not be compiled or loaded."""
+
+
+class _CompileError(NativeBuildError):
+    """The compiler is missing or rejected the source or flags: building elsewhere would not help."""
+
+
+class UnsafeCacheError(NativeBuildError):
+    """A cache entry is not private to the current user, so it must not be loaded."""
 
 
 def cache_dir() -> Path:
@@ -36,11 +69,31 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def target_arch() -> str:
+    """The ``-march`` value that replaces ``native`` (``$SPIKINGFORMER_NATIVE_ARCH``, default ``native``)."""
+    return os.environ.get(ARCH_ENV, "").strip() or "native"
+
+
 def compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        raise NativeBuildError("no C++ compiler found (set CXX or install g++)")
+        raise _CompileError("no C++ compiler found (set CXX or install g++)")
     return cxx
+
+
+def check_private(path: Path) -> None:
+    """Raise :class:`UnsafeCacheError` unless ``path`` is owned by this user and not group/world-writable."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeCacheError(f"{path} is a symbolic link")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UnsafeCacheError(f"{path} is owned by user id {st.st_uid}, not by the current user ({os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or ["unknown error"])[0][:300]
 
 
 class NativeLibrary:
@@ -49,10 +102,12 @@ class NativeLibrary:
     Args:
         name: the library's file stem and cache-folder prefix.
         source: a callable returning the C++ source (read lazily).
-        flags: compiler flags placed before the source file.
+        flags: compiler flags placed before the source file (``-march=native`` is the target
+            :func:`target_arch` names).
         link_flags: flags placed after it (libraries to link).
         key: extra text hashed into the cache name (what else the binary depends on).
-        declare: sets ``argtypes``/``restype`` on the loaded :class:`ctypes.CDLL`.
+        declare: sets ``argtypes``/``restype`` on the loaded :class:`ctypes.CDLL` (a missing symbol
+            raises ``AttributeError``: the file is not this library).
     """
 
     def __init__(self, name: str, source: Callable[[], str], flags: list[str], link_flags: list[str] | None = None,
@@ -68,43 +123,100 @@ class NativeLibrary:
         self.error: str | None = None
         self.build_seconds: float | None = None  # wall time of a compile in this process (None: cached / not built)
 
+    def compile_flags(self) -> list[str]:
+        """The flags with ``-march=native`` replaced by the :func:`target_arch`."""
+        arch = target_arch()
+        return [f"-march={arch}" if flag == "-march=native" else flag for flag in self.flags]
+
     def path(self) -> Path:
         """Where the compiled library for this source, these flags and this key lives (or will)."""
-        text = "\0".join([self._source(), *self.flags, *self.link_flags, self._key()])
+        text = "\0".join([_CACHE_LAYOUT, self._source(), *self.compile_flags(), *self.link_flags, self._key()])
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         return cache_dir() / f"{self.name}_{digest}" / f"{self.name}.so"
 
-    def _compile(self, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    def _compile(self, folder: Path) -> Path:
+        """Compile into ``folder`` (private, fresh) and return the shared object's path there."""
+        arch = target_arch()
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", arch):
+            raise _CompileError(f"{ARCH_ENV}={arch!r} is not a -march value (use e.g. native, x86-64-v3, x86-64)")
         cxx = compiler()
+        src = folder / f"{self.name}.cpp"
+        src.write_text(self._source())
+        obj = folder / f"{self.name}.so"
+        cmd = [cxx, *self.compile_flags(), str(src), "-o", str(obj), *self.link_flags]
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / f"{self.name}.cpp"
-            src.write_text(self._source())
-            obj = Path(tmp) / f"{self.name}.so"
-            cmd = [cxx, *self.flags, str(src), "-o", str(obj), *self.link_flags]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise NativeBuildError(f"running {cxx} failed: {exc}") from exc
-            if proc.returncode != 0:
-                raise NativeBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
-            os.replace(obj, target)  # atomic: concurrent processes see either nothing or the whole file
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _CompileError(f"running {cxx} failed: {exc}") from exc
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or [""]
+            raise _CompileError(f"{cxx} failed: {errors[0].strip()[:300]}\n{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
         self.build_seconds = time.perf_counter() - start
+        os.chmod(obj, 0o700)  # private whatever the umask
+        return obj
+
+    def _open(self, path: Path) -> ctypes.CDLL:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeBuildError(f"loading {path} failed: {exc}") from exc
+        try:
+            self._declare(lib)
+        except AttributeError as exc:
+            _ctypes.dlclose(lib._handle)  # unmapped, so a rebuilt file at this path is not shadowed by it
+            raise NativeBuildError(f"{path} lacks an expected symbol: {exc}") from exc
+        return lib
+
+    def _load_cached(self, target: Path) -> ctypes.CDLL:
+        """Load the cached library, (re)building it into the cache when it is absent or does not load."""
+        folder = target.parent
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        check_private(folder)
+        if os.path.lexists(target):
+            check_private(target)
+            try:
+                return self._open(target)
+            except NativeBuildError:
+                pass  # a corrupt or foreign file: replaced below
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            obj = self._compile(Path(tmp))
+            lib = self._open(obj)  # loaded under its unique temporary name, so never a stale handle
+            os.replace(obj, target)  # atomic: other processes see the old file or the whole new one
+        return lib
+
+    def _load_private(self) -> ctypes.CDLL:
+        """Build and load in a fresh private temporary directory, removed afterwards."""
+        with tempfile.TemporaryDirectory(prefix=f"{self.name}_") as tmp:
+            return self._open(self._compile(Path(tmp)))
 
     def _load(self) -> ctypes.CDLL:
         target = self.path()
-        if not target.exists():
-            self._compile(target)
         try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as exc:
-            raise NativeBuildError(f"loading {target} failed: {exc}") from exc
-        self._declare(lib)
+            return self._load_cached(target)
+        except _CompileError:
+            raise
+        except (OSError, NativeBuildError) as exc:
+            reason = _first_line(str(exc) or type(exc).__name__)
+        try:
+            lib = self._load_private()
+        except Exception as exc:
+            raise NativeBuildError(f"the build cache is unusable ({reason}) and so is a private temporary "
+                                   f"directory ({_first_line(str(exc))})") from exc
+        root = str(target.parent.parent)
+        if root not in _warned_caches:
+            _warned_caches.add(root)
+            warnings.warn(f"spikingformer: native build cache {root} not usable ({reason}); building in a private "
+                          "temporary directory for this process instead (point TORCH_EXTENSIONS_DIR at a private "
+                          "writable directory to keep the build)", RuntimeWarning, stacklevel=4)
         return lib
 
     def get(self) -> ctypes.CDLL | None:
-        """The loaded library, building it on first use; ``None`` (see :attr:`error`) if it cannot be built.
+        """The loaded library, building it on first use; ``None`` (one warning, see :attr:`error`) if it cannot be.
 
         Thread-safe and once per process: a forked child (DataLoader worker) reuses the parent's
         loaded library, and a fresh process finds the cached shared object on disk.
@@ -117,8 +229,10 @@ class NativeLibrary:
             if self.lib is None and self.error is None:
                 try:
                     self.lib = self._load()
-                except NativeBuildError as exc:
-                    self.error = str(exc)
+                except Exception as exc:  # native code must never take the library down
+                    self.error = str(exc) or type(exc).__name__
+                    warnings.warn(f"spikingformer: native library {self.name} unavailable ({_first_line(self.error)}); "
+                                  "using plain PyTorch instead", RuntimeWarning, stacklevel=3)
         return self.lib
 
     def reset(self) -> None:

@@ -211,7 +211,7 @@ def _matmul_worker(job: dict) -> dict:
     sync = MemoryProbe(device).synchronize
     n = job["n"]
     out = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in job["dtypes"]:
         dt = torch.float32 if dtype == "fp32" else torch.bfloat16
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
@@ -308,6 +308,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="instead of the comparison: where one training step's time goes (torch.profiler, grouped)")
 
 
+def drop_emulated_bf16(args: argparse.Namespace) -> None:
+    """On a CPU without native bf16 (:func:`spikingformer.runtime.native_bf16`), drop bf16 from
+    ``args.dtypes`` with one line on stderr: emulated bf16 times measure the emulation."""
+    from spikingformer.runtime import BF16_EMULATED, native_bf16
+
+    if args.device != "cpu" or "bf16" not in args.dtypes or native_bf16():
+        return
+    args.dtypes = [d for d in args.dtypes if d != "bf16"]
+    if not args.dtypes:
+        raise ValueError(f"--dtypes bf16: {BF16_EMULATED}; benchmark fp32 here (--dtypes fp32)")
+    print(f"bf16 rows skipped: {BF16_EMULATED}", file=sys.stderr, flush=True)
+
+
 def _jobs(args: argparse.Namespace) -> list[dict]:
     jobs = []
     for key in args.models:
@@ -348,6 +361,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         args.threads = 1 if args.quick else os.cpu_count()
     if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
+    drop_emulated_bf16(args)
     sj_version = common.spikingjelly_version()
     if sj_version == "not installed":
         raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install \"spikingformer[bench]\" (SpikingJelly 0.0.0.0.14)")
@@ -355,7 +369,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     start = time.perf_counter()
     env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
     mm = common.run_worker(MODULE, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads,
-                                        device=args.device), env_default)
+                                        device=args.device, dtypes=args.dtypes), env_default)
     results = []
     for job in _jobs(args):
         job = dict(job, kind="model")
@@ -372,7 +386,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     print(f"- device: {args.device}" + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
     print(f"- dense matmul ({'512' if args.quick else '2048'}^3, median of 5; the faster route is the reference): "
           + ", ".join(f"{d} torch.mm {mm[d + '_mm'] / 1e9:.0f} / 1x1 conv {mm[d + '_onednn'] / 1e9:.0f} GFLOP/s"
-                      for d in ("fp32", "bf16")))
+                      for d in args.dtypes))
     print(f"- {args.warmup} warm-up step(s), then the median of {args.steps} steps, each configuration in a fresh "
           f"process; run took {elapsed:.0f} s; load average (1 min) at start / end: {load_start:.2f} / "
           f"{common.load_average():.2f}")
@@ -451,6 +465,7 @@ def print_profile(args: argparse.Namespace, command: str) -> None:
     from spikingformer.benchmarking import common
 
     threads = args.threads or 1
+    drop_emulated_bf16(args)
     print("# Where a training step's time goes\n")
     print(f"Command: `{command}`\n")
     print("\n".join(common.machine_lines(threads)))

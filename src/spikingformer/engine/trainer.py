@@ -14,6 +14,7 @@ import io
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
-from spikingformer.runtime import empty_cache
+from spikingformer.runtime import BF16_EMULATED, empty_cache, native_bf16, pin_threads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +47,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.bfloat16 if native_bf16() else None
+    if amp == "bf16" and device.type == "cpu" and not native_bf16():
+        warnings.warn(f"spikingformer: --amp bf16: {BF16_EMULATED} (--amp off is faster here)", RuntimeWarning, stacklevel=2)
     if amp in ("bf16", "fp16"):
         return torch.bfloat16 if amp == "bf16" else torch.float16
     raise ValueError(f"unknown amp mode '{amp}'; valid: auto, off, bf16, fp16")
@@ -57,6 +60,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        pin_threads()  # another thread count mid-run would sum in another order
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:

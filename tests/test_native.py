@@ -1,0 +1,295 @@
+"""The native build cache never takes the library down, and never loads a file it did not build.
+
+Each broken-cache case is tested twice: with a tiny library (the policy, precisely) and with the
+fused LIF kernel under a small model's CPU forward (which must still run, bit for bit as before).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikingformer import native
+from spikingformer.kernels import cpu as cpu_kernel
+from spikingformer.models.zoo import create_model
+from spikingformer.native import NativeLibrary
+
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="needs a C++ compiler")
+
+SOURCE = 'extern "C" int sf_test_answer() { return 42; }\n'
+PLANTED = r"""
+#include <cstdio>
+#include <cstdlib>
+__attribute__((constructor)) static void planted() {  // what an attacker's library would run on load
+  if (const char* p = std::getenv("SF_PLANTED_MARKER")) { if (FILE* f = std::fopen(p, "w")) std::fclose(f); }
+}
+extern "C" int sf_test_answer() { return 666; }
+"""
+NO_SYMBOL = 'extern "C" int something_else() { return 1; }\n'
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.sf_test_answer.restype = ctypes.c_int
+
+
+def tiny() -> NativeLibrary:
+    return NativeLibrary("sf_native_test", lambda: SOURCE, ["-O0", "-march=native", "-fPIC", "-shared"], declare=_declare)
+
+
+def compile_to(path: Path, source: str) -> None:
+    src = path.parent / "planted.cpp"
+    src.write_text(source)
+    subprocess.run([os.environ.get("CXX") or "g++", "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
+    src.unlink()
+
+
+def get_with_warnings(lib: NativeLibrary) -> tuple[ctypes.CDLL | None, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = lib.get()
+    return loaded, [str(w.message) for w in caught]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.setenv("SF_PLANTED_MARKER", str(tmp_path / "planted-ran"))
+    monkeypatch.delenv(native.ARCH_ENV, raising=False)
+    return root
+
+
+def private_folder(path: Path) -> Path:
+    path.parent.mkdir(parents=True, mode=0o700)
+    return path
+
+
+# -- breaking the cache: each returns the text the one warning must contain (None: no warning) ---
+
+def _root_is_a_file(lib, cache, monkeypatch):
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("not a directory")
+    return "not usable"
+
+
+def _read_only(lib, cache, monkeypatch):
+    cache.mkdir(parents=True)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # a read-only file system under the cache root (root ignores chmod)
+        if str(path).startswith(str(cache)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    return "Read-only file system"
+
+
+def _garbage(lib, cache, monkeypatch):
+    private_folder(lib.path()).write_bytes(os.urandom(4096))
+    return None  # rebuilt in place, nothing to warn about
+
+
+def _missing_symbols(lib, cache, monkeypatch):
+    compile_to(private_folder(lib.path()), NO_SYMBOL)
+    return None
+
+
+def _world_writable_dir(lib, cache, monkeypatch):
+    compile_to(private_folder(lib.path()), PLANTED)
+    lib.path().parent.chmod(0o777)
+    return "writable by group or others"
+
+
+def _group_writable_file(lib, cache, monkeypatch):
+    compile_to(private_folder(lib.path()), PLANTED)
+    lib.path().chmod(0o775)
+    return "writable by group or others"
+
+
+def _foreign_owner(lib, cache, monkeypatch):
+    compile_to(private_folder(lib.path()), PLANTED)
+    uid = os.getuid()
+    monkeypatch.setattr(native.os, "getuid", lambda: uid + 1)
+    return f"owned by user id {uid}"
+
+
+BREAKERS = [_root_is_a_file, _read_only, _garbage, _missing_symbols, _world_writable_dir, _group_writable_file,
+            _foreign_owner]
+
+
+@needs_cxx
+def test_builds_into_a_private_directory_and_reuses_it(cache):
+    lib, caught = get_with_warnings(tiny())
+    assert lib.sf_test_answer() == 42 and caught == []
+    folder, path = tiny().path().parent, tiny().path()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert path.stat().st_uid == os.getuid() and not path.stat().st_mode & 0o022
+    again = tiny()  # a fresh process: loads the cached file, no compile
+    assert again.get().sf_test_answer() == 42 and again.build_seconds is None
+    assert sorted(p.name for p in folder.iterdir()) == ["sf_native_test.so"]  # no temporary left behind
+
+
+@needs_cxx
+@pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
+def test_broken_cache_still_gives_the_library_with_at_most_one_warning(breaker, cache, monkeypatch, tmp_path):
+    lib = tiny()
+    expected = breaker(lib, cache, monkeypatch)
+    loaded, caught = get_with_warnings(lib)
+    assert loaded is not None and loaded.sf_test_answer() == 42  # ours, built here, never the planted one
+    assert not (tmp_path / "planted-ran").exists()  # the planted library was never loaded
+    if expected is None:
+        assert caught == []
+        again = tiny()  # the cache holds a good library again
+        assert again.get().sf_test_answer() == 42 and again.build_seconds is None
+    else:
+        assert len(caught) == 1 and expected in caught[0] and "private temporary directory" in caught[0], caught
+
+
+@needs_cxx
+def test_no_compiler_falls_back_with_one_warning_per_process(cache, monkeypatch):
+    monkeypatch.setenv("CXX", str(cache / "no-such-compiler"))
+    lib = tiny()
+    loaded, caught = get_with_warnings(lib)
+    assert loaded is None and len(caught) == 1 and "using plain PyTorch instead" in caught[0]
+    assert "no-such-compiler" in lib.error
+    assert get_with_warnings(lib) == (None, [])  # said once
+    monkeypatch.delenv("CXX")
+    lib.reset()  # nothing is remembered beyond the process (reset stands for a new one)
+    assert lib.get().sf_test_answer() == 42
+
+
+@needs_cxx
+def test_target_arch_from_the_environment(cache, monkeypatch):
+    native_path = tiny().path()
+    monkeypatch.setenv(native.ARCH_ENV, "x86-64")
+    lib = tiny()
+    assert "-march=x86-64" in lib.compile_flags() and "-march=native" not in lib.compile_flags()
+    assert lib.path() != native_path  # its own cache entry
+    if os.uname().machine == "x86_64":
+        assert lib.get().sf_test_answer() == 42
+    monkeypatch.setenv(native.ARCH_ENV, "x86 64; rm")
+    bad = tiny()
+    loaded, caught = get_with_warnings(bad)
+    assert loaded is None and len(caught) == 1 and native.ARCH_ENV in caught[0]
+
+
+# -- the LIF kernel under a small model's CPU forward -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = create_model("spikingformer_digits").eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert cpu_kernel.LIBRARY.lib is not None  # computed with the fused kernel
+    return model, x, expected
+
+
+@needs_cxx
+@pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
+def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypatch, tmp_path):
+    model, x, expected = small_model
+    cpu_kernel._reset_for_tests()
+    try:
+        breaker(cpu_kernel.LIBRARY, cache, monkeypatch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                out = model(x)
+        assert torch.equal(out, expected)
+        assert cpu_kernel.LIBRARY.lib is not None  # still the fused kernel: rebuilt, here or privately
+        assert len(caught) <= 1 and not (tmp_path / "planted-ran").exists()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._reset_for_tests()
+
+
+@needs_cxx
+def test_every_command_runs_with_an_unusable_cache(tmp_path):
+    """The CLI builds the allocator at start and the kernel at the first forward: one warning for both."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(blocker)}
+    argv = [sys.executable, "-m", "spikingformer", "audit", "--model", "spikingformer_digits", "--data", "random",
+            "--batches", "1", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("not usable") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- native bf16 ---------------------------------------------------------------------------------
+
+
+def _cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool = False) -> None:
+    from spikingformer import runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def test_native_bf16_detection(monkeypatch):
+    from spikingformer.runtime import native_bf16
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)  # e.g. an AVX2-only EPYC: bf16 emulated
+    assert native_bf16() is False
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    assert native_bf16() is True
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False, amx=True)
+    assert native_bf16() is True
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below bf16: emulated again
+    assert native_bf16() is False
+
+
+def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):
+    from spikingformer.engine.trainer import autocast_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16  # the user asked for it: honoured, with a warning
+        assert autocast_dtype("auto", cpu) is None
+        assert autocast_dtype("off", cpu) is None
+    assert [str(w.message).count("\n") for w in caught] == [0]  # one warning, one line
+    assert "no native bf16" in str(caught[0].message) and "--amp off" in str(caught[0].message)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16
+        assert autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys):
+    import argparse
+
+    from spikingformer.benchmarking.model import drop_emulated_bf16
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=False)
+    args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
+    drop_emulated_bf16(args)
+    assert args.dtypes == ["fp32"]
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="--dtypes fp32"):
+        drop_emulated_bf16(argparse.Namespace(device="cpu", dtypes=["bf16"]))
+    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
+    args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
+    drop_emulated_bf16(args)
+    assert args.dtypes == ["fp32", "bf16"] and capsys.readouterr().err == ""
