@@ -26,9 +26,13 @@ differing spikes; snnTorch rounds the charge differently, ``beta*V + X/tau`` ins
 ``V + (X - V)/tau``, so a few spikes on the threshold may differ) and its input gradient (max
 abs difference).
 
+On a GPU (``--device cuda``) the rows are our Triton kernel (through the same operator) and the
+peers on CUDA tensors, where SpikingJelly 2.0 picks its own CUDA/Triton kernel automatically.
+
 Usage::
 
     python benchmarks/bench_lif_peers.py --sj012-python /path/to/venv/bin/python
+    python benchmarks/bench_lif_peers.py --device cuda --threads 1
 """
 
 from __future__ import annotations
@@ -48,13 +52,19 @@ from typing import Callable
 import torch
 
 TAU, VTH, ALPHA = 2.0, 1.0, 4.0
+DEVICE = torch.device("cpu")  # --device
 
 
 def make_inputs(T: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * T + 7)
     x = torch.randn(T, total // T, generator=gen) * 1.5 + 0.8
     g = torch.randn(T, total // T, generator=gen)
-    return x, g
+    return x.to(DEVICE), g.to(DEVICE)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor, reps: int) -> tuple[float, float]:
@@ -64,6 +74,7 @@ def time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g:
     def call() -> None:
         xg.grad = None
         fn(xg).backward(g)
+        sync()
 
     call()
     walls, cpus = [], []
@@ -87,7 +98,7 @@ def outputs(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torc
 def sj012_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
     from spikingjelly.clock_driven import neuron, surrogate
 
-    node = neuron.MultiStepLIFNode(tau=TAU, detach_reset=True, backend="torch", surrogate_function=surrogate.Sigmoid(alpha=ALPHA))
+    node = neuron.MultiStepLIFNode(tau=TAU, detach_reset=True, backend="torch", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)).to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         node.reset()
@@ -99,7 +110,7 @@ def sj012_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
 def sj2_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
     from spikingjelly.activation_based import neuron, surrogate
 
-    node = neuron.LIFNode(tau=TAU, detach_reset=True, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=ALPHA))
+    node = neuron.LIFNode(tau=TAU, detach_reset=True, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)).to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         node.reset()
@@ -112,7 +123,7 @@ def snntorch_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
     import snntorch as snn
     from snntorch import surrogate
 
-    leaky = snn.Leaky(beta=1.0 - 1.0 / TAU, threshold=VTH, reset_mechanism="zero", spike_grad=surrogate.sigmoid(slope=ALPHA))
+    leaky = snn.Leaky(beta=1.0 - 1.0 / TAU, threshold=VTH, reset_mechanism="zero", spike_grad=surrogate.sigmoid(slope=ALPHA)).to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         current = x * (1.0 / TAU)
@@ -129,8 +140,10 @@ def snntorch_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
 def norse_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
     from norse.torch import LIFBoxCell, LIFBoxParameters
 
-    p = LIFBoxParameters(tau_mem_inv=torch.tensor(1.0 / TAU), v_leak=torch.tensor(0.0), v_th=torch.tensor(VTH),
-                         v_reset=torch.tensor(0.0), method="tanh", alpha=ALPHA / 2)
+    def t(v: float) -> torch.Tensor:
+        return torch.tensor(v, device=DEVICE)
+
+    p = LIFBoxParameters(tau_mem_inv=t(1.0 / TAU), v_leak=t(0.0), v_th=t(VTH), v_reset=t(0.0), method="tanh", alpha=ALPHA / 2)
     cell = LIFBoxCell(p, dt=1.0)  # Norse 1.1 has the single-step cell only: loop over T, as its docs do
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +163,7 @@ def sj012_worker(args: argparse.Namespace) -> None:
     for T in args.T:
         x, g = make_inputs(T, args.elements)
         s, gx = outputs(fn, x, g)
-        torch.save({"spikes": s, "grad": gx}, Path(args.worker_out) / f"sj012_T{T}.pt")
+        torch.save({"spikes": s.cpu(), "grad": gx.cpu()}, Path(args.worker_out) / f"sj012_T{T}.pt")
         for threads in args.threads:
             torch.set_num_threads(threads)
             best = min((time_fwd_bwd(fn, x, g, args.reps) for _ in range(args.rounds)), key=lambda r: r[1])
@@ -173,6 +186,8 @@ def ours_per_isa() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     from spikingformer.neuron import LIFParams, multistep_lif
 
     p = LIFParams(tau=TAU, v_threshold=VTH, alpha=ALPHA, detach_reset=True)
+    if DEVICE.type == "cuda":
+        return {"ours (operator: Triton)": lambda x: multistep_lif(x, p)}
     impls = {"ours (operator, -march=native)": lambda x: multistep_lif(x, p, backend="cpu")}
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     for march, need, label in (("x86-64-v3", "avx2", "AVX2"), ("x86-64-v4", "avx512f", "AVX-512")):
@@ -203,7 +218,7 @@ def ours_reference(detach_reset: bool) -> Callable[[torch.Tensor], torch.Tensor]
     from spikingformer.neuron import LIFParams, multistep_lif
 
     p = LIFParams(tau=TAU, v_threshold=VTH, alpha=ALPHA, detach_reset=detach_reset)
-    return lambda x: multistep_lif(x, p, backend="cpu")
+    return lambda x: multistep_lif(x, p)
 
 
 def machine_line() -> str:
@@ -222,7 +237,7 @@ def machine_line() -> str:
 def run_sj012(args: argparse.Namespace, out_dir: str) -> dict | None:
     if not args.sj012_python:
         return None
-    cmd = [args.sj012_python, __file__, "--worker-out", out_dir, "--elements", str(args.elements), "--reps", str(args.reps),
+    cmd = [args.sj012_python, __file__, "--worker-out", out_dir, "--device", str(DEVICE), "--elements", str(args.elements), "--reps", str(args.reps),
            "--rounds", str(args.rounds), "--T", *map(str, args.T), "--threads", *map(str, args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
@@ -238,9 +253,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=7, help="timed calls per measurement (median)")
     ap.add_argument("--rounds", type=int, default=3, help="passes over all rows; the lowest CPU-time median is kept")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--sj012-python", help="a Python with spikingjelly==0.0.0.0.12 and the same torch")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: the SpikingJelly 0.0.0.0.12 worker
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.worker_out:
         sj012_worker(args)
         return
@@ -251,6 +269,8 @@ def main() -> None:
     print("# Multi-step LIF, forward+backward: ours per ISA against today's CPU peers\n")
     print(f"Command: `python benchmarks/bench_lif_peers.py {' '.join(sys.argv[1:])}`\n")
     print(f"- CPU: {machine_line()}; torch {torch.__version__}")
+    if DEVICE.type == "cuda":
+        print(f"- GPU: {torch.cuda.get_device_name(DEVICE)} (wall time is the figure; CPU time is the host's)")
     versions = {}
     for pkg in ("spikingjelly", "snntorch", "norse"):
         try:
@@ -280,7 +300,7 @@ def main() -> None:
                 s_ours, gx_ours = outputs(ours_reference(detach), x, g)
                 print(f"| {label} | {T} | {int((s != s_ours).sum())} of {s.numel()} | {(gx - gx_ours).abs().max().item():.2e} |")
             if sj012:
-                ref = torch.load(Path(out_dir) / f"sj012_T{T}.pt")
+                ref = {k: v.to(DEVICE) for k, v in torch.load(Path(out_dir) / f"sj012_T{T}.pt").items()}
                 s_ours, gx_ours = outputs(ours_reference(True), x, g)
                 print(f"| SpikingJelly {sj012['version']} MultiStepLIFNode (torch) | {T} | "
                       f"{int((ref['spikes'] != s_ours).sum())} of {s_ours.numel()} | "
