@@ -221,6 +221,14 @@ def ours_reference(detach_reset: bool) -> Callable[[torch.Tensor], torch.Tensor]
     return lambda x: multistep_lif(x, p)
 
 
+def tie_mask(x: torch.Tensor) -> torch.Tensor:
+    """Where our charged membrane is exactly at threshold (ours fires there, ``> 0`` peers do not)."""
+    from spikingformer.neuron import LIFParams, lif_membrane_reference
+
+    h, _ = lif_membrane_reference(x, LIFParams(tau=TAU, v_threshold=VTH, alpha=ALPHA))
+    return h == VTH
+
+
 def machine_line() -> str:
     model = platform.processor() or platform.machine()
     flags: list[str] = []
@@ -291,19 +299,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         sj012 = run_sj012(args, out_dir)
         print("\nSame neuron? Each peer's spikes and input gradient against ours on the benchmark input:\n")
-        print("| peer | T | spikes differing | max abs grad difference |")
-        print("|---|---:|---:|---:|")
+        print("| peer | T | spikes differing | of which at H == V_th exactly | max abs grad difference |")
+        print("|---|---:|---:|---:|---:|")
         for T in args.T:
             x, g = make_inputs(T, args.elements)
+            at_threshold = tie_mask(x)
             for label, (fn, detach) in peers.items():
                 s, gx = outputs(fn, x, g)
                 s_ours, gx_ours = outputs(ours_reference(detach), x, g)
-                print(f"| {label} | {T} | {int((s != s_ours).sum())} of {s.numel()} | {(gx - gx_ours).abs().max().item():.2e} |")
+                diff = s != s_ours
+                print(f"| {label} | {T} | {int(diff.sum())} of {s.numel()} | {int((diff & at_threshold).sum())} | "
+                      f"{(gx - gx_ours).abs().max().item():.2e} |")
             if sj012:
                 ref = {k: v.to(DEVICE) for k, v in torch.load(Path(out_dir) / f"sj012_T{T}.pt").items()}
                 s_ours, gx_ours = outputs(ours_reference(True), x, g)
+                diff = ref["spikes"] != s_ours
                 print(f"| SpikingJelly {sj012['version']} MultiStepLIFNode (torch) | {T} | "
-                      f"{int((ref['spikes'] != s_ours).sum())} of {s_ours.numel()} | "
+                      f"{int(diff.sum())} of {s_ours.numel()} | {int((diff & at_threshold).sum())} | "
                       f"{(ref['grad'] - gx_ours).abs().max().item():.2e} |")
 
     results: dict[tuple, tuple[float, float]] = {}
