@@ -95,28 +95,28 @@ def outputs(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torc
 
 # ------------------------------------------------------------------------------- the peers ----
 
-def sj012_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
-    from spikingjelly.clock_driven import neuron, surrogate
-
-    node = neuron.MultiStepLIFNode(tau=TAU, detach_reset=True, backend="torch", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)).to(DEVICE)
+def _stateless(node: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A SpikingJelly node as a function of its input alone (its membrane reset before every call)."""
+    node = node.to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         node.reset()
         return node(x)
 
     return run
+
+
+def sj012_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
+    from spikingjelly.clock_driven import neuron, surrogate
+
+    return _stateless(neuron.MultiStepLIFNode(tau=TAU, detach_reset=True, backend="torch",
+                                              surrogate_function=surrogate.Sigmoid(alpha=ALPHA)))
 
 
 def sj2_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
     from spikingjelly.activation_based import neuron, surrogate
 
-    node = neuron.LIFNode(tau=TAU, detach_reset=True, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)).to(DEVICE)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        node.reset()
-        return node(x)
-
-    return run
+    return _stateless(neuron.LIFNode(tau=TAU, detach_reset=True, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)))
 
 
 def snntorch_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
