@@ -29,9 +29,14 @@ abs difference).
 On a GPU (``--device cuda``) the rows are our Triton kernel (through the same operator) and the
 peers on CUDA tensors, where SpikingJelly 2.0 picks its own CUDA/Triton kernel automatically.
 
+Fresh 4 MB tensors are page-faulted in anew on every call under glibc's default ``mmap`` threshold,
+a cost of the allocator rather than of any neuron; raising the threshold in the environment (as in
+the usage line) removes it for every row alike, the worker included.
+
 Usage::
 
-    python benchmarks/bench_lif_peers.py --sj012-python /path/to/venv/bin/python
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000 \
+        python benchmarks/bench_lif_peers.py --sj012-python /path/to/venv/bin/python
     python benchmarks/bench_lif_peers.py --device cuda --threads 1
 """
 
@@ -277,6 +282,8 @@ def main() -> None:
     print("# Multi-step LIF, forward+backward: ours per ISA against today's CPU peers\n")
     print(f"Command: `python benchmarks/bench_lif_peers.py {' '.join(sys.argv[1:])}`\n")
     print(f"- CPU: {machine_line()}; torch {torch.__version__}")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    print(f"- allocator environment (inherited by the SpikingJelly 0.0.0.0.12 worker): {malloc or 'glibc defaults'}")
     if DEVICE.type == "cuda":
         print(f"- GPU: {torch.cuda.get_device_name(DEVICE)} (wall time is the figure; CPU time is the host's)")
     versions = {}
