@@ -132,7 +132,7 @@ def snntorch_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
 
     def run(x: torch.Tensor) -> torch.Tensor:
         current = x * (1.0 / TAU)
-        mem = leaky.init_leaky()
+        mem = torch.zeros_like(current[0])  # V[-1] = V_reset = 0, on the input's device
         spikes = []
         for t in range(x.shape[0]):
             spk, mem = leaky(current[t], mem)
