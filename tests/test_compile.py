@@ -122,3 +122,31 @@ def test_export_inference_graph():
     assert "spikingformer.lif.default" in targets, sorted(targets)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
+
+
+class _CompiledCalled(Exception):
+    pass
+
+
+def test_train_compile_option(monkeypatch, tmp_path):
+    """``spikingformer train --compile`` hands the model to ``torch.compile`` and trains through what
+    it returns (that a compiled model computes what eager does is the tests above). The stand-in
+    compiler's module stops the run at the first training forward."""
+    from spikingformer.cli import main
+
+    compiled = []
+
+    class Stop(torch.nn.Module):
+        def forward(self, *args):
+            raise _CompiledCalled
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return Stop()
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    args = ["train", "--output", str(tmp_path), "--name", "run", "--model-args", "{embed_dim: 32, num_heads: 2}",
+            "--batch-size", "64", "--amp", "off", "--tensorboard", "false", "--epochs", "1", "--compile"]
+    with pytest.raises(_CompiledCalled):
+        main(args)
+    assert [type(m).__name__ for m in compiled] == ["SpikingTransformer"]

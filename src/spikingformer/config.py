@@ -93,6 +93,7 @@ class RunSection:
     log_interval: int = 10  # progress-bar refresh, in steps
     deterministic: bool = True  # deterministic algorithms (CPU); cudnn.benchmark when False
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    compile: bool = False  # torch.compile the training forward: minutes to compile, faster steps (docs/performance.md)
 
 
 SECTIONS: dict[str, type] = {
