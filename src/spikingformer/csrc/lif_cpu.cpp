@@ -144,10 +144,10 @@ void forward_block(const typename StorageOf<D>::type* __restrict x, typename Sto
   }
 }
 
-template <int D, bool POW2>
+template <int D, bool POW2, bool DETACH>
 void backward_block(const typename StorageOf<D>::type* __restrict x, const typename StorageOf<D>::type* __restrict gs,
                     typename StorageOf<D>::type* __restrict gx, int64_t T, int64_t N, int64_t i0, int64_t n,
-                    const Step& st, float alpha, bool detach, float* __restrict hbuf) {
+                    const Step& st, float alpha, float* __restrict hbuf) {
   using S = typename StorageOf<D>::type;
   float v[kBlock];
   float gv[kBlock];
@@ -161,7 +161,6 @@ void backward_block(const typename StorageOf<D>::type* __restrict x, const typen
       ht[i] = h;
     }
   }
-  const float keep = detach ? 0.0f : 1.0f;  // gradient through the reset (detach_reset=False)
   for (int64_t i = 0; i < n; ++i) gv[i] = 0.0f;
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* __restrict ht = hbuf + t * kBlock;
@@ -172,7 +171,8 @@ void backward_block(const typename StorageOf<D>::type* __restrict x, const typen
       const float z = h - st.vth;
       const float sg = surrogate(z, alpha);
       const float not_spiked = select(z >= 0.0f, 0.0f, 1.0f);
-      const float dvdh = mul_add(keep, (st.vr - h) * sg, not_spiked);
+      // dV/dH: 1 - S, plus the path through the reset, (V_reset - H) sg, unless it is detached
+      const float dvdh = DETACH ? not_spiked : mul_add(st.vr - h, sg, not_spiked);
       const float gh = mul_add(load<D>(gst, i), sg, gv[i] * dvdh);
       const float g = gh * st.inv_tau;  // gradients need not be bit-exact: multiply (1 ulp of 1/tau)
       gv[i] = gh - g;
@@ -198,9 +198,9 @@ void forward_impl(const void* x, void* out, int64_t T, int64_t N, const Step& st
   }
 }
 
-template <int D, bool POW2>
+template <int D, bool POW2, bool DETACH>
 void backward_impl(const void* x, const void* gs, void* gx, int64_t T, int64_t N, const Step& st, float alpha,
-                   int detach, int nthreads) {
+                   int nthreads) {
   using S = typename StorageOf<D>::type;
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
   const int nt = threads_for(T * N, nthreads);
@@ -210,8 +210,8 @@ void backward_impl(const void* x, const void* gs, void* gx, int64_t T, int64_t N
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t i0 = b * kBlock;
-      backward_block<D, POW2>((const S*)x, (const S*)gs, (S*)gx, T, N, i0, std::min(kBlock, N - i0), st, alpha,
-                              detach != 0, hbuf.data());
+      backward_block<D, POW2, DETACH>((const S*)x, (const S*)gs, (S*)gx, T, N, i0, std::min(kBlock, N - i0), st,
+                                      alpha, hbuf.data());
     }
   }
 }
@@ -228,8 +228,14 @@ void forward_dispatch(const void* x, void* out, int64_t T, int64_t N, const Step
 template <int D>
 void backward_dispatch(const void* x, const void* gs, void* gx, int64_t T, int64_t N, const Step& st, float alpha,
                        int detach, int nthreads) {
-  if (pow2_tau(st.tau)) backward_impl<D, true>(x, gs, gx, T, N, st, alpha, detach, nthreads);
-  else backward_impl<D, false>(x, gs, gx, T, N, st, alpha, detach, nthreads);
+  const bool p2 = pow2_tau(st.tau);
+  if (detach) {
+    if (p2) backward_impl<D, true, true>(x, gs, gx, T, N, st, alpha, nthreads);
+    else backward_impl<D, false, true>(x, gs, gx, T, N, st, alpha, nthreads);
+  } else {
+    if (p2) backward_impl<D, true, false>(x, gs, gx, T, N, st, alpha, nthreads);
+    else backward_impl<D, false, false>(x, gs, gx, T, N, st, alpha, nthreads);
+  }
 }
 
 }  // namespace
