@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import shutil
 import re
 import subprocess
 import sys
@@ -263,8 +265,9 @@ def test_cpu_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     try:
         p = LIFParams()
         x = _make_input((4, 3, 5), torch.float32, p)
-        with pytest.warns(RuntimeWarning, match="falling back to the 'torch' backend"):
+        with pytest.warns(RuntimeWarning, match="using plain PyTorch instead") as caught:
             s = multistep_lif(x, p, backend="cpu")
+        assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
         assert torch.equal(s, lif_reference(x, p))
         assert cpu_kernel.build_error() and "no-such-compiler" in cpu_kernel.build_error()
         with warnings.catch_warnings():
@@ -301,3 +304,67 @@ def test_triton_kernels_under_interpreter():
     assert proc.returncode == 0, tail
     m = re.search(r"(\d+) passed", proc.stdout)
     assert m and int(m[1]) >= 50, tail
+
+
+# ------------------------------------------------------ vectorisation on every x86-64 ISA ------
+
+ISAS = ["x86-64", "x86-64-v3", "x86-64-v4"]  # SSE2, AVX2 (+FMA, F16C), AVX-512
+VECTOR_LOOP_MARK = "SF_VECTOR_LOOP"
+
+
+def _gxx() -> str:
+    gxx = shutil.which("g++")
+    if gxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs g++ on an x86-64 machine")
+    return gxx
+
+
+@cpu_only
+@pytest.mark.parametrize("march", ISAS)
+def test_cpu_element_loops_vectorised(march, tmp_path):
+    """g++'s vectoriser report for a build of the kernel for ``march``: every element loop of the
+    forward and backward (marked ``SF_VECTOR_LOOP`` in csrc/lif_cpu.cpp) is vectorised, in every
+    instantiation (no "couldn't vectorize loop" at its line)."""
+    gxx = _gxx()
+    src = tmp_path / "lif_cpu.cpp"
+    src.write_text(cpu_kernel.source())
+    marked = [i for i, line in enumerate(src.read_text().splitlines(), 1) if VECTOR_LOOP_MARK in line and "for (" in line]
+    assert len(marked) == 3, "expected the forward, backward-recompute and backward element loops"
+    flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.CXX_FLAGS]
+    proc = subprocess.run([gxx, *flags, "-fopt-info-vec-optimized-missed", str(src), "-o", str(tmp_path / "lib.so")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = proc.stderr.splitlines()
+    for line in marked:
+        at = [r for r in report if re.match(rf".*lif_cpu\.cpp:{line}:\d+: ", r)]
+        assert any("optimized: loop vectorized" in r for r in at), f"{march}: loop at line {line} not vectorised"
+        missed = [r for r in at if "couldn't vectorize loop" in r or "not vectorized" in r]
+        assert not missed, f"{march}: loop at line {line}: " + "; ".join(missed[:3])
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@cpu_only
+@pytest.mark.parametrize("march,cpu_flag", [("x86-64-v3", "avx2"), ("x86-64-v4", "avx512f")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernel_per_isa_matches_reference(march, cpu_flag, dtype):
+    """The kernel built for AVX2 and for AVX-512 (where this CPU runs them): spikes bit-exact and
+    gradients to the reference's, as the ``-march=native`` build."""
+    _gxx()
+    if not _cpu_has(cpu_flag):
+        pytest.skip(f"this CPU lacks {cpu_flag}")
+    lib = cpu_kernel.native_library(march).get()
+    assert lib is not None, cpu_kernel.native_library(march).error
+    for p in (LIFParams(detach_reset=False), LIFParams(tau=1.5, v_threshold=0.5, v_reset=-0.1)):
+        x = _make_input((6, 2, 1030), dtype, p, seed=7)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+        xr = x.clone().requires_grad_(True)
+        s_ref = lif_reference(xr, p)
+        (gx_ref,) = torch.autograd.grad(s_ref, xr, g)
+        assert torch.equal(cpu_kernel.kernel_forward(lib, x, p), s_ref)
+        torch.testing.assert_close(cpu_kernel.kernel_backward(lib, x, g, p), gx_ref, **_grad_tol(dtype))

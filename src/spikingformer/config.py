@@ -115,6 +115,7 @@ class RunSection:
     log_interval: int = option(10, "progress-bar refresh, in steps", synonyms=("print_freq",))
     deterministic: bool = option(True, "deterministic algorithms (CPU); cudnn.benchmark when false")
     tensorboard: bool = option(True, "also log to <output>/<name>/tensorboard/ (needs the tensorboard package)")
+    compile: bool = option(False, "torch.compile the training forward: minutes to compile, then faster steps (docs/performance.md)")
 
 
 SECTIONS: dict[str, type] = {
@@ -302,7 +303,7 @@ RULES: dict[str, Any] = {
     "mixup_mode": ("batch", "pair", "elem"), "mixup_off_epoch": _at_least(0), "smoothing": _between(0, 1, high_open=True),
     # run
     "seed": _between(0, 2**63 - 1), "device": None, "amp": ("auto", "off", "bf16", "fp16"), "output": None, "name": None,
-    "resume": None, "overwrite": None, "eval_interval": _at_least(1), "log_interval": _at_least(1),
+    "resume": None, "overwrite": None, "compile": None, "eval_interval": _at_least(1), "log_interval": _at_least(1),
     "deterministic": None, "tensorboard": None,
 }
 assert set(RULES) == set(FIELD_SECTION), "every config field needs a rule (None: its type is enough)"

@@ -140,8 +140,11 @@ def bn_spike_pool(stage: ConvBN, lif: nn.Module, pool: bool, y: torch.Tensor) ->
     the plain module calls otherwise (eval, no grad, a fused BN, small maps, or a neuron that keeps
     state between calls and so cannot be run twice)."""
     bn = stage.bn
+    # Not under torch.compile: the compiler cannot trace the autograd.grad in its backward (a graph
+    # break); its own partitioner decides what to recompute there.
     if (torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine
-            and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
+            and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS
+            and not torch.compiler.is_compiling()):
         return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
     return _bn_spike_pool(stage, lif, pool, y)
 

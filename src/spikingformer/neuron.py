@@ -26,33 +26,16 @@ Two implementations compute the same thing:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from spikingformer import kernels
+from spikingformer.kernels.params import LIFParams, sigmoid_surrogate_grad
 
-@dataclass(frozen=True)
-class LIFParams:
-    """Parameters of the multi-step LIF neuron (SpikingJelly defaults, as the authors use them)."""
-
-    tau: float = 2.0
-    v_threshold: float = 1.0
-    v_reset: float = 0.0
-    alpha: float = 4.0
-    detach_reset: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.tau > 1.0:
-            raise ValueError(f"LIF tau must be > 1 (got {self.tau}); tau=2.0 is the paper's value")
-        if not self.alpha > 0:
-            raise ValueError(f"surrogate alpha must be > 0 (got {self.alpha})")
-
-
-def sigmoid_surrogate_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """d/dx sigmoid(alpha x) = alpha * sig(alpha x) * (1 - sig(alpha x))."""
-    sig = torch.sigmoid(alpha * x)
-    return alpha * sig * (1.0 - sig)
+__all__ = [
+    "LIFParams", "MultiStepLIF", "SigmoidSurrogateSpike", "lif_membrane_reference", "lif_reference",
+    "multistep_lif", "sigmoid_surrogate_grad",
+]
 
 
 class SigmoidSurrogateSpike(torch.autograd.Function):
@@ -122,8 +105,6 @@ def multistep_lif(x: torch.Tensor, p: LIFParams = LIFParams(), backend: str = "a
     _check_time_first(x)
     if backend == "reference":
         return lif_reference(x, p)
-    from spikingformer import kernels
-
     return kernels.lif(x, p, backend)
 
 

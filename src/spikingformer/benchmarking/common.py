@@ -146,12 +146,15 @@ class SpikingJellyLIF(nn.Module):
                 tau=p.tau, v_threshold=p.v_threshold, v_reset=p.v_reset, detach_reset=p.detach_reset,
                 surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend=backend,
             )
-        except ImportError:  # newer releases
+        except ImportError:  # newer releases; 2.x has no backend argument (it picks by device)
+            import inspect
+
             from spikingjelly.activation_based import neuron, surrogate
 
+            extra = {"backend": backend} if "backend" in inspect.signature(neuron.LIFNode).parameters else {}
             self.node = neuron.LIFNode(
                 tau=p.tau, v_threshold=p.v_threshold, v_reset=p.v_reset, detach_reset=p.detach_reset,
-                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), backend=backend, step_mode="m",
+                surrogate_function=surrogate.Sigmoid(alpha=p.alpha), step_mode="m", **extra,
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,27 +43,18 @@ NO_SPIKINGJELLY = ("SpikingJelly is not installed, so there is no comparison col
 
 
 def _spikingjelly_node(device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
-    """SpikingJelly's multi-step LIF (torch backend) as a stateless function, and its version."""
+    """SpikingJelly's multi-step LIF (any release) as a stateless function, and its version."""
     try:
         version = importlib.metadata.version("spikingjelly")
     except importlib.metadata.PackageNotFoundError:
         return None, "not installed"
-    try:  # 0.0.0.0.12 - 0.0.0.0.14
-        from spikingjelly.clock_driven import neuron, surrogate
+    from spikingformer.benchmarking.common import SpikingJellyLIF
+    from spikingformer.neuron import MultiStepLIF
 
-        node = neuron.MultiStepLIFNode(
-            tau=2.0, detach_reset=True, backend="torch", surrogate_function=surrogate.Sigmoid(alpha=4.0)
-        )
-    except ImportError:  # newer releases
-        from spikingjelly.activation_based import neuron, surrogate
-
-        node = neuron.LIFNode(
-            tau=2.0, detach_reset=True, backend="torch", step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0)
-        )
-    node = node.to(device)
+    node = SpikingJellyLIF(MultiStepLIF(P.tau, P.v_threshold, P.v_reset, P.alpha, P.detach_reset)).to(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        node.reset()
+        node.node.reset()
         return node(x)
 
     return run, version

@@ -394,6 +394,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     net: nn.Module = model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if cfg.run.compile:  # training steps only; evaluation and checkpoints use `model` itself
+        net = torch.compile(net)
 
     o, s = cfg.optim, cfg.schedule
     optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)

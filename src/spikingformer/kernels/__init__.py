@@ -12,6 +12,9 @@ Backends:
 * ``"triton"`` -- :mod:`~spikingformer.kernels.triton_lif`: fused Triton kernels for CUDA tensors
   (also CPU tensors under ``TRITON_INTERPRET=1``); listed only when Triton imports.
 
+The fused CPU and CUDA kernels are one PyTorch operator, ``spikingformer::lif``
+(:mod:`~spikingformer.kernels.ops`), so ``torch.compile`` and ``torch.export`` trace through them.
+
 Nothing is compiled at import time: the CPU library is built by the first CPU call (or by
 :func:`select_backend` deciding whether it can be used), Triton kernels by their first launch.
 """
@@ -23,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from spikingformer.kernels.cpu import is_available as _cpu_kernel_available
-from spikingformer.kernels.cpu import lif_cpu
+from spikingformer.kernels import cpu as _cpu
+from spikingformer.kernels.ops import lif_cpu
+from spikingformer.kernels.params import LIFParams
 from spikingformer.kernels.torch_loop import lif_torch_loop
-from spikingformer.neuron import LIFParams
 
 LIFKernel = Callable[[torch.Tensor, LIFParams], torch.Tensor]
 
@@ -50,6 +53,12 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+@torch.compiler.assume_constant_result  # the compiler evaluates it once, never traces the build
+def _cpu_kernel_available() -> bool:
+    return _cpu.is_available()
+
+
+@torch.compiler.assume_constant_result
 def _triton_usable() -> bool:
     if not _TRITON_IMPORTABLE:
         return False

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from spikingformer.neuron import LIFParams, sigmoid_surrogate_grad
+from spikingformer.kernels.params import LIFParams, sigmoid_surrogate_grad
 
 
 def lif_forward(x: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:

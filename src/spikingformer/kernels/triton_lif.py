@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikingformer.neuron import LIFParams
+from spikingformer.kernels.params import LIFParams
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -171,7 +171,8 @@ def triton_backward(x: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParams) ->
 
 
 class TritonLIF(torch.autograd.Function):
-    """Fused LIF in Triton; saves only ``x`` (own dtype) and recomputes ``H`` in backward."""
+    """Fused LIF in Triton on CPU tensors under the interpreter (CUDA tensors use the operator);
+    saves only ``x`` (own dtype) and recomputes ``H`` in backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: LIFParams) -> torch.Tensor:
@@ -188,10 +189,15 @@ class TritonLIF(torch.autograd.Function):
 def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     """Multi-step LIF with the Triton kernels (backend ``"triton"``).
 
-    CUDA tensors always; CPU tensors only when this module was imported with ``TRITON_INTERPRET=1``
-    (otherwise this raises).
+    CUDA tensors go through the ``spikingformer::lif`` operator (whose CUDA kernel is this
+    module's); CPU tensors run the kernels directly, only when this module was imported with
+    ``TRITON_INTERPRET=1`` (otherwise this raises).
     """
-    if x.device.type != "cuda" and not INTERPRETED:
+    if x.device.type == "cuda":
+        from spikingformer.kernels.ops import lif_op
+
+        return lif_op(x, p)
+    if not INTERPRETED:
         raise RuntimeError(
             "the 'triton' LIF backend needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing "
             "spikingformer.kernels.triton_lif, to run it in Triton's interpreter)"

@@ -1,0 +1,110 @@
+"""The fused LIF neuron as PyTorch operators, so that autograd, ``torch.compile`` and ``torch.export`` see it.
+
+``spikingformer::lif(x, tau, v_threshold, v_reset, alpha, detach_reset) -> spikes`` and its
+backward ``spikingformer::lif_backward(x, grad_spikes, ...) -> grad_x`` are registered with
+:mod:`torch.library`:
+
+* CPU kernel: the fused C++ kernel (:mod:`spikingformer.kernels.cpu`; the torch loop if it cannot be built);
+* CUDA kernel: the Triton kernels (:mod:`spikingformer.kernels.triton_lif`; the torch loop without Triton);
+* fake (meta) implementations, so the compiler traces shapes without running the kernels;
+* autograd: forward saves only ``x``; backward calls ``spikingformer::lif_backward``.
+
+To the compiler the operators are opaque calls: ``torch.compile(model, fullgraph=True)`` traces
+through them without a graph break and keeps the fused kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spikingformer.kernels import cpu
+from spikingformer.kernels.params import LIFParams
+from spikingformer.kernels.torch_loop import lif_backward, lif_forward, lif_torch_loop
+
+
+def _params(tau: float, v_threshold: float, v_reset: float, alpha: float, detach_reset: bool) -> LIFParams:
+    return LIFParams(tau, v_threshold, v_reset, alpha, detach_reset)
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped and typed like ``x``: what every kernel returns."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("spikingformer::lif", mutates_args=(), device_types="cpu")
+def lif(x: torch.Tensor, tau: float, v_threshold: float, v_reset: float, alpha: float,
+        detach_reset: bool) -> torch.Tensor:
+    """Spikes of the time-first current ``x`` (same shape and dtype, contiguous)."""
+    return cpu.forward(x, _params(tau, v_threshold, v_reset, alpha, detach_reset))
+
+
+@torch.library.custom_op("spikingformer::lif_backward", mutates_args=(), device_types="cpu")
+def lif_backward_op(x: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_threshold: float, v_reset: float,
+                    alpha: float, detach_reset: bool) -> torch.Tensor:
+    """Gradient of ``lif``'s spikes with respect to ``x`` (x's shape and dtype, contiguous)."""
+    return cpu.backward(x, grad_spikes, _params(tau, v_threshold, v_reset, alpha, detach_reset))
+
+
+def _triton():
+    """The Triton kernels' module, or ``None`` where Triton does not import."""
+    try:
+        from spikingformer.kernels import triton_lif
+    except Exception:  # no (or a broken) Triton install: the torch loop computes the same
+        return None
+    return triton_lif
+
+
+@lif.register_kernel("cuda")
+def _lif_cuda(x, tau, v_threshold, v_reset, alpha, detach_reset):
+    p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    tl = _triton()
+    return tl.triton_forward(x, p) if tl is not None else lif_forward(x, p)[0]
+
+
+@lif_backward_op.register_kernel("cuda")
+def _lif_backward_cuda(x, grad_spikes, tau, v_threshold, v_reset, alpha, detach_reset):
+    p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    tl = _triton()
+    if tl is not None:
+        return tl.triton_backward(x, grad_spikes, p)
+    return lif_backward(grad_spikes, lif_forward(x, p)[1], p).to(x.dtype)
+
+
+@lif.register_fake
+def _lif_fake(x, tau, v_threshold, v_reset, alpha, detach_reset):
+    return _new_like(x)
+
+
+@lif_backward_op.register_fake
+def _lif_backward_fake(x, grad_spikes, tau, v_threshold, v_reset, alpha, detach_reset):
+    return _new_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, *params = inputs
+    ctx.save_for_backward(x)  # the input only: backward recomputes the membrane
+    ctx.params = params
+
+
+def _backward(ctx, grad_spikes):
+    (x,) = ctx.saved_tensors
+    return lif_backward_op(x, grad_spikes, *ctx.params), None, None, None, None, None
+
+
+lif.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lif_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """``spikingformer::lif`` with the parameters of ``p``."""
+    return lif(x, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+
+
+def lif_cpu(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Multi-step LIF with the fused CPU kernel (backend ``"cpu"``).
+
+    Non-CPU tensors go to the ``"torch"`` backend; a kernel that cannot be built falls back to the
+    torch loop inside the operator, warning once.
+    """
+    if x.device.type == "cpu":
+        return lif_op(x, p)
+    return lif_torch_loop(x, p)

@@ -1,0 +1,152 @@
+"""The LIF neuron as a PyTorch operator: ``torch.library.opcheck``, ``torch.compile`` and ``torch.export``.
+
+``spikingformer::lif`` (:mod:`spikingformer.kernels.ops`) is checked by ``opcheck`` (schema, fake
+tensors, autograd registration, AOT dispatch); a zoo model compiles with ``fullgraph=True`` (no
+graph break), forward and backward, and equals eager; the inference graph exports.
+
+Comparisons: the ``aot_eager`` backend runs the very ATen kernels eager runs, so its results are
+compared exactly; Inductor generates its own code (other rounding), so that comparison runs the
+model in float64, where no pre-threshold value can round differently in float32 except by a
+1e-9-probability accident.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spikingformer.layers as layers
+from spikingformer.kernels.ops import lif as lif_operator
+from spikingformer.kernels.ops import lif_backward_op
+from spikingformer.models.zoo import create_model
+from spikingformer.neuron import LIFParams, lif_reference
+
+OPCHECK_PARAMS = [(2.0, 1.0, 0.0, 4.0, True), (1.5, 0.5, -0.1, 2.0, False)]
+
+
+def _current(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 1.5 + 0.8).to(dtype)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (1, 1), (6, 2, 3, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_opcheck_lif(shape, dtype, requires_grad):
+    for params in OPCHECK_PARAMS:
+        x = _current(shape, dtype).requires_grad_(requires_grad)
+        torch.library.opcheck(lif_operator, (x, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_lif_backward(dtype):
+    for params in OPCHECK_PARAMS:
+        x = _current((4, 2, 9), dtype)
+        g = _current((4, 2, 9), dtype, seed=1)
+        torch.library.opcheck(lif_backward_op, (x, g, *params))
+
+
+def test_operator_equals_reference_non_contiguous():
+    """The operator on a transposed view: output contiguous (as its fake says), values the reference's."""
+    p = LIFParams(tau=1.5, detach_reset=False)
+    x = _current((5, 8, 4), torch.float32).permute(2, 0, 1).requires_grad_(True)
+    s = lif_operator(x, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+    assert s.is_contiguous()
+    xr = x.detach().clone().requires_grad_(True)
+    ref = lif_reference(xr, p)
+    assert torch.equal(s, ref)
+    g = torch.randn(s.shape)
+    torch.testing.assert_close(torch.autograd.grad(s, x, g)[0], torch.autograd.grad(ref, xr, g)[0], rtol=1e-6, atol=1e-6)
+
+
+def _digits_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    # embed 256: its pointwise layers are large enough for the oneDNN TokenLinear route
+    return create_model("spikingformer_digits", embed_dim=256, num_heads=8).to(dtype)
+
+
+def _images(dtype=torch.float32):
+    return torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+def _train_step(model, x, run=None):
+    """One forward+backward of ``run`` (default: ``model``); logits and ``model``'s gradients."""
+    model.zero_grad(set_to_none=True)
+    out = (model if run is None else run)(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compiled_equals_eager(backend: str, dtype: torch.dtype, exact: bool) -> None:
+    torch._dynamo.reset()
+    model = _digits_model(dtype)
+    x = _images(dtype)
+    compare = (lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)) if exact else \
+        (lambda a, b: torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9))
+
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: a graph break raises
+    with torch.no_grad():
+        compare(compiled(x), model(x))
+
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_eager, grads_eager = _train_step(model, x)
+    model.load_state_dict(state)  # the same BN running statistics for the compiled step
+    out_comp, grads_comp = _train_step(model, x, torch.compile(model, fullgraph=True, backend=backend))
+    compare(out_comp, out_eager)
+    assert grads_comp.keys() == grads_eager.keys() and grads_eager
+    for name in grads_eager:
+        torch.testing.assert_close(grads_comp[name], grads_eager[name], rtol=1e-6 if exact else 1e-9, atol=1e-7 if exact else 1e-12, msg=name)
+
+
+def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
+    """Dynamo + AOTAutograd (fake tensors, the registered autograd) trace the whole model, eval and
+    train, with every speed route on: the oneDNN TokenLinear, in-place inference BN and (threshold
+    lowered to reach it) the tokenizer's memory-lean recompute, which steps aside under compile."""
+    monkeypatch.setattr(layers, "RECOMPUTE_MIN_ELEMENTS", 0)
+    _compiled_equals_eager("aot_eager", torch.float32, exact=True)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor_equals_eager():
+    """The default compiler (Inductor, generated C++) on the same model, in float64."""
+    _compiled_equals_eager("inductor", torch.float64, exact=False)
+
+
+def test_export_inference_graph():
+    model = _digits_model().eval()
+    x = _images()
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "spikingformer.lif.default" in targets, sorted(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
+
+
+class _CompiledCalled(Exception):
+    pass
+
+
+def test_train_compile_option(monkeypatch, tmp_path):
+    """``spikingformer train --compile`` hands the model to ``torch.compile`` and trains through what
+    it returns (that a compiled model computes what eager does is the tests above). The stand-in
+    compiler's module stops the run at the first training forward."""
+    from spikingformer.cli import main
+
+    compiled = []
+
+    class Stop(torch.nn.Module):
+        def forward(self, *args):
+            raise _CompiledCalled
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return Stop()
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    args = ["train", "--output", str(tmp_path), "--name", "run", "--model-args", "{embed_dim: 32, num_heads: 2}",
+            "--batch-size", "64", "--amp", "off", "--tensorboard", "false", "--epochs", "1", "--compile"]
+    with pytest.raises(_CompiledCalled):
+        main(args)
+    assert [type(m).__name__ for m in compiled] == ["SpikingTransformer"]
