@@ -42,7 +42,7 @@ NO_SPIKINGJELLY = ("SpikingJelly is not installed, so there is no comparison col
                    "pip install \"spikingformer[bench]\" adds it")
 
 
-def _spikingjelly_node(device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+def _spikingjelly_node(device: torch.device, P) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
     """SpikingJelly's multi-step LIF (any release) as a stateless function, and its version."""
     try:
         version = importlib.metadata.version("spikingjelly")
@@ -184,7 +184,7 @@ def _run_benchmark(args: argparse.Namespace, command: str) -> None:
     else:
         clock = time.perf_counter
     torch.set_num_threads(args.threads)
-    sj, sj_version = _spikingjelly_node(device)
+    sj, sj_version = _spikingjelly_node(device, P)
     totals = [10**5, 10**6] if args.quick else [10**5, 10**6, 10**7]
 
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

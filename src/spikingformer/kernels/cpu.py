@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import platform
-import warnings
 from importlib import resources
 from pathlib import Path
 
