@@ -229,6 +229,9 @@ def test_every_command_runs_with_an_unusable_cache(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("not usable") == 1, done.stderr
     assert "Traceback" not in done.stderr
+    warning = [line for line in done.stderr.splitlines() if "not usable" in line]
+    assert warning[0].startswith("spikingformer: native build cache"), done.stderr  # the message alone, one line
+    assert "RuntimeWarning" not in done.stderr and "warnings.warn(" not in done.stderr, done.stderr
 
 
 # -- native bf16 ---------------------------------------------------------------------------------
