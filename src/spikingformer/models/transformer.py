@@ -187,13 +187,13 @@ class SpikingTransformer(nn.Module):
                 f"input size {h}x{w} must be a positive multiple of the tokenizer stride {c.downsample}; pad or "
                 f"resize the input"
             )
-        weight = self.tokenizer.stages[0].conv.weight
+        dtype = next(self.parameters()).dtype  # the weights' (any layer: deployment may wrap the stem)
         if not x.is_floating_point():
             raise ValueError(
-                f"expected a floating-point input ({weight.dtype}, the dtype of the model's weights), got {x.dtype}: "
+                f"expected a floating-point input ({dtype}, the dtype of the model's weights), got {x.dtype}: "
                 f"normalise uint8 images as in training, or convert counts with x.float()"
             )
-        return x.to(weight.dtype)
+        return x.to(dtype)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is a valid input: the shape, dtype and batch checks of
