@@ -179,7 +179,7 @@ def test_missing_tensorboard_is_said_once(tmp_path, capsys, monkeypatch):
 def test_bench_without_spikingjelly_says_so_and_drops_the_column(capsys, monkeypatch):
     from spikingformer.benchmarking import lif
 
-    monkeypatch.setattr(lif, "_spikingjelly_node", lambda device: (None, "not installed"))
+    monkeypatch.setattr(lif, "_spikingjelly_node", lambda device, params: (None, "not installed"))
     rc = main(["bench", "--what", "neuron", "--quick", "--rounds", "1", "--budget", "0.01", "--max-reps", "3",
                "--threads", "1"])
     out = capsys.readouterr().out
