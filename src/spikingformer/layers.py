@@ -258,7 +258,9 @@ class SpikingTokenizer(nn.Module):
         so its batch statistics and running estimates are exactly those of the repeated input.
         """
         y = self.stages[0].conv(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = y.unsqueeze(0).expand(time_steps, *y.shape).reshape(-1, *y.shape[1:]).permute(0, 3, 1, 2)  # (T*B, C, H, W)
+        # contiguous(): T real copies also for B = 1, where reshape alone would return a stride-0 view
+        # that the in-place inference BN of bn_spike_pool cannot write into
+        y = y.unsqueeze(0).expand(time_steps, *y.shape).contiguous().view(-1, *y.shape[1:]).permute(0, 3, 1, 2)  # (T*B, C, H, W)
         return self._forward_after_stem(y.view(time_steps, images.shape[0], *y.shape[1:]))
 
     def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
