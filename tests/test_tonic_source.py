@@ -163,6 +163,8 @@ def test_recipe_dataset_tonic_nmnist(tmp_path):
         assert y == int(source.split("/")[-2])
         expected = torch.nn.functional.pad(torch.from_numpy(integrate_frames(read_nmnist(source), 8, 34, 34)), (7, 7, 7, 7))
         torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not in tonic's layout under .*put them there first"):
+        build_dataset(DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path / "empty")), img_size=48, train=True)
     with pytest.raises(ValueError, match="tonic has no data set 'NoSuchSet'"):
         build_dataset(DataSection(dataset="tonic:NoSuchSet", data_dir=str(tmp_path)), img_size=48, train=False)
 

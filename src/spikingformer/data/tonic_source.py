@@ -129,8 +129,8 @@ def tonic_dataset(name: str, root: str, train: bool, T: int, split_by: str, img_
     """``tonic.datasets.<Class>(save_to=root, train=train)`` as :class:`TonicFrames` for a recipe's
     ``dataset: tonic:<Class>``; frames smaller than ``img_size`` are zero-padded to it.
 
-    The files must already be in tonic's layout under ``root`` (tonic's own check; nothing is downloaded
-    here that tonic would not fetch itself, and machines without network access need the files in place).
+    The files must already be in tonic's layout under ``root``: where tonic would download them, a
+    ``FileNotFoundError`` says so instead (nothing is downloaded at run time).
     """
     try:
         import tonic
@@ -148,4 +148,10 @@ def tonic_dataset(name: str, root: str, train: bool, T: int, split_by: str, img_
     if max(h, w) > img_size:
         raise ValueError(f"tonic.datasets.{cls_name} frames are {h}x{w}, larger than the model's {img_size}x{img_size} "
                          "input; pick a model with --model-args '{img_size: N}' for N >= the sensor side")
-    return TonicFrames(cls(save_to=root, train=train), T, split_by, pad_to=img_size, transform=transform)
+    def refuse_download(self) -> None:
+        raise FileNotFoundError(f"tonic.datasets.{cls_name}: its files are not in tonic's layout under {root} "
+                                f"(tonic would download them now); put them there first, see docs/data.md")
+
+    # the same name, as tonic keeps the files under save_to/<class name>
+    offline = type(cls.__name__, (cls,), {"download": refuse_download})
+    return TonicFrames(offline(save_to=root, train=train), T, split_by, pad_to=img_size, transform=transform)
