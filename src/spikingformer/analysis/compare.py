@@ -62,6 +62,7 @@ class ModelComparison:
             "energy_ratio": self.energy_ratio,
             "saving": self.saving,
             "totals": [r.totals() for r in self.reports],
+            "reports": [r.to_dict() for r in self.reports],
             "non_spike_layers": [non_spike_layers(rec) for rec in self.records],
             "block_inputs": [
                 [
