@@ -21,10 +21,23 @@ from pathlib import Path
 RECIPES = ("digits", "digits_dvs")
 ARCHS = ("spikingformer", "spikformer")
 SEEDS = (0, 1, 2)
+EPOCHS = {"digits": 20, "digits_dvs": 20}  # the recipes' schedules
 
 
 def run_dir(runs: Path, recipe: str, arch: str, seed: int) -> Path:
     return runs / f"{recipe}-{arch}-s{seed}"
+
+
+def finished(runs: Path, recipe: str, seed: int) -> bool:
+    """Both architectures' runs of this seed completed their schedule."""
+    for arch in ARCHS:
+        folder = run_dir(runs, recipe, arch, seed)
+        if not (folder / "last.pt").is_file() or not (folder / "metrics.jsonl").is_file():
+            return False
+        epochs = [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if not epochs or epochs[-1] + 1 < EPOCHS[recipe]:
+            return False
+    return True
 
 
 def accuracy(folder: Path) -> dict:
@@ -57,27 +70,31 @@ def layer_rates(comparison: dict, side: int) -> dict[str, float]:
 def report(runs: Path, plot: Path | None) -> None:
     results: dict[str, dict] = {}
     for recipe in RECIPES:
-        acc = {a: [accuracy(run_dir(runs, recipe, a, s)) for s in SEEDS] for a in ARCHS}
-        comps = [energy_comparison(runs, recipe, s) for s in SEEDS]
-        results[recipe] = {"accuracy": acc, "comparisons": comps}
+        seeds = [s for s in SEEDS if finished(runs, recipe, s)]
+        if not seeds:
+            print(f"{recipe}: no seed has finished runs of both models yet")
+            continue
+        acc = {a: [accuracy(run_dir(runs, recipe, a, s)) for s in seeds] for a in ARCHS}
+        comps = [energy_comparison(runs, recipe, s) for s in seeds]
+        results[recipe] = {"seeds": seeds, "accuracy": acc, "comparisons": comps}
 
-    print("\n| recipe | model | test top-1, last epoch: mean (range) | best epoch | energy per image (µJ) | ACs per image (M) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| recipe | seeds | model | test top-1 after the last epoch: mean (range) | best epoch | energy per image (µJ) | ACs per image (M) |")
+    print("|---|---|---|---|---|---|---|")
     for recipe, r in results.items():
         for side, arch in enumerate(ARCHS):
             last = [a["last"] for a in r["accuracy"][arch]]
             best = [a["best"] for a in r["accuracy"][arch]]
             energy = [c["totals"][side]["energy_mj"] * 1e3 for c in r["comparisons"]]
             acs = [c["totals"][side]["ac_g"] * 1e3 for c in r["comparisons"]]
-            print(f"| {recipe} | {arch} | {mean_range(last)} | {mean_range(best)} | {mean_range(energy, '{:.3f}')} "
+            print(f"| {recipe} | {len(r['seeds'])} | {arch} | {mean_range(last)} | {mean_range(best)} | {mean_range(energy, '{:.3f}')} "
                   f"| {mean_range(acs, '{:.3f}')} |")
     print("\n| recipe | seed | energy ratio Spikingformer / Spikformer | images |")
     print("|---|---|---|---|")
     for recipe, r in results.items():
-        for seed, c in zip(SEEDS, r["comparisons"]):
+        for seed, c in zip(r["seeds"], r["comparisons"]):
             print(f"| {recipe} | {seed} | {c['energy_ratio']:.3f} | {c['images']} |")
 
-    print("\nInput rate per layer (firing rate of 0/1 inputs; mean value of Spikformer's integer inputs), mean of 3 seeds")
+    print("\nInput rate per layer (firing rate of 0/1 inputs; mean value of Spikformer's integer inputs), mean over the seeds")
     for recipe, r in results.items():
         print(f"\n{recipe}:\n\n| layer | Spikingformer | Spikformer | Spikformer input |")
         print("|---|---|---|---|")
@@ -86,7 +103,7 @@ def report(runs: Path, plot: Path | None) -> None:
             sf = [layer_rates(c, 0)[name] for c in r["comparisons"]]
             kf = [layer_rates(c, 1)[name] for c in r["comparisons"]]
             kinds = {row["name"]: row["input_kind"] for row in r["comparisons"][0]["reports"][1]["rows"]}
-            print(f"| {name} | {sum(sf) / 3:.4f} | {sum(kf) / 3:.4f} | {kinds[name]} |")
+            print(f"| {name} | {sum(sf) / len(sf):.4f} | {sum(kf) / len(kf):.4f} | {kinds[name]} |")
     if plot:
         draw(results, plot)
         print(f"\nwrote {plot}")
@@ -103,7 +120,7 @@ def draw(results: dict, path: Path) -> None:
     for row, (recipe, r) in enumerate(results.items()):
         ax_acc, ax_energy, ax_rate = axes[row]
         for side, arch in enumerate(ARCHS):
-            x = [side + 0.08 * (s - 1) for s in SEEDS]
+            x = [side + 0.08 * (s - 1) for s in r["seeds"]]
             ax_acc.scatter(x, [a["last"] for a in r["accuracy"][arch]], color=colors[arch], label=arch)
             ax_energy.scatter(x, [c["totals"][side]["energy_mj"] * 1e3 for c in r["comparisons"]], color=colors[arch],
                               label=arch)
@@ -111,14 +128,15 @@ def draw(results: dict, path: Path) -> None:
                                 (ax_energy, "theoretical energy per image (Eq. 19)", "µJ")):
             ax.set_xticks([0, 1], ARCHS)
             ax.set_xlim(-0.5, 1.5)
-            ax.set_title(f"{recipe}: {title}, 3 seeds", fontsize=10)
+            ax.set_title(f"{recipe}: {title}, {len(r['seeds'])} seeds", fontsize=10)
             ax.set_ylabel(unit)
             ax.grid(alpha=0.3)
+        ax_energy.set_ylim(bottom=0)
         names = list(layer_rates(r["comparisons"][0], 0))
         names = [n for n in names if n not in ("tokenizer.stages.0.conv", "head.fc")]  # real-valued inputs
         width = 0.4
         for side, arch in enumerate(ARCHS):
-            means = [sum(layer_rates(c, side)[n] for c in r["comparisons"]) / 3 for n in names]
+            means = [sum(layer_rates(c, side)[n] for c in r["comparisons"]) / len(r["comparisons"]) for n in names]
             ax_rate.bar([i + (side - 0.5) * width for i in range(len(names))], means, width, color=colors[arch],
                         label=arch)
         ax_rate.set_xticks(range(len(names)), [n.replace("tokenizer.stages.", "tok.").replace(".linear", "")
