@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from spikingformer.data.event_datasets import _pad_frames
 from spikingformer.data.events import integrate_frames, make_events
 
 TONIC_PREFIX = "tonic:"
@@ -114,11 +115,7 @@ class TonicFrames(Dataset):
         events, target = self.dataset[i]
         h, w = self.sensor_size
         frames = integrate_frames(events_from_tonic(events, self.time_unit_us), self.T, h, w, self.split_by)
-        out = torch.from_numpy(frames)
-        H, W = self.frame_size
-        if (H, W) != (h, w):
-            top, left = (H - h) // 2, (W - w) // 2
-            out = torch.nn.functional.pad(out, (left, W - w - left, top, H - h - top))
+        out = _pad_frames(torch.from_numpy(frames), self.frame_size)
         if self.transform is not None:
             out = self.transform(out)
         return out, int(target)
