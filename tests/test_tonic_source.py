@@ -193,3 +193,11 @@ def test_tonic_read_dvs_128_has_x_and_y_swapped():
     ours = read_aedat2(path)
     np.testing.assert_array_equal(theirs["x"], ours["y"])
     np.testing.assert_array_equal(theirs["y"], ours["x"])
+
+
+def test_tonic_dataset_without_tonic_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tonic", None)  # as if tonic were not installed
+    with pytest.raises(ValueError, match=r"needs the tonic package: pip install 'spikingformer\[tonic\]'"):
+        build_dataset(DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path)), img_size=48, train=False)
