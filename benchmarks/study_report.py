@@ -62,6 +62,11 @@ def mean_range(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
 
 
+def blocks_energy_uj(comparison: dict, side: int) -> float:
+    """Energy per image of the transformer blocks alone (tokenizer and head left out), µJ."""
+    return sum(r["energy_pj"] for r in comparison["reports"][side]["rows"] if r["name"].startswith("blocks.")) * 1e-6
+
+
 def layer_rates(comparison: dict, side: int) -> dict[str, float]:
     """Input rate per synaptic layer: firing rate of spikes, mean value of integer inputs."""
     return {r["name"]: r["rate"] for r in comparison["reports"][side]["rows"] if r["op"] != "attention"}
@@ -78,21 +83,23 @@ def report(runs: Path, plot: Path | None) -> None:
         comps = [energy_comparison(runs, recipe, s) for s in seeds]
         results[recipe] = {"seeds": seeds, "accuracy": acc, "comparisons": comps}
 
-    print("\n| recipe | seeds | model | test top-1 after the last epoch: mean (range) | best epoch | energy per image (µJ) | ACs per image (M) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| recipe | seeds | model | test top-1 after the last epoch: mean (range) | best epoch | energy per image (µJ) | of which blocks (µJ) | ACs per image (M) |")
+    print("|---|---|---|---|---|---|---|---|")
     for recipe, r in results.items():
         for side, arch in enumerate(ARCHS):
             last = [a["last"] for a in r["accuracy"][arch]]
             best = [a["best"] for a in r["accuracy"][arch]]
             energy = [c["totals"][side]["energy_mj"] * 1e3 for c in r["comparisons"]]
             acs = [c["totals"][side]["ac_g"] * 1e3 for c in r["comparisons"]]
+            blocks = [blocks_energy_uj(c, side) for c in r["comparisons"]]
             print(f"| {recipe} | {len(r['seeds'])} | {arch} | {mean_range(last)} | {mean_range(best)} | {mean_range(energy, '{:.3f}')} "
-                  f"| {mean_range(acs, '{:.3f}')} |")
-    print("\n| recipe | seed | energy ratio Spikingformer / Spikformer | images |")
-    print("|---|---|---|---|")
+                  f"| {mean_range(blocks, '{:.3f}')} | {mean_range(acs, '{:.3f}')} |")
+    print("\n| recipe | seed | energy ratio Spikingformer / Spikformer | the same, blocks alone | images |")
+    print("|---|---|---|---|---|")
     for recipe, r in results.items():
         for seed, c in zip(r["seeds"], r["comparisons"]):
-            print(f"| {recipe} | {seed} | {c['energy_ratio']:.3f} | {c['images']} |")
+            print(f"| {recipe} | {seed} | {c['energy_ratio']:.3f} | {blocks_energy_uj(c, 0) / blocks_energy_uj(c, 1):.3f} "
+                  f"| {c['images']} |")
 
     print("\nInput rate per layer (firing rate of 0/1 inputs; mean value of Spikformer's integer inputs), mean over the seeds")
     for recipe, r in results.items():
