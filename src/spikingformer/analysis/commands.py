@@ -5,12 +5,16 @@ Examples::
     spikingformer audit --model spikingformer_digits --strict --out runs/audit
     spikingformer energy --model spikingformer_cifar10_4_256 --data random --batch-size 4 --measured
     spikingformer energy --model spikingformer_digits --compare
+    spikingformer energy --checkpoint runs/a/last.pt --compare-checkpoint runs/b/last.pt
+    spikingformer energy --model spikingformer_8_384 --model-args '{embed_dim: 64, depth: 2}' --checkpoint authors.pth --data random
     spikingformer energy --paper-log spikingformer_8_768 --ssa-heads 12
     spikingformer fuse --checkpoint runs/best.pth --output runs/best-fused.pth
 
 Without ``--checkpoint`` the zoo model is untrained; its BatchNorm statistics are then calibrated
 on the analysed inputs (see :func:`spikingformer.analysis.inputs.calibrate_batchnorm`) so that
-its spiking activity is representative rather than nearly silent.
+its spiking activity is representative rather than nearly silent. The printout says which weights
+(trained or not) and how many images every number comes from; the inputs default to the whole test
+split of the data set a checkpoint was trained on.
 """
 
 from __future__ import annotations
