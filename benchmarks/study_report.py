@@ -148,7 +148,7 @@ def draw(results: dict, path: Path) -> None:
                         label=arch)
         ax_rate.set_xticks(range(len(names)), [n.replace("tokenizer.stages.", "tok.").replace(".linear", "")
                                                .replace("blocks.", "b") for n in names], rotation=60, fontsize=8)
-        ax_rate.set_title(f"{recipe}: input rate per layer (Spikformer: mean integer input)", fontsize=10)
+        ax_rate.set_title(f"{recipe}: input rate per layer (integers: mean value)", fontsize=10)
         ax_rate.legend(fontsize=8)
         ax_rate.grid(alpha=0.3, axis="y")
     fig.tight_layout()
