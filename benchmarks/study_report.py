@@ -47,9 +47,10 @@ def accuracy(folder: Path) -> dict:
     return {"last": tested[-1]["test_top1"], "best": max(r["test_top1"] for r in tested), "epochs": rows[-1]["epoch"] + 1}
 
 
-def energy_comparison(runs: Path, recipe: str, seed: int) -> dict:
-    out = runs / "energy" / f"{recipe}-s{seed}"
-    sf, kf = (run_dir(runs, recipe, a, seed) / "last.pt" for a in ARCHS)
+def energy_comparison(runs: Path, recipe: str, seed: int, first: str = "spikingformer") -> dict:
+    """``energy --checkpoint <first> --compare-checkpoint <Spikformer>`` of one recipe and seed (cached)."""
+    out = runs / "energy" / (f"{recipe}-s{seed}" if first == "spikingformer" else f"{recipe}-{first}-s{seed}")
+    sf, kf = (run_dir(runs, recipe, a, seed) / "last.pt" for a in (first, "spikformer"))
     cmd = [sys.executable, "-m", "spikingformer", "energy", "--checkpoint", str(sf), "--compare-checkpoint", str(kf),
            "--out", str(out)]
     print("$ spikingformer " + " ".join(shlex.quote(c) for c in cmd[3:]), flush=True)
@@ -111,9 +112,30 @@ def report(runs: Path, plot: Path | None) -> None:
             kf = [layer_rates(c, 1)[name] for c in r["comparisons"]]
             kinds = {row["name"]: row["input_kind"] for row in r["comparisons"][0]["reports"][1]["rows"]}
             print(f"| {name} | {sum(sf) / len(sf):.4f} | {sum(kf) / len(kf):.4f} | {kinds[name]} |")
+    control(runs)
     if plot:
         draw(results, plot)
         print(f"\nwrote {plot}")
+
+
+def control(runs: Path) -> None:
+    """Spikingformer with Spikformer's tau (2.0) on digits_dvs, against the same Spikformer runs."""
+    seeds = [s for s in SEEDS if (run_dir(runs, "digits_dvs", "spikingformer_tau2", s) / "last.pt").is_file()]
+    if not seeds:
+        return
+    comps = [energy_comparison(runs, "digits_dvs", s, "spikingformer_tau2") for s in seeds]
+    last = [accuracy(run_dir(runs, "digits_dvs", "spikingformer_tau2", s))["last"] for s in seeds]
+    tok = [sum(r["rate"] for r in c["reports"][0]["rows"] if r["name"].startswith("tokenizer.stages.")
+               and not r["name"].endswith(".0.conv")) / 4 for c in comps]
+    print(f"\ncontrol, digits_dvs, Spikingformer with tau 2.0 ({len(seeds)} seeds):\n")
+    print("| test top-1 after the last epoch | energy per image (µJ) | of which blocks (µJ) | energy ratio to Spikformer "
+          "| the same, blocks alone | mean tokenizer input rate (stages 1-4) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {mean_range(last)} | {mean_range([c['totals'][0]['energy_mj'] * 1e3 for c in comps], '{:.3f}')} "
+          f"| {mean_range([blocks_energy_uj(c, 0) for c in comps], '{:.3f}')} "
+          f"| {mean_range([c['energy_ratio'] for c in comps], '{:.3f}')} "
+          f"| {mean_range([blocks_energy_uj(c, 0) / blocks_energy_uj(c, 1) for c in comps], '{:.3f}')} "
+          f"| {mean_range(tok, '{:.4f}')} |")
 
 
 def draw(results: dict, path: Path) -> None:
