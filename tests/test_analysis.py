@@ -297,7 +297,8 @@ def test_cli_energy_measured_and_compare(tmp_path, capsys):
             "--measured", "--compare", "--out", str(tmp_path)]
     assert _run(argv) == 0
     out = capsys.readouterr().out
-    assert "measured" in out and "energy ratio spikingformer_digits / spikformer_digits" in out
+    assert "measured" in out and "energy ratio spikingformer_digits (untrained) / spikformer_digits (untrained)" in out
+    assert "inputs: 4 images: synthetic (--data random, seed 0)" in out
     assert (tmp_path / "energy.json").is_file() and (tmp_path / "comparison.json").is_file()
     assert _run(["energy", "--paper-log", "spikingformer_8_512"]) == 0
     assert "7.4635" in capsys.readouterr().out

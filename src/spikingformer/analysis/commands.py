@@ -5,18 +5,23 @@ Examples::
     spikingformer audit --model spikingformer_digits --strict --out runs/audit
     spikingformer energy --model spikingformer_cifar10_4_256 --data random --batch-size 4 --measured
     spikingformer energy --model spikingformer_digits --compare
+    spikingformer energy --checkpoint runs/a/last.pt --compare-checkpoint runs/b/last.pt
+    spikingformer energy --model spikingformer_8_384 --model-args '{embed_dim: 64, depth: 2}' --checkpoint authors.pth --data random
     spikingformer energy --paper-log spikingformer_8_768 --ssa-heads 12
     spikingformer fuse --checkpoint runs/digits-spikingformer_digits/best.pt   # writes best-fused.pt beside it
 
 Without ``--checkpoint`` the zoo model is untrained; its BatchNorm statistics are then calibrated
 on the analysed inputs (see :func:`spikingformer.analysis.inputs.calibrate_batchnorm`) so that
-its spiking activity is representative rather than nearly silent.
+its spiking activity is representative rather than nearly silent. The printout says which weights
+(trained or not) and how many images every number comes from; the inputs default to the whole test
+split of the data set a checkpoint was trained on.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,18 +30,38 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not to build th
     from torch import nn
 
 
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", help="zoo model name (spikingformer.list_models())")
+    p.add_argument("--model-args", metavar="YAML", type=_model_args,
+                   help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
+                        "authors' checkpoint of a size outside the zoo")
     p.add_argument("--checkpoint", metavar="PATH", help="weights: this project's checkpoint (plain or fused) or the authors' (with --model)")
-    p.add_argument("--data", metavar="NAME", help="data set name, or 'random' for synthetic inputs (default: digits for the digits models)")
+    p.add_argument("--data", metavar="NAME",
+                   help="data set name, or 'random' for synthetic inputs (default: the data set the checkpoint was "
+                        "trained on; digits for the digits models)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data set on disk")
-    p.add_argument("--batches", type=int, default=2, metavar="N", help="number of input batches (default 2)")
+    p.add_argument("--batches", type=int, default=None, metavar="N",
+                   help="number of input batches (default: the whole test split; 2 with --data random)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--calibrate-bn", type=int, default=None, metavar="N",
                    help="set BatchNorm statistics from N input batches first (default: all batches for an "
                         "untrained zoo model, 0 with --checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seed of --data random and of untrained weights")
     p.add_argument("--out", metavar="DIR", help="write JSON and PNG outputs into this folder")
+
+
+def _model_args(text: str) -> dict:
+    """``--model-args``: a YAML mapping of ModelConfig fields."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{embed_dim: 64, depth: 2}}', got {text!r}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -54,8 +79,12 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--integer-inputs", choices=("ac_count", "mac"), default="ac_count",
                    help="non-binary integer inputs (Spikformer): value n = n ACs (Appendix G way 1, default) or MACs (way 2)")
-    p.add_argument("--compare", action="store_true", help="also run the other architecture of the same size on the same inputs")
-    p.add_argument("--compare-checkpoint", metavar="PATH", help="weights of the --compare model (default: untrained, BN calibrated)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the other architecture of the same size on the same inputs (untrained, BatchNorm "
+                        "calibrated on the inputs, unless --compare-checkpoint gives its weights)")
+    p.add_argument("--compare-checkpoint", metavar="PATH",
+                   help="trained weights of the model to compare with (implies --compare): this project's checkpoint "
+                        "of any model, or the authors' checkpoint of the other architecture of the same size")
     p.add_argument("--measured", action="store_true",
                    help="run the accumulate-only (event-driven) path and print measured additions beside the estimate")
     p.add_argument("--paper-log", metavar="NAME", choices=("spikingformer_8_512", "spikingformer_8_768"),
@@ -75,44 +104,103 @@ def register(subparsers) -> None:
 # shared steps
 
 
-def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0) -> tuple[nn.Module, str, bool]:
-    """``(model in eval mode, display name, trained?)`` from ``--model`` / ``--checkpoint``."""
+@dataclass
+class LoadedModel:
+    """A model to analyse, with what the printout says about its weights."""
+
+    model: nn.Module
+    name: str
+    trained: bool  # weights from a checkpoint (else: random initialisation)
+    source: str  # "trained weights from PATH", or "untrained: random weights (seed S)"
+    checkpoint: object = None  # the loaded checkpoint file (None for an untrained model)
+
+
+def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, model_args: dict | None = None,
+               name_if_needed: str | None = None) -> LoadedModel:
+    """The model (in eval mode) of ``--model`` / ``--checkpoint`` / ``--model-args``.
+
+    ``name_if_needed`` is the zoo name used for a checkpoint that does not describe its model
+    (the authors' files) when ``model_name`` is not given.
+    """
     import torch
 
-    from spikingformer.checkpoints import load_checkpoint, model_from_checkpoint
+    from spikingformer.checkpoints import is_native, load_checkpoint, model_from_checkpoint
     from spikingformer.models import create_model
 
+    model_args = model_args or {}
     if checkpoint:
         stored = load_checkpoint(checkpoint)
-        model = model_from_checkpoint(checkpoint, model_name)
+        if not model_name and not is_native(stored):
+            model_name = name_if_needed
+        model = model_from_checkpoint(checkpoint, model_name, **model_args)
         name = model_name or (stored.get("model_name") if isinstance(stored, dict) else None) or Path(checkpoint).stem
-        return model.eval(), name, True
+        return LoadedModel(model.eval(), name, True, f"trained weights from {checkpoint}", stored)
     if not model_name:
         raise ValueError("name a model with --model NAME (see `spikingformer models`) or give --checkpoint PATH")
     torch.manual_seed(seed)
-    return create_model(model_name).eval(), model_name, False
+    return LoadedModel(create_model(model_name, **model_args).eval(), model_name, False,
+                       f"untrained: random weights (seed {seed})")
 
 
-def _prepare(args: argparse.Namespace) -> tuple[nn.Module, str, list[torch.Tensor]]:
-    from spikingformer.analysis.inputs import input_batches
+@dataclass
+class Inputs:
+    """The analysed input batches and a description of them for the printout."""
 
-    model, name, trained = load_model(args.model, args.checkpoint, args.seed)
-    batches = input_batches(model.config, args.data, args.data_dir, args.batches, args.batch_size, args.seed)
-    _calibrate_if_needed(model, batches, args.calibrate_bn, trained, name)
-    return model, name, batches
+    batches: list[torch.Tensor]
+    description: str  # e.g. "the whole digits test split"
+
+    @property
+    def images(self) -> int:
+        return sum(x.shape[0] for x in self.batches)
+
+    def __str__(self) -> str:
+        return f"{self.images} images: {self.description}"
 
 
-def _calibrate_if_needed(model: nn.Module, batches: list[torch.Tensor], n: int | None, trained: bool, name: str) -> None:
+def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
+    """The inputs of ``--data`` (default: the checkpoint's training data set, else the model family's)."""
+    from spikingformer.analysis.inputs import RANDOM, dataset_batches, default_dataset, random_batches
+
+    config = loaded.model.config
+    if args.batches is not None and args.batches < 1 or args.batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
+    if args.data == RANDOM:
+        n = args.batches or 2
+        return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--data random, seed {args.seed})")
+    from spikingformer.checkpoints import is_native
+    from spikingformer.engine.evaluation import data_section_for
+
+    dataset = args.data or (None if is_native(loaded.checkpoint) else default_dataset(config))
+    if dataset is None and not is_native(loaded.checkpoint):
+        raise ValueError("name the input data with --data (a data set, or 'random' for synthetic inputs); "
+                         "only the digits models and this project's checkpoints have a default")
+    section = data_section_for(loaded.checkpoint, dataset, args.data_dir, config.time_steps)
+    batches = dataset_batches(config, section, args.batches, args.batch_size)
+    whole = args.batches is None or len(batches) < args.batches
+    what = "the whole" if whole else f"the first {len(batches)} batch(es) of {args.batch_size} of the"
+    return Inputs(batches, f"{what} {section.dataset} test split")
+
+
+def _prepare(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
+    loaded = load_model(args.model, args.checkpoint, args.seed, args.model_args)
+    inputs = load_inputs(args, loaded)
+    _calibrate_if_needed(loaded, inputs.batches, args.calibrate_bn)
+    return loaded, inputs
+
+
+def _calibrate_if_needed(loaded: LoadedModel, batches: list[torch.Tensor], n: int | None) -> None:
     from spikingformer.analysis.inputs import calibrate_batchnorm
     from spikingformer.deploy.fuse import is_fused
 
-    n = (0 if trained else len(batches)) if n is None else n
-    if n > 0 and is_fused(model):
+    n = (0 if loaded.trained else len(batches)) if n is None else n
+    if n > 0 and is_fused(loaded.model):
         raise ValueError("a fused model has no BatchNorm to calibrate; drop --calibrate-bn")
     if n > 0:
-        calibrate_batchnorm(model, batches[:n])
-        print(f"note: {name}: BatchNorm statistics calibrated on {min(n, len(batches))} input batch(es)"
-              + ("" if trained else " (untrained weights)"))
+        used = batches[:n]
+        calibrate_batchnorm(loaded.model, used)
+        loaded.source += f", BatchNorm calibrated on {sum(x.shape[0] for x in used)} images"
+        print(f"note: {loaded.name}: BatchNorm statistics calibrated on {len(used)} input batch(es)"
+              + ("" if loaded.trained else " (untrained weights)"))
 
 
 def _out_dir(args: argparse.Namespace) -> Path | None:
@@ -130,8 +218,9 @@ def _out_dir(args: argparse.Namespace) -> Path | None:
 def run_audit(args: argparse.Namespace) -> int:
     from spikingformer.analysis.audit import format_audit, non_spike_layers, record_activity, silent_layers
 
-    model, name, batches = _prepare(args)
-    record = record_activity(model, batches, args.max_values, model_name=name)
+    loaded, inputs = _prepare(args)
+    print(f"{loaded.name}, {loaded.source}; inputs: {inputs}")
+    record = record_activity(loaded.model, inputs.batches, args.max_values, model_name=loaded.name)
     print(format_audit(record))
     silent = silent_layers(record)
     if silent:
@@ -161,11 +250,12 @@ def run_energy(args: argparse.Namespace) -> int:
     from spikingformer.analysis.audit import record_activity
     from spikingformer.analysis.energy import energy_from_record
 
-    model, name, batches = _prepare(args)
-    record = record_activity(model, batches, model_name=name)
+    loaded, inputs = _prepare(args)
+    print(f"{loaded.name}, {loaded.source}; inputs: {inputs}")
+    record = record_activity(loaded.model, inputs.batches, model_name=loaded.name)
     report = energy_from_record(record, args.integer_inputs)
     if args.measured:
-        _attach_measured(report, model, batches)
+        _attach_measured(report, loaded.model, inputs.batches)
     print(report.table())
     out = _out_dir(args)
     if out:
@@ -174,8 +264,8 @@ def run_energy(args: argparse.Namespace) -> int:
         report.to_json(out / "energy.json")
         plot_energy_breakdown(report, out / "energy_breakdown.png")
         print(f"wrote {out / 'energy.json'}, {out / 'energy_breakdown.png'}")
-    if args.compare:
-        _compare(args, model, name, batches, out)
+    if args.compare or args.compare_checkpoint:
+        _compare(args, loaded, inputs, out)
     return 0
 
 
@@ -194,14 +284,20 @@ def _attach_measured(report, model: nn.Module, batches: list[torch.Tensor]) -> N
     )
 
 
-def _compare(args: argparse.Namespace, model: nn.Module, name: str, batches: list[torch.Tensor], out: Path | None) -> None:
+def _compare(args: argparse.Namespace, loaded: LoadedModel, inputs: Inputs, out: Path | None) -> None:
     from spikingformer.analysis.compare import compare_models, counterpart_name
 
-    other_name = counterpart_name(name)
-    other, _, trained = load_model(other_name if not args.compare_checkpoint else None, args.compare_checkpoint, args.seed)
-    _calibrate_if_needed(other, batches, None, trained, other_name)
-    comparison = compare_models((model, other), batches, (name, other_name), args.integer_inputs)
+    if args.compare_checkpoint:
+        other = load_model(None, args.compare_checkpoint, args.seed, args.model_args,
+                           name_if_needed=_counterpart_or_none(loaded.name))
+    else:
+        other = load_model(counterpart_name(loaded.name), None, args.seed, args.model_args)
+    _calibrate_if_needed(other, inputs.batches, None)
+    comparison = compare_models((loaded.model, other.model), inputs.batches, (loaded.name, other.name),
+                                args.integer_inputs, sources=(loaded.source, other.source),
+                                trained=(loaded.trained, other.trained), inputs=str(inputs))
     print()
+    print(f"{other.name}, {other.source}; the same inputs")
     print(comparison.reports[1].table())
     print()
     print(comparison.table())
@@ -211,6 +307,15 @@ def _compare(args: argparse.Namespace, model: nn.Module, name: str, batches: lis
         with open(out / "comparison.json", "w") as f:
             json.dump(comparison.to_dict(), f, indent=1)
         print(f"wrote {out / 'comparison.json'}")
+
+
+def _counterpart_or_none(name: str) -> str | None:
+    from spikingformer.analysis.compare import counterpart_name
+
+    try:
+        return counterpart_name(name)
+    except ValueError:
+        return None
 
 
 def _paper_energy(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@
 Both models are recorded on identical batches; the result holds both recordings and energy
 tables, the per-block input statistics, and the energy ratio ``E_Spikingformer / E_Spikformer``
 (the paper's "-57.34%" for 8-768 is ``1 - ratio``).
+
+The ratio rests on firing rates, which training changes: a comparison says for each side whether
+its weights were trained, and warns when one is not.
 """
 
 from __future__ import annotations
@@ -23,6 +26,19 @@ class ModelComparison:
     names: tuple[str, str]
     records: tuple[SpikeRecord, SpikeRecord]
     reports: tuple[EnergyReport, EnergyReport]
+    sources: tuple[str, str] = ("", "")  # where each side's weights come from (a checkpoint path, "untrained ...")
+    trained: tuple[bool, bool] | None = None  # None: not stated
+    inputs: str = ""  # what the inputs were, e.g. "360 images: the whole digits test split"
+
+    @property
+    def images(self) -> int:
+        return self.records[0].images
+
+    def labels(self) -> tuple[str, str]:
+        """Column labels: the names, with "(trained)" / "(untrained)" when known."""
+        if self.trained is None:
+            return self.names
+        return tuple(f"{n} ({'trained' if t else 'untrained'})" for n, t in zip(self.names, self.trained))
 
     @property
     def energy_ratio(self) -> float:
@@ -35,28 +51,37 @@ class ModelComparison:
         return 1.0 - self.energy_ratio
 
     def to_dict(self) -> dict:
+        labels = self.labels()
         return {
             "names": list(self.names),
+            "labels": list(labels),
+            "sources": list(self.sources),
+            "trained": None if self.trained is None else list(self.trained),
+            "images": self.images,
+            "inputs": self.inputs,
             "energy_ratio": self.energy_ratio,
             "saving": self.saving,
-            "totals": {n: r.totals() for n, r in zip(self.names, self.reports)},
-            "non_spike_layers": {n: non_spike_layers(rec) for n, rec in zip(self.names, self.records)},
-            "block_inputs": {
-                n: [
+            "totals": [r.totals() for r in self.reports],
+            "reports": [r.to_dict() for r in self.reports],
+            "non_spike_layers": [non_spike_layers(rec) for rec in self.records],
+            "block_inputs": [
+                [
                     {"block": b.group, "nonzero_ratio": b.nonzero_ratio, "firing_rate": b.firing_rate,
                      "max_value": b.max_value}
                     for b in block_inputs(rec)
                 ]
-                for n, rec in zip(self.names, self.records)
-            },
+                for rec in self.records
+            ],
         }
 
     def table(self) -> str:
         """Totals, per-block input statistics and the energy ratio as text."""
-        a, b = self.names
+        a, b = self.labels()
         ra, rb = self.reports
         w = max(len(a), len(b), 12)
         lines = [f"{'':<26} {a:>{w}} {b:>{w}}"]
+        if self.sources != ("", ""):
+            lines = [f"{n}: {src}" for n, src in zip(self.names, self.sources)] + lines
         for label, get in (
             ("MACs per image (G)", lambda r: f"{r.mac_g:.6g}"),
             ("ACs / SOPs per image (G)", lambda r: f"{r.ac_g:.6g}"),
@@ -67,10 +92,16 @@ class ModelComparison:
         ba, bb = (block_inputs(rec) for rec in self.records)
         for xa, xb in zip(ba, bb):
             lines.append(f"{xa.group + ' input':<26} {_block_text(xa):>{w}} {_block_text(xb):>{w}}")
-        for name, rec in zip(self.names, self.records):
+        for name, rec in zip((a, b), self.records):
             bad = non_spike_layers(rec)
             lines.append(f"non-spike inputs in {name}: {', '.join(bad) if bad else 'none'}")
-        lines.append(f"energy ratio {a} / {b}: {self.energy_ratio:.4f} (saving {self.saving * 100:.2f}%)")
+        lines.append(f"energy ratio {a} / {b}: {self.energy_ratio:.4f} (saving {self.saving * 100:.2f}%)"
+                     f" on {self.inputs or f'{self.images} images'}")
+        untrained = [n for n, t in zip(self.names, self.trained or (True, True)) if not t]
+        if untrained:
+            lines.append(f"warning: {' and '.join(untrained)} untrained: random weights fire at other rates than "
+                         "trained ones, so this ratio is not the trained models' (give trained weights with "
+                         "--checkpoint / --compare-checkpoint)")
         return "\n".join(lines)
 
 
@@ -93,8 +124,12 @@ def compare_models(
     batches: list[torch.Tensor],
     names: tuple[str, str] = ("spikingformer", "spikformer"),
     integer_inputs: str = "ac_count",
+    sources: tuple[str, str] = ("", ""),
+    trained: tuple[bool, bool] | None = None,
+    inputs: str = "",
 ) -> ModelComparison:
-    """Record both models on the same ``batches`` and build their energy tables."""
+    """Record both models on the same ``batches`` and build their energy tables (the other
+    arguments only label the result)."""
     records = tuple(record_activity(m, batches, model_name=n) for m, n in zip(models, names))
     reports = tuple(energy_from_record(r, integer_inputs) for r in records)
-    return ModelComparison(names, records, reports)
+    return ModelComparison(names, records, reports, sources, trained, inputs)

@@ -1,8 +1,8 @@
 """Input batches for the analysis tools, and BatchNorm calibration of untrained models.
 
-``input_batches(config, "random", ...)`` gives synthetic inputs of the model's shape: standard
-normal images ``(B, C, H, W)`` for static models, Poisson event counts ``(B, T, C, H, W)`` (mean
-0.2 per pixel and frame) for event models. Any other name is a data set of
+``random_batches`` gives synthetic inputs of the model's shape: standard normal images
+``(B, C, H, W)`` for static models, Poisson event counts ``(B, T, C, H, W)`` (mean 0.2 per pixel
+and frame) for event models. ``dataset_batches`` reads a data set of
 :func:`spikingformer.data.build_dataset` (its test split, in order).
 """
 
@@ -29,8 +29,8 @@ def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list
     return [torch.randn(batch_size, c, s, s, generator=g) for _ in range(batches)]
 
 
-def dataset_batches(config, section, batches: int, batch_size: int) -> list[torch.Tensor]:
-    """The first ``batches`` batches of a data set's test split (``section``: a
+def dataset_batches(config, section, batches: int | None, batch_size: int) -> list[torch.Tensor]:
+    """The first ``batches`` batches (``None``: all) of a data set's test split (``section``: a
     :class:`~spikingformer.config.DataSection`), shaped for the model."""
     from spikingformer.data import build_dataset, collate
 
@@ -44,26 +44,6 @@ def dataset_batches(config, section, batches: int, batch_size: int) -> list[torc
     if not out:
         raise ValueError(f"dataset '{section.dataset}' gave no samples")
     return out
-
-
-def input_batches(
-    config, data: str | None, data_dir: str | None, batches: int, batch_size: int, seed: int = 0
-) -> list[torch.Tensor]:
-    """Model inputs by name: ``"random"`` or a data set name (``None``: the model family's default)."""
-    if batches < 1 or batch_size < 1:
-        raise ValueError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
-    data = data or default_dataset(config)
-    if data is None:
-        raise ValueError(
-            f"name the input data with --data (a data set, or 'random' for synthetic inputs); "
-            f"only the digits models have a default"
-        )
-    if data == RANDOM:
-        return random_batches(config, batches, batch_size, seed)
-    from spikingformer.config import DataSection
-
-    section = DataSection(dataset=data, data_dir=data_dir, frames=config.time_steps)
-    return dataset_batches(config, section, batches, batch_size)
 
 
 @torch.no_grad()

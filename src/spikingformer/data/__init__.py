@@ -18,7 +18,7 @@ NEEDS_DIR = ("cifar10", "cifar100", "imagenet", "nmnist", "cifar10_dvs", "dvs128
 
 
 def is_event_dataset(name: str) -> bool:
-    return name in EVENT
+    return name in EVENT or name.startswith("tonic:")
 
 
 def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
@@ -28,8 +28,11 @@ def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     smaller than it (N-MNIST's 34x34) are zero-padded, centred, to it.
     """
     name = data_cfg.dataset
+    if name.startswith("tonic:"):  # a data set of the tonic library, e.g. tonic:NMNIST (data/tonic_source.py)
+        return _tonic_dataset(data_cfg, img_size, train)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(DATASETS)}, or tonic:<Name> for "
+                         "tonic.datasets.<Name>")
     if name in NEEDS_DIR and not data_cfg.data_dir:
         raise ValueError(f"dataset '{name}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
 
@@ -106,3 +109,13 @@ def check_batch(images: torch.Tensor, loader: DataLoader, step: int) -> None:
         return [sample_name(loader.dataset, batch[r]) for r in rows]
 
     check_finite(images, f"batch {step} (from 0) of the data", names)
+
+
+def _tonic_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
+    from spikingformer.data.event_augment import EventAugment
+    from spikingformer.data.tonic_source import tonic_dataset
+
+    if not data_cfg.data_dir:
+        raise ValueError(f"dataset '{data_cfg.dataset}' is read from disk: pass tonic's save_to folder with --data-dir")
+    transform = EventAugment() if (train and data_cfg.augment) else None
+    return tonic_dataset(data_cfg.dataset, data_cfg.data_dir, train, data_cfg.frames, data_cfg.split_by, img_size, transform)
