@@ -1,5 +1,5 @@
 """Synaptic operations and theoretical energy per image (paper s.3.4, Eq. 18-20), counted as the
-authors' code counts them (REFERENCE.md s.6), but by module type rather than module name.
+authors' code counts them, but by module type rather than module name.
 
 Per synaptic layer (every ``nn.Linear`` and convolution), per image, all T steps:
 

@@ -2,7 +2,7 @@
 
 Source: the official repository zhouchenlin2096/Spikingformer (HEAD 4378623),
 ``imagenet/energy_consumption_logs/...Spikingformer-8-512_log.txt`` and ``...8-768_log.txt``,
-as transcribed in ``../shared/REFERENCE.md`` s.6. The logs were written by
+as transcribed from the authors' training logs. The logs were written by
 ``imagenet/energy_consumption_on_imagenet.py`` over the whole ImageNet validation set (AMP).
 
 Rates are percentages as printed (3 decimals). Which tensor each rate belongs to:
@@ -38,7 +38,7 @@ class PaperEnergyLog:
     ssa_ac_g: float
     energy_mj: float
     ssa_heads: int  # Nheads in the log's hard-coded ssa_info (12 for 8-768 although the model has 8)
-    ssa_ac_g_model_heads: float  # SSA term with the model's real head count (REFERENCE s.6)
+    ssa_ac_g_model_heads: float  # SSA term with the model's real head count
     ac_g_model_heads: float
     energy_mj_model_heads: float
 

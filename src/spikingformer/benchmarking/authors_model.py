@@ -3,7 +3,7 @@
 The performance issue compares this project's model with "the same architecture built with
 SpikingJelly's neurons, the way the authors' code does it". This module rebuilds the authors'
 ``vit_snn`` (SF ``cifar10/model.py``, ``cifar10-dvs/model.py``, ``imagenet/model.py``; see
-REFERENCE.md s.2) with their module names, tensor layouts and operation order:
+the authors' code) with their module names, tensor layouts and operation order:
 
 * static images are repeated T times *before* the first convolution (``x.unsqueeze(0).repeat``);
 * every convolution and BatchNorm runs on ``(T*B, C, H, W)`` / ``(T*B, C, N)`` in NCHW;

@@ -3,7 +3,7 @@
 Nothing is downloaded: CIFAR is read from torchvision's python-pickle layout or from class-folder
 trees, ImageNet from ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``. Training transforms are
 timm's ``create_transform`` with the recipe's settings (the authors' RandAugment, random erasing,
-crop and normalisation constants, REFERENCE.md s.5.1).
+crop and normalisation constants).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading state dicts written by the authors' code (REFERENCE.md s.4) into our models.
+"""Loading state dicts written by the authors' code into our models.
 
 The official repositories use several naming schemes for the same tensors:
 

@@ -13,7 +13,7 @@ import sys
 from spikingformer.models.transformer import ModelConfig, SpikingTransformer
 from spikingformer.suggest import unknown_name
 
-# Paper parameter counts (REFERENCE.md s.7), millions, for the zoo table and the tests.
+# Paper parameter counts, millions, for the zoo table and the tests.
 PAPER_PARAMS_M = {
     "cifar10_4_256": 4.15,
     "cifar10_2_384": 5.76,
@@ -32,7 +32,7 @@ _FAMILY = {
     "digits": dict(family="digits", img_size=16, in_channels=1, downsample=4, time_steps=4, num_classes=10),
 }
 
-# Differences of the baseline from Spikingformer in the authors' code (REFERENCE.md s.3).
+# Differences of the baseline from Spikingformer in the authors' code.
 _SPIKFORMER = {
     "cifar": dict(qkv_bias=True, trunc_normal_pointwise=True),  # Linear q/k/v with bias, ViT init
     "event": dict(tau=2.0, attn_scale=0.25),
