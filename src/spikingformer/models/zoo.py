@@ -40,36 +40,65 @@ _SPIKFORMER = {
 _SPIKINGFORMER = {"event": dict(tau=1.5)}
 
 
-def _entries() -> dict[str, dict]:
-    zoo: dict[str, dict] = {}
-    sizes = {"cifar": [(4, 256), (2, 384), (4, 384)], "imagenet": [(8, 384), (8, 512), (8, 768)]}
-    for arch, extra in (("spikingformer", _SPIKINGFORMER), ("spikformer", _SPIKFORMER)):
-        for classes in (10, 100):
-            for depth, dim in sizes["cifar"]:
-                # The authors' CIFAR10 4-384 used 12 heads, CIFAR100 8; 256 is not divisible by 12.
-                heads = 12 if (classes == 10 and dim == 384) else 8
-                zoo[f"{arch}_cifar{classes}_{depth}_{dim}"] = dict(
-                    _FAMILY["cifar"], **extra.get("cifar", {}), arch=arch, depth=depth, embed_dim=dim,
-                    num_heads=heads, num_classes=classes,
-                )
-        for depth, dim in sizes["imagenet"]:
-            zoo[f"{arch}_{depth}_{dim}"] = dict(
-                _FAMILY["imagenet"], arch=arch, depth=depth, embed_dim=dim, num_heads=8
-            )
-        for data, classes in (("cifar10dvs", 10), ("dvs128", 11)):
-            zoo[f"{arch}_{data}_2_256"] = dict(
-                _FAMILY["event"], **extra.get("event", {}), arch=arch, depth=2, embed_dim=256, num_classes=classes
-            )
-        zoo[f"{arch}_digits"] = dict(_FAMILY["digits"], arch=arch, depth=1, embed_dim=64, num_heads=4)
-        # Small event models for the offline neuromorphic data: the embedded digits_dvs (32x32) and
-        # N-MNIST (34x34 zero-padded to 48x48); x8 downsampling keeps 16 and 36 tokens.
-        event = dict(_FAMILY["event"], **extra.get("event", {}), arch=arch, downsample=8, time_steps=8, num_classes=10)
-        zoo[f"{arch}_digits_dvs"] = dict(event, img_size=32, depth=1, embed_dim=64, num_heads=4)
-        zoo[f"{arch}_nmnist"] = dict(event, img_size=48, depth=2, embed_dim=128, num_heads=8)
-    return zoo
+def _cifar(arch: str, classes: int, depth: int, dim: int, heads: int) -> dict:
+    # The authors' CIFAR-10 4-384 used 12 heads, CIFAR-100 8 (256 is not divisible by 12).
+    extra = _SPIKFORMER if arch == "spikformer" else _SPIKINGFORMER
+    return dict(_FAMILY["cifar"], **extra.get("cifar", {}), arch=arch, depth=depth, embed_dim=dim,
+                num_heads=heads, num_classes=classes)
 
 
-ZOO: dict[str, dict] = _entries()
+def _imagenet(arch: str, depth: int, dim: int) -> dict:
+    return dict(_FAMILY["imagenet"], arch=arch, depth=depth, embed_dim=dim, num_heads=8)
+
+
+def _event(arch: str, classes: int, **size) -> dict:
+    extra = _SPIKFORMER if arch == "spikformer" else _SPIKINGFORMER
+    return dict(_FAMILY["event"], **extra.get("event", {}), arch=arch, num_classes=classes, **size)
+
+
+def _digits(arch: str) -> dict:
+    return dict(_FAMILY["digits"], arch=arch, depth=1, embed_dim=64, num_heads=4)
+
+
+# Small event models for the offline neuromorphic data: the embedded digits_dvs (32x32) and
+# N-MNIST (34x34 zero-padded to 48x48); x8 downsampling keeps 16 and 36 tokens.
+_SMALL_EVENT = dict(downsample=8, time_steps=8)
+
+ZOO: dict[str, dict] = {
+    # CIFAR-10 / CIFAR-100 (paper Table 2)
+    "spikingformer_cifar10_4_256": _cifar("spikingformer", 10, 4, 256, heads=8),
+    "spikingformer_cifar10_2_384": _cifar("spikingformer", 10, 2, 384, heads=12),
+    "spikingformer_cifar10_4_384": _cifar("spikingformer", 10, 4, 384, heads=12),
+    "spikingformer_cifar100_4_256": _cifar("spikingformer", 100, 4, 256, heads=8),
+    "spikingformer_cifar100_2_384": _cifar("spikingformer", 100, 2, 384, heads=8),
+    "spikingformer_cifar100_4_384": _cifar("spikingformer", 100, 4, 384, heads=8),
+    # ImageNet-1k (paper Table 1)
+    "spikingformer_8_384": _imagenet("spikingformer", 8, 384),
+    "spikingformer_8_512": _imagenet("spikingformer", 8, 512),
+    "spikingformer_8_768": _imagenet("spikingformer", 8, 768),
+    # CIFAR10-DVS and DVS128 Gesture (paper Table 3)
+    "spikingformer_cifar10dvs_2_256": _event("spikingformer", 10, depth=2, embed_dim=256),
+    "spikingformer_dvs128_2_256": _event("spikingformer", 11, depth=2, embed_dim=256),
+    # this project's offline models
+    "spikingformer_digits": _digits("spikingformer"),
+    "spikingformer_digits_dvs": _event("spikingformer", 10, **_SMALL_EVENT, img_size=32, depth=1, embed_dim=64, num_heads=4),
+    "spikingformer_nmnist": _event("spikingformer", 10, **_SMALL_EVENT, img_size=48, depth=2, embed_dim=128, num_heads=8),
+    # the Spikformer baseline at the same sizes
+    "spikformer_cifar10_4_256": _cifar("spikformer", 10, 4, 256, heads=8),
+    "spikformer_cifar10_2_384": _cifar("spikformer", 10, 2, 384, heads=12),
+    "spikformer_cifar10_4_384": _cifar("spikformer", 10, 4, 384, heads=12),
+    "spikformer_cifar100_4_256": _cifar("spikformer", 100, 4, 256, heads=8),
+    "spikformer_cifar100_2_384": _cifar("spikformer", 100, 2, 384, heads=8),
+    "spikformer_cifar100_4_384": _cifar("spikformer", 100, 4, 384, heads=8),
+    "spikformer_8_384": _imagenet("spikformer", 8, 384),
+    "spikformer_8_512": _imagenet("spikformer", 8, 512),
+    "spikformer_8_768": _imagenet("spikformer", 8, 768),
+    "spikformer_cifar10dvs_2_256": _event("spikformer", 10, depth=2, embed_dim=256),
+    "spikformer_dvs128_2_256": _event("spikformer", 11, depth=2, embed_dim=256),
+    "spikformer_digits": _digits("spikformer"),
+    "spikformer_digits_dvs": _event("spikformer", 10, **_SMALL_EVENT, img_size=32, depth=1, embed_dim=64, num_heads=4),
+    "spikformer_nmnist": _event("spikformer", 10, **_SMALL_EVENT, img_size=48, depth=2, embed_dim=128, num_heads=8),
+}
 
 
 def list_models(pattern: str = "*") -> list[str]:
