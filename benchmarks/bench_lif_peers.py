@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from common import cpu_description, cpu_model_and_flags
 
 TAU, VTH, ALPHA = 2.0, 1.0, 4.0
 DEVICE = torch.device("cpu")  # --device
@@ -100,28 +101,11 @@ def outputs(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torc
 
 # ------------------------------------------------------------------------------- the peers ----
 
-def _stateless(node: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A SpikingJelly node as a function of its input alone (its membrane reset before every call)."""
-    node = node.to(DEVICE)
+def sj_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
+    """SpikingJelly's multi-step LIF, whatever its release (0.0.0.0.12 in the worker, 2.x here)."""
+    from sj_neurons import spikingjelly_function
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        node.reset()
-        return node(x)
-
-    return run
-
-
-def sj012_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
-    from spikingjelly.clock_driven import neuron, surrogate
-
-    return _stateless(neuron.MultiStepLIFNode(tau=TAU, detach_reset=True, backend="torch",
-                                              surrogate_function=surrogate.Sigmoid(alpha=ALPHA)))
-
-
-def sj2_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
-    from spikingjelly.activation_based import neuron, surrogate
-
-    return _stateless(neuron.LIFNode(tau=TAU, detach_reset=True, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=ALPHA)))
+    return spikingjelly_function(DEVICE, tau=TAU, v_threshold=VTH, alpha=ALPHA, detach_reset=True)
 
 
 def snntorch_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,7 +147,7 @@ def norse_neuron() -> Callable[[torch.Tensor], torch.Tensor]:
 
 def sj012_worker(args: argparse.Namespace) -> None:
     """Runs in the SpikingJelly 0.0.0.0.12 environment: times it, saves its outputs, prints JSON."""
-    fn = sj012_neuron()
+    fn = sj_neuron()
     rows = []
     for T in args.T:
         x, g = make_inputs(T, args.elements)
@@ -173,14 +157,9 @@ def sj012_worker(args: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
             best = min((time_fwd_bwd(fn, x, g, args.reps) for _ in range(args.rounds)), key=lambda r: r[1])
             rows.append({"T": T, "threads": threads, "wall_ms": best[0], "cpu_ms": best[1]})
-    import spikingjelly
+    from sj_neurons import spikingjelly_version
 
-    version = getattr(spikingjelly, "__version__", None)
-    if version is None:
-        import importlib.metadata
-
-        version = importlib.metadata.version("spikingjelly")
-    print(json.dumps({"version": version, "torch": torch.__version__, "rows": rows}))
+    print(json.dumps({"version": spikingjelly_version(), "torch": torch.__version__, "rows": rows}))
 
 
 # --------------------------------------------------------------------------------- ours ----
@@ -194,7 +173,7 @@ def ours_per_isa() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     if DEVICE.type == "cuda":
         return {"ours (operator: Triton)": lambda x: multistep_lif(x, p)}
     impls = {"ours (operator, -march=native)": lambda x: multistep_lif(x, p, backend="cpu")}
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    flags = cpu_model_and_flags()[1]
     for march, need, label in (("x86-64-v3", "avx2", "AVX2"), ("x86-64-v4", "avx512f", "AVX-512")):
         if need not in flags:
             print(f"- skipping the {label} build: this CPU lacks {need}")
@@ -234,19 +213,6 @@ def tie_mask(x: torch.Tensor) -> torch.Tensor:
     return h == VTH
 
 
-def machine_line() -> str:
-    model = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-        flags = next(ln for ln in text.splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        pass
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags)
-    return f"{model} ({isa}); {os.cpu_count()} logical cores"
-
-
 def run_sj012(args: argparse.Namespace, out_dir: str) -> dict | None:
     if not args.sj012_python:
         return None
@@ -281,7 +247,7 @@ def main() -> None:
     load0 = os.getloadavg()
     print("# Multi-step LIF, forward+backward: ours per ISA against today's CPU peers\n")
     print(f"Command: `python benchmarks/bench_lif_peers.py {' '.join(sys.argv[1:])}`\n")
-    print(f"- CPU: {machine_line()}; torch {torch.__version__}")
+    print(f"- CPU: {cpu_description()}; torch {torch.__version__}")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     print(f"- allocator environment (inherited by the SpikingJelly 0.0.0.0.12 worker): {malloc or 'glibc defaults'}")
     if DEVICE.type == "cuda":
@@ -297,7 +263,7 @@ def main() -> None:
     impls = ours_per_isa()
     peers: dict[str, tuple[Callable, bool]] = {}  # label -> (fn, detach_reset of the matching ours)
     if versions["spikingjelly"] and versions["spikingjelly"].startswith("2."):
-        peers[f"SpikingJelly {versions['spikingjelly']} LIFNode (sj_lif operator)"] = (sj2_neuron(), True)
+        peers[f"SpikingJelly {versions['spikingjelly']} LIFNode (sj_lif operator)"] = (sj_neuron(), True)
     if versions["snntorch"]:
         peers[f"snnTorch {versions['snntorch']} Leaky"] = (snntorch_neuron(), True)
     if versions["norse"]:

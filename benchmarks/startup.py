@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parents[1] / "src"
 CASES = {
     "spikingformer --help": ["-m", "spikingformer", "--help"],
     "spikingformer train --help": ["-m", "spikingformer", "train", "--help"],
-    "spikingformer bench --help": ["-m", "spikingformer", "bench", "--help"],
+    "spikingformer energy --help": ["-m", "spikingformer", "energy", "--help"],
     "spikingformer train --learning-rate 3e-3 (argument error)": ["-m", "spikingformer", "train", "--learning-rate", "3e-3"],
 }
 REFERENCES = {"python -c pass": ["-c", "pass"], "python -c 'import torch'": ["-c", "import torch"]}
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs per case; the median is reported (default: 5)")
     ap.add_argument("--baseline-src", type=Path, help="the src folder of another checkout to time side by side")
     args = ap.parse_args(argv)
-    from spikingformer.benchmarking.common import cpu_description
+    from common import cpu_description
 
     print("# Start-up time of the spikingformer command\n")
     print(f"Command: `python benchmarks/startup.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip() + "\n")

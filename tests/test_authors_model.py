@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import authors_model
+from bench_model import MODELS, build
 from conftest import FIXTURES, require
-from spikingformer.benchmarking import authors_model
-from spikingformer.benchmarking.model import build
 from spikingformer.neuron import MultiStepLIF
 
 
@@ -54,8 +54,6 @@ def test_twin_reproduces_the_authors_logits(fixture_name):
 def test_benchmark_builds_share_weights_and_outputs(key, overrides):
     """``ours`` and the authors' build of the benchmark are the same function of the same weights
     (compared in float64: their layers round differently, and in float32 a spike may flip)."""
-    from spikingformer.benchmarking.model import MODELS
-
     name, batch = MODELS[key][:2]
     job = dict(name=name, batch=batch, overrides=overrides)
     ours, x, y = build(dict(job, build="ours"))

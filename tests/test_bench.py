@@ -1,4 +1,4 @@
-"""Smoke tests of ``spikingformer bench`` and the allocator set-up (tiny sizes; no timing assertions)."""
+"""Smoke tests of the benchmark scripts in ``benchmarks/`` and the allocator set-up (tiny sizes; no timing assertions)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
+import bench_lif
+import bench_model
+import bench_scaling
+from conftest import BENCHMARKS
 from spikingformer import runtime
-from spikingformer.cli import build_parser
 
 
 def _has_spikingjelly() -> bool:
@@ -21,20 +24,12 @@ def _has_spikingjelly() -> bool:
     return True
 
 
-def test_bench_parser_merges_options():
-    args = build_parser().parse_args(["bench", "--what", "model", "--quick", "--steps", "1", "--models", "cifar"])
-    assert args.what == "model" and args.quick and args.steps == 1 and args.models == ["cifar"]
-
-
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
 def test_bench_model_quick_prints_ratios(capsys):
-    from spikingformer.cli import main
-
-    rc = main(["bench", "--what", "model", "--quick", "--steps", "1", "--warmup", "0", "--models", "cifar",
-               "--dtypes", "fp32", "--no-allocator-rows"])
+    bench_model.main(["--quick", "--steps", "1", "--warmup", "0", "--models", "cifar", "--dtypes", "fp32",
+                      "--no-allocator-rows"])
     out = capsys.readouterr().out
-    assert rc == 0
-    assert "Command: `spikingformer bench" in out
+    assert "Command: `" in out and "--models cifar" in out
     assert "torch " in out and "spikingjelly " in out and "CPU:" in out
     assert "authors' time / ours" in out and "ours peak / authors' peak" in out
     rows = [line for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384, B=2 |")]
@@ -45,20 +40,37 @@ def test_bench_model_quick_prints_ratios(capsys):
 
 
 def test_bench_scaling_quick_runs(capsys):
-    from spikingformer.benchmarking import scaling
-
-    scaling.main(["--quick", "--steps", "1", "--warmup", "0", "--plot-dir", ""])
+    bench_scaling.main(["--quick", "--steps", "1", "--warmup", "0", "--plot-dir", ""])
     out = capsys.readouterr().out
     assert "| T | 2 |" in out and "| batch | 2 |" in out and "| resolution | 64 |" in out
 
 
-def test_bench_neuron_quick_via_cli(capsys):
-    from spikingformer.cli import main
+def test_bench_lif_quick_runs_as_a_script():
+    """``python benchmarks/bench_lif.py`` from a clean process (the folder is not a package)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_lif.py"), "--quick", "--rounds", "1",
+                           "--budget", "0.01", "--max-reps", "3", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "# LIF neuron benchmark" in proc.stdout and "| 4 | 1e+05 | fwd |" in proc.stdout
+    assert "bench_lif.py --quick" in proc.stdout  # the command is echoed
 
-    rc = main(["bench", "--what", "neuron", "--quick", "--rounds", "1", "--budget", "0.01", "--max-reps", "3",
-               "--threads", "1"])
+
+def test_bench_lif_without_spikingjelly_says_so_and_drops_the_column(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spikingjelly", None)  # as if it were not installed
+    bench_lif.main(["--quick", "--rounds", "1", "--budget", "0.01", "--max-reps", "3", "--threads", "1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "# LIF neuron benchmark" in out and "| 4 | 1e+05 | fwd |" in out
+    assert "spikingjelly not installed" in out
+    assert "SpikingJelly is not installed, so there is no comparison column" in out and "spikingformer[bench]" in out
+    assert "x SJ" not in out and "| 4 | 1e+05 | fwd | torch | float32 |" in out
+
+
+def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spikingjelly", None)
+    with pytest.raises(SystemExit) as done:
+        bench_model.main(["--quick", "--dtypes", "fp32"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compares against SpikingJelly's neurons" in err[0] and "spikingformer[bench]" in err[0]
 
 
 def test_allocator_switch():
@@ -152,9 +164,8 @@ def test_allocator_build_failure_keeps_the_default_with_a_notice(tmp_path):
 def test_bench_model_on_cuda_without_a_gpu_says_so(capsys):
     import torch
 
-    from spikingformer.cli import main
-
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible: the benchmark would run")
-    rc = main(["bench", "--what", "model", "--device", "cuda", "--quick"])
-    assert rc != 0 and "no CUDA device is visible" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        bench_model.main(["--device", "cuda", "--quick"])
+    assert done.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def _imported_by(*args: str) -> tuple[int, set[str], str]:
     return proc.returncode, modules, proc.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["bench", "--help"], ["energy", "--help"],
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["energy", "--help"],
                                   ["train", "--epoch", "1"], ["trian"]])
 def test_help_and_argument_errors_import_no_heavy_module(args):
     rc, modules, err = _imported_by(*args)
@@ -139,7 +139,7 @@ def test_no_command_accepts_an_abbreviated_option(capsys):
     (["train", "--num-epochs", "2", "--bach-size", "8"], "did you mean --epochs (for --num-epochs), --batch-size (for --bach-size)?"),
     (["eval", "--checkpoint", "c.pt", "--batchsize", "8"], "did you mean --batch-size?"),
     (["trian"], "invalid choice: 'trian'; did you mean 'train'?"),
-    (["bench", "--what", "neurons"], "invalid choice: 'neurons'; did you mean 'neuron'?"),
+    (["energy", "--integer-inputs", "acc_count"], "invalid choice: 'acc_count'; did you mean 'ac_count'?"),
 ])
 def test_unknown_options_and_choices_name_the_closest(capsys, args, hint):
     with pytest.raises(SystemExit) as done:
@@ -174,15 +174,3 @@ def test_missing_tensorboard_is_said_once(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").exists()
     RunLog(tmp_path, use_tensorboard=False).close()
     assert capsys.readouterr().out == ""
-
-
-def test_bench_without_spikingjelly_says_so_and_drops_the_column(capsys, monkeypatch):
-    from spikingformer.benchmarking import lif
-
-    monkeypatch.setattr(lif, "_spikingjelly_node", lambda device, params: (None, "not installed"))
-    rc = main(["bench", "--what", "neuron", "--quick", "--rounds", "1", "--budget", "0.01", "--max-reps", "3",
-               "--threads", "1"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "SpikingJelly is not installed, so there is no comparison column" in out and "spikingformer[bench]" in out
-    assert "x SJ" not in out and "| 4 | 1e+05 | fwd | torch | float32 |" in out

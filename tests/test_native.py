@@ -282,7 +282,7 @@ def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch
 def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys):
     import argparse
 
-    from spikingformer.benchmarking.model import drop_emulated_bf16
+    from bench_model import drop_emulated_bf16
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=False)

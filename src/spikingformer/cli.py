@@ -20,7 +20,6 @@ from spikingformer.suggest import closest, did_you_mean
 COMMAND_MODULES = [
     "spikingformer.engine.commands",  # train, eval, models
     "spikingformer.analysis.commands",  # audit, energy, fuse
-    "spikingformer.bench",  # bench
 ]
 
 

@@ -15,7 +15,7 @@ the authors' code) with their module names, tensor layouts and operation order:
 
 Its state dict has the authors' exact key names, including the unused ``norm1``/``norm2``
 LayerNorms, so the golden fixtures of the authors' code load into it unchanged, and
-``tests/test_bench.py`` checks that it reproduces their logits. It is a benchmark baseline, not a
+``tests/test_authors_model.py`` checks that it reproduces their logits. It is a benchmark baseline, not a
 second implementation of the model: use :func:`spikingformer.create_model` for real work.
 """
 
@@ -41,10 +41,9 @@ _FAMILIES = {
 def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch") -> nn.Module:
     """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it
     (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU)."""
-    from spikingformer.benchmarking.common import SpikingJellyLIF
-    from spikingformer.neuron import MultiStepLIF
+    from sj_neurons import SpikingJellyLIF
 
-    return SpikingJellyLIF(MultiStepLIF(tau=tau, v_threshold=v_threshold, detach_reset=True), backend)
+    return SpikingJellyLIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
 
 
 class AuthorsMLP(nn.Module):
