@@ -123,7 +123,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     if output.suffix != ".safetensors":
         raise ValueError(f"--output {output} must end in .safetensors (the format is chosen by the name when read back)")
     stored = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(checkpoint, model_name)
+    model = model_from_checkpoint(checkpoint, model_name, loaded=stored)
     record = stored if describes_model(stored) else {}
     return export_safetensors(model, output, model_name or record.get("model_name"), record.get("train_config"))
 
@@ -217,8 +217,10 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
     return model
 
 
-def model_from_checkpoint(path: str | Path, model_name: str | None = None, **overrides) -> SpikingTransformer:
-    """Rebuild a model with its weights from a checkpoint file.
+def model_from_checkpoint(path: str | Path, model_name: str | None = None, *, loaded: Any = None,
+                          **overrides) -> SpikingTransformer:
+    """Rebuild a model with its weights from a checkpoint file (``loaded``: its contents, when the
+    caller has already read them with :func:`load_checkpoint`, so the file is read once).
 
     This project's checkpoints (training, fused and exported ones) describe their model, so
     ``model_name`` is not needed (if given, it must agree). The authors' checkpoints (or bare
@@ -226,7 +228,7 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None, **ove
     """
     from spikingformer.deploy.fuse import fuse_structure
 
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path) if loaded is None else loaded
     if describes_model(checkpoint):
         saved = checkpoint.get("model_name")
         if model_name and saved and model_name != saved:

@@ -132,7 +132,7 @@ def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, mo
         stored = load_checkpoint(checkpoint)
         if not model_name and not is_native(stored):
             model_name = name_if_needed
-        model = model_from_checkpoint(checkpoint, model_name, **model_args)
+        model = model_from_checkpoint(checkpoint, model_name, loaded=stored, **model_args)
         name = model_name or (stored.get("model_name") if isinstance(stored, dict) else None) or Path(checkpoint).stem
         return LoadedModel(model.eval(), name, True, f"trained weights from {checkpoint}", stored)
     if not model_name:

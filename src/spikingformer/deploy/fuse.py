@@ -156,7 +156,7 @@ def fuse_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
         raise ValueError(f"--output {output} is the checkpoint being fused; writing there would drop the optimizer "
                          "state a resumed training needs. Choose another --output (default: <name>-fused.pt beside it)")
     stored = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(checkpoint, model_name).eval()
+    model = model_from_checkpoint(checkpoint, model_name, loaded=stored).eval()
     record = stored if isinstance(stored, dict) else {}
     name = model_name or record.get("model_name")
     fused = fuse_model(model)

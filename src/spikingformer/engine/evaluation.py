@@ -36,7 +36,7 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names."""
     raw = checkpoints.load_checkpoint(path)
     data = data_section_for(raw, dataset, data_dir, frames)
-    model = checkpoints.model_from_checkpoint(path, model_name)
+    model = checkpoints.model_from_checkpoint(path, model_name, loaded=raw)
     runtime = setup(device)
     try:
         model = model.to(runtime.device)
