@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from spikingformer import runtime
+from spikingformer import allocator
 from spikingformer.models.zoo import create_model, model_config
 
 BATCH = {"spikingformer_digits": 64, "spikingformer_cifar10_4_256": 16}
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    runtime.configure_allocator()
+    allocator.configure_allocator()
     load0 = os.getloadavg()
     print("# torch.compile against eager\n")
     print(f"Command: `python benchmarks/bench_compile.py {' '.join(sys.argv[1:])}`\n")

@@ -113,7 +113,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace, command: str) -> None:
-    from spikingformer.kernels import cpu as cpu_kernel
+    from spikingformer.kernels import cpu_backend as cpu_kernel
     from spikingformer.neuron import LIFParams, multistep_lif
 
     P = LIFParams(tau=2.0, v_threshold=1.0, v_reset=0.0, alpha=4.0, detach_reset=True)

@@ -166,7 +166,7 @@ def sj012_worker(args: argparse.Namespace) -> None:
 
 def ours_per_isa() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Our operator (native build) and the same kernel built for AVX2 and AVX-512, where this CPU runs them."""
-    from spikingformer.kernels import cpu
+    from spikingformer.kernels import cpu_backend as cpu
     from spikingformer.neuron import LIFParams, multistep_lif
 
     p = LIFParams(tau=TAU, v_threshold=VTH, alpha=ALPHA, detach_reset=True)

@@ -9,7 +9,7 @@ Each is built three times, with the same weights:
 
 * ``ours``: this project's model (fused :class:`MultiStepLIF` neurons, the model-level changes, the
   allocator set up as ``spikingformer`` does at start-up:
-  :func:`spikingformer.runtime.configure_allocator`);
+  :func:`spikingformer.allocator.configure_allocator`);
 * ``authors' code + SJ`` -- the baseline of the targets: the authors' model layer for layer
   (``benchmarks/authors_model.py``, which reproduces the logits of their code
   exactly) with SpikingJelly's ``MultiStepLIFNode(backend='torch')``, ``functional.reset_net(model)``
@@ -133,10 +133,10 @@ def build(job: dict):
 
 
 def _worker(job: dict) -> dict:
-    from spikingformer import runtime
+    from spikingformer import allocator
 
     if job["our_allocator"]:
-        runtime.configure_allocator()
+        allocator.configure_allocator()
     import torch
 
     import sj_neurons
@@ -185,7 +185,7 @@ def _worker(job: dict) -> dict:
         rss_before=rss0,
         max_rss=memory.peak(),
         faults_per_step=(common.minor_faults() - faults0) / job["steps"],
-        allocator=runtime.allocator_state(),
+        allocator=allocator.allocator_state(),
     )
     if job.get("count_flops"):
         from torch.utils.flop_counter import FlopCounterMode
@@ -247,9 +247,9 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
     from torch.profiler import ProfilerActivity, profile
 
     import sj_neurons
-    from spikingformer import runtime
+    from spikingformer import allocator
 
-    runtime.configure_allocator()
+    allocator.configure_allocator()
     torch.set_num_threads(threads)
     name, batch, _, _ = MODELS[key]
     model, x, y = build(dict(name=name, batch=batch, build=build_))
@@ -306,9 +306,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def drop_emulated_bf16(args: argparse.Namespace) -> None:
-    """On a CPU without native bf16 (:func:`spikingformer.runtime.native_bf16`), drop bf16 from
+    """On a CPU without native bf16 (:func:`spikingformer.cpu_features.native_bf16`), drop bf16 from
     ``args.dtypes`` with one line on stderr: emulated bf16 times measure the emulation."""
-    from spikingformer.runtime import BF16_EMULATED, native_bf16
+    from spikingformer.cpu_features import BF16_EMULATED, native_bf16
 
     if args.device != "cpu" or "bf16" not in args.dtypes or native_bf16():
         return

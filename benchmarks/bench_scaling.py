@@ -44,9 +44,9 @@ QUICK_MODEL = dict(embed_dim=64, num_heads=4, depth=1)
 
 
 def _worker(job: dict) -> dict:
-    from spikingformer import runtime
+    from spikingformer import allocator
 
-    runtime.configure_allocator()
+    allocator.configure_allocator()
     import torch
 
     from bench_model import build

@@ -13,7 +13,7 @@ import bench_lif
 import bench_model
 import bench_scaling
 from conftest import BENCHMARKS
-from spikingformer import runtime
+from spikingformer import allocator
 
 
 def _has_spikingjelly() -> bool:
@@ -74,10 +74,10 @@ def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeyp
 
 
 def test_allocator_switch():
-    assert runtime.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "0"})
-    assert runtime.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "off"})
-    assert not runtime.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "1"})
-    assert not runtime.allocator_disabled({})
+    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "0"})
+    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "off"})
+    assert not allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "1"})
+    assert not allocator.allocator_disabled({})
 
 
 def _run(code: str, switch: str = "1", **env_extra) -> str:
@@ -93,8 +93,8 @@ linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="the cachin
 @linux_only
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_configure_allocator_in_a_fresh_process(switch):
-    out = _run("from spikingformer import runtime; print(runtime.configure_allocator()); "
-               "print(runtime.allocator_state())", switch)
+    out = _run("from spikingformer import allocator; print(allocator.configure_allocator()); "
+               "print(allocator.allocator_state())", switch)
     if switch == "1":
         assert out.startswith("True") and "spikingformer caching allocator" in out
     else:
@@ -103,13 +103,13 @@ def test_configure_allocator_in_a_fresh_process(switch):
 
 _FAULTS = """
 import resource, torch
-from spikingformer import runtime
-runtime.configure_allocator()
+from spikingformer import allocator
+allocator.configure_allocator()
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.ones(16 * 2**20)
 f0 = faults()
 for _ in range(4): torch.ones(16 * 2**20)
-print((faults() - f0) / 4, runtime.cache_stats()["hits"])
+print((faults() - f0) / 4, allocator.cache_stats()["hits"])
 """
 
 
@@ -125,8 +125,8 @@ def test_caching_allocator_reuses_large_blocks_instead_of_faulting_them_in():
 
 _TRAIN = """
 import torch
-from spikingformer import runtime
-print("installed", runtime.configure_allocator())
+from spikingformer import allocator
+print("installed", allocator.configure_allocator())
 from spikingformer.models.zoo import create_model
 torch.manual_seed(0)
 model = create_model("spikingformer_digits")
@@ -154,8 +154,8 @@ def test_training_under_the_caching_allocator_is_unchanged():
 
 @linux_only
 def test_allocator_build_failure_keeps_the_default_with_a_notice(tmp_path):
-    out = _run("import warnings; from spikingformer import runtime; print(runtime.configure_allocator()); "
-               "print(runtime.allocator_state())", "1", CXX=str(tmp_path / "no-such-compiler"),
+    out = _run("import warnings; from spikingformer import allocator; print(allocator.configure_allocator()); "
+               "print(allocator.allocator_state())", "1", CXX=str(tmp_path / "no-such-compiler"),
                TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert out.startswith("False")
     assert "did not build" in out and "no-such-compiler" in out and "RuntimeWarning" in out

@@ -40,7 +40,7 @@ def test_two_seeded_runs_are_identical(tmp_path):
 
 PROBE = """
 import ctypes, torch
-from spikingformer.runtime import pin_threads
+from spikingformer.cpu_features import pin_threads
 gomp = ctypes.CDLL("libgomp.so.1")
 assert gomp.omp_get_dynamic() == 1, "OMP_DYNAMIC=true should start dynamic"
 threads = torch.get_num_threads()

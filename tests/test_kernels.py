@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from spikingformer import kernels
-from spikingformer.kernels import cpu as cpu_kernel
+from spikingformer.kernels import cpu_backend as cpu_kernel
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference, multistep_lif
 
 DEVICE = torch.device(os.environ.get("SPIKINGFORMER_TEST_DEVICE", "cpu"))
@@ -284,9 +284,9 @@ def test_cpu_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
 def test_nothing_built_at_import():
     code = (
         "import spikingformer, spikingformer.neuron, spikingformer.kernels as k, sys;"
-        "from spikingformer.kernels import cpu;"
+        "from spikingformer.kernels import cpu_backend as cpu;"
         "assert cpu.LIBRARY.lib is None and cpu.LIBRARY.build_seconds is None;"
-        "assert 'spikingformer.kernels.triton_lif' not in sys.modules"
+        "assert 'spikingformer.kernels.triton_backend' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spikingformer import native
-from spikingformer.kernels import cpu as cpu_kernel
+from spikingformer.kernels import cpu_backend as cpu_kernel
 from spikingformer.models.zoo import create_model
 from spikingformer.native import NativeLibrary
 
@@ -238,15 +238,15 @@ def test_every_command_runs_with_an_unusable_cache(tmp_path):
 
 
 def _cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool = False) -> None:
-    from spikingformer import runtime
+    from spikingformer import cpu_features
 
-    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
 
 def test_native_bf16_detection(monkeypatch):
-    from spikingformer.runtime import native_bf16
+    from spikingformer.cpu_features import native_bf16
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=False)  # e.g. an AVX2-only EPYC: bf16 emulated

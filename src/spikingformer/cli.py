@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from spikingformer.runtime import configure_allocator
+    from spikingformer.allocator import configure_allocator
 
     configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     try:

@@ -1,7 +1,7 @@
 """Small C++ libraries compiled on first use, cached on disk and loaded with :mod:`ctypes`.
 
 Two parts of the package are native code: the fused CPU LIF kernel
-(:mod:`spikingformer.kernels.cpu`) and the caching CPU allocator (:mod:`spikingformer.runtime`).
+(:mod:`spikingformer.kernels.cpu_backend`) and the caching CPU allocator (:mod:`spikingformer.allocator`).
 Both are one C++ file each, built with one ``g++`` call (about a second) instead of going through
 ``torch.utils.cpp_extension`` (tens of seconds), because neither needs pybind11.
 

@@ -30,7 +30,8 @@ from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
-from spikingformer.runtime import BF16_EMULATED, empty_cache, native_bf16, pin_threads
+from spikingformer.allocator import empty_cache
+from spikingformer.cpu_features import BF16_EMULATED, native_bf16, pin_threads
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ bit-for-bit, gradients to float32 rounding); ``tests/test_kernels.py`` holds the
 
 Backends:
 
-* ``"torch"`` -- :mod:`~spikingformer.kernels.torch_loop`: plain PyTorch ops, any device.
-* ``"cpu"`` -- :mod:`~spikingformer.kernels.cpu`: a fused C++ kernel for CPU tensors, compiled on
+* ``"torch"`` -- :mod:`~spikingformer.kernels.torch_backend`: plain PyTorch ops, any device.
+* ``"cpu"`` -- :mod:`~spikingformer.kernels.cpu_backend`: a fused C++ kernel for CPU tensors, compiled on
   first use (about a second) and cached; falls back to ``"torch"`` with one warning if it cannot
   be built.
-* ``"triton"`` -- :mod:`~spikingformer.kernels.triton_lif`: fused Triton kernels for CUDA tensors
+* ``"triton"`` -- :mod:`~spikingformer.kernels.triton_backend`: fused Triton kernels for CUDA tensors
   (also CPU tensors under ``TRITON_INTERPRET=1``); listed only when Triton imports.
 
 The fused CPU and CUDA kernels are one PyTorch operator, ``spikingformer::lif``
@@ -26,17 +26,17 @@ from typing import Callable
 
 import torch
 
-from spikingformer.kernels import cpu as _cpu
+from spikingformer.kernels import cpu_backend as _cpu
 from spikingformer.kernels.ops import lif_cpu
 from spikingformer.kernels.params import LIFParams
-from spikingformer.kernels.torch_loop import lif_torch_loop
+from spikingformer.kernels.torch_backend import lif_torch_loop
 
 LIFKernel = Callable[[torch.Tensor, LIFParams], torch.Tensor]
 
 
 def _lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     """Imports Triton lazily (importing it costs a second or two) on the first call."""
-    from spikingformer.kernels.triton_lif import lif_triton
+    from spikingformer.kernels.triton_backend import lif_triton
 
     return lif_triton(x, p)
 
@@ -63,7 +63,7 @@ def _triton_usable() -> bool:
     if not _TRITON_IMPORTABLE:
         return False
     try:
-        from spikingformer.kernels import triton_lif  # noqa: F401
+        from spikingformer.kernels import triton_backend  # noqa: F401
     except Exception:  # a broken Triton install must not break the neuron
         return False
     return True

@@ -4,8 +4,8 @@
 backward ``spikingformer::lif_backward(x, grad_spikes, ...) -> grad_x`` are registered with
 :mod:`torch.library`:
 
-* CPU kernel: the fused C++ kernel (:mod:`spikingformer.kernels.cpu`; the torch loop if it cannot be built);
-* CUDA kernel: the Triton kernels (:mod:`spikingformer.kernels.triton_lif`; the torch loop without Triton);
+* CPU kernel: the fused C++ kernel (:mod:`spikingformer.kernels.cpu_backend`; the torch loop if it cannot be built);
+* CUDA kernel: the Triton kernels (:mod:`spikingformer.kernels.triton_backend`; the torch loop without Triton);
 * fake (meta) implementations, so the compiler traces shapes without running the kernels;
 * autograd: forward saves only ``x``; backward calls ``spikingformer::lif_backward``.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from spikingformer.kernels import cpu
+from spikingformer.kernels import cpu_backend as cpu
 from spikingformer.kernels.params import LIFParams
-from spikingformer.kernels.torch_loop import lif_backward, lif_forward, lif_torch_loop
+from spikingformer.kernels.torch_backend import lif_backward, lif_forward, lif_torch_loop
 
 
 def _params(tau: float, v_threshold: float, v_reset: float, alpha: float, detach_reset: bool) -> LIFParams:
@@ -48,10 +48,10 @@ def lif_backward_op(x: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_th
 def _triton():
     """The Triton kernels' module, or ``None`` where Triton does not import."""
     try:
-        from spikingformer.kernels import triton_lif
+        from spikingformer.kernels import triton_backend
     except Exception:  # no (or a broken) Triton install: the torch loop computes the same
         return None
-    return triton_lif
+    return triton_backend
 
 
 @lif.register_kernel("cuda")

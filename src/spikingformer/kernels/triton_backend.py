@@ -5,7 +5,7 @@ kernel, with the membrane in registers; loads and stores are in the input's dtyp
 float32. As the CPU kernel, forward saves only the input ``x`` (its own dtype) for backward;
 the backward kernel recomputes the charged membrane ``H`` into a transient float32 scratch buffer
 (freed when backward returns, never held between forward and backward), then walks the
-recurrence in reverse (formulas in :mod:`spikingformer.kernels.torch_loop`).
+recurrence in reverse (formulas in :mod:`spikingformer.kernels.torch_backend`).
 
 Bit-exact spikes: the charge ``H = V + (X - (V - V_reset)) / tau`` must round exactly as the
 reference's separate tensor ops do on the same device. PyTorch's CUDA kernels divide a tensor by a
@@ -200,6 +200,6 @@ def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     if not INTERPRETED:
         raise RuntimeError(
             "the 'triton' LIF backend needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing "
-            "spikingformer.kernels.triton_lif, to run it in Triton's interpreter)"
+            "spikingformer.kernels.triton_backend, to run it in Triton's interpreter)"
         )
     return TritonLIF.apply(x, p)

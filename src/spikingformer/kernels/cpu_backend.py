@@ -10,7 +10,7 @@ workers run it single-threaded, as PyTorch sets one thread there).
 
 Memory kept for backward: only the input ``x`` itself, in its own dtype. Backward recomputes the
 charged membrane ``H`` block by block into a per-thread scratch buffer that fits in cache, then
-walks the recurrence in reverse (see :mod:`spikingformer.kernels.torch_loop` for the formulas).
+walks the recurrence in reverse (see :mod:`spikingformer.kernels.torch_backend` for the formulas).
 
 Forward arithmetic follows :func:`spikingformer.neuron.lif_reference` operation by operation
 (``H = V + (X - (V - V_reset)) / tau`` with a true float32 division, ``S = (H - V_th) >= 0``,
@@ -156,7 +156,7 @@ def forward(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     lib = get_library()
     if lib is not None:
         return kernel_forward(lib, x, p)
-    from spikingformer.kernels.torch_loop import lif_forward  # the library said why, once
+    from spikingformer.kernels.torch_backend import lif_forward  # the library said why, once
 
     return lif_forward(x, p)[0]
 
@@ -166,7 +166,7 @@ def backward(x: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParams) -> torch.
     lib = get_library()
     if lib is not None:
         return kernel_backward(lib, x, grad_spikes, p)
-    from spikingformer.kernels.torch_loop import lif_backward, lif_forward
+    from spikingformer.kernels.torch_backend import lif_backward, lif_forward
 
     return lif_backward(grad_spikes, lif_forward(x, p)[1], p).to(x.dtype)
 
