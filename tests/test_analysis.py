@@ -14,7 +14,8 @@ from torch import nn
 
 from spikingformer import create_model
 from spikingformer.analysis.audit import non_spike_layers, record_activity, silent_layers
-from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, energy_from_record, layer_specs
+from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, energy_from_record
+from spikingformer.analysis.geometry import layer_specs
 from spikingformer.analysis.inputs import calibrate_batchnorm, random_batches
 from spikingformer.analysis.paper_rates import PAPER_LOGS, paper_rates, paper_sops
 from spikingformer.deploy.accumulate import (

@@ -33,9 +33,6 @@ from spikingformer.layers import SpikingSelfAttention
 
 SYNAPTIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 ATTENTION_OPERANDS = ("q", "k", "v")
-# Heads whose FC reads the real-valued residual stream by design (paper Eq. 14 and 16).
-REAL_INPUT_HEADS = ("avgpool_fc", "fc_avgpool")
-STEM_CONV = "tokenizer.stages.0.conv"  # the image/event encoding layer (paper Eq. 19: FLOP_Conv^1)
 
 
 @dataclass
@@ -123,6 +120,8 @@ class SpikeRecord:
     head_kind: str | None
     arch: str | None
     model_name: str | None = None
+    real_by_design: tuple[str, ...] = ()  # the model's real_input_layers(): not expected to read spikes
+    encoding_layer: str | None = None  # the layer that reads the model input (the model's ENCODING_LAYER)
 
     def synaptic_layers(self) -> list[InputStats]:
         return [s for s in self.layers.values() if not s.kind.startswith("attention_")]
@@ -141,6 +140,7 @@ class SpikeRecord:
             "images": self.images,
             "time_steps": self.time_steps,
             "head_kind": self.head_kind,
+            "real_by_design": list(self.real_by_design),
             "layers": {n: s.to_dict() for n, s in self.layers.items()},
             "attention": {n: asdict(a) for n, a in self.attention.items()},
             "non_spike_layers": non_spike_layers(self),
@@ -183,8 +183,6 @@ def update_stats(stats: InputStats, x: torch.Tensor, max_values: int = 64, hist_
     flat = x.detach().reshape(-1)
     if flat.numel() == 0:
         return
-    stats.calls += 1
-    stats.last_shape = tuple(x.shape)
     lo_t, hi_t = torch.aminmax(flat)
     lo, hi = float(lo_t), float(hi_t)
     nonzero = int(torch.count_nonzero(flat))
@@ -228,6 +226,9 @@ def _update_real_histogram(stats: InputStats, flat: torch.Tensor, lo: float, hi:
 class SpikeRecorder:
     """Context manager that hooks a model and fills :class:`InputStats` per layer.
 
+    With ``values=False`` only shapes are recorded (calls, output positions, operand shapes), so the
+    model may run on the meta device (see :func:`spikingformer.analysis.geometry.record_shapes`).
+
     Example::
 
         with SpikeRecorder(model) as rec:
@@ -235,10 +236,11 @@ class SpikeRecorder:
         record = rec.record()
     """
 
-    def __init__(self, model: nn.Module, max_values: int = 64, hist_bins: int = 50) -> None:
+    def __init__(self, model: nn.Module, max_values: int = 64, hist_bins: int = 50, values: bool = True) -> None:
         self.model = model
         self.max_values = max_values
         self.hist_bins = hist_bins
+        self.values = values
         self.layers: dict[str, InputStats] = {}
         self.attention: dict[str, AttentionOperands] = {}
         self.images = 0
@@ -275,8 +277,7 @@ class SpikeRecorder:
 
         def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
-            update_stats(stats, x, self.max_values, self.hist_bins)
-            stats.leading_items += int(x.shape[0])
+            self._record(stats, x)
             if kind == "linear":
                 stats.out_positions += output.numel() // mod.out_features
             else:
@@ -290,14 +291,23 @@ class SpikeRecorder:
         stats = self.layers[name] = InputStats(name, f"attention_{op}", group_of(name), dict(heads=heads))
 
         def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            update_stats(stats, output, self.max_values, self.hist_bins)
-            stats.call_nonzeros.append(int(torch.count_nonzero(output)))
-            stats.leading_items += int(output.shape[0])
+            self._record(stats, output)
+            if self.values:
+                stats.call_nonzeros.append(int(torch.count_nonzero(output)))
 
         self._handles.append(lif.register_forward_hook(hook))
 
+    def _record(self, stats: InputStats, x: torch.Tensor) -> None:
+        """One call's input shape, and its values unless only shapes are recorded."""
+        stats.calls += 1
+        stats.last_shape = tuple(x.shape)
+        stats.leading_items += int(x.shape[0])
+        if self.values:
+            update_stats(stats, x, self.max_values, self.hist_bins)
+
     def record(self, model_name: str | None = None) -> SpikeRecord:
         config = getattr(self.model, "config", None)
+        real_by_design = getattr(self.model, "real_input_layers", tuple)()
         return SpikeRecord(
             layers=dict(self.layers),
             attention=dict(self.attention),
@@ -306,6 +316,8 @@ class SpikeRecorder:
             head_kind=getattr(config, "head", None),
             arch=getattr(config, "arch", None),
             model_name=model_name,
+            real_by_design=tuple(real_by_design),
+            encoding_layer=getattr(self.model, "ENCODING_LAYER", None),
         )
 
 
@@ -332,12 +344,9 @@ def record_activity(
 
 
 def documented_non_spike_layers(record: SpikeRecord) -> set[str]:
-    """Layers whose input is real-valued by design: the encoding conv, and the FC of the
-    ``avgpool_fc`` / ``fc_avgpool`` heads (they read the real-valued residual stream)."""
-    names = {STEM_CONV}
-    if record.head_kind in REAL_INPUT_HEADS:
-        names.add("head.fc")
-    return names
+    """Layers whose input is real-valued by design, as the model declares them
+    (:meth:`~spikingformer.models.SpikingTransformer.real_input_layers`)."""
+    return set(record.real_by_design)
 
 
 def non_spike_layers(record: SpikeRecord, include_documented: bool = False) -> list[str]:

@@ -41,17 +41,11 @@ from :mod:`spikingformer.deploy.accumulate` and are shown beside it when attache
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from spikingformer.analysis.audit import (
-    REAL_INPUT_HEADS,
-    STEM_CONV,
-    InputStats,
-    SpikeRecord,
-    group_of,
-)
+from spikingformer.analysis.audit import ATTENTION_OPERANDS, InputStats, SpikeRecord
+from spikingformer.analysis.geometry import AttentionSpec, LayerSpec, attention_spec, layer_spec, record_shapes
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -75,50 +69,6 @@ class InputActivity:
     @classmethod
     def of(cls, value: "float | InputActivity") -> "InputActivity":
         return value if isinstance(value, InputActivity) else cls("spike", float(value))
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """Operation counts of one synaptic layer per image (all T steps), before any firing rate."""
-
-    name: str
-    op: str  # "conv" or "linear"
-    weight_flops: float
-    bias_flops: float = 0.0
-    repeats_counted: int = 1  # >1: computed once per image but counted this many times (static stem)
-    description: str = ""
-
-    @property
-    def group(self) -> str:
-        return group_of(self.name)
-
-    @property
-    def flops(self) -> float:
-        return self.weight_flops + self.bias_flops
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Size of one attention product per image: T, heads h, tokens N, head dim d."""
-
-    name: str
-    time_steps: int
-    heads: int
-    tokens: int
-    head_dim: int
-
-    @property
-    def group(self) -> str:
-        return group_of(self.name)
-
-    @property
-    def flops(self) -> float:
-        """``T*h*N*d^2``: the dense size of one of the two ``d x d``-sized products."""
-        return float(self.time_steps * self.heads * self.tokens * self.head_dim**2)
-
-    def sops(self, fr_q: float, fr_k: float, fr_v: float) -> float:
-        """The authors' SSA term: ``T*h*N*d^2*(min(fr_k, fr_v) + fr_q)``."""
-        return self.flops * (min(fr_k, fr_v) + fr_q)
 
 
 @dataclass
@@ -302,82 +252,7 @@ def attention_row(spec: AttentionSpec, sops: float, e_ac: float) -> EnergyRow:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure-config path: geometry from a ModelConfig, firing rates given
-
-
-def _pooled(size: int) -> int:
-    """Output side of MaxPool2d(kernel 3, stride 2, padding 1)."""
-    return (size + 2 - 3) // 2 + 1
-
-
-def tokenizer_specs(config) -> list[LayerSpec]:
-    """The five 3x3 ConvBN stages (no conv bias) with the authors' counting (stem x T for static data)."""
-    t, d = config.time_steps, config.embed_dim
-    channels = [config.in_channels, d // 8, d // 4, d // 2, d, d]
-    static = config.family != "event"
-    specs, side = [], config.img_size
-    for i in range(5):
-        if i > 4 - config.num_pools:
-            side = _pooled(side)
-        cin, cout = channels[i], channels[i + 1]
-        repeats = t if (i == 0 and static) else 1
-        specs.append(LayerSpec(
-            f"tokenizer.stages.{i}.conv", "conv", float(9 * cin * cout * t * side * side), 0.0, repeats,
-            f"conv3x3 {cin}->{cout} @{side}x{side} x T={t}",
-        ))
-    return specs
-
-
-def block_specs(config, index: int) -> list[LayerSpec]:
-    """The six pointwise layers of one transformer block (q, k, v, proj, fc1, fc2)."""
-    d, hidden = config.embed_dim, int(config.embed_dim * config.mlp_ratio)
-    rows = config.time_steps * config.num_tokens
-    p = f"blocks.{index}"
-    layers = [
-        (f"{p}.attn.q.linear", d, d, config.qkv_bias),
-        (f"{p}.attn.k.linear", d, d, config.qkv_bias),
-        (f"{p}.attn.v.linear", d, d, config.qkv_bias),
-        (f"{p}.attn.proj.linear", d, d, True),
-        (f"{p}.mlp.fc1.linear", d, hidden, True),
-        (f"{p}.mlp.fc2.linear", hidden, d, True),
-    ]
-    return [
-        LayerSpec(name, "linear", float(i * o * rows), float(o * rows) if bias else 0.0, 1, f"1x1 {i}->{o} x {rows} rows")
-        for name, i, o, bias in layers
-    ]
-
-
-def head_spec(config) -> LayerSpec:
-    rows = 1 if config.head.endswith("avgpool_fc") else config.time_steps * config.num_tokens
-    d, k = config.embed_dim, config.num_classes
-    return LayerSpec("head.fc", "linear", float(d * k * rows), float(k * rows), 1, f"fc {d}->{k} x {rows} rows")
-
-
-def layer_specs(config) -> list[LayerSpec]:
-    """Every synaptic layer of a zoo model (:class:`~spikingformer.models.transformer.ModelConfig`), in model order."""
-    specs = tokenizer_specs(config)
-    for i in range(config.depth):
-        specs.extend(block_specs(config, i))
-    specs.append(head_spec(config))
-    return specs
-
-
-def attention_specs(config, heads: int | None = None) -> list[AttentionSpec]:
-    """One SSA product per block; ``heads`` overrides the head count (the 8-768 log used 12)."""
-    h = heads or config.num_heads
-    if config.embed_dim % h:
-        raise ValueError(f"embed_dim {config.embed_dim} is not divisible by {h} heads")
-    return [
-        AttentionSpec(f"blocks.{i}.attn", config.time_steps, h, config.num_tokens, config.embed_dim // h)
-        for i in range(config.depth)
-    ]
-
-
-def _real_by_design(config) -> set[str]:
-    names = {STEM_CONV}
-    if config.head in REAL_INPUT_HEADS:
-        names.add("head.fc")
-    return names
+# The tables: layer shapes recorded from the model, firing rates given or recorded
 
 
 def energy_from_rates(
@@ -389,100 +264,35 @@ def energy_from_rates(
     e_ac: float = E_AC_PJ,
     model_name: str | None = None,
 ) -> EnergyReport:
-    """Energy table of a model config from given firing rates (no forward pass).
+    """Energy table of a model config from given firing rates. The layer shapes come from a forward
+    pass on the meta device (:func:`~spikingformer.analysis.geometry.record_shapes`; no values computed).
 
-    ``rates`` maps layer names (as in :func:`layer_specs`, plus ``blocks.{i}.attn.{q,k,v}_lif`` for the
-    attention operands) to a firing rate in [0, 1] (a spike input) or an :class:`InputActivity`.
-    The image conv and a real-input head may be omitted (they read real values: MACs).
+    ``rates`` maps layer names (as in :func:`~spikingformer.analysis.geometry.layer_specs`, plus
+    ``blocks.{i}.attn.{q,k,v}_lif`` for the attention operands) to a firing rate in [0, 1] (a spike
+    input) or an :class:`InputActivity`. The layers the model declares real-valued by design (the
+    encoding conv, a head without SN) may be omitted: they count as MACs.
     ``ssa_heads`` sets the head count of the SSA term only (to reproduce the 8-768 log, which used 12).
     """
     _check_integer_inputs(integer_inputs)
-    real = _real_by_design(config)
-    specs, attention = layer_specs(config), attention_specs(config, ssa_heads)
-    needed = [s.name for s in specs if s.name not in real]
-    needed += [f"{a.name}.{op}_lif" for a in attention for op in ("q", "k", "v")]
-    missing = [n for n in needed if n not in rates]
+    shapes = record_shapes(config)
+    missing = [n for n in shapes.layers if n not in rates and n not in shapes.real_by_design]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise ValueError(f"no firing rate given for {len(missing)} layer(s): {shown}")
-    rows = []
-    for spec in specs:
-        act = InputActivity.of(rates[spec.name]) if spec.name in rates else InputActivity("real")
-        rows.append(synaptic_row(spec, act, integer_inputs, e_mac, e_ac))
-    for spec in attention:
-        fr = {op: InputActivity.of(rates[f"{spec.name}.{op}_lif"]).mean for op in ("q", "k", "v")}
-        rows.append(attention_row(spec, spec.sops(fr["q"], fr["k"], fr["v"]), e_ac))
-    rows = _model_order(rows)
-    report = EnergyReport(rows, integer_inputs, e_mac, e_ac, model_name)
-    stem = report.row(STEM_CONV)
-    repeats = tokenizer_specs(config)[0].repeats_counted
-    report.stem_computed_macs = stem.flops / repeats
-    if repeats > 1:
-        report.notes.append(_stem_note(repeats, stem.flops))
+
+    def synaptic(stats: InputStats) -> EnergyRow:
+        act = InputActivity.of(rates[stats.name]) if stats.name in rates else InputActivity("real")
+        return synaptic_row(layer_spec(stats, shapes.images, shapes.time_steps), act, integer_inputs, e_mac, e_ac)
+
+    def attention(name: str) -> EnergyRow:
+        spec = attention_spec(shapes, name, ssa_heads)
+        fr = [InputActivity.of(rates[getattr(shapes.attention[name], op)]).mean for op in ATTENTION_OPERANDS]
+        return attention_row(spec, spec.sops(*fr), e_ac)
+
+    report = _report(shapes, synaptic, attention, integer_inputs, e_mac, e_ac, model_name, images=None)
     if ssa_heads and ssa_heads != config.num_heads:
         report.notes.append(f"SSA term computed with {ssa_heads} heads; the model has {config.num_heads}")
     return report
-
-
-def _stem_note(repeats: int, flops: float) -> str:
-    return (f"first conv counted {repeats} times (once per time step, as the authors' code); the model computes "
-            f"it once per image: {fmt_count(flops / repeats)} MACs instead of {fmt_count(flops)}")
-
-
-def _model_order(rows: list[EnergyRow]) -> list[EnergyRow]:
-    """Attention rows placed after their block's v projection (stable otherwise)."""
-    out: list[EnergyRow] = []
-    attn = {r.name: r for r in rows if r.op == "attention"}
-    for r in rows:
-        if r.op == "attention":
-            continue
-        out.append(r)
-        for name, a in attn.items():
-            if r.name == f"{name}.v.linear":
-                out.append(a)
-    placed = {r.name for r in out}
-    out.extend(a for a in attn.values() if a.name not in placed)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Recording path: geometry and rates from forward hooks
-
-
-def spec_from_stats(stats: InputStats, images: int, time_steps: int | None) -> LayerSpec:
-    """Per-image operation counts of a recorded layer, from its geometry and output positions."""
-    g = stats.geometry
-    positions = stats.out_positions / images
-    repeats = 1
-    if stats.kind == "linear":
-        weight = g["in_features"] * g["out_features"] * positions
-        bias = g["out_features"] * positions if g["bias"] else 0.0
-        desc = f"linear {g['in_features']}->{g['out_features']} x {positions:g} rows"
-    else:
-        if time_steps and time_steps > 1 and stats.leading_items == images:
-            repeats = time_steps  # ran once per image on a static input; the authors ran it T times
-        positions *= repeats
-        k = math.prod(g["kernel_size"])
-        weight = k * g["in_channels"] // g["groups"] * g["out_channels"] * positions
-        bias = g["out_channels"] * positions if g["bias"] else 0.0
-        kernel = "x".join(map(str, g["kernel_size"]))
-        desc = f"conv{kernel} {g['in_channels']}->{g['out_channels']} x {positions:g} positions"
-    return LayerSpec(stats.name, stats.kind, float(weight), float(bias), repeats, desc)
-
-
-def attention_from_record(record: SpikeRecord, name: str, e_ac: float) -> EnergyRow:
-    """SSA row from the recorded operands: the authors' term evaluated per forward call, summed."""
-    ops = record.attention[name]
-    q, k, v = (record.layers[n] for n in (ops.q, ops.k, ops.v))
-    t, _, n, dim = q.last_shape
-    spec = AttentionSpec(name, t, ops.heads, n, dim // ops.heads)
-    additions = sum(
-        (min(nk, nv) + nq) * spec.head_dim for nq, nk, nv in zip(q.call_nonzeros, k.call_nonzeros, v.call_nonzeros)
-    )
-    row = attention_row(spec, additions / record.images, e_ac)
-    if not (q.binary and k.binary and v.binary):
-        row.input_kind = "integer" if (q.integer and k.integer and v.integer) else "real"
-    return row
 
 
 def energy_from_record(
@@ -491,22 +301,51 @@ def energy_from_record(
     e_mac: float = E_MAC_PJ,
     e_ac: float = E_AC_PJ,
 ) -> EnergyReport:
-    """Energy table from a :class:`~spikingformer.analysis.audit.SpikeRecord` (rates measured by hooks)."""
+    """Energy table from a :class:`~spikingformer.analysis.audit.SpikeRecord` (rates measured by hooks).
+
+    The SSA term is evaluated per forward call with that call's operand counts, and summed."""
     _check_integer_inputs(integer_inputs)
-    rows = []
-    stem_once, stem_repeats = None, 1
-    for stats in record.synaptic_layers():
-        spec = spec_from_stats(stats, record.images, record.time_steps)
+
+    def synaptic(stats: InputStats) -> EnergyRow:
         act = InputActivity(stats.value_kind, stats.mean if stats.value_kind != "real" else 1.0)
-        rows.append(synaptic_row(spec, act, integer_inputs, e_mac, e_ac))
-        if spec.name == STEM_CONV:
-            stem_once = spec.flops / spec.repeats_counted
-            stem_repeats = spec.repeats_counted
-    rows.extend(attention_from_record(record, name, e_ac) for name in record.attention)
-    report = EnergyReport(_model_order(rows), integer_inputs, e_mac, e_ac, record.model_name, record.images)
-    report.stem_computed_macs = stem_once
-    if stem_once is not None and stem_repeats > 1:
-        report.notes.append(_stem_note(stem_repeats, stem_once * stem_repeats))
+        return synaptic_row(layer_spec(stats, record.images, record.time_steps), act, integer_inputs, e_mac, e_ac)
+
+    def attention(name: str) -> EnergyRow:
+        spec = attention_spec(record, name)
+        q, k, v = (record.layers[getattr(record.attention[name], op)] for op in ATTENTION_OPERANDS)
+        additions = sum((min(nk, nv) + nq) * spec.head_dim
+                        for nq, nk, nv in zip(q.call_nonzeros, k.call_nonzeros, v.call_nonzeros))
+        row = attention_row(spec, additions / record.images, e_ac)
+        if not (q.binary and k.binary and v.binary):
+            row.input_kind = "integer" if (q.integer and k.integer and v.integer) else "real"
+        return row
+
+    return _report(record, synaptic, attention, integer_inputs, e_mac, e_ac, record.model_name, record.images)
+
+
+def _report(record: SpikeRecord, synaptic, attention, integer_inputs: str, e_mac: float, e_ac: float,
+            model_name: str | None, images: int | None) -> EnergyReport:
+    """The table in model order (each attention product after the last of its operands), with the
+    encoding layer's MACs as the model computes them."""
+    order = {name: i for i, name in enumerate(record.layers)}
+    closing = {max((getattr(a, op) for op in ATTENTION_OPERANDS), key=order.__getitem__): a.name
+               for a in record.attention.values()}
+    rows = []
+    for name, stats in record.layers.items():
+        if not stats.kind.startswith("attention_"):
+            rows.append(synaptic(stats))
+        elif name in closing:
+            rows.append(attention(closing[name]))
+    report = EnergyReport(rows, integer_inputs, e_mac, e_ac, model_name, images)
+    stem = record.layers.get(record.encoding_layer)
+    if stem is not None:
+        spec = layer_spec(stem, record.images, record.time_steps)
+        report.stem_computed_macs = spec.flops / spec.repeats_counted
+        if spec.repeats_counted > 1:
+            report.notes.append(
+                f"first conv counted {spec.repeats_counted} times (once per time step, as the authors' code); the "
+                f"model computes it once per image: {fmt_count(report.stem_computed_macs)} MACs instead of "
+                f"{fmt_count(spec.flops)}")
     return report
 
 

@@ -19,14 +19,21 @@ def default_dataset(config) -> str | None:
     return "digits" if config.family == "digits" else None
 
 
+def input_shape(config, batch_size: int) -> tuple[int, ...]:
+    """The model input's shape: images ``(B, C, S, S)``, or event frames ``(B, T, C, S, S)``."""
+    s, c = config.img_size, config.in_channels
+    if config.family == "event":
+        return (batch_size, config.time_steps, c, s, s)
+    return (batch_size, c, s, s)
+
+
 def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """Synthetic model inputs: images ``(B, C, S, S)`` ~ N(0, 1), or event counts ``(B, T, C, S, S)`` ~ Poisson(0.2)."""
     g = torch.Generator().manual_seed(seed)
-    s, c = config.img_size, config.in_channels
+    shape = input_shape(config, batch_size)
     if config.family == "event":
-        rate = torch.full((batch_size, config.time_steps, c, s, s), 0.2)
-        return [torch.poisson(rate, generator=g) for _ in range(batches)]
-    return [torch.randn(batch_size, c, s, s, generator=g) for _ in range(batches)]
+        return [torch.poisson(torch.full(shape, 0.2), generator=g) for _ in range(batches)]
+    return [torch.randn(shape, generator=g) for _ in range(batches)]
 
 
 def dataset_batches(config, section, batches: int | None, batch_size: int) -> list[torch.Tensor]:

@@ -7,7 +7,8 @@ as transcribed from the authors' training logs. The logs were written by
 
 Rates are percentages as printed (3 decimals). Which tensor each rate belongs to:
 
-* tokenizer: the input of convs 1-4 (after the max-pool), i.e. our ``tokenizer.stages.{1..4}.conv``;
+* tokenizer: the input of convs 1-4 (after the max-pool), i.e. our ``tokenizer.stages.{1..4}.conv``
+  (the convs after the encoding conv, in model order);
 * per block: ``proj_lif`` output = input of the q/k/v convs; ``q/k/v_lif`` outputs = operands of
   the attention product; ``attn_lif`` output = input of ``proj``; ``mlp1_lif`` = input of ``fc1``;
   ``mlp2_lif`` = input of ``fc2``.
@@ -18,6 +19,10 @@ The image conv (``FLOP_Conv^1``) and the head read real values and are MACs (rat
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from spikingformer.analysis.audit import ATTENTION_OPERANDS, SpikeRecord
+from spikingformer.analysis.geometry import record_shapes
+from spikingformer.models import model_config
 
 # Column order of the per-block rows.
 BLOCK_COLUMNS = ("proj_lif", "q_lif", "k_lif", "v_lif", "attn_lif", "mlp1_lif", "mlp2_lif")
@@ -116,36 +121,40 @@ SPIKINGFORMER_8_768 = PaperEnergyLog(
 PAPER_LOGS: dict[str, PaperEnergyLog] = {log.model_name: log for log in (SPIKINGFORMER_8_512, SPIKINGFORMER_8_768)}
 
 
-def paper_rates(log: PaperEnergyLog) -> dict[str, float]:
-    """The log's firing rates as fractions, keyed by this project's layer names.
+def _log_layers(log: PaperEnergyLog, shapes: SpikeRecord):
+    """The model's layers the log's columns belong to, in model order: the tokenizer convs after the
+    encoding conv, and per block its attention operands and its six synaptic layers (q, k, v, proj,
+    fc1, fc2)."""
+    synaptic = shapes.synaptic_layers()
+    stem_group = shapes.layers[shapes.encoding_layer].group
+    tokenizer = [s.name for s in synaptic if s.group == stem_group][1:]
+    blocks = [(ops, [s.name for s in synaptic if s.group == ops.group]) for ops in shapes.attention.values()]
+    if (len(tokenizer), len(blocks)) != (len(log.tokenizer_rates), len(log.block_rates)) or any(
+            len(layers) != 6 for _, layers in blocks):
+        raise ValueError(f"the layers of {log.model_name} do not match the columns of its energy log")
+    return tokenizer, blocks
 
-    Keys: ``tokenizer.stages.{1..4}.conv``, ``blocks.{i}.attn.{q,k,v,proj}.linear``,
-    ``blocks.{i}.mlp.fc{1,2}.linear`` (input rates) and ``blocks.{i}.attn.{q,k,v}_lif`` (attention
-    operands). Suitable for :func:`spikingformer.analysis.energy.energy_from_rates`.
+
+def paper_rates(log: PaperEnergyLog) -> dict[str, float]:
+    """The log's firing rates as fractions, keyed by the layer names of the model ``log.model_name``
+    (recorded by :func:`~spikingformer.analysis.geometry.record_shapes`): the input rates of its
+    synaptic layers and the rates of its attention operands (``blocks.{i}.attn.{q,k,v}_lif``).
+    Suitable for :func:`spikingformer.analysis.energy.energy_from_rates`.
     """
-    rates: dict[str, float] = {}
-    for stage, r in enumerate(log.tokenizer_rates, start=1):
-        rates[f"tokenizer.stages.{stage}.conv"] = r / 100
-    for i, row in enumerate(log.block_rates):
+    tokenizer, blocks = _log_layers(log, record_shapes(model_config(log.model_name)))
+    rates = {name: r / 100 for name, r in zip(tokenizer, log.tokenizer_rates)}
+    for (ops, layers), row in zip(blocks, log.block_rates):
         r = dict(zip(BLOCK_COLUMNS, (x / 100 for x in row)))
-        for op in ("q", "k", "v"):
-            rates[f"blocks.{i}.attn.{op}.linear"] = r["proj_lif"]
-            rates[f"blocks.{i}.attn.{op}_lif"] = r[f"{op}_lif"]
-        rates[f"blocks.{i}.attn.proj.linear"] = r["attn_lif"]
-        rates[f"blocks.{i}.mlp.fc1.linear"] = r["mlp1_lif"]
-        rates[f"blocks.{i}.mlp.fc2.linear"] = r["mlp2_lif"]
+        inputs = ("proj_lif", "proj_lif", "proj_lif", "attn_lif", "mlp1_lif", "mlp2_lif")
+        rates.update({layer: r[column] for layer, column in zip(layers, inputs)})
+        rates.update({getattr(ops, op): r[f"{op}_lif"] for op in ATTENTION_OPERANDS})
     return rates
 
 
 def paper_sops(log: PaperEnergyLog) -> dict[str, float]:
-    """The log's per-layer SOPs per image, keyed by this project's layer names (for per-layer checks)."""
-    sops: dict[str, float] = {}
-    for stage, s in enumerate(log.tokenizer_sops, start=1):
-        sops[f"tokenizer.stages.{stage}.conv"] = s
-    for i, (qkv, proj, fc1, fc2) in enumerate(log.block_sops):
-        for op in ("q", "k", "v"):
-            sops[f"blocks.{i}.attn.{op}.linear"] = qkv
-        sops[f"blocks.{i}.attn.proj.linear"] = proj
-        sops[f"blocks.{i}.mlp.fc1.linear"] = fc1
-        sops[f"blocks.{i}.mlp.fc2.linear"] = fc2
+    """The log's per-layer SOPs per image, keyed by the model's layer names (for per-layer checks)."""
+    tokenizer, blocks = _log_layers(log, record_shapes(model_config(log.model_name)))
+    sops = dict(zip(tokenizer, log.tokenizer_sops))
+    for (_, layers), (qkv, proj, fc1, fc2) in zip(blocks, log.block_sops):
+        sops.update(zip(layers, (qkv, qkv, qkv, proj, fc1, fc2)))
     return sops

@@ -129,6 +129,13 @@ class ModelConfig:
 class SpikingTransformer(nn.Module):
     """Spikingformer / Spikformer: Spiking Tokenizer -> L Spiking Transformer Blocks -> head."""
 
+    ENCODING_LAYER = "tokenizer.stages.0.conv"  # reads the image or event counts (paper Eq. 19: FLOP_Conv^1)
+
+    def real_input_layers(self) -> tuple[str, ...]:
+        """The synaptic layers that read real values by design, not spikes: the encoding conv, and
+        the FC of a head without SN (Eq. 14, 16: it reads the real-valued residual stream)."""
+        return (self.ENCODING_LAYER,) + (() if self.config.head.startswith("sn_") else ("head.fc",))
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
