@@ -116,6 +116,40 @@ def test_integer_inputs_two_treatments():
     assert (mac.counted_as, mac.ops) == ("MAC", 8704)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"head": "sn_fc_avgpool"}, {"family": "event"}])
+def test_rates_path_agrees_with_recording(overrides):
+    """The same model's recorded rates, given to the config path, give the recording's table."""
+    from spikingformer.analysis.audit import documented_non_spike_layers
+    from spikingformer.analysis.energy import InputActivity
+
+    cfg = ModelConfig(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = SpikingTransformer(cfg)
+    batches = random_batches(cfg, 1, 3, seed=1)
+    record = record_activity(calibrate_batchnorm(model, batches), batches)
+    rates = {n: InputActivity(s.value_kind, s.mean) for n, s in record.layers.items() if s.value_kind != "real"}
+    recorded, given = energy_from_record(record), energy_from_rates(cfg, rates)
+    assert [(r.name, r.flops, r.input_kind, r.counted_as) for r in given.rows] == \
+        [(r.name, r.flops, r.input_kind, r.counted_as) for r in recorded.rows]
+    assert [r.ops for r in given.rows] == pytest.approx([r.ops for r in recorded.rows], rel=1e-12)
+    event = cfg.family == "event"
+    # the stem runs per frame on events (counted as computed), once per image on static inputs (counted T times)
+    assert given.stem_computed_macs == recorded.stem_computed_macs == 2304 / (1 if event else 2)
+    assert given.notes == recorded.notes and len(given.notes) == (0 if event else 1)
+    # the model declares the head's FC real-valued only for heads without SN
+    sn_head = cfg.head.startswith("sn_")
+    assert documented_non_spike_layers(record) == {"tokenizer.stages.0.conv"} | (set() if sn_head else {"head.fc"})
+    assert recorded.row("head.fc").counted_as == ("AC" if sn_head else "MAC")
+
+
+def test_paper_log_needs_the_logged_model():
+    import dataclasses
+
+    wrong = dataclasses.replace(PAPER_LOGS["spikingformer_8_512"], model_name="spikingformer_cifar10_4_384")  # 4 blocks, not 8
+    with pytest.raises(ValueError, match="do not match the columns"):
+        paper_rates(wrong)
+
+
 def test_toy_linear_sops_and_measured_additions():
     layer = nn.Linear(4, 3)
     x = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 0]])  # 2 images, 3 spikes of 8 inputs
@@ -179,17 +213,61 @@ def test_strict_audit_spikingformer_passes_spikformer_fails(digits_pair):
     assert q_in.integer and q_in.maximum >= 2 and set(q_in.value_counts) <= {0.0, 1.0, 2.0}
 
 
+def _bar_pixels(path, color: str) -> int:
+    """Pixels of the PNG at ``path`` drawn in ``color`` (a bar colour)."""
+    import matplotlib.image
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    image = matplotlib.image.imread(path)[..., :3]
+    return int((np.abs(image - np.array(to_rgb(color))) < 0.01).all(-1).sum())
+
+
 def test_block_inputs_and_plots(digits_pair, tmp_path):
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
     from spikingformer.analysis.audit import block_inputs
-    from spikingformer.analysis.plots import plot_block_inputs, plot_energy_breakdown, plot_firing_rates
+    from spikingformer.analysis.plots import (
+        block_inputs_figure,
+        energy_breakdown_figure,
+        firing_rates_figure,
+        plot_block_inputs,
+        plot_energy_breakdown,
+        plot_firing_rates,
+    )
 
     (sf, x), _ = digits_pair
     record = record_activity(sf, x)
+    report = energy_from_record(record)
     (b,) = block_inputs(record)
     assert b.layer == "blocks.0.attn.q.linear" and b.binary and b.firing_rate == record.layers[b.layer].mean
-    for path in (plot_block_inputs(record, tmp_path / "a.png"), plot_firing_rates(record, tmp_path / "b.png"),
-                 plot_energy_breakdown(energy_from_record(record), tmp_path / "c.png")):
-        assert path.read_bytes()[:4] == b"\x89PNG"
+    # the figures draw the recorded numbers: one histogram bar per value, one bar per layer and per row
+    q_in = record.layers["blocks.0.attn.q.linear"]
+    ones = q_in.nonzero
+    fig = block_inputs_figure(record)
+    (ax,) = [a for a in fig.axes if a.patches]
+    assert [p.get_height() for p in ax.patches] == [q_in.numel - ones, ones]
+    assert f"fr: {ones / q_in.numel:.4f}" in ax.get_title()
+    fig = firing_rates_figure(record)
+    rates = [0.0 if s.firing_rate is None else s.firing_rate for s in record.layers.values()]  # all 0/1 or real
+    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx(rates, rel=1e-12)
+    assert sum(r > 0 for r in rates) == len(rates) - 2  # only the image conv and the head read real values
+    fig = energy_breakdown_figure(report)
+    bars = fig.axes[0].patches
+    assert [p.get_width() for p in bars] == pytest.approx([r.energy_pj * 1e-6 for r in report.rows], rel=1e-12)
+    red = [r.name for r, p in zip(report.rows, bars) if p.get_facecolor()[:3] == to_rgb("tab:red")]
+    assert red == ["tokenizer.stages.0.conv", "head.fc"]
+    plt.close("all")
+    # the PNGs hold those bars: a readable image of the figure's size with pixels of each bar colour
+    paths = (plot_block_inputs(record, tmp_path / "a.png"), plot_firing_rates(record, tmp_path / "b.png"),
+             plot_energy_breakdown(report, tmp_path / "c.png"))
+    for path in paths:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height >= 250 and width >= 300, path
+        assert _bar_pixels(path, "tab:blue") > 1000, path  # bars, not just a legend patch
+    assert _bar_pixels(paths[2], "tab:red") > 1000  # the two MAC rows (a legend patch has about 150)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@
   Figure 4 (Spikingformer, 0/1 counts, "fr");
 * :func:`plot_firing_rates` -- input firing rate (or mean, for non-binary inputs) of every layer, per block;
 * :func:`plot_energy_breakdown` -- energy per layer, MAC and AC parts coloured apart.
+
+Each ``plot_*`` saves the figure its ``*_figure`` function draws (a matplotlib ``Figure``, for
+inspection or further editing).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from spikingformer.analysis.audit import SpikeRecord, block_inputs  # noqa: E402
@@ -31,6 +35,11 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_block_inputs(record: SpikeRecord, path: str | Path, title: str | None = None) -> Path:
+    """Save :func:`block_inputs_figure` as a PNG."""
+    return _save(block_inputs_figure(record, title), path)
+
+
+def block_inputs_figure(record: SpikeRecord, title: str | None = None) -> Figure:
     """Per-block histograms of the q/k/v ConvBN input (paper Figures 3/4). Non-binary inputs use log10 counts."""
     panels = block_inputs(record)
     if not panels:
@@ -56,10 +65,15 @@ def plot_block_inputs(record: SpikeRecord, path: str | Path, title: str | None =
     fig.suptitle(title or f"{record.model_name or 'model'}: input of each block's q/k/v ConvBN ({record.images} images)",
                  fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_firing_rates(record: SpikeRecord, path: str | Path, title: str | None = None) -> Path:
+    """Save :func:`firing_rates_figure` as a PNG."""
+    return _save(firing_rates_figure(record, title), path)
+
+
+def firing_rates_figure(record: SpikeRecord, title: str | None = None) -> Figure:
     """Bar chart: every recorded layer's input mean (= firing rate for spikes), grouped per block."""
     layers = list(record.layers.values())
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers)), 3.6))
@@ -75,10 +89,15 @@ def plot_firing_rates(record: SpikeRecord, path: str | Path, title: str | None =
     ax.legend(handles=[Patch(color=c, label=labels[k]) for k, c in colors.items()], fontsize=7)
     ax.set_title(title or f"{record.model_name or 'model'}: input activity per layer ({record.images} images)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_energy_breakdown(report: EnergyReport, path: str | Path, title: str | None = None) -> Path:
+    """Save :func:`energy_breakdown_figure` as a PNG."""
+    return _save(energy_breakdown_figure(report, title), path)
+
+
+def energy_breakdown_figure(report: EnergyReport, title: str | None = None) -> Figure:
     """Horizontal bars: energy per image of each layer in microjoules, MAC rows red, AC rows blue."""
     rows = report.rows
     fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.2 * len(rows))))
@@ -94,4 +113,4 @@ def plot_energy_breakdown(report: EnergyReport, path: str | Path, title: str | N
     ax.set_title(title or f"{report.model_name or 'model'}: {report.energy_mj:.4g} mJ per image "
                  f"({report.mac_g:.4g} G MAC, {report.ac_g:.4g} G AC)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
