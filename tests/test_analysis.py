@@ -71,8 +71,9 @@ def digits_pair():
 # FLOPs and SOPs by hand
 
 
-def test_flops_of_tiny_config_match_hand_counts():
-    specs = {s.name: s for s in layer_specs(ModelConfig(**TINY))}
+@pytest.mark.parametrize("backend", ["auto", "triton"])  # a GPU-trained config counts on any machine
+def test_flops_of_tiny_config_match_hand_counts(backend):
+    specs = {s.name: s for s in layer_specs(ModelConfig(**TINY, lif_backend=backend))}
     assert {n: s.flops for n, s in specs.items()} == TINY_FLOPS
     assert specs["tokenizer.stages.0.conv"].repeats_counted == 2
 

@@ -1,5 +1,7 @@
 """Synaptic operations and theoretical energy per image (paper s.3.4, Eq. 18-20), counted as the
-authors' code counts them, but by module type rather than module name.
+authors' code counts them, but by module type rather than module name. Layer sizes come from the
+shapes a forward pass of the model records (:mod:`spikingformer.analysis.geometry`); the layers
+that read real values by design are those the model declares (``real_input_layers``).
 
 Per synaptic layer (every ``nn.Linear`` and convolution), per image, all T steps:
 

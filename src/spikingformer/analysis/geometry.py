@@ -9,6 +9,7 @@ are computed, no memory is allocated).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -103,8 +104,8 @@ def attention_spec(record: SpikeRecord, name: str, heads: int | None = None) -> 
 def record_shapes(config) -> SpikeRecord:
     """The shapes of a model built from ``config``, recorded on one zero input (batch of one) on the
     meta device: layer geometry and output positions, no values."""
-    with torch.device("meta"):
-        model = SpikingTransformer(config).eval()
+    with torch.device("meta"):  # any neuron backend gives the same shapes; "auto" runs on the meta device
+        model = SpikingTransformer(dataclasses.replace(config, lif_backend="auto")).eval()
     x = torch.zeros(input_shape(config, 1), device="meta")
     with SpikeRecorder(model, values=False) as rec:
         model(x)
