@@ -20,7 +20,8 @@ _AUDIT = ("InputStats", "SpikeRecord", "SpikeRecorder", "block_inputs", "documen
 _ENERGY = ("E_AC_PJ", "E_MAC_PJ", "EnergyReport", "EnergyRow", "InputActivity", "energy_from_rates",
            "energy_from_record")
 _GEOMETRY = ("layer_specs", "record_shapes")
-_EXPORTS = {**dict.fromkeys(_AUDIT, "spikingformer.analysis.audit"), **dict.fromkeys(_ENERGY, "spikingformer.analysis.energy"),
+_EXPORTS = {**dict.fromkeys(_AUDIT, "spikingformer.analysis.audit"),
+            **dict.fromkeys(_ENERGY, "spikingformer.analysis.energy"),
             **dict.fromkeys(_GEOMETRY, "spikingformer.analysis.geometry")}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

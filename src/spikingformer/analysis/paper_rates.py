@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spikingformer.analysis.audit import ATTENTION_OPERANDS, SpikeRecord
+from spikingformer.analysis.audit import ATTENTION_OPERANDS, AttentionOperands, SpikeRecord
 from spikingformer.analysis.geometry import record_shapes
 from spikingformer.models import model_config
 
 # Column order of the per-block rows.
 BLOCK_COLUMNS = ("proj_lif", "q_lif", "k_lif", "v_lif", "attn_lif", "mlp1_lif", "mlp2_lif")
+# The column that is the input of each of a block's synaptic layers, in model order: q, k, v, proj, fc1, fc2.
+LAYER_INPUT_COLUMNS = ("proj_lif", "proj_lif", "proj_lif", "attn_lif", "mlp1_lif", "mlp2_lif")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ SPIKINGFORMER_8_768 = PaperEnergyLog(
 PAPER_LOGS: dict[str, PaperEnergyLog] = {log.model_name: log for log in (SPIKINGFORMER_8_512, SPIKINGFORMER_8_768)}
 
 
-def _log_layers(log: PaperEnergyLog, shapes: SpikeRecord):
+def _log_layers(log: PaperEnergyLog, shapes: SpikeRecord) -> tuple[list[str], list[tuple[AttentionOperands, list[str]]]]:
     """The model's layers the log's columns belong to, in model order: the tokenizer convs after the
     encoding conv, and per block its attention operands and its six synaptic layers (q, k, v, proj,
     fc1, fc2)."""
@@ -130,7 +132,7 @@ def _log_layers(log: PaperEnergyLog, shapes: SpikeRecord):
     tokenizer = [s.name for s in synaptic if s.group == stem_group][1:]
     blocks = [(ops, [s.name for s in synaptic if s.group == ops.group]) for ops in shapes.attention.values()]
     if (len(tokenizer), len(blocks)) != (len(log.tokenizer_rates), len(log.block_rates)) or any(
-            len(layers) != 6 for _, layers in blocks):
+            len(layers) != len(LAYER_INPUT_COLUMNS) for _, layers in blocks):
         raise ValueError(f"the layers of {log.model_name} do not match the columns of its energy log")
     return tokenizer, blocks
 
@@ -145,8 +147,7 @@ def paper_rates(log: PaperEnergyLog) -> dict[str, float]:
     rates = {name: r / 100 for name, r in zip(tokenizer, log.tokenizer_rates)}
     for (ops, layers), row in zip(blocks, log.block_rates):
         r = dict(zip(BLOCK_COLUMNS, (x / 100 for x in row)))
-        inputs = ("proj_lif", "proj_lif", "proj_lif", "attn_lif", "mlp1_lif", "mlp2_lif")
-        rates.update({layer: r[column] for layer, column in zip(layers, inputs)})
+        rates.update({layer: r[column] for layer, column in zip(layers, LAYER_INPUT_COLUMNS)})
         rates.update({getattr(ops, op): r[f"{op}_lif"] for op in ATTENTION_OPERANDS})
     return rates
 
