@@ -54,20 +54,21 @@ def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
 
 
 def _event_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
-    from spikingformer.data import event_datasets as ev
+    from spikingformer.data.digits_dvs import DigitsDVS
     from spikingformer.data.event_augment import EventAugment
+    from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DVS128Gesture
 
     transform = EventAugment() if (train and data_cfg.augment) else None
-    common = dict(train=train, T=data_cfg.frames, split_by=data_cfg.split_by, transform=transform)
+    common = dict(train=train, time_steps=data_cfg.time_steps, split_by=data_cfg.split_by, transform=transform)
     name = data_cfg.dataset
     if name == "digits_dvs":
-        return ev.DigitsDVS(size=img_size, **common)
+        return DigitsDVS(size=img_size, **common)
     files = dict(root=data_cfg.data_dir, cache_dir=data_cfg.cache_dir, **common)
     if name == "nmnist":
-        return ev.NMNIST(pad_to=img_size, **files)
+        return NMNIST(pad_to=img_size, **files)
     if name == "cifar10_dvs":
-        return ev.CIFAR10DVS(**files)
-    return ev.DVS128Gesture(**files)
+        return CIFAR10DVS(**files)
+    return DVS128Gesture(**files)
 
 
 def collate(samples: list):
@@ -118,4 +119,4 @@ def _tonic_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     if not data_cfg.data_dir:
         raise ValueError(f"dataset '{data_cfg.dataset}' is read from disk: pass tonic's save_to folder with --data-dir")
     transform = EventAugment() if (train and data_cfg.augment) else None
-    return tonic_dataset(data_cfg.dataset, data_cfg.data_dir, train, data_cfg.frames, data_cfg.split_by, img_size, transform)
+    return tonic_dataset(data_cfg.dataset, data_cfg.data_dir, train, data_cfg.time_steps, data_cfg.split_by, img_size, transform)
