@@ -100,6 +100,13 @@ def test_former_name_frames_still_loads(tmp_path):
     cfg = load_config(str(old))
     assert cfg.data.time_steps == 4 and not hasattr(cfg.data, "frames")
     assert load_config("digits_dvs", {"frames": 6}).data.time_steps == 6  # the flat name, as --frames gives it
+    # a static-image run's config.yaml recorded frames: 16 without effect: it stays without effect
+    static = tmp_path / "old_digits_run.yaml"
+    static.write_text("model:\n  model: spikingformer_digits\ndata:\n  dataset: digits\n  frames: 16\n")
+    cfg = load_config(str(static))
+    assert cfg.data.time_steps == 4 and cfg.model.model_args == {}  # the digits model's own T
+    assert load_config(str(static), {"time_steps": 2}).model.model_args == {"time_steps": 2}
+    assert load_config("digits", {"frames": 16}).data.time_steps == 4
     both = tmp_path / "both.yaml"
     both.write_text("data:\n  frames: 4\n  time_steps: 4\n")
     with pytest.raises(ConfigError, match="sets 'time_steps' twice, also under its former name 'frames'; keep 'time_steps' only"):

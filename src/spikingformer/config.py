@@ -257,8 +257,19 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     cfg = TrainConfig.from_dict({**values, "config_name": name})
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
+    _ignore_frames_of_static_data(cfg, [values.get("data") or {}, overrides or {}])
     validate(cfg, names=check_names)
     return cfg
+
+
+def _ignore_frames_of_static_data(cfg: TrainConfig, given: list[dict]) -> None:
+    """The former ``frames`` counted the frames of event data only: run folders of static-image runs
+    recorded it without effect, so with a static data set it is ignored unless ``time_steps`` is given too."""
+    from spikingformer.data import is_event_dataset
+
+    names = {key for keys in given for key in keys}
+    if "frames" in names and "time_steps" not in names and not is_event_dataset(cfg.data.dataset):
+        cfg.data.time_steps = None
 
 
 def parse_yaml(text: str, what: str) -> Any:

@@ -4,12 +4,16 @@ Static images come out as ``(C, H, W)`` tensors, event data as ``(T, 2, H, W)`` 
 by the DataLoader to ``(B, C, H, W)`` and ``(B, T, 2, H, W)``, the models' input convention).
 Every data set carries ``num_classes`` and ``classes``. Load them with :func:`collate` (it leaves
 out images a folder data set could not decode) and check each batch with :func:`check_batch`.
+The names and :func:`is_event_dataset` import no PyTorch (the configuration checks use them).
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
 
 STATIC = ("digits", "cifar10", "cifar100", "imagenet")
 EVENT = ("digits_dvs", "nmnist", "cifar10_dvs", "dvs128_gesture")
@@ -79,11 +83,15 @@ def collate(samples: list):
     if not kept:
         raise ValueError(f"none of the {len(samples)} images of a batch could be read (the warnings above name "
                          f"the files); check the data folder")
+    from torch.utils.data import default_collate
+
     return default_collate(kept)
 
 
 def sample_name(dataset: Dataset, index: int) -> str:
     """The file behind item ``index`` of ``dataset`` (through any ``Subset``), or ``item <index>``."""
+    from torch.utils.data import Subset
+
     while isinstance(dataset, Subset):
         dataset, index = dataset.dataset, dataset.indices[index]
     samples = getattr(dataset, "samples", None)  # torchvision's ImageFolder

@@ -20,10 +20,10 @@ class DigitsDVS(Dataset):
     N-MNIST filmed; without it the blurry 8x8 gradients fire events all over the digit) and zero-padded
     (centred) to ``size`` x ``size``, then moved in three N-MNIST-like saccades by
     :func:`~spikingformer.data.emulator.emulate_dvs_batch` (amplitude ``amplitude`` px, 10 steps of 10 ms per
-    saccade, threshold 0.25, eps 0.25, per-image seed ``(seed, image index)``), and the events are integrated into
-    ``time_steps`` frames. Split: ``sklearn.model_selection.train_test_split(indices, test_size=0.2, random_state=0,
-    stratify=labels)``, giving 1437 train / 360 test samples. All samples of the split are computed at
-    construction (about a second) and held in memory as uint8/uint16 counts.
+    saccade, threshold 0.25, eps 0.25, per-image seed ``(seed, image index)``), and the events are integrated
+    into ``time_steps`` frames. Split: ``sklearn.model_selection.train_test_split(indices, test_size=0.2,
+    random_state=0, stratify=labels)``, giving 1437 train / 360 test samples. All samples of the split are
+    computed at construction and held in memory as uint8/uint16 counts.
 
     Args:
         train: train (True) or test split.

@@ -35,8 +35,8 @@ from spikingformer.data.event_files import (
     remap_cifar10dvs,
     split_gesture_segments,
 )
-from spikingformer.data.events import EventFileError
-from spikingformer.data.frame_cache import FrameCache, PathLike, default_cache_dir
+from spikingformer.data.events import EventFileError, PathLike
+from spikingformer.data.frame_cache import FrameCache, default_cache_dir
 from spikingformer.data.frames import check_time_steps, integrate_frames, pad_frames
 
 Transform = Callable[[torch.Tensor], torch.Tensor]

@@ -30,6 +30,7 @@ EVENT_DTYPE = np.dtype([("t", np.int64), ("x", np.int16), ("y", np.int16), ("p",
 DVS128_SENSOR = (128, 128)
 NMNIST_SENSOR = (34, 34)
 
+
 class EventFileError(ValueError):
     """An event or label file is malformed (truncated, corrupt header, inconsistent labels).
 
@@ -42,7 +43,7 @@ class EventFileWarning(UserWarning):
 
 
 def in_sensor(path: Path, t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, sensor: tuple[int, int],
-               what: str) -> np.ndarray:
+              what: str) -> np.ndarray:
     """The events with ``0 <= x < width`` and ``0 <= y < height`` (``sensor`` = (height, width)); warns once
     with the count of the others (``what`` says what they are), which are dropped, never folded."""
     height, width = sensor

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-PathLike = str | os.PathLike
+from spikingformer.data.events import PathLike
 
 _CACHE_VERSION = 1
 
