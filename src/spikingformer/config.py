@@ -55,6 +55,8 @@ class DataSection:
     batch_size: int = option(64, "training images per batch, per process", synonyms=("batch", "bs"))
     eval_batch_size: int = option(128, "images per batch when evaluating", synonyms=("validation_batch_size", "test_batch_size"))
     workers: int = option(0, "DataLoader worker processes (0: load in the training process)", synonyms=("num_workers",))
+    time_steps: int | None = option(None, "the number of time steps T: static images are repeated T times, events are integrated into T frames (unset: the model's time_steps)",
+                                    synonyms=("num_frames", "frames_number", "timesteps"), aliases=("frames",))
     # static-image augmentation (timm create_transform; the authors' settings in the recipes)
     aa: str | None = option(None, "RandAugment / AutoAugment policy string, e.g. rand-m9-n1-mstd0.4-inc1 (static images)", AUG, ("auto_augment",))
     reprob: float = option(0.0, "random erasing probability (static images)", AUG, ("re_prob",))
@@ -67,8 +69,6 @@ class DataSection:
     mean: list | None = option(None, "per-channel normalisation mean (unset: the data set's standard constants)")
     std: list | None = option(None, "per-channel normalisation standard deviation (unset: the data set's standard constants)")
     # event data
-    time_steps: int | None = option(None, "the number of time steps T: static images are repeated T times, events are integrated into T frames (unset: the model's time_steps)",
-                                    synonyms=("num_frames", "frames_number", "timesteps"), aliases=("frames",))
     split_by: str = option("number", "how events are split into frames: number (equal event counts, the authors') or time")
     augment: bool = option(False, "digits: small affine jitter; event data: the authors' DVS augmentation (flip + one of shear, translate, rotate, cutout)", AUG)
     cache_dir: str | None = option(None, "where integrated event frames are cached (unset: next to the data)")
