@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from spikingformer.data.event_datasets import NMNIST, DigitsDVS  # noqa: E402
+from spikingformer.data.digits_dvs import DigitsDVS  # noqa: E402
+from spikingformer.data.event_datasets import NMNIST  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=4)
     args = ap.parse_args(argv)
 
-    digits = DigitsDVS(train=False, T=args.T)
+    digits = DigitsDVS(train=False, time_steps=args.T)
     picks = [next(i for i, y in enumerate(digits.targets) if y == d) for d in range(args.samples)]
     plot(digits, picks, "digits_dvs (emulated saccades)", args.out / "event_frames_digits_dvs.png")
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N-MNIST root {args.nmnist_root} not found; skipped event_frames_nmnist.png", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory() as cache:
-        nmnist = NMNIST(args.nmnist_root, train=False, T=args.T, cache_dir=cache)
+        nmnist = NMNIST(args.nmnist_root, train=False, time_steps=args.T, cache_dir=cache)
         plot(nmnist, list(range(args.samples)), "N-MNIST", args.out / "event_frames_nmnist.png")
     return 0
 

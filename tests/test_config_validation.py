@@ -91,3 +91,40 @@ def test_every_field_has_a_rule_and_every_recipe_passes():
         load_config(name)  # validates
     cfg = load_config("digits", {"model_args": "{time_steps: '2', mlp_ratio: 2}"})
     assert cfg.model.model_args == {"time_steps": 2, "mlp_ratio": 2.0}  # converted to ModelConfig's types
+
+
+def test_former_name_frames_still_loads(tmp_path):
+    """Recipes written before ``data.frames`` became ``data.time_steps`` load unchanged."""
+    old = tmp_path / "old_dvs.yaml"
+    old.write_text("model:\n  model: spikingformer_digits_dvs\ndata:\n  dataset: digits_dvs\n  frames: 4\n")
+    cfg = load_config(str(old))
+    assert cfg.data.time_steps == 4 and not hasattr(cfg.data, "frames")
+    assert load_config("digits_dvs", {"frames": 6}).data.time_steps == 6  # the flat name, as --frames gives it
+    # a static-image run's config.yaml recorded frames: 16 without effect: it stays without effect
+    static = tmp_path / "old_digits_run.yaml"
+    static.write_text("model:\n  model: spikingformer_digits\ndata:\n  dataset: digits\n  frames: 16\n")
+    cfg = load_config(str(static))
+    assert cfg.data.time_steps == 4 and cfg.model.model_args == {}  # the digits model's own T
+    assert load_config(str(static), {"time_steps": 2}).model.model_args == {"time_steps": 2}
+    assert load_config("digits", {"frames": 16}).data.time_steps == 4
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  frames: 4\n  time_steps: 4\n")
+    with pytest.raises(ConfigError, match="sets 'time_steps' twice, also under its former name 'frames'; keep 'time_steps' only"):
+        load_config(str(both))
+
+
+def test_frames_flag_is_read_as_time_steps_and_synonyms_are_suggested(capsys):
+    from spikingformer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--frames", "4"]).time_steps == "4"
+    assert parser.parse_args(["train", "--time-steps", "4"]).time_steps == "4"
+    assert parser.parse_args(["eval", "--checkpoint", "c.pt", "--frames", "4"]).time_steps == 4
+    for flag in ("--num-frames", "--timesteps"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", flag, "4"])
+        assert "did you mean --time-steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--config", "digits_dvs", "--help"])
+    shown = capsys.readouterr().out
+    assert "--time-steps TIME_STEPS" in shown and "[digits_dvs recipe: 8]" in shown and "--frames" not in shown

@@ -190,4 +190,4 @@ def test_every_recipe_loads_with_valid_names():
     assert (cifar.optim.lr, cifar.optim.weight_decay, cifar.schedule.epochs, cifar.schedule.cooldown_epochs) == (5e-4, 0.06, 400, 10)
     assert (cifar.mixup.mixup, cifar.mixup.mixup_off_epoch, cifar.data.aa) == (0.5, 200, "rand-m9-n1-mstd0.4-inc1")
     dvs = load_config("cifar10_dvs")
-    assert (dvs.optim.lr, dvs.data.frames, dvs.mixup.mixup_prob, dvs.mixup.mixup_off_epoch, dvs.run.seed) == (1e-3, 16, 0.5, 75, 2021)
+    assert (dvs.optim.lr, dvs.data.time_steps, dvs.mixup.mixup_prob, dvs.mixup.mixup_off_epoch, dvs.run.seed) == (1e-3, 16, 0.5, 75, 2021)

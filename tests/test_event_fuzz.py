@@ -17,17 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spikingformer.data.events import (
-    DVS128_SENSOR,
-    EVENT_DTYPE,
-    NMNIST_SENSOR,
-    EventFileError,
-    EventFileWarning,
-    integrate_frames,
-    read_aedat2,
-    read_aedat31,
-    read_nmnist,
-)
+from spikingformer.data.event_files import read_aedat2, read_aedat31, read_nmnist
+from spikingformer.data.events import DVS128_SENSOR, EVENT_DTYPE, NMNIST_SENSOR, EventFileError, EventFileWarning
+from spikingformer.data.frames import integrate_frames
 
 CASES_PER_READER = 1500
 

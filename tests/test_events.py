@@ -16,15 +16,11 @@ import torch
 from torch.utils.data import Subset
 
 from spikingformer.data import event_datasets, sample_name
+from spikingformer.data.digits_dvs import DigitsDVS
 from spikingformer.data.emulator import emulate_dvs, saccade_path
 from spikingformer.data.event_augment import EventAugment, apply_op
-from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DigitsDVS, DVS128Gesture
-from spikingformer.data.events import (
-    EventFileError,
-    EventFileWarning,
-    integrate_frames_by_count,
-    integrate_frames_by_time,
-    make_events,
+from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DVS128Gesture
+from spikingformer.data.event_files import (
     read_aedat2,
     read_aedat31,
     read_gesture_labels,
@@ -32,6 +28,8 @@ from spikingformer.data.events import (
     remap_cifar10dvs,
     split_gesture_segments,
 )
+from spikingformer.data.events import EventFileError, EventFileWarning, make_events
+from spikingformer.data.frames import integrate_frames_by_count, integrate_frames_by_time
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -476,14 +474,14 @@ def _small_nmnist(root: Path, ids: list[str]) -> list[int]:
 
 def test_nmnist_shared_small_set(tmp_path: Path) -> None:
     need(NMNIST_SMALL, "N-MNIST small copy")
-    ds = NMNIST(NMNIST_SMALL, train=True, T=8, cache_dir=tmp_path)
+    ds = NMNIST(NMNIST_SMALL, train=True, time_steps=8, cache_dir=tmp_path)
     assert len(ds) == 1000 and ds.num_classes == 10 and ds.sensor_size == (34, 34)
     frames, label = ds[0]
     assert label == 5  # train1K.txt: "1 5"
     assert frames.dtype == torch.float32 and frames.shape == (8, 2, 34, 34)
     assert frames.sum().item() == (NMNIST_SMALL / "1.bs2").stat().st_size // 5
     assert sample_name(ds, 0) == str(NMNIST_SMALL / "1.bs2")
-    test = NMNIST(NMNIST_SMALL, train=False, T=8, cache_dir=tmp_path, pad_to=48)
+    test = NMNIST(NMNIST_SMALL, train=False, time_steps=8, cache_dir=tmp_path, pad_to=48)
     assert len(test) == 100 and test.frame_size == (48, 48)
     frames, label = test[0]
     assert label == 7  # test100.txt: "60001 7"
@@ -499,18 +497,18 @@ def test_nmnist_original_layout(tmp_path: Path) -> None:
                                        ("Test", 9, "00001.bin", [(33, 33, 1, 3)])]:
         (root / split / str(digit)).mkdir(parents=True, exist_ok=True)
         write_nmnist(root / split / str(digit) / name, events)
-    tr = NMNIST(root, train=True, T=2, cache_dir=tmp_path / "c")
+    tr = NMNIST(root, train=True, time_steps=2, cache_dir=tmp_path / "c")
     assert tr.targets == [0, 3]
     frames = tr[1][0]  # events (x1, y1, p1, t5) in frame 0 and (x2, y2, p0, t9) in frame 1
     assert frames.sum().item() == 2 and frames[0, 1, 1, 1].item() == 1 and frames[1, 0, 2, 2].item() == 1
-    te = NMNIST(root, train=False, T=2, cache_dir=tmp_path / "c")
+    te = NMNIST(root, train=False, time_steps=2, cache_dir=tmp_path / "c")
     assert te.targets == [9] and te[0][0][1, 1, 33, 33].item() == 1
 
 
 def test_nmnist_cache_created_reused_and_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "nm"
     labels = _small_nmnist(root, ["1", "2", "3"])
-    ds = NMNIST(root, train=True, T=4)
+    ds = NMNIST(root, train=True, time_steps=4)
     assert ds.targets == labels
     first = [ds[i][0] for i in range(3)]
     cache_file = root / ".spikingformer_cache" / "frames_number_T4" / "bs2" / "2.npz"
@@ -520,7 +518,7 @@ def test_nmnist_cache_created_reused_and_rebuilt(tmp_path: Path, monkeypatch: py
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(event_datasets, "read_nmnist", boom)
-    again = NMNIST(root, train=True, T=4)
+    again = NMNIST(root, train=True, time_steps=4)
     for i in range(3):
         assert again[i][0].equal(first[i])
     monkeypatch.undo()
@@ -529,11 +527,11 @@ def test_nmnist_cache_created_reused_and_rebuilt(tmp_path: Path, monkeypatch: py
     shutil.copyfile(root / "3.bs2", root / "2.bs2")
     st = os.stat(root / "2.bs2")
     os.utime(root / "2.bs2", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    rebuilt = NMNIST(root, train=True, T=4)[1][0]
+    rebuilt = NMNIST(root, train=True, time_steps=4)[1][0]
     assert rebuilt.equal(first[2])
     assert rebuilt.sum().item() == (root / "3.bs2").stat().st_size // 5
     # another T gets its own cache folder
-    NMNIST(root, train=True, T=2)[0]
+    NMNIST(root, train=True, time_steps=2)[0]
     assert (root / ".spikingformer_cache" / "frames_number_T2" / "bs2" / "1.npz").is_file()
 
 
@@ -545,7 +543,7 @@ def test_cache_falls_back_to_home_for_read_only_root(tmp_path: Path, monkeypatch
     monkeypatch.setenv("HOME", str(home))
     root.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     try:
-        ds = NMNIST(root, train=True, T=3)
+        ds = NMNIST(root, train=True, time_steps=3)
         ds[0]
         assert not (root / ".spikingformer_cache").exists()
         hits = list((home / ".cache" / "spikingformer").glob("ro-*/frames_number_T3/bs2/1.npz"))
@@ -569,8 +567,8 @@ def _cifar_tree(root: Path) -> dict[str, np.ndarray]:
 def test_cifar10dvs_tiny_tree(tmp_path: Path) -> None:
     root = tmp_path / "CIFAR10DVS"
     written = _cifar_tree(root)
-    tr = CIFAR10DVS(root, train=True, T=4, cache_dir=tmp_path / "cache")
-    te = CIFAR10DVS(root, train=False, T=4, cache_dir=tmp_path / "cache")
+    tr = CIFAR10DVS(root, train=True, time_steps=4, cache_dir=tmp_path / "cache")
+    te = CIFAR10DVS(root, train=False, time_steps=4, cache_dir=tmp_path / "cache")
     # 11 files a class: ceil(11 * 0.9) = 10 train, 1 test; names sort lexicographically (0, 1, 10, 2, ..., 9)
     assert len(tr) == 100 and len(te) == 10
     assert te.targets == list(range(10)) and tr.targets == [c for c in range(10) for _ in range(10)]
@@ -599,8 +597,8 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
     tb = ev_b["t"]
     (root / "user24_led_labels.csv").write_text(f"class,startTime_usec,endTime_usec\n5,{int(tb[0])},{int(tb[-1])}\n")
     # without the official lists: users 1-23 train, 24-29 test
-    tr = DVS128Gesture(tmp_path, train=True, T=4, cache_dir=tmp_path / "cache")
-    te = DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache")
+    tr = DVS128Gesture(tmp_path, train=True, time_steps=4, cache_dir=tmp_path / "cache")
+    te = DVS128Gesture(root, train=False, time_steps=4, cache_dir=tmp_path / "cache")
     assert tr.targets == [1, 10] and te.targets == [4]
     seg_counts = [int(((ta >= cut[0]) & (ta < cut[1])).sum()), int(((ta >= cut[1]) & (ta < cut[2])).sum())]
     for i in range(2):
@@ -611,8 +609,8 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
     # with the official lists (here swapped on purpose)
     (root / "trials_to_train.txt").write_text("user24_led.aedat\n")
     (root / "trials_to_test.txt").write_text("user01_fluorescent.aedat\n")
-    assert DVS128Gesture(root, train=True, T=4, cache_dir=tmp_path / "cache").targets == [4]
-    assert DVS128Gesture(root, train=False, T=4, cache_dir=tmp_path / "cache").targets == [1, 10]
+    assert DVS128Gesture(root, train=True, time_steps=4, cache_dir=tmp_path / "cache").targets == [4]
+    assert DVS128Gesture(root, train=False, time_steps=4, cache_dir=tmp_path / "cache").targets == [1, 10]
     assert tr.num_classes == 11 and len(tr.classes) == 11
     # messages about a sample (non-finite batches) name its recording and segment
     assert sample_name(Subset(tr, [1, 0]), 0) == f"{root / 'user01_fluorescent.aedat'} segment 001"
@@ -628,8 +626,8 @@ def test_missing_roots_name_the_layout(tmp_path: Path) -> None:
 
 
 def test_digits_dvs() -> None:
-    tr = DigitsDVS(train=True, T=4)
-    te = DigitsDVS(train=False, T=4)
+    tr = DigitsDVS(train=True, time_steps=4)
+    te = DigitsDVS(train=False, time_steps=4)
     assert (len(tr), len(te)) == (1437, 360)
     assert tr.num_classes == 10 and tr.sensor_size == (32, 32)
     frames, label = te[0]

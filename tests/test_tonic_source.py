@@ -17,7 +17,8 @@ from conftest import DATA, require
 from spikingformer.config import DataSection
 from spikingformer.data import build_dataset
 from spikingformer.data.event_datasets import NMNIST
-from spikingformer.data.events import integrate_frames, read_aedat2, read_nmnist
+from spikingformer.data.event_files import read_aedat2, read_nmnist
+from spikingformer.data.frames import integrate_frames
 from spikingformer.data.tonic_source import TonicFrames, events_from_tonic
 
 TONIC_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", bool)])  # tonic.io.events_struct
@@ -56,20 +57,20 @@ class _ListDataset:
 def test_tonic_frames_axes_padding_and_targets():
     # a 5-wide, 3-high sensor: tonic's sensor_size is (width, height, polarities)
     ev = _tonic_events([4, 0, 2], [2, 0, 1], [0, 1, 2], [True, False, True])
-    frames = TonicFrames(_ListDataset([(ev, 2)], (5, 3, 2)), T=3)
+    frames = TonicFrames(_ListDataset([(ev, 2)], (5, 3, 2)), time_steps=3)
     x, target = frames[0]
     assert x.shape == (3, 2, 3, 5) and x.dtype == torch.float32 and target == 2 and frames.num_classes == 3
     expected = torch.zeros(3, 2, 3, 5)
     expected[0, 1, 2, 4] = expected[1, 0, 0, 0] = expected[2, 1, 1, 2] = 1  # frame j, polarity, row y, column x
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
-    padded, _ = TonicFrames(_ListDataset([(ev, 0)], (5, 3, 2)), T=3, pad_to=7)[0]
+    padded, _ = TonicFrames(_ListDataset([(ev, 0)], (5, 3, 2)), time_steps=3, pad_to=7)[0]
     assert padded.shape == (3, 2, 7, 7)
     torch.testing.assert_close(padded[:, :, 2:5, 1:6], expected, rtol=0, atol=0)  # centred: 2 rows, 1 column before
     assert padded.sum() == 3
     with pytest.raises(ValueError, match=r"sensor_size \(width, height, 2\)"):
-        TonicFrames(_ListDataset([], (5, 3, 1)), T=3)
+        TonicFrames(_ListDataset([], (5, 3, 1)), time_steps=3)
     with pytest.raises(ValueError, match="pad_to must be >= the sensor's 3x5"):
-        TonicFrames(_ListDataset([], (5, 3, 2)), T=3, pad_to=4)
+        TonicFrames(_ListDataset([], (5, 3, 2)), time_steps=3, pad_to=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,8 +136,8 @@ class _TonicStyleNMNIST:
 
 def test_tonic_dataset_gives_the_frames_of_our_nmnist_reader(tmp_path):
     tonic = pytest.importorskip("tonic")
-    theirs = TonicFrames(_TonicStyleNMNIST(tonic), T=8, pad_to=48)
-    ours = NMNIST(require(NMNIST_SMALL), train=False, T=8, pad_to=48, cache_dir=tmp_path)
+    theirs = TonicFrames(_TonicStyleNMNIST(tonic), time_steps=8, pad_to=48)
+    ours = NMNIST(require(NMNIST_SMALL), train=False, time_steps=8, pad_to=48, cache_dir=tmp_path)
     assert len(theirs) == len(ours) == 100 and theirs.num_classes == 10
     for i in range(len(ours)):
         (a, ya), (b, yb) = theirs[i], ours[i]
@@ -156,7 +157,7 @@ def test_recipe_dataset_tonic_nmnist(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(100):
             (folder / f"{sample}_{k}.bin").symlink_to(NMNIST_SMALL / f"{sample}.bs2")
-    section = DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path), frames=8, split_by="number")
+    section = DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path), time_steps=8, split_by="number")
     data = build_dataset(section, img_size=48, train=False)
     assert len(data) == 10_000 and data.num_classes == 10 and isinstance(data.dataset, tonic.datasets.NMNIST)
     for i in (0, 4321, 9999):

@@ -23,14 +23,16 @@ import yaml
 from spikingformer.suggest import unknown_name
 
 
-def option(default: Any, help: str, group: str | None = None, synonyms: tuple[str, ...] = ()) -> Any:
+def option(default: Any, help: str, group: str | None = None, synonyms: tuple[str, ...] = (),
+           aliases: tuple[str, ...] = ()) -> Any:
     """A config field with its command-line description.
 
     ``group``: the ``train --help`` group when it is not the section's own; ``synonyms``: names other
-    tools give this option (``learning_rate``), suggested when such an unknown flag is given. Lists
-    and dicts are copied for every instance.
+    tools give this option (``learning_rate``), suggested when such an unknown flag is given;
+    ``aliases``: former names of this option, still read in recipes, on the command line and in the
+    configuration a checkpoint records. Lists and dicts are copied for every instance.
     """
-    metadata = {"help": help, "group": group, "synonyms": synonyms}
+    metadata = {"help": help, "group": group, "synonyms": synonyms, "aliases": aliases}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -53,6 +55,8 @@ class DataSection:
     batch_size: int = option(64, "training images per batch, per process", synonyms=("batch", "bs"))
     eval_batch_size: int = option(128, "images per batch when evaluating", synonyms=("validation_batch_size", "test_batch_size"))
     workers: int = option(0, "DataLoader worker processes (0: load in the training process)", synonyms=("num_workers",))
+    time_steps: int | None = option(None, "the number of time steps T: static images are repeated T times, events are integrated into T frames (unset: the model's time_steps)",
+                                    synonyms=("num_frames", "frames_number", "timesteps"), aliases=("frames",))
     # static-image augmentation (timm create_transform; the authors' settings in the recipes)
     aa: str | None = option(None, "RandAugment / AutoAugment policy string, e.g. rand-m9-n1-mstd0.4-inc1 (static images)", AUG, ("auto_augment",))
     reprob: float = option(0.0, "random erasing probability (static images)", AUG, ("re_prob",))
@@ -65,7 +69,6 @@ class DataSection:
     mean: list | None = option(None, "per-channel normalisation mean (unset: the data set's standard constants)")
     std: list | None = option(None, "per-channel normalisation standard deviation (unset: the data set's standard constants)")
     # event data
-    frames: int = option(16, "T for event data: the number of frames the events are integrated into", synonyms=("num_frames", "frames_number"))
     split_by: str = option("number", "how events are split into frames: number (equal event counts, the authors') or time")
     augment: bool = option(False, "digits: small affine jitter; event data: the authors' DVS augmentation (flip + one of shear, translate, rotate, cutout)", AUG)
     cache_dir: str | None = option(None, "where integrated event frames are cached (unset: next to the data)")
@@ -153,12 +156,17 @@ class TrainConfig:
             if content is not None and not isinstance(content, dict):
                 raise ConfigError(f"config section '{section}' must be a mapping of key: value lines, "
                                   f"got a {type(content).__name__}")
+            twice = [key for key in (content or {}) if key in ALIASES and ALIASES[key] in content]
+            if twice:
+                raise ConfigError(f"config section '{section}' sets '{ALIASES[twice[0]]}' twice, also under its former "
+                                  f"name '{twice[0]}'; keep '{ALIASES[twice[0]]}' only")
             for key, value in (content or {}).items():
                 cfg.set(key, value, section=section)
         return cfg
 
     def set(self, key: str, value: Any, section: str | None = None) -> None:
-        """Set a field by its flat name (the section is found from the name), converting the type."""
+        """Set a field by its flat name or a former name (the section is found from the name), converting the type."""
+        key = ALIASES.get(key, key)
         owner = section or FIELD_SECTION.get(key)
         valid = FIELDS_BY_SECTION.get(owner, [])
         if owner is None or key not in valid:
@@ -180,6 +188,13 @@ def _field_types(cls: type) -> dict[str, Any]:
 FIELDS_BY_SECTION = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
 FIELD_SECTION = {key: name for name, keys in FIELDS_BY_SECTION.items() for key in keys}
 assert len(FIELD_SECTION) == sum(map(len, FIELDS_BY_SECTION.values())), "config field names must be unique"
+ALIASES = {alias: f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls) for alias in f.metadata["aliases"]}
+assert not set(ALIASES) & set(FIELD_SECTION), "a former name may not be a field's name"
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config section (a checkpoint's ``train_config``) with former key names renamed to today's."""
+    return {ALIASES.get(key, key): value for key, value in values.items()}
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -242,8 +257,19 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     cfg = TrainConfig.from_dict({**values, "config_name": name})
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
+    _ignore_frames_of_static_data(cfg, [values.get("data") or {}, overrides or {}])
     validate(cfg, names=check_names)
     return cfg
+
+
+def _ignore_frames_of_static_data(cfg: TrainConfig, given: list[dict]) -> None:
+    """The former ``frames`` counted the frames of event data only: run folders of static-image runs
+    recorded it without effect, so with a static data set it is ignored unless ``time_steps`` is given too."""
+    from spikingformer.data import is_event_dataset
+
+    names = {key for keys in given for key in keys}
+    if "frames" in names and "time_steps" not in names and not is_event_dataset(cfg.data.dataset):
+        cfg.data.time_steps = None
 
 
 def parse_yaml(text: str, what: str) -> Any:
@@ -290,7 +316,7 @@ RULES: dict[str, Any] = {
     "crop_pct": ((lambda v: 0 < v <= 1), "in (0, 1]"), "mean": _NUMBERS,
     "std": ((lambda v: v is None or (len(v) > 0 and all(isinstance(x, (int, float)) and x > 0 for x in v))),
             "a list of positive numbers"),
-    "frames": _at_least(1), "split_by": ("number", "time"), "augment": None, "cache_dir": None,
+    "time_steps": _at_least(1), "split_by": ("number", "time"), "augment": None, "cache_dir": None,
     # optim
     "opt": None, "lr": _POSITIVE, "weight_decay": _at_least(0), "opt_eps": _POSITIVE, "momentum": _between(0, 1),
     "clip_grad": _POSITIVE,
@@ -365,6 +391,14 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
     for key in ("img_size", "in_channels", "num_classes", "embed_dim", "depth", "num_heads"):
         if getattr(mcfg, key) < 1:
             raise ConfigError(f"model_args key '{key}' must be >= 1; got {getattr(mcfg, key)}")
+    steps = cfg.data.time_steps  # one number of time steps for the model and the data
+    if steps is not None and args.get("time_steps", steps) != steps:
+        raise ConfigError(f"time_steps is {steps} but model_args sets time_steps {args['time_steps']}; set the number of "
+                          "time steps once, with --time-steps")
+    if steps is not None and steps != mcfg.time_steps:
+        cfg.model.model_args = args = {**args, "time_steps": steps}
+        mcfg = model_config(cfg.model.model, **args)
+    cfg.data.time_steps = mcfg.time_steps
     if mcfg.embed_dim % mcfg.num_heads:
         raise ConfigError(f"model_args: embed_dim {mcfg.embed_dim} is not divisible by num_heads {mcfg.num_heads}")
     from timm.optim import list_optimizers

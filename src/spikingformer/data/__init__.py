@@ -4,12 +4,16 @@ Static images come out as ``(C, H, W)`` tensors, event data as ``(T, 2, H, W)`` 
 by the DataLoader to ``(B, C, H, W)`` and ``(B, T, 2, H, W)``, the models' input convention).
 Every data set carries ``num_classes`` and ``classes``. Load them with :func:`collate` (it leaves
 out images a folder data set could not decode) and check each batch with :func:`check_batch`.
+The names and :func:`is_event_dataset` import no PyTorch (the configuration checks use them).
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
 
 STATIC = ("digits", "cifar10", "cifar100", "imagenet")
 EVENT = ("digits_dvs", "nmnist", "cifar10_dvs", "dvs128_gesture")
@@ -54,20 +58,21 @@ def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
 
 
 def _event_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
-    from spikingformer.data import event_datasets as ev
+    from spikingformer.data.digits_dvs import DigitsDVS
     from spikingformer.data.event_augment import EventAugment
+    from spikingformer.data.event_datasets import CIFAR10DVS, NMNIST, DVS128Gesture
 
     transform = EventAugment() if (train and data_cfg.augment) else None
-    common = dict(train=train, T=data_cfg.frames, split_by=data_cfg.split_by, transform=transform)
+    common = dict(train=train, time_steps=data_cfg.time_steps, split_by=data_cfg.split_by, transform=transform)
     name = data_cfg.dataset
     if name == "digits_dvs":
-        return ev.DigitsDVS(size=img_size, **common)
+        return DigitsDVS(size=img_size, **common)
     files = dict(root=data_cfg.data_dir, cache_dir=data_cfg.cache_dir, **common)
     if name == "nmnist":
-        return ev.NMNIST(pad_to=img_size, **files)
+        return NMNIST(pad_to=img_size, **files)
     if name == "cifar10_dvs":
-        return ev.CIFAR10DVS(**files)
-    return ev.DVS128Gesture(**files)
+        return CIFAR10DVS(**files)
+    return DVS128Gesture(**files)
 
 
 def collate(samples: list):
@@ -78,11 +83,15 @@ def collate(samples: list):
     if not kept:
         raise ValueError(f"none of the {len(samples)} images of a batch could be read (the warnings above name "
                          f"the files); check the data folder")
+    from torch.utils.data import default_collate
+
     return default_collate(kept)
 
 
 def sample_name(dataset: Dataset, index: int) -> str:
     """The file behind item ``index`` of ``dataset`` (through any ``Subset``), or ``item <index>``."""
+    from torch.utils.data import Subset
+
     while isinstance(dataset, Subset):
         dataset, index = dataset.dataset, dataset.indices[index]
     samples = getattr(dataset, "samples", None)  # torchvision's ImageFolder
@@ -118,4 +127,4 @@ def _tonic_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     if not data_cfg.data_dir:
         raise ValueError(f"dataset '{data_cfg.dataset}' is read from disk: pass tonic's save_to folder with --data-dir")
     transform = EventAugment() if (train and data_cfg.augment) else None
-    return tonic_dataset(data_cfg.dataset, data_cfg.data_dir, train, data_cfg.frames, data_cfg.split_by, img_size, transform)
+    return tonic_dataset(data_cfg.dataset, data_cfg.data_dir, train, data_cfg.time_steps, data_cfg.split_by, img_size, transform)

@@ -5,7 +5,7 @@ tonic gives events as numpy structured arrays with fields ``x``, ``y``, ``t``, `
 order; integer, float or bool dtypes) and data sets whose items are ``(events, target)``.
 
 * :func:`events_from_tonic` converts such an array to this project's :data:`~spikingformer.data.events.EVENT_DTYPE`
-  (``t`` in integer microseconds, ``p`` 0/1), after which :func:`~spikingformer.data.events.integrate_frames`
+  (``t`` in integer microseconds, ``p`` 0/1), after which :func:`~spikingformer.data.frames.integrate_frames`
   and everything downstream apply unchanged.
 * :class:`TonicFrames` wraps a tonic data set (or any object of that shape) as a data set of
   ``(frames (T, 2, H, W) float32 tensor, target int)``, the input of the event models.
@@ -14,9 +14,10 @@ order; integer, float or bool dtypes) and data sets whose items are ``(events, t
 
 Conventions that differ between tonic and this project (docs/data.md, "Event data from tonic"):
 tonic's ``sensor_size`` is ``(width, height, polarities)``, this project's ``(height, width)``;
-``ToFrame(n_event_bins=T)`` drops the ``N mod T`` last events, :func:`integrate_frames_by_count` puts them
+``ToFrame(n_event_bins=T)`` drops the ``N mod T`` last events, ``integrate_frames_by_count`` puts them
 into the last frame (SpikingJelly's rule); ``ToFrame(n_time_bins=T)`` drops the events after
-``t0 + T * ((t1 - t0) // T)``, :func:`integrate_frames_by_time` puts them into the last frame.
+``t0 + T * ((t1 - t0) // T)``, ``integrate_frames_by_time`` puts them into the last frame (T = ``time_steps``,
+:mod:`spikingformer.data.frames`).
 
 Only :func:`tonic_dataset` imports tonic (``pip install 'spikingformer[tonic]'``); the rest works on
 any arrays and data sets of tonic's shape.
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spikingformer.data.event_datasets import _pad_frames
-from spikingformer.data.events import integrate_frames, make_events
+from spikingformer.data.events import make_events
+from spikingformer.data.frames import check_time_steps, integrate_frames, pad_frames
 
 TONIC_PREFIX = "tonic:"
 
@@ -75,9 +76,9 @@ class TonicFrames(Dataset):
     Args:
         dataset: items ``(events, target)``, events a tonic structured array (a tonic data set without
             ``transform``, or any object with ``__len__`` and ``__getitem__`` of that shape).
-        T: number of frames.
+        time_steps: number of frames T.
         split_by: ``"number"`` (equal event counts, the authors') or ``"time"``; see
-            :func:`~spikingformer.data.events.integrate_frames`.
+            :func:`~spikingformer.data.frames.integrate_frames`.
         sensor_size: tonic's ``(width, height, 2)``; default: ``dataset.sensor_size``.
         pad_to: None, or a side >= the sensor's: frames are zero-padded, centred, to ``(pad_to, pad_to)``.
         classes: class names; default: ``dataset.classes``. ``num_classes`` is their number.
@@ -85,11 +86,10 @@ class TonicFrames(Dataset):
         time_unit_us: see :func:`events_from_tonic`.
     """
 
-    def __init__(self, dataset: Any, T: int, split_by: str = "number", sensor_size: Sequence[int] | None = None,
+    def __init__(self, dataset: Any, time_steps: int, split_by: str = "number", sensor_size: Sequence[int] | None = None,
                  pad_to: int | None = None, classes: Sequence[str] | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, time_unit_us: float = 1.0) -> None:
-        if T < 1:
-            raise ValueError(f"T must be >= 1, got {T}")
+        check_time_steps(time_steps)
         if split_by not in ("number", "time"):
             raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
         sensor_size = sensor_size if sensor_size is not None else getattr(dataset, "sensor_size", None)
@@ -105,7 +105,7 @@ class TonicFrames(Dataset):
             raise ValueError("the data set has no classes attribute: pass classes=[...] (their number sets num_classes)")
         self.classes = tuple(str(c) for c in classes)
         self.num_classes = len(self.classes)
-        self.dataset, self.T, self.split_by = dataset, T, split_by
+        self.dataset, self.time_steps, self.split_by = dataset, time_steps, split_by
         self.transform, self.time_unit_us = transform, time_unit_us
 
     def __len__(self) -> int:
@@ -114,14 +114,14 @@ class TonicFrames(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         events, target = self.dataset[i]
         h, w = self.sensor_size
-        frames = integrate_frames(events_from_tonic(events, self.time_unit_us), self.T, h, w, self.split_by)
-        out = _pad_frames(torch.from_numpy(frames), self.frame_size)
+        frames = integrate_frames(events_from_tonic(events, self.time_unit_us), self.time_steps, h, w, self.split_by)
+        out = pad_frames(torch.from_numpy(frames), self.frame_size)
         if self.transform is not None:
             out = self.transform(out)
         return out, int(target)
 
 
-def tonic_dataset(name: str, root: str, train: bool, T: int, split_by: str, img_size: int,
+def tonic_dataset(name: str, root: str, train: bool, time_steps: int, split_by: str, img_size: int,
                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TonicFrames:
     """``tonic.datasets.<Class>(save_to=root, train=train)`` as :class:`TonicFrames` for a recipe's
     ``dataset: tonic:<Class>``; frames smaller than ``img_size`` are zero-padded to it.
@@ -151,4 +151,4 @@ def tonic_dataset(name: str, root: str, train: bool, T: int, split_by: str, img_
 
     # the same name, as tonic keeps the files under save_to/<class name>
     offline = type(cls.__name__, (cls,), {"download": refuse_download})
-    return TonicFrames(offline(save_to=root, train=train), T, split_by, pad_to=img_size, transform=transform)
+    return TonicFrames(offline(save_to=root, train=train), time_steps, split_by, pad_to=img_size, transform=transform)

@@ -54,10 +54,10 @@ def _add_recipe_options(parser, args: list[str]) -> None:
         text = f.metadata["help"]
         if cfg is not None:
             text += f" [{cfg.config_name} recipe: {_shown(getattr(getattr(cfg, section), f.name))}]"
-        if f.type in ("bool", bool):
-            groups[group].add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
-        else:
-            groups[group].add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+        kind = dict(nargs="?", const="true", metavar="BOOL") if f.type in ("bool", bool) else dict(metavar=f.name.upper())
+        groups[group].add_argument(flag, dest=f.name, default=None, help=text, **kind)
+        for alias in f.metadata["aliases"]:  # a former name, still read; not shown
+            groups[group].add_argument("--" + alias.replace("_", "-"), dest=f.name, default=None, help=argparse.SUPPRESS, **kind)
         for synonym in f.metadata["synonyms"]:
             parser.synonyms["--" + synonym.replace("_", "-")] = flag
 
@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
-        device=args.device, amp=args.amp, frames=args.frames,
+        device=args.device, amp=args.amp, time_steps=args.time_steps,
     )
     print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
           f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
@@ -135,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", default=None, metavar="NAME", help="data set name (default: the one the checkpoint was trained on)")
     e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
     e.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: 64)")
-    e.add_argument("--frames", type=int, default=None, metavar="T", help="T for event data (default: the training run's)")
+    e.add_argument("--time-steps", type=int, default=None, metavar="T", help="time steps of event data (default: the training run's)")
+    e.add_argument("--frames", type=int, dest="time_steps", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
     e.set_defaults(func=run_eval)

@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from spikingformer import checkpoints
-from spikingformer.config import DataSection
+from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import setup, teardown
 from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader
 
 
-def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str | None, frames: int | None) -> DataSection:
+def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str | None, time_steps: int | None) -> DataSection:
     """The data settings of the checkpoint's training run, with the given values taking precedence."""
     data = DataSection()
     recorded = checkpoints.recorded_data(checkpoint)
     if recorded is not None:
-        for key, value in recorded.items():
+        for key, value in current_names(recorded).items():
             setattr(data, key, value)
     elif dataset is None:
         raise ValueError("this checkpoint does not record its data set; pass --data (and --data-dir)")
@@ -25,18 +25,20 @@ def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str
         data.data_dir = data_dir
     elif data_dir is not None:
         data.data_dir = data_dir
-    if frames is not None:
-        data.frames = frames
+    if time_steps is not None:
+        data.time_steps = time_steps
     return data
 
 
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
-                        frames: int | None = None) -> dict:
+                        time_steps: int | None = None) -> dict:
     """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names."""
     raw = checkpoints.load_checkpoint(path)
-    data = data_section_for(raw, dataset, data_dir, frames)
+    data = data_section_for(raw, dataset, data_dir, time_steps)
     model = checkpoints.model_from_checkpoint(path, model_name, loaded=raw)
+    if data.time_steps is None:  # a checkpoint without a training configuration: the model's
+        data.time_steps = model.config.time_steps
     runtime = setup(device)
     try:
         model = model.to(runtime.device)
