@@ -84,7 +84,7 @@ def _described(fmt: str, model: nn.Module, model_name: str | None, train_config:
 
 def training_checkpoint(model: nn.Module, model_name: str, train_config: dict, state: TrainingState) -> dict:
     """The dict a training checkpoint holds (see the module doc), ready for :func:`save_atomic`."""
-    return {**_described(FORMAT, model, model_name, train_config), **{f.name: getattr(state, f.name) for f in fields(state)}}
+    return {**_described(FORMAT, model, model_name, train_config), **vars(state)}
 
 
 @dataclass
@@ -113,15 +113,16 @@ class Checkpoint:
 
 
 def read(source: str | Path | Checkpoint | object) -> Checkpoint:
-    """The :class:`Checkpoint` of a file (``str``/``Path``), or of contents already loaded."""
+    """The :class:`Checkpoint` of a file (``str``/``Path``, read once with :func:`load_checkpoint`),
+    or of contents already loaded; a :class:`Checkpoint` is returned as it is."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, (str, Path)):
-        return parse(load_checkpoint(source), str(source))
-    return parse(source, "the checkpoint")
+        return _parse(load_checkpoint(source), str(source))
+    return _parse(source, "the checkpoint")
 
 
-def parse(raw: object, where: str) -> Checkpoint:
+def _parse(raw: object, where: str) -> Checkpoint:
     """Dispatch the contents of a checkpoint file (:func:`load_checkpoint`) on their format."""
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if fmt == FORMAT or (fmt == FUSED_FORMAT and raw.get("fused") is True) or fmt == EXPORT_FORMAT:

@@ -83,11 +83,11 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
                              "--resume auto, replace it with --overwrite, or train into another folder with --name")
 
 
-def save_checkpoint(folder: Path, checkpoint: dict) -> None:
+def save_checkpoint(folder: Path, checkpoint: dict, best: bool) -> None:
     """Write a training checkpoint (:func:`spikingformer.checkpoints.training_checkpoint`) as ``last.pt``,
-    then copy it to ``best.pt`` when its epoch is the best so far."""
+    then copy it to ``best.pt`` when its epoch is the ``best`` so far."""
     checkpoints.save_atomic(checkpoint, folder / "last.pt")
-    if checkpoint["best"]["epoch"] == checkpoint["epoch"]:
+    if best:
         checkpoints.copy_atomic(folder / "last.pt", folder / "best.pt")
 
 

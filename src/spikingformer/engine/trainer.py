@@ -352,7 +352,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         if runtime.is_main:  # last.pt, then best.pt (a copy of it), then the log: see engine/run_folder.py
             state = TrainingState(epoch, row, best, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(),
                                   rng_state())
-            folders.save_checkpoint(folder, checkpoints.training_checkpoint(model, cfg.model.model, cfg.to_dict(), state))
+            folders.save_checkpoint(folder, checkpoints.training_checkpoint(model, cfg.model.model, cfg.to_dict(), state),
+                                    best=best["epoch"] == epoch)
             log.write(row)
             tqdm.write(_epoch_line(row, total_epochs))
         barrier(runtime)
