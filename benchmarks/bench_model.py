@@ -92,14 +92,13 @@ def build(job: dict):
 
     All builds get the same weights: those of the authors' model
     (``authors_model.py``) initialised with seed 0, loaded into ours
-    through the official key translation.
+    through the authors' key translation.
     """
     import torch
 
     import authors_model
     import sj_neurons
-    from spikingformer.models.official import load_weights
-    from spikingformer.models.zoo import create_model
+    from spikingformer.models.zoo import create_model, load_weights
     from spikingformer.neuron import MultiStepLIF
 
     overrides = dict(job.get("overrides", {}))

@@ -18,14 +18,15 @@ from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, 
 from spikingformer.analysis.geometry import layer_specs
 from spikingformer.analysis.inputs import calibrate_batchnorm, random_batches
 from spikingformer.analysis.paper_rates import PAPER_LOGS, paper_rates, paper_sops
+from spikingformer.checkpoints import save_fused
 from spikingformer.deploy.accumulate import (
     AccumulateModel,
     accumulate_attention,
     accumulate_conv2d,
     accumulate_linear,
 )
-from spikingformer.deploy.fuse import fuse_model, is_fused, load_fused, save_fused
-from spikingformer.models import ModelConfig, SpikingTransformer, model_config
+from spikingformer.deploy.fuse import fuse_model, is_fused
+from spikingformer.models import ModelConfig, SpikingTransformer, model_config, model_from_checkpoint
 
 # A depth-1 model small enough to count by hand: 8x8 grey input, D=16, 2 heads, T=2, 2 max-pools.
 TINY = dict(arch="spikingformer", img_size=8, in_channels=1, num_classes=3, embed_dim=16, depth=1,
@@ -292,7 +293,7 @@ def test_fusion_matches_unfused_and_round_trips(digits_pair, tmp_path):
         dense, folded = model64(x64), fuse_model(model64)(x64)
     torch.testing.assert_close(folded, dense, rtol=0, atol=1e-9)
     path = save_fused(fused, tmp_path / "fused.pth", "spikingformer_digits")
-    reloaded = load_fused(path)
+    reloaded = model_from_checkpoint(path)
     with torch.no_grad():  # the same float32 computation before and after the round trip
         assert torch.equal(reloaded(batches[0]), fused(batches[0]))
 
@@ -393,7 +394,7 @@ def test_cli_fuse(tmp_path, digits_pair):
                 "model_name": "spikingformer_digits", "model_config": model.config.to_dict()}, ckpt)
     out = tmp_path / "fused.pth"
     assert _run(["fuse", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
-    fused = load_fused(out)  # the API's fusion, weight for weight (its numerics: test_fusion_matches_unfused...)
+    fused = model_from_checkpoint(out)  # the API's fusion, weight for weight (its numerics: test_fusion_matches_unfused...)
     expected = fuse_model(model).state_dict()
     assert fused.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in fused.state_dict().items())

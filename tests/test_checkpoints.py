@@ -1,5 +1,6 @@
-"""Checkpoint files: safe reading with one-line errors, fused checkpoints that eval can use, and the
-safetensors export read back by create_model, timm and eval."""
+"""Checkpoint files: every format read once into one view, the training-state schema, safe reading with
+one-line errors, fused checkpoints that eval can use, and the safetensors export read back by
+create_model, timm and eval."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import spikingformer as sf
 from spikingformer import checkpoints
 from spikingformer.cli import main
 from spikingformer.config import TrainConfig
-from spikingformer.models import model_config
+from spikingformer.deploy.fuse import fuse_model
+from spikingformer.models import model_config, model_from_checkpoint
 
 SMALL = {"embed_dim": 16, "num_heads": 2, "time_steps": 2}
 
@@ -105,7 +107,7 @@ def test_fuse_keeps_the_data_record_and_writes_beside_its_source(tmp_path, capsy
     plain = evaluate_checkpoint(run / "best.pt", device="cpu")
     again = evaluate_checkpoint(run / "best-fused.pt", device="cpu")
     assert abs(plain["top1"] - again["top1"]) <= 3 * 100 / 360
-    assert model.config == sf.checkpoints.model_from_checkpoint(run / "best-fused.pt").config
+    assert model.config == model_from_checkpoint(run / "best-fused.pt").config
 
 
 def test_export_safetensors_reads_back_to_the_same_logits(tmp_path, capsys):
@@ -125,7 +127,7 @@ def test_export_safetensors_reads_back_to_the_same_logits(tmp_path, capsys):
         for loaded in (
             sf.create_model("spikingformer_digits", checkpoint_path=str(out), **SMALL),
             timm.create_model("spikingformer_digits", checkpoint_path=str(out), **SMALL),
-            checkpoints.model_from_checkpoint(out),
+            model_from_checkpoint(out),
         ):
             assert torch.equal(loaded.eval()(x), expected)
     # a model built with another configuration is refused, naming the differing fields
@@ -139,8 +141,73 @@ def test_export_safetensors_reads_back_to_the_same_logits(tmp_path, capsys):
     # a fused export rebuilds fused; the default name is beside the source
     assert main(["fuse", "--checkpoint", str(tmp_path / "best.pt")]) == 0
     assert main(["export", "--checkpoint", str(tmp_path / "best-fused.pt")]) == 0
-    fused = checkpoints.model_from_checkpoint(tmp_path / "best-fused.safetensors")
+    fused = model_from_checkpoint(tmp_path / "best-fused.safetensors")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     with pytest.raises(ValueError, match="holds a fused model"):
         sf.create_model("spikingformer_digits", checkpoint_path=str(tmp_path / "best-fused.safetensors"), **SMALL)
     assert main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--output", str(tmp_path / "m.pt")]) == 2
+
+
+def test_every_format_reads_into_one_view(tmp_path):
+    """read() dispatches each format once: what it describes, its weights, and the training state."""
+    model = sf.create_model("spikingformer_digits", **SMALL).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 1, 16, 16)).sum().backward()
+    optimizer.step()
+    cfg = TrainConfig()
+    state = checkpoints.TrainingState(epoch=3, metrics={"epoch": 3, "test_top1": 50.0}, best={"top1": 60.0, "top5": 90.0, "epoch": 2},
+                                      optimizer=optimizer.state_dict(), scheduler={"last_epoch": 4}, scaler={}, rng={"torch": torch.get_rng_state()})
+    written = checkpoints.training_checkpoint(model, "spikingformer_digits", cfg.to_dict(), state)
+    # the on-disk layout of a training checkpoint (docs/architecture.md, Checkpoints)
+    assert sorted(written) == sorted(["format", "version", "model", "model_name", "model_config", "train_config", "optimizer",
+                                      "scheduler", "scaler", "epoch", "metrics", "best", "rng"])
+    assert written["format"] == "spikingformer-checkpoint" and written["epoch"] == 3 and written["best"]["epoch"] == 2
+    checkpoints.save_atomic(written, tmp_path / "last.pt")
+    checkpoints.save_fused(fuse_model(model), tmp_path / "fused.pt", "spikingformer_digits", cfg.to_dict())
+    checkpoints.export_safetensors(model, tmp_path / "model.safetensors", "spikingformer_digits")
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "timm.pth.tar")
+
+    last = checkpoints.read(tmp_path / "last.pt")
+    assert (last.kind, last.describes_model, last.fused, last.model_name) == (checkpoints.FORMAT, True, False, "spikingformer_digits")
+    assert last.recorded_data["dataset"] == "digits" and last.model_config["embed_dim"] == 16
+    assert (last.training.epoch, last.training.best, last.training.scheduler) == (3, state.best, {"last_epoch": 4})
+    momentum = last.training.optimizer["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, optimizer.state_dict()["state"][0]["momentum_buffer"])
+    fused = checkpoints.read(tmp_path / "fused.pt")
+    assert (fused.kind, fused.fused, fused.training, fused.recorded_data["dataset"]) == (checkpoints.FUSED_FORMAT, True, None, "digits")
+    export = checkpoints.read(tmp_path / "model.safetensors")
+    assert (export.kind, export.fused, export.model_name, export.recorded_data) == (checkpoints.EXPORT_FORMAT, False,
+                                                                                   "spikingformer_digits", None)
+    timm_file = checkpoints.read(tmp_path / "timm.pth.tar")
+    assert (timm_file.kind, timm_file.describes_model, timm_file.model_name) == (checkpoints.WEIGHTS, False, None)
+    for ckpt in (last, export, timm_file):  # the same weights in every container (the DDP prefix stripped)
+        assert ckpt.state_dict.keys() == model.state_dict().keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict.items())
+
+
+def test_each_command_reads_its_checkpoint_once(tmp_path, monkeypatch, capsys):
+    training_checkpoint(tmp_path / "best.pt")
+    reads = []
+    real = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: reads.append(str(path)) or real(path))
+    source = str(tmp_path / "best.pt")
+    commands = [["eval", "--checkpoint", source, "--device", "cpu"], ["fuse", "--checkpoint", source],
+                ["export", "--checkpoint", source],
+                ["energy", "--checkpoint", source, "--data", "random", "--batches", "1", "--batch-size", "1"]]
+    for argv in commands:
+        reads.clear()
+        assert main(argv) == 0, capsys.readouterr().err
+        assert reads == [source], argv
+
+
+def test_bare_state_dict_of_another_size_is_one_line(tmp_path, capsys):
+    """A state dict that does not fit the named model is one line naming the tensors, not torch's error list."""
+    path = tmp_path / "weights.pt"
+    torch.save(sf.create_model("spikingformer_digits", **SMALL).state_dict(), path)
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        sf.create_model("spikingformer_digits", checkpoint_path=str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: its weights do not match this model (shape (file vs model): ")
+    assert "tokenizer.stages.0.conv.weight (2, 1, 3, 3) vs (8, 1, 3, 3)" in message and "\n" not in message
+    assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--data", "digits"]) == 2
+    assert "its weights do not match this model" in one_line_error(capsys)

@@ -20,7 +20,7 @@ from spikingformer.analysis.commands import load_model
 from spikingformer.analysis.energy import energy_from_record
 from spikingformer.analysis.inputs import calibrate_batchnorm, dataset_batches, random_batches
 from spikingformer.config import DataSection
-from test_official import FIXTURE_MODELS, official_keys, random_state_dict
+from test_authors_keys import FIXTURE_MODELS, authors_keys, random_state_dict
 
 DIGITS_TEST_IMAGES = 1797 - 1437  # scikit-learn's 1,797 digits minus the 1,437 training images
 
@@ -134,7 +134,7 @@ AUTHORS_ZOO = [
 @pytest.mark.parametrize("name", AUTHORS_ZOO)
 def test_energy_on_authors_checkpoints_of_every_zoo_size(name, tmp_path, capsys):
     cfg = sf.models.ZOO[name]
-    keys = official_keys(_SCHEMES[cfg["arch"], cfg["family"]], cfg["depth"], cfg["embed_dim"], cfg["in_channels"],
+    keys = authors_keys(_SCHEMES[cfg["arch"], cfg["family"]], cfg["depth"], cfg["embed_dim"], cfg["in_channels"],
                          cfg["num_classes"])
     state = random_state_dict(keys)
     state = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in state.items()}  # variances > 0

@@ -1,4 +1,4 @@
-"""Checkpoint files: written atomically, self-describing, read safely in every supported format.
+"""Checkpoint files: their formats, atomic writing, safe reading, and one parsed view of any of them.
 
 Formats this project writes (all describe their model, so they rebuild without a model name):
 
@@ -6,16 +6,19 @@ Formats this project writes (all describe their model, so they rebuild without a
 
     {"format": "spikingformer-checkpoint", "version": 1,
      "model": state_dict, "model_name": str, "model_config": dict (ModelConfig fields),
-     "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": int, "metrics": dict, "best": dict,
-     "train_config": dict, "rng": {...}}
+     "train_config": dict, and the training state (:class:`TrainingState`):
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": int, "metrics": dict, "best": dict, "rng": {...}}
 
-* fused checkpoints (:mod:`spikingformer.deploy.fuse`), the same without training state;
+* fused checkpoints (:func:`save_fused`), the same without the training state, and ``"fused": True``
+  under the format ``spikingformer-fused-checkpoint``;
 * safetensors exports (:func:`export_safetensors`): the model's state dict as tensors, and in the
   file's metadata (strings) ``format`` = ``spikingformer-safetensors``, ``model_name``,
   ``model_config`` (JSON), ``fused`` (``true``/``false``) and ``train_config`` (JSON, when known).
 
-The authors' and timm's files (a state dict, bare or inside a container) load too, given the zoo
-model they belong to. Reading never unpickles anything but tensors and plain data (``torch.load``
+The authors' and timm's files hold a state dict, bare or inside a container (:func:`extract_state_dict`);
+they load given the zoo model they belong to, their key names translated by the model builder
+(:mod:`spikingformer.models.authors`). :func:`read` reads any of these once and returns a
+:class:`Checkpoint`. Reading never unpickles anything but tensors and plain data (``torch.load``
 with ``weights_only=True``, plus the ``argparse.Namespace`` timm scripts store); a file that cannot
 be read or written raises :class:`CheckpointError`, one line naming the file and what to do.
 """
@@ -29,21 +32,158 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from spikingformer.models import ModelConfig, SpikingTransformer, create_model, load_weights
-from spikingformer.models.official import extract_state_dict, shorten
+from spikingformer.deploy.fuse import is_fused
 
 FORMAT = "spikingformer-checkpoint"
+FUSED_FORMAT = "spikingformer-fused-checkpoint"
 EXPORT_FORMAT = "spikingformer-safetensors"
+WEIGHTS = "weights"  # the kind of a file that holds weights alone (the authors', timm's, a bare state dict)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, written, or does not match its model."""
+
+
+def shorten(keys: list[str], limit: int = 12) -> str:
+    """The first ``limit`` of ``keys``, comma-separated, and how many more there are."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# the training state and the parsed view of a file
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds besides the model: where the run stands after ``epoch``."""
+
+    epoch: int
+    metrics: dict  # the epoch's row of the metrics log
+    best: dict  # {"top1", "top5", "epoch"} of the best evaluation so far ({"top1": -1.0, "epoch": -1}: none)
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    rng: dict
+
+
+def _described(fmt: str, model: nn.Module, model_name: str | None, train_config: dict | None) -> dict:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("only SpikingTransformer models (with a .config) can be saved as spikingformer checkpoints")
+    return {"format": fmt, "version": 1, "model": model.state_dict(), "model_name": model_name,
+            "model_config": config.to_dict(), "train_config": train_config}
+
+
+def training_checkpoint(model: nn.Module, model_name: str, train_config: dict, state: TrainingState) -> dict:
+    """The dict a training checkpoint holds (see the module doc), ready for :func:`save_atomic`."""
+    return {**_described(FORMAT, model, model_name, train_config), **vars(state)}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file's contents, whatever its format (:func:`read`)."""
+
+    where: str  # the file, for messages
+    kind: str  # FORMAT, FUSED_FORMAT, EXPORT_FORMAT or WEIGHTS
+    state_dict: dict[str, torch.Tensor]
+    model_name: str | None = None
+    model_config: dict | None = None  # the ModelConfig fields (None: the file does not describe its model)
+    fused: bool = False
+    train_config: dict | None = None  # the configuration of the training run the weights come from
+    training: TrainingState | None = None  # training checkpoints written by `spikingformer train`
+
+    @property
+    def describes_model(self) -> bool:
+        """True for the files this project writes (training, fused and exported checkpoints)."""
+        return self.model_config is not None
+
+    @property
+    def recorded_data(self) -> dict | None:
+        """The data section of the training run (None if the file does not record one)."""
+        data = (self.train_config or {}).get("data")
+        return dict(data) if isinstance(data, Mapping) else None
+
+
+def read(source: str | Path | Checkpoint | object) -> Checkpoint:
+    """The :class:`Checkpoint` of a file (``str``/``Path``, read once with :func:`load_checkpoint`),
+    or of contents already loaded; a :class:`Checkpoint` is returned as it is."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, (str, Path)):
+        return _parse(load_checkpoint(source), str(source))
+    return _parse(source, "the checkpoint")
+
+
+def _parse(raw: object, where: str) -> Checkpoint:
+    """Dispatch the contents of a checkpoint file (:func:`load_checkpoint`) on their format."""
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt == FORMAT or (fmt == FUSED_FORMAT and raw.get("fused") is True) or fmt == EXPORT_FORMAT:
+        names = [f.name for f in fields(TrainingState)]
+        training = TrainingState(**{k: raw[k] for k in names}) if fmt == FORMAT and all(k in raw for k in names) else None
+        return Checkpoint(where, fmt, raw["model"], raw.get("model_name"), raw["model_config"], bool(raw.get("fused")),
+                          raw.get("train_config"), training)
+    try:
+        return Checkpoint(where, WEIGHTS, extract_state_dict(raw))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Remove a DistributedDataParallel ``module.`` (or ``_orig_mod.`` from torch.compile) prefix."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def extract_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
+    """The state dict inside any of the containers in use.
+
+    Accepts a bare state dict, timm CheckpointSaver files (``state_dict``, ``state_dict_ema``),
+    the authors' DVS files and this project's checkpoints (``model``).
+    """
+    if isinstance(checkpoint, Mapping):
+        for key in ("state_dict", "model"):
+            inner = checkpoint.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                checkpoint = inner
+                break
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            state_dict = strip_prefix(checkpoint, "module.")
+            return strip_prefix(state_dict, "_orig_mod.")
+    raise ValueError(
+        "no state dict found in checkpoint: expected a mapping of tensors, or a container with a "
+        "'state_dict' (timm) or 'model' (authors' DVS code, this project) entry"
+    )
+
+
+def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], checkpoint: Checkpoint) -> nn.Module:
+    """``model.load_state_dict(state_dict)`` after checking names and shapes; a mismatch is one line.
+
+    ``state_dict`` is in ``model``'s key names (the authors' are translated before, by the builder).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or misshapen:
+        parts = "; ".join(f"{label}: {shorten(keys, 3)}" for label, keys in
+                          (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", misshapen)) if keys)
+        if checkpoint.describes_model:
+            raise CheckpointError(f"{checkpoint.where}: its weights do not match the model it records ({parts}); the file "
+                                  "was altered or written for another model: use the checkpoint the run wrote")
+        raise CheckpointError(f"{checkpoint.where}: its weights do not match this model ({parts}); check that the model "
+                              "name matches the checkpoint (family, depth, embed_dim, num_classes)")
+    model.load_state_dict(state_dict)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,35 +237,31 @@ def copy_atomic(source: str | Path, path: str | Path) -> Path:
         return write_atomic(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
 
+def beside(checkpoint: str | Path, ending: str) -> Path:
+    """``<name><ending>`` beside ``checkpoint``, its name cut at the first dot (``best.pth.tar`` -> ``best``)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name((checkpoint.name.split(".")[0] or checkpoint.stem) + ending)
+
+
+def save_fused(model: nn.Module, path: str | Path, model_name: str | None = None, train_config: dict | None = None) -> Path:
+    """Write a fused model (:func:`spikingformer.deploy.fuse.fuse_model`) as a self-describing checkpoint."""
+    if not is_fused(model):
+        raise ValueError("the model still has BatchNorm layers: fuse it first (fuse_model)")
+    return save_atomic({**_described(FUSED_FORMAT, model, model_name, train_config), "fused": True}, path)
+
+
 def export_safetensors(model: nn.Module, path: str | Path, model_name: str | None = None,
                        train_config: dict | None = None) -> Path:
     """Write ``model``'s weights as safetensors with its description in the metadata (see module doc)."""
     from safetensors.torch import save
 
-    from spikingformer.deploy.fuse import is_fused
-
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("only SpikingTransformer models (with a .config) can be exported")
-    metadata = {"format": EXPORT_FORMAT, "model_name": model_name or "", "model_config": json.dumps(config.to_dict()),
+    described = _described(EXPORT_FORMAT, model, model_name, train_config)
+    metadata = {"format": EXPORT_FORMAT, "model_name": model_name or "", "model_config": json.dumps(described["model_config"]),
                 "fused": "true" if is_fused(model) else "false"}
     if train_config is not None:
         metadata["train_config"] = json.dumps(train_config)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in described["model"].items()}
     return write_atomic(path, lambda f: f.write(save(tensors, metadata)))
-
-
-def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, model_name: str | None = None) -> Path:
-    """Export any loadable checkpoint to safetensors (default: ``<name>.safetensors`` beside it),
-    keeping its model description and training record (see :func:`export_safetensors`)."""
-    checkpoint = Path(checkpoint)
-    output = Path(output) if output is not None else checkpoint.with_name(checkpoint.name.split(".")[0] + ".safetensors")
-    if output.suffix != ".safetensors":
-        raise ValueError(f"--output {output} must end in .safetensors (the format is chosen by the name when read back)")
-    stored = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(checkpoint, model_name, loaded=stored)
-    record = stored if describes_model(stored) else {}
-    return export_safetensors(model, output, model_name or record.get("model_name"), record.get("train_config"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +269,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
 
 
 def load_checkpoint(path: str | Path) -> Any:
-    """Read a checkpoint file (``.safetensors`` or ``torch.save``; tensors and plain data only)."""
+    """Read a checkpoint file as it is stored (``.safetensors`` or ``torch.save``; tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -178,72 +314,3 @@ def _read_safetensors(path: Path) -> dict:
                 "train_config": json.loads(metadata.get("train_config", "null"))}
     except (KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: its spikingformer metadata is damaged ({err}); export it again") from err
-
-
-def is_native(checkpoint: object) -> bool:
-    """True for this project's training checkpoints."""
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
-
-
-def describes_model(checkpoint: object) -> bool:
-    """True for files that record their model (training, fused and exported checkpoints)."""
-    from spikingformer.deploy.fuse import is_fused_checkpoint
-
-    return is_native(checkpoint) or is_fused_checkpoint(checkpoint) or (
-        isinstance(checkpoint, dict) and checkpoint.get("format") == EXPORT_FORMAT)
-
-
-def recorded_data(checkpoint: object) -> dict | None:
-    """The data section of the training run a checkpoint came from (None if it does not record one)."""
-    if not describes_model(checkpoint):
-        return None
-    data = (checkpoint.get("train_config") or {}).get("data")
-    return dict(data) if isinstance(data, Mapping) else None
-
-
-def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """``model.load_state_dict(state_dict)`` after checking names and shapes; a mismatch is one line."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or misshapen:
-        parts = [f"{label}: {shorten(keys, 3)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", misshapen)) if keys]
-        raise CheckpointError(f"{path}: its weights do not match the model it records ({'; '.join(parts)}); the file "
-                              "was altered or written for another model: use the checkpoint the run wrote")
-    model.load_state_dict(state_dict)
-    return model
-
-
-def model_from_checkpoint(path: str | Path, model_name: str | None = None, *, loaded: Any = None,
-                          **overrides) -> SpikingTransformer:
-    """Rebuild a model with its weights from a checkpoint file (``loaded``: its contents, when the
-    caller has already read them with :func:`load_checkpoint`, so the file is read once).
-
-    This project's checkpoints (training, fused and exported ones) describe their model, so
-    ``model_name`` is not needed (if given, it must agree). The authors' checkpoints (or bare
-    state dicts) need ``model_name``, a zoo name, plus any ``overrides`` of its config.
-    """
-    from spikingformer.deploy.fuse import fuse_structure
-
-    checkpoint = load_checkpoint(path) if loaded is None else loaded
-    if describes_model(checkpoint):
-        saved = checkpoint.get("model_name")
-        if model_name and saved and model_name != saved:
-            raise ValueError(
-                f"checkpoint {path} holds a {saved} model, not {model_name}; drop --model or pick the matching checkpoint"
-            )
-        model = SpikingTransformer(ModelConfig.from_dict({**checkpoint["model_config"], **overrides}))
-        if checkpoint.get("fused"):
-            fuse_structure(model)
-        return load_matching(model, checkpoint["model"], path)
-    if not model_name:
-        raise ValueError(
-            f"{path} is not a spikingformer checkpoint (it has no model description); name the zoo model "
-            "it belongs to, e.g. --model spikingformer_8_768"
-        )
-    model = create_model(model_name, **overrides)
-    load_weights(model, {"state_dict": extract_state_dict(checkpoint)})
-    return model

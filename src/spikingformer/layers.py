@@ -184,7 +184,7 @@ class TokenConvBN(nn.Module):
 
     A 1x1 convolution over channels is a linear map, so it is stored as ``nn.Linear`` weights
     ``(out, in)``; the authors' Conv1d ``(out, in, 1)`` and Conv2d ``(out, in, 1, 1)`` weights load
-    into it by reshaping (see :mod:`spikingformer.models.official`).
+    into it by reshaping (see :mod:`spikingformer.models.authors`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:

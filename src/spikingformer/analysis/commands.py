@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not to build th
     import torch
     from torch import nn
 
+    from spikingformer.checkpoints import Checkpoint
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ class LoadedModel:
     name: str
     trained: bool  # weights from a checkpoint (else: random initialisation)
     source: str  # "trained weights from PATH", or "untrained: random weights (seed S)"
-    checkpoint: object = None  # the loaded checkpoint file (None for an untrained model)
+    checkpoint: Checkpoint | None = None  # the checkpoint read (None for an untrained model)
 
 
 def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, model_args: dict | None = None,
@@ -124,17 +125,17 @@ def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, mo
     """
     import torch
 
-    from spikingformer.checkpoints import is_native, load_checkpoint, model_from_checkpoint
-    from spikingformer.models import create_model
+    from spikingformer import checkpoints
+    from spikingformer.models import create_model, model_from_checkpoint
 
     model_args = model_args or {}
     if checkpoint:
-        stored = load_checkpoint(checkpoint)
-        if not model_name and not is_native(stored):
+        ckpt = checkpoints.read(checkpoint)
+        if not model_name and ckpt.kind != checkpoints.FORMAT:
             model_name = name_if_needed
-        model = model_from_checkpoint(checkpoint, model_name, loaded=stored, **model_args)
-        name = model_name or (stored.get("model_name") if isinstance(stored, dict) else None) or Path(checkpoint).stem
-        return LoadedModel(model.eval(), name, True, f"trained weights from {checkpoint}", stored)
+        model = model_from_checkpoint(ckpt, model_name, **model_args)
+        name = model_name or ckpt.model_name or Path(checkpoint).stem
+        return LoadedModel(model.eval(), name, True, f"trained weights from {checkpoint}", ckpt)
     if not model_name:
         raise ValueError("name a model with --model NAME (see `spikingformer models`) or give --checkpoint PATH")
     torch.manual_seed(seed)
@@ -167,11 +168,12 @@ def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
     if args.data == RANDOM:
         n = args.batches or 2
         return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--data random, seed {args.seed})")
-    from spikingformer.checkpoints import is_native
+    from spikingformer.checkpoints import FORMAT
     from spikingformer.engine.evaluation import data_section_for
 
-    dataset = args.data or (None if is_native(loaded.checkpoint) else default_dataset(config))
-    if dataset is None and not is_native(loaded.checkpoint):
+    training = loaded.checkpoint is not None and loaded.checkpoint.kind == FORMAT  # a training checkpoint
+    dataset = args.data or (None if training else default_dataset(config))
+    if dataset is None and not training:
         raise ValueError("name the input data with --data (a data set, or 'random' for synthetic inputs); "
                          "only the digits models and this project's checkpoints have a default")
     section = data_section_for(loaded.checkpoint, dataset, args.data_dir, config.time_steps)
@@ -342,14 +344,24 @@ def _paper_energy(args: argparse.Namespace) -> int:
 def run_fuse(args: argparse.Namespace) -> int:
     import torch
 
+    from spikingformer import checkpoints
     from spikingformer.analysis.inputs import random_batches
-    from spikingformer.deploy.fuse import fuse_checkpoint
+    from spikingformer.deploy.fuse import fuse_model
+    from spikingformer.models import model_from_checkpoint
 
-    model, fused, name, path = fuse_checkpoint(args.checkpoint, args.output, args.model)
+    output = Path(args.output) if args.output is not None else checkpoints.beside(args.checkpoint, "-fused.pt")
+    if output.exists() and output.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--output {output} is the checkpoint being fused; writing there would drop the optimizer "
+                         "state a resumed training needs. Choose another --output (default: <name>-fused.pt beside it)")
+    ckpt = checkpoints.read(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.model).eval()
+    name = args.model or ckpt.model_name
+    fused = fuse_model(model)
+    checkpoints.save_fused(fused, output, name, ckpt.train_config)
     name = name or Path(args.checkpoint).stem
     x = random_batches(model.config, 1, 2)[0]
     with torch.no_grad():
         diff = float((model(x) - fused(x)).abs().max())
     print(f"fused {name}: every BatchNorm folded into its conv/linear layer; max |logit difference| on a random "
-          f"batch {diff:.3g}; wrote {path}")
+          f"batch {diff:.3g}; wrote {output}")
     return 0

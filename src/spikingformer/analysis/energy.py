@@ -356,7 +356,7 @@ def energy_report_for_checkpoint(checkpoint, data_cfg, batches: int = 2, integer
     (a :class:`~spikingformer.config.DataSection`; batches of ``data_cfg.eval_batch_size``)."""
     from spikingformer.analysis.audit import record_activity
     from spikingformer.analysis.inputs import dataset_batches
-    from spikingformer.checkpoints import model_from_checkpoint
+    from spikingformer.models import model_from_checkpoint
 
     model = model_from_checkpoint(checkpoint).eval()
     inputs = dataset_batches(model.config, data_cfg, batches, data_cfg.eval_batch_size)

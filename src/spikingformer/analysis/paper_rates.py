@@ -1,6 +1,6 @@
 """The authors' logged firing rates and energy totals for Spikingformer-8-512 and 8-768 on ImageNet.
 
-Source: the official repository zhouchenlin2096/Spikingformer (HEAD 4378623),
+Source: the authors' repository zhouchenlin2096/Spikingformer (HEAD 4378623),
 ``imagenet/energy_consumption_logs/...Spikingformer-8-512_log.txt`` and ``...8-768_log.txt``,
 as transcribed from the authors' training logs. The logs were written by
 ``imagenet/energy_consumption_on_imagenet.py`` over the whole ImageNet validation set (AMP).

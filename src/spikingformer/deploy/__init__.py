@@ -10,7 +10,7 @@ from spikingformer.deploy.accumulate import (
     accumulate_linear,
     run_accumulate,
 )
-from spikingformer.deploy.fuse import fuse_model, fuse_structure, is_fused, load_fused, save_fused
+from spikingformer.deploy.fuse import fuse_model, fuse_structure, is_fused
 
 __all__ = [
     "AccumulateModel",
@@ -22,7 +22,5 @@ __all__ = [
     "fuse_model",
     "fuse_structure",
     "is_fused",
-    "load_fused",
     "run_accumulate",
-    "save_fused",
 ]

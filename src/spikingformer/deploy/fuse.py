@@ -13,26 +13,18 @@ replaced by ``nn.Identity``, so the model's forward code runs unchanged. A fused
 left: every synaptic layer's input goes straight into a weight sum (what the accumulate-only path
 in :mod:`spikingformer.deploy.accumulate` needs).
 
-Fused checkpoints (:func:`save_fused` / :func:`load_fused`) are ``torch.save`` dicts::
-
-    {"format": "spikingformer-fused-checkpoint", "version": 1, "fused": True,
-     "model_name": str | None, "model_config": dict, "model": state_dict,
-     "train_config": dict | None}
-
-``train_config`` is the source checkpoint's (so ``eval`` finds the data set it was trained on).
-They are rebuilt by: build the model from the config, :func:`fuse_structure` (Identity BNs and
-zero biases), load the state dict.
+Fused checkpoints are written by :func:`spikingformer.checkpoints.save_fused` and rebuilt by
+:func:`spikingformer.models.model_from_checkpoint`: build the model from its config,
+:func:`fuse_structure` (Identity BNs and zero biases), load the state dict.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
-FUSED_FORMAT = "spikingformer-fused-checkpoint"
 # (attribute of the weight layer, attribute of the BN applied to its output)
 FUSABLE_PAIRS = (("conv", "bn"), ("linear", "bn"))
 _WEIGHT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -112,67 +104,3 @@ def fuse_structure(model: nn.Module) -> nn.Module:
 def is_fused(model: nn.Module) -> bool:
     """True if the model holds no BatchNorm."""
     return not _remaining_batchnorms(model)
-
-
-def save_fused(model: nn.Module, path: str | Path, model_name: str | None = None, train_config: dict | None = None) -> Path:
-    """Write a fused model (from :func:`fuse_model`) as a self-describing checkpoint."""
-    from spikingformer.checkpoints import save_atomic
-
-    if not is_fused(model):
-        raise ValueError("the model still has BatchNorm layers: fuse it first (fuse_model)")
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("only SpikingTransformer models (with a .config) can be saved as fused checkpoints")
-    checkpoint = {
-        "format": FUSED_FORMAT,
-        "version": 1,
-        "fused": True,
-        "model_name": model_name,
-        "model_config": config.to_dict(),
-        "model": model.state_dict(),
-        "train_config": train_config,
-    }
-    return save_atomic(checkpoint, path)
-
-
-def fused_path(checkpoint: str | Path) -> Path:
-    """Default output of :func:`fuse_checkpoint`: ``<name>-fused.pt`` beside the source (``best.pt`` -> ``best-fused.pt``)."""
-    checkpoint = Path(checkpoint)
-    stem = checkpoint.name.split(".")[0] or checkpoint.stem
-    return checkpoint.with_name(f"{stem}-fused.pt")
-
-
-def fuse_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
-                    model_name: str | None = None) -> tuple[nn.Module, nn.Module, str | None, Path]:
-    """Fuse a checkpoint's model and save it (default :func:`fused_path`) with the source's training record.
-
-    Returns ``(model, fused model, model name, written path)``. Refuses to write over the source checkpoint,
-    which holds the optimizer state a resumed training needs.
-    """
-    from spikingformer.checkpoints import load_checkpoint, model_from_checkpoint
-
-    output = Path(output) if output is not None else fused_path(checkpoint)
-    if output.exists() and output.resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--output {output} is the checkpoint being fused; writing there would drop the optimizer "
-                         "state a resumed training needs. Choose another --output (default: <name>-fused.pt beside it)")
-    stored = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(checkpoint, model_name, loaded=stored).eval()
-    record = stored if isinstance(stored, dict) else {}
-    name = model_name or record.get("model_name")
-    fused = fuse_model(model)
-    save_fused(fused, output, name, record.get("train_config"))
-    return model, fused, name, output
-
-
-def is_fused_checkpoint(checkpoint: object) -> bool:
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == FUSED_FORMAT and checkpoint.get("fused") is True
-
-
-def load_fused(path: str | Path) -> nn.Module:
-    """Rebuild a fused model from :func:`save_fused`'s file (eval mode)."""
-    from spikingformer.checkpoints import model_from_checkpoint
-
-    model = model_from_checkpoint(path)
-    if not is_fused(model):
-        raise ValueError(f"{path} is not a fused spikingformer checkpoint (write one with `spikingformer fuse`)")
-    return model.eval()

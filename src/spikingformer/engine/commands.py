@@ -161,9 +161,16 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from spikingformer.checkpoints import export_checkpoint
+    from pathlib import Path
 
-    path = export_checkpoint(args.checkpoint, args.output, args.model)
+    from spikingformer import checkpoints
+    from spikingformer.models import model_from_checkpoint
+
+    output = Path(args.output) if args.output is not None else checkpoints.beside(args.checkpoint, ".safetensors")
+    if output.suffix != ".safetensors":
+        raise ValueError(f"--output {output} must end in .safetensors (the format is chosen by the name when read back)")
+    ckpt = checkpoints.read(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.model)
+    path = checkpoints.export_safetensors(model, output, args.model or ckpt.model_name, ckpt.train_config)
     print(f"wrote {path} (weights and model description; load with spikingformer.create_model(name, checkpoint_path=...))")
     return 0
-

@@ -9,12 +9,14 @@ from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import setup, teardown
 from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader
+from spikingformer.models import model_from_checkpoint
 
 
-def data_section_for(checkpoint: dict | None, dataset: str | None, data_dir: str | None, time_steps: int | None) -> DataSection:
+def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | None, data_dir: str | None,
+                     time_steps: int | None) -> DataSection:
     """The data settings of the checkpoint's training run, with the given values taking precedence."""
     data = DataSection()
-    recorded = checkpoints.recorded_data(checkpoint)
+    recorded = checkpoint.recorded_data if checkpoint is not None else None
     if recorded is not None:
         for key, value in current_names(recorded).items():
             setattr(data, key, value)
@@ -34,9 +36,9 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
                         time_steps: int | None = None) -> dict:
     """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names."""
-    raw = checkpoints.load_checkpoint(path)
-    data = data_section_for(raw, dataset, data_dir, time_steps)
-    model = checkpoints.model_from_checkpoint(path, model_name, loaded=raw)
+    ckpt = checkpoints.read(path)
+    data = data_section_for(ckpt, dataset, data_dir, time_steps)
+    model = model_from_checkpoint(ckpt, model_name)
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
     runtime = setup(device)
@@ -52,5 +54,5 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
         metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
     finally:
         teardown()
-    name = raw.get("model_name", model_name) if isinstance(raw, dict) else model_name
+    name = ckpt.model_name or model_name
     return {**metrics, "model": name, "dataset": data.dataset}

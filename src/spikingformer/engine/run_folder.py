@@ -1,16 +1,21 @@
 """The run folder ``<output>/<name>/``: one training at a time, never replaced by accident, and its
-checkpoints consistent after a kill at any point.
+checkpoints and metrics log consistent after a kill at any point.
 
 Write order per epoch: ``last.pt`` (atomic), then ``best.pt`` as an atomic byte copy of it when the
-epoch is the best so far, then the metrics log. A kill between two writes leaves the files
-consistent, or repairable from ``last.pt`` alone, which :func:`repair_best` does on resume.
+epoch is the best so far (:func:`save_checkpoint`), then the metrics log (:class:`RunLog`). A kill
+between two writes leaves the files consistent, or repairable from ``last.pt`` alone, which
+:func:`repair_best` does on resume.
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
+import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -78,21 +83,95 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
                              "--resume auto, replace it with --overwrite, or train into another folder with --name")
 
 
-def repair_best(folder: Path, last: dict) -> str | None:
+def save_checkpoint(folder: Path, checkpoint: dict, best: bool) -> None:
+    """Write a training checkpoint (:func:`spikingformer.checkpoints.training_checkpoint`) as ``last.pt``,
+    then copy it to ``best.pt`` when its epoch is the ``best`` so far."""
+    checkpoints.save_atomic(checkpoint, folder / "last.pt")
+    if best:
+        checkpoints.copy_atomic(folder / "last.pt", folder / "best.pt")
+
+
+def repair_best(folder: Path, last: checkpoints.TrainingState) -> str | None:
     """Make ``best.pt`` the checkpoint of the best epoch ``last.pt`` records; returns a note when it acted.
 
     ``last.pt`` is written first, so a kill before its ``best.pt`` copy leaves ``best.pt`` one best
     epoch behind; the copy is redone here.
     """
-    best_epoch = last["best"]["epoch"]
+    best_epoch = last.best["epoch"]
     if best_epoch < 0:
         return None  # not evaluated yet
     best_path = folder / "best.pt"
-    held = checkpoints.load_checkpoint(best_path)["epoch"] if best_path.exists() else None
+    held_state = checkpoints.read(best_path).training if best_path.exists() else None
+    held = held_state.epoch if held_state is not None else None
     if held == best_epoch:
         return None
-    if best_epoch == last["epoch"]:
+    if best_epoch == last.epoch:
         checkpoints.copy_atomic(folder / "last.pt", best_path)
         return f"best.pt restored from last.pt (epoch {best_epoch + 1}); the previous run stopped before copying it"
     return (f"warning: {best_path} holds epoch {'none' if held is None else held + 1} but last.pt records the best at "
             f"epoch {best_epoch + 1}; that checkpoint is gone (was best.pt replaced by hand?)")
+
+
+@dataclass
+class RunLog:
+    """Per-epoch metrics in ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard).
+
+    Both files are rewritten atomically with every row, so neither is ever torn, and the CSV has
+    one column set for all rows (test columns stay empty in epochs without evaluation).
+    """
+
+    folder: Path
+    use_tensorboard: bool
+    writer: object = field(default=None, init=False)
+    rows: list = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+            except ImportError:
+                print("note: tensorboard is not installed, so no tensorboard/ folder is written (the metrics are in "
+                      "metrics.jsonl and metrics.csv); pip install tensorboard, or --tensorboard false to silence this")
+
+    def resume(self, last_row: dict) -> None:
+        """Continue the log of the checkpoint whose own row is ``last_row``: keep the logged rows of
+        earlier epochs, then ``last_row``. A kill can leave rows the checkpoint never held, or end
+        the log before the checkpoint's row; a resumed log neither repeats nor misses an epoch."""
+        path = self.folder / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.rows = [row for row in map(_json_row, lines) if row is not None and row["epoch"] < last_row["epoch"]]
+        self.rows.append(last_row)
+        self._save()
+
+    def _save(self) -> None:
+        checkpoints.write_atomic(self.folder / "metrics.jsonl",
+                                 lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        checkpoints.write_atomic(self.folder / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        self._save()
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _json_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("epoch"), int) else None

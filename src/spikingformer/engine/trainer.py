@@ -2,20 +2,18 @@
 
 ``train(cfg)`` runs a whole recipe: data, model, timm optimiser / scheduler / mixup, mixed
 precision, per-epoch evaluation, atomic ``last.pt`` / ``best.pt`` checkpoints, JSONL + CSV logs
-(and TensorBoard when installed), and exact resumption from ``last.pt``. The run folder is locked
-while training and never replaced by accident (:mod:`spikingformer.engine.run_folder`).
+(and TensorBoard when installed), and exact resumption from ``last.pt``
+(:mod:`spikingformer.engine.resume`). The run folder is locked while training and never replaced
+by accident (:mod:`spikingformer.engine.run_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from spikingformer import checkpoints
+from spikingformer.checkpoints import TrainingState
 from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset, check_batch, collate
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
+from spikingformer.engine.resume import restore, resume_path, rng_state
+from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
 from spikingformer.allocator import empty_cache
@@ -66,24 +67,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = [name, keys.tolist(), pos, has_gauss, cached]  # plain data: checkpoints load with weights_only
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime, workers: int, seed: int) -> DataLoader:
@@ -178,71 +161,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 # the run
 
 
-@dataclass
-class RunLog:
-    """Per-epoch metrics in ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard).
-
-    Both files are rewritten atomically with every row, so neither is ever torn, and the CSV has
-    one column set for all rows (test columns stay empty in epochs without evaluation).
-    """
-
-    folder: Path
-    use_tensorboard: bool
-    writer: object = field(default=None, init=False)
-    rows: list = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        if self.use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-            except ImportError:
-                print("note: tensorboard is not installed, so no tensorboard/ folder is written (the metrics are in "
-                      "metrics.jsonl and metrics.csv); pip install tensorboard, or --tensorboard false to silence this")
-
-    def resume(self, last_row: dict) -> None:
-        """Continue the log of the checkpoint whose own row is ``last_row``: keep the logged rows of
-        earlier epochs, then ``last_row``. A kill can leave rows the checkpoint never held, or end
-        the log before the checkpoint's row; a resumed log neither repeats nor misses an epoch."""
-        path = self.folder / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        self.rows = [row for row in map(_json_row, lines) if row is not None and row["epoch"] < last_row["epoch"]]
-        self.rows.append(last_row)
-        self._save()
-
-    def _save(self) -> None:
-        checkpoints.write_atomic(self.folder / "metrics.jsonl",
-                                 lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.rows)
-        checkpoints.write_atomic(self.folder / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        self._save()
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _json_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) and isinstance(row.get("epoch"), int) else None
-
-
 def run_folder(cfg: TrainConfig) -> Path:
     name = cfg.run.name or f"{cfg.config_name}-{cfg.model.model}"
     return Path(cfg.run.output) / name
@@ -258,16 +176,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> SpikingTransformer:
     return SpikingTransformer(mcfg)
 
 
-def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    mine = model_config(cfg.model.model, **cfg.model.model_args).to_dict()
-    if saved["model_config"] != mine:
-        diff = {k: (saved["model_config"].get(k), v) for k, v in mine.items() if saved["model_config"].get(k) != v}
-        raise ValueError(
-            f"cannot resume from {path}: it holds a different model ({saved['model_name']}; differing fields "
-            f"(checkpoint, now): {diff}). Use the same --model/--model-args or start a new run with --name"
-        )
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run the recipe; returns the final metrics (and the checkpoint path) on every process.
 
@@ -281,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
         if runtime.is_main:
             folder = run_folder(cfg)
             held = folders.lock(folder)
-            folders.prepare(folder, _resume_path(cfg, folder), cfg.run.overwrite)
+            folders.prepare(folder, resume_path(cfg, folder), cfg.run.overwrite)
         return _train(cfg, runtime)
     finally:
         if held is not None:
@@ -301,26 +209,6 @@ def _criterion(mx, num_classes: int):
     if mx.smoothing > 0:
         return LabelSmoothingCrossEntropy(mx.smoothing), None
     return nn.CrossEntropyLoss(), None
-
-
-def _resume_path(cfg: TrainConfig, folder: Path) -> str | None:
-    if cfg.run.resume == "auto":
-        return str(folder / "last.pt") if (folder / "last.pt").exists() else None
-    return cfg.run.resume
-
-
-def _restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> dict:
-    """Load a ``last.pt`` into the run's objects; returns the checkpoint (its epoch, best and metrics)."""
-    ckpt = checkpoints.load_checkpoint(path)
-    if not checkpoints.is_native(ckpt):
-        raise ValueError(f"{path} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
-    _check_resume_config(ckpt, cfg, Path(path))
-    checkpoints.load_matching(model, ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return ckpt
 
 
 @dataclass
@@ -410,10 +298,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     st = _Step(net, model, optimizer, scaler, criterion, mixup_fn, amp_dtype, o.clip_grad)
 
     start_epoch, best, restored = 0, {"top1": -1.0, "epoch": -1}, None
-    resume = _resume_path(cfg, folder)
+    resume = resume_path(cfg, folder)
     if resume:
-        restored = _restore(resume, cfg, model, optimizer, scheduler, scaler)
-        start_epoch, best = restored["epoch"] + 1, restored["best"]
+        restored = restore(resume, cfg, model, optimizer, scheduler, scaler)
+        start_epoch, best = restored.epoch + 1, restored.best
     else:
         scheduler.step(0)
 
@@ -426,7 +314,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         checkpoints.write_atomic(folder / "config.yaml", lambda f: f.write(_yaml(cfg.to_dict()).encode()))
         log = RunLog(folder, cfg.run.tensorboard)
         if restored is not None:
-            log.resume(restored["metrics"])
+            log.resume(restored.metrics)
             own = Path(resume).resolve() == (folder / "last.pt").resolve()
             note = folders.repair_best(folder, restored) if own else None
             if note:
@@ -439,7 +327,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                   f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
                   f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
 
-    metrics: dict = restored["metrics"] if restored is not None else {}
+    metrics: dict = restored.metrics if restored is not None else {}
     meter = FiringRateMeter(model)
     for epoch in range(start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -462,15 +350,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
         metrics = row
         if runtime.is_main:  # last.pt, then best.pt (a copy of it), then the log: see engine/run_folder.py
-            state = {
-                "format": checkpoints.FORMAT, "version": 1, "model": model.state_dict(),
-                "model_name": cfg.model.model, "model_config": model.config.to_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "metrics": row, "best": best, "train_config": cfg.to_dict(), "rng": rng_state(),
-            }
-            checkpoints.save_atomic(state, folder / "last.pt")
-            if best["epoch"] == epoch:
-                checkpoints.copy_atomic(folder / "last.pt", folder / "best.pt")
+            state = TrainingState(epoch, row, best, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(),
+                                  rng_state())
+            folders.save_checkpoint(folder, checkpoints.training_checkpoint(model, cfg.model.model, cfg.to_dict(), state),
+                                    best=best["epoch"] == epoch)
             log.write(row)
             tqdm.write(_epoch_line(row, total_epochs))
         barrier(runtime)

@@ -1,16 +1,21 @@
-"""Spikingformer and Spikformer models, the named zoo, and loading of the authors' checkpoints.
+"""Spikingformer and Spikformer models, the named zoo, and building them with weights from
+checkpoint files (this project's and the authors').
 
 Importing this package registers every zoo model with timm (``timm.create_model(name)``).
 """
 
-from spikingformer.models.official import (
-    CheckpointKeyError,
-    extract_state_dict,
-    load_weights,
-    official_to_native,
-)
+from spikingformer.models.authors import CheckpointKeyError, authors_to_native
 from spikingformer.models.transformer import ModelConfig, NonFiniteInputError, SpikingTransformer, check_finite
-from spikingformer.models.zoo import PAPER_PARAMS_M, ZOO, create_model, list_models, model_config, register_with_timm
+from spikingformer.models.zoo import (
+    PAPER_PARAMS_M,
+    ZOO,
+    create_model,
+    list_models,
+    load_weights,
+    model_config,
+    model_from_checkpoint,
+    register_with_timm,
+)
 
 __all__ = [
     "CheckpointKeyError",
@@ -18,14 +23,14 @@ __all__ = [
     "NonFiniteInputError",
     "PAPER_PARAMS_M",
     "SpikingTransformer",
-    "check_finite",
     "ZOO",
+    "authors_to_native",
+    "check_finite",
     "create_model",
-    "extract_state_dict",
     "list_models",
     "load_weights",
     "model_config",
-    "official_to_native",
+    "model_from_checkpoint",
     "register_with_timm",
 ]
 

@@ -158,9 +158,6 @@ class SpikingTransformer(nn.Module):
         self.head = ClassificationHead(config.embed_dim, config.num_classes, config.head, lif)
         self.num_classes = config.num_classes
         self._init_weights()
-        from spikingformer.models.official import register_official_key_hook
-
-        register_official_key_hook(self)
 
     def _init_weights(self) -> None:
         """As the authors: trunc-normal(0.02) for Linear layers of the original code, PyTorch defaults elsewhere."""

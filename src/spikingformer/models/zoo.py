@@ -1,15 +1,26 @@
-"""Named model configurations (the paper's model zoo) and their registration with timm.
+"""Named model configurations (the paper's model zoo), their registration with timm, and the
+builder of models with weights from checkpoint files.
 
 Names follow ``{arch}_{dataset}_{depth}_{dim}`` (ImageNet models drop the data set, as in the
 paper: ``spikingformer_8_512``). ``create_model(name, **overrides)`` builds one; any field of
 :class:`~spikingformer.models.transformer.ModelConfig` can be overridden.
+
+Weights come from files read by :mod:`spikingformer.checkpoints`; the key names of the authors'
+checkpoints are translated here, openly, by :func:`load_weights`
+(:func:`~spikingformer.models.authors.authors_to_native`): the model accepts only its own names.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import sys
+from pathlib import Path
 
+from torch import nn
+
+from spikingformer import checkpoints
+from spikingformer.deploy.fuse import fuse_structure, is_fused
+from spikingformer.models.authors import authors_to_native, is_authors_state_dict
 from spikingformer.models.transformer import ModelConfig, SpikingTransformer
 from spikingformer.suggest import unknown_name
 
@@ -117,14 +128,67 @@ def create_model(name: str, checkpoint_path: str | None = None, **overrides) -> 
     """Build a zoo model (``list_models()``), optionally loading weights from ``checkpoint_path``.
 
     The checkpoint may be this project's, or one written by the authors' code (any of their
-    naming schemes and containers; see :mod:`spikingformer.models.official`).
+    naming schemes and containers; see :func:`load_weights`).
     """
     model = SpikingTransformer(model_config(name, **overrides))
     if checkpoint_path:
-        from spikingformer.models.official import load_weights
-
         load_weights(model, checkpoint_path)
     return model
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path | object) -> nn.Module:
+    """Load weights from a checkpoint file, its loaded contents or its :class:`~spikingformer.checkpoints.Checkpoint`.
+
+    The authors' key names are translated (:func:`~spikingformer.models.authors.authors_to_native`);
+    a file that records its model (this project's checkpoints and exports) must record the same
+    configuration as ``model``: a different one raises ValueError naming the differing fields.
+    """
+    ckpt = checkpoints.read(checkpoint)
+    state_dict = ckpt.state_dict
+    if ckpt.describes_model and getattr(model, "config", None) is not None:
+        _check_recorded_config(ckpt, model)
+    elif not ckpt.describes_model and is_authors_state_dict(state_dict):
+        state_dict = authors_to_native(state_dict, model)
+    return checkpoints.load_matching(model, state_dict, ckpt)
+
+
+_RUNTIME_FIELDS = ("lif_backend",)  # choices of how to compute, not part of the weights
+
+
+def _check_recorded_config(ckpt: checkpoints.Checkpoint, model: nn.Module) -> None:
+    recorded, mine = ckpt.model_config, model.config.to_dict()
+    diff = {k: (recorded.get(k), v) for k, v in mine.items() if k not in _RUNTIME_FIELDS and recorded.get(k) != v}
+    if diff:
+        fields = ", ".join(f"{k}: {a!r} in the file, {b!r} here" for k, (a, b) in diff.items())
+        raise ValueError(f"{ckpt.where} holds a model with another configuration ({fields}); build it with those values, "
+                         "or rebuild it from the file with spikingformer.models.model_from_checkpoint(path)")
+    if ckpt.fused and not is_fused(model):
+        raise ValueError(f"{ckpt.where} holds a fused model (no BatchNorm); rebuild it with "
+                         "spikingformer.models.model_from_checkpoint(path)")
+
+
+def model_from_checkpoint(checkpoint: str | Path | checkpoints.Checkpoint, model_name: str | None = None,
+                          **overrides) -> SpikingTransformer:
+    """Rebuild a model with its weights from a checkpoint file (or its :class:`~spikingformer.checkpoints.Checkpoint`,
+    when the caller has read it already, so the file is read once).
+
+    This project's checkpoints (training, fused and exported ones) describe their model, so
+    ``model_name`` is not needed (if given, it must agree). The authors' checkpoints (or bare
+    state dicts) need ``model_name``, a zoo name, plus any ``overrides`` of its config.
+    """
+    ckpt = checkpoints.read(checkpoint)
+    if not ckpt.describes_model:
+        if not model_name:
+            raise ValueError(f"{ckpt.where} is not a spikingformer checkpoint (it has no model description); name the "
+                             "zoo model it belongs to, e.g. --model spikingformer_8_768")
+        return load_weights(create_model(model_name, **overrides), ckpt)
+    if model_name and ckpt.model_name and model_name != ckpt.model_name:
+        raise ValueError(f"checkpoint {ckpt.where} holds a {ckpt.model_name} model, not {model_name}; drop --model or "
+                         "pick the matching checkpoint")
+    model = SpikingTransformer(ModelConfig.from_dict({**ckpt.model_config, **overrides}))
+    if ckpt.fused:
+        fuse_structure(model)
+    return checkpoints.load_matching(model, ckpt.state_dict, ckpt)
 
 
 _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -154,8 +218,6 @@ def register_with_timm() -> None:
     ``checkpoint_path=`` reads files as :func:`create_model` does); once per process."""
     from timm.models import register_model
 
-    from spikingformer.models.official import route_timm_checkpoints
-
     route_timm_checkpoints()
 
     module = sys.modules[__name__]
@@ -165,3 +227,24 @@ def register_with_timm() -> None:
         fn = _timm_entrypoint(name)
         setattr(module, name, fn)
         register_model(fn)
+
+
+def route_timm_checkpoints() -> None:
+    """Make ``timm.create_model(name, checkpoint_path=PATH)`` read files for this package's models
+    with :func:`load_weights` (safe reading, the authors' names translated, one-line errors,
+    recorded-config check); other models keep timm's loader. timm offers no hook for this, so its
+    factory's loader is wrapped once."""
+    from timm.models import _factory
+
+    original = _factory.load_checkpoint
+    if getattr(original, "spikingformer_route", False):
+        return
+
+    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
+        if isinstance(model, SpikingTransformer) and not args and not kwargs:
+            load_weights(model, checkpoint_path)
+            return None
+        return original(model, checkpoint_path, *args, **kwargs)
+
+    load_checkpoint.spikingformer_route = True
+    _factory.load_checkpoint = load_checkpoint

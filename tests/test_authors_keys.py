@@ -1,4 +1,5 @@
-"""Loading the authors' checkpoints: golden logits, every naming scheme, containers, strict key checks, timm."""
+"""Loading the authors' checkpoints: golden logits, every naming scheme, containers, strict key checks, timm;
+the translation of their key names is applied by the builder, never by the model itself."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 
 import spikingformer as sf
 from conftest import FIXTURES, require
-from spikingformer.models import CheckpointKeyError, official_to_native
+from spikingformer.models import CheckpointKeyError, authors_to_native
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def official_keys(scheme: str, depth: int, d: int, in_ch: int, classes: int) -> dict[str, tuple]:
+def authors_keys(scheme: str, depth: int, d: int, in_ch: int, classes: int) -> dict[str, tuple]:
     """Key names and shapes of the authors' state dicts, written out from REFERENCE.md s.4."""
     keys: dict[str, tuple] = {}
     chans = [in_ch, d // 8, d // 4, d // 2, d, d]
@@ -67,7 +68,7 @@ def random_state_dict(keys: dict[str, tuple]) -> dict[str, torch.Tensor]:
 
 
 CASES = [
-    # (zoo model, scheme, depth, dim, in_channels, classes, number of official keys from REFERENCE.md)
+    # (zoo model, scheme, depth, dim, in_channels, classes, number of the authors' keys from REFERENCE.md)
     ("spikingformer_cifar10_4_384", "sf_cifar", 4, 384, 3, 10, 204),
     ("spikingformer_8_512", "sf_imagenet", 8, 512, 3, 1000, 376),
     ("spikingformer_8_512", "kf_imagenet", 8, 512, 3, 1000, 376),  # 8-512 energy-log naming
@@ -80,11 +81,11 @@ CASES = [
 
 @pytest.mark.parametrize("name,scheme,depth,dim,in_ch,classes,n_keys", CASES)
 def test_every_naming_scheme_loads_strictly(name, scheme, depth, dim, in_ch, classes, n_keys):
-    keys = official_keys(scheme, depth, dim, in_ch, classes)
+    keys = authors_keys(scheme, depth, dim, in_ch, classes)
     assert len(keys) == n_keys
     state = random_state_dict(keys)
     model = sf.create_model(name)
-    model.load_state_dict(state)
+    sf.load_weights(model, state)
     mine = model.state_dict()
     last = depth - 1
     fc2 = f"block.{last}.mlp.{'mlp2_conv' if scheme.startswith('sf_') else 'fc2_' + ('linear' if scheme == 'kf_cifar' else 'conv')}.weight"
@@ -99,23 +100,23 @@ def test_every_naming_scheme_loads_strictly(name, scheme, depth, dim, in_ch, cla
 
 
 def test_missing_unexpected_and_misshapen_keys_are_named():
-    keys = official_keys("sf_cifar", 4, 384, 3, 10)
+    keys = authors_keys("sf_cifar", 4, 384, 3, 10)
     model = sf.create_model("spikingformer_cifar10_4_384")
     state = random_state_dict(keys)
     del state["block.2.attn.k_bn.running_mean"]
     state["block.1.attn.qkv_conv.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointKeyError) as err:
-        model.load_state_dict(state)
+        sf.load_weights(model, state)
     msg = str(err.value)
     assert "unexpected keys in checkpoint: block.1.attn.qkv_conv.weight" in msg
     assert "model keys missing from checkpoint: blocks.2.attn.k.bn.running_mean" in msg
-    state = random_state_dict(official_keys("sf_cifar", 4, 256, 3, 10))
+    state = random_state_dict(authors_keys("sf_cifar", 4, 256, 3, 10))
     with pytest.raises(CheckpointKeyError, match=r"shape mismatch for patch_embed.block0_conv.weight: checkpoint has \(32, 3, 3, 3\), model expects \(48, 3, 3, 3\)"):
-        official_to_native(state, model)
+        authors_to_native(state, model)
     # the wrong depth: the checkpoint's extra blocks are named
-    state = random_state_dict(official_keys("sf_imagenet", 8, 512, 3, 1000))
+    state = random_state_dict(authors_keys("sf_imagenet", 8, 512, 3, 1000))
     with pytest.raises(CheckpointKeyError, match="unexpected keys in checkpoint: block.2."):
-        sf.create_model("spikingformer_8_512", depth=2).load_state_dict(state)
+        sf.load_weights(sf.create_model("spikingformer_8_512", depth=2), state)
 
 
 FIXTURE_MODELS = {
@@ -148,7 +149,7 @@ def test_golden_logits_of_the_authors_models(fixture_name):
 
 
 def test_checkpoint_containers_and_timm(tmp_path):
-    keys = official_keys("sf_imagenet", 2, 256, 2, 11)
+    keys = authors_keys("sf_imagenet", 2, 256, 2, 11)
     state = random_state_dict(keys)
     timm_file = tmp_path / "checkpoint-100.pth.tar"  # timm CheckpointSaver layout, pickled Namespace
     torch.save({"epoch": 100, "arch": "Spikingformer", "state_dict": state, "optimizer": {}, "version": 2,
@@ -178,3 +179,18 @@ def test_native_state_dict_round_trip(tmp_path):
     again = sf.create_model("spikingformer_digits", checkpoint_path=str(path))
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def test_the_model_itself_takes_only_its_own_key_names(tmp_path):
+    """The translation is the builder's (load_weights, create_model and timm's checkpoint_path, model_from_checkpoint),
+    applied openly: ``model.load_state_dict`` of an authors' state dict is torch's plain strict error."""
+    state = random_state_dict(authors_keys("sf_cifar", 4, 256, 3, 10))
+    model = sf.create_model("spikingformer_cifar10_4_256")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(state)
+    path = tmp_path / "authors.pth"
+    torch.save({"state_dict": state}, path)
+    expected = authors_to_native(state, model)
+    for loaded in (sf.load_weights(model, str(path)), sf.models.model_from_checkpoint(path, "spikingformer_cifar10_4_256")):
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(expected["blocks.0.attn.q.linear.weight"], state["block.0.attn.q_conv.weight"].reshape(256, 256))

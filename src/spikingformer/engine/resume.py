@@ -1,0 +1,66 @@
+"""Exact resumption of a training run from its ``last.pt``: the run's objects are restored from the
+training state (:class:`~spikingformer.checkpoints.TrainingState`) its checkpoints hold, random
+number generators included, so a resumed run continues as if never stopped."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spikingformer import checkpoints
+from spikingformer.config import TrainConfig
+from spikingformer.models import model_config
+
+
+def rng_state() -> dict:
+    """The state of Python's, NumPy's and PyTorch's generators, as plain data and tensors."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, keys.tolist(), pos, has_gauss, cached]  # plain data: checkpoints load with weights_only
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_path(cfg: TrainConfig, folder: Path) -> str | None:
+    """The checkpoint ``--resume`` names (``auto``: the run folder's ``last.pt``, if there is one)."""
+    if cfg.run.resume == "auto":
+        return str(folder / "last.pt") if (folder / "last.pt").exists() else None
+    return cfg.run.resume
+
+
+def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> checkpoints.TrainingState:
+    """Load a ``last.pt`` into the run's objects; returns its training state (epoch, best, metrics)."""
+    ckpt = checkpoints.read(path)
+    if ckpt.kind != checkpoints.FORMAT or ckpt.training is None:
+        raise ValueError(f"{path} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
+    _check_resume_config(ckpt, cfg)
+    checkpoints.load_matching(model, ckpt.state_dict, ckpt)
+    state = ckpt.training
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    scaler.load_state_dict(state.scaler)
+    set_rng_state(state.rng)
+    return state
+
+
+def _check_resume_config(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> None:
+    saved, mine = ckpt.model_config, model_config(cfg.model.model, **cfg.model.model_args).to_dict()
+    if saved != mine:
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        raise ValueError(
+            f"cannot resume from {ckpt.where}: it holds a different model ({ckpt.model_name}; differing fields "
+            f"(checkpoint, now): {diff}). Use the same --model/--model-args or start a new run with --name"
+        )
