@@ -27,25 +27,18 @@ from typing import Callable
 import torch
 
 from spikingformer.kernels import cpu_backend as _cpu
-from spikingformer.kernels.ops import lif_cpu
+from spikingformer.kernels.ops import lif_cpu, lif_triton  # lif_triton imports Triton on its first call
 from spikingformer.kernels.params import LIFParams
 from spikingformer.kernels.torch_backend import lif_torch_loop
 
 LIFKernel = Callable[[torch.Tensor, LIFParams], torch.Tensor]
 
 
-def _lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
-    """Imports Triton lazily (importing it costs a second or two) on the first call."""
-    from spikingformer.kernels.triton_backend import lif_triton
-
-    return lif_triton(x, p)
-
-
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 _BACKENDS: dict[str, LIFKernel] = {"torch": lif_torch_loop, "cpu": lif_cpu}
 if _TRITON_IMPORTABLE:
-    _BACKENDS["triton"] = _lif_triton
+    _BACKENDS["triton"] = lif_triton
 
 
 def available_backends() -> list[str]:

@@ -108,3 +108,13 @@ def lif_cpu(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     if x.device.type == "cpu":
         return lif_op(x, p)
     return lif_torch_loop(x, p)
+
+
+def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Multi-step LIF with the Triton kernels (backend ``"triton"``): CUDA tensors through the
+    operator, CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``; otherwise this raises)."""
+    if x.device.type == "cuda":
+        return lif_op(x, p)
+    from spikingformer.kernels.triton_backend import lif_interpreted
+
+    return lif_interpreted(x, p)

@@ -186,17 +186,13 @@ class TritonLIF(torch.autograd.Function):
         return triton_backward(x, grad_spikes, ctx.p), None
 
 
-def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
-    """Multi-step LIF with the Triton kernels (backend ``"triton"``).
+def lif_interpreted(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Multi-step LIF with the Triton kernels on CPU tensors, under Triton's interpreter only.
 
-    CUDA tensors go through the ``spikingformer::lif`` operator (whose CUDA kernel is this
-    module's); CPU tensors run the kernels directly, only when this module was imported with
-    ``TRITON_INTERPRET=1`` (otherwise this raises).
+    (CUDA tensors go through the ``spikingformer::lif`` operator, whose CUDA kernel is this
+    module's: :func:`spikingformer.kernels.ops.lif_triton`.) Raises unless this module was imported
+    with ``TRITON_INTERPRET=1``.
     """
-    if x.device.type == "cuda":
-        from spikingformer.kernels.ops import lif_op
-
-        return lif_op(x, p)
     if not INTERPRETED:
         raise RuntimeError(
             "the 'triton' LIF backend needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing "
