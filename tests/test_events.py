@@ -675,7 +675,7 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dataset, layout", [(CIFAR10DVS, r"airplane/\*\.aedat.*AEDAT 2\.0"),
                                              (DVS128Gesture, "user01_fluorescent.aedat"),
-                                             (NMNIST, r"Train/<digit>/\*\.bin")], ids=lambda v: getattr(v, "__name__", None))
+                                             (NMNIST, r"Train/<digit>/\*\.bin")], ids=["CIFAR10DVS", "DVS128Gesture", "NMNIST"])
 def test_missing_root_names_the_layout(tmp_path: Path, dataset, layout) -> None:
     with pytest.raises(FileNotFoundError, match=layout):
         dataset(tmp_path / "nope")
