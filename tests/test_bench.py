@@ -73,11 +73,11 @@ def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeyp
     assert len(err) == 1 and "compares against SpikingJelly's neurons" in err[0] and "spikingformer[bench]" in err[0]
 
 
-def test_allocator_switch():
-    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "0"})
-    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "off"})
-    assert not allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "1"})
-    assert not allocator.allocator_disabled({})
+@pytest.mark.parametrize("env, disabled", [({"SPIKINGFORMER_ALLOCATOR": "0"}, True), ({"SPIKINGFORMER_ALLOCATOR": "off"}, True),
+                                          ({"SPIKINGFORMER_ALLOCATOR": "1"}, False), ({}, False)],
+                         ids=["0", "off", "1", "unset"])
+def test_allocator_switch(env, disabled):
+    assert allocator.allocator_disabled(env) is disabled
 
 
 def _run(code: str, switch: str = "1", **env_extra) -> str:
