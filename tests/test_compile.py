@@ -108,7 +108,6 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     _compiled_equals_eager("aot_eager", torch.float32, exact=True)
 
 
-@pytest.mark.slow
 def test_compile_fullgraph_inductor_equals_eager(monkeypatch, tmp_path):
     """The default compiler (Inductor, generated C++) on the same model, in float64.
 
