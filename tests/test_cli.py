@@ -40,6 +40,7 @@ def test_help_and_argument_errors_import_no_heavy_module(args):
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+@pytest.mark.slow
 def test_import_is_light_and_timm_sees_the_zoo_when_imported_after():
     _python("import sys, spikingformer\n"
             f"assert not [m for m in {HEAVY!r} if m in sys.modules]\n"
@@ -48,6 +49,7 @@ def test_import_is_light_and_timm_sees_the_zoo_when_imported_after():
             "assert type(spikingformer.create_model('spikformer_digits')).__name__ == 'SpikingTransformer'\n")
 
 
+@pytest.mark.slow
 def test_timm_imported_first_sees_the_zoo_and_registering_again_changes_nothing():
     _python("import warnings; warnings.simplefilter('error')\n"
             "import timm, spikingformer\n"

@@ -100,6 +100,7 @@ def _compiled_equals_eager(backend: str, dtype: torch.dtype, exact: bool) -> Non
         torch.testing.assert_close(grads_comp[name], grads_eager[name], rtol=1e-6 if exact else 1e-9, atol=1e-7 if exact else 1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     """Dynamo + AOTAutograd (fake tensors, the registered autograd) trace the whole model, eval and
     train, with every speed route on: the oneDNN TokenLinear, in-place inference BN and (threshold
@@ -108,6 +109,7 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     _compiled_equals_eager("aot_eager", torch.float32, exact=True)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inductor_equals_eager(monkeypatch, tmp_path):
     """The default compiler (Inductor, generated C++) on the same model, in float64.
 

@@ -221,6 +221,7 @@ def test_nothing_built_at_import():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow
 @cpu_only
 def test_triton_kernels_under_interpreter():
     """Runs the triton-parametrised tests of this file and of tests/test_neuron.py in a subprocess
@@ -252,6 +253,7 @@ def _gxx() -> str:
     return gxx
 
 
+@pytest.mark.slow
 @cpu_only
 @pytest.mark.parametrize("march", ISAS)
 def test_cpu_element_loops_vectorised(march, tmp_path):

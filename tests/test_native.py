@@ -202,6 +202,7 @@ def small_model():
     return model, x, expected
 
 
+@pytest.mark.slow
 @needs_cxx
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
 def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypatch, tmp_path):
@@ -221,6 +222,7 @@ def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypa
         cpu_kernel._reset_for_tests()
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_every_command_runs_with_an_unusable_cache(tmp_path):
     """The CLI builds the allocator at start and the kernel at the first forward: one warning for both."""

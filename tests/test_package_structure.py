@@ -10,8 +10,6 @@ Read from the source (``ast``), nothing imported beyond ``spikingformer`` itself
   package, otherwise on ``package`` itself.
 * SpikingJelly is what the benchmarks compare against; no file of the package may import it, in any
   way (``import``, ``from``, ``importlib.import_module``, ``__import__``), at module level or not.
-
-And of the test suite: every test that tests/conftest.py lists as slow exists.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import ast
 from pathlib import Path
 
 import spikingformer
-from conftest import SLOW
 
 PACKAGE = Path(spikingformer.__file__).resolve().parent
 MAX_LINES = 450
@@ -219,16 +216,3 @@ def test_no_package_file_exceeds_the_line_limit():
     offenders = [f"{path} ({lines} lines)" for path, lines in sizes.items() if lines > MAX_LINES]
     assert not offenders, f"files over {MAX_LINES} lines (split them into smaller modules): " + ", ".join(offenders)
 
-
-def test_every_listed_slow_test_exists():
-    """A renamed or removed test in conftest's ``SLOW`` would silently put its successor in the default run."""
-    tests = Path(__file__).resolve().parent
-    missing = []
-    for key in sorted(SLOW):
-        file, name = key.split("::")
-        path = tests.parent / file
-        defined = set() if not path.exists() else {
-            node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
-        if name not in defined:
-            missing.append(key)
-    assert SLOW and not missing, f"tests/conftest.py SLOW lists tests that do not exist: {missing}"
