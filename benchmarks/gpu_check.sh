@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (run from anywhere on a CUDA machine; < 10 minutes). Without a CUDA device it says so
 # and exits 0. Steps:
-#   1. the kernel tests on the GPU: every backend (torch, triton) against the reference computed on
+#   1. the kernel and neuron tests on the GPU: every backend (torch, triton) against the reference computed on
 #      the same GPU -- spikes bit-exact, gradients to 1e-6 (fp32) / the dtype's rounding (fp16, bf16);
 #   2. the neuron benchmark on the GPU (SpikingJelly columns only if spikingjelly is installed);
 #   3. our Triton neuron against today's peers on CUDA: SpikingJelly 2.0 (its own CUDA/Triton
@@ -28,7 +28,7 @@ assert kernels.select_backend(x) == "triton", "Triton backend not selected for C
 PY
 
 echo "== kernel tests on cuda =="
-SPIKINGFORMER_TEST_DEVICE=cuda timeout 200 python -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "not interpreter"
+SPIKINGFORMER_TEST_DEVICE=cuda timeout 200 python -m pytest tests/test_kernels.py tests/test_neuron.py -q -p no:cacheprovider -k "not interpreter"
 
 echo "== neuron benchmark on cuda =="
 timeout 120 python benchmarks/bench_lif.py --device cuda --budget 0.2 --max-reps 15 --rounds 2

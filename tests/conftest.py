@@ -1,11 +1,14 @@
-"""Shared test helpers: where ``../shared`` (real data and golden fixtures) lives, skipping without it, and the benchmarks folder on the path."""
+"""Shared test helpers: where ``../shared`` (real data and golden fixtures) lives, skipping without it,
+the benchmarks folder on the path, and the device and LIF backends the neuron tests run on."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # the benchmark scripts and their helpers (benchmarks/*.py) are not part of the package: import them from the repository
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -15,9 +18,23 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
 DATA = SHARED / "data"
 
+# tests/test_neuron.py and tests/test_kernels.py run on this device (``benchmarks/gpu_check.sh`` sets cuda);
+# the "triton" backend runs there on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
+# set by tests/test_kernels.py::test_triton_kernels_under_interpreter for a subprocess)
+DEVICE = torch.device(os.environ.get("SPIKINGFORMER_TEST_DEVICE", "cpu"))
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_BACKENDS = ["torch", "cpu"] + (["triton"] if TRITON_INTERPRET or DEVICE.type == "cuda" else [])
+
+
+def skip_unusable(backend: str) -> None:
+    """Skip a LIF backend that cannot take tensors on ``DEVICE``."""
+    if backend == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the 'cpu' backend is for CPU tensors")
+
 
 def require(path: Path) -> Path:
     """Skip the calling test with a clear reason if ``path`` (under ../shared) is absent."""
     if not path.exists():
         pytest.skip(f"{path} not found: golden fixtures and real data live in ../shared next to the repository")
     return path
+

@@ -24,6 +24,7 @@ def _has_spikingjelly() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
 def test_bench_model_quick_prints_ratios(capsys):
     bench_model.main(["--quick", "--steps", "1", "--warmup", "0", "--models", "cifar", "--dtypes", "fp32",
@@ -39,12 +40,14 @@ def test_bench_model_quick_prints_ratios(capsys):
     assert "fraction of dense matmul" in out and "Targets" in out
 
 
+@pytest.mark.slow
 def test_bench_scaling_quick_runs(capsys):
     bench_scaling.main(["--quick", "--steps", "1", "--warmup", "0", "--plot-dir", ""])
     out = capsys.readouterr().out
     assert "| T | 2 |" in out and "| batch | 2 |" in out and "| resolution | 64 |" in out
 
 
+@pytest.mark.slow
 def test_bench_lif_quick_runs_as_a_script():
     """``python benchmarks/bench_lif.py`` from a clean process (the folder is not a package)."""
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_lif.py"), "--quick", "--rounds", "1",
@@ -55,6 +58,7 @@ def test_bench_lif_quick_runs_as_a_script():
     assert "bench_lif.py --quick" in proc.stdout  # the command is echoed
 
 
+@pytest.mark.slow
 def test_bench_lif_without_spikingjelly_says_so_and_drops_the_column(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "spikingjelly", None)  # as if it were not installed
     bench_lif.main(["--quick", "--rounds", "1", "--budget", "0.01", "--max-reps", "3", "--threads", "1"])
@@ -73,11 +77,11 @@ def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeyp
     assert len(err) == 1 and "compares against SpikingJelly's neurons" in err[0] and "spikingformer[bench]" in err[0]
 
 
-def test_allocator_switch():
-    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "0"})
-    assert allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "off"})
-    assert not allocator.allocator_disabled({"SPIKINGFORMER_ALLOCATOR": "1"})
-    assert not allocator.allocator_disabled({})
+@pytest.mark.parametrize("env, disabled", [({"SPIKINGFORMER_ALLOCATOR": "0"}, True), ({"SPIKINGFORMER_ALLOCATOR": "off"}, True),
+                                          ({"SPIKINGFORMER_ALLOCATOR": "1"}, False), ({}, False)],
+                         ids=["0", "off", "1", "unset"])
+def test_allocator_switch(env, disabled):
+    assert allocator.allocator_disabled(env) is disabled
 
 
 def _run(code: str, switch: str = "1", **env_extra) -> str:
@@ -113,6 +117,7 @@ print((faults() - f0) / 4, allocator.cache_stats()["hits"])
 """
 
 
+@pytest.mark.slow
 @linux_only
 def test_caching_allocator_reuses_large_blocks_instead_of_faulting_them_in():
     """A freed 64 MB tensor's block serves the next one (PyTorch's default maps and zeroes it afresh)."""
@@ -142,6 +147,7 @@ print("loss %.10f" % loss.item(), "weight %.10f" % model.head.fc.weight.double()
 """
 
 
+@pytest.mark.slow
 @linux_only
 def test_training_under_the_caching_allocator_is_unchanged():
     """Same losses and weights as under PyTorch's default allocator; forked DataLoader workers work."""

@@ -40,12 +40,17 @@ def test_help_and_argument_errors_import_no_heavy_module(args):
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
-def test_import_is_light_and_timm_sees_the_zoo_in_either_order():
+@pytest.mark.slow
+def test_import_is_light_and_timm_sees_the_zoo_when_imported_after():
     _python("import sys, spikingformer\n"
             f"assert not [m for m in {HEAVY!r} if m in sys.modules]\n"
             "import timm\n"
             "assert type(timm.create_model('spikingformer_digits')).__name__ == 'SpikingTransformer'\n"
             "assert type(spikingformer.create_model('spikformer_digits')).__name__ == 'SpikingTransformer'\n")
+
+
+@pytest.mark.slow
+def test_timm_imported_first_sees_the_zoo_and_registering_again_changes_nothing():
     _python("import warnings; warnings.simplefilter('error')\n"
             "import timm, spikingformer\n"
             "assert 'spikingformer_digits' in timm.list_models('spikingformer_*')\n"
@@ -54,16 +59,18 @@ def test_import_is_light_and_timm_sees_the_zoo_in_either_order():
             "assert spikingformer.models.ZOO and MultiStepLIF\n")
 
 
-def _commands():
-    parser = build_parser()
-    return {name: sub.ensure_populated() for name, sub in parser.commands.choices.items()}
+def _command(name: str):
+    return build_parser().commands.choices[name].ensure_populated()
 
 
-def test_every_option_has_a_description():
-    for name, parser in _commands().items():
-        for action in parser._actions:
-            text = re.sub(r"\[[^]]*\]", "", action.help or "").strip()  # without "[digits recipe: 20]" / "[lif]" tags
-            assert text, f"spikingformer {name} {'/'.join(action.option_strings) or action.dest} has no description"
+COMMANDS = sorted(build_parser().commands.choices)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_has_a_description(name):
+    for action in _command(name)._actions:
+        text = re.sub(r"\[[^]]*\]", "", action.help or "").strip()  # without "[digits recipe: 20]" / "[lif]" tags
+        assert text, f"spikingformer {name} {'/'.join(action.option_strings) or action.dest} has no description"
 
 
 def _help_lines(capsys, monkeypatch, *args: str) -> dict[str, str]:
@@ -119,17 +126,20 @@ BASE_ARGS = {"eval": ["--checkpoint", "c.pt"], "fuse": ["--checkpoint", "c.pt", 
              "export": ["--checkpoint", "c.pt"]}
 
 
-def test_no_command_accepts_an_abbreviated_option(capsys):
-    for name, parser in _commands().items():
-        options = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
-        for option in options:
-            prefix = option[:-1]
-            if len(prefix) < 4 or prefix in options:
-                continue
-            with pytest.raises(SystemExit) as done:
-                build_parser().parse_args([name, *BASE_ARGS.get(name, []), prefix, "1"])
-            assert done.value.code == 2
-            assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err, (name, prefix)
+@pytest.mark.parametrize("name", COMMANDS)
+def test_no_command_accepts_an_abbreviated_option(capsys, name):
+    options = {s for action in _command(name)._actions for s in action.option_strings if s.startswith("--")}
+    tried = 0
+    for option in sorted(options):
+        prefix = option[:-1]
+        if len(prefix) < 4 or prefix in options:
+            continue
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([name, *BASE_ARGS.get(name, []), prefix, "1"])
+        assert done.value.code == 2
+        assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err, (name, prefix)
+        tried += 1
+    assert tried, f"spikingformer {name} has no long option to abbreviate"
 
 
 @pytest.mark.parametrize("args, hint", [
@@ -149,12 +159,18 @@ def test_unknown_options_and_choices_name_the_closest(capsys, args, hint):
     assert err.endswith(hint) or hint + " (choose from" in err, err
 
 
-def test_unknown_recipe_and_model_suggest_the_closest_then_list_all(capsys, tmp_path):
+def test_unknown_recipe_suggests_the_closest_then_lists_all():
     with pytest.raises(ConfigError, match=r"unknown recipe 'digit'; did you mean 'digits' or 'digits_dvs'\? bundled recipes: cifar10, .*nmnist"):
         load_config("digit")
-    assert main(["train", "--config", "cifar", "--epochs", "1"]) == 2  # also when `train --config` names it
+
+
+def test_train_with_an_unknown_recipe_is_one_line(capsys):
+    assert main(["train", "--config", "cifar", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "did you mean 'cifar10' or 'cifar100'" in err
+
+
+def test_train_with_an_unknown_model_suggests_the_closest_then_lists_all(capsys, tmp_path):
     assert main(["train", "--model", "spikingformer_digit", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'spikingformer_digit'; did you mean 'spikingformer_digits'" in err
@@ -172,5 +188,11 @@ def test_missing_tensorboard_is_said_once(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("tensorboard is not installed") == 1 and "--tensorboard false" in out
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_no_tensorboard_asked_says_nothing(tmp_path, capsys, monkeypatch):
+    from spikingformer.engine.trainer import RunLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     RunLog(tmp_path, use_tensorboard=False).close()
     assert capsys.readouterr().out == ""

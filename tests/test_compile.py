@@ -100,6 +100,7 @@ def _compiled_equals_eager(backend: str, dtype: torch.dtype, exact: bool) -> Non
         torch.testing.assert_close(grads_comp[name], grads_eager[name], rtol=1e-6 if exact else 1e-9, atol=1e-7 if exact else 1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     """Dynamo + AOTAutograd (fake tensors, the registered autograd) trace the whole model, eval and
     train, with every speed route on: the oneDNN TokenLinear, in-place inference BN and (threshold

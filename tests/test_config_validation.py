@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spikingformer.cli import main
-from spikingformer.config import RULES, ConfigError, TrainConfig, load_config
+from spikingformer.config import FIELD_SECTION, RULES, ConfigError, TrainConfig, load_config, recipe_names
 from spikingformer.engine import trainer
 
 
@@ -52,43 +52,50 @@ def test_bad_flag_is_one_line_before_any_data(flags, message, no_data, tmp_path,
     assert not any(tmp_path.iterdir())  # nothing created either
 
 
-def test_bad_recipe_files_are_one_line(no_data, tmp_path, capsys):
-    cases = {
-        "list_section.yaml": ("data:\n  - batch_size\n", "config section 'data' must be a mapping of key: value lines, got a list"),
-        "python_tag.yaml": ("run:\n  seed: !!python/object/apply:os.system ['touch pwned']\n",
-                            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' "
-                            "at line 2, column 9; only plain YAML is read (no !!python tags)"),
-        "bool_epochs.yaml": ("schedule:\n  epochs: true\n", "config key 'epochs' expects int, got True"),
-        "zero_interval.yaml": ("run:\n  eval_interval: 0\n", "config key 'eval_interval' must be >= 1; got 0"),
-        "list_name.yaml": ("run:\n  name: [a, b]\n", "config key 'name' expects str or NoneType, got ['a', 'b']"),
-        "syntax.yaml": ("run: [\n", "cannot parse config"),
-    }
-    for name, (text, message) in cases.items():
-        path = tmp_path / name
-        path.write_text(text)
-        assert main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2, name
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and message in err, (name, err)
+BAD_RECIPES = {
+    "list_section": ("data:\n  - batch_size\n", "config section 'data' must be a mapping of key: value lines, got a list"),
+    "python_tag": ("run:\n  seed: !!python/object/apply:os.system ['touch pwned']\n",
+                   "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' "
+                   "at line 2, column 9; only plain YAML is read (no !!python tags)"),
+    "bool_epochs": ("schedule:\n  epochs: true\n", "config key 'epochs' expects int, got True"),
+    "zero_interval": ("run:\n  eval_interval: 0\n", "config key 'eval_interval' must be >= 1; got 0"),
+    "list_name": ("run:\n  name: [a, b]\n", "config key 'name' expects str or NoneType, got ['a', 'b']"),
+    "syntax": ("run: [\n", "cannot parse config"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_RECIPES))
+def test_bad_recipe_file_is_one_line(name, no_data, tmp_path, capsys):
+    text, message = BAD_RECIPES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
-def test_train_validates_configs_built_in_code(no_data):
+@pytest.mark.parametrize("section, key, value, message", [
+    ("schedule", "epochs", 0, "config key 'epochs' must be >= 1; got 0"),
+    ("run", "eval_interval", True, "config key 'eval_interval' expects int, got True"),
+])
+def test_train_validates_configs_built_in_code(no_data, section, key, value, message):
     cfg = TrainConfig()
-    cfg.schedule.epochs = 0
-    with pytest.raises(ConfigError, match="config key 'epochs' must be >= 1; got 0"):
-        trainer.train(cfg)
-    cfg = TrainConfig()
-    cfg.run.eval_interval = True
-    with pytest.raises(ConfigError, match="config key 'eval_interval' expects int, got True"):
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match=message):
         trainer.train(cfg)
 
 
-def test_every_field_has_a_rule_and_every_recipe_passes():
-    from spikingformer.config import FIELD_SECTION, recipe_names
-
+def test_every_field_has_a_rule():
     assert set(RULES) == set(FIELD_SECTION)
-    for name in recipe_names():
-        load_config(name)  # validates
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_bundled_recipe_passes(recipe):
+    load_config(recipe)  # validates
+
+
+def test_model_args_are_converted_to_the_model_config_types():
     cfg = load_config("digits", {"model_args": "{time_steps: '2', mlp_ratio: 2}"})
     assert cfg.model.model_args == {"time_steps": 2, "mlp_ratio": 2.0}  # converted to ModelConfig's types
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from spikingformer import checkpoints
@@ -25,6 +26,7 @@ def short_run(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_two_seeded_runs_are_identical(tmp_path):
     a, b = short_run(tmp_path, "a"), short_run(tmp_path, "b")
     rows = [[json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in (a, b)]

@@ -134,35 +134,50 @@ def test_aedat2_drops_sync_events_with_a_count(tmp_path: Path) -> None:
     assert ev["t"].tolist() == [1, 5] and ev["y"].tolist() == [7, 127]
 
 
-def test_aedat2_truncated_header_and_empty_recording(tmp_path: Path) -> None:
+def test_aedat2_truncated_header(tmp_path: Path) -> None:
     cut = tmp_path / "cut.aedat"
     cut.write_bytes(AEDAT2_HEADER[:40])  # ends inside the second header line
     with pytest.raises(EventFileError, match=r"cut.aedat: truncated AEDAT 2.0 file: it ends inside its '#' header"):
         read_aedat2(cut)
+
+
+def test_aedat2_header_only_warns_empty(tmp_path: Path) -> None:
     empty = tmp_path / "header_only.aedat"
     empty.write_bytes(AEDAT2_HEADER)
     with pytest.warns(EventFileWarning, match="header_only.aedat: the recording holds no events"):
         assert read_aedat2(empty).size == 0
+
+
+def test_aedat2_empty_file_has_no_header(tmp_path: Path) -> None:
+    (tmp_path / "zero.aedat").write_bytes(b"")
     with pytest.raises(EventFileError, match="missing AEDAT 2.0 header"):
-        (tmp_path / "zero.aedat").write_bytes(b"")
         read_aedat2(tmp_path / "zero.aedat")
 
 
-def test_aedat31_and_nmnist_drop_out_of_sensor_events_and_warn_when_empty(tmp_path: Path) -> None:
+def test_aedat31_drops_out_of_sensor_events_with_a_count(tmp_path: Path) -> None:
     f = tmp_path / "wide.aedat"
     payload = polarity_payload([(5, 6, 1, 1, 10), (128, 0, 1, 1, 11), (0, 4000, 0, 1, 12)])
     f.write_bytes(AEDAT31_HEADER + aedat31_packet(1, 8, 0, payload, 3, 3))
     with pytest.warns(EventFileWarning, match=r"wide.aedat: dropped 2 of 3 events outside the 128x128 sensor"):
         ev = read_aedat31(f)
     assert ev["x"].tolist() == [5] and ev["y"].tolist() == [6]
+
+
+def test_aedat31_header_only_warns_empty(tmp_path: Path) -> None:
     g = tmp_path / "header_only.aedat"
     g.write_bytes(AEDAT31_HEADER)
     with pytest.warns(EventFileWarning, match="header_only.aedat: the recording holds no events"):
         assert read_aedat31(g).size == 0
+
+
+def test_nmnist_drops_out_of_sensor_events_with_a_count(tmp_path: Path) -> None:
     n = tmp_path / "7.bs2"
     write_nmnist(n, [(1, 2, 1, 100), (34, 2, 1, 101), (3, 200, 0, 102)])
     with pytest.warns(EventFileWarning, match=r"7.bs2: dropped 2 of 3 events outside the 34x34 sensor"):
         assert read_nmnist(n)["t"].tolist() == [100]
+
+
+def test_nmnist_empty_file_warns_empty(tmp_path: Path) -> None:
     (tmp_path / "0.bs2").write_bytes(b"")
     with pytest.warns(EventFileWarning, match="0.bs2: the recording holds no events"):
         assert read_nmnist(tmp_path / "0.bs2").size == 0
@@ -303,13 +318,21 @@ def test_integrate_by_count_hand_computed() -> None:
     np.testing.assert_array_equal(out, exp)
 
 
-def test_integrate_by_count_repeats_and_few_events() -> None:
-    ev = make_events(t=[0, 1, 2, 3], x=[1, 1, 1, 1], y=[0, 0, 0, 0], p=[0, 0, 0, 0])
-    out = integrate_frames_by_count(ev, 2, 1, 2)  # di = 2
+REPEATED = make_events(t=[0, 1, 2, 3], x=[1, 1, 1, 1], y=[0, 0, 0, 0], p=[0, 0, 0, 0])
+
+
+def test_integrate_by_count_adds_repeated_events() -> None:
+    out = integrate_frames_by_count(REPEATED, 2, 1, 2)  # di = 2
     assert out[:, 0, 0, 1].tolist() == [2.0, 2.0]
-    few = integrate_frames_by_count(ev[:2], 4, 1, 2)  # N < T: di = 0, all events in the last frame
+
+
+def test_integrate_by_count_fewer_events_than_frames() -> None:
+    few = integrate_frames_by_count(REPEATED[:2], 4, 1, 2)  # N < T: di = 0, all events in the last frame
     assert few[:, 0, 0, 1].tolist() == [0.0, 0.0, 0.0, 2.0]
-    empty = integrate_frames_by_count(ev[:0], 3, 2, 2)
+
+
+def test_integrate_by_count_no_events() -> None:
+    empty = integrate_frames_by_count(REPEATED[:0], 3, 2, 2)
     assert empty.shape == (3, 2, 2, 2) and empty.sum() == 0
 
 
@@ -327,6 +350,9 @@ def test_integrate_by_time_hand_computed() -> None:
     exp[3, 1, 0, 0] = 1
     exp[3, 1, 0, 1] = 1
     np.testing.assert_array_equal(integrate_frames_by_time(ev, 4, 1, 2), exp)
+
+
+def test_integrate_by_time_remainder_in_the_last_window() -> None:
     # dt = (22 - 0) // 4 = 5: the remainder [20, 22] lands in the last window; window [5, 10) is empty
     ev2 = make_events(t=[0, 12, 17, 22], x=[0, 0, 0, 0], y=[0] * 4, p=[0] * 4)
     assert integrate_frames_by_time(ev2, 4, 1, 1)[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 2.0]
@@ -342,10 +368,10 @@ def test_integrate_rejects_out_of_frame_events() -> None:
 # Emulator
 
 
-def test_emulator_static_image_gives_no_events() -> None:
+@pytest.mark.parametrize("still", [dict(amplitude=0.0), dict(path=np.zeros((5, 2)))], ids=["zero_amplitude", "no_motion"])
+def test_emulator_static_image_gives_no_events(still) -> None:
     img = np.random.default_rng(0).random((16, 16))
-    assert emulate_dvs(img, amplitude=0.0).size == 0
-    assert emulate_dvs(img, path=np.zeros((5, 2))).size == 0
+    assert emulate_dvs(img, **still).size == 0
 
 
 def test_emulator_moving_bar_on_leading_off_trailing_edge() -> None:
@@ -374,7 +400,7 @@ def test_saccade_path_is_closed_triangle() -> None:
 # Errors
 
 
-def test_aedat2_errors(tmp_path: Path) -> None:
+def test_aedat2_trailing_bytes_name_the_offset(tmp_path: Path) -> None:
     f = tmp_path / "trunc.aedat"
     write_aedat2(f, [1, 2], [10, 20])
     f.write_bytes(f.read_bytes() + b"\x01\x02\x03")
@@ -382,30 +408,41 @@ def test_aedat2_errors(tmp_path: Path) -> None:
     with pytest.raises(EventFileError) as e:
         read_aedat2(f)
     assert "trunc.aedat" in str(e.value) and f"byte offset {good_end}" in str(e.value)
+
+
+def test_aedat2_without_header_names_the_magic(tmp_path: Path) -> None:
     g = tmp_path / "nohdr.aedat"
     g.write_bytes(struct.pack(">II", 1, 2))
     with pytest.raises(EventFileError, match="#!AER-DAT2.0"):
         read_aedat2(g)
 
 
-def test_aedat31_errors(tmp_path: Path) -> None:
-    good = aedat31_packet(1, 8, 0, polarity_payload([(1, 1, 1, 1, 5)]), 1, 1)
+GOOD_PACKET = aedat31_packet(1, 8, 0, polarity_payload([(1, 1, 1, 1, 5)]), 1, 1)
+
+
+def test_aedat31_corrupt_packet_header_names_the_offset(tmp_path: Path) -> None:
     f = tmp_path / "corrupt.aedat"
     # second packet claims 100 events of 8 bytes but carries only one
     bad = aedat31_packet(1, 8, 0, polarity_payload([(1, 1, 1, 1, 6)]), number=100, valid=100)
-    f.write_bytes(AEDAT31_HEADER + good + bad)
-    offset = len(AEDAT31_HEADER) + len(good)
+    f.write_bytes(AEDAT31_HEADER + GOOD_PACKET + bad)
+    offset = len(AEDAT31_HEADER) + len(GOOD_PACKET)
     with pytest.raises(EventFileError) as e:
         read_aedat31(f)
     msg = str(e.value)
     assert "corrupt.aedat" in msg and f"byte offset {offset}" in msg and "corrupt AEDAT 3.1 packet header" in msg
+
+
+def test_aedat31_cut_packet_names_the_offset(tmp_path: Path) -> None:
     g = tmp_path / "cut.aedat"
-    g.write_bytes(AEDAT31_HEADER + good + good[:10])
+    g.write_bytes(AEDAT31_HEADER + GOOD_PACKET + GOOD_PACKET[:10])
     with pytest.raises(EventFileError) as e:
         read_aedat31(g)
-    assert "cut.aedat" in str(e.value) and f"byte offset {offset}" in str(e.value)
+    assert "cut.aedat" in str(e.value) and f"byte offset {len(AEDAT31_HEADER) + len(GOOD_PACKET)}" in str(e.value)
+
+
+def test_aedat31_header_without_end(tmp_path: Path) -> None:
     h = tmp_path / "noend.aedat"
-    h.write_bytes(b"#!AER-DAT3.1\r\n" + good)
+    h.write_bytes(b"#!AER-DAT3.1\r\n" + GOOD_PACKET)
     with pytest.raises(EventFileError, match="END-HEADER"):
         read_aedat31(h)
 
@@ -419,11 +456,14 @@ def test_nmnist_truncated(tmp_path: Path) -> None:
     assert "12.bs2" in str(e.value) and "byte offset 10" in str(e.value)
 
 
-def test_label_errors(tmp_path: Path) -> None:
+def test_label_file_with_a_wrong_header(tmp_path: Path) -> None:
     bad = tmp_path / "bad_labels.csv"
     bad.write_text("label,start,end\n1,0,10\n")
     with pytest.raises(EventFileError, match="bad_labels.csv.*header"):
         read_gesture_labels(bad)
+
+
+def test_label_outside_the_recording(tmp_path: Path) -> None:
     csv = tmp_path / "user02_led_labels.csv"
     csv.write_text("class,startTime_usec,endTime_usec\n3,100,200\n4,5000,6000\n")
     ev = make_events([100, 150, 300], [0] * 3, [0] * 3, [0] * 3)
@@ -437,19 +477,34 @@ def test_label_errors(tmp_path: Path) -> None:
 # Augmentation
 
 
-def test_event_augment_ops() -> None:
+def _dot() -> torch.Tensor:
     x = torch.zeros(3, 2, 16, 16)
     x[:, :, 4, 8] = 1.0
-    moved = apply_op(x, "TranslateX", 3.0)
-    assert moved[:, :, 4, 11].eq(1).all() and moved.sum() == x.sum()
-    moved = apply_op(x, "TranslateY", -2.0)
-    assert moved[:, :, 2, 8].eq(1).all() and moved.sum() == x.sum()
+    return x
+
+
+@pytest.mark.parametrize("op, magnitude, row, col", [("TranslateX", 3.0, 4, 11), ("TranslateY", -2.0, 2, 8)])
+def test_event_augment_translate(op, magnitude, row, col) -> None:
+    x = _dot()
+    moved = apply_op(x, op, magnitude)
+    assert moved[:, :, row, col].eq(1).all() and moved.sum() == x.sum()
+
+
+def test_event_augment_translate_truncates_the_magnitude() -> None:
+    x = _dot()
     assert apply_op(x, "TranslateX", 0.9999).equal(x)  # int() truncation, as in the authors' code
+
+
+def test_event_augment_cutout_same_square_everywhere() -> None:
     ones = torch.ones(3, 2, 32, 32)
     cut = apply_op(ones, "Cutout", 0.0, generator=torch.Generator().manual_seed(0))
     holes = (cut == 0)
     assert holes.any() and holes.float().mean() <= 0.11 + 1e-6
     assert holes.all(dim=0).all(dim=0).sum() == holes[0, 0].sum()  # the same square in every frame/channel
+
+
+def test_event_augment_applies_one_op_to_all_frames() -> None:
+    ones = torch.ones(3, 2, 32, 32)
     aug = EventAugment(generator=torch.Generator().manual_seed(0))
     for _ in range(20):
         y = aug(ones)
@@ -616,13 +671,12 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
     assert sample_name(Subset(tr, [1, 0]), 0) == f"{root / 'user01_fluorescent.aedat'} segment 001"
 
 
-def test_missing_roots_name_the_layout(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"airplane/\*\.aedat.*AEDAT 2\.0"):
-        CIFAR10DVS(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="user01_fluorescent.aedat"):
-        DVS128Gesture(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"Train/<digit>/\*\.bin"):
-        NMNIST(tmp_path)
+@pytest.mark.parametrize("dataset, layout", [(CIFAR10DVS, r"airplane/\*\.aedat.*AEDAT 2\.0"),
+                                             (DVS128Gesture, "user01_fluorescent.aedat"),
+                                             (NMNIST, r"Train/<digit>/\*\.bin")], ids=["CIFAR10DVS", "DVS128Gesture", "NMNIST"])
+def test_missing_root_names_the_layout(tmp_path: Path, dataset, layout) -> None:
+    with pytest.raises(FileNotFoundError, match=layout):
+        dataset(tmp_path / "nope")
 
 
 def test_digits_dvs() -> None:

@@ -6,18 +6,19 @@ rounding (both gradients compared in the input dtype).
 
 Backends tested: ``torch`` and ``cpu`` in this process; ``triton`` in a subprocess that sets
 ``TRITON_INTERPRET=1`` before importing torch/triton (Triton's interpreter runs the kernels on CPU
-tensors), so the rest of the session is unaffected. On a CUDA machine,
-``SPIKINGFORMER_TEST_DEVICE=cuda pytest tests/test_kernels.py`` runs the same checks on the GPU
-(``benchmarks/gpu_check.sh``).
+tensors), so the rest of the session is unaffected; that subprocess also runs tests/test_neuron.py's
+worked examples and SpikingJelly fixture on Triton. On a CUDA machine,
+``SPIKINGFORMER_TEST_DEVICE=cuda pytest tests/test_kernels.py tests/test_neuron.py`` runs the same
+checks on the GPU (``benchmarks/gpu_check.sh``). The reference itself is held to the paper's
+equations and SpikingJelly's outputs in tests/test_neuron.py.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -26,18 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICE, KERNEL_BACKENDS as BACKENDS, TRITON_INTERPRET as INTERPRET, skip_unusable
 from spikingformer import kernels
 from spikingformer.kernels import cpu_backend as cpu_kernel
-from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference, multistep_lif
-
-DEVICE = torch.device(os.environ.get("SPIKINGFORMER_TEST_DEVICE", "cpu"))
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch", "cpu"]
-if INTERPRET or DEVICE.type == "cuda":
-    BACKENDS.append("triton")
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-LIF_FIXTURE = SHARED / "fixtures" / "lif_spikingjelly.pt"
+from spikingformer.neuron import LIFParams, MultiStepLIF, lif_reference, multistep_lif
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PARAMS = [
@@ -50,11 +43,6 @@ PARAMS = [
 
 def _pid(p: LIFParams) -> str:
     return f"tau{p.tau}_vth{p.v_threshold}_vr{p.v_reset}_detach{int(p.detach_reset)}"
-
-
-def _skip_unusable(backend: str) -> None:
-    if backend == "cpu" and DEVICE.type != "cpu":
-        pytest.skip("the 'cpu' backend is for CPU tensors")
 
 
 def _make_input(shape, dtype, p: LIFParams, seed: int = 0) -> torch.Tensor:
@@ -96,7 +84,7 @@ def _check_backend(backend: str, x: torch.Tensor, p: LIFParams, seed: int = 1) -
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference(backend, dtype, p):
-    _skip_unusable(backend)
+    skip_unusable(backend)
     _check_backend(backend, _make_input((16, 3, 5, 7), dtype, p), p)
 
 
@@ -108,83 +96,29 @@ def test_backend_matches_reference(backend, dtype, p):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_shapes(backend, dtype, shape):
-    _skip_unusable(backend)
+    skip_unusable(backend)
     p = LIFParams(tau=1.5, detach_reset=False)
     _check_backend(backend, _make_input(shape, dtype, p, seed=len(shape) + shape[-1]), p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_non_contiguous(backend, dtype):
-    _skip_unusable(backend)
+def test_backend_transposed_input(backend, dtype):
+    skip_unusable(backend)
     p = LIFParams()
-    base = _make_input((7, 5, 16), dtype, p, seed=3)  # (N1, N2, T) -> time-first transposed view
-    x = base.permute(2, 0, 1)
+    x = _make_input((7, 5, 16), dtype, p, seed=3).permute(2, 0, 1)  # (N1, N2, T) -> time-first transposed view
     assert not x.is_contiguous()
     _check_backend(backend, x, p)
-    strided = _make_input((16, 6, 10), dtype, p, seed=4)[:, ::2, 1::3]
-    _check_backend(backend, strided, LIFParams(tau=1.5, v_threshold=0.5))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hand_computed_sequence(backend):
-    """tau=2, V_th=1, one element, x = [2.0, 0.5, 1.5, 3.0], worked by hand.
-
-    H0 = 0 + (2.0 - 0)/2 = 1.0   -> exactly at threshold: spike, V0 = 0
-    H1 = 0 + (0.5 - 0)/2 = 0.25  -> no spike, V1 = 0.25
-    H2 = 0.25 + (1.5 - 0.25)/2 = 0.875 -> no spike, V2 = 0.875
-    H3 = 0.875 + (3.0 - 0.875)/2 = 1.9375 -> spike
-    Backward with dL/dS = 1 and detach_reset: dL/dH3 = sg(0.9375); dL/dH[t] = sg(H[t]-1) +
-    dL/dH[t+1]/2 * (1 - S[t]); dL/dX[t] = dL/dH[t]/2, with sg(z) = 4 sig(4z)(1 - sig(4z)).
-    """
-    _skip_unusable(backend)
-    p = LIFParams(tau=2.0, v_threshold=1.0)
-    x = torch.tensor([2.0, 0.5, 1.5, 3.0], device=DEVICE).view(4, 1)
-    h, v = lif_membrane_reference(x, p)
-    assert h.view(-1).tolist() == [1.0, 0.25, 0.875, 1.9375]
-    assert v.view(-1).tolist() == [0.0, 0.25, 0.875, 0.0]
-
-    def sg(z: float) -> float:
-        s = 1.0 / (1.0 + math.exp(-4.0 * z))
-        return 4.0 * s * (1.0 - s)
-
-    spikes_hand = [1.0, 0.0, 0.0, 1.0]
-    gh3 = sg(0.9375)
-    gh2 = sg(-0.125) + gh3 / 2 * 1.0
-    gh1 = sg(-0.75) + gh2 / 2 * 1.0
-    gh0 = sg(0.0) + gh1 / 2 * 0.0  # spiked at t=0, reset detached: no path through V0
-    grad_hand = [gh0 / 2, gh1 / 2, gh2 / 2, gh3 / 2]
-    assert grad_hand[0] == 0.5
-
-    xk = x.clone().requires_grad_(True)
-    s = multistep_lif(xk, p, backend=backend)
-    assert s.view(-1).tolist() == spikes_hand
-    s.sum().backward()
-    torch.testing.assert_close(xk.grad.view(-1).cpu().double(), torch.tensor(grad_hand, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-
-
-def _fixture_cases():
-    if not LIF_FIXTURE.exists():
-        return []
-    return sorted(torch.load(LIF_FIXTURE, weights_only=False)["cases"])
-
-
-@pytest.mark.parametrize("case", _fixture_cases() or ["<fixture absent>"])
-@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
-def test_spikingjelly_fixture(backend, case):
-    """SpikingJelly 0.0.0.0.12's own outputs and gradients (shared/fixtures/lif_spikingjelly.pt)."""
-    if not LIF_FIXTURE.exists():
-        pytest.skip(f"{LIF_FIXTURE} is absent (the shared fixtures directory is not next to the repository)")
-    _skip_unusable(backend)
-    c = torch.load(LIF_FIXTURE, weights_only=False)["cases"][case]
-    m = re.fullmatch(r"tau([0-9.]+)_vth([0-9.]+)_detach([01])", case)
-    assert m, f"unexpected fixture case name {case!r}"
-    p = LIFParams(tau=float(m[1]), v_threshold=float(m[2]), detach_reset=m[3] == "1")
-    x = c["x"].to(DEVICE).requires_grad_(True)
-    s = multistep_lif(x, p, backend=backend)
-    assert torch.equal(s.cpu(), c["spikes"])
-    (gx,) = torch.autograd.grad(s, x, c["grad_out"].to(DEVICE))
-    torch.testing.assert_close(gx.cpu(), c["grad_in"], rtol=1e-6, atol=1e-6)
+def test_backend_strided_input(backend, dtype):
+    skip_unusable(backend)
+    p = LIFParams(tau=1.5, v_threshold=0.5)
+    x = _make_input((16, 6, 10), dtype, LIFParams(), seed=4)[:, ::2, 1::3]
+    assert not x.is_contiguous()
+    _check_backend(backend, x, p)
 
 
 # ---------------------------------------------------------------- CPU-kernel specifics ----------
@@ -195,14 +129,12 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu" or INTERPRET, reason="CPU-ker
 @cpu_only
 def test_select_backend_and_registry():
     assert {"torch", "cpu"} <= set(kernels.available_backends())
-    x = torch.zeros(2, 3)
-    assert kernels.select_backend(x) == "cpu"
-    with pytest.raises(ValueError, match="unknown LIF backend"):
-        multistep_lif(x, LIFParams(), backend="nope")
+    assert kernels.select_backend(torch.zeros(2, 3)) == "cpu"
 
 
 @cpu_only
-def test_cpu_saves_only_the_input():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_saves_only_the_input(dtype):
     """Backward keeps just x (its own dtype): 2 bytes per element for bf16, nothing in float32."""
     saved = []
 
@@ -210,13 +142,11 @@ def test_cpu_saves_only_the_input():
         saved.append(t)
         return t
 
-    for dtype in (torch.float32, torch.bfloat16):
-        saved.clear()
-        x = torch.randn(4, 100, dtype=dtype, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            s = multistep_lif(x, LIFParams(), backend="cpu")
-        assert len(saved) == 1 and saved[0].dtype == dtype and saved[0].data_ptr() == x.data_ptr()
-        s.sum().backward()
+    x = torch.randn(4, 100, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s = multistep_lif(x, LIFParams(), backend="cpu")
+    assert len(saved) == 1 and saved[0].dtype == dtype and saved[0].data_ptr() == x.data_ptr()
+    s.sum().backward()
 
 
 @cpu_only
@@ -291,13 +221,17 @@ def test_nothing_built_at_import():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow
 @cpu_only
 def test_triton_kernels_under_interpreter():
-    """Runs this file's triton-parametrised tests in a subprocess with TRITON_INTERPRET=1."""
+    """Runs the triton-parametrised tests of this file and of tests/test_neuron.py in a subprocess
+    with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
+    neuron_tests = str(Path(__file__).with_name("test_neuron.py"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "triton and not interpreter"],
+        [sys.executable, "-m", "pytest", __file__, neuron_tests, "-q", "-x", "-p", "no:cacheprovider",
+         "-m", "slow or not slow", "-k", "triton and not interpreter"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     tail = (proc.stdout + proc.stderr)[-4000:]
@@ -319,6 +253,7 @@ def _gxx() -> str:
     return gxx
 
 
+@pytest.mark.slow
 @cpu_only
 @pytest.mark.parametrize("march", ISAS)
 def test_cpu_element_loops_vectorised(march, tmp_path):

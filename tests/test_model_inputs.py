@@ -46,28 +46,26 @@ def calibrate(model: sf.SpikingTransformer, x: torch.Tensor) -> None:
             model(x)
 
 
-def forms(name: str) -> list[bool]:
-    """Static (4-D) input for every model; event models also take event frames (5-D)."""
-    return [True, False] if "dvs" in name else [True]
+# static (4-D) input for every model; event models also take event frames (5-D)
+MODEL_FORMS = [(name, form) for name in MODELS for form in (("static", "events") if "dvs" in name else ("static",))]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name, form", MODEL_FORMS, ids=[f"{n}-{f}" for n, f in MODEL_FORMS])
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
-def test_batch_of_one_equals_row_0_in_eval_mode(name, grad_mode):
+def test_batch_of_one_equals_row_0_in_eval_mode(name, form, grad_mode):
     model = tiny_model(name)
     context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
-    for static in forms(name):
-        x = inputs(model, 3, static)
-        calibrate(model, x)
-        model.eval()
-        with context():
-            batch = model(x)
-            one = model(x[:1])
-            head, tail = model(x[:2]), model(x[2:])  # batches of 2 and 1, as a loader's last batch
-        assert one.shape == (1, 10)
-        torch.testing.assert_close(one[0], batch[0], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(torch.cat([head, tail]), batch, rtol=1e-9, atol=1e-12)
-        assert not torch.allclose(batch[0], batch[1]), "different images should give different logits"
+    x = inputs(model, 3, static=form == "static")
+    calibrate(model, x)
+    model.eval()
+    with context():
+        batch = model(x)
+        one = model(x[:1])
+        head, tail = model(x[:2]), model(x[2:])  # batches of 2 and 1, as a loader's last batch
+    assert one.shape == (1, 10)
+    torch.testing.assert_close(one[0], batch[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.cat([head, tail]), batch, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(batch[0], batch[1]), "different images should give different logits"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -99,35 +97,40 @@ def test_evaluation_with_a_last_batch_of_one():
         assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)  # summed in float32
 
 
-def test_input_dtypes():
+def test_another_float_dtype_is_cast_to_the_weights():
     model = sf.create_model("spikingformer_digits", **TINY).eval()
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(model(x.double()), ref)  # another float dtype is cast to the weights'
-        for dtype in (torch.uint8, torch.int64, torch.bool):
-            with pytest.raises(ValueError, match=rf"floating-point input \(torch.float32.*got {dtype}"):
-                model(x.to(dtype))
+        torch.testing.assert_close(model(x.double()), model(x))
 
 
-def test_input_shapes():
-    static = sf.create_model("spikingformer_digits", **TINY)
-    event = sf.create_model("spikingformer_digits_dvs", **TINY)
-    cases = [
-        (static, torch.randn(0, 1, 16, 16), r"empty input of shape \(0, 1, 16, 16\).*B >= 1"),
-        (event, torch.randn(2, 0, 2, 32, 32), r"empty input.*T >= 1"),
-        (static, torch.randn(1, 16, 16), r"static images \(B, 1, H, W\).*got shape \(1, 16, 16\).*unsqueeze\(0\)"),
-        (static, torch.randn(2, 3, 16, 16), r"1 input channels, got 3"),
-        (event, torch.randn(2, 2, 32, 32, 3), r"2 input channels, got 32 .*read as event frames \(B, T, C, H, W\)"),
-        (event, torch.randn(2, 2, 8, 32, 32), r"2 input channels, got 8 .*event frames \(B, T, 2, H, W\)"),
-        (static, torch.randn(2, 1, 18, 16), r"18x16 must be a positive multiple of the tokenizer stride 4"),
-        (static, torch.randn(2, 1, 0, 16), r"0x16 must be a positive multiple"),
-        (static, torch.randn(2, 1, 16, 16, 16, 16), r"got shape \(2, 1, 16, 16, 16, 16\)"),
-    ]
-    for model, x, message in cases:
-        for check in (model, model.check_input):
-            with pytest.raises(ValueError, match=message):
-                check(x)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool], ids=str)
+def test_non_float_input_is_refused(dtype):
+    model = sf.create_model("spikingformer_digits", **TINY).eval()
+    with pytest.raises(ValueError, match=rf"floating-point input \(torch.float32.*got {dtype}"):
+        model(torch.randn(2, 1, 16, 16).to(dtype))
+
+
+BAD_SHAPES = [
+    ("static", (0, 1, 16, 16), r"empty input of shape \(0, 1, 16, 16\).*B >= 1"),
+    ("event", (2, 0, 2, 32, 32), r"empty input.*T >= 1"),
+    ("static", (1, 16, 16), r"static images \(B, 1, H, W\).*got shape \(1, 16, 16\).*unsqueeze\(0\)"),
+    ("static", (2, 3, 16, 16), r"1 input channels, got 3"),
+    ("event", (2, 2, 32, 32, 3), r"2 input channels, got 32 .*read as event frames \(B, T, C, H, W\)"),
+    ("event", (2, 2, 8, 32, 32), r"2 input channels, got 8 .*event frames \(B, T, 2, H, W\)"),
+    ("static", (2, 1, 18, 16), r"18x16 must be a positive multiple of the tokenizer stride 4"),
+    ("static", (2, 1, 0, 16), r"0x16 must be a positive multiple"),
+    ("static", (2, 1, 16, 16, 16, 16), r"got shape \(2, 1, 16, 16, 16, 16\)"),
+]
+
+
+@pytest.mark.parametrize("kind, shape, message", BAD_SHAPES, ids=[f"{k}-{'x'.join(map(str, s))}" for k, s, _ in BAD_SHAPES])
+@pytest.mark.parametrize("route", ["forward", "check_input"])
+def test_bad_input_shape_is_refused(kind, shape, message, route):
+    model = sf.create_model({"static": "spikingformer_digits", "event": "spikingformer_digits_dvs"}[kind], **TINY)
+    check = model if route == "forward" else model.check_input
+    with pytest.raises(ValueError, match=message):
+        check(torch.randn(shape))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -140,9 +143,18 @@ def test_non_finite_input_is_reported_by_check_input(value):
     bad[3, 0, 2, 2] = value
     with pytest.raises(NonFiniteInputError, match=r"input holds NaN or infinite values \(samples 1, 3 of the batch\)"):
         model.check_input(bad)
+
+
+def test_check_finite_names_what_it_checks():
+    bad = torch.zeros(2, 3)
+    bad[0, 1] = float("nan")
     with pytest.raises(NonFiniteInputError, match=r"^my batch holds"):
         check_finite(bad, "my batch")
-    # what forward alone does with it (documented): a NaN image reads as an all-zero one
-    if value != value:
-        with torch.no_grad():
-            torch.testing.assert_close(model(torch.full_like(x, value)), model(torch.zeros_like(x)))
+
+
+def test_forward_alone_reads_a_nan_image_as_all_zero():
+    """What forward without ``check_input`` does with NaN (documented)."""
+    model = sf.create_model("spikingformer_digits", **TINY).eval()
+    x = torch.zeros(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.full_like(x, float("nan"))), model(x))

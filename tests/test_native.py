@@ -178,6 +178,10 @@ def test_target_arch_from_the_environment(cache, monkeypatch):
     assert lib.path() != native_path  # its own cache entry
     if os.uname().machine == "x86_64":
         assert lib.get().sf_test_answer() == 42
+
+
+@needs_cxx
+def test_unsafe_target_arch_is_refused_with_one_warning(cache, monkeypatch):
     monkeypatch.setenv(native.ARCH_ENV, "x86 64; rm")
     bad = tiny()
     loaded, caught = get_with_warnings(bad)
@@ -198,6 +202,7 @@ def small_model():
     return model, x, expected
 
 
+@pytest.mark.slow
 @needs_cxx
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.strip("_"))
 def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypatch, tmp_path):
@@ -217,6 +222,7 @@ def test_model_forward_with_a_broken_cache(breaker, small_model, cache, monkeypa
         cpu_kernel._reset_for_tests()
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_every_command_runs_with_an_unusable_cache(tmp_path):
     """The CLI builds the allocator at start and the kernel at the first forward: one warning for both."""
@@ -245,18 +251,20 @@ def _cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool = False) -> Non
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
 
-def test_native_bf16_detection(monkeypatch):
+@pytest.mark.parametrize("avx512_bf16, amx, isa_cap, native", [
+    (False, False, None, False),  # e.g. an AVX2-only EPYC: bf16 emulated
+    (True, False, None, True),
+    (False, True, None, True),
+    (False, True, "avx2", False),  # oneDNN capped below bf16: emulated again
+], ids=["avx2_only", "avx512_bf16", "amx", "amx_capped_at_avx2"])
+def test_native_bf16_detection(monkeypatch, avx512_bf16, amx, isa_cap, native):
     from spikingformer.cpu_features import native_bf16
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    _cpu(monkeypatch, "x86_64", avx512_bf16=False)  # e.g. an AVX2-only EPYC: bf16 emulated
-    assert native_bf16() is False
-    _cpu(monkeypatch, "x86_64", avx512_bf16=True)
-    assert native_bf16() is True
-    _cpu(monkeypatch, "x86_64", avx512_bf16=False, amx=True)
-    assert native_bf16() is True
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below bf16: emulated again
-    assert native_bf16() is False
+    if isa_cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    _cpu(monkeypatch, "x86_64", avx512_bf16=avx512_bf16, amx=amx)
+    assert native_bf16() is native
 
 
 def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):
@@ -272,6 +280,13 @@ def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch
         assert autocast_dtype("off", cpu) is None
     assert [str(w.message).count("\n") for w in caught] == [0]  # one warning, one line
     assert "no native bf16" in str(caught[0].message) and "--amp off" in str(caught[0].message)
+
+
+def test_amp_auto_is_bf16_on_a_native_bf16_cpu_without_warning(monkeypatch):
+    from spikingformer.engine.trainer import autocast_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -292,6 +307,14 @@ def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(ValueError, match="--dtypes fp32"):
         drop_emulated_bf16(argparse.Namespace(device="cpu", dtypes=["bf16"]))
+
+
+def test_model_benchmark_keeps_bf16_rows_on_a_native_bf16_cpu(monkeypatch, capsys):
+    import argparse
+
+    from bench_model import drop_emulated_bf16
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=True)
     args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
     drop_emulated_bf16(args)

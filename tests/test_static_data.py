@@ -37,6 +37,10 @@ def test_digits_dataset_normalised_and_resized():
     assert x.shape == (1, 16, 16) and isinstance(y, int)
     stacked = train.images
     assert abs(float(stacked.mean())) < 0.05 and abs(float(stacked.std()) - 1) < 0.1
+
+
+def test_digits_augmentation_jitters_the_images():
+    train = build_dataset(DataSection(dataset="digits"), img_size=16, train=True)
     jittered = build_dataset(DataSection(dataset="digits", augment=True), img_size=16, train=True)
     torch.manual_seed(0)
     assert not torch.equal(jittered[0][0], train[0][0])
@@ -85,7 +89,7 @@ def test_cifar_folder_layout_on_the_real_copy():
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
 
 
-def test_imagenet_folders_and_missing_roots(tmp_path):
+def test_imagenet_folders(tmp_path):
     for split in ("train", "val"):
         for wnid in ("n01440764", "n01443537"):
             (tmp_path / split / wnid).mkdir(parents=True)
@@ -94,8 +98,14 @@ def test_imagenet_folders_and_missing_roots(tmp_path):
     val = build_dataset(cfg, 224, train=False)
     assert val.classes == ["n01440764", "n01443537"] and val[1][0].shape == (3, 224, 224) and val[1][1] == 1
     assert build_dataset(cfg, 224, train=True)[0][0].shape == (3, 224, 224)
+
+
+def test_missing_imagenet_root_names_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ImageNet not found under .*train/<wnid>/\*.JPEG"):
         build_dataset(DataSection(dataset="imagenet", data_dir=str(tmp_path / "x")), 224, train=True)
+
+
+def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid datasets: digits"):
         build_dataset(DataSection(dataset="mnist"), 32, train=True)
 
@@ -136,28 +146,37 @@ def test_unreadable_files_in_an_image_folder_are_named_and_skipped(tmp_path):
         assert evaluate(model, loader, runtime, None)["samples"] == 20
 
 
-def test_non_finite_images_stop_the_loop_naming_the_file(tmp_path):
-    """A sample that turns into NaN (here through its transform) stops training and evaluation with
-    the batch and its file named, also behind the shuffled, sharded training sampler."""
-    write_cifar_folders(tmp_path, per_class=3)
-    poisoned = tmp_path / "train" / "frog" / "1.png"
+def _poisoned_folder(root):
+    """A class-folder tree whose image ``train/frog/1.png`` turns into NaN through its transform."""
+    write_cifar_folders(root, per_class=3)
+    poisoned = root / "train" / "frog" / "1.png"
 
     def transform(image):
         x = pil_to_tensor(image).float() / 255
         return x * float("nan") if x[0, 0, 0] == (6 * 20 + 1) / 255 else x
 
-    data = ImageFolder(str(tmp_path / "train"), transform=transform)
+    return ImageFolder(str(root / "train"), transform=transform), poisoned
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_non_finite_images_stop_the_loop_naming_the_file(tmp_path, train):
+    """A sample that turns into NaN stops the loop with the batch and its file named, also behind the
+    shuffled, sharded training sampler."""
+    data, poisoned = _poisoned_folder(tmp_path)
+    loader = make_loader(data, 4, train, Runtime(device=torch.device("cpu")), 0, seed=3)
+    if train:
+        loader.sampler.set_epoch(1)
+    with pytest.raises(NonFiniteInputError) as err:
+        for step, (images, _) in enumerate(loader):
+            check_batch(images, loader, step)
+    bad_row = int((~torch.isfinite(images)).flatten(1).any(1).nonzero())
+    assert str(err.value).startswith(
+        f"batch {step} (from 0) of the data holds NaN or infinite values (samples {bad_row}: {poisoned} of the batch)")
+
+
+def test_evaluation_stops_at_a_non_finite_image_naming_the_file(tmp_path):
+    data, poisoned = _poisoned_folder(tmp_path)
     runtime = Runtime(device=torch.device("cpu"))
-    for train in (True, False):
-        loader = make_loader(data, 4, train, runtime, 0, seed=3)
-        if train:
-            loader.sampler.set_epoch(1)
-        with pytest.raises(NonFiniteInputError) as err:
-            for step, (images, _) in enumerate(loader):
-                check_batch(images, loader, step)
-        bad_row = int((~torch.isfinite(images)).flatten(1).any(1).nonzero())
-        assert str(err.value).startswith(
-            f"batch {step} (from 0) of the data holds NaN or infinite values (samples {bad_row}: {poisoned} of the batch)")
     model = sf.create_model("spikingformer_cifar10_4_256", embed_dim=32, depth=1, num_heads=2, time_steps=1)
     with pytest.raises(NonFiniteInputError, match=f"{poisoned} of the batch"):
-        evaluate(model, loader, runtime, None)
+        evaluate(model, make_loader(data, 4, False, runtime, 0, seed=3), runtime, None)

@@ -30,13 +30,19 @@ def _tonic_events(x, y, t, p, dtype=TONIC_DTYPE) -> np.ndarray:
     return ev
 
 
-def test_events_from_tonic_fields_units_and_polarity():
+def test_events_from_tonic_fields_and_polarity():
     ev = events_from_tonic(_tonic_events([3, 0], [1, 2], [10, 25], [True, False]))
     assert ev["x"].tolist() == [3, 0] and ev["y"].tolist() == [1, 2]
     assert ev["t"].tolist() == [10, 25] and ev["p"].tolist() == [1, 0]
+
+
+def test_events_from_tonic_other_field_order_seconds_and_signed_polarity():
     seconds = np.dtype([("t", np.float64), ("p", np.int8), ("y", int), ("x", int)])  # another order, OFF = -1
     ev = events_from_tonic(_tonic_events([1, 1], [0, 0], [0.5, 1.25e-6], [-1, 1], seconds), time_unit_us=1e6)
     assert ev["t"].tolist() == [500000, 1] and ev["p"].tolist() == [0, 1]
+
+
+def test_events_from_tonic_without_polarity_names_the_field():
     with pytest.raises(ValueError, match="missing p"):
         events_from_tonic(np.zeros(2, dtype=[("x", int), ("y", int), ("t", int)]))
 
