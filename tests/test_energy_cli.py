@@ -46,6 +46,7 @@ def _energy_mj(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return energy_from_record(record_activity(model, batches)).energy_mj
 
 
+@pytest.mark.slow
 def test_compare_checkpoint_uses_its_weights_on_the_whole_test_split(tmp_path, capsys):
     a, b = tmp_path / "spikingformer.pt", tmp_path / "spikformer.pt"
     model_a, model_b = _native_checkpoint(a, "spikingformer_digits", 1), _native_checkpoint(b, "spikformer_digits", 2)

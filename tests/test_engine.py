@@ -31,6 +31,7 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_then_eval_reloads_same_result(tmp_path, capsys):
     folder = train(tmp_path, "e2e", "--epochs", "4", "--warmup-epochs", "0")
     rows = metrics(folder)
@@ -65,6 +66,7 @@ def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"no checkpoint for epoch {epoch} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     common = ["--epochs", "3", "--warmup-epochs", "1", "--augment", "true", "--seed", "7"]
     straight = train(tmp_path, "straight", *common)

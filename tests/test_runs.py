@@ -131,6 +131,7 @@ def straight(tmp_path_factory) -> Path:
     return output / "straight"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", WRITE_POINTS)
 def test_kill_at_every_write_point_then_resume_is_consistent(tmp_path, monkeypatch, point, straight):
     """An interruption at a write of epoch 2 (0-based 1), then a resume, ends exactly like an uninterrupted run."""
