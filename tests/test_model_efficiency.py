@@ -25,7 +25,7 @@ def _recompute_small_maps(monkeypatch):
     """The test models are small: lower the threshold so the memory-lean tokenizer path runs."""
     from spikingformer import layers
 
-    monkeypatch.setattr(layers, "RECOMPUTE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(layers.routes, "RECOMPUTE_MIN_ELEMENTS", 0)
 
 
 def _conv_bn_plain(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
