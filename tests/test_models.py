@@ -105,6 +105,14 @@ def test_spikformer_later_blocks_receive_integers():
     assert inputs["blocks.0.attn.q.linear"].max() == 2  # tokenizer output: spikes + rpe spikes
 
 
+def test_residual_style_names_and_earlier_value():
+    from spikingformer.layers import ResidualStyle
+
+    assert ResidualStyle("spike_driven") is ResidualStyle.SPIKE_DRIVEN
+    assert ResidualStyle("sew_add") is ResidualStyle("spikformer") is ResidualStyle.SEW_ADD  # value before the rename
+    assert sf.create_model("spikformer_cifar10_4_256").tokenizer.style is ResidualStyle.SEW_ADD
+
+
 def test_attention_orders_agree_exactly():
     torch.manual_seed(0)
     q, k, v = ((torch.rand(3, 2, 4, n, d) < 0.3).float() for n, d in [(50, 8)] * 3)
