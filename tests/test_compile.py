@@ -105,7 +105,8 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     train, with every speed route on: the oneDNN TokenLinear, in-place inference BN and (threshold
     lowered to reach it) the tokenizer's memory-lean recompute, which steps aside under compile."""
     monkeypatch.setattr(layers.routes, "RECOMPUTE_MIN_ELEMENTS", 0)
-    _compiled_equals_eager("aot_eager", torch.float32, exact=True)
+    with layers.routes.configured("all"):
+        _compiled_equals_eager("aot_eager", torch.float32, exact=True)
 
 
 @pytest.mark.slow

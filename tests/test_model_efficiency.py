@@ -21,11 +21,15 @@ from spikingformer.models.zoo import create_model
 
 
 @pytest.fixture(autouse=True)
-def _recompute_small_maps(monkeypatch):
-    """The test models are small: lower the threshold so the memory-lean tokenizer path runs."""
-    from spikingformer import layers
+def _every_route_on(monkeypatch):
+    """Every route on, whatever this CPU's default (the tests compare them with the plain computation),
+    and the memory-lean tokenizer path for the test models' small maps too."""
+    from spikingformer.layers import routes
 
-    monkeypatch.setattr(layers.routes, "RECOMPUTE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(routes, "RECOMPUTE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(routes, "ONEDNN_MIN_WEIGHTS", 1 << 16)
+    with routes.configured("all"):
+        yield
 
 
 def _conv_bn_plain(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
