@@ -20,9 +20,12 @@ with one torch thread, which other processes on a shared machine barely disturb.
 
 Usage::
 
-    python benchmarks/study_routes.py                       # this CPU as it is
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/study_routes.py   # as an AVX2 CPU
-    python benchmarks/study_routes.py --models cifar --reps 3 --quick                     # a smoke test
+    python benchmarks/study_routes.py                                # this CPU as it is
+    python benchmarks/study_routes.py --models cifar --reps 3 --quick  # a smoke test
+
+As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
+
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 python benchmarks/study_routes.py
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ MODELS = {
     "cifar": ("spikingformer_cifar10_4_384", 16, None),
     "event": ("spikingformer_cifar10dvs_2_256", 8, 16),
 }
+CAP_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "SPIKINGFORMER_NATIVE_ARCH")
 THRESHOLD_PROBES = [(64, 64), (128, 128), (64, 256), (192, 192), (256, 256)]  # (in, out) on the CIFAR rows
 
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     load = common.load_average()
     began = time.perf_counter()
 
-    caps = "".join(f"{k}={os.environ[k]} " for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
+    caps = "".join(f"{k}={os.environ[k]} " for k in CAP_VARIABLES if k in os.environ)
     print(f"Command: `{caps}{common.command(sys.argv[1:] if argv is None else argv)}`\n")
     print(f"- CPU: {common.cpu_description()}; torch threads: {args.threads}; clock: {args.clock}")
     print(f"- torch {torch.__version__}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "

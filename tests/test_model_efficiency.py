@@ -295,3 +295,19 @@ def test_every_route_off_is_the_plain_module_calls():
         assert torch.equal(layer(tokens), nn.functional.linear(tokens, layer.weight, layer.bias))
         q, k, v = (torch.randn(2, 4, 50, 8) for _ in range(3))
         assert torch.equal(spike_attention(q, k, v, 0.125), (q @ k.transpose(-2, -1)) @ v * 0.125)
+
+
+@pytest.mark.parametrize("aten,onednn,isa", [
+    ("AVX512", "", "avx512"), ("AVX512", "AVX512_CORE_BF16", "avx512"), ("AVX512", "avx2", "avx2"),
+    ("AVX2", "", "avx2"), ("DEFAULT", "", "other"), ("SVE256", "", "other"),
+])
+def test_default_routes_follow_the_isa(monkeypatch, aten, onednn, isa):
+    """The ISA key reads both caps (ATen's, oneDNN's); an ISA never measured gets no speed route."""
+    from spikingformer.layers import routes
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert routes.cpu_isa() == isa
+    assert routes.default_routes() == routes.MEASURED_FASTER.get(isa, frozenset()) | routes.MEMORY_ROUTES
+    if isa == "other":
+        assert routes.default_routes() == {"recompute"}

@@ -21,8 +21,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
+Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
+is on only where it measured faster; the memory route ``recompute`` is on everywhere. The
+choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+
 **The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
-items applied left to right to this machine's default set (:func:`default_routes`): ``none`` (all
+items applied left to right to this machine's default set: ``none`` (all
 off), ``all``, ``name`` or ``+name`` (on), ``-name`` (off). ``SPIKINGFORMER_ROUTES=none`` runs the
 plain module calls; ``SPIKINGFORMER_ROUTES=-token_linear,-recompute`` turns those two off. In code,
 ``with routes.configured("none"): ...`` applies the same syntax to the routes in force.
@@ -42,7 +46,7 @@ from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "token_linear", "attention_order")
 ENV = "SPIKINGFORMER_ROUTES"
-ONEDNN_MIN_WEIGHTS = 1 << 16  # smaller layers (e.g. 64 x 64) run faster through F.linear
+ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
 
 
@@ -59,9 +63,21 @@ def cpu_isa() -> str:
     return "avx2" if aten in ("AVX512", "AVX2") else "other"
 
 
+# Per ISA, the speed routes that measured faster there: the geometric mean of their on / off time
+# ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
+# "Routes by ISA"). An ISA not measured runs the plain module calls.
+MEASURED_FASTER = {
+    "avx512": frozenset({"channels_last", "inplace_bn", "attention_order"}),
+    "avx2": frozenset({"channels_last", "inplace_bn", "attention_order"}),
+}
+# Routes for memory, on everywhere: they cost time (measured too) and bound the peak of large steps.
+MEMORY_ROUTES = frozenset({"recompute"})
+
+
 def default_routes() -> frozenset[str]:
-    """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing."""
-    return frozenset(ROUTES)
+    """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
+    CPU's ISA (:func:`cpu_isa`), and the memory routes."""
+    return MEASURED_FASTER.get(cpu_isa(), frozenset()) | MEMORY_ROUTES
 
 
 def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
