@@ -22,8 +22,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
-is on only where it measured faster; the memory route ``recompute`` is on everywhere. The
-choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+is on only where it measured faster; ``recompute`` (memory) and ``stem_once`` (less work) are on
+everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
 
 **The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
 items applied left to right to this machine's default set: ``none`` (all
@@ -70,14 +70,15 @@ MEASURED_FASTER = {
     "avx512": frozenset({"channels_last", "inplace_bn", "attention_order"}),
     "avx2": frozenset({"channels_last", "inplace_bn", "attention_order"}),
 }
-# Routes for memory, on everywhere: they cost time (measured too) and bound the peak of large steps.
-MEMORY_ROUTES = frozenset({"recompute"})
+# On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
+# convolutions, which deployment's operation counts rely on; no slower where measured).
+ALWAYS_ON = frozenset({"recompute", "stem_once"})
 
 
 def default_routes() -> frozenset[str]:
     """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
-    CPU's ISA (:func:`cpu_isa`), and the memory routes."""
-    return MEASURED_FASTER.get(cpu_isa(), frozenset()) | MEMORY_ROUTES
+    CPU's ISA (:func:`cpu_isa`), and :data:`ALWAYS_ON`."""
+    return MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
 
 
 def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
