@@ -105,8 +105,9 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     """Dynamo + AOTAutograd (fake tensors, the registered autograd) trace the whole model, eval and
     train, with every speed route on: the oneDNN TokenLinear, in-place inference BN and (threshold
     lowered to reach it) the tokenizer's memory-lean recompute, which steps aside under compile."""
-    monkeypatch.setattr(layers, "RECOMPUTE_MIN_ELEMENTS", 0)
-    _compiled_equals_eager("aot_eager", torch.float32, exact=True)
+    monkeypatch.setattr(layers.routes, "RECOMPUTE_MIN_ELEMENTS", 0)
+    with layers.routes.configured("all"):
+        _compiled_equals_eager("aot_eager", torch.float32, exact=True)
 
 
 @pytest.mark.slow

@@ -21,11 +21,15 @@ from spikingformer.models.zoo import create_model
 
 
 @pytest.fixture(autouse=True)
-def _recompute_small_maps(monkeypatch):
-    """The test models are small: lower the threshold so the memory-lean tokenizer path runs."""
-    from spikingformer import layers
+def _every_route_on(monkeypatch):
+    """Every route on, whatever this CPU's default (the tests compare them with the plain computation),
+    and the memory-lean tokenizer path for the test models' small maps too."""
+    from spikingformer.layers import routes
 
-    monkeypatch.setattr(layers, "RECOMPUTE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(routes, "RECOMPUTE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(routes, "ONEDNN_MIN_WEIGHTS", 1 << 16)
+    with routes.configured("all"):
+        yield
 
 
 def _conv_bn_plain(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -238,3 +242,73 @@ def test_inference_bn_overwrites_the_conv_output_with_identical_values(dtype):
         got = _bn_spike_pool(stage, lif, True, y)
     assert torch.equal(got, expected) and expected.sum() > 0
     assert torch.equal(y, bn_out)  # the conv output now holds the BN output, bit for bit
+
+
+def test_routes_switch_syntax():
+    from spikingformer.layers import routes
+
+    every = frozenset(routes.ROUTES)
+    assert routes.parse("-token_linear, -recompute", every) == every - {"token_linear", "recompute"}
+    assert routes.parse("none,+recompute,attention_order", every) == {"recompute", "attention_order"}
+    assert routes.parse("all", ()) == every and routes.parse("", {"stem_once"}) == {"stem_once"}
+    with pytest.raises(ValueError, match="SPIKINGFORMER_ROUTES: unknown route 'token_linaer'"):
+        routes.parse("-token_linaer", every)
+    start = routes.active()
+    with routes.configured("-channels_last"):
+        assert routes.active() == start - {"channels_last"} and not routes.enabled("channels_last")
+        with routes.configured("none"):
+            assert routes.active() == frozenset()
+        assert routes.active() == start - {"channels_last"}
+    assert routes.active() == start
+    with pytest.raises(KeyError):
+        routes.enabled("channel_last")
+
+
+def test_routes_environment_variable_is_read_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPIKINGFORMER_ROUTES="none,+stem_once")
+    code = "from spikingformer.layers import routes; print(','.join(sorted(routes.active())))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "stem_once"
+
+
+def test_every_route_off_is_the_plain_module_calls():
+    """With every route off, the tokenizer equals the plain computation bit for bit in float32 (the
+    same kernels on the same layouts), the token linear is ``F.linear`` and spike attention is
+    ``(Q K^T) V * s`` (real-valued operands here, where the two orders round differently)."""
+    from spikingformer.layers import TokenLinear, routes, spike_attention
+
+    torch.manual_seed(0)
+    tok = _make_tokenizer(ResidualStyle.SEW_ADD, 3, 2).float()
+    ref = copy.deepcopy(tok)
+    x = torch.randn(3, 2, 3, 16, 16) * 2
+    with routes.configured("none"), torch.no_grad():
+        assert torch.equal(tok(x), tokenizer_plain(ref, x))
+        tok.eval(), ref.eval()
+        assert torch.equal(tok(x), tokenizer_plain(ref, x))
+        assert torch.equal(tok.encode_static(x[0], 3), tokenizer_plain(ref, x[0].expand(3, *x[0].shape)))
+        layer = TokenLinear(384, 512)
+        tokens = (torch.rand(2, 3, 40, 384) < 0.3).float()
+        assert torch.equal(layer(tokens), nn.functional.linear(tokens, layer.weight, layer.bias))
+        q, k, v = (torch.randn(2, 4, 50, 8) for _ in range(3))
+        assert torch.equal(spike_attention(q, k, v, 0.125), (q @ k.transpose(-2, -1)) @ v * 0.125)
+
+
+@pytest.mark.parametrize("aten,onednn,isa", [
+    ("AVX512", "", "avx512"), ("AVX512", "AVX512_CORE_BF16", "avx512"), ("AVX512", "avx2", "avx2"),
+    ("AVX2", "", "avx2"), ("DEFAULT", "", "other"), ("SVE256", "", "other"),
+])
+def test_default_routes_follow_the_isa(monkeypatch, aten, onednn, isa):
+    """The ISA key reads both caps (ATen's, oneDNN's); an ISA never measured gets no speed route."""
+    from spikingformer.layers import routes
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert routes.cpu_isa() == isa
+    assert routes.default_routes() == routes.MEASURED_FASTER.get(isa, frozenset()) | {"recompute", "stem_once"}
+    if isa != "other":
+        assert {"channels_last", "attention_order"} <= routes.default_routes()
+        assert "token_linear" not in routes.default_routes()  # measured slower than F.linear

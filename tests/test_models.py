@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import spikingformer as sf
-from spikingformer.layers import spike_attention
+from spikingformer.layers import routes, spike_attention
 from spikingformer.models import PAPER_PARAMS_M
 from spikingformer.neuron import MultiStepLIF
 
@@ -105,13 +105,22 @@ def test_spikformer_later_blocks_receive_integers():
     assert inputs["blocks.0.attn.q.linear"].max() == 2  # tokenizer output: spikes + rpe spikes
 
 
+def test_residual_style_names_and_earlier_value():
+    from spikingformer.layers import ResidualStyle
+
+    assert ResidualStyle("spike_driven") is ResidualStyle.SPIKE_DRIVEN
+    assert ResidualStyle("sew_add") is ResidualStyle("spikformer") is ResidualStyle.SEW_ADD  # value before the rename
+    assert sf.create_model("spikformer_cifar10_4_256").tokenizer.style is ResidualStyle.SEW_ADD
+
+
 def test_attention_orders_agree_exactly():
     torch.manual_seed(0)
     q, k, v = ((torch.rand(3, 2, 4, n, d) < 0.3).float() for n, d in [(50, 8)] * 3)
     a = (q @ k.transpose(-2, -1)) @ v * 0.125
     b = q @ (k.transpose(-2, -1) @ v) * 0.125
     assert torch.equal(a, b)
-    assert torch.equal(spike_attention(q, k, v, 0.125), a)
+    with routes.configured("+attention_order"):  # N > d: the route computes Q (K^T V)
+        assert torch.equal(spike_attention(q, k, v, 0.125), a)
 
 
 def test_static_input_encoding_equals_repeated_images():
@@ -125,7 +134,7 @@ def test_static_input_encoding_equals_repeated_images():
         repeated = img.unsqueeze(0).expand(3, -1, -1, -1, -1)
         for train in (True, False):
             model.train(train)
-            with torch.no_grad():
+            with torch.no_grad(), routes.configured("+stem_once"):
                 a = model.tokenizer.encode_static(img, 3)
                 b = model.tokenizer(repeated)
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -221,23 +221,18 @@ def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
 
-class AccumulateAttention(nn.Module):
-    """:class:`~spikingformer.layers.SpikingSelfAttention` with the attention product computed by
-    accumulation and the scale folded into the attention neuron (no multiplication)."""
+class AccumulateProduct:
+    """The attention product ``Q K^T V * s`` of a :class:`~spikingformer.layers.SpikingSelfAttention`
+    computed by accumulation, counted under the attention's name.
 
-    def __init__(self, attn: SpikingSelfAttention, name: str, counts: OperationCounts) -> None:
-        super().__init__()
-        self.attn, self.name, self.counts = attn, name, counts
-        self.fold_scale = _is_power_of_two(attn.scale) and isinstance(attn.attn_lif, MultiStepLIF)
-        self.attn_lif = _scaled_lif(attn.attn_lif, attn.scale) if self.fold_scale else attn.attn_lif
+    With ``fold_scale`` it returns the unscaled product (the attention neuron then has threshold and
+    reset divided by ``s``, :func:`_scaled_lif`), so no multiplication remains.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(T, B, N, D)`` -> ``(T, B, N, D)``, as ``SpikingSelfAttention.forward``."""
-        a = self.attn
-        x = a.in_lif(x)
-        q = a._heads(a.q_lif(a.q(x)))
-        k = a._heads(a.k_lif(a.k(x)))
-        v = a._heads(a.v_lif(a.v(x)))
+    def __init__(self, name: str, counts: OperationCounts, fold_scale: bool) -> None:
+        self.name, self.counts, self.fold_scale = name, counts, fold_scale
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         c = self.counts.layer(self.name)
         c.calls += 1
         if is_spike_tensor(q) and is_spike_tensor(k) and is_spike_tensor(v):
@@ -247,11 +242,19 @@ class AccumulateAttention(nn.Module):
         else:
             y = q @ (k.transpose(-2, -1) @ v)
             c.multiplies += 2 * q.numel() * q.shape[-1]
-        if not self.fold_scale:
-            c.multiplies += y.numel()
-            y = y * a.scale
-        y = y.transpose(2, 3).flatten(3)
-        return a.out_lif(a.proj(self.attn_lif(y)))
+        if self.fold_scale:
+            return y
+        c.multiplies += y.numel()
+        return y * scale
+
+
+def _accumulate_attention_in(attn: SpikingSelfAttention, name: str, counts: OperationCounts) -> None:
+    """Give ``attn`` the accumulate-only product, and fold its scale into the attention neuron when
+    the scale is a power of two (exact, paper Appendix C)."""
+    fold_scale = _is_power_of_two(attn.scale) and isinstance(attn.attn_lif, MultiStepLIF)
+    if fold_scale:
+        attn.attn_lif = _scaled_lif(attn.attn_lif, attn.scale)
+    attn.product = AccumulateProduct(name, counts, fold_scale)
 
 
 class AccumulateModel(nn.Module):
@@ -284,7 +287,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _replace_layers(model: nn.Module, counts: OperationCounts) -> None:
-    """Swap every Linear/Conv2d and SpikingSelfAttention for its counting, accumulate-only twin."""
+    """Swap every Linear/Conv2d for its counting, accumulate-only twin, and every SpikingSelfAttention's
+    product for :class:`AccumulateProduct`."""
     named = list(model.named_modules())
     for name, m in named:
         if isinstance(m, nn.Linear):
@@ -295,7 +299,7 @@ def _replace_layers(model: nn.Module, counts: OperationCounts) -> None:
             raise ValueError(f"{name}: accumulate-only inference supports Linear and Conv2d layers, not {type(m).__name__}")
     for name, m in named:
         if isinstance(m, SpikingSelfAttention):
-            _set_submodule(model, name, AccumulateAttention(m, name, counts))
+            _accumulate_attention_in(m, name, counts)
 
 
 @torch.no_grad()

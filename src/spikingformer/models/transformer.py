@@ -39,7 +39,7 @@ from spikingformer.layers import (
     lif_factory,
 )
 
-ARCHS = {"spikingformer": ResidualStyle.SPIKE_DRIVEN, "spikformer": ResidualStyle.SPIKFORMER}
+ARCHS = {"spikingformer": ResidualStyle.SPIKE_DRIVEN, "spikformer": ResidualStyle.SEW_ADD}
 
 
 class NonFiniteInputError(ValueError):

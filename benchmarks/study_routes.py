@@ -1,0 +1,201 @@
+"""Each route of :mod:`spikingformer.layers.routes` on against off, side by side, on this CPU.
+
+The routes are timed on the layers they change, with the zoo models' real shapes and the batch
+sizes of ``benchmarks/bench_model.py``:
+
+* ``cifar``: Spikingformer-4-384 (32x32 images, T = 4, batch 16: 4096 token rows, 64 tokens);
+* ``event``: the 2-256 event model (128x128 event frames, T = 16, batch 8: 8192 token rows).
+
+Cases: the token linears of each model (``token_linear``), and smaller layers on the CIFAR rows to
+place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; spike attention with each model's
+heads (``attention_order``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
+``inplace_bn``, and ``recompute`` on every map, to place
+:data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
+(gradients of the input and the weights), ``infer`` = forward under ``torch.inference_mode``.
+
+Every case runs on and off alternately (the order swapped every repetition, so a change in the
+machine's load falls on both), after one warm-up each; the table gives the median of each and the
+ratio on / off (below 1: the route is faster). The default clock is the calling thread's CPU time
+with one torch thread, which other processes on a shared machine barely disturb.
+
+Usage::
+
+    python benchmarks/study_routes.py                                # this CPU as it is
+    python benchmarks/study_routes.py --models cifar --reps 3 --quick  # a smoke test
+
+As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
+
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 python benchmarks/study_routes.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import common
+
+MODELS = {
+    # key: (zoo name, batch, time steps or None for static images)
+    "cifar": ("spikingformer_cifar10_4_384", 16, None),
+    "event": ("spikingformer_cifar10dvs_2_256", 8, 16),
+}
+CAP_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "SPIKINGFORMER_NATIVE_ARCH")
+THRESHOLD_PROBES = [(64, 64), (128, 128), (64, 256), (192, 192), (256, 256)]  # (in, out) on the CIFAR rows
+
+
+def _train(fn: Callable, params: list, inputs: list) -> Callable[[], None]:
+    """One forward and backward of ``fn(*inputs)`` against a fixed upstream gradient."""
+    import torch
+
+    grad = []
+
+    def run() -> None:
+        for t in params + inputs:
+            t.grad = None
+        out = fn(*inputs)
+        if not grad:
+            grad.append(torch.randn_like(out))
+        out.backward(grad[0])
+
+    return run
+
+
+def _infer(fn: Callable, inputs: list) -> Callable[[], None]:
+    import torch
+
+    def run() -> None:
+        with torch.inference_mode():
+            fn(*inputs)
+
+    return run
+
+
+def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Callable[[], None]]]:
+    """``(route, model, case, pass, run)`` for every measurement."""
+    import torch
+
+    from spikingformer.layers import TokenLinear, spike_attention
+    from spikingformer.models.zoo import create_model
+
+    out = []
+    for key in models:
+        name, batch, steps = MODELS[key]
+        over = dict(embed_dim=64, num_heads=4, depth=1) if quick else {}
+        model = create_model(name, **over)
+        c = model.config
+        t = steps or c.time_steps
+        batch = 2 if quick else batch
+        side = 32 if quick and steps else c.img_size
+        n, d = (side // c.downsample) ** 2, c.embed_dim
+        rows = t * batch * n
+        torch.manual_seed(0)
+
+        shapes = [(d, d), (d, int(d * c.mlp_ratio)), (int(d * c.mlp_ratio), d)]
+        if key == "cifar" and not quick:
+            shapes = THRESHOLD_PROBES + shapes
+        for fan_in, fan_out in shapes:
+            layer = TokenLinear(fan_in, fan_out)
+            x = (torch.rand(t, batch, n, fan_in) < 0.2).float()
+            label = f"linear {fan_in}x{fan_out}, {rows} rows"
+            out.append(("token_linear", key, label, "train",
+                        _train(layer, list(layer.parameters()), [x.requires_grad_()])))
+            out.append(("token_linear", key, label, "infer", _infer(layer, [x.detach()])))
+
+        h = c.num_heads
+        qkv = [(torch.rand(t, batch, h, n, d // h) < 0.2).float() for _ in range(3)]
+        label = f"Q K^T V, {h} heads, N={n}, d={d // h}"
+        out.append(("attention_order", key, label, "train",
+                    _train(lambda q, k, v: spike_attention(q, k, v, 0.125), [], [x.requires_grad_() for x in qkv])))
+        out.append(("attention_order", key, label, "infer",
+                    _infer(lambda q, k, v: spike_attention(q, k, v, 0.125), [x.detach() for x in qkv])))
+
+        tok = model.tokenizer
+        if steps:
+            x = torch.poisson(torch.full((t, batch, c.in_channels, side, side), 0.6))
+            fn, label = tok, f"tokenizer, {t}x{batch} frames {side}x{side}"
+        else:
+            x = torch.randn(batch, c.in_channels, side, side)
+            fn, label = (lambda images, tok=tok, t=t: tok.encode_static(images, t)), f"tokenizer, {batch} images x T={t}"
+        params = list(tok.parameters())
+
+        def train_mode(run, tok=tok):
+            return lambda: (tok.train(), run())
+
+        def eval_mode(run, tok=tok):
+            return lambda: (tok.eval(), run())
+
+        routes_here = ["channels_last", "recompute", "inplace_bn"] + ([] if steps else ["stem_once"])
+        for route in routes_here:
+            if route != "inplace_bn":
+                out.append((route, key, label, "train", train_mode(_train(fn, params, [x]))))
+            if route != "recompute":
+                out.append((route, key, label, "infer", eval_mode(_infer(fn, [x]))))
+    return out
+
+
+def measure(run: Callable[[], None], route: str, reps: int, clock: Callable[[], float]) -> tuple[float, float]:
+    """Median seconds of ``run`` with ``route`` on and off, alternating."""
+    from spikingformer.layers import routes
+
+    times = {"+": [], "-": []}
+    for rep in range(reps + 1):
+        for sign in ("+-" if rep % 2 == 0 else "-+"):
+            with routes.configured(sign + route):
+                start = clock()
+                run()
+                if rep:  # the first round warms up
+                    times[sign].append(clock() - start)
+    return statistics.median(times["+"]), statistics.median(times["-"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per route state (median)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: the calling thread's CPU time (needs --threads 1); wall: elapsed time")
+    parser.add_argument("--routes", nargs="+", help="only these routes")
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the script")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: use --threads 1, or --clock wall")
+
+    import torch
+
+    from spikingformer.allocator import configure_allocator
+    from spikingformer.layers import routes
+
+    configure_allocator()  # as the spikingformer command runs
+    torch.set_num_threads(args.threads)
+    routes.RECOMPUTE_MIN_ELEMENTS = 0  # the study times every map; the threshold comes from it
+    routes.ONEDNN_MIN_WEIGHTS = 0  # likewise for the small layers
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    load = common.load_average()
+    began = time.perf_counter()
+
+    caps = "".join(f"{k}={os.environ[k]} " for k in CAP_VARIABLES if k in os.environ)
+    print(f"Command: `{caps}{common.command(sys.argv[1:] if argv is None else argv)}`\n")
+    print(f"- CPU: {common.cpu_description()}; torch threads: {args.threads}; clock: {args.clock}")
+    print(f"- torch {torch.__version__}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"oneDNN ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; routes' ISA key: {routes.cpu_isa()}")
+    print(f"- median of {args.reps} alternating repetitions after one warm-up each\n")
+    print("| route | model | case | pass | on ms | off ms | on / off |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for route, model, label, kind, run in cases(args.models, args.quick):
+        if args.routes and route not in args.routes:
+            continue
+        on, off = measure(run, route, args.reps, clock)
+        print(f"| {route} | {model} | {label} | {kind} | {on * 1e3:.2f} | {off * 1e3:.2f} | {on / off:.2f} |", flush=True)
+    print(f"\nRun took {time.perf_counter() - began:.0f} s; load average (1 min) at start / end: "
+          f"{load:.2f} / {common.load_average():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

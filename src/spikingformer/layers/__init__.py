@@ -1,0 +1,40 @@
+"""Building blocks shared by Spikingformer and Spikformer.
+
+:mod:`~spikingformer.layers.blocks` holds the paper's blocks; :mod:`~spikingformer.layers.routes`
+the faster or leaner computations of the same blocks and the switch that selects them
+(``SPIKINGFORMER_ROUTES``).
+"""
+
+from spikingformer.layers import routes
+from spikingformer.layers.blocks import (
+    HEAD_KINDS,
+    ClassificationHead,
+    ConvBN,
+    LIFFactory,
+    ResidualStyle,
+    SpikingMLP,
+    SpikingSelfAttention,
+    SpikingTokenizer,
+    SpikingTransformerBlock,
+    TokenConvBN,
+    lif_factory,
+    spike_attention,
+)
+from spikingformer.layers.routes import (
+    ONEDNN_MIN_WEIGHTS,
+    RECOMPUTE_MIN_ELEMENTS,
+    TokenLinear,
+    bn_spike_pool,
+)
+
+# the names these helpers had when the routes lived in this module
+from spikingformer.layers.routes import bn_spike_pool_plain as _bn_spike_pool  # noqa: E402
+from spikingformer.layers.routes import max_pool as _max_pool  # noqa: E402
+from spikingformer.layers.routes import spike_maps as _spike_channels_last  # noqa: E402
+
+__all__ = [
+    "HEAD_KINDS", "ONEDNN_MIN_WEIGHTS", "RECOMPUTE_MIN_ELEMENTS", "ClassificationHead", "ConvBN", "LIFFactory",
+    "ResidualStyle", "SpikingMLP", "SpikingSelfAttention", "SpikingTokenizer", "SpikingTransformerBlock",
+    "TokenConvBN", "TokenLinear", "bn_spike_pool", "lif_factory", "routes", "spike_attention",
+]
+

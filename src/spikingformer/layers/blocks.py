@@ -1,0 +1,287 @@
+"""The paper's building blocks, in the paper's order: ConvBN, the Spiking Tokenizer, Spiking Self
+Attention, the spiking MLP, the Spiking Transformer Block and the classification head.
+
+Tensor layout is time first: maps ``(T, B, C, H, W)`` in the tokenizer, tokens ``(T, B, N, C)`` in
+the blocks, where every pointwise ConvBN is a matrix product followed by a BatchNorm over the
+``T*B*N`` rows (statistics shared across time steps, as in the authors' code).
+
+Spikingformer and Spikformer differ only in where the spiking neuron (SN) sits (paper s.3.1-3.2):
+
+* ``ResidualStyle.SPIKE_DRIVEN``, Spikingformer's spike-driven residual learning (MS Residual):
+  every branch is ``SN -> ConvBN -> ... -> ConvBN`` added to a real-valued stream, so every ConvBN
+  and matrix product receives spikes.
+* ``ResidualStyle.SEW_ADD``, Spikformer's (and SEW ResNet's) ADD residual: every branch is
+  ``ConvBN -> SN -> ... -> ConvBN -> SN`` added to the stream, which becomes a sum of spikes, so
+  the next block's layers receive integers > 1.
+
+Where a faster or leaner computation of the same block exists, the block asks
+:mod:`spikingformer.layers.routes`; with every route off it runs the plain module calls.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+import spikingformer.layers.routes as routes
+from spikingformer.neuron import MultiStepLIF
+
+
+class ResidualStyle(str, enum.Enum):
+    SPIKE_DRIVEN = "spike_driven"  # Spikingformer: SN -> ConvBN, added to a real-valued stream
+    SEW_ADD = "sew_add"  # Spikformer / SEW ResNet ADD: ConvBN -> SN, added to a stream of spike sums
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.SEW_ADD if value == "spikformer" else None  # this member's earlier value
+
+
+LIFFactory = Callable[..., MultiStepLIF]
+
+
+def lif_factory(tau: float = 2.0, backend: str = "auto") -> LIFFactory:
+    """A constructor for the model's neurons: shared tau and backend, per-layer threshold."""
+    return partial(MultiStepLIF, tau=tau, detach_reset=True, backend=backend)
+
+
+class ConvBN(nn.Module):
+    """3x3 convolution (stride 1, pad 1, no bias) + BatchNorm2d on ``(T, B, C, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution alone (the BN input), ``(T, B, C, H, W)`` -> ``(T, B, C_out, H, W)``."""
+        t, b = x.shape[:2]
+        y = self.conv(routes.maps_layout(x.flatten(0, 1)))
+        return y.view(t, b, *y.shape[1:])
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm of :meth:`convolve`'s output, on the flattened ``T*B`` maps."""
+        z = self.bn(y.flatten(0, 1))
+        return z.view(y.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.convolve(x))
+
+
+class TokenConvBN(nn.Module):
+    """Pointwise (1x1) convolution over tokens + BatchNorm1d, on ``(T, B, N, C)``.
+
+    A 1x1 convolution over channels is a linear map, so it is stored as ``nn.Linear`` weights
+    ``(out, in)``; the authors' Conv1d ``(out, in, 1)`` and Conv2d ``(out, in, 1, 1)`` weights load
+    into it by reshaping (see :mod:`spikingformer.models.authors`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.linear = routes.TokenLinear(in_features, out_features, bias=bias)
+        self.bn = nn.BatchNorm1d(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
+
+
+class SpikingTokenizer(nn.Module):
+    """Spiking Tokenizer (paper s.3.2, Eq. 9-10): images ``(T, B, C_in, H, W)`` -> tokens ``(T, B, N, D)``.
+
+    Five ConvBN stages with channels ``C_in -> D/8 -> D/4 -> D/2 -> D -> D``. Stage 0 encodes the
+    input (it sees the real-valued image or event counts). Between stages sits an SN, and a
+    max-pool (kernel 3, stride 2) in front of the last ``num_pools`` stages: 2 for CIFAR (x4
+    downsampling, SPE SPE SPED SPED), 4 for ImageNet and event data (x16, SPED x4).
+
+    * Spikingformer: ``... SN -> [MP] -> ConvBN``; the output is the last BN (real-valued).
+    * Spikformer: stages 1-3 as above, then ``SN -> [MP]`` gives ``x_feat`` and stage 4 is the
+      relative-position branch: ``x_feat + SN(ConvBN(x_feat))``.
+    """
+
+    def __init__(
+        self, in_channels: int, embed_dim: int, num_pools: int, style: ResidualStyle, lif: LIFFactory
+    ) -> None:
+        super().__init__()
+        if embed_dim % 8:
+            raise ValueError(f"embed_dim must be divisible by 8 (the tokenizer uses D/8 channels), got {embed_dim}")
+        if num_pools not in range(5):
+            raise ValueError(f"num_pools must be 0..4, got {num_pools}")
+        d = embed_dim
+        channels = [in_channels, d // 8, d // 4, d // 2, d, d]
+        self.style = ResidualStyle(style)
+        self.num_pools = num_pools
+        self.stages = nn.ModuleList(ConvBN(channels[i], channels[i + 1]) for i in range(5))
+        n_lifs = 4 if self.style is ResidualStyle.SPIKE_DRIVEN else 5
+        self.lifs = nn.ModuleList(lif() for _ in range(n_lifs))
+
+    def _pool_before(self, stage: int) -> bool:
+        return stage > 4 - self.num_pools
+
+    def _spikes_for(self, stage: int, y: torch.Tensor) -> torch.Tensor:
+        """The input of ``stages[stage]``: BN of the previous stage's conv output ``y``, SN, [MP]."""
+        return routes.bn_spike_pool(self.stages[stage - 1], self.lifs[stage - 1], self._pool_before(stage), y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``."""
+        return self._forward_after_stem(self.stages[0].convolve(x))
+
+    def encode_static(self, images: torch.Tensor, time_steps: int) -> torch.Tensor:
+        """Tokens for static images ``(B, C, H, W)`` repeated over ``time_steps`` (direct encoding):
+        ``forward`` of the images repeated T times, or with the ``stem_once`` route the stem
+        convolution once per image, its output repeated (BatchNorm still sees all T copies)."""
+        if not routes.enabled("stem_once"):
+            return self(images.expand(time_steps, *images.shape))
+        y = self.stages[0].convolve(images.unsqueeze(0))
+        return self._forward_after_stem(routes.repeat_steps(y, time_steps))
+
+    def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
+        """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""
+        for i in range(1, 4):
+            y = self.stages[i].convolve(self._spikes_for(i, y))
+        x = self._spikes_for(4, y)
+        if self.style is ResidualStyle.SPIKE_DRIVEN:
+            x = self.stages[4](x)
+        else:
+            x = x + routes.spike_maps(self.lifs[4], self.stages[4](x))
+        return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D); contiguous for channels-last maps
+
+
+def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``Q K^T V * s`` without softmax on ``(..., N, d)`` tensors (paper Eq. 12), as ``(Q K^T) V``.
+
+    With the ``attention_order`` route and N > d it computes ``Q (K^T V)`` (``2 N d^2`` multiply-adds
+    instead of ``2 N^2 d``): the same numbers for spikes, whose partial sums are small integers, and
+    a power-of-two ``s``.
+    """
+    n, d = q.shape[-2:]
+    if n > d and routes.enabled("attention_order"):
+        return q @ (k.transpose(-2, -1) @ v) * scale
+    return (q @ k.transpose(-2, -1)) @ v * scale
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spiking Self Attention (paper Eq. 11-13) on tokens ``(T, B, N, D)``.
+
+    ``Q, K, V = SN(ConvBN(X'))``; ``SSA = ConvBN(SN_attn(product(Q, K, V, s)))`` with the attention
+    SN at threshold 0.5 and s = 0.125. Spikingformer puts an SN in front (``X' = SN(X)``);
+    Spikformer puts one after the projection. ``product`` is :func:`spike_attention`; deployment
+    replaces it (:mod:`spikingformer.deploy.accumulate`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        style: ResidualStyle,
+        lif: LIFFactory,
+        qkv_bias: bool = False,
+        attn_threshold: float = 0.5,
+        scale: float = 0.125,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = scale
+        self.product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] = spike_attention
+        spike_driven = ResidualStyle(style) is ResidualStyle.SPIKE_DRIVEN
+        self.in_lif = lif() if spike_driven else nn.Identity()
+        self.q = TokenConvBN(dim, dim, qkv_bias)
+        self.k = TokenConvBN(dim, dim, qkv_bias)
+        self.v = TokenConvBN(dim, dim, qkv_bias)
+        self.q_lif, self.k_lif, self.v_lif = lif(), lif(), lif()
+        self.attn_lif = lif(v_threshold=attn_threshold)
+        self.proj = TokenConvBN(dim, dim, bias=True)
+        self.out_lif = nn.Identity() if spike_driven else lif()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, n, c = x.shape
+        return x.view(t, b, n, self.num_heads, c // self.num_heads).transpose(2, 3)  # (T, B, h, N, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_lif(x)
+        q = self._heads(self.q_lif(self.q(x)))
+        k = self._heads(self.k_lif(self.k(x)))
+        v = self._heads(self.v_lif(self.v(x)))
+        y = self.product(q, k, v, self.scale)  # (T, B, h, N, d)
+        y = y.transpose(2, 3).flatten(3)  # (T, B, N, D), channel = head * d + j
+        return self.out_lif(self.proj(self.attn_lif(y)))
+
+
+class SpikingMLP(nn.Module):
+    """Spiking MLP on tokens ``(T, B, N, D)``: two pointwise ConvBNs with an SN between them.
+
+    Spikingformer: ``SN -> ConvBN -> SN -> ConvBN``; Spikformer: ``ConvBN -> SN -> ConvBN -> SN``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, style: ResidualStyle, lif: LIFFactory) -> None:
+        super().__init__()
+        spike_driven = ResidualStyle(style) is ResidualStyle.SPIKE_DRIVEN
+        self.in_lif = lif() if spike_driven else nn.Identity()
+        self.fc1 = TokenConvBN(dim, hidden_dim, bias=True)
+        self.hidden_lif = lif()
+        self.fc2 = TokenConvBN(hidden_dim, dim, bias=True)
+        self.out_lif = nn.Identity() if spike_driven else lif()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_lif(self.fc2(self.hidden_lif(self.fc1(self.in_lif(x)))))
+
+
+class SpikingTransformerBlock(nn.Module):
+    """``X = X + SSA(X); X = X + MLP(X)`` on tokens ``(T, B, N, D)`` (paper Eq. 5-8)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        style: ResidualStyle,
+        lif: LIFFactory,
+        qkv_bias: bool = False,
+        attn_threshold: float = 0.5,
+        attn_scale: float = 0.125,
+    ) -> None:
+        super().__init__()
+        self.attn = SpikingSelfAttention(dim, num_heads, style, lif, qkv_bias, attn_threshold, attn_scale)
+        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), style, lif)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+HEAD_KINDS = ("avgpool_fc", "sn_avgpool_fc", "fc_avgpool", "sn_fc_avgpool")
+
+
+class ClassificationHead(nn.Module):
+    """The four classifiers of paper Eq. 14-17 on tokens ``(T, B, N, D)`` -> logits ``(B, K)``.
+
+    AvgPooling averages over tokens and time steps.
+
+    * ``avgpool_fc``    Eq. 14 ``FC(AvgPool(X))`` (the default; the FC reads real values: MACs)
+    * ``sn_avgpool_fc`` Eq. 15 ``FC(AvgPool(SN(X)))``
+    * ``fc_avgpool``    Eq. 16 ``AvgPool(FC(X))``
+    * ``sn_fc_avgpool`` Eq. 17 ``AvgPool(FC(SN(X)))`` (the FC reads spikes: accumulations only)
+
+    FC and AvgPool are both linear, so Eq. 16 equals Eq. 14 and Eq. 17 equals Eq. 15 up to
+    rounding; the forms differ in the operations a chip performs (the energy analysis counts them
+    by what the FC actually receives).
+    """
+
+    def __init__(self, dim: int, num_classes: int, kind: str, lif: LIFFactory) -> None:
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head {kind!r}; valid heads: {', '.join(HEAD_KINDS)}")
+        self.kind = kind
+        self.lif = lif() if kind.startswith("sn_") else nn.Identity()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lif(x)
+        if self.kind.endswith("avgpool_fc"):
+            return self.fc(x.mean(dim=2).mean(dim=0))
+        return self.fc(x).mean(dim=2).mean(dim=0)

@@ -1,0 +1,255 @@
+"""Speed and memory routes of the building blocks, and the one switch that selects them.
+
+Each route computes what the plain PyTorch module calls of :mod:`spikingformer.layers.blocks`
+compute, faster or in less memory. The blocks ask :func:`enabled` before taking one:
+
+* ``stem_once``: for static images the tokenizer's first convolution runs once per image instead of
+  once per time step (BatchNorm still sees all T copies). The convolution then sees a smaller
+  batch and may pick another algorithm, so float32 values may differ by rounding.
+* ``channels_last``: the tokenizer's convolutions, BatchNorms, neurons and max-pools run on
+  channels-last maps, and its hand-over to the blocks is a free view. oneDNN's channels-last
+  convolution sums in another order than the NCHW one: float32 outputs differ by rounding (up to
+  about 2e-6 seen), so a membrane within rounding of the threshold can fire in one layout only.
+* ``inplace_bn``: without autograd, the tokenizer's BatchNorm overwrites the conv output it reads
+  (PyTorch's own kernel with ``out=`` its input: the module's values, bit for bit), one map fewer.
+* ``recompute``: in training, BN -> SN -> max-pool between two tokenizer convolutions keeps only its
+  input for backward and recomputes the rest there (values, gradients and running statistics of
+  the module calls, bit for bit), for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements.
+* ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
+  as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
+  order than ``F.linear``: float32 rounding differs).
+* ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
+  is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
+
+Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
+is on only where it measured faster; ``recompute`` (memory) and ``stem_once`` (less work) are on
+everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+
+**The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
+items applied left to right to this machine's default set: ``none`` (all
+off), ``all``, ``name`` or ``+name`` (on), ``-name`` (off). ``SPIKINGFORMER_ROUTES=none`` runs the
+plain module calls; ``SPIKINGFORMER_ROUTES=-token_linear,-recompute`` turns those two off. In code,
+``with routes.configured("none"): ...`` applies the same syntax to the routes in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spikingformer.neuron import MultiStepLIF, multistep_lif
+
+ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "token_linear", "attention_order")
+ENV = "SPIKINGFORMER_ROUTES"
+ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
+RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512
+_ONEDNN_BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+
+
+def cpu_isa() -> str:
+    """``"avx512"``, ``"avx2"`` or ``"other"``: the vector ISA PyTorch's CPU kernels use here, as
+    capped by ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` (either cap below AVX-512 gives ``"avx2"``)."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    if aten == "AVX512" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in _ONEDNN_BELOW_AVX512:
+        return "avx512"
+    return "avx2" if aten in ("AVX512", "AVX2") else "other"
+
+
+# Per ISA, the speed routes that measured faster there: the geometric mean of their on / off time
+# ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
+# "Routes by ISA"). An ISA not measured runs the plain module calls.
+MEASURED_FASTER = {
+    "avx512": frozenset({"channels_last", "inplace_bn", "attention_order"}),
+    "avx2": frozenset({"channels_last", "inplace_bn", "attention_order"}),
+}
+# On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
+# convolutions, which deployment's operation counts rely on; no slower where measured).
+ALWAYS_ON = frozenset({"recompute", "stem_once"})
+
+
+def default_routes() -> frozenset[str]:
+    """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
+    CPU's ISA (:func:`cpu_isa`), and :data:`ALWAYS_ON`."""
+    return MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
+
+
+def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
+    """The routes ``spec`` (the ``SPIKINGFORMER_ROUTES`` syntax) leaves on, starting from ``start``."""
+    on = set(start)
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in ("all", "none"):
+            on = set(ROUTES) if item == "all" else set()
+            continue
+        sign, name = (item[0], item[1:]) if item[0] in "+-" else ("+", item)
+        if name not in ROUTES:
+            raise ValueError(f"{ENV}: unknown route {name!r} in {spec!r}; use 'all', 'none' or route names "
+                             f"({', '.join(ROUTES)}), each optionally prefixed with + or -")
+        (on.add if sign == "+" else on.discard)(name)
+    return frozenset(on)
+
+
+_active = parse(os.environ.get(ENV, ""), default_routes())
+
+
+def enabled(name: str) -> bool:
+    """True when route ``name`` is on."""
+    if name not in ROUTES:
+        raise KeyError(f"unknown route {name!r}; routes: {', '.join(ROUTES)}")
+    return name in _active
+
+
+def active() -> frozenset[str]:
+    """The routes on now."""
+    return _active
+
+
+@contextlib.contextmanager
+def configured(spec: str) -> Iterator[frozenset[str]]:
+    """Within the ``with`` block, the routes ``spec`` (``SPIKINGFORMER_ROUTES`` syntax) leaves on."""
+    global _active
+    saved = _active
+    _active = parse(spec, saved)
+    try:
+        yield _active
+    finally:
+        _active = saved
+
+
+# ----------------------------------------------------------------------------- channels_last
+
+
+def maps_layout(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` maps in the tokenizer's memory format (no copy if already in it)."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled("channels_last") else x
+
+
+def spike_maps(neuron: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)`` for ``(T, B, C, H, W)`` maps; with ``channels_last``, run on the ``(T, B, H, W, C)``
+    permutation (elementwise over all but T, so the same values), which for channels-last maps is
+    a contiguous view: the neuron reads and writes memory in order and its spikes stay channels-last."""
+    if enabled("channels_last"):
+        return neuron(x.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
+    return neuron(x)
+
+
+def repeat_steps(y: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """``(1, B, C, H, W)`` -> ``(T, B, C, H, W)``: T copies in memory of their own (later stages may
+    overwrite their input, ``inplace_bn``), each map in the tokenizer's memory format."""
+    if enabled("channels_last"):
+        z = y.permute(0, 1, 3, 4, 2)
+        return z.expand(time_steps, *z.shape[1:]).contiguous().permute(0, 1, 4, 2, 3)
+    return y.expand(time_steps, *y.shape[1:]).contiguous()
+
+
+def max_pool(x: torch.Tensor) -> torch.Tensor:
+    """MaxPool2d(kernel 3, stride 2, padding 1) on ``(T, B, C, H, W)``."""
+    t, b = x.shape[:2]
+    y = nn.functional.max_pool2d(x.flatten(0, 1), kernel_size=3, stride=2, padding=1)
+    return y.view(t, b, *y.shape[1:])
+
+
+# ----------------------------------------------------------------------------- inplace_bn, recompute
+
+
+def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """``[MP](SN(BN(y)))`` by module calls: the BN of ``stage`` (a ConvBN) on its conv output ``y``.
+
+    With ``inplace_bn``, in inference (no autograd, BN with running statistics) the BN overwrites
+    ``y``, which must then own its memory (no expanded view).
+    """
+    bn = stage.bn
+    if enabled("inplace_bn") and not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) \
+            and not bn.training and bn.affine and bn.running_mean is not None:
+        flat = y.flatten(0, 1)
+        torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
+                                             bn.eps, out=flat, save_mean=bn.running_mean.new_empty(0),
+                                             save_invstd=bn.running_mean.new_empty(0))
+        z = y
+    else:
+        z = stage.normalize(y)
+    x = spike_maps(lif, z)
+    return max_pool(x) if pool else x
+
+
+def _bn_spike_pool_again(stage: nn.Module, lif: MultiStepLIF, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """:func:`bn_spike_pool_plain` in training again, bit for bit, for :class:`_RecomputedBNSpikePool`'s
+    backward: batch statistics without touching the running estimates a second time, and no module
+    calls, so forward hooks (firing-rate meters) do not see the batch twice."""
+    bn = stage.bn
+    z = nn.functional.batch_norm(y.flatten(0, 1), None, None, bn.weight, bn.bias, True, 0.0, bn.eps).view(y.shape)
+    x = spike_maps(lambda s: multistep_lif(s, lif.params, lif.backend), z)
+    return max_pool(x) if pool else x
+
+
+class _RecomputedBNSpikePool(torch.autograd.Function):
+    """:func:`bn_spike_pool_plain` in training, keeping only its input ``y`` for backward.
+
+    Autograd would keep the BN output, the spikes and the max-pool's int64 indices, the size of the
+    largest feature maps; this keeps the conv output (which BN's backward keeps anyway) and
+    recomputes BN, neuron and max-pool in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, stage, lif, pool):
+        ctx.stage, ctx.lif, ctx.pool = stage, lif, pool
+        device = y.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(y)
+        return bn_spike_pool_plain(stage, lif, pool, y.detach())  # module calls: running statistics, hooks
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        bn = ctx.stage.bn
+        device, enabled_, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled_):
+            y = y.detach().requires_grad_()
+            out = _bn_spike_pool_again(ctx.stage, ctx.lif, ctx.pool, y)
+        wanted = [t for t, need in zip((y, bn.weight, bn.bias), ctx.needs_input_grad[:3]) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None)
+
+
+def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
+    """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``: with ``recompute``, memory-lean when
+    training maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements (not under ``torch.compile``,
+    whose partitioner decides what to recompute, nor for a fused BN or a neuron with state);
+    :func:`bn_spike_pool_plain` otherwise."""
+    bn = stage.bn
+    if (enabled("recompute") and torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and bn.training
+            and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS
+            and not torch.compiler.is_compiling()):
+        return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
+    return bn_spike_pool_plain(stage, lif, pool, y)
+
+
+# ----------------------------------------------------------------------------- token_linear
+
+
+class TokenLinear(nn.Linear):
+    """``nn.Linear`` over the channel (last) dimension of tokens; with ``token_linear``, through oneDNN.
+
+    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; this route computes
+    the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
+    out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
+    layers with fewer than :data:`ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``. Weights, state
+    dict and hooks are those of ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not enabled("token_linear") or x.device.type != "cpu" or x.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu") or self.weight.numel() < ONEDNN_MIN_WEIGHTS):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
+        m, k = rows.shape
+        image = rows.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last strides
+        y = nn.functional.conv2d(image, self.weight.view(*self.weight.shape, 1, 1), self.bias)
+        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
