@@ -179,18 +179,20 @@ def _worker(job: dict) -> dict:
                 sj_neurons.reset_spikingjelly(model)
 
     rss0 = memory.current()
-    times = []
+    times, cpu_times = [], []
     for i in range(job["warmup"] + job["steps"]):
         if i == job["warmup"]:
             faults0 = common.minor_faults()
         memory.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         memory.synchronize()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     result = dict(
         times=times,
+        cpu_times=cpu_times,
         rss_before=rss0,
         max_rss=memory.peak(),
         faults_per_step=(common.minor_faults() - faults0) / job["steps"],
@@ -302,7 +304,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every contender this many times, interleaved (each a fresh process)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads in every worker (default: all cores; 1 with --quick)")
+                    help="torch.set_num_threads in every worker (default: all cores; 1 with --quick or --clock cpu)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: wall-clock time; cpu: the worker's process CPU time on one thread, which other "
+                         "processes on a loaded machine barely disturb (page faults count: they are system time)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="precisions to time (bf16: autocast); default: both")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -383,7 +388,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     from spikingformer.models.zoo import model_config
 
     if args.threads is None:
-        args.threads = 1 if args.quick else os.cpu_count()
+        args.threads = 1 if args.quick or args.clock == "cpu" else os.cpu_count()
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError("--clock cpu times one thread (a parallel region's CPU time is not its duration): "
+                         "drop --threads or pass --threads 1")
     if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     drop_emulated_bf16(args)
@@ -410,7 +418,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                                                 python=con["python"])
                         results.setdefault((key, mode, dtype, con["id"]), []).append(res)
                         print(f"  [{time.perf_counter() - start:5.0f} s] round {rnd + 1} {key} {mode} {dtype} "
-                              f"{_label(con, releases)}: {statistics.median(res['times']) * 1e3:.0f} ms",
+                              f"{_label(con, releases)}: {statistics.median(res['times']) * 1e3:.0f} ms, "
+                              f"CPU {statistics.median(res['cpu_times']) * 1e3:.0f} ms",
                               file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     rows = _summarise(args, contenders, results)
@@ -419,11 +428,17 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
 
 
 def _summarise(args, contenders, results) -> dict:
-    """Per (model, mode, dtype): each contender's median time, peak and faults, and ours's limit."""
+    """Per (model, mode, dtype): each contender's median time (``args.clock``), peak and faults, and ours's limit."""
+    cpu = args.clock == "cpu"
+    for runs in results.values():
+        for r in runs:
+            if cpu and "limit" in r:
+                r["limit"] = dict(r["limit"], seconds=r["limit"]["cpu_seconds"],
+                                  ops=[dict(o, ms=o["cpu_ms"]) for o in r["limit"]["ops"]])
     rows = {}
     for (key, mode, dtype, cid), runs in results.items():
         row = rows.setdefault((key, mode, dtype), {})
-        times = [t for r in runs for t in r["times"]]
+        times = [t for r in runs for t in r["cpu_times" if cpu else "times"]]
         row[cid] = dict(
             median=statistics.median(times),
             peak=statistics.median(r["max_rss"] - r["rss_before"] for r in runs),
@@ -467,6 +482,8 @@ def _print_report(args, command, releases, contenders, rows, elapsed, load_start
                           for n, v in rel["nodes"].items() if v)
         print(f"- SpikingJelly {rel['version']} ({rel['python']}): CPU neuron {rel['node']}"
               + (f" (fastest forward+backward of 2^20 elements: {timed})" if timed else ""))
+    print("- clock: " + ("process CPU time of the worker (one thread; page faults count as system time)"
+                         if args.clock == "cpu" else "wall clock"))
     print(f"- {args.warmup} warm-up step(s), then {args.steps} timed steps per process, {args.rounds} round(s) with the "
           f"contenders interleaved, each a fresh process; medians; run took {elapsed:.0f} s; load average (1 min) at "
           f"start / end: {load_start:.2f} / {common.load_average():.2f}")

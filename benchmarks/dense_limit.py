@@ -91,7 +91,8 @@ def dense_ops(step: Callable[[], object]) -> list[dict]:
 
 def replay(ops: list[dict], device: str = "cpu", reps: int = 5) -> list[dict]:
     """Time every op of :func:`dense_ops` in isolation: one warm-up call, then the best of ``reps``
-    (fresh random tensors of the recorded layout, no autograd). Adds ``seconds`` (best, per call)."""
+    (fresh random tensors of the recorded layout, no autograd). Adds ``seconds`` and ``cpu_seconds``
+    (best wall and best process CPU time, per call)."""
     sync = common.MemoryProbe(device).synchronize
     generator = torch.Generator().manual_seed(0)
     timed = []
@@ -100,26 +101,29 @@ def replay(ops: list[dict], device: str = "cpu", reps: int = 5) -> list[dict]:
             args = _build(op["args"], device, generator)
             kwargs = dict(_build(op["kwargs"], device, generator))
             op["op"](*args, **kwargs)
-            best = float("inf")
+            best = best_cpu = float("inf")
             for _ in range(reps):
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 op["op"](*args, **kwargs)
                 sync()
                 best = min(best, time.perf_counter() - t0)
-            timed.append(dict(op, seconds=best))
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            timed.append(dict(op, seconds=best, cpu_seconds=best_cpu))
             del args, kwargs
     return timed
 
 
 def summary(timed: list[dict]) -> dict:
-    """Totals of :func:`replay`'s ops: ``flops``, ``seconds`` (the step's dense time) and ``ops`` (one
-    JSON-friendly row per distinct op: name, count, GFLOP per call, ms per call)."""
+    """Totals of :func:`replay`'s ops: ``flops``, ``seconds`` and ``cpu_seconds`` (the step's dense time by
+    either clock) and ``ops`` (one JSON-friendly row per distinct op: name, count, GFLOP, ms and CPU ms per call)."""
     flops = sum(o["flops"] * o["count"] for o in timed)
     seconds = sum(o["seconds"] * o["count"] for o in timed)
+    cpu_seconds = sum(o["cpu_seconds"] * o["count"] for o in timed)
     rows = [dict(name=o["name"].replace("aten.", ""), shapes=[a[1] for a in o["args"][1] if a[0] == "tensor"],
-                 count=o["count"], gflop=o["flops"] / 1e9, ms=o["seconds"] * 1e3) for o in timed]
-    return dict(flops=flops, seconds=seconds, ops=rows)
+                 count=o["count"], gflop=o["flops"] / 1e9, ms=o["seconds"] * 1e3, cpu_ms=o["cpu_seconds"] * 1e3)
+            for o in timed]
+    return dict(flops=flops, seconds=seconds, cpu_seconds=cpu_seconds, ops=rows)
 
 
 def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
