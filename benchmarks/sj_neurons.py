@@ -1,7 +1,7 @@
 """SpikingJelly's multi-step LIF neuron for the benchmark scripts, whatever its release.
 
 The one adapter of this folder: the neuron benchmark times it as a function, the model benchmark
-swaps it into our layers and builds the authors' model with it, ``bench_lif_peers.py`` compares it.
+builds the authors' model with it, ``bench_lif_peers.py`` compares it.
 """
 
 from __future__ import annotations
@@ -85,12 +85,6 @@ class SpikingJellyLIF(nn.Module):
                 extra["decay_input"] = True  # LIFNode's default; SimpleLIFNode has none
             self.node = cls(**kwargs, surrogate_function=surrogate.Sigmoid(alpha=alpha), step_mode="m", **extra)
 
-    @classmethod
-    def like(cls, lif: nn.Module, backend: str = "torch") -> SpikingJellyLIF:
-        """The SpikingJelly neuron with the parameters of one of our ``MultiStepLIF`` modules."""
-        p = lif.params
-        return cls(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset, backend)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.node(x)
 
@@ -105,17 +99,6 @@ def spikingjelly_function(device: torch.device | str = "cpu", **params) -> Calla
         return node(x)
 
     return run
-
-
-def use_spikingjelly_neurons(model: nn.Module, backend: str = "torch") -> int:
-    """Replace every ``MultiStepLIF`` in ``model`` by :class:`SpikingJellyLIF`; returns how many."""
-    from spikingformer.neuron import MultiStepLIF
-
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, MultiStepLIF)]
-    for parent, name, child in swaps:
-        setattr(parent, name, SpikingJellyLIF.like(child, backend))
-    return len(swaps)
 
 
 def reset_spikingjelly(model: nn.Module) -> None:
