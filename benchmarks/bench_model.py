@@ -34,6 +34,8 @@ contenders interleaved, and the median of all timed steps is reported.
   this machine's rate on exactly those shapes, and efficiency = that time / our step's median time
   (at most 100% but for timing noise). The theoretical FMA peak of the ISA in use is printed beside it.
 
+The report and issue 12's targets are ``model_report.py``.
+
 Usage::
 
     python benchmarks/bench_model.py --dtypes fp32 --sj-python sj012/bin/python --sj-python python
@@ -64,13 +66,6 @@ QUICK = {
     "cifar": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2),
     "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
 }
-
-# Targets of the performance issue, per ISA, for every training step and inference batch: at least
-# EFFICIENCY_TARGET of the valid limit, never slower than the fastest baseline, at most
-# MAX_MEMORY_RATIO of its peak; and where the limit leaves room, these speed-ups over it.
-EFFICIENCY_TARGET = 0.9
-MAX_MEMORY_RATIO = 0.5
-SPEEDUP_TARGETS = {("cifar", "train"): 1.3, ("event", "train"): 1.5, ("cifar", "infer"): 1.5, ("event", "infer"): 1.5}
 
 # allocator set-ups of the baselines: label -> (environment of the worker, install our allocator)
 GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184:"
@@ -375,16 +370,9 @@ def _contenders(args: argparse.Namespace, releases: list[dict]) -> list[dict]:
     return out
 
 
-def _label(contender: dict, releases: list[dict]) -> str:
-    if contender["build"] == "ours":
-        return "ours"
-    rel = releases[contender["release"]]
-    return f"authors + SJ {rel['version']} {rel['node']}, {contender['allocator']}"
-
-
 def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     """Run every configuration (each in a fresh process) and print the report; returns the results."""
-    import dense_limit
+    import model_report
     from spikingformer.models.zoo import model_config
 
     if args.threads is None:
@@ -418,12 +406,18 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                                                 python=con["python"])
                         results.setdefault((key, mode, dtype, con["id"]), []).append(res)
                         print(f"  [{time.perf_counter() - start:5.0f} s] round {rnd + 1} {key} {mode} {dtype} "
-                              f"{_label(con, releases)}: {statistics.median(res['times']) * 1e3:.0f} ms, "
+                              f"{model_report.label(con, releases)}: {statistics.median(res['times']) * 1e3:.0f} ms, "
                               f"CPU {statistics.median(res['cpu_times']) * 1e3:.0f} ms",
                               file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     rows = _summarise(args, contenders, results)
-    _print_report(args, command, releases, contenders, rows, elapsed, load_start, dense_limit)
+    model_report.print_report(
+        args, command, releases, contenders, rows, elapsed, load_start,
+        names={k: v[0] for k, v in MODELS.items()},
+        batches={k: (QUICK[k]["batch"] if args.quick else MODELS[k][1]) for k in MODELS},
+        allocators_note=f"as is = C library malloc; glibc tuned = GLIBC_TUNABLES={GLIBC_TUNABLES}; "
+                        "our allocator = spikingformer.allocator.configure_allocator()",
+        device_note=args.device + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
     return dict(releases=releases, rows=rows)
 
 
@@ -447,121 +441,6 @@ def _summarise(args, contenders, results) -> dict:
             limit=min((r["limit"] for r in runs if "limit" in r), key=lambda lim: lim["seconds"], default=None),
         )
     return rows
-
-
-def _fastest_baseline(row: dict, contenders: list[dict], release: int | None = None) -> str | None:
-    ids = [c["id"] for c in contenders if c["build"] == "authors" and (release is None or c["release"] == release)
-           and c["id"] in row]
-    return min(ids, key=lambda i: row[i]["median"], default=None)
-
-
-def _op_kind(name: str) -> str:
-    return {"convolution": "convolution forward", "convolution_backward": "convolution backward"}.get(
-        name.split(".")[0], "matrix products (mm, addmm, bmm)")
-
-
-def _print_report(args, command, releases, contenders, rows, elapsed, load_start, dense_limit) -> None:
-    batch_of = {k: (QUICK[k]["batch"] if args.quick else MODELS[k][1]) for k in MODELS}
-    print("# Model benchmark\n")
-    print(f"Command: `{command}`\n")
-    print("\n".join(common.machine_lines(args.threads)))
-    print(f"- device: {args.device}" + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
-    peak = None
-    if args.device == "cpu":
-        isa = dense_limit.isa()
-        mhz = common.cpu_info()["mhz"]
-        print(f"- ISA of the dense arithmetic: {isa} ({dense_limit.isa_settings()})")
-        if mhz:
-            peak = {d: dense_limit.fma_peak(args.threads, isa, mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
-            print("- theoretical FMA peak = cores x clock x FLOPs/cycle, assuming "
-                  f"{dense_limit.FMA_UNITS} FMA units per core: " + "; ".join(
-                      f"{d}: {p['cores']} x {p['ghz']:.2f} GHz (/proc/cpuinfo) x {p['flops_per_cycle']} = "
-                      f"{p['flops'] / 1e9:.0f} GFLOP/s" for d, p in peak.items()))
-    for rel in releases:
-        timed = "; ".join(f"{n}: " + ", ".join(f"T={t} {s * 1e3:.0f} ms" for t, s in v.items())
-                          for n, v in rel["nodes"].items() if v)
-        print(f"- SpikingJelly {rel['version']} ({rel['python']}): CPU neuron {rel['node']}"
-              + (f" (fastest forward+backward of 2^20 elements: {timed})" if timed else ""))
-    print("- clock: " + ("process CPU time of the worker (one thread; page faults count as system time)"
-                         if args.clock == "cpu" else "wall clock"))
-    print(f"- {args.warmup} warm-up step(s), then {args.steps} timed steps per process, {args.rounds} round(s) with the "
-          f"contenders interleaved, each a fresh process; medians; run took {elapsed:.0f} s; load average (1 min) at "
-          f"start / end: {load_start:.2f} / {common.load_average():.2f}")
-    print(f"- allocators of the baselines: as is = C library malloc; glibc tuned = GLIBC_TUNABLES={GLIBC_TUNABLES}; "
-          "our allocator = spikingformer.allocator.configure_allocator()")
-    print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
-          "faults = minor page faults per timed step\n")
-    if args.quick:
-        print("**--quick: tiny models, the numbers only show that the benchmark runs.**\n")
-
-    print("| model | pass | dtype | contender | ms / step | images/s | peak MB | max RSS MB | faults / step |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
-    for (key, mode, dtype), row in rows.items():
-        for con in contenders:
-            r = row.get(con["id"])
-            if r:
-                print(f"| {MODELS[key][0]}, B={batch_of[key]} | {mode} | {dtype} | {_label(con, releases)} | "
-                      f"{r['median'] * 1e3:.0f} | {batch_of[key] / r['median']:.1f} | {r['peak'] / 2**20:.0f} | "
-                      f"{r['max_rss'] / 2**20:.0f} | {r['faults']:.0f} |")
-
-    print("\nValid limit: our step's own convolutions and products (forward and backward), each timed alone, "
-          f"best of {args.limit_reps}; efficiency = their summed time / our step's median time (at most 100% but "
-          "for noise):\n")
-    print("| model | pass | dtype | dense ops | GFLOP | dense ms at measured rate | measured GFLOP/s | of FMA peak "
-          "| ours ms | efficiency |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for (key, mode, dtype), row in rows.items():
-        lim = row["ours"]["limit"]
-        if lim is None:
-            continue
-        kinds: dict = {}
-        for op in lim["ops"]:
-            k = kinds.setdefault(_op_kind(op["name"]), [0.0, 0.0, 0])
-            k[0] += op["gflop"] * op["count"]
-            k[1] += op["ms"] * op["count"]
-            k[2] += op["count"]
-        for kind, (gflop, ms, n) in [*sorted(kinds.items()), ("all", (lim["flops"] / 1e9, lim["seconds"] * 1e3, None))]:
-            rate = gflop / ms * 1e3 if ms else 0.0
-            of_peak = f"{rate * 1e9 / peak[dtype]['flops']:.0%}" if peak else ""
-            last = kind == "all"
-            ours = f"{row['ours']['median'] * 1e3:.0f}" if last else ""
-            eff = f"{lim['seconds'] / row['ours']['median']:.1%}" if last else ""
-            label = f"**all {sum(k[2] for k in kinds.values())} calls**" if last else f"{kind} ({n} calls)"
-            print(f"| {MODELS[key][0]} | {mode} | {dtype} | {label} | {gflop:.1f} | {ms:.0f} | {rate:.0f} | {of_peak} | "
-                  f"{ours} | {eff} |")
-
-    print("\nTargets (issue 12): efficiency >= "
-          f"{EFFICIENCY_TARGET:.0%} of the valid limit; never slower than the fastest baseline; peak <= "
-          f"{MAX_MEMORY_RATIO} of its peak; the speed-up target where the limit leaves room (max speed-up the limit "
-          "allows = fastest baseline's time / our dense time):\n")
-    heads = " | ".join(f"vs SJ {rel['version']} (best allocator)" for rel in releases)
-    print(f"| model | pass | dtype | fastest baseline | speed-up | {heads} | efficiency | peak ratio | limit allows "
-          "| speed-up target | met: efficiency / not slower / memory / speed-up |")
-    print("|---|---|---|---|---:|" + "---:|" * len(releases) + "---:|---:|---:|---:|---|")
-    for (key, mode, dtype), row in rows.items():
-        ours, best = row["ours"], _fastest_baseline(row, contenders)
-        if best is None:
-            continue
-        base = row[best]
-        speed = base["median"] / ours["median"]
-        per_release = []
-        for i in range(len(releases)):
-            b = _fastest_baseline(row, contenders, i)
-            per_release.append(f"{row[b]['median'] / ours['median']:.2f}x" if b else "")
-        mem = ours["peak"] / max(base["peak"], 1)
-        lim = ours["limit"] if ours["limit"] and ours["limit"]["seconds"] else None
-        eff = lim["seconds"] / ours["median"] if lim else float("nan")
-        allows = base["median"] / lim["seconds"] if lim else float("inf")
-        target = SPEEDUP_TARGETS[(key, mode)]
-        if allows < target:
-            speed_met = f"forbidden by the limit (at most {allows:.2f}x)"
-        else:
-            speed_met = "yes" if speed >= target else f"no ({speed:.2f}x)"
-        met = " / ".join(["yes" if eff >= EFFICIENCY_TARGET else "no", "yes" if speed >= 1 else "no",
-                          "yes" if mem <= MAX_MEMORY_RATIO else "no", speed_met])
-        con = next(c for c in contenders if c["id"] == best)
-        print(f"| {MODELS[key][0]} | {mode} | {dtype} | {_label(con, releases)}: {base['median'] * 1e3:.0f} ms | "
-              f"{speed:.2f}x | {' | '.join(per_release)} | {eff:.1%} | {mem:.2f} | {allows:.2f}x | {target}x | {met} |")
 
 
 def print_profile(args: argparse.Namespace, command: str) -> None:
