@@ -38,12 +38,13 @@ _FAMILIES = {
 }
 
 
-def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch") -> nn.Module:
+def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch", node: str | None = None) -> nn.Module:
     """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it
-    (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU)."""
+    (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU), or the installed
+    SpikingJelly's class ``node`` (see ``sj_neurons.cpu_nodes``)."""
     from sj_neurons import SpikingJellyLIF
 
-    return SpikingJellyLIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
+    return SpikingJellyLIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend, node=node)
 
 
 class AuthorsMLP(nn.Module):

@@ -5,40 +5,42 @@ Two architectures, as in the performance issue:
 * ``cifar``: Spikingformer-4-384 for CIFAR-10 (32x32 images, T = 4), batch 16;
 * ``event``: the 2-256 event model for CIFAR10-DVS (128x128 event frames, T = 16), batch 8.
 
-Each is built three times, with the same weights:
+Contenders, all with the same weights, each in its own fresh process (so no allocator state leaks):
 
 * ``ours``: this project's model (fused :class:`MultiStepLIF` neurons, the model-level changes, the
   allocator set up as ``spikingformer`` does at start-up:
   :func:`spikingformer.allocator.configure_allocator`);
-* ``authors' code + SJ`` -- the baseline of the targets: the authors' model layer for layer
-  (``benchmarks/authors_model.py``, which reproduces the logits of their code
-  exactly) with SpikingJelly's ``MultiStepLIFNode(backend='torch')``, ``functional.reset_net(model)``
-  after every batch and the C library's default allocator, as the authors' training scripts run;
-* ``SJ neurons in our layers``: our model with every neuron replaced by SpikingJelly's (default
-  allocator), which isolates what the neurons alone contribute.
+* the baselines: the authors' model layer for layer (``benchmarks/authors_model.py``, which
+  reproduces the logits of their code exactly) with ``functional.reset_net(model)`` after every
+  batch, once per SpikingJelly release (``--sj-python``: one Python per release, the authors' pin
+  0.0.0.0.12 and today's 2.x cannot share an environment), with that release's fastest CPU neuron
+  (timed side by side first when it has more than one, see ``sj_neurons.cpu_nodes``), and each
+  under the allocator help a knowledgeable user would give it (:data:`ALLOCATORS`): as is, glibc's
+  malloc tuned through ``GLIBC_TUNABLES`` (no ``mmap`` per large block, no trimming, huge pages),
+  and our caching allocator. A release's baseline is its fastest allocator set-up.
 
-Each configuration -- model x build x {training step, inference batch} x {fp32, bf16 autocast} --
-runs in a fresh process: two warm-up steps, then the median wall time of ``--steps`` steps. Two
-more training-step rows separate the allocator's share (``ours`` with the default allocator, the
-authors' build with ours).
+Each configuration -- model x contender x {training step, inference batch} x {fp32, bf16 autocast}
+-- runs ``--warmup`` untimed steps, then ``--steps`` timed ones; ``--rounds`` repeats the whole set,
+contenders interleaved, and the median of all timed steps is reported.
 
 * training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step;
 * inference batch = ``model.eval()`` forward under ``torch.inference_mode()``;
 * peak memory = the process's peak resident set (``getrusage().ru_maxrss``) minus its resident set
   just before the first step (model and input already allocated; gradients and the AdamW state,
-  created by the first step, count in it): the step's working set. The table also gives the
-  process's peak RSS.
-* efficiency = FLOPs of our fp32 training step (counted by ``torch.utils.flop_counter.
-  FlopCounterMode`` over one forward+backward: every matmul / convolution in both passes; the
-  neurons, BatchNorm and optimizer are elementwise work and are not counted) / its median time,
-  as a fraction of the dense matmul rate measured in the same run (2048x2048 matrices, fp32 and
-  bf16, on the same threads; the faster of ``torch.mm`` and the same product as a oneDNN 1x1
-  convolution).
+  created by the first step, count in it): the step's working set;
+* valid limit (``dense_limit.py``): every convolution and matrix product our step dispatches,
+  forward and backward, recorded on one real step and timed in isolation (best of ``--limit-reps``)
+  on the same threads; their summed time is the least time the step's dense arithmetic needs at
+  this machine's rate on exactly those shapes, and efficiency = that time / our step's median time
+  (at most 100% but for timing noise). The theoretical FMA peak of the ISA in use is printed beside it.
+
+The report and issue 12's targets are ``model_report.py``.
 
 Usage::
 
-    python benchmarks/bench_model.py                       # both models (~8 min on 2 idle cores)
-    python benchmarks/bench_model.py --models event --steps 5
+    python benchmarks/bench_model.py --dtypes fp32 --sj-python sj012/bin/python --sj-python python
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 python benchmarks/bench_model.py ...   # as an AVX2 CPU
     python benchmarks/bench_model.py --quick               # tiny sizes, one thread: a smoke test
     python benchmarks/bench_model.py --profile --threads 1 # where a training step's time goes
 """
@@ -46,10 +48,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
 import time
+import types
 
 import common
 
@@ -63,52 +67,51 @@ QUICK = {
     "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
 }
 
-# Targets of the performance issue: (model, pass, our dtype, SpikingJelly build's dtype, minimum
-# speed-up); every one also asks for at most half the SpikingJelly build's peak memory.
-TARGETS = [
-    ("cifar", "train", "fp32", "fp32", 1.5),
-    ("cifar", "train", "bf16", "fp32", 2.5),
-    ("cifar", "train", "bf16", "bf16", 2.5),
-    ("event", "train", "fp32", "fp32", 3.0),
-    ("cifar", "infer", "fp32", "fp32", 2.0),
-    ("event", "infer", "fp32", "fp32", 2.0),
-]
-MAX_MEMORY_RATIO = 0.5
+# allocator set-ups of the baselines: label -> (environment of the worker, install our allocator)
+GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184:"
+                  "glibc.malloc.hugetlb=1")
+ALLOCATORS = {
+    "as is": ({"SPIKINGFORMER_ALLOCATOR": "0"}, False),
+    "glibc tuned": ({"SPIKINGFORMER_ALLOCATOR": "0", "GLIBC_TUNABLES": GLIBC_TUNABLES}, False),
+    "our allocator": ({}, True),
+}
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-BUILDS = {
-    # build: (label, SpikingJelly neurons reset after every batch)
-    "ours": ("ours", False),
-    "authors": ("authors' code + SJ", True),
-    "sj": ("SJ neurons in our layers", True),
-}
-
-
 def build(job: dict):
-    """The model of ``job["build"]``, a batch of inputs and labels (deterministic: seed 0).
+    """The model of ``job["build"]`` (``"ours"`` or ``"authors"``), a batch of inputs and labels
+    (deterministic: seed 0).
 
-    All builds get the same weights: those of the authors' model
-    (``authors_model.py``) initialised with seed 0, loaded into ours
-    through the authors' key translation.
+    Both get the same weights: those of the authors' model (``authors_model.py``) initialised with
+    seed 0, loaded into ours through the authors' key translation. The authors' build needs only
+    ``job["config"]`` (a ``ModelConfig`` as a dict) and SpikingJelly, not this package's models, so
+    it runs in a Python with another SpikingJelly release.
     """
     import torch
 
     import authors_model
     import sj_neurons
-    from spikingformer.models.zoo import create_model, load_weights
-    from spikingformer.neuron import MultiStepLIF
 
     overrides = dict(job.get("overrides", {}))
     batch = overrides.pop("batch", job["batch"])
-    model = create_model(job["name"], **overrides)
-    c = model.config
+    if job.get("config") is None:
+        from spikingformer.models.zoo import model_config
+
+        job = dict(job, config=dataclasses.asdict(model_config(job["name"], **overrides)))
+    c = types.SimpleNamespace(**job["config"])
     build_ = job.get("build", "ours")
     sj_backend = sj_neurons.spikingjelly_backend(job.get("device", "cpu"))
-    ours_neuron = lambda tau, v_th: MultiStepLIF(tau=tau, v_threshold=v_th, detach_reset=True)  # noqa: E731
-    sj_neuron = lambda tau, v_th: authors_model.spikingjelly_neuron(tau, v_th, sj_backend)  # noqa: E731
+
+    def sj_neuron(tau, v_th):
+        return authors_model.spikingjelly_neuron(tau, v_th, sj_backend, job.get("sj_node"))
+
+    def ours_neuron(tau, v_th):
+        from spikingformer.neuron import MultiStepLIF
+
+        return MultiStepLIF(tau=tau, v_threshold=v_th, detach_reset=True)
+
     # job["authors_neuron"] = "ours" builds the authors' layers with our neurons (for tests without SpikingJelly)
     authors_in_sj = build_ == "authors" and job.get("authors_neuron", "spikingjelly") == "spikingjelly"
     torch.manual_seed(0)
@@ -116,9 +119,10 @@ def build(job: dict):
     if build_ == "authors":
         model = authors
     else:
+        from spikingformer.models.zoo import create_model, load_weights
+
+        model = create_model(job["name"], **overrides)
         load_weights(model, {"state_dict": authors.state_dict()})
-        if build_ == "sj":
-            sj_neurons.use_spikingjelly_neurons(model, sj_backend)
     del authors
     torch.manual_seed(1)
     if c.family == "event":
@@ -132,9 +136,9 @@ def build(job: dict):
 
 
 def _worker(job: dict) -> dict:
-    from spikingformer import allocator
-
     if job["our_allocator"]:
+        from spikingformer import allocator
+
         allocator.configure_allocator()
     import torch
 
@@ -144,7 +148,7 @@ def _worker(job: dict) -> dict:
     device = job.get("device", "cpu")
     model, x, y = build(job)
     model, x, y = model.to(device), x.to(device), y.to(device)
-    sj = BUILDS[job["build"]][1]
+    sj = job["build"] == "authors"
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
     memory = common.MemoryProbe(device)
     if job["mode"] == "train":
@@ -169,62 +173,62 @@ def _worker(job: dict) -> dict:
                 sj_neurons.reset_spikingjelly(model)
 
     rss0 = memory.current()
-    times = []
+    times, cpu_times = [], []
     for i in range(job["warmup"] + job["steps"]):
         if i == job["warmup"]:
             faults0 = common.minor_faults()
         memory.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         memory.synchronize()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     result = dict(
         times=times,
+        cpu_times=cpu_times,
         rss_before=rss0,
         max_rss=memory.peak(),
         faults_per_step=(common.minor_faults() - faults0) / job["steps"],
-        allocator=allocator.allocator_state(),
+        sj_version=sj_neurons.spikingjelly_version(),
     )
-    if job.get("count_flops"):
-        from torch.utils.flop_counter import FlopCounterMode
+    if job.get("limit_reps"):  # after the timed steps, so that the replay's tensors do not count in the peak
+        import dense_limit
 
-        counter = FlopCounterMode(display=False)
-        with counter, autocast:
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-        result["flops"] = counter.get_total_flops()
+        result["limit"] = dense_limit.measure(step, device, job["limit_reps"])
     return result
 
 
-def _matmul_worker(job: dict) -> dict:
-    """Dense n x n x n product rates: ``torch.mm`` (MKL on x86 CPUs) and the same product as a 1x1
-    convolution (oneDNN, the route :class:`~spikingformer.layers.TokenLinear` takes); the faster of
-    the two is the machine's dense rate."""
+def _sj_worker(job: dict) -> dict:
+    """This Python's SpikingJelly: its version, and forward+backward times of each of its CPU neurons
+    (:func:`sj_neurons.cpu_nodes`) on ``T x 2^20`` float32 elements, interleaved over ``rounds``."""
     import torch
 
+    import sj_neurons
+
     torch.set_num_threads(job["threads"])
-    device = job.get("device", "cpu")
-    sync = common.MemoryProbe(device).synchronize
-    n = job["n"]
-    out = {}
-    for dtype in job["dtypes"]:
-        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a = torch.randn(n, n, device=device).to(dt)
-        b = torch.randn(n, n, device=device).to(dt)
-        image = a.view(1, n, 1, n).permute(0, 3, 1, 2)  # (1, K, M, 1) channels-last view of a
-        kernel = b.t().contiguous().view(n, n, 1, 1)
-        routes = {"mm": lambda: torch.mm(a, b), "onednn": lambda: torch.nn.functional.conv2d(image, kernel)}
-        for route, fn in routes.items():
-            fn()
-            times = []
-            for _ in range(job["reps"]):
-                sync()
+    out = dict(version=sj_neurons.spikingjelly_version(), nodes={})
+    if out["version"] == "not installed":
+        return out
+    nodes = sj_neurons.cpu_nodes()
+    if len(nodes) == 1:
+        out["nodes"] = {nodes[0]: {}}
+        return out
+    gen = torch.Generator().manual_seed(0)
+    for t in job["time_steps"]:
+        x = torch.randn(t, 2**20 // t, generator=gen) * 1.5 + 0.8
+        g = torch.randn(t, 2**20 // t, generator=gen)
+        neurons = {n: sj_neurons.spikingjelly_function(node=n) for n in nodes}
+        times = {n: [] for n in nodes}
+        for r in range(job["rounds"] + 1):
+            for n, fn in neurons.items():
+                xg = x.clone().requires_grad_(True)
                 t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-            out[f"{dtype}_{route}"] = 2 * n**3 / statistics.median(times)
-        out[dtype] = max(out[f"{dtype}_mm"], out[f"{dtype}_onednn"])
+                fn(xg).backward(g)
+                if r:  # the first round warms up
+                    times[n].append(time.perf_counter() - t0)
+        for n in nodes:
+            out["nodes"].setdefault(n, {})[str(t)] = statistics.median(times[n])
     return out
 
 
@@ -260,7 +264,7 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if BUILDS[build_][1]:
+        if build_ == "authors":
             sj_neurons.reset_spikingjelly(model)
 
     for _ in range(2):  # the heap grows over the first steps
@@ -287,17 +291,29 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The model benchmark's options."""
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                     help="which models to time: cifar (Spikingformer-4-384), event (2-256 event model); default: both")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
+                    help="training step and/or inference batch; default: both")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the heap grows over the first steps)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every contender this many times, interleaved (each a fresh process)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads in every worker (default: all cores; 1 with --quick)")
+                    help="torch.set_num_threads in every worker (default: all cores; 1 with --quick or --clock cpu)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: wall-clock time; cpu: the worker's process CPU time on one thread, which other "
+                         "processes on a loaded machine barely disturb (page faults count: they are system time)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="precisions to time (bf16: autocast); default: both")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the models run; on cuda, SpikingJelly uses its cupy backend when CuPy imports, and "
                          "peak memory is torch.cuda.max_memory_allocated")
-    ap.add_argument("--no-allocator-rows", action="store_true",
-                    help="skip the two extra rows that separate the allocator's share from the neurons'")
+    ap.add_argument("--sj-python", action="append", default=None, metavar="PYTHON",
+                    help="a Python whose SpikingJelly release gives one baseline (repeat for several releases; it "
+                         "must import spikingformer.allocator, e.g. PYTHONPATH=src); default: this Python")
+    ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS),
+                    help="allocator set-ups tried for every baseline (the fastest counts); default: all")
+    ap.add_argument("--limit-reps", type=int, default=5,
+                    help="timings of each of the step's convolutions and products in isolation (best counts)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny models (1 block, D=64, T=2, batch 2): checks the benchmark runs, times mean nothing")
     ap.add_argument("--profile", action="store_true",
@@ -317,143 +333,113 @@ def drop_emulated_bf16(args: argparse.Namespace) -> None:
     print(f"bf16 rows skipped: {BF16_EMULATED}", file=sys.stderr, flush=True)
 
 
-def _jobs(args: argparse.Namespace) -> list[dict]:
-    jobs = []
-    for key in args.models:
-        name, batch, t, _ = MODELS[key]
-        base = dict(model=key, name=name, batch=batch, threads=args.threads, warmup=args.warmup, steps=args.steps,
-                    device=args.device)
-        if args.quick:
-            base["overrides"] = QUICK[key]
-        for mode in ("train", "infer"):
-            for dtype in args.dtypes:
-                for build_ in BUILDS:
-                    jobs.append(dict(base, mode=mode, dtype=dtype, build=build_, our_allocator=build_ == "ours",
-                                     count_flops=(build_ == "ours" and mode == "train" and dtype == "fp32")))
-        if not args.no_allocator_rows and "fp32" in args.dtypes and args.device == "cpu":
-            for build_, ours_alloc in (("ours", False), ("authors", True)):
-                jobs.append(dict(base, mode="train", dtype="fp32", build=build_, our_allocator=ours_alloc))
-    return jobs
-
-
-def _row_name(job: dict) -> str:
-    label = BUILDS[job["build"]][0]
-    if job["our_allocator"] != (job["build"] == "ours"):  # the non-default allocator for this build
-        label += ", default allocator" if job["build"] == "ours" else ", our allocator"
-    return label
-
-
 def torch_cuda_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device visible"
 
 
+def _spikingjelly_releases(args: argparse.Namespace) -> list[dict]:
+    """One baseline per ``--sj-python``: its SpikingJelly version and fastest CPU neuron."""
+    releases = []
+    time_steps = sorted({(QUICK[k]["time_steps"] if args.quick else MODELS[k][2] or 4) for k in args.models})
+    for python in args.sj_python:
+        try:
+            res = common.run_worker(__file__, dict(kind="sj", threads=args.threads, time_steps=time_steps,
+                                                   rounds=1 if args.quick else 3), python=python)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"--sj-python {python}: it cannot run the benchmark's worker "
+                             f"({str(err).strip().splitlines()[-1]})") from None
+        if res["version"] == "not installed":
+            raise ValueError(f"the model benchmark compares against SpikingJelly's neurons, which {python} lacks: "
+                             "pip install \"spikingformer[bench]\" (or pass --sj-python PYTHON with it installed)")
+        nodes = res["nodes"]
+        node = min(nodes, key=lambda n: sum(nodes[n].values()))
+        releases.append(dict(python=python, version=res["version"], node=node, nodes=nodes))
+    return releases
+
+
+def _contenders(args: argparse.Namespace, releases: list[dict]) -> list[dict]:
+    allocators = args.allocators if args.device == "cpu" else ["as is"]
+    out = [dict(id="ours", build="ours", allocator="our allocator", python=sys.executable, release=None)]
+    for i, rel in enumerate(releases):
+        for alloc in allocators:
+            out.append(dict(id=f"sj{i}/{alloc}", build="authors", allocator=alloc, python=rel["python"], release=i,
+                            sj_node=rel["node"]))
+    return out
+
+
 def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     """Run every configuration (each in a fresh process) and print the report; returns the results."""
-    import sj_neurons
+    import model_report
+    from spikingformer.models.zoo import model_config
 
     if args.threads is None:
-        args.threads = 1 if args.quick else os.cpu_count()
+        args.threads = 1 if args.quick or args.clock == "cpu" else os.cpu_count()
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError("--clock cpu times one thread (a parallel region's CPU time is not its duration): "
+                         "drop --threads or pass --threads 1")
     if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
     drop_emulated_bf16(args)
-    sj_version = sj_neurons.spikingjelly_version()
-    if sj_version == "not installed":
-        raise ValueError("the model benchmark compares against SpikingJelly's neurons: pip install \"spikingformer[bench]\" (SpikingJelly 0.0.0.0.14)")
+    args.sj_python = args.sj_python or [sys.executable]
     load_start = common.load_average()
     start = time.perf_counter()
-    env_default = {"SPIKINGFORMER_ALLOCATOR": "0"}  # workers decide themselves whether to tune
-    mm = common.run_worker(__file__, dict(kind="matmul", n=512 if args.quick else 2048, reps=5, threads=args.threads,
-                                        device=args.device, dtypes=args.dtypes), env_default)
-    results = []
-    for job in _jobs(args):
-        job = dict(job, kind="model")
-        res = common.run_worker(__file__, job, env={} if job["our_allocator"] else env_default)
-        res["median"] = statistics.median(res["times"])
-        results.append((job, res))
-        print(f"  [{time.perf_counter() - start:5.0f} s] {job['model']} {job['mode']} {job['dtype']} "
-              f"{_row_name(job)}: {res['median'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    releases = _spikingjelly_releases(args)
+    contenders = _contenders(args, releases)
+    results: dict = {}  # (model, mode, dtype, contender id) -> list of worker results, one per round
+    for rnd in range(args.rounds):
+        for key in args.models:
+            name, batch, t, _ = MODELS[key]
+            overrides = QUICK[key] if args.quick else {}
+            config = dataclasses.asdict(model_config(name, **{k: v for k, v in overrides.items() if k != "batch"}))
+            for mode in args.modes:
+                for dtype in args.dtypes:
+                    for con in contenders:
+                        job = dict(kind="model", model=key, name=name, batch=batch, time_steps=t, overrides=overrides,
+                                   config=config, threads=args.threads, warmup=args.warmup, steps=args.steps,
+                                   device=args.device, mode=mode, dtype=dtype, build=con["build"],
+                                   sj_node=con.get("sj_node"), our_allocator=ALLOCATORS[con["allocator"]][1],
+                                   limit_reps=args.limit_reps if con["build"] == "ours" else 0)
+                        res = common.run_worker(__file__, job, env=ALLOCATORS[con["allocator"]][0],
+                                                python=con["python"])
+                        results.setdefault((key, mode, dtype, con["id"]), []).append(res)
+                        print(f"  [{time.perf_counter() - start:5.0f} s] round {rnd + 1} {key} {mode} {dtype} "
+                              f"{model_report.label(con, releases)}: {statistics.median(res['times']) * 1e3:.0f} ms, "
+                              f"CPU {statistics.median(res['cpu_times']) * 1e3:.0f} ms",
+                              file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
+    rows = _summarise(args, contenders, results)
+    model_report.print_report(
+        args, command, releases, contenders, rows, elapsed, load_start,
+        names={k: v[0] for k, v in MODELS.items()},
+        batches={k: (QUICK[k]["batch"] if args.quick else MODELS[k][1]) for k in MODELS},
+        allocators_note=f"as is = C library malloc; glibc tuned = GLIBC_TUNABLES={GLIBC_TUNABLES}; "
+                        "our allocator = spikingformer.allocator.configure_allocator()",
+        device_note=args.device + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
+    return dict(releases=releases, rows=rows)
 
-    print("# Model benchmark\n")
-    print(f"Command: `{command}`\n")
-    print("\n".join(common.machine_lines(args.threads)))
-    print(f"- device: {args.device}" + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
-    print(f"- dense matmul ({'512' if args.quick else '2048'}^3, median of 5; the faster route is the reference): "
-          + ", ".join(f"{d} torch.mm {mm[d + '_mm'] / 1e9:.0f} / 1x1 conv {mm[d + '_onednn'] / 1e9:.0f} GFLOP/s"
-                      for d in args.dtypes))
-    print(f"- {args.warmup} warm-up step(s), then the median of {args.steps} steps, each configuration in a fresh "
-          f"process; run took {elapsed:.0f} s; load average (1 min) at start / end: {load_start:.2f} / "
-          f"{common.load_average():.2f}")
-    if args.device == "cuda":
-        print("- on cuda, 'peak' and 'max RSS' are torch.cuda.max_memory_allocated minus / and memory_allocated "
-              "before the first step; SpikingJelly backend: " + sj_neurons.spikingjelly_backend("cuda"))
-    print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
-          "max RSS = the worker's peak RSS; faults = minor page faults per timed step (4 KiB pages the kernel had to map and zero)\n")
-    if args.quick:
-        print("**--quick: tiny models, the numbers only show that the benchmark runs.**\n")
 
-    def find(job, **kw):
-        for j, r in results:
-            if j["model"] == job["model"] and all(j[k] == v for k, v in kw.items()):
-                return r
-        return None
-
-    print("| model | pass | dtype | build | ms / step | images/s | peak MB | max RSS MB | faults / step "
-          "| authors' time / ours | ours peak / authors' peak | SJ-in-our-layers time / ours |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for job, res in results:
-        batch = job.get("overrides", {}).get("batch", job["batch"])
-        peak = res["max_rss"] - res["rss_before"]
-        ratios = ["", "", ""]
-        if job["build"] == "ours":
-            authors = find(job, mode=job["mode"], dtype=job["dtype"], build="authors", our_allocator=False)
-            sj = find(job, mode=job["mode"], dtype=job["dtype"], build="sj", our_allocator=False)
-            if authors:
-                ratios[0] = f"{authors['median'] / res['median']:.2f}x"
-                ratios[1] = f"{peak / max(authors['max_rss'] - authors['rss_before'], 1):.2f}"
-            if sj:
-                ratios[2] = f"{sj['median'] / res['median']:.2f}x"
-        label = f"{MODELS[job['model']][0]}, B={batch}"
-        print(f"| {label} | {job['mode']} | {job['dtype']} | {_row_name(job)} | {res['median'] * 1e3:.0f} | "
-              f"{batch / res['median']:.1f} | {peak / 2**20:.0f} | {res['max_rss'] / 2**20:.0f} | "
-              f"{res['faults_per_step']:.0f} | {' | '.join(ratios)} |")
-
-    print("\nEfficiency of our fp32 training step (FLOPs counted by FlopCounterMode over forward+backward; "
-          "fraction of the dense fp32 / bf16 matmul rate measured above):\n")
-    print("| model | dtype | GFLOP / step | ms / step | achieved GFLOP/s | fraction of dense matmul |")
-    print("|---|---|---:|---:|---:|---:|")
-    for job, res in results:
-        if "flops" in res:
-            for dtype in args.dtypes:
-                r = find(job, mode="train", dtype=dtype, build="ours", our_allocator=True)
-                if r is None:
-                    continue
-                rate = res["flops"] / r["median"]
-                print(f"| {MODELS[job['model']][0]} | {dtype} | {res['flops'] / 1e9:.1f} | {r['median'] * 1e3:.0f} | "
-                      f"{rate / 1e9:.1f} | {rate / mm[dtype]:.1%} |")
-    print("\nTargets, against the authors' code with SpikingJelly's neurons (speed-up = its median time / ours; "
-          f"memory = our step peak / its step peak, target <= {MAX_MEMORY_RATIO}); the last column compares with "
-          "SpikingJelly's neurons in our own layers, which isolates the neurons' share:\n")
-    print("| model | pass | ours | baseline | speed-up | target | met | memory ratio | met | speed-up vs SJ in our layers |")
-    print("|---|---|---|---|---:|---:|---|---:|---|---:|")
-    for key, mode, dtype, sj_dtype, minimum in TARGETS:
-        def pick(build_, dt, ours_alloc):
-            return next((r for j, r in results if j["model"] == key and j["mode"] == mode and j["dtype"] == dt
-                         and j["build"] == build_ and j["our_allocator"] == ours_alloc), None)
-
-        ours, authors, sj = pick("ours", dtype, True), pick("authors", sj_dtype, False), pick("sj", sj_dtype, False)
-        if ours is None or authors is None:
-            continue
-        speed = authors["median"] / ours["median"]
-        mem = (ours["max_rss"] - ours["rss_before"]) / max(authors["max_rss"] - authors["rss_before"], 1)
-        vs_sj = f"{sj['median'] / ours['median']:.2f}x" if sj else ""
-        print(f"| {MODELS[key][0]} | {mode} | {dtype} | {sj_dtype} | {speed:.2f}x | {minimum}x | "
-              f"{'yes' if speed >= minimum else 'no'} | {mem:.2f} | {'yes' if mem <= MAX_MEMORY_RATIO else 'no'} | "
-              f"{vs_sj} |")
-    print("\nAllocator: " + "; ".join(sorted({f"{_row_name(j)}: {r['allocator']}" for j, r in results})))
-    return dict(matmul=mm, results=results)
+def _summarise(args, contenders, results) -> dict:
+    """Per (model, mode, dtype): each contender's median time (``args.clock``), peak and faults, and ours's limit."""
+    cpu = args.clock == "cpu"
+    for runs in results.values():
+        for r in runs:
+            if cpu and "limit" in r:
+                r["limit"] = dict(r["limit"], seconds=r["limit"]["cpu_seconds"],
+                                  ops=[dict(o, ms=o["cpu_ms"]) for o in r["limit"]["ops"]])
+    rows = {}
+    for (key, mode, dtype, cid), runs in results.items():
+        row = rows.setdefault((key, mode, dtype), {})
+        times = [t for r in runs for t in r["cpu_times" if cpu else "times"]]
+        row[cid] = dict(
+            median=statistics.median(times),
+            peak=statistics.median(r["max_rss"] - r["rss_before"] for r in runs),
+            max_rss=max(r["max_rss"] for r in runs),
+            faults=statistics.median(r["faults_per_step"] for r in runs),
+            limit=min((r["limit"] for r in runs if "limit" in r), key=lambda lim: lim["seconds"], default=None),
+        )
+    return rows
 
 
 def print_profile(args: argparse.Namespace, command: str) -> None:
@@ -492,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         if job["kind"] == "profile":
             common.report(dict(groups=profile_step(job["model"], job["dtype"], job["threads"])))
         else:
-            common.report(_matmul_worker(job) if job["kind"] == "matmul" else _worker(job))
+            common.report(_sj_worker(job) if job["kind"] == "sj" else _worker(job))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)

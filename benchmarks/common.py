@@ -62,17 +62,32 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (``platform`` and no flags elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), []
+def cpu_info() -> dict:
+    """The CPU as ``/proc/cpuinfo`` describes its first processor: ``model``, ``flags`` (a list) and
+    ``mhz`` (its current clock as the kernel reports it; ``None`` where absent)."""
+    info = dict(model=platform.processor() or platform.machine(), flags=[], mhz=None)
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.readlines()
-        model = next(line for line in lines if line.startswith("model name")).split(":", 1)[1].strip()
-        flags = next(line for line in lines if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        pass
-    return model, flags
+    except OSError:
+        return info
+    fields = {}
+    for line in lines:
+        if not line.strip():
+            break  # the first processor only
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    info["model"] = fields.get("model name", info["model"])
+    info["flags"] = fields.get("flags", "").split()
+    if fields.get("cpu MHz"):
+        info["mhz"] = float(fields["cpu MHz"])
+    return info
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (``platform`` and no flags elsewhere)."""
+    info = cpu_info()
+    return info["model"], info["flags"]
 
 
 def cpu_description() -> str:
@@ -115,12 +130,14 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def run_worker(script: str, job: dict, env: dict | None = None, timeout: float = 600) -> dict:
-    """Run ``python SCRIPT --worker JSON`` in a fresh process; return the dict it reports."""
+def run_worker(script: str, job: dict, env: dict | None = None, timeout: float = 600,
+               python: str | None = None) -> dict:
+    """Run ``PYTHON SCRIPT --worker JSON`` in a fresh process (``python``: this interpreter unless
+    given); return the dict it reports."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(script), "--worker", json.dumps(job)],
+        [python or sys.executable, os.path.abspath(script), "--worker", json.dumps(job)],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )
     for line in reversed(proc.stdout.splitlines()):

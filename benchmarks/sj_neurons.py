@@ -1,7 +1,7 @@
 """SpikingJelly's multi-step LIF neuron for the benchmark scripts, whatever its release.
 
 The one adapter of this folder: the neuron benchmark times it as a function, the model benchmark
-swaps it into our layers and builds the authors' model with it, ``bench_lif_peers.py`` compares it.
+builds the authors' model with it, ``bench_lif_peers.py`` compares it.
 """
 
 from __future__ import annotations
@@ -40,19 +40,35 @@ def spikingjelly_backend(device: str) -> str:
     return "torch"
 
 
+def cpu_nodes() -> list[str]:
+    """The installed SpikingJelly's multi-step LIF classes that run on CPU tensors, for :class:`SpikingJellyLIF`'s
+    ``node``: ``MultiStepLIFNode`` in 0.0.0.0.x; in 2.x ``LIFNode`` (on the CPU its registered ``sj_lif``
+    operator, a loop of torch ops with a hand-written backward) and ``SimpleLIFNode`` (its pure-PyTorch
+    charge-fire-reset loop, differentiated by autograd)."""
+    try:
+        import spikingjelly.clock_driven  # noqa: F401
+    except ImportError:
+        return ["LIFNode", "SimpleLIFNode"]
+    return ["MultiStepLIFNode"]
+
+
 class SpikingJellyLIF(nn.Module):
     """SpikingJelly's multi-step LIF, any release, with the given tau, threshold, reset and sigmoid
     surrogate: ``MultiStepLIFNode`` in 0.0.0.0.12 - 0.0.0.0.14 (the releases the authors' code runs
-    on), ``LIFNode(step_mode="m")`` in newer ones (2.x has no ``backend`` argument: it picks by device).
+    on), ``LIFNode(step_mode="m")`` in newer ones (2.x has no ``backend`` argument: it picks by device),
+    or another class of :func:`cpu_nodes` named by ``node``.
 
     It keeps its membrane between calls, so ``functional.reset_net(model)`` must run after every
     batch (:func:`reset_spikingjelly`), as in the authors' training loops.
     """
 
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0, alpha: float = 4.0,
-                 detach_reset: bool = True, backend: str = "torch") -> None:
+                 detach_reset: bool = True, backend: str = "torch", node: str | None = None) -> None:
         super().__init__()
         kwargs = dict(tau=tau, v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset)
+        if node not in (None, *cpu_nodes()):
+            raise ValueError(f"SpikingJelly {spikingjelly_version()} has no CPU node {node!r}; "
+                             f"choose one of {', '.join(cpu_nodes())}")
         try:
             from spikingjelly.clock_driven import neuron, surrogate
 
@@ -63,15 +79,11 @@ class SpikingJellyLIF(nn.Module):
 
             from spikingjelly.activation_based import neuron, surrogate
 
-            extra = {"backend": backend} if "backend" in inspect.signature(neuron.LIFNode).parameters else {}
-            self.node = neuron.LIFNode(**kwargs, surrogate_function=surrogate.Sigmoid(alpha=alpha), step_mode="m",
-                                       **extra)
-
-    @classmethod
-    def like(cls, lif: nn.Module, backend: str = "torch") -> SpikingJellyLIF:
-        """The SpikingJelly neuron with the parameters of one of our ``MultiStepLIF`` modules."""
-        p = lif.params
-        return cls(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset, backend)
+            cls = getattr(neuron, node or "LIFNode")
+            extra = {"backend": backend} if "backend" in inspect.signature(cls).parameters else {}
+            if cls is neuron.SimpleLIFNode:
+                extra["decay_input"] = True  # LIFNode's default; SimpleLIFNode has none
+            self.node = cls(**kwargs, surrogate_function=surrogate.Sigmoid(alpha=alpha), step_mode="m", **extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.node(x)
@@ -87,17 +99,6 @@ def spikingjelly_function(device: torch.device | str = "cpu", **params) -> Calla
         return node(x)
 
     return run
-
-
-def use_spikingjelly_neurons(model: nn.Module, backend: str = "torch") -> int:
-    """Replace every ``MultiStepLIF`` in ``model`` by :class:`SpikingJellyLIF`; returns how many."""
-    from spikingformer.neuron import MultiStepLIF
-
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, MultiStepLIF)]
-    for parent, name, child in swaps:
-        setattr(parent, name, SpikingJellyLIF.like(child, backend))
-    return len(swaps)
 
 
 def reset_spikingjelly(model: nn.Module) -> None:

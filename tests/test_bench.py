@@ -26,18 +26,112 @@ def _has_spikingjelly() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
-def test_bench_model_quick_prints_ratios(capsys):
+def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     bench_model.main(["--quick", "--steps", "1", "--warmup", "0", "--models", "cifar", "--dtypes", "fp32",
-                      "--no-allocator-rows"])
+                      "--allocators", "as is", "--limit-reps", "1"])
     out = capsys.readouterr().out
     assert "Command: `" in out and "--models cifar" in out
     assert "torch " in out and "spikingjelly " in out and "CPU:" in out
-    assert "authors' time / ours" in out and "ours peak / authors' peak" in out
-    rows = [line for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384, B=2 |")]
-    assert len(rows) == 6  # train/infer x ours/authors' code/SJ neurons in our layers
-    ours = [line.split("|") for line in rows if line.split("|")[4].strip() == "ours"]
-    assert len(ours) == 2 and all(cells[-4].strip().endswith("x") and cells[-2].strip().endswith("x") for cells in ours)
-    assert "fraction of dense matmul" in out and "Targets" in out
+    assert "ISA of the dense arithmetic: " in out and "theoretical FMA peak" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384, B=2 |")]
+    assert [(r[2].strip(), r[4].strip().split(",")[0].split(" ")[0]) for r in rows] == [
+        ("train", "ours"), ("train", "authors"), ("infer", "ours"), ("infer", "authors")]
+    # the valid limit: the step's dense ops were recorded in both passes, and give an efficiency
+    totals = [line.split("|") for line in out.splitlines() if "**all " in line]
+    assert [t[2].strip() for t in totals] == ["train", "infer"]
+    assert all(int(t[4].split()[1]) > 0 and float(t[5]) > 0 and t[-2].strip().endswith("%") for t in totals)
+    targets = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384 | ")
+               and line.count("x |") >= 3]
+    assert [t[2].strip() for t in targets] == ["train", "infer"]
+    assert all(t[5].strip().endswith("x") and t[-2].count("/") == 3 for t in targets)
+
+
+def test_dense_ops_are_the_steps_flops_in_training_and_inference():
+    """The recorded convolutions and products carry exactly the FLOPs ``FlopCounterMode`` counts over
+    the same step, forward and backward, and under ``inference_mode`` (where composite ops such as
+    ``conv2d`` reach a dispatch mode undecomposed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import dense_limit
+    from spikingformer.models.zoo import create_model
+
+    model = create_model("spikingformer_cifar10_4_384", **{k: v for k, v in bench_model.QUICK["cifar"].items()
+                                                            if k != "batch"})
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+
+    def train():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def infer():
+        with torch.inference_mode():
+            model.eval()(x)
+
+    for step in (train, infer):
+        ops = dense_limit.dense_ops(step)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        assert counter.get_total_flops() > 0
+        assert sum(o["flops"] * o["count"] for o in ops) == counter.get_total_flops()
+        names = {o["name"].rsplit(".", 1)[0] for o in ops}
+        assert "aten.convolution" in names and ("aten.convolution_backward" in names) == (step is train)
+
+
+def test_dense_op_replay_keeps_shapes_strides_and_dtype():
+    import torch
+
+    import dense_limit
+
+    gen = torch.Generator().manual_seed(0)
+    channels_last = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    expanded = torch.randn(7, dtype=torch.bfloat16).expand(3, 7)
+    for t in (channels_last, expanded, torch.randn(4, 6).t()):
+        rebuilt = dense_limit._build(dense_limit._spec(t), "cpu", gen)
+        assert (rebuilt.shape, rebuilt.stride(), rebuilt.dtype) == (t.shape, t.stride(), t.dtype)
+    args = dense_limit._build(dense_limit._spec([channels_last, [1, 2], None, False]), "cpu", gen)
+    assert args[1:] == [[1, 2], None, False]
+
+
+def test_isa_and_fma_peak():
+    import dense_limit
+
+    avx512 = ["fma", "avx2", "avx512f"]
+    assert dense_limit.isa(avx512, {}) == "AVX-512"
+    assert dense_limit.isa(avx512, {"ONEDNN_MAX_CPU_ISA": "avx2"}) == "AVX2"
+    assert dense_limit.isa(["fma", "avx2"], {}) == "AVX2"
+    assert dense_limit.isa(["fma", "avx2"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == "AVX2"  # a cap never raises
+    assert dense_limit.isa(["sse4_2"], {}) == "SSE"
+    # 2 cores x 2.3 GHz x (2 FMA units x 16 fp32 lanes x 2 FLOPs) = 294.4 GFLOP/s; AVX2 has 8 lanes
+    assert dense_limit.fma_peak(2, "AVX-512", 2.3)["flops"] == pytest.approx(294.4e9)
+    assert dense_limit.fma_peak(2, "AVX2", 2.3)["flops"] == pytest.approx(147.2e9)
+    assert dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True)["flops"] == pytest.approx(588.8e9)
+
+
+@pytest.mark.skipif(not _has_spikingjelly(), reason="compares SpikingJelly's neurons")
+def test_every_spikingjelly_cpu_node_computes_our_neuron():
+    """Each SpikingJelly class the benchmark may pick fires exactly as our reference neuron and passes
+    its gradient (SpikingJelly computes in float32: no charge of this input lies within 1e-4 of the
+    threshold, so no spike depends on a CPU's rounding; gradients to float32 rounding)."""
+    import torch
+
+    import sj_neurons
+    from spikingformer.neuron import LIFParams, lif_membrane_reference, lif_reference
+
+    x = (torch.randn(4, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.5 + 0.8)
+    p = LIFParams(tau=2.0, v_threshold=1.0, detach_reset=True)
+    assert (lif_membrane_reference(x, p)[0] - p.v_threshold).abs().min() > 1e-4
+    xr = x.clone().requires_grad_(True)
+    ref = lif_reference(xr, p)
+    (g_ref,) = torch.autograd.grad(ref.sum(), xr)
+    for node in sj_neurons.cpu_nodes():
+        xs = x.clone().requires_grad_(True)
+        spikes = sj_neurons.spikingjelly_function(node=node, tau=2.0, v_threshold=1.0, alpha=4.0)(xs)
+        (g,) = torch.autograd.grad(spikes.sum(), xs)
+        assert torch.equal(spikes, ref), node
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="has no CPU node"):
+        sj_neurons.SpikingJellyLIF(node="NoSuchNode")
 
 
 @pytest.mark.slow
@@ -68,8 +162,10 @@ def test_bench_lif_without_spikingjelly_says_so_and_drops_the_column(capsys, mon
     assert "x SJ" not in out and "| 4 | 1e+05 | fwd | torch | float32 |" in out
 
 
-def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "spikingjelly", None)
+def test_bench_model_without_spikingjelly_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
+    # the baseline's Python (here this one, in a worker process) cannot import spikingjelly
+    (tmp_path / "spikingjelly.py").write_text("raise ImportError('hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     with pytest.raises(SystemExit) as done:
         bench_model.main(["--quick", "--dtypes", "fp32"])
     assert done.value.code == 2

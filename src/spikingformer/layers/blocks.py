@@ -7,7 +7,7 @@ the blocks, where every pointwise ConvBN is a matrix product followed by a Batch
 
 Spikingformer and Spikformer differ only in where the spiking neuron (SN) sits (paper s.3.1-3.2):
 
-* ``ResidualStyle.SPIKE_DRIVEN``, Spikingformer's spike-driven residual learning (MS Residual):
+* ``ResidualStyle.SPIKE_DRIVEN``, Spikingformer's spike-driven residual learning (paper s.3.2):
   every branch is ``SN -> ConvBN -> ... -> ConvBN`` added to a real-valued stream, so every ConvBN
   and matrix product receives spikes.
 * ``ResidualStyle.SEW_ADD``, Spikformer's (and SEW ResNet's) ADD residual: every branch is

@@ -1,0 +1,167 @@
+"""The valid limit of a step: the time its own convolutions and matrix products take at this machine's rate.
+
+A step cannot run faster than the dense arithmetic it contains. :func:`dense_ops` records every
+convolution and matrix product one real step dispatches, forward and backward (a
+``TorchDispatchMode`` over the step: the ops ``torch.utils.flop_counter`` counts, with their exact
+shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask);
+:func:`replay` runs each distinct one in isolation on fresh tensors of the same layout and keeps
+its best time. The sum over all recorded ops (best time x how often the step calls it) is the time
+the step's dense arithmetic needs at the rate this machine reaches on exactly those shapes, and
+``that sum / step time`` is an efficiency that cannot exceed 100% except by timing noise (the
+isolated op has its inputs' cache and the machine to itself at least as much as inside the step).
+
+:func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock x FLOPs per cycle of the
+ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import common
+
+
+def _spec(value):
+    """A hashable description of one op argument: tensors by layout, lists by their items."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype).replace("torch.", ""))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_spec(v) for v in value))
+    return ("value", value)
+
+
+def _build(spec, device: str, generator: torch.Generator):
+    """A fresh argument from :func:`_spec`'s description (random values, the same shape and strides)."""
+    kind, payload = spec[0], spec[1:]
+    if kind == "tensor":
+        shape, stride, dtype = payload
+        extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride) if s > 0)
+        base = torch.randn(extent, generator=generator).to(device=device, dtype=getattr(torch, dtype))
+        return base.as_strided(shape, stride)
+    if kind in ("list", "tuple"):
+        items = [_build(v, device, generator) for v in payload[0]]
+        return items if kind == "list" else tuple(items)
+    return payload[0]
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts the dense ops (those ``flop_registry`` knows) a region dispatches, by op and argument layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+        self.ops: dict = {}
+        self.flops: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry:
+            # composite ops (conv2d, linear, matmul) reach this mode undecomposed in inference mode
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            key = (str(func), _spec(list(args)), _spec(sorted(kwargs.items())))
+            if key not in self.ops:
+                self.ops[key] = func
+                self.flops[key] = int(flop_registry[packet](*args, **kwargs, out_val=out))
+            self.calls[key] += 1
+        return out
+
+
+def dense_ops(step: Callable[[], object]) -> list[dict]:
+    """Run ``step`` once and return its distinct dense ops: ``op``, ``args``/``kwargs`` (layouts, see
+    :func:`_spec`), ``count`` (calls in the step) and ``flops`` (per call, ``flop_counter``'s formula)."""
+    recorder = _Recorder()
+    with recorder:
+        step()
+    return [dict(op=recorder.ops[key], name=key[0], args=key[1], kwargs=key[2], count=n, flops=recorder.flops[key])
+            for key, n in recorder.calls.items()]
+
+
+def replay(ops: list[dict], device: str = "cpu", reps: int = 5) -> list[dict]:
+    """Time every op of :func:`dense_ops` in isolation: one warm-up call, then the best of ``reps``
+    (fresh random tensors of the recorded layout, no autograd). Adds ``seconds`` and ``cpu_seconds``
+    (best wall and best process CPU time, per call)."""
+    sync = common.MemoryProbe(device).synchronize
+    generator = torch.Generator().manual_seed(0)
+    timed = []
+    with torch.no_grad():
+        for op in ops:
+            args = _build(op["args"], device, generator)
+            kwargs = dict(_build(op["kwargs"], device, generator))
+            op["op"](*args, **kwargs)
+            best = best_cpu = float("inf")
+            for _ in range(reps):
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                op["op"](*args, **kwargs)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            timed.append(dict(op, seconds=best, cpu_seconds=best_cpu))
+            del args, kwargs
+    return timed
+
+
+def summary(timed: list[dict]) -> dict:
+    """Totals of :func:`replay`'s ops: ``flops``, ``seconds`` and ``cpu_seconds`` (the step's dense time by
+    either clock) and ``ops`` (one JSON-friendly row per distinct op: name, count, GFLOP, ms and CPU ms per call)."""
+    flops = sum(o["flops"] * o["count"] for o in timed)
+    seconds = sum(o["seconds"] * o["count"] for o in timed)
+    cpu_seconds = sum(o["cpu_seconds"] * o["count"] for o in timed)
+    rows = [dict(name=o["name"].replace("aten.", ""), shapes=[a[1] for a in o["args"][1] if a[0] == "tensor"],
+                 count=o["count"], gflop=o["flops"] / 1e9, ms=o["seconds"] * 1e3, cpu_ms=o["cpu_seconds"] * 1e3)
+            for o in timed]
+    return dict(flops=flops, seconds=seconds, cpu_seconds=cpu_seconds, ops=rows)
+
+
+def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
+    """:func:`summary` of the dense ops of one run of ``step``, each timed in isolation."""
+    return summary(replay(dense_ops(step), device, reps))
+
+
+# ---------------------------------------------------------------------------------- the ISA ----
+
+# FLOPs per cycle and core of one ISA's fp32 FMA: FMA units x fp32 lanes x 2 (multiply and add)
+FMA_UNITS = 2
+LANES = {"AVX-512": 16, "AVX2": 8, "SSE": 4}
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) by the vector width they allow
+_ONEDNN_CAPS = {"SSE41": "SSE", "AVX": "SSE", "AVX2": "AVX2", "AVX2_VNNI": "AVX2", "AVX2_VNNI_2": "AVX2"}
+
+
+def isa(flags: list[str] | None = None, env: dict | None = None) -> str:
+    """The vector ISA the convolutions run with: the CPU's widest FMA ISA (AVX-512 needs ``avx512f``,
+    AVX2 ``avx2`` and ``fma``), capped by ``ONEDNN_MAX_CPU_ISA`` (oneDNN runs the convolutions)."""
+    flags = common.cpu_model_and_flags()[1] if flags is None else flags
+    env = os.environ if env is None else env
+    cpu = "AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= set(flags) else "SSE"
+    cap = _ONEDNN_CAPS.get(env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
+    order = list(LANES)  # widest first
+    return cap if cap is not None and order.index(cap) > order.index(cpu) else cpu
+
+
+def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False) -> dict:
+    """Theoretical peak of ``threads`` cores at ``ghz``: ``FMA_UNITS`` x lanes x 2 FLOPs per cycle
+    (fp32), twice that for bf16 on AVX512-BF16 (``vdpbf16ps``: two products per fp32 lane)."""
+    per_cycle = FMA_UNITS * LANES[isa_name] * 2 * (2 if bf16 else 1)
+    return dict(isa=isa_name, flops_per_cycle=per_cycle, ghz=ghz, cores=threads, flops=threads * ghz * 1e9 * per_cycle)
+
+
+def isa_settings() -> str:
+    """The settings that choose the ISA of this process's arithmetic, as one line."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    keys = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "SPIKINGFORMER_NATIVE_ARCH")
+    env = ", ".join(f"{k}={os.environ[k]}" for k in keys if os.environ.get(k)) or "none of ONEDNN_MAX_CPU_ISA, " \
+        "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, SPIKINGFORMER_NATIVE_ARCH set"
+    return f"ATen CPU capability {capability}; {env}"

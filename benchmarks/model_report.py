@@ -1,0 +1,140 @@
+"""The model benchmark's report (``bench_model.py``): the contenders, the valid limit and issue 12's targets.
+
+Targets, per ISA, for every training step and inference batch: at least :data:`EFFICIENCY_TARGET`
+of the valid limit (``dense_limit.py``), never slower than the fastest baseline, at most
+:data:`MAX_MEMORY_RATIO` of its peak; and where the limit leaves room, the speed-ups of
+:data:`SPEEDUP_TARGETS` over it.
+"""
+
+from __future__ import annotations
+
+import common
+
+EFFICIENCY_TARGET = 0.9
+MAX_MEMORY_RATIO = 0.5
+SPEEDUP_TARGETS = {("cifar", "train"): 1.3, ("event", "train"): 1.5, ("cifar", "infer"): 1.5, ("event", "infer"): 1.5}
+
+
+def label(contender: dict, releases: list[dict]) -> str:
+    """A contender's row name: ``ours``, or the baseline's SpikingJelly release, neuron and allocator."""
+    if contender["build"] == "ours":
+        return "ours"
+    rel = releases[contender["release"]]
+    return f"authors + SJ {rel['version']} {rel['node']}, {contender['allocator']}"
+
+
+def fastest_baseline(row: dict, contenders: list[dict], release: int | None = None) -> str | None:
+    ids = [c["id"] for c in contenders if c["build"] == "authors" and (release is None or c["release"] == release)
+           and c["id"] in row]
+    return min(ids, key=lambda i: row[i]["median"], default=None)
+
+
+def _op_kind(name: str) -> str:
+    return {"convolution": "convolution forward", "convolution_backward": "convolution backward"}.get(
+        name.split(".")[0], "matrix products (mm, addmm, bmm)")
+
+
+def print_report(args, command: str, releases: list[dict], contenders: list[dict], rows: dict, elapsed: float,
+                 load_start: float, names: dict, batches: dict, allocators_note: str, device_note: str) -> None:
+    """Print the benchmark's report: machine and ISA, every contender, the valid limit, the targets."""
+    import dense_limit
+
+    print("# Model benchmark\n")
+    print(f"Command: `{command}`\n")
+    print("\n".join(common.machine_lines(args.threads)))
+    print(f"- device: {device_note}")
+    peak = None
+    if args.device == "cpu":
+        isa = dense_limit.isa()
+        mhz = common.cpu_info()["mhz"]
+        print(f"- ISA of the dense arithmetic: {isa} ({dense_limit.isa_settings()})")
+        if mhz:
+            peak = {d: dense_limit.fma_peak(args.threads, isa, mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
+            print("- theoretical FMA peak = cores x clock x FLOPs/cycle, assuming "
+                  f"{dense_limit.FMA_UNITS} FMA units per core: " + "; ".join(
+                      f"{d}: {p['cores']} x {p['ghz']:.2f} GHz (/proc/cpuinfo) x {p['flops_per_cycle']} = "
+                      f"{p['flops'] / 1e9:.0f} GFLOP/s" for d, p in peak.items()))
+    for rel in releases:
+        timed = "; ".join(f"{n}: " + ", ".join(f"T={t} {s * 1e3:.0f} ms" for t, s in v.items())
+                          for n, v in rel["nodes"].items() if v)
+        print(f"- SpikingJelly {rel['version']} ({rel['python']}): CPU neuron {rel['node']}"
+              + (f" (fastest forward+backward of 2^20 elements: {timed})" if timed else ""))
+    print("- clock: " + ("process CPU time of the worker (one thread; page faults count as system time)"
+                         if args.clock == "cpu" else "wall clock"))
+    print(f"- {args.warmup} warm-up step(s), then {args.steps} timed steps per process, {args.rounds} round(s) with the "
+          f"contenders interleaved, each a fresh process; medians; run took {elapsed:.0f} s; load average (1 min) at "
+          f"start / end: {load_start:.2f} / {common.load_average():.2f}")
+    print(f"- allocators of the baselines: {allocators_note}")
+    print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
+          "faults = minor page faults per timed step\n")
+    if args.quick:
+        print("**--quick: tiny models, the numbers only show that the benchmark runs.**\n")
+
+    print("| model | pass | dtype | contender | ms / step | images/s | peak MB | max RSS MB | faults / step |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for (key, mode, dtype), row in rows.items():
+        for con in contenders:
+            r = row.get(con["id"])
+            if r:
+                print(f"| {names[key]}, B={batches[key]} | {mode} | {dtype} | {label(con, releases)} | "
+                      f"{r['median'] * 1e3:.0f} | {batches[key] / r['median']:.1f} | {r['peak'] / 2**20:.0f} | "
+                      f"{r['max_rss'] / 2**20:.0f} | {r['faults']:.0f} |")
+
+    print("\nValid limit: our step's own convolutions and products (forward and backward), each timed alone, "
+          f"best of {args.limit_reps}; efficiency = their summed time / our step's median time (at most 100% but "
+          "for noise):\n")
+    print("| model | pass | dtype | dense ops | GFLOP | dense ms at measured rate | measured GFLOP/s | of FMA peak "
+          "| ours ms | efficiency |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for (key, mode, dtype), row in rows.items():
+        lim = row["ours"]["limit"]
+        if lim is None:
+            continue
+        kinds: dict = {}
+        for op in lim["ops"]:
+            k = kinds.setdefault(_op_kind(op["name"]), [0.0, 0.0, 0])
+            k[0] += op["gflop"] * op["count"]
+            k[1] += op["ms"] * op["count"]
+            k[2] += op["count"]
+        for kind, (gflop, ms, n) in [*sorted(kinds.items()), ("all", (lim["flops"] / 1e9, lim["seconds"] * 1e3, None))]:
+            rate = gflop / ms * 1e3 if ms else 0.0
+            of_peak = f"{rate * 1e9 / peak[dtype]['flops']:.0%}" if peak else ""
+            last = kind == "all"
+            ours = f"{row['ours']['median'] * 1e3:.0f}" if last else ""
+            eff = f"{lim['seconds'] / row['ours']['median']:.1%}" if last else ""
+            ops = f"**all {sum(k[2] for k in kinds.values())} calls**" if last else f"{kind} ({n} calls)"
+            print(f"| {names[key]} | {mode} | {dtype} | {ops} | {gflop:.1f} | {ms:.0f} | {rate:.0f} | {of_peak} | "
+                  f"{ours} | {eff} |")
+
+    print("\nTargets (issue 12): efficiency >= "
+          f"{EFFICIENCY_TARGET:.0%} of the valid limit; never slower than the fastest baseline; peak <= "
+          f"{MAX_MEMORY_RATIO} of its peak; the speed-up target where the limit leaves room (max speed-up the limit "
+          "allows = fastest baseline's time / our dense time):\n")
+    heads = " | ".join(f"vs SJ {rel['version']} (best allocator)" for rel in releases)
+    print(f"| model | pass | dtype | fastest baseline | speed-up | {heads} | efficiency | peak ratio | limit allows "
+          "| speed-up target | met: efficiency / not slower / memory / speed-up |")
+    print("|---|---|---|---|---:|" + "---:|" * len(releases) + "---:|---:|---:|---:|---|")
+    for (key, mode, dtype), row in rows.items():
+        ours, best = row["ours"], fastest_baseline(row, contenders)
+        if best is None:
+            continue
+        base = row[best]
+        speed = base["median"] / ours["median"]
+        per_release = []
+        for i in range(len(releases)):
+            b = fastest_baseline(row, contenders, i)
+            per_release.append(f"{row[b]['median'] / ours['median']:.2f}x" if b else "")
+        mem = ours["peak"] / max(base["peak"], 1)
+        lim = ours["limit"] if ours["limit"] and ours["limit"]["seconds"] else None
+        eff = lim["seconds"] / ours["median"] if lim else float("nan")
+        allows = base["median"] / lim["seconds"] if lim else float("inf")
+        target = SPEEDUP_TARGETS[(key, mode)]
+        if allows < target:
+            speed_met = f"forbidden by the limit (at most {allows:.2f}x)"
+        else:
+            speed_met = "yes" if speed >= target else f"no ({speed:.2f}x)"
+        met = " / ".join(["yes" if eff >= EFFICIENCY_TARGET else "no", "yes" if speed >= 1 else "no",
+                          "yes" if mem <= MAX_MEMORY_RATIO else "no", speed_met])
+        con = next(c for c in contenders if c["id"] == best)
+        print(f"| {names[key]} | {mode} | {dtype} | {label(con, releases)}: {base['median'] * 1e3:.0f} ms | "
+              f"{speed:.2f}x | {' | '.join(per_release)} | {eff:.1%} | {mem:.2f} | {allows:.2f}x | {target}x | {met} |")
