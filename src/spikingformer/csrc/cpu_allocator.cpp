@@ -1,4 +1,4 @@
-// Caching CPU allocator for PyTorch (installed by spikingformer.runtime.configure_allocator).
+// Caching CPU allocator for PyTorch (installed by spikingformer.allocator.configure_allocator).
 //
 // Blocks of at least `threshold` bytes are rounded up to whole 2 MiB huge pages, mapped with mmap
 // (MADV_HUGEPAGE, so the kernel backs them with transparent huge pages where it can) and, when
