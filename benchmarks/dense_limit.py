@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import common
+from spikingformer.cpu_features import onednn_cap
 
 
 def _spec(value):
@@ -136,8 +137,7 @@ def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> d
 # FLOPs per cycle and core of one ISA's fp32 FMA: FMA units x fp32 lanes x 2 (multiply and add)
 FMA_UNITS = 2
 LANES = {"AVX-512": 16, "AVX2": 8, "SSE": 4}
-# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) by the vector width they allow
-_ONEDNN_CAPS = {"SSE41": "SSE", "AVX": "SSE", "AVX2": "AVX2", "AVX2_VNNI": "AVX2", "AVX2_VNNI_2": "AVX2"}
+_ISA_NAMES = {"sse": "SSE", "avx2": "AVX2", "avx512": "AVX-512"}  # cpu_features.onednn_cap's names
 
 
 def isa(flags: list[str] | None = None, env: dict | None = None) -> str:
@@ -146,7 +146,7 @@ def isa(flags: list[str] | None = None, env: dict | None = None) -> str:
     flags = common.cpu_model_and_flags()[1] if flags is None else flags
     env = os.environ if env is None else env
     cpu = "AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= set(flags) else "SSE"
-    cap = _ONEDNN_CAPS.get(env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
+    cap = _ISA_NAMES.get(onednn_cap(env))
     order = list(LANES)  # widest first
     return cap if cap is not None and order.index(cap) > order.index(cpu) else cpu
 

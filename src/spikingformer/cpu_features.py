@@ -1,6 +1,8 @@
 """What this CPU computes natively, and a fixed thread count for reproducible runs.
 
-:func:`native_bf16` says whether this CPU computes bfloat16 natively; everything that offers bf16
+:func:`vector_isa` names the vector ISA PyTorch's CPU kernels use here (the key of the per-ISA
+route choice in :mod:`spikingformer.layers.routes`); :func:`onednn_cap` reads the one setting that
+caps oneDNN below this CPU's ISA. :func:`native_bf16` says whether this CPU computes bfloat16 natively; everything that offers bf16
 asks it (without native support bf16 is emulated and several times slower than float32).
 :func:`pin_threads` fixes the CPU thread count, so that two seeded runs compute alike.
 """
@@ -11,8 +13,28 @@ import ctypes
 import os
 import platform
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 products are emulated under them
-_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# ONEDNN_MAX_CPU_ISA values that cap oneDNN below native bf16 (AVX512_CORE_BF16), with the vector
+# ISA each still allows
+_ONEDNN_CAPS = {"SSE41": "sse", "AVX": "sse", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
+                "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512"}
+
+
+def onednn_cap(environ: dict | None = None) -> str | None:
+    """The vector ISA (``"sse"``, ``"avx2"``, ``"avx512"``) that ``ONEDNN_MAX_CPU_ISA`` caps oneDNN to,
+    when it caps it below native bf16; ``None`` when it does not."""
+    env = os.environ if environ is None else environ
+    return _ONEDNN_CAPS.get(env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
+
+
+def vector_isa() -> str:
+    """``"avx512"``, ``"avx2"`` or ``"other"``: the vector ISA PyTorch's CPU kernels use here, as capped
+    by ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` (either cap below AVX-512 gives ``"avx2"``)."""
+    import torch
+
+    aten = torch.backends.cpu.get_cpu_capability()
+    if aten == "AVX512" and onednn_cap() in (None, "avx512"):
+        return "avx512"
+    return "avx2" if aten in ("AVX512", "AVX2") else "other"
 
 
 def native_bf16() -> bool:
@@ -22,7 +44,7 @@ def native_bf16() -> bool:
     import torch
 
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        if onednn_cap() is not None:
             return False
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

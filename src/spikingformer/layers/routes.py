@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from spikingformer.cpu_features import vector_isa
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "token_linear", "attention_order")
@@ -50,17 +51,7 @@ ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.line
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
 
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512
-_ONEDNN_BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
-
-
-def cpu_isa() -> str:
-    """``"avx512"``, ``"avx2"`` or ``"other"``: the vector ISA PyTorch's CPU kernels use here, as
-    capped by ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` (either cap below AVX-512 gives ``"avx2"``)."""
-    aten = torch.backends.cpu.get_cpu_capability()
-    if aten == "AVX512" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in _ONEDNN_BELOW_AVX512:
-        return "avx512"
-    return "avx2" if aten in ("AVX512", "AVX2") else "other"
+cpu_isa = vector_isa  # the key of MEASURED_FASTER
 
 
 # Per ISA, the speed routes that measured faster there: the geometric mean of their on / off time
