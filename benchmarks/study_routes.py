@@ -129,7 +129,7 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
         def eval_mode(run, tok=tok):
             return lambda: (tok.eval(), run())
 
-        routes_here = ["channels_last", "recompute", "inplace_bn"] + ([] if steps else ["stem_once"])
+        routes_here = ["channels_last", "recompute", "inplace_bn", "fused_spike_pool"] + ([] if steps else ["stem_once"])
         for route in routes_here:
             if route != "inplace_bn":
                 out.append((route, key, label, "train", train_mode(_train(fn, params, [x]))))

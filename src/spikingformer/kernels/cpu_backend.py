@@ -34,11 +34,16 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from spikingformer.kernels.params import LIFParams
+from spikingformer.kernels.torch_backend import lif_torch_loop
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
+# The library is one translation unit: the LIF kernel, then the tokenizer's fused SN -> max-pool,
+# which uses the LIF kernel's step and surrogate.
+SOURCE_FILES = (SOURCE_FILE, "csrc/lif_pool_cpu.cpp")
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
 # flush denormals); -ffp-contract=off so only the explicit std::fma calls fuse (the forward's
@@ -52,8 +57,9 @@ if platform.machine() in ("x86_64", "AMD64"):
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def source() -> str:
-    """The kernel's C++ source, shipped with the package."""
-    return resources.files("spikingformer").joinpath(SOURCE_FILE).read_text()
+    """The library's C++ source (the files of :data:`SOURCE_FILES`, in order), shipped with the package."""
+    package = resources.files("spikingformer")
+    return "\n".join(package.joinpath(name).read_text() for name in SOURCE_FILES)
 
 
 def _cpu_signature() -> str:
@@ -74,6 +80,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_forward.restype = ci
     lib.sf_lif_backward.argtypes = [vp, vp, vp, i64, i64, f32, f32, f32, f32, ci, ci, ci]
     lib.sf_lif_backward.restype = ci
+    lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, f32, f32, f32, ci]
+    lib.sf_lif_pool_forward.restype = ci
+    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, f32, f32, f32, f32, ci, ci]
+    lib.sf_lif_pool_backward.restype = ci
+    lib.sf_lif_pool_has_fma.argtypes = []
+    lib.sf_lif_pool_has_fma.restype = ci
 
 
 def native_library(march: str = "native") -> NativeLibrary:
@@ -170,3 +182,86 @@ def backward(x: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParams) -> torch.
 
     return lif_backward(grad_spikes, lif_forward(x, p)[1], p).to(x.dtype)
 
+
+
+# ----------------------------------------------------------------------------- SN -> max-pool
+
+
+def pooled_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """``(T, B, H, W, C)`` -> the shape after MaxPool2d(3, stride 2, padding 1): ``(T, B, Ho, Wo, C)``."""
+    t, b, h, w, c = x.shape
+    return t, b, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c
+
+
+def bn_fuses_multiply_add() -> bool:
+    """Whether PyTorch's CPU BatchNorm kernel in use rounds ``x * scale + shift`` once (its
+    vectorised builds for x86 with FMA, ``AVX2`` / ``AVX512``, are compiled with contraction)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, pool: bool,
+                            bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+                            ) -> torch.Tensor:
+    """[BN ->] SN [-> max-pool] of float32 channels-last maps ``x`` ``(T, B, H, W, C)`` by ``lib``.
+
+    ``bn``: ``(running_mean, running_var, weight, bias, eps)`` of an inference BatchNorm applied
+    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`).
+    """
+    xk = x.contiguous()
+    out = xk.new_empty(pooled_shape(xk) if pool else xk.shape)
+    stats = [t.detach().float().contiguous() for t in bn[:4]] if bn is not None else []
+    ptrs = [t.data_ptr() for t in stats] or [None] * 4
+    eps = float(bn[4]) if bn is not None else 0.0
+    rc = lib.sf_lif_pool_forward(xk.data_ptr(), out.data_ptr(), *xk.shape, *ptrs, eps, int(bn_fuses_multiply_add()),
+                                 int(pool), p.tau, p.v_threshold, p.v_reset, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"sf_lif_pool_forward failed with code {rc} for maps of shape {tuple(x.shape)}")
+    return out
+
+
+def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Gradient with respect to ``z`` ``(T, B, H, W, C)`` of max-pool(SN(z)), given the pooled
+    spikes' gradient, by ``lib`` (float32)."""
+    zk, gk = z.contiguous(), grad_pooled.float().contiguous()
+    gz = torch.empty_like(zk)
+    rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, p.tau, p.v_threshold,
+                                  p.v_reset, p.alpha, int(p.detach_reset), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
+    return gz
+
+
+def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
+    """What :func:`kernel_lif_pool_forward` computes, with PyTorch's own BatchNorm and max-pool and
+    the torch loop's LIF: the fallback where the library cannot be built."""
+    maps = x.permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) with channels-last strides
+    if bn is not None:
+        mean, var, weight, bias, eps = bn
+        flat = nn.functional.batch_norm(maps.flatten(0, 1), mean, var, weight, bias, False, 0.0, eps)
+        maps = flat.view(maps.shape)
+    spikes = lif_torch_loop(maps, p)
+    if pool:
+        flat = nn.functional.max_pool2d(spikes.flatten(0, 1), kernel_size=3, stride=2, padding=1)
+        spikes = flat.view(*spikes.shape[:3], *flat.shape[-2:])
+    return spikes.permute(0, 1, 3, 4, 2).contiguous()
+
+
+def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
+    """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
+    lib = get_library()
+    if (lib is None or x.dtype != torch.float32
+            or (bn is not None and bn_fuses_multiply_add() and not lib.sf_lif_pool_has_fma())):
+        with torch.no_grad():
+            return lif_pool_plain(x, p, pool, bn)
+    return kernel_lif_pool_forward(lib, x, p, pool, bn)
+
+
+def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """Gradient of max-pool(SN(z)) with respect to ``z``: the kernel, else autograd through :func:`lif_pool_plain`."""
+    lib = get_library()
+    if lib is not None and z.dtype == torch.float32:
+        return kernel_lif_pool_backward(lib, z, grad_pooled, p)
+    with torch.enable_grad():
+        zg = z.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, True), zg, grad_pooled)
+    return grad

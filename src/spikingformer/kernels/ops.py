@@ -118,3 +118,60 @@ def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     from spikingformer.kernels.triton_backend import lif_interpreted
 
     return lif_interpreted(x, p)
+
+
+# ----------------------------------------------------------------------------- SN -> max-pool
+# The tokenizer's SN -> MaxPool2d(3, 2, 1) on channels-last maps (T, B, H, W, C) in one pass each
+# way, and its inference form with the BatchNorm in front (:mod:`spikingformer.kernels.cpu_backend`).
+
+
+@torch.library.custom_op("spikingformer::lif_pool", mutates_args=(), device_types="cpu")
+def lif_pool(x: torch.Tensor, tau: float, v_threshold: float, v_reset: float, alpha: float,
+             detach_reset: bool) -> torch.Tensor:
+    """Max-pooled spikes ``(T, B, Ho, Wo, C)`` of channels-last maps ``x`` ``(T, B, H, W, C)``."""
+    return cpu.lif_pool_forward(x, _params(tau, v_threshold, v_reset, alpha, detach_reset), pool=True)
+
+
+@torch.library.custom_op("spikingformer::lif_pool_backward", mutates_args=(), device_types="cpu")
+def lif_pool_backward_op(x: torch.Tensor, grad_pooled: torch.Tensor, tau: float, v_threshold: float,
+                         v_reset: float, alpha: float, detach_reset: bool) -> torch.Tensor:
+    """Gradient of ``lif_pool`` with respect to ``x``."""
+    return cpu.lif_pool_backward(x, grad_pooled, _params(tau, v_threshold, v_reset, alpha, detach_reset))
+
+
+@torch.library.custom_op("spikingformer::bn_lif_pool", mutates_args=(), device_types="cpu")
+def bn_lif_pool(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float,
+                pool: bool) -> torch.Tensor:
+    """Inference only (no autograd): BatchNorm with running statistics, SN and, if ``pool``, the
+    max-pool, of channels-last maps ``x`` ``(T, B, H, W, C)``."""
+    p = _params(tau, v_threshold, v_reset, 4.0, True)
+    return cpu.lif_pool_forward(x, p, pool, (running_mean, running_var, weight, bias, eps))
+
+
+@lif_pool.register_fake
+def _lif_pool_fake(x, tau, v_threshold, v_reset, alpha, detach_reset):
+    return x.new_empty(cpu.pooled_shape(x))
+
+
+@lif_pool_backward_op.register_fake
+def _lif_pool_backward_fake(x, grad_pooled, tau, v_threshold, v_reset, alpha, detach_reset):
+    return _new_like(x)
+
+
+@bn_lif_pool.register_fake
+def _bn_lif_pool_fake(x, running_mean, running_var, weight, bias, eps, tau, v_threshold, v_reset, pool):
+    return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
+
+
+def _lif_pool_backward(ctx, grad_pooled):
+    (x,) = ctx.saved_tensors
+    return lif_pool_backward_op(x, grad_pooled, *ctx.params), None, None, None, None, None
+
+
+lif_pool.register_autograd(_lif_pool_backward, setup_context=_setup_context)
+
+
+def lif_pool_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
+    """``spikingformer::lif_pool`` with the parameters of ``p``."""
+    return lif_pool(x, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)

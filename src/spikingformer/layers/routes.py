@@ -15,6 +15,11 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``recompute``: in training, BN -> SN -> max-pool between two tokenizer convolutions keeps only its
   input for backward and recomputes the rest there (values, gradients and running statistics of
   the module calls, bit for bit), for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements.
+* ``fused_spike_pool``: on the CPU, with ``channels_last``, the tokenizer's SN -> max-pool runs as one
+  pass of the C++ kernel each way in training (the BN stays PyTorch's), and in inference BN -> SN
+  [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
+  Spikes, gradients and BN's arithmetic are those of the module calls, bit for bit where PyTorch's
+  BN kernel is its x86 FMA build (``AVX2``/``AVX512`` capability; elsewhere rounding may differ).
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
@@ -43,9 +48,12 @@ import torch
 from torch import nn
 
 from spikingformer.cpu_features import vector_isa
+from spikingformer import kernels
+from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
-ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "token_linear", "attention_order")
+ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "token_linear",
+          "attention_order")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -58,8 +66,8 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 MEASURED_FASTER = {
-    "avx512": frozenset({"channels_last", "inplace_bn", "attention_order"}),
-    "avx2": frozenset({"channels_last", "inplace_bn", "attention_order"}),
+    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "attention_order"}),
+    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "attention_order"}),
 }
 # On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
 # convolutions, which deployment's operation counts rely on; no slower where measured).
@@ -150,15 +158,46 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- inplace_bn, recompute
 
 
+def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor) -> bool:
+    """Whether ``fused_spike_pool`` computes SN [-> max-pool] of the maps ``z`` ``(T, B, C, H, W)``
+    for ``lif``: float32 channels-last CPU maps, a plain :class:`MultiStepLIF` on the CPU kernel with no
+    hooks to call (firing-rate meters must see its spikes), and the kernel library built."""
+    return (enabled("fused_spike_pool") and z.device.type == "cpu" and z.dtype == torch.float32
+            and z.dim() == 5 and z.permute(0, 1, 3, 4, 2).is_contiguous() and type(lif) is MultiStepLIF
+            and lif.backend in ("auto", "cpu") and not (lif._forward_hooks or lif._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and kernels.select_backend(z) == "cpu")
+
+
+def spike_pool(neuron: Callable[[torch.Tensor], torch.Tensor], lif: nn.Module, pool: bool,
+               z: torch.Tensor) -> torch.Tensor:
+    """``[MP](neuron(z))`` for BN output maps ``z``; ``neuron`` is ``lif`` or a hook-free call of its
+    maths. With ``fused_spike_pool``, SN -> max-pool runs as one kernel pass each way."""
+    if pool and _fused_kernel_takes(lif, z):
+        return ops.lif_pool_op(z.permute(0, 1, 3, 4, 2), lif.params).permute(0, 1, 4, 2, 3)
+    x = spike_maps(neuron, z)
+    return max_pool(x) if pool else x
+
+
+def _inference_bn(bn: nn.Module) -> bool:
+    return (not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.affine
+            and bn.running_mean is not None)
+
+
 def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
     """``[MP](SN(BN(y)))`` by module calls: the BN of ``stage`` (a ConvBN) on its conv output ``y``.
 
-    With ``inplace_bn``, in inference (no autograd, BN with running statistics) the BN overwrites
-    ``y``, which must then own its memory (no expanded view).
+    In inference (no autograd, BN with running statistics): with ``fused_spike_pool`` the three run as
+    one kernel pass; else with ``inplace_bn`` the BN overwrites ``y``, which must then own its
+    memory (no expanded view).
     """
     bn = stage.bn
-    if enabled("inplace_bn") and not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) \
-            and not bn.training and bn.affine and bn.running_mean is not None:
+    if _inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks):
+        p = lif.params
+        out = ops.bn_lif_pool(y.permute(0, 1, 3, 4, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                              p.tau, p.v_threshold, p.v_reset, pool)
+        return out.permute(0, 1, 4, 2, 3)
+    if enabled("inplace_bn") and _inference_bn(bn):
         flat = y.flatten(0, 1)
         torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
                                              bn.eps, out=flat, save_mean=bn.running_mean.new_empty(0),
@@ -166,8 +205,7 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
         z = y
     else:
         z = stage.normalize(y)
-    x = spike_maps(lif, z)
-    return max_pool(x) if pool else x
+    return spike_pool(lif, lif, pool, z)
 
 
 def _bn_spike_pool_again(stage: nn.Module, lif: MultiStepLIF, pool: bool, y: torch.Tensor) -> torch.Tensor:
@@ -176,8 +214,7 @@ def _bn_spike_pool_again(stage: nn.Module, lif: MultiStepLIF, pool: bool, y: tor
     calls, so forward hooks (firing-rate meters) do not see the batch twice."""
     bn = stage.bn
     z = nn.functional.batch_norm(y.flatten(0, 1), None, None, bn.weight, bn.bias, True, 0.0, bn.eps).view(y.shape)
-    x = spike_maps(lambda s: multistep_lif(s, lif.params, lif.backend), z)
-    return max_pool(x) if pool else x
+    return spike_pool(lambda s: multistep_lif(s, lif.params, lif.backend), lif, pool, z)
 
 
 class _RecomputedBNSpikePool(torch.autograd.Function):

@@ -1,0 +1,300 @@
+// The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
+// library source; Step, select, mul_add and surrogate come from there).
+//
+// Maps are float32 (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the
+// neuron's time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
+// out (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo).
+//
+// * Forward: optionally BatchNorm with running statistics (inference) as PyTorch's CPU kernel
+//   computes it, then the LIF recurrence, then (optionally) the max-pool; only the pooled spikes are
+//   written: no BN output, no full-size spike map, no int64 indices.
+// * Backward of SN -> max-pool (training; BN stays PyTorch's): recomputes the spikes, routes each
+//   window's gradient to its first maximum in scan order (PyTorch's tie-break, summed in its
+//   raster order), then runs the LIF backward: the gradients of max_pool2d's and the LIF kernel's
+//   backward, bit for bit.
+namespace {
+
+struct Maps {
+  int64_t T, B, H, W, C;
+  int64_t Ho() const { return (H - 1) / 2 + 1; }
+  int64_t Wo() const { return (W - 1) / 2 + 1; }
+  int64_t WC() const { return W * C; }
+  int64_t WoC() const { return Wo() * C; }
+};
+
+inline float max_sel(float a, float b) { return select(b > a, b, a); }
+
+// BatchNorm's per-channel scale and shift from running statistics, as PyTorch's CPU kernel forms
+// them: invstd = 1 / sqrt(var + eps); scale = invstd * weight; shift = bias - mean * scale, the last
+// with one rounding where PyTorch's kernel contracts it to a fused multiply-add (FMA builds).
+void bn_terms(const float* mean, const float* var, const float* weight, const float* bias, float eps, int fma,
+              int64_t C, float* scale, float* shift) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float invstd = 1.0f / std::sqrt(var[c] + eps);
+    scale[c] = invstd * weight[c];
+    shift[c] = fma ? std::fma(-mean[c], scale[c], bias[c]) : bias[c] - mean[c] * scale[c];
+  }
+}
+
+// One row (t, b, h) of the recurrence: spikes of x_row into s_row, membrane v carried over t.
+template <bool POW2, int AFFINE>  // AFFINE: 0 none, 1 x * scale + shift, 2 fma(x, scale, shift)
+inline void lif_row(const float* __restrict x, float* __restrict s, float* __restrict v, const Maps& m,
+                    const float* __restrict scale, const float* __restrict shift, const Step& st) {
+  for (int64_t w = 0; w < m.W; ++w) {
+    const float* __restrict xw = x + w * m.C;
+    float* __restrict vw = v + w * m.C;
+    float* __restrict sw = s + w * m.C;
+    for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
+      float z = xw[c];
+      if constexpr (AFFINE == 1) z = z * scale[c] + shift[c];
+      if constexpr (AFFINE == 2) z = std::fma(z, scale[c], shift[c]);
+      const float h = st.charge<POW2>(vw[c], z);
+      const float sp = st.spike(h);
+      vw[c] = st.reset(h, sp);
+      sw[c] = sp;
+    }
+  }
+}
+
+// Horizontal 3-wide, stride-2 max of a spike row s (W x C) into hp (Wo x C).
+inline void pool_row(const float* __restrict s, float* __restrict hp, const Maps& m) {
+  for (int64_t ow = 0; ow < m.Wo(); ++ow) {
+    const int64_t w = 2 * ow;
+    const float* __restrict l = s + (w > 0 ? w - 1 : w) * m.C;
+    const float* __restrict mid = s + w * m.C;
+    const float* __restrict r = s + (w + 1 < m.W ? w + 1 : w) * m.C;
+    float* __restrict o = hp + ow * m.C;
+    for (int64_t c = 0; c < m.C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
+  }
+}
+
+// Output rows [r0, r1) of image b (pooled), or input rows [r0, r1) (not pooled).
+template <bool POW2, int AFFINE, bool POOL>
+void forward_rows(const float* x, float* out, const Maps& m, int64_t b, int64_t r0, int64_t r1, const float* scale,
+                  const float* shift, const Step& st, float* v, float* s, float* hp) {
+  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho();
+  const int64_t h0 = POOL ? std::max<int64_t>(0, 2 * r0 - 1) : r0;
+  const int64_t h1 = POOL ? std::min(m.H, 2 * r1) : r1;
+  if (POOL)  // spikes are 0 or 1 and every window holds one, so max(0, window) is the window's max
+    for (int64_t t = 0; t < m.T; ++t) std::memset(out + ((t * m.B + b) * Ho + r0) * WoC, 0, (r1 - r0) * WoC * 4);
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
+    for (int64_t t = 0; t < m.T; ++t) {
+      const float* xr = x + ((t * m.B + b) * m.H + h) * WC;
+      if (!POOL) {
+        lif_row<POW2, AFFINE>(xr, out + ((t * m.B + b) * m.H + h) * WC, v, m, scale, shift, st);
+        continue;
+      }
+      lif_row<POW2, AFFINE>(xr, s, v, m, scale, shift, st);
+      pool_row(s, hp, m);
+      // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
+      for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < r1; ++oh) {
+        if (oh < r0) continue;
+        float* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC;
+        for (int64_t j = 0; j < WoC; ++j) o[j] = max_sel(o[j], hp[j]);
+      }
+    }
+  }
+}
+
+// Rows per work item: about 8 items per thread (at least 4 rows, so halos stay a small share).
+inline int64_t rows_per_item(int64_t rows, int64_t B, int nt) {
+  const int64_t want = (rows * B + 8 * nt - 1) / (8 * nt);
+  return std::min(rows, std::max<int64_t>(4, want));
+}
+
+template <bool POW2, int AFFINE, bool POOL>
+void pool_forward_impl(const float* x, float* out, const Maps& m, const float* scale, const float* shift, const Step& st,
+                  int nthreads) {
+  const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
+  const int64_t rows = POOL ? m.Ho() : m.H;
+  const int64_t per = rows_per_item(rows, m.B, nt);
+  const int64_t chunks = (rows + per - 1) / per;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> v(m.WC()), s(m.WC()), hp(m.WoC());
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < m.B * chunks; ++item) {
+      const int64_t b = item / chunks, r0 = (item % chunks) * per;
+      forward_rows<POW2, AFFINE, POOL>(x, out, m, b, r0, std::min(rows, r0 + per), scale, shift, st, v.data(),
+                                       s.data(), hp.data());
+    }
+  }
+}
+
+// Backward of max-pool then LIF for input rows [h0, h1) of image b. Rows are walked in order, each
+// row's recurrence run once: its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows
+// either side), its charged membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows').
+template <bool POW2, bool DETACH>
+void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
+                   const Step& st, float alpha, uint8_t* spikes, float* hring, float* v, float* gv, float* gs,
+                   int32_t* first) {
+  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
+  auto recur = [&](int64_t k) {  // row k's recurrence: spikes, and the membrane of an owned row
+    float* hk = hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC;
+    for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
+    for (int64_t t = 0; t < m.T; ++t) {
+      const float* __restrict zr = z + ((t * m.B + b) * m.H + k) * WC;
+      uint8_t* __restrict sr = spikes + ((k % 5) * m.T + t) * WC;
+      float* __restrict ht = hk + t * WC;
+      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool spikes
+        const float h = st.charge<POW2>(v[i], zr[i]);
+        v[i] = st.reset(h, st.spike(h));
+        sr[i] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
+        ht[i] = h;
+      }
+    }
+  };
+  for (int64_t k = std::max<int64_t>(0, h0 - 2); k < std::min(m.H, h0 + 2); ++k) recur(k);
+  for (int64_t h = h0; h < h1; ++h) {
+    if (h + 2 < m.H) recur(h + 2);
+    const float* hbuf = hring + (h % 3) * TWC;
+    for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
+    for (int64_t t = m.T - 1; t >= 0; --t) {
+      // 3. gradient of the spikes of row h: each window's gradient goes to its first maximum
+      for (int64_t i = 0; i < WC; ++i) gs[i] = 0.0f;
+      for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < Ho; ++oh) {
+        // the window's rows, clamped into the map: a repeated row or column never changes which
+        // position (row-major) first holds the maximum
+        const int64_t rows[3] = {std::max<int64_t>(0, 2 * oh - 1), 2 * oh, std::min(m.H - 1, 2 * oh + 1)};
+        const uint8_t* __restrict s0 = spikes + ((rows[0] % 5) * m.T + t) * WC;
+        const uint8_t* __restrict s1 = spikes + ((rows[1] % 5) * m.T + t) * WC;
+        const uint8_t* __restrict s2 = spikes + ((rows[2] % 5) * m.T + t) * WC;
+        const float* __restrict g = gout + ((t * m.B + b) * Ho + oh) * WoC;
+        for (int64_t ow = 0; ow < m.Wo(); ++ow) {
+          const int64_t cols[3] = {std::max<int64_t>(0, 2 * ow - 1), 2 * ow, std::min(m.W - 1, 2 * ow + 1)};
+          const int64_t q0 = cols[0] * C, q1 = cols[1] * C, q2 = cols[2] * C;
+          int32_t id[9];
+          for (int i = 0; i < 9; ++i) id[i] = (int32_t)(rows[i / 3] * m.W + cols[i % 3]);
+          for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool window maximum
+            const uint8_t a0 = s0[q0 + c], a1 = s0[q1 + c], a2 = s0[q2 + c], a3 = s1[q0 + c], a4 = s1[q1 + c],
+                          a5 = s1[q2 + c], a6 = s2[q0 + c], a7 = s2[q1 + c], a8 = s2[q2 + c];
+            const uint8_t top = a0 | a1 | a2 | a3 | a4 | a5 | a6 | a7 | a8;
+            int32_t f = id[8];
+            f = a7 == top ? id[7] : f;
+            f = a6 == top ? id[6] : f;
+            f = a5 == top ? id[5] : f;
+            f = a4 == top ? id[4] : f;
+            f = a3 == top ? id[3] : f;
+            f = a2 == top ? id[2] : f;
+            f = a1 == top ? id[1] : f;
+            f = a0 == top ? id[0] : f;
+            first[c] = f;
+          }
+          // add in PyTorch's order (windows row-major), to each distinct column of row h once
+          for (int64_t q = std::max<int64_t>(0, 2 * ow - 1); q < std::min(m.W, 2 * ow + 2); ++q) {
+            const int32_t here = (int32_t)(h * m.W + q);
+            float* __restrict gq = gs + q * C;
+            const float* __restrict gw = g + ow * C;
+            for (int64_t c = 0; c < C; ++c) gq[c] += select(first[c] == here, gw[c], 0.0f);  // SF_VECTOR_LOOP lif_pool route
+          }
+        }
+      }
+      // 4. LIF backward at step t (the arithmetic of backward_block)
+      const float* __restrict ht = hbuf + t * WC;
+      float* __restrict gzt = gz + ((t * m.B + b) * m.H + h) * WC;
+      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward
+        const float hh = ht[i];
+        const float zz = hh - st.vth;
+        const float sg = surrogate(zz, alpha);
+        const float not_spiked = select(zz >= 0.0f, 0.0f, 1.0f);
+        const float dvdh = DETACH ? not_spiked : mul_add(st.vr - hh, sg, not_spiked);
+        const float gh = mul_add(gs[i], sg, gv[i] * dvdh);
+        const float gx = gh * st.inv_tau;
+        gv[i] = gh - gx;
+        gzt[i] = gx;
+      }
+    }
+  }
+}
+
+template <bool POW2, bool DETACH>
+void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps& m, const Step& st, float alpha,
+                   int nthreads) {
+  const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
+  const int64_t per = std::max<int64_t>(16, rows_per_item(m.H, m.B, nt));  // 4 halo rows per item: a small share
+  const int64_t chunks = (m.H + per - 1) / per;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<uint8_t> spikes((size_t)(5 * m.T * m.WC()));
+    std::vector<float> hring((size_t)(4 * m.T * m.WC())), v(m.WC()), gv(m.WC()), gs(m.WC());
+    std::vector<int32_t> first(m.C);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < m.B * chunks; ++item) {
+      const int64_t b = item / chunks, h0 = (item % chunks) * per;
+      backward_rows<POW2, DETACH>(z, gout, gz, m, b, h0, std::min(m.H, h0 + per), st, alpha, spikes.data(),
+                                  hring.data(), v.data(), gv.data(), gs.data(), first.data());
+    }
+  }
+}
+
+#if defined(__FMA__) || defined(__AVX512F__)
+constexpr bool kFma = true;  // std::fma is one instruction, and vectorises
+#else
+constexpr bool kFma = false;  // std::fma would be a libm call per element: not offered
+#endif
+
+template <bool POW2>
+void forward_pick(const float* x, float* out, const Maps& m, const float* scale, const float* shift, int affine,
+                  int pool, const Step& st, int nthreads) {
+  switch (affine * 2 + (pool ? 1 : 0)) {
+    case 0: pool_forward_impl<POW2, 0, false>(x, out, m, scale, shift, st, nthreads); break;
+    case 1: pool_forward_impl<POW2, 0, true>(x, out, m, scale, shift, st, nthreads); break;
+    case 2: pool_forward_impl<POW2, 1, false>(x, out, m, scale, shift, st, nthreads); break;
+    case 3: pool_forward_impl<POW2, 1, true>(x, out, m, scale, shift, st, nthreads); break;
+    default:
+      if constexpr (kFma) {
+        if (pool) pool_forward_impl<POW2, 2, true>(x, out, m, scale, shift, st, nthreads);
+        else pool_forward_impl<POW2, 2, false>(x, out, m, scale, shift, st, nthreads);
+      }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Whether this build computes the BN's fused multiply-adds (else sf_lif_pool_forward refuses fma = 1).
+int sf_lif_pool_has_fma() { return kFma ? 1 : 0; }
+
+// x: (T, B, H, W, C) float32. bn_mean/var/weight/bias: running statistics and affine parameters of
+// an inference BatchNorm applied first (all null: none); fma: whether PyTorch's BN kernel fuses its
+// multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for fma = 1 on a
+// build without FMA.
+int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_t H, int64_t W, int64_t C,
+                        const float* bn_mean, const float* bn_var, const float* bn_weight, const float* bn_bias,
+                        float bn_eps, int fma, int pool, float tau, float vth, float vr, int nthreads) {
+  if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
+  if (bn_mean != nullptr && fma && !kFma) return -2;
+  const Step st{tau, 1.0f / tau, vth, vr};
+  const Maps m{T, B, H, W, C};
+  std::vector<float> scale, shift;
+  int affine = 0;
+  if (bn_mean != nullptr) {
+    scale.resize(C), shift.resize(C);
+    bn_terms(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, fma, C, scale.data(), shift.data());
+    affine = fma ? 2 : 1;
+  }
+  if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, st, nthreads);
+  else forward_pick<false>(x, out, m, scale.data(), shift.data(), affine, pool, st, nthreads);
+  return 0;
+}
+
+// z: the LIF input (T, B, H, W, C); gout: gradient of the pooled spikes (T, B, Ho, Wo, C); gz: out.
+int sf_lif_pool_backward(const float* z, const float* gout, float* gz, int64_t T, int64_t B, int64_t H, int64_t W,
+                         int64_t C, float tau, float vth, float vr, float alpha, int detach, int nthreads) {
+  if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
+  const Step st{tau, 1.0f / tau, vth, vr};
+  const Maps m{T, B, H, W, C};
+  const bool p2 = pow2_tau(tau);
+  if (detach) {
+    if (p2) pool_backward_impl<true, true>(z, gout, gz, m, st, alpha, nthreads);
+    else pool_backward_impl<false, true>(z, gout, gz, m, st, alpha, nthreads);
+  } else {
+    if (p2) pool_backward_impl<true, false>(z, gout, gz, m, st, alpha, nthreads);
+    else pool_backward_impl<false, false>(z, gout, gz, m, st, alpha, nthreads);
+  }
+  return 0;
+}
+
+}  // extern "C"

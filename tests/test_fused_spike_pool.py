@@ -1,0 +1,196 @@
+"""The ``fused_spike_pool`` route: the tokenizer's SN -> max-pool (and, in inference, the BN in front)
+as one pass of the C++ kernel (``csrc/lif_pool_cpu.cpp``), against the module calls it replaces.
+
+The twin is plain PyTorch: ``nn.functional.batch_norm`` with running statistics, the LIF reference
+loop (``lif_reference``, itself held to the paper's equations in tests/test_neuron.py) and
+``nn.functional.max_pool2d``, on the same channels-last maps. Spikes, pooled spikes and gradients
+must equal it bit for bit. The BN's arithmetic is PyTorch's only where its CPU kernel is the x86
+FMA build (capability AVX2 / AVX512), so there the inference spikes are compared exactly; any other
+build is held to the rounding-proof comparison (a spike may differ only where the float64
+membrane lies within rounding of the threshold).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.kernels import ops
+from spikingformer.layers import routes
+from spikingformer.models.zoo import create_model
+from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"the CPU kernel library did not build: {cpu.build_error()}")
+
+PARAMS = [LIFParams(), LIFParams(tau=1.5, v_threshold=0.5, detach_reset=False), LIFParams(v_reset=-0.1)]
+SHAPES = [(4, 2, 12, 12, 16), (3, 2, 7, 9, 5), (1, 1, 1, 1, 3), (5, 3, 16, 17, 33), (2, 1, 40, 6, 8)]
+
+
+def _maps(shape, seed=0) -> torch.Tensor:
+    """Channels-last maps ``(T, B, H, W, C)``: currents that make a mix of spikes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 1.5 + 0.7
+
+
+def _pool_plain(spikes: torch.Tensor) -> torch.Tensor:
+    """MaxPool2d(3, 2, 1) of ``(T, B, H, W, C)`` by ``nn.functional.max_pool2d`` on the NCHW view."""
+    t, b = spikes.shape[:2]
+    y = nn.functional.max_pool2d(spikes.permute(0, 1, 4, 2, 3).flatten(0, 1), 3, 2, 1)
+    return y.view(t, b, *y.shape[1:]).permute(0, 1, 3, 4, 2)
+
+
+def _bn_plain(y: torch.Tensor, bn: tuple) -> torch.Tensor:
+    mean, var, weight, bias, eps = bn
+    t, b = y.shape[:2]
+    z = nn.functional.batch_norm(y.permute(0, 1, 4, 2, 3).flatten(0, 1), mean, var, weight, bias, False, 0.0, eps)
+    return z.view(t, b, *z.shape[1:]).permute(0, 1, 3, 4, 2)
+
+
+def _bn(channels: int, seed: int = 1) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(channels, generator=g) * 0.3, torch.rand(channels, generator=g) + 0.3,
+            torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.3, 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"tau{p.tau}_vth{p.v_threshold}_vr{p.v_reset}")
+@pytest.mark.parametrize("pool", [True, False])
+def test_forward_equals_the_module_calls(shape, p, pool):
+    x = _maps(shape)
+    spikes = lif_reference(x, p)
+    expected = _pool_plain(spikes) if pool else spikes
+    got = cpu.lif_pool_forward(x, p, pool)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert expected.sum() > 0 and (expected == 0).any()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"tau{p.tau}_vth{p.v_threshold}_vr{p.v_reset}")
+def test_backward_equals_max_pool_and_lif_gradients(shape, p):
+    """Gradients of max-pool(SN(z)): each window's to its first maximum, summed in PyTorch's order,
+    then the LIF backward, bit for bit against autograd through the fused LIF kernel and max_pool2d."""
+    z = _maps(shape).requires_grad_()
+    out = _pool_plain(MultiStepLIF(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)(z))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+    assert torch.equal(cpu.lif_pool_backward(z.detach(), grad, p), z.grad)
+    # the LIF reference's autograd (the ground truth, with the exact sigmoid) agrees to rounding
+    zr = z.detach().clone().requires_grad_()
+    _pool_plain(lif_reference(zr, p)).backward(grad)
+    torch.testing.assert_close(z.grad, zr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_go_to_the_first_maximum_of_each_window():
+    """Hand-made spikes: a window with no spike routes its gradient to its first position, one with
+    two spikes to the earlier of them; overlapping windows add up at their shared position."""
+    p = LIFParams()
+    z = torch.full((1, 1, 3, 3, 1), -5.0)  # never fires
+    z[0, 0, 1, 2, 0] = z[0, 0, 2, 1, 0] = 5.0  # fire at (1, 2) and (2, 1)
+    # output windows (2 x 2) cover rows/cols {0,1}, {0,1}, {1,2}, ... with padding
+    grad = torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 1, 2, 2, 1)
+    gz = cpu.lif_pool_backward(z, grad, p)
+    sg = 4.0 * torch.sigmoid(torch.tensor(4.0 * (2.5 - 1.0))) * (1 - torch.sigmoid(torch.tensor(4.0 * (2.5 - 1.0))))
+    sg_quiet = 4.0 * torch.sigmoid(torch.tensor(4.0 * (-2.5 - 1.0))) * (1 - torch.sigmoid(torch.tensor(4.0 * (-2.5 - 1.0))))
+    # window (0,0): rows 0-1, cols 0-1: no spike -> (0,0); window (0,1): rows 0-1, cols 1-2: spike (1,2);
+    # window (1,0): rows 1-2, cols 0-1: spike (2,1); window (1,1): rows 1-2, cols 1-2: first spike (1,2)
+    expected = torch.zeros(3, 3)
+    expected[0, 0] = 1.0 * sg_quiet / 2
+    expected[1, 2] = (2.0 + 8.0) * sg / 2
+    expected[2, 1] = 4.0 * sg / 2
+    torch.testing.assert_close(gz[0, 0, :, :, 0], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("pool", [True, False])
+def test_inference_bn_in_front(shape, pool):
+    p = LIFParams()
+    y = _maps(shape, seed=5) * 2
+    bn = _bn(shape[-1])
+    z = _bn_plain(y, bn)
+    expected = lif_reference(z, p)
+    expected = _pool_plain(expected) if pool else expected
+    got = ops.bn_lif_pool(y, *bn[:4], bn[4], p.tau, p.v_threshold, p.v_reset, pool)
+    assert got.shape == expected.shape
+    if cpu.bn_fuses_multiply_add():  # PyTorch's x86 FMA build: the same rounding
+        assert torch.equal(got, expected)
+        return
+    # elsewhere: differences only where a float64 membrane lies within rounding of the threshold
+    mean, var, weight, bias, eps = (t.double() if torch.is_tensor(t) else t for t in bn)
+    h, _ = lif_membrane_reference((y.double() - mean) / torch.sqrt(var + eps) * weight + bias, p)
+    near = ((h.double() - p.v_threshold).abs() < 1e-5).any(0, keepdim=True).expand_as(h)
+    unpooled = cpu.lif_pool_forward(y, p, False, bn)
+    assert torch.equal(unpooled[~near], lif_reference(z, p)[~near])
+
+
+def test_without_the_library_the_twin_computes_the_same(monkeypatch):
+    p = LIFParams(tau=1.5)
+    x = _maps((3, 2, 9, 8, 6))
+    grad = torch.randn(cpu.pooled_shape(x))
+    want = (cpu.lif_pool_forward(x, p, True), cpu.lif_pool_backward(x, grad, p),
+            cpu.lif_pool_forward(x, p, False, _bn(6)))
+    monkeypatch.setattr(cpu, "get_library", lambda: None)
+    got = (cpu.lif_pool_forward(x, p, True), cpu.lif_pool_backward(x, grad, p),
+           cpu.lif_pool_forward(x, p, False, _bn(6)))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)  # autograd's exact sigmoid
+
+
+def test_opcheck():
+    p = LIFParams()
+    x = _maps((3, 2, 6, 5, 4))
+    torch.library.opcheck(ops.lif_pool, (x.clone().requires_grad_(), p.tau, p.v_threshold, p.v_reset, p.alpha, True))
+    torch.library.opcheck(ops.lif_pool_backward_op, (x, torch.randn(3, 2, 3, 3, 4), p.tau, p.v_threshold,
+                                                     p.v_reset, p.alpha, True))
+    for pool in (True, False):
+        torch.library.opcheck(ops.bn_lif_pool, (x, *_bn(4)[:4], 1e-5, p.tau, p.v_threshold, p.v_reset, pool))
+
+
+def _run(model, x, spec):
+    """Training step (output, gradients, BN running statistics) and inference output under ``spec``."""
+    m = copy.deepcopy(model).train()
+    with routes.configured(spec):
+        out = m(x)
+        out.square().sum().backward()
+        m.eval()
+        with torch.inference_mode():
+            inferred = m(x)
+    grads = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+    return out.detach(), grads, dict(m.named_buffers()), inferred
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("spikingformer_cifar10dvs_2_256", (2, 4, 2, 48, 48)),  # event: a max-pool in front of every stage
+    ("spikingformer_cifar10_4_384", (2, 3, 32, 32)),  # static: BN -> SN without pool in front of stages 1-2
+])
+def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
+    """A zoo model's training step and inference with the route on equal the route off, bit for bit,
+    and the route does run (its operators are called)."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {}))
+    x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
+    off = _run(model, x, "-fused_spike_pool,+channels_last")
+    calls = []
+    for op_name in ("lif_pool_op", "bn_lif_pool"):
+        real = getattr(ops, op_name)
+        monkeypatch.setattr(ops, op_name, lambda *a, _real=real, _n=op_name: calls.append(_n) or _real(*a))
+    on = _run(model, x, "+fused_spike_pool,+channels_last")
+    assert {"lif_pool_op", "bn_lif_pool"} <= set(calls)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[3], off[3])
+    assert on[1].keys() == off[1].keys() and all(torch.equal(on[1][k], off[1][k]) for k in on[1])
+    assert all(torch.equal(on[2][k], off[2][k]) for k in on[2])
+
+
+def test_neuron_hooks_still_see_the_spikes():
+    """A forward hook on a neuron (firing-rate meters) makes the tokenizer take the module calls."""
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10dvs_2_256", depth=1, time_steps=2).eval()
+    x = torch.poisson(torch.full((1, 2, 2, 32, 32), 0.6))
+    seen = []
+    model.tokenizer.lifs[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with routes.configured("+fused_spike_pool,+channels_last"), torch.inference_mode():
+        model(x)
+    assert seen == [torch.Size([2, 1, 32, 32, 32])]
