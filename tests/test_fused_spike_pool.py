@@ -174,14 +174,59 @@ def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
     x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
     off = _run(model, x, "-fused_spike_pool,+channels_last")
     calls = []
-    for op_name in ("lif_pool_op", "bn_lif_pool"):
-        real = getattr(ops, op_name)
-        monkeypatch.setattr(ops, op_name, lambda *a, _real=real, _n=op_name: calls.append(_n) or _real(*a))
+    for fn in ("lif_pool_forward", "lif_pool_backward"):
+        real = getattr(cpu, fn)
+        monkeypatch.setattr(cpu, fn, lambda *a, _real=real, _n=fn: calls.append((_n, a[-1] is not None)) or _real(*a))
     on = _run(model, x, "+fused_spike_pool,+channels_last")
-    assert {"lif_pool_op", "bn_lif_pool"} <= set(calls)
+    # training: the backward with the BN in front; inference: the forward with it
+    assert {("lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
     assert torch.equal(on[0], off[0]) and torch.equal(on[3], off[3])
     assert on[1].keys() == off[1].keys() and all(torch.equal(on[1][k], off[1][k]) for k in on[1])
     assert all(torch.equal(on[2][k], off[2][k]) for k in on[2])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momentum):
+    """BN -> SN -> max-pool in training: output, gradients of input and BN parameters, running
+    statistics and batch count as the module calls, over two steps (``momentum=None`` averages by
+    the count); autograd keeps BN's input and its batch statistics only."""
+    from spikingformer.layers import ConvBN, bn_spike_pool
+
+    torch.manual_seed(0)
+    stage = ConvBN(3, 16)
+    stage.bn.momentum = momentum
+    nn.init.uniform_(stage.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(stage.bn.bias, -0.2, 0.4)
+    lif = MultiStepLIF(tau=2.0)
+    results = []
+    for spec in ("-fused_spike_pool", "+fused_spike_pool"):
+        s = copy.deepcopy(stage).train()
+        row = []
+        for step in range(2):
+            y0 = stage.convolve(torch.randn(4, 3, 3, 12, 12, generator=torch.Generator().manual_seed(step))).detach()
+            y = (y0 * 2).requires_grad_()
+            with routes.configured(spec + ",+channels_last"):
+                out, saved = _saved_bytes(lambda: bn_spike_pool(s, lif, True, y))
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step)))
+            row += [out, y.grad, s.bn.weight.grad.clone(), s.bn.bias.grad.clone(), s.bn.running_mean.clone(),
+                    s.bn.running_var.clone(), s.bn.num_batches_tracked.clone()]
+        results.append((row, saved, y.numel() * y.element_size()))
+    (plain, _, _), (fused, saved, input_bytes) = results
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+    assert plain[0].sum() > 0
+    assert saved <= input_bytes + 4 * 16 * 4  # y, and per channel: weight, bias, mean, invstd
+
+
+def _saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
 
 
 def test_neuron_hooks_still_see_the_spikes():

@@ -24,20 +24,27 @@ struct Maps {
 
 inline float max_sel(float a, float b) { return select(b > a, b, a); }
 
-// BatchNorm's per-channel scale and shift from running statistics, as PyTorch's CPU kernel forms
-// them: invstd = 1 / sqrt(var + eps); scale = invstd * weight; shift = bias - mean * scale, the last
-// with one rounding where PyTorch's kernel contracts it to a fused multiply-add (FMA builds).
-void bn_terms(const float* mean, const float* var, const float* weight, const float* bias, float eps, int fma,
-              int64_t C, float* scale, float* shift) {
+// BatchNorm's per-channel scale and shift, as PyTorch's CPU kernel forms them from the mean and
+// 1 / sqrt(var + eps): scale = invstd * weight; shift = bias - mean * scale, the last with one
+// rounding where PyTorch's kernel contracts it to a fused multiply-add (its FMA builds).
+void bn_terms(const float* mean, const float* invstd, const float* weight, const float* bias, int fma, int64_t C,
+              float* scale, float* shift) {
   for (int64_t c = 0; c < C; ++c) {
-    const float invstd = 1.0f / std::sqrt(var[c] + eps);
-    scale[c] = invstd * weight[c];
+    scale[c] = invstd[c] * weight[c];
     shift[c] = fma ? std::fma(-mean[c], scale[c], bias[c]) : bias[c] - mean[c] * scale[c];
   }
 }
 
+// BN's input x -> its output, with the terms of bn_terms (AFFINE: 0 none, 1 x * scale + shift,
+// 2 fma(x, scale, shift), the rounding of PyTorch's FMA builds).
+template <int AFFINE> inline float bn_apply(float x, float scale, float shift) {
+  if constexpr (AFFINE == 1) return x * scale + shift;
+  else if constexpr (AFFINE == 2) return std::fma(x, scale, shift);
+  else return x;
+}
+
 // One row (t, b, h) of the recurrence: spikes of x_row into s_row, membrane v carried over t.
-template <bool POW2, int AFFINE>  // AFFINE: 0 none, 1 x * scale + shift, 2 fma(x, scale, shift)
+template <bool POW2, int AFFINE>
 inline void lif_row(const float* __restrict x, float* __restrict s, float* __restrict v, const Maps& m,
                     const float* __restrict scale, const float* __restrict shift, const Step& st) {
   for (int64_t w = 0; w < m.W; ++w) {
@@ -45,10 +52,7 @@ inline void lif_row(const float* __restrict x, float* __restrict s, float* __res
     float* __restrict vw = v + w * m.C;
     float* __restrict sw = s + w * m.C;
     for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
-      float z = xw[c];
-      if constexpr (AFFINE == 1) z = z * scale[c] + shift[c];
-      if constexpr (AFFINE == 2) z = std::fma(z, scale[c], shift[c]);
-      const float h = st.charge<POW2>(vw[c], z);
+      const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(xw[c], scale[c], shift[c]));
       const float sp = st.spike(h);
       vw[c] = st.reset(h, sp);
       sw[c] = sp;
@@ -122,28 +126,42 @@ void pool_forward_impl(const float* x, float* out, const Maps& m, const float* s
   }
 }
 
-// Backward of max-pool then LIF for input rows [h0, h1) of image b. Rows are walked in order, each
-// row's recurrence run once: its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows
-// either side), its charged membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows').
-template <bool POW2, bool DETACH>
-void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
-                   const Step& st, float alpha, uint8_t* spikes, float* hring, float* v, float* gv, float* gs,
-                   int32_t* first) {
-  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
-  auto recur = [&](int64_t k) {  // row k's recurrence: spikes, and the membrane of an owned row
-    float* hk = hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC;
-    for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
-    for (int64_t t = 0; t < m.T; ++t) {
-      const float* __restrict zr = z + ((t * m.B + b) * m.H + k) * WC;
-      uint8_t* __restrict sr = spikes + ((k % 5) * m.T + t) * WC;
-      float* __restrict ht = hk + t * WC;
-      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool spikes
-        const float h = st.charge<POW2>(v[i], zr[i]);
-        v[i] = st.reset(h, st.spike(h));
-        sr[i] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
-        ht[i] = h;
+// Row k of image b: the recurrence over t of BN's output of z (bn_apply), its spikes as bytes into
+// sr (T x W x C) and its charged membrane into hr (T x W x C).
+template <bool POW2, int AFFINE>
+void recur_row(const float* z, uint8_t* sr, float* hr, float* v, const Maps& m, int64_t b, int64_t k,
+               const float* __restrict scale, const float* __restrict shift, const Step& st) {
+  const int64_t WC = m.WC(), C = m.C;
+  for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
+  for (int64_t t = 0; t < m.T; ++t) {
+    const float* zr = z + ((t * m.B + b) * m.H + k) * WC;
+    for (int64_t w = 0; w < m.W; ++w) {
+      const float* __restrict zw = zr + w * C;
+      float* __restrict vw = v + w * C;
+      uint8_t* __restrict sw = sr + t * WC + w * C;
+      float* __restrict hw = hr + t * WC + w * C;
+      for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
+        const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(zw[c], scale[c], shift[c]));
+        vw[c] = st.reset(h, st.spike(h));
+        sw[c] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
+        hw[c] = h;
       }
     }
+  }
+}
+
+// Backward of max-pool then LIF (of BN's output, AFFINE as bn_apply, computed again from its input
+// z) for input rows [h0, h1) of image b. Rows are walked in order, each row's recurrence run once:
+// its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows either side), its charged
+// membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows').
+template <bool POW2, bool DETACH, int AFFINE>
+void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
+                   const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
+                   float* v, float* gv, float* gs, int32_t* first) {
+  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
+  auto recur = [&](int64_t k) {
+    recur_row<POW2, AFFINE>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC, v, m, b, k,
+                            scale, shift, st);
   };
   for (int64_t k = std::max<int64_t>(0, h0 - 2); k < std::min(m.H, h0 + 2); ++k) recur(k);
   for (int64_t h = h0; h < h1; ++h) {
@@ -208,9 +226,9 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
   }
 }
 
-template <bool POW2, bool DETACH>
-void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps& m, const Step& st, float alpha,
-                   int nthreads) {
+template <bool POW2, bool DETACH, int AFFINE>
+void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
+                        const float* shift, const Step& st, float alpha, int nthreads) {
   const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
   const int64_t per = std::max<int64_t>(16, rows_per_item(m.H, m.B, nt));  // 4 halo rows per item: a small share
   const int64_t chunks = (m.H + per - 1) / per;
@@ -222,8 +240,8 @@ void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, h0 = (item % chunks) * per;
-      backward_rows<POW2, DETACH>(z, gout, gz, m, b, h0, std::min(m.H, h0 + per), st, alpha, spikes.data(),
-                                  hring.data(), v.data(), gv.data(), gs.data(), first.data());
+      backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, std::min(m.H, h0 + per), scale, shift, st, alpha,
+                                          spikes.data(), hring.data(), v.data(), gv.data(), gs.data(), first.data());
     }
   }
 }
@@ -250,6 +268,22 @@ void forward_pick(const float* x, float* out, const Maps& m, const float* scale,
   }
 }
 
+template <bool POW2, bool DETACH>
+void backward_pick_affine(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
+                          const float* shift, int affine, const Step& st, float alpha, int nthreads) {
+  if (affine == 0) pool_backward_impl<POW2, DETACH, 0>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+}
+
+void backward_pick(const float* z, const float* gout, float* gz, const Maps& m, const float* scale, const float* shift,
+                   int affine, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
+  if (pow2 && detach) backward_pick_affine<true, true>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else if (pow2) backward_pick_affine<true, false>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else if (detach) backward_pick_affine<false, true>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else backward_pick_affine<false, false>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+}
+
 }  // namespace
 
 extern "C" {
@@ -268,11 +302,12 @@ int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
-  std::vector<float> scale, shift;
+  std::vector<float> scale, shift, invstd;
   int affine = 0;
-  if (bn_mean != nullptr) {
-    scale.resize(C), shift.resize(C);
-    bn_terms(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, fma, C, scale.data(), shift.data());
+  if (bn_mean != nullptr) {  // running statistics: invstd as PyTorch's kernel computes it, in float
+    scale.resize(C), shift.resize(C), invstd.resize(C);
+    for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0f / std::sqrt(bn_var[c] + bn_eps);
+    bn_terms(bn_mean, invstd.data(), bn_weight, bn_bias, fma, C, scale.data(), shift.data());
     affine = fma ? 2 : 1;
   }
   if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, st, nthreads);
@@ -280,20 +315,22 @@ int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_
   return 0;
 }
 
-// z: the LIF input (T, B, H, W, C); gout: gradient of the pooled spikes (T, B, Ho, Wo, C); gz: out.
+// z: the LIF input (T, B, H, W, C), or with bn_mean not null the input of a training BatchNorm
+// whose batch mean and 1 / sqrt(var + eps) (PyTorch's save_mean, save_invstd), weight and bias are
+// given; gout: gradient of the pooled spikes (T, B, Ho, Wo, C); gz: the gradient with respect to
+// the LIF input (BN's output), (T, B, H, W, C). Returns as sf_lif_pool_forward.
 int sf_lif_pool_backward(const float* z, const float* gout, float* gz, int64_t T, int64_t B, int64_t H, int64_t W,
-                         int64_t C, float tau, float vth, float vr, float alpha, int detach, int nthreads) {
+                         int64_t C, const float* bn_mean, const float* bn_invstd, const float* bn_weight,
+                         const float* bn_bias, int fma, float tau, float vth, float vr, float alpha, int detach,
+                         int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
+  if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
-  const bool p2 = pow2_tau(tau);
-  if (detach) {
-    if (p2) pool_backward_impl<true, true>(z, gout, gz, m, st, alpha, nthreads);
-    else pool_backward_impl<false, true>(z, gout, gz, m, st, alpha, nthreads);
-  } else {
-    if (p2) pool_backward_impl<true, false>(z, gout, gz, m, st, alpha, nthreads);
-    else pool_backward_impl<false, false>(z, gout, gz, m, st, alpha, nthreads);
-  }
+  std::vector<float> scale(C), shift(C);
+  const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
+  if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
+  backward_pick(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st, alpha, nthreads);
   return 0;
 }
 

@@ -82,7 +82,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_backward.restype = ci
     lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, f32, f32, f32, ci]
     lib.sf_lif_pool_forward.restype = ci
-    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, f32, f32, f32, f32, ci, ci]
+    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, f32, f32, f32, f32, ci,
+                                         ci]
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
@@ -219,13 +220,20 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
     return out
 
 
-def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams) -> torch.Tensor:
-    """Gradient with respect to ``z`` ``(T, B, H, W, C)`` of max-pool(SN(z)), given the pooled
-    spikes' gradient, by ``lib`` (float32)."""
+def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams,
+                             bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                             ) -> torch.Tensor:
+    """Gradient with respect to the LIF input of max-pool(SN(.)) of float32 channels-last maps
+    ``(T, B, H, W, C)``, given the pooled spikes' gradient, by ``lib``. The LIF input is ``z``, or
+    with ``bn`` = ``(save_mean, save_invstd, weight, bias)`` of a training BatchNorm, that BN's
+    output of ``z``, computed again as PyTorch's CPU kernel computed it."""
     zk, gk = z.contiguous(), grad_pooled.float().contiguous()
     gz = torch.empty_like(zk)
-    rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, p.tau, p.v_threshold,
-                                  p.v_reset, p.alpha, int(p.detach_reset), torch.get_num_threads())
+    terms = [t.detach().float().contiguous() for t in bn] if bn is not None else []
+    ptrs = [t.data_ptr() for t in terms] or [None] * 4
+    rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, *ptrs,
+                                  int(bn_fuses_multiply_add()), p.tau, p.v_threshold, p.v_reset, p.alpha,
+                                  int(p.detach_reset), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
     return gz
@@ -256,11 +264,18 @@ def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torc
     return kernel_lif_pool_forward(lib, x, p, pool, bn)
 
 
-def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams) -> torch.Tensor:
-    """Gradient of max-pool(SN(z)) with respect to ``z``: the kernel, else autograd through :func:`lif_pool_plain`."""
+def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, bn=None) -> torch.Tensor:
+    """Gradient of max-pool(SN(.)) with respect to its input, ``z`` or a training BN's output of
+    ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd through :func:`lif_pool_plain`
+    (there the BN's output is ``z * scale + shift``, to float32 rounding of PyTorch's)."""
     lib = get_library()
-    if lib is not None and z.dtype == torch.float32:
-        return kernel_lif_pool_backward(lib, z, grad_pooled, p)
+    if (lib is not None and z.dtype == torch.float32
+            and (bn is None or not bn_fuses_multiply_add() or lib.sf_lif_pool_has_fma())):
+        return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn)
+    if bn is not None:
+        mean, invstd, weight, bias = bn
+        scale = invstd * weight
+        z = z * scale + (bias - mean * scale)
     with torch.enable_grad():
         zg = z.detach().requires_grad_()
         (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, True), zg, grad_pooled)

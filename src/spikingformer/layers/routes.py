@@ -246,15 +246,53 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
         return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None)
 
 
+def _training_bn(bn: nn.Module) -> bool:
+    """A plain training BatchNorm2d with running statistics and affine parameters, no hooks."""
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+            and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks))
+
+
+class _FusedBNSpikePool(torch.autograd.Function):
+    """``fused_spike_pool`` in training: BN -> SN -> max-pool keeping only BN's input and batch
+    statistics; SN -> max-pool forward in one kernel pass, and backward in one pass that computes
+    BN's output again from its input (PyTorch's arithmetic), then PyTorch's BN backward."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, bn, lif):
+        # what nn.BatchNorm2d.forward does in training: count the batch, pick the averaging factor
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        flat = y.flatten(0, 1)
+        z, mean, invstd = torch.native_batch_norm(flat, weight, bias, bn.running_mean, bn.running_var, True, factor,
+                                                  bn.eps)
+        out = kernels.cpu_backend.lif_pool_forward(z.view(y.shape).permute(0, 1, 3, 4, 2), lif.params, True)
+        ctx.save_for_backward(y, weight, bias, mean, invstd)
+        ctx.params, ctx.eps = lif.params, bn.eps
+        return out.permute(0, 1, 4, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, bias, mean, invstd = ctx.saved_tensors
+        grad_z = kernels.cpu_backend.lif_pool_backward(y.permute(0, 1, 3, 4, 2), grad.permute(0, 1, 3, 4, 2),
+                                                       ctx.params, (mean, invstd, weight, bias))
+        grad_z = grad_z.permute(0, 1, 4, 2, 3).flatten(0, 1)  # channels-last, as autograd's would be
+        gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, y.flatten(0, 1), weight, None, None, mean,
+                                                               invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return (gy.view(y.shape) if gy is not None else None), gw, gb, None, None
+
+
 def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
-    """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``: with ``recompute``, memory-lean when
-    training maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements (not under ``torch.compile``,
-    whose partitioner decides what to recompute, nor for a fused BN or a neuron with state);
+    """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``. In training (not under ``torch.compile``,
+    whose partitioner decides what to keep, nor for a neuron with state or hooks): with
+    ``fused_spike_pool`` and a max-pool, :class:`_FusedBNSpikePool`; else with ``recompute``
+    memory-lean for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements;
     :func:`bn_spike_pool_plain` otherwise."""
     bn = stage.bn
-    if (enabled("recompute") and torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and bn.training
-            and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS
-            and not torch.compiler.is_compiling()):
+    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if training and pool and _training_bn(bn) and _fused_kernel_takes(lif, y):
+        return _FusedBNSpikePool.apply(y, bn.weight, bn.bias, bn, lif)
+    if (enabled("recompute") and training and isinstance(bn, nn.BatchNorm2d) and bn.training
+            and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
         return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
     return bn_spike_pool_plain(stage, lif, pool, y)
 
