@@ -237,7 +237,9 @@ PROFILE_GROUPS = [
     ("convolution: tokenizer 3x3, token linears as 1x1 (fwd+bwd)", ("convolution",)),
     ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("BatchNorm (fwd+bwd)", ("batch_norm",)),
-    ("LIF neurons (fwd+bwd)", ("CPUFusedLIF", "TorchFusedLIF", "Triton")),
+    # the operators of spikingformer.kernels.ops (lif, lif_pool, bn_lif_pool and their backward), and
+    # their autograd nodes, which time the forward kernel when it runs under autograd
+    ("LIF neurons, fused SN -> max-pool (fwd+bwd)", ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton")),
     ("max-pool (fwd+bwd)", ("max_pool",)),
     ("copies / layout changes", ("aten::copy_", "aten::clone", "aten::contiguous")),
     ("zero-fill", ("aten::fill_", "aten::zero_")),

@@ -239,3 +239,27 @@ def test_neuron_hooks_still_see_the_spikes():
     with routes.configured("+fused_spike_pool,+channels_last"), torch.inference_mode():
         model(x)
     assert seen == [torch.Size([2, 1, 32, 32, 32])]
+
+
+def test_training_meter_is_attached_only_when_asked():
+    """The trainer's firing-rate meter hooks the neurons only between attach() and detach(), so the
+    steps it does not log keep the fused route; while attached it measures the spikes."""
+    from spikingformer.engine.trainer import FiringRateMeter
+
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10dvs_2_256", depth=1, time_steps=2).eval()
+    x = torch.poisson(torch.full((1, 2, 2, 32, 32), 0.6))
+    meter = FiringRateMeter(model)
+    lif = model.tokenizer.lifs[0]
+    meter.attach()  # twice: still one hook per neuron
+    assert len(lif._forward_hooks) == 1
+    with torch.inference_mode():
+        model(x)
+    rate = meter.pop()
+    assert 0.0 < rate < 1.0 and meter.calls == 0
+    meter.detach()
+    assert not lif._forward_hooks
+    with torch.inference_mode():
+        model(x)
+    assert meter.calls == 0 and meter.total is None
+    meter.close()

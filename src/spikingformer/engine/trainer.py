@@ -99,12 +99,29 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
 
 
 class FiringRateMeter:
-    """Mean firing rate over all LIF layers (each layer's spikes/elements, averaged over layers)."""
+    """Mean firing rate over all LIF layers (each layer's spikes/elements, averaged over layers).
+
+    It reads the spikes through forward hooks on the neurons, attached from construction until
+    :meth:`close` (or between :meth:`attach` and :meth:`detach`). A neuron with a hook makes the
+    tokenizer take its module calls instead of the fused SN -> max-pool kernel, which never holds
+    the spike map; training therefore attaches the meter only for the steps it logs.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.total = None
         self.calls = 0
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MultiStepLIF)]
+        self.neurons = [m for m in model.modules() if isinstance(m, MultiStepLIF)]
+        self.handles = []
+        self.attach()
+
+    def attach(self) -> None:
+        if not self.handles:
+            self.handles = [m.register_forward_hook(self._hook) for m in self.neurons]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
     def _hook(self, module, inputs, output) -> None:
         rate = output.detach().float().mean()
@@ -117,8 +134,7 @@ class FiringRateMeter:
         return value
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.detach()
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -231,7 +247,8 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     from tqdm import tqdm
 
     st.net.train()
-    meter.pop()  # drop what the last evaluation recorded
+    meter.detach()  # attached for the logged steps only (see FiringRateMeter)
+    meter.pop()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
                dynamic_ncols=True, mininterval=0.5)
     sums = torch.zeros(3, dtype=torch.float64)
@@ -242,8 +259,12 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
         hard_target = target = target.to(runtime.device, non_blocking=True)
         if st.mixup_fn is not None:
             images, target = st.mixup_fn(images, target)
+        logged = runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1)
+        if logged:
+            meter.attach()
         with _autocast(runtime.device, st.amp_dtype):
             logits = st.net(images)
+        meter.detach()
         loss = st.criterion(logits.float(), target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}; lower --lr or enable --clip-grad")
@@ -257,7 +278,7 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
         n = len(hard_target)
         seen += n
         sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
-        if runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1):
+        if logged:  # fr: the firing rate of this step's forward
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
                             lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
