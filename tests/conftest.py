@@ -38,3 +38,17 @@ def require(path: Path) -> Path:
         pytest.skip(f"{path} not found: golden fixtures and real data live in ../shared next to the repository")
     return path
 
+
+
+def saved_bytes(fn):
+    """``(fn(), bytes)``: the output of ``fn()`` and the bytes of the distinct storages autograd
+    keeps for backward while it runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())

@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from conftest import saved_bytes
 from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
@@ -206,7 +207,7 @@ def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momen
             y0 = stage.convolve(torch.randn(4, 3, 3, 12, 12, generator=torch.Generator().manual_seed(step))).detach()
             y = (y0 * 2).requires_grad_()
             with routes.configured(spec + ",+channels_last"):
-                out, saved = _saved_bytes(lambda: bn_spike_pool(s, lif, True, y))
+                out, saved = saved_bytes(lambda: bn_spike_pool(s, lif, True, y))
             out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step)))
             row += [out, y.grad, s.bn.weight.grad.clone(), s.bn.bias.grad.clone(), s.bn.running_mean.clone(),
                     s.bn.running_var.clone(), s.bn.num_batches_tracked.clone()]
@@ -215,18 +216,6 @@ def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momen
     assert all(torch.equal(a, b) for a, b in zip(plain, fused))
     assert plain[0].sum() > 0
     assert saved <= input_bytes + 4 * 16 * 4  # y, and per channel: weight, bias, mean, invstd
-
-
-def _saved_bytes(fn):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 def test_neuron_hooks_still_see_the_spikes():

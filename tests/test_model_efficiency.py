@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from conftest import saved_bytes
 from torch import nn
 
 from spikingformer.layers import ResidualStyle, SpikingTokenizer, lif_factory, routes
@@ -154,19 +155,6 @@ def test_whole_model_matches_plain_tokenizer(name, shape):
         torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-7, atol=1e-9, msg=pname)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
-
-
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype, monkeypatch):
@@ -188,7 +176,7 @@ def test_recomputed_bn_spike_pool_is_bit_identical_and_keeps_less(pool, dtype, m
         s = copy.deepcopy(stage).train()
         y = y0.clone().requires_grad_()
         fn = (lambda: bn_spike_pool(s, lif, pool, y)) if lean else (lambda: _bn_spike_pool(s, lif, pool, y))
-        out, saved = _saved_bytes(fn)
+        out, saved = saved_bytes(fn)
         out.backward(grad)
         results.append((out, y.grad, s.bn.weight.grad, s.bn.bias.grad, s.bn.running_mean, s.bn.running_var, saved))
     plain, lean = results
