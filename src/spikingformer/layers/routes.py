@@ -14,7 +14,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   (PyTorch's own kernel with ``out=`` its input: the module's values, bit for bit), one map fewer.
 * ``recompute``: in training, BN -> SN -> max-pool between two tokenizer convolutions keeps only its
   input for backward and recomputes the rest there (values, gradients and running statistics of
-  the module calls, bit for bit), for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements.
+  the module calls, bit for bit), for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements
+  that ``fused_spike_pool`` does not take.
 * ``fused_spike_pool``: on the CPU, with ``channels_last``, the tokenizer's SN -> max-pool runs as one
   pass of the C++ kernel each way in training (the BN stays PyTorch's), and in inference BN -> SN
   [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
