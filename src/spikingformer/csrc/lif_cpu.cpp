@@ -124,6 +124,19 @@ struct Step {
   }
   float spike(float h) const { return select((h - vth) >= 0.0f, 1.0f, 0.0f); }
   float reset(float h, float s) const { return h * (1.0f - s) + vr * s; }
+  // One step of the reverse recurrence: from the charged membrane h, the spike's gradient gs and
+  // dL/dV[t] in gv, returns dL/dX[t] and leaves dL/dV[t-1] in gv.
+  template <bool DETACH> float grad(float h, float gs, float& gv, float alpha) const {
+    const float z = h - vth;
+    const float sg = surrogate(z, alpha);
+    const float not_spiked = select(z >= 0.0f, 0.0f, 1.0f);
+    // dV/dH: 1 - S, plus the path through the reset, (V_reset - H) sg, unless it is detached
+    const float dvdh = DETACH ? not_spiked : mul_add(vr - h, sg, not_spiked);
+    const float gh = mul_add(gs, sg, gv * dvdh);
+    const float g = gh * inv_tau;  // gradients need not be bit-exact: multiply (1 ulp of 1/tau)
+    gv = gh - g;
+    return g;
+  }
 };
 
 template <int D, bool POW2>
@@ -167,16 +180,7 @@ void backward_block(const typename StorageOf<D>::type* __restrict x, const typen
     const S* __restrict gst = gs + t * N + i0;
     S* __restrict gxt = gx + t * N + i0;
     for (int64_t i = 0; i < n; ++i) {  // SF_VECTOR_LOOP backward
-      const float h = ht[i];
-      const float z = h - st.vth;
-      const float sg = surrogate(z, alpha);
-      const float not_spiked = select(z >= 0.0f, 0.0f, 1.0f);
-      // dV/dH: 1 - S, plus the path through the reset, (V_reset - H) sg, unless it is detached
-      const float dvdh = DETACH ? not_spiked : mul_add(st.vr - h, sg, not_spiked);
-      const float gh = mul_add(load<D>(gst, i), sg, gv[i] * dvdh);
-      const float g = gh * st.inv_tau;  // gradients need not be bit-exact: multiply (1 ulp of 1/tau)
-      gv[i] = gh - g;
-      store<D>(gxt, i, g);
+      store<D>(gxt, i, st.grad<DETACH>(ht[i], load<D>(gst, i), gv[i], alpha));
     }
   }
 }

@@ -1,5 +1,5 @@
 // The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
-// library source; Step, select, mul_add and surrogate come from there).
+// library source; Step (the LIF step and its gradient) and select come from there).
 //
 // Maps are float32 (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the
 // neuron's time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
@@ -208,19 +208,11 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
           }
         }
       }
-      // 4. LIF backward at step t (the arithmetic of backward_block)
+      // 4. LIF backward at step t (the LIF kernel's Step::grad)
       const float* __restrict ht = hbuf + t * WC;
       float* __restrict gzt = gz + ((t * m.B + b) * m.H + h) * WC;
       for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward
-        const float hh = ht[i];
-        const float zz = hh - st.vth;
-        const float sg = surrogate(zz, alpha);
-        const float not_spiked = select(zz >= 0.0f, 0.0f, 1.0f);
-        const float dvdh = DETACH ? not_spiked : mul_add(st.vr - hh, sg, not_spiked);
-        const float gh = mul_add(gs[i], sg, gv[i] * dvdh);
-        const float gx = gh * st.inv_tau;
-        gv[i] = gh - gx;
-        gzt[i] = gx;
+        gzt[i] = st.grad<DETACH>(ht[i], gs[i], gv[i], alpha);
       }
     }
   }

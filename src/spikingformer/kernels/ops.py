@@ -145,7 +145,7 @@ def bn_lif_pool(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
                 pool: bool) -> torch.Tensor:
     """Inference only (no autograd): BatchNorm with running statistics, SN and, if ``pool``, the
     max-pool, of channels-last maps ``x`` ``(T, B, H, W, C)``."""
-    p = _params(tau, v_threshold, v_reset, 4.0, True)
+    p = LIFParams(tau, v_threshold, v_reset)  # the forward needs no surrogate or reset detachment
     return cpu.lif_pool_forward(x, p, pool, (running_mean, running_var, weight, bias, eps))
 
 
