@@ -177,10 +177,17 @@ def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
     calls = []
     for fn in ("lif_pool_forward", "lif_pool_backward"):
         real = getattr(cpu, fn)
-        monkeypatch.setattr(cpu, fn, lambda *a, _real=real, _n=fn: calls.append((_n, a[-1] is not None)) or _real(*a))
+
+        def spy(*args, _real=real, _n=fn, **kw):
+            calls.append((_n, kw.get("bn", args[3] if len(args) > 3 else None) is not None))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(cpu, fn, spy)
     on = _run(model, x, "+fused_spike_pool,+channels_last")
-    # training: the backward with the BN in front; inference: the forward with it
-    assert {("lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
+    if cpu.kernel_reproduces_bn():  # training: the backward with the BN in front; inference: the forward with it
+        assert {("lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
+    else:  # a build without FMA beside PyTorch's FMA kernels: BN stays PyTorch's, SN -> max-pool fused
+        assert {("lif_pool_backward", False), ("lif_pool_forward", False)} == set(calls)
     assert torch.equal(on[0], off[0]) and torch.equal(on[3], off[3])
     assert on[1].keys() == off[1].keys() and all(torch.equal(on[1][k], off[1][k]) for k in on[1])
     assert all(torch.equal(on[2][k], off[2][k]) for k in on[2])
@@ -215,7 +222,8 @@ def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momen
     (plain, _, _), (fused, saved, input_bytes) = results
     assert all(torch.equal(a, b) for a, b in zip(plain, fused))
     assert plain[0].sum() > 0
-    assert saved <= input_bytes + 4 * 16 * 4  # y, and per channel: weight, bias, mean, invstd
+    if cpu.kernel_reproduces_bn():  # else (a build without FMA beside PyTorch's FMA kernels) it steps aside
+        assert saved <= input_bytes + 4 * 16 * 4  # y, and per channel: weight, bias, mean, invstd
 
 
 def test_neuron_hooks_still_see_the_spikes():

@@ -200,6 +200,14 @@ def bn_fuses_multiply_add() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def kernel_reproduces_bn() -> bool:
+    """Whether the library is built and computes BatchNorm's output with the rounding of PyTorch's
+    CPU kernel in use: a build without FMA (e.g. ``SPIKINGFORMER_NATIVE_ARCH=x86-64``) cannot where
+    PyTorch's kernel fuses its multiply-adds (:func:`bn_fuses_multiply_add`)."""
+    lib = get_library()
+    return lib is not None and (not bn_fuses_multiply_add() or bool(lib.sf_lif_pool_has_fma()))
+
+
 def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, pool: bool,
                             bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
                             ) -> torch.Tensor:
@@ -257,8 +265,7 @@ def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.
 def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
     lib = get_library()
-    if (lib is None or x.dtype != torch.float32
-            or (bn is not None and bn_fuses_multiply_add() and not lib.sf_lif_pool_has_fma())):
+    if lib is None or x.dtype != torch.float32 or (bn is not None and not kernel_reproduces_bn()):
         with torch.no_grad():
             return lif_pool_plain(x, p, pool, bn)
     return kernel_lif_pool_forward(lib, x, p, pool, bn)
@@ -269,8 +276,7 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
     ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd through :func:`lif_pool_plain`
     (there the BN's output is ``z * scale + shift``, to float32 rounding of PyTorch's)."""
     lib = get_library()
-    if (lib is not None and z.dtype == torch.float32
-            and (bn is None or not bn_fuses_multiply_add() or lib.sf_lif_pool_has_fma())):
+    if lib is not None and z.dtype == torch.float32 and (bn is None or kernel_reproduces_bn()):
         return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn)
     if bn is not None:
         mean, invstd, weight, bias = bn

@@ -48,8 +48,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spikingformer.cpu_features import vector_isa
 from spikingformer import kernels
+from spikingformer.cpu_features import vector_isa
 from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
@@ -193,7 +193,8 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
     memory (no expanded view).
     """
     bn = stage.bn
-    if _inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks):
+    if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and kernels.cpu_backend.kernel_reproduces_bn()):
         p = lif.params
         out = ops.bn_lif_pool(y.permute(0, 1, 3, 4, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
                               p.tau, p.v_threshold, p.v_reset, pool)
@@ -248,9 +249,11 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
 
 
 def _training_bn(bn: nn.Module) -> bool:
-    """A plain training BatchNorm2d with running statistics and affine parameters, no hooks."""
+    """A plain training BatchNorm2d with running statistics and affine parameters, no hooks, whose
+    output the kernel computes with PyTorch's rounding."""
     return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
-            and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks))
+            and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and kernels.cpu_backend.kernel_reproduces_bn())
 
 
 class _FusedBNSpikePool(torch.autograd.Function):
