@@ -200,6 +200,7 @@ def bn_fuses_multiply_add() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+@torch.compiler.assume_constant_result  # fixed for the process: the compiler evaluates it once
 def kernel_reproduces_bn() -> bool:
     """Whether the library is built and computes BatchNorm's output with the rounding of PyTorch's
     CPU kernel in use: a build without FMA (e.g. ``SPIKINGFORMER_NATIVE_ARCH=x86-64``) cannot where
