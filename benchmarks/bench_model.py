@@ -237,6 +237,9 @@ PROFILE_GROUPS = [
     ("convolution: tokenizer 3x3, token linears as 1x1 (fwd+bwd)", ("convolution",)),
     ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("BatchNorm (fwd+bwd)", ("batch_norm",)),
+    # the spike_linear route's operator (its forward kernel; the autograd node holds the backward's
+    # dense products, which the profiler also lists as aten::mm under it)
+    ("spike linears: token linears summing spikes (spike_linear route)", ("spike_linear",)),
     # the operators of spikingformer.kernels.ops (lif, lif_pool, bn_lif_pool and their backward), and
     # their autograd nodes, which time the forward kernel when it runs under autograd
     ("LIF neurons, fused SN -> max-pool (fwd+bwd)", ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton")),

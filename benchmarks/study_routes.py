@@ -7,7 +7,9 @@ sizes of ``benchmarks/bench_model.py``:
 * ``event``: the 2-256 event model (128x128 event frames, T = 16, batch 8: 8192 token rows).
 
 Cases: the token linears of each model (``token_linear``), and smaller layers on the CIFAR rows to
-place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; spike attention with each model's
+place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears on spikes at firing
+rates of 5-50% (``spike_linear``, to place
+:data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`); spike attention with each model's
 heads (``attention_order``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
 ``inplace_bn``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
@@ -46,6 +48,7 @@ MODELS = {
 }
 CAP_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "SPIKINGFORMER_NATIVE_ARCH")
 THRESHOLD_PROBES = [(64, 64), (128, 128), (64, 256), (192, 192), (256, 256)]  # (in, out) on the CIFAR rows
+SPIKE_RATES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # input firing rates of the spike_linear cases
 
 
 def _train(fn: Callable, params: list, inputs: list) -> Callable[[], None]:
@@ -105,6 +108,14 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
             out.append(("token_linear", key, label, "train",
                         _train(layer, list(layer.parameters()), [x.requires_grad_()])))
             out.append(("token_linear", key, label, "infer", _infer(layer, [x.detach()])))
+        for fan_in, fan_out in shapes[-3:]:
+            layer = TokenLinear(fan_in, fan_out)
+            for rate in SPIKE_RATES[::3] if quick else SPIKE_RATES:
+                x = (torch.rand(t, batch, n, fan_in) < rate).float()
+                label = f"linear {fan_in}x{fan_out}, {rows} rows, firing rate {rate:.2f}"
+                out.append(("spike_linear", key, label, "train",
+                            _train(layer, list(layer.parameters()), [x.requires_grad_()])))
+                out.append(("spike_linear", key, label, "infer", _infer(layer, [x.detach()])))
 
         h = c.num_heads
         qkv = [(torch.rand(t, batch, h, n, d // h) < 0.2).float() for _ in range(3)]
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     routes.RECOMPUTE_MIN_ELEMENTS = 0  # the study times every map; the threshold comes from it
     routes.ONEDNN_MIN_WEIGHTS = 0  # likewise for the small layers
+    routes._spike_max_density = 1.0  # and spike_linear's firing-rate limit from its cases
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     load = common.load_average()
     began = time.perf_counter()

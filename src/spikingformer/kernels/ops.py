@@ -15,6 +15,8 @@ through them without a graph break and keeps the fused kernels.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from spikingformer.kernels import cpu_backend as cpu
@@ -175,3 +177,50 @@ lif_pool.register_autograd(_lif_pool_backward, setup_context=_setup_context)
 def lif_pool_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     """``spikingformer::lif_pool`` with the parameters of ``p``."""
     return lif_pool(x, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+
+
+# ----------------------------------------------------------------------------- spike linear
+# A token linear on spikes: the forward sums weight columns (:func:`cpu_backend.spike_linear_forward`)
+# and the weight gradient sums output-gradient rows (:func:`cpu_backend.spike_linear_weight_grad`),
+# each the dense product where the input is not sparse spikes; the input gradient is a dense product.
+
+
+@torch.library.custom_op("spikingformer::spike_linear", mutates_args=(), device_types="cpu")
+def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float) -> torch.Tensor:
+    """``x W^T + b`` for rows ``x`` ``(M, K)``; spikes (all 0 or 1) with a firing rate of at most
+    ``max_density`` are summed as accumulations of weight columns."""
+    return cpu.spike_linear_forward(x, weight, bias, max_density)
+
+
+@torch.library.custom_op("spikingformer::spike_linear_weight_grad", mutates_args=(), device_types="cpu")
+def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float) -> torch.Tensor:
+    """``grad^T x`` ``(N, K)``: the weight gradient of ``spike_linear`` for its input ``x`` ``(M, K)``
+    and output gradient ``grad`` ``(M, N)``."""
+    return cpu.spike_linear_weight_grad(x, grad, max_density)
+
+
+@spike_linear.register_fake
+def _spike_linear_fake(x, weight, bias, max_density):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@spike_linear_weight_grad.register_fake
+def _spike_linear_weight_grad_fake(x, grad, max_density):
+    return x.new_empty(grad.shape[1], x.shape[1])
+
+
+def _spike_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, max_density = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.max_density = bias is not None, max_density
+
+
+def _spike_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = grad @ weight if ctx.needs_input_grad[0] else None
+    gw = spike_linear_weight_grad(x, grad, ctx.max_density) if ctx.needs_input_grad[1] else None
+    gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb, None
+
+
+spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_linear_setup)

@@ -24,6 +24,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
+* ``spike_linear``: float32 CPU token linears whose input is spikes (every element 0 or 1) with a
+  firing rate of at most :data:`SPIKE_LINEAR_MAX_DENSITY` (per ISA) sum the weight columns of each
+  row's spikes, bias first, in ascending column order: the paper's accumulate-only synaptic
+  operations, so the work falls with the firing rate. Another summation order than ``F.linear``'s:
+  float32 rounding differs. Gradients are PyTorch's dense products. Takes precedence over
+  ``token_linear``.
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
@@ -54,7 +60,7 @@ from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "token_linear",
-          "attention_order")
+          "spike_linear", "attention_order")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -67,9 +73,12 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 MEASURED_FASTER = {
-    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "attention_order"}),
-    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "attention_order"}),
+    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "attention_order"}),
+    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "attention_order"}),
 }
+# Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
+# zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
+SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
 # On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
 # convolutions, which deployment's operation counts rely on; no slower where measured).
 ALWAYS_ON = frozenset({"recompute", "stem_once"})
@@ -97,6 +106,8 @@ def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
 
 
 _active = parse(os.environ.get(ENV, ""), default_routes())
+# spike_linear's limit here (an ISA not measured gets the lowest measured)
+_spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
 
 
 def enabled(name: str) -> bool:
@@ -305,9 +316,10 @@ def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor)
 
 
 class TokenLinear(nn.Linear):
-    """``nn.Linear`` over the channel (last) dimension of tokens; with ``token_linear``, through oneDNN.
+    """``nn.Linear`` over the channel (last) dimension of tokens; with ``spike_linear``, spikes as
+    accumulations (:func:`spikingformer.kernels.ops.spike_linear`); with ``token_linear``, through oneDNN.
 
-    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; this route computes
+    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear`` computes
     the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
     out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
     layers with fewer than :data:`ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``. Weights, state
@@ -315,8 +327,12 @@ class TokenLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not enabled("token_linear") or x.device.type != "cpu" or x.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu") or self.weight.numel() < ONEDNN_MIN_WEIGHTS):
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        if enabled("spike_linear"):
+            rows = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density)
+            return rows.view(*x.shape[:-1], self.out_features)
+        if not enabled("token_linear") or self.weight.numel() < ONEDNN_MIN_WEIGHTS:
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
         m, k = rows.shape

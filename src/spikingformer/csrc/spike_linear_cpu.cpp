@@ -1,0 +1,215 @@
+// Token linears on spikes as accumulations: appended to lif_cpu.cpp and lif_pool_cpu.cpp (one
+// library source).
+//
+// A spike-driven block's linears read spikes: x is 0 or 1, so y = x W^T + b is, per row, the bias
+// plus the sum of the weight columns of the row's spikes (the paper's accumulate-only synaptic
+// operation, no multiplications). At a firing rate r this is r times the additions of the dense
+// product's multiply-adds; the kernels below do exactly that, with the spikes' indices gathered
+// row by row. Float32 only, row-major, contiguous.
+//
+// * Forward: y[m, :] = b + sum over k ascending with x[m, k] = 1 of Wt[k, :], Wt = W^T (K, N).
+// * Weight gradient: dW^T[k, :] = sum over m ascending with x[m, k] = 1 of g[m, :], g the output
+//   gradient (M, N): again additions only, as many as the forward's.
+// Both sum in that fixed order, starting from b (or 0), so each equals a plain loop of float32
+// additions in the same order bit for bit; against the dense products they differ by the rounding
+// of the summation order only. The input gradient g W is a dense product (PyTorch's).
+//
+// sf_spike_gather first lists each row's spike columns and counts them (and says when an element
+// is neither 0 nor 1); the caller then decides, from the count, between these kernels and the dense
+// products (faster above a firing rate measured per ISA).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// One vector register of floats: 16 (AVX-512), 8 (AVX) or 4 (SSE and others); kVectors of them
+// make one tile of 64 output columns (32 with SSE's 16 registers), summed in registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kVectors = kLanes >= 8 ? 64 / kLanes : 8;
+constexpr int64_t kWidth = (int64_t)kVectors * kLanes;
+constexpr int64_t kRowBlock = 64;  // rows per thread work item
+constexpr int64_t kChunk = 512;    // rows of g per pass of the weight gradient (512 x 64 floats: 128 KB)
+
+typedef float Vec __attribute__((vector_size(kLanes * 4)));
+
+inline Vec vload(const float* p) { Vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// Bit j of the result: p[j] != 0, for the n <= 64 floats at p; binary is cleared when one of them
+// is neither 0 nor 1. Whole chunks compare 16 (AVX-512), 8 (AVX) or 4 (SSE) floats at a time.
+inline uint64_t nonzero_bits(const float* __restrict p, int64_t n, bool& binary) {
+  uint64_t bits = 0, odd = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(p + j);
+    const uint64_t nz = _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ);
+    bits |= nz << j;
+    odd |= nz & _mm512_cmp_ps_mask(v, one, _CMP_NEQ_UQ);
+  }
+#elif defined(__AVX__)
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(p + j);
+    const __m256 nz = _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ);
+    bits |= (uint64_t)_mm256_movemask_ps(nz) << j;
+    odd |= (uint64_t)_mm256_movemask_ps(_mm256_and_ps(nz, _mm256_cmp_ps(v, one, _CMP_NEQ_UQ)));
+  }
+#elif defined(__SSE2__)
+  const __m128 zero = _mm_setzero_ps(), one = _mm_set1_ps(1.0f);
+  for (; j + 4 <= n; j += 4) {
+    const __m128 v = _mm_loadu_ps(p + j);
+    const __m128 nz = _mm_cmpneq_ps(v, zero);
+    bits |= (uint64_t)_mm_movemask_ps(nz) << j;
+    odd |= (uint64_t)_mm_movemask_ps(_mm_and_ps(nz, _mm_cmpneq_ps(v, one)));
+  }
+#endif
+  for (; j < n; ++j) {
+    bits |= (uint64_t)(p[j] != 0.0f) << j;
+    odd |= (uint64_t)((p[j] != 0.0f) & (p[j] != 1.0f));
+  }
+  binary &= odd == 0;
+  return bits;
+}
+
+// The spike columns of rows [m0, m0 + rows) of x (M, K) into idx (row r's at idx + r * K, count
+// cnt[r]), ascending. Returns false when an element is neither 0 nor 1.
+bool gather_rows(const float* __restrict x, int64_t K, int64_t m0, int64_t rows, uint16_t* __restrict idx,
+                 int32_t* __restrict cnt) {
+  bool binary = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict xr = x + (m0 + r) * K;
+    uint16_t* __restrict ir = idx + r * K;
+    int32_t n = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      for (uint64_t bits = nonzero_bits(xr + k0, std::min<int64_t>(64, K - k0), binary); bits; bits &= bits - 1)
+        ir[n++] = (uint16_t)(k0 + __builtin_ctzll(bits));
+    }
+    cnt[r] = n;
+  }
+  return binary;
+}
+
+// out[0:width) = (init ? init[0:width) : 0) + sum over j < n of src[ids[j] * stride + 0:width), in
+// j order; a full tile (width == kWidth) accumulates in kVectors independent registers.
+// init may be out itself (it is read before out is written).
+inline void sum_rows(const float* __restrict src, int64_t stride, const uint16_t* __restrict ids, int64_t n,
+                     const float* init, float* out, int64_t width) {
+  if (width == kWidth) {
+    Vec a[kVectors];
+    for (int v = 0; v < kVectors; ++v) a[v] = init ? vload(init + v * kLanes) : Vec{};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* __restrict s = src + (int64_t)ids[j] * stride;
+      for (int v = 0; v < kVectors; ++v) a[v] += vload(s + v * kLanes);
+    }
+    for (int v = 0; v < kVectors; ++v) vstore(out + v * kLanes, a[v]);
+    return;
+  }
+  float acc[kWidth];
+  for (int64_t c = 0; c < width; ++c) acc[c] = init ? init[c] : 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* __restrict s = src + (int64_t)ids[j] * stride;
+    for (int64_t c = 0; c < width; ++c) acc[c] += s[c];
+  }
+  for (int64_t c = 0; c < width; ++c) out[c] = acc[c];
+}
+
+inline int threads_for_rows(int64_t M, int nthreads) { return M >= 2 * kRowBlock ? std::max(1, nthreads) : 1; }
+
+}  // namespace
+
+extern "C" {
+
+// The spike columns of every row of x (M, K), ascending, into idx (M * K uint16: row m's at
+// idx + m * K) and their number into cnt (M). Returns the number of spikes; -1 if an element is
+// neither 0 nor 1; -2 if K > 65536 (the indices are 16-bit).
+int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int32_t* cnt, int nthreads) {
+  if (K > 65536) return -2;
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  int64_t total = 0;
+  int ok = 1;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(+ : total) reduction(& : ok)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
+    ok &= gather_rows(x, K, m0, rows, idx + m0 * K, cnt + m0) ? 1 : 0;
+    for (int64_t r = 0; r < rows; ++r) total += cnt[m0 + r];
+  }
+  return ok ? total : -1;
+}
+
+// y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: Wt is W^T (K, N) contiguous;
+// bias (N) may be null. Per block of rows, tile by tile of output columns: the tile's slice of
+// W^T (K x kWidth floats) stays in cache while the block's rows add from it.
+void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* Wt,
+                             const float* bias, int64_t N, float* y, int nthreads) {
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
+    for (int64_t n0 = 0; n0 < N; n0 += kWidth) {
+      const int64_t width = std::min(kWidth, N - n0);
+      for (int64_t m = m0; m < m0 + rows; ++m)
+        sum_rows(Wt + n0, N, idx + m * K, cnt[m], bias ? bias + n0 : nullptr, y + m * N + n0, width);
+    }
+  }
+}
+
+// dWt (K, N) = x^T g from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous.
+// Rows are taken kChunk at a time: the chunk's spikes are listed per column (rows ascending, as
+// 16-bit offsets into the chunk: cols / starts, scratch of the spike count and M / kChunk + 1
+// blocks of K + 1 offsets), then every k adds its rows of the chunk, one output tile at a time, to
+// the partial sums of the chunks before: the tile's slice of the chunk's g stays in cache.
+void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* g,
+                                 int64_t N, float* dWt, uint16_t* cols, int64_t* starts, int nthreads) {
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const int nt = std::max(1, nthreads);
+  // the chunks' column lists; chunk c's at cols + (spikes before row c * kChunk), offsets in starts + c * (K + 1)
+  std::vector<int64_t> before(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t n = 0;
+    for (int64_t m = c * kChunk; m < std::min(M, (c + 1) * kChunk); ++m) n += cnt[m];
+    before[c + 1] = before[c] + n;
+  }
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t m0 = c * kChunk, m1 = std::min(M, m0 + kChunk);
+    int64_t* st = starts + c * (K + 1);
+    std::fill(st, st + K + 1, (int64_t)0);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int32_t j = 0; j < cnt[m]; ++j) ++st[idx[m * K + j] + 1];
+    for (int64_t k = 0; k < K; ++k) st[k + 1] += st[k];
+    std::vector<int64_t> fill(st, st + K);
+    uint16_t* out = cols + before[c];
+    for (int64_t m = m0; m < m1; ++m)
+      for (int32_t j = 0; j < cnt[m]; ++j) out[fill[idx[m * K + j]]++] = (uint16_t)(m - m0);
+  }
+  // work items: (output tile, range of k), each walking the chunks in order
+  const int64_t tiles = (N + kWidth - 1) / kWidth;
+  const int64_t parts = std::min<int64_t>(K, std::max<int64_t>(1, (4 * nt + tiles - 1) / tiles));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t item = 0; item < tiles * parts; ++item) {
+    const int64_t n0 = (item / parts) * kWidth, width = std::min(kWidth, N - n0);
+    const int64_t k0 = (item % parts) * K / parts, k1 = (item % parts + 1) * K / parts;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t* st = starts + c * (K + 1);
+      const uint16_t* list = cols + before[c];
+      const float* src = g + c * kChunk * N + n0;
+      for (int64_t k = k0; k < k1; ++k) {
+        float* out = dWt + k * N + n0;
+        sum_rows(src, N, list + st[k], st[k + 1] - st[k], c ? out : nullptr, out, width);
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,217 @@
+"""The ``spike_linear`` route: token linears on spikes as accumulations of weight columns
+(``csrc/spike_linear_cpu.cpp``), against independent expectations.
+
+* The kernels against their plain PyTorch twins, bit for bit: the forward against
+  :func:`cpu_backend.spike_linear_reference` (the bias, then one weight column per input column in
+  ascending order, float32 additions), the weight gradient against
+  :func:`cpu_backend.spike_linear_weight_grad_reference` (the output gradient's rows, ascending).
+* The twins against a hand-computed product and the float64 products (``x W^T + b``, ``g^T x``).
+* Where the input is not spikes, or too dense, the kernels decline and the results are the dense
+  products exactly; the gradients agree with ``F.linear``'s backward.
+* In a zoo model, route on against off: the logits agree to float32 rounding and only a bounded
+  number of spikes (membranes within rounding of a threshold) differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.kernels import ops
+from spikingformer.layers import TokenLinear, routes
+from spikingformer.models.zoo import create_model
+from spikingformer.neuron import MultiStepLIF
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"the CPU kernel library did not build: {cpu.build_error()}")
+
+# (rows, in, out): tails of every kind: fewer rows than a thread block, columns not a multiple of
+# 64 (the kernel's tile) or of a vector, one column, one row
+SHAPES = [(100, 37, 70), (4096, 384, 384), (257, 384, 1536), (64, 1536, 64), (1, 5, 1), (130, 64, 129), (3, 1, 17)]
+
+
+def _spikes(m: int, k: int, rate: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(m, k, generator=g) < rate).float()
+
+
+def _layer(k: int, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+
+
+def test_reference_is_the_product_by_hand():
+    x = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    b = torch.tensor([0.5, -1.0])
+    expected = torch.tensor([[4.5, 9.0], [0.5, -1.0], [6.5, 14.0]])
+    assert torch.equal(cpu.spike_linear_reference(x, w, b), expected)
+    assert torch.equal(cpu.spike_linear_reference(x, w, None), expected - b)
+    lib = cpu.get_library()
+    assert torch.equal(cpu.kernel_spike_linear_forward(lib, x, w, b, 1.0), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_equals_its_twin_bit_for_bit(shape, rate, bias):
+    m, k, n = shape
+    x = _spikes(m, k, rate)
+    w, b = _layer(k, n)
+    b = b if bias else None
+    y = cpu.kernel_spike_linear_forward(cpu.get_library(), x, w, b, 1.0)
+    twin = cpu.spike_linear_reference(x, w, b)
+    assert torch.equal(y, twin)
+    # and the twin is the product: float64's, to the rounding of k float32 additions
+    exact = nn.functional.linear(x.double(), w.double(), b.double() if b is not None else None)
+    assert torch.allclose(twin.double(), exact, rtol=0, atol=1e-5 * (k + 1) * 4)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1100, 40, 64), (1537, 3, 200)], ids=str)  # several 512-row chunks
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3, 1.0])
+def test_weight_gradient_kernel_equals_its_twin_bit_for_bit(shape, rate):
+    m, k, n = shape
+    x = _spikes(m, k, rate)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
+    gw = cpu.kernel_spike_linear_weight_grad(cpu.get_library(), x, g, 1.0)
+    twin = cpu.spike_linear_weight_grad_reference(x, g)
+    assert gw.shape == (n, k) and gw.is_contiguous() and torch.equal(gw, twin)
+    assert torch.allclose(twin.double(), g.double().t() @ x.double(), rtol=0, atol=1e-5 * (m + 1) * 4)
+
+
+def test_weight_gradient_by_hand():
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    g = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0], [100.0, 200.0, 300.0]])
+    expected = torch.tensor([[11.0, 10.0], [22.0, 20.0], [33.0, 30.0]])  # (out, in): sum of g's rows at each input's spikes
+    assert torch.equal(cpu.spike_linear_weight_grad_reference(x, g), expected)
+    assert torch.equal(cpu.kernel_spike_linear_weight_grad(cpu.get_library(), x, g, 1.0), expected)
+
+
+def test_kernel_uses_every_thread_count_alike():
+    x, (w, b) = _spikes(1000, 200, 0.2), _layer(200, 96)
+    lib = cpu.get_library()
+    threads = torch.get_num_threads()
+    g = torch.randn(1000, 96)
+    try:
+        torch.set_num_threads(1)
+        one = cpu.kernel_spike_linear_forward(lib, x, w, b, 1.0), cpu.kernel_spike_linear_weight_grad(lib, x, g, 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], cpu.kernel_spike_linear_forward(lib, x, w, b, 1.0))
+    assert torch.equal(one[1], cpu.kernel_spike_linear_weight_grad(lib, x, g, 1.0))
+
+
+@pytest.mark.parametrize("case", ["not spikes", "too dense", "float64", "one value 2", "nan"])
+def test_declines_and_falls_back_to_the_dense_product(case):
+    x, (w, b) = _spikes(50, 40, 0.5), _layer(40, 30)
+    if case == "not spikes":
+        x = torch.rand(50, 40)
+    elif case == "one value 2":
+        x[7, 3] = 2.0
+    elif case == "nan":
+        x[0, 0] = float("nan")
+    elif case == "float64":
+        x, w, b = x.double(), w.double(), b.double()
+    lib = cpu.get_library()
+    limit = 0.4 if case == "too dense" else 1.0
+    g = torch.randn(50, 30, dtype=x.dtype)
+    if x.dtype == torch.float32:
+        assert cpu.kernel_spike_linear_forward(lib, x, w, b, limit) is None
+        assert cpu.kernel_spike_linear_weight_grad(lib, x, g, limit) is None
+    y = cpu.spike_linear_forward(x, w, b, limit)
+    torch.testing.assert_close(y, nn.functional.linear(x, w, b), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(cpu.spike_linear_weight_grad(x, g, limit), g.t() @ x, rtol=0, atol=0, equal_nan=True)
+
+
+def test_declines_more_columns_than_its_indices_hold():
+    x = torch.zeros(1, 65537)
+    x[0, -1] = 1.0
+    w = torch.randn(2, 65537)
+    assert cpu.kernel_spike_linear_forward(cpu.get_library(), x, w, None, 1.0) is None
+    assert torch.equal(cpu.spike_linear_forward(x, w, None, 1.0), nn.functional.linear(x, w))
+
+
+def test_without_the_library_it_is_the_dense_product(monkeypatch):
+    monkeypatch.setattr(cpu, "get_library", lambda: None)
+    x, (w, b) = _spikes(20, 8, 0.3), _layer(8, 5)
+    assert torch.equal(ops.spike_linear(x, w, b, 1.0), nn.functional.linear(x, w, b))
+    g = torch.randn(20, 5)
+    assert torch.equal(ops.spike_linear_weight_grad(x, g, 1.0), g.t() @ x)
+
+
+def test_opcheck():
+    x, (w, b) = _spikes(70, 24, 0.2), _layer(24, 9)
+    torch.library.opcheck(ops.spike_linear, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                             b.clone().requires_grad_(), 0.5))
+    torch.library.opcheck(ops.spike_linear, (x, w, None, 0.5))
+    torch.library.opcheck(ops.spike_linear_weight_grad, (x, torch.randn(70, 9), 0.5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_agree_with_the_dense_products(bias):
+    x, (w, b) = _spikes(300, 48, 0.15), _layer(48, 80)
+    b = b if bias else None
+    g = torch.randn(300, 80)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    ops.spike_linear(leaves[0], leaves[1], leaves[2] if bias else None, 1.0).backward(g)
+    dense = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    nn.functional.linear(*dense, *([] if bias else [None])).backward(g)
+    for got, want in zip(leaves, dense):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-5)
+
+
+def test_token_linear_takes_the_route_only_for_float32_cpu_outside_autocast(monkeypatch):
+    layer = TokenLinear(32, 48)
+    x = _spikes(4 * 2 * 9, 32, 0.2).view(4, 2, 9, 32)
+    calls = []
+    real = cpu.kernel_spike_linear_forward
+    monkeypatch.setattr(cpu, "kernel_spike_linear_forward", lambda *a: calls.append(1) or real(*a))
+    with routes.configured("+spike_linear"):
+        y = layer(x)
+        assert calls and y.shape == (4, 2, 9, 48)
+        torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+        layer.double()(x.double())
+        assert not calls
+    with routes.configured("-spike_linear"):
+        layer.float()(x)
+        assert not calls
+
+
+def _spikes_and_logits(model: nn.Module, x: torch.Tensor, spec: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    seen = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+               for m in model.modules() if isinstance(m, MultiStepLIF)]
+    try:
+        with routes.configured(spec), torch.inference_mode():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("spikingformer_cifar10_4_384", (2, 3, 32, 32)),
+    ("spikingformer_cifar10dvs_2_256", (2, 4, 2, 48, 48)),
+])
+def test_model_with_and_without_the_route_agrees_to_rounding(name, shape, monkeypatch):
+    """A zoo model's inference with the route on and off: the route runs on the blocks' linears;
+    spikes differ only where a membrane lies within float32 rounding of a threshold (a bounded
+    count), and the logits agree to rounding."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=2, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
+    x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
+    taken = []
+    real = cpu.kernel_spike_linear_forward
+    monkeypatch.setattr(cpu, "kernel_spike_linear_forward", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    on_spikes, on_logits = _spikes_and_logits(model, x, "+spike_linear")
+    assert sum(taken) >= 6  # at least one block's six linears summed spikes
+    off_spikes, off_logits = _spikes_and_logits(model, x, "-spike_linear")
+    flips = sum(int((a != b).sum()) for a, b in zip(on_spikes, off_spikes))
+    total = sum(a.numel() for a in on_spikes)
+    assert flips <= max(3, total // 10000), f"{flips} of {total} spikes differ"
+    torch.testing.assert_close(on_logits, off_logits, rtol=1e-3, atol=1e-3 if flips == 0 else 0.05)
