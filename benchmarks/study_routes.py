@@ -9,7 +9,8 @@ sizes of ``benchmarks/bench_model.py``:
 Cases: the token linears of each model (``token_linear``), and smaller layers on the CIFAR rows to
 place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears on spikes at firing
 rates of 5-50% (``spike_linear``, to place
-:data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`); spike attention with each model's
+:data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`), and the whole models of
+``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
 heads (``attention_order``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
 ``inplace_bn``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
@@ -68,6 +69,22 @@ def _train(fn: Callable, params: list, inputs: list) -> Callable[[], None]:
     return run
 
 
+def _lifted(run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with spike_linear's firing-rate and size limits lifted: its kernels run at every rate
+    and size (the study's linear cases place the limits)."""
+    from spikingformer.layers import routes
+
+    def go() -> None:
+        saved = routes._spike_max_density, routes._spike_min_work
+        routes._spike_max_density, routes._spike_min_work = 1.0, {"train": 0, "infer": 0}
+        try:
+            run()
+        finally:
+            routes._spike_max_density, routes._spike_min_work = saved
+
+    return go
+
+
 def _infer(fn: Callable, inputs: list) -> Callable[[], None]:
     import torch
 
@@ -114,8 +131,18 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                 x = (torch.rand(t, batch, n, fan_in) < rate).float()
                 label = f"linear {fan_in}x{fan_out}, {rows} rows, firing rate {rate:.2f}"
                 out.append(("spike_linear", key, label, "train",
-                            _train(layer, list(layer.parameters()), [x.requires_grad_()])))
-                out.append(("spike_linear", key, label, "infer", _infer(layer, [x.detach()])))
+                            _lifted(_train(layer, list(layer.parameters()), [x.requires_grad_()]))))
+                out.append(("spike_linear", key, label, "infer", _lifted(_infer(layer, [x.detach()]))))
+        # and the whole model of bench_model.py (its weights, batch and inputs; the limit in force)
+        import bench_model
+
+        whole, images, _ = bench_model.build(dict(name=name, batch=batch, build="ours",
+                                                  overrides=over if quick else {}))
+        label = f"whole model, batch {batch}"
+        out.append(("spike_linear", key, label, "train",
+                    lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
+        out.append(("spike_linear", key, label, "infer",
+                    lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
 
         h = c.num_heads
         qkv = [(torch.rand(t, batch, h, n, d // h) < 0.2).float() for _ in range(3)]
@@ -186,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     routes.RECOMPUTE_MIN_ELEMENTS = 0  # the study times every map; the threshold comes from it
     routes.ONEDNN_MIN_WEIGHTS = 0  # likewise for the small layers
-    routes._spike_max_density = 1.0  # and spike_linear's firing-rate limit from its cases
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     load = common.load_average()
     began = time.perf_counter()

@@ -161,7 +161,13 @@ def test_gradients_agree_with_the_dense_products(bias):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-5)
 
 
-def test_token_linear_takes_the_route_only_for_float32_cpu_outside_autocast(monkeypatch):
+@pytest.fixture
+def any_size(monkeypatch):
+    """The route for layers of every size (the tests' layers are below its measured minimum)."""
+    monkeypatch.setattr(routes, "_spike_min_work", {"train": 0, "infer": 0})
+
+
+def test_token_linear_takes_the_route_only_for_float32_cpu_outside_autocast(monkeypatch, any_size):
     layer = TokenLinear(32, 48)
     x = _spikes(4 * 2 * 9, 32, 0.2).view(4, 2, 9, 32)
     calls = []
@@ -181,6 +187,25 @@ def test_token_linear_takes_the_route_only_for_float32_cpu_outside_autocast(monk
         assert not calls
 
 
+@pytest.mark.parametrize("isa", sorted(routes.SPIKE_LINEAR_MIN_WORK))
+def test_small_layers_keep_the_dense_product(monkeypatch, isa):
+    """Below the measured minimum work (rows x in x out, per ISA and pass) the layer is F.linear."""
+    limits = routes.SPIKE_LINEAR_MIN_WORK[isa]
+    monkeypatch.setattr(routes, "_spike_min_work", limits)
+    calls = []
+    real = ops.spike_linear
+    monkeypatch.setattr(ops, "spike_linear", lambda *a: calls.append(1) or real(*a))
+    layer = TokenLinear(64, 64)
+    for rows, grad, taken in [(limits["infer"] // 4096 - 1, False, False), (limits["infer"] // 4096, False, True),
+                              (limits["train"] // 4096 - 1, True, False), (limits["train"] // 4096, True, True)]:
+        calls.clear()
+        x = _spikes(rows, 64, 0.1).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert bool(calls) == taken, (rows, grad)
+        torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+
+
 def _spikes_and_logits(model: nn.Module, x: torch.Tensor, spec: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     seen = []
     handles = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
@@ -198,7 +223,7 @@ def _spikes_and_logits(model: nn.Module, x: torch.Tensor, spec: str) -> tuple[li
     ("spikingformer_cifar10_4_384", (2, 3, 32, 32)),
     ("spikingformer_cifar10dvs_2_256", (2, 4, 2, 48, 48)),
 ])
-def test_model_with_and_without_the_route_agrees_to_rounding(name, shape, monkeypatch):
+def test_model_with_and_without_the_route_agrees_to_rounding(name, shape, monkeypatch, any_size):
     """A zoo model's inference with the route on and off: the route runs on the blocks' linears;
     spikes differ only where a membrane lies within float32 rounding of a threshold (a bounded
     count), and the logits agree to rounding."""

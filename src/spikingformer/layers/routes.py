@@ -25,7 +25,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
 * ``spike_linear``: float32 CPU token linears whose input is spikes (every element 0 or 1) with a
-  firing rate of at most :data:`SPIKE_LINEAR_MAX_DENSITY` (per ISA) sum the weight columns of each
+  firing rate of at most :data:`SPIKE_LINEAR_MAX_DENSITY` (per ISA), and at least
+  :data:`SPIKE_LINEAR_MIN_WORK` rows x in x out (per ISA and pass), sum the weight columns of each
   row's spikes, bias first, in ascending column order: the paper's accumulate-only synaptic
   operations, so the work falls with the firing rate. Another summation order than ``F.linear``'s:
   float32 rounding differs. Gradients are PyTorch's dense products. Takes precedence over
@@ -79,6 +80,9 @@ MEASURED_FASTER = {
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
+# Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
+# it the kernels' fixed costs (operator call, gathers, the weight transpose) outweigh what they save.
+SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
 # convolutions, which deployment's operation counts rely on; no slower where measured).
 ALWAYS_ON = frozenset({"recompute", "stem_once"})
@@ -106,8 +110,9 @@ def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
 
 
 _active = parse(os.environ.get(ENV, ""), default_routes())
-# spike_linear's limit here (an ISA not measured gets the lowest measured)
+# spike_linear's limits here (an ISA not measured gets the strictest measured)
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
+_spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 
 
 def enabled(name: str) -> bool:
@@ -330,8 +335,10 @@ class TokenLinear(nn.Linear):
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
         if enabled("spike_linear"):
-            rows = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density)
-            return rows.view(*x.shape[:-1], self.out_features)
+            training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+            if x.numel() * self.out_features >= _spike_min_work["train" if training else "infer"]:
+                rows = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density)
+                return rows.view(*x.shape[:-1], self.out_features)
         if not enabled("token_linear") or self.weight.numel() < ONEDNN_MIN_WEIGHTS:
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
