@@ -11,7 +11,8 @@ place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears 
 rates of 5-50% (``spike_linear``, to place
 :data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`), and the whole models of
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
-heads (``attention_order``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
+heads (``attention_order``); the MLP's first ConvBN -> SN and the whole models in training
+(``fused_bn_spike``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
 ``inplace_bn``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
 (gradients of the input and the weights), ``infer`` = forward under ``torch.inference_mode``.
@@ -99,8 +100,9 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
     """``(route, model, case, pass, run)`` for every measurement."""
     import torch
 
-    from spikingformer.layers import TokenLinear, spike_attention
+    from spikingformer.layers import TokenConvBN, TokenLinear, spike_attention
     from spikingformer.models.zoo import create_model
+    from spikingformer.neuron import MultiStepLIF
 
     out = []
     for key in models:
@@ -143,6 +145,14 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("spike_linear", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
+        out.append(("fused_bn_spike", key, label, "train",
+                    lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
+        # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron
+        layer, lif = TokenConvBN(d, int(d * c.mlp_ratio), bias=True).train(), MultiStepLIF()
+        x = (torch.rand(t, batch, n, d) < 0.2).float()
+        out.append(("fused_bn_spike", key, f"ConvBN {d}x{int(d * c.mlp_ratio)} -> SN, {rows} rows", "train",
+                    _train(lambda x, layer=layer, lif=lif: layer.spikes(lif, x), list(layer.parameters()),
+                           [x.requires_grad_()])))
 
         h = c.num_heads
         qkv = [(torch.rand(t, batch, h, n, d // h) < 0.2).float() for _ in range(3)]

@@ -265,7 +265,7 @@ def test_cpu_element_loops_vectorised(march, tmp_path):
     src = tmp_path / "lif_cpu.cpp"
     src.write_text(cpu_kernel.source())
     marked = [i for i, line in enumerate(src.read_text().splitlines(), 1) if VECTOR_LOOP_MARK in line and "for (" in line]
-    assert len(marked) == 8, "expected the LIF forward, backward-recompute and backward loops, and the five of lif_pool_cpu.cpp"
+    assert len(marked) == 9, "expected the LIF forward, backward-recompute and backward loops, and the six of lif_pool_cpu.cpp"
     flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.CXX_FLAGS]
     proc = subprocess.run([gxx, *flags, "-fopt-info-vec-optimized-missed", str(src), "-o", str(tmp_path / "lib.so")],
                           capture_output=True, text=True, timeout=300)

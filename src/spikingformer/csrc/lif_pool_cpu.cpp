@@ -218,22 +218,50 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
   }
 }
 
+// Backward of the LIF alone (no max-pool; of BN's output, AFFINE as bn_apply, computed again from
+// its input z) for rows [h0, h1) of image b: each row's recurrence into hbuf (T x W x C), then the
+// reverse recurrence from the spikes' gradient gout, (T, B, H, W, C) like z.
 template <bool POW2, bool DETACH, int AFFINE>
+void lif_backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
+                       const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes,
+                       float* hbuf, float* v, float* gv) {
+  const int64_t WC = m.WC();
+  for (int64_t h = h0; h < h1; ++h) {
+    recur_row<POW2, AFFINE>(z, spikes, hbuf, v, m, b, h, scale, shift, st);
+    for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
+    for (int64_t t = m.T - 1; t >= 0; --t) {
+      const int64_t at = ((t * m.B + b) * m.H + h) * WC;
+      const float* __restrict ht = hbuf + t * WC;
+      const float* __restrict gt = gout + at;
+      float* __restrict gzt = gz + at;
+      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward without pool
+        gzt[i] = st.grad<DETACH>(ht[i], gt[i], gv[i], alpha);
+      }
+    }
+  }
+}
+
+template <bool POW2, bool DETACH, int AFFINE, bool POOL>
 void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
                         const float* shift, const Step& st, float alpha, int nthreads) {
   const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
-  const int64_t per = std::max<int64_t>(16, rows_per_item(m.H, m.B, nt));  // 4 halo rows per item: a small share
+  // with the pool, 4 halo rows per item: at least 16 rows keeps them a small share
+  const int64_t per = std::max<int64_t>(POOL ? 16 : 1, rows_per_item(m.H, m.B, nt));
   const int64_t chunks = (m.H + per - 1) / per;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<uint8_t> spikes((size_t)(5 * m.T * m.WC()));
-    std::vector<float> hring((size_t)(4 * m.T * m.WC())), v(m.WC()), gv(m.WC()), gs(m.WC());
+    std::vector<uint8_t> spikes((size_t)((POOL ? 5 : 1) * m.T * m.WC()));
+    std::vector<float> hring((size_t)((POOL ? 4 : 1) * m.T * m.WC())), v(m.WC()), gv(m.WC()), gs(m.WC());
     std::vector<int32_t> first(m.C);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
-      const int64_t b = item / chunks, h0 = (item % chunks) * per;
-      backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, std::min(m.H, h0 + per), scale, shift, st, alpha,
-                                          spikes.data(), hring.data(), v.data(), gv.data(), gs.data(), first.data());
+      const int64_t b = item / chunks, h0 = (item % chunks) * per, h1 = std::min(m.H, h0 + per);
+      if constexpr (POOL)
+        backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
+                                            hring.data(), v.data(), gv.data(), gs.data(), first.data());
+      else
+        lif_backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
+                                                hring.data(), v.data(), gv.data());
     }
   }
 }
@@ -260,20 +288,21 @@ void forward_pick(const float* x, float* out, const Maps& m, const float* scale,
   }
 }
 
-template <bool POW2, bool DETACH>
+template <bool POW2, bool DETACH, bool POOL>
 void backward_pick_affine(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
                           const float* shift, int affine, const Step& st, float alpha, int nthreads) {
-  if (affine == 0) pool_backward_impl<POW2, DETACH, 0>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
 }
 
+template <bool POOL>
 void backward_pick(const float* z, const float* gout, float* gz, const Maps& m, const float* scale, const float* shift,
                    int affine, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
-  if (pow2 && detach) backward_pick_affine<true, true>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else if (pow2) backward_pick_affine<true, false>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else if (detach) backward_pick_affine<false, true>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else backward_pick_affine<false, false>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  if (pow2 && detach) backward_pick_affine<true, true, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else if (pow2) backward_pick_affine<true, false, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else if (detach) backward_pick_affine<false, true, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else backward_pick_affine<false, false, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
 }
 
 }  // namespace
@@ -309,12 +338,13 @@ int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_
 
 // z: the LIF input (T, B, H, W, C), or with bn_mean not null the input of a training BatchNorm
 // whose batch mean and 1 / sqrt(var + eps) (PyTorch's save_mean, save_invstd), weight and bias are
-// given; gout: gradient of the pooled spikes (T, B, Ho, Wo, C); gz: the gradient with respect to
-// the LIF input (BN's output), (T, B, H, W, C). Returns as sf_lif_pool_forward.
+// given; pool: whether a max-pool followed the spikes; gout: gradient of the pooled spikes
+// (T, B, Ho, Wo, C), or without the pool of the spikes (T, B, H, W, C); gz: the gradient with
+// respect to the LIF input (BN's output), (T, B, H, W, C). Returns as sf_lif_pool_forward.
 int sf_lif_pool_backward(const float* z, const float* gout, float* gz, int64_t T, int64_t B, int64_t H, int64_t W,
                          int64_t C, const float* bn_mean, const float* bn_invstd, const float* bn_weight,
-                         const float* bn_bias, int fma, float tau, float vth, float vr, float alpha, int detach,
-                         int nthreads) {
+                         const float* bn_bias, int fma, int pool, float tau, float vth, float vr, float alpha,
+                         int detach, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
@@ -322,7 +352,10 @@ int sf_lif_pool_backward(const float* z, const float* gout, float* gz, int64_t T
   std::vector<float> scale(C), shift(C);
   const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
   if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
-  backward_pick(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st, alpha, nthreads);
+  if (pool) backward_pick<true>(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st,
+                                alpha, nthreads);
+  else backward_pick<false>(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st,
+                            alpha, nthreads);
   return 0;
 }
 

@@ -82,8 +82,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_backward.restype = ci
     lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, f32, f32, f32, ci]
     lib.sf_lif_pool_forward.restype = ci
-    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, f32, f32, f32, f32, ci,
-                                         ci]
+    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, f32, f32, f32, f32,
+                                         ci, ci]
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
@@ -237,17 +237,17 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
 
 def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams,
                              bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                             ) -> torch.Tensor:
-    """Gradient with respect to the LIF input of max-pool(SN(.)) of float32 channels-last maps
-    ``(T, B, H, W, C)``, given the pooled spikes' gradient, by ``lib``. The LIF input is ``z``, or
-    with ``bn`` = ``(save_mean, save_invstd, weight, bias)`` of a training BatchNorm, that BN's
-    output of ``z``, computed again as PyTorch's CPU kernel computed it."""
+                             pool: bool = True) -> torch.Tensor:
+    """Gradient with respect to the LIF input of max-pool(SN(.)) (``pool``) or SN(.) of float32
+    channels-last maps ``(T, B, H, W, C)``, given the gradient of its output, by ``lib``. The LIF
+    input is ``z``, or with ``bn`` = ``(save_mean, save_invstd, weight, bias)`` of a training
+    BatchNorm, that BN's output of ``z``, computed again as PyTorch's CPU kernel computed it."""
     zk, gk = z.contiguous(), grad_pooled.float().contiguous()
     gz = torch.empty_like(zk)
     terms = [t.detach().float().contiguous() for t in bn] if bn is not None else []
     ptrs = [t.data_ptr() for t in terms] or [None] * 4
     rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, *ptrs,
-                                  int(bn_fuses_multiply_add()), p.tau, p.v_threshold, p.v_reset, p.alpha,
+                                  int(bn_fuses_multiply_add()), int(pool), p.tau, p.v_threshold, p.v_reset, p.alpha,
                                   int(p.detach_reset), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
@@ -278,20 +278,22 @@ def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torc
     return kernel_lif_pool_forward(lib, x, p, pool, bn)
 
 
-def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, bn=None) -> torch.Tensor:
-    """Gradient of max-pool(SN(.)) with respect to its input, ``z`` or a training BN's output of
-    ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd through :func:`lif_pool_plain`
-    (there the BN's output is ``z * scale + shift``, to float32 rounding of PyTorch's)."""
+def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, bn=None, pool: bool = True,
+                      ) -> torch.Tensor:
+    """Gradient of max-pool(SN(.)) (or SN(.) without ``pool``) with respect to its input, ``z`` or a
+    training BN's output of ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd
+    through :func:`lif_pool_plain` (there the BN's output is ``z * scale + shift``, to float32
+    rounding of PyTorch's)."""
     lib = get_library()
     if lib is not None and z.dtype == torch.float32 and (bn is None or kernel_reproduces_bn()):
-        return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn)
+        return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn, pool)
     if bn is not None:
         mean, invstd, weight, bias = bn
         scale = invstd * weight
         z = z * scale + (bias - mean * scale)
     with torch.enable_grad():
         zg = z.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, True), zg, grad_pooled)
+        (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, pool), zg, grad_pooled)
     return grad
 
 

@@ -88,6 +88,11 @@ class TokenConvBN(nn.Module):
         y = self.linear(x)
         return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
 
+    def spikes(self, lif: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``lif(self(x))``: the layer followed by a neuron (or ``nn.Identity``), through
+        :func:`routes.bn_spike_tokens`."""
+        return routes.bn_spike_tokens(self.bn, lif, self.linear(x))
+
 
 class SpikingTokenizer(nn.Module):
     """Spiking Tokenizer (paper s.3.2, Eq. 9-10): images ``(T, B, C_in, H, W)`` -> tokens ``(T, B, N, D)``.
@@ -141,7 +146,8 @@ class SpikingTokenizer(nn.Module):
     def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
         """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""
         for i in range(1, 4):
-            y = self.stages[i].convolve(self._spikes_for(i, y))
+            y = self._spikes_for(i, y)  # drops the conv output before the next convolution (inference frees it)
+            y = self.stages[i].convolve(y)
         x = self._spikes_for(4, y)
         if self.style is ResidualStyle.SPIKE_DRIVEN:
             x = self.stages[4](x)
@@ -204,12 +210,12 @@ class SpikingSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_lif(x)
-        q = self._heads(self.q_lif(self.q(x)))
-        k = self._heads(self.k_lif(self.k(x)))
-        v = self._heads(self.v_lif(self.v(x)))
+        q = self._heads(self.q.spikes(self.q_lif, x))
+        k = self._heads(self.k.spikes(self.k_lif, x))
+        v = self._heads(self.v.spikes(self.v_lif, x))
         y = self.product(q, k, v, self.scale)  # (T, B, h, N, d)
         y = y.transpose(2, 3).flatten(3)  # (T, B, N, D), channel = head * d + j
-        return self.out_lif(self.proj(self.attn_lif(y)))
+        return self.proj.spikes(self.out_lif, self.attn_lif(y))
 
 
 class SpikingMLP(nn.Module):
@@ -228,7 +234,7 @@ class SpikingMLP(nn.Module):
         self.out_lif = nn.Identity() if spike_driven else lif()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_lif(self.fc2(self.hidden_lif(self.fc1(self.in_lif(x)))))
+        return self.fc2.spikes(self.out_lif, self.fc1.spikes(self.hidden_lif, self.in_lif(x)))
 
 
 class SpikingTransformerBlock(nn.Module):

@@ -21,6 +21,11 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
   Spikes, gradients and BN's arithmetic are those of the module calls, bit for bit where PyTorch's
   BN kernel is its x86 FMA build (``AVX2``/``AVX512`` capability; elsewhere rounding may differ).
+* ``fused_bn_spike``: in training on the CPU, a block's ConvBN -> SN (token BatchNorm, then neuron)
+  keeps only BN's input and batch statistics for backward, where one pass of the C++ kernel
+  computes BN's output and the membrane again: the neuron's saved input (a float32 copy of the
+  layer's output) is not kept. Spikes, gradients and running statistics are those of the module
+  calls, bit for bit where PyTorch's BN kernel is its x86 FMA build (as ``fused_spike_pool``).
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
@@ -35,8 +40,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
-is on only where it measured faster; ``recompute`` (memory) and ``stem_once`` (less work) are on
-everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+is on only where it measured faster; ``recompute`` and ``fused_bn_spike`` (memory) and ``stem_once``
+(less work) are on everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
 
 **The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
 items applied left to right to this machine's default set: ``none`` (all
@@ -60,8 +65,8 @@ from spikingformer.cpu_features import vector_isa
 from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
-ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "token_linear",
-          "spike_linear", "attention_order")
+ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
+          "token_linear", "spike_linear", "attention_order")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -83,9 +88,10 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
 # it the kernels' fixed costs (operator call, gathers, the weight transpose) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
-# On everywhere: recompute for memory (it costs time) and stem_once for work (T - 1 fewer stem
-# convolutions, which deployment's operation counts rely on; no slower where measured).
-ALWAYS_ON = frozenset({"recompute", "stem_once"})
+# On everywhere: recompute and fused_bn_spike for memory (the first costs time, the second measured
+# 0.96-1.02 of the time) and stem_once for work (T - 1 fewer stem convolutions, which deployment's
+# operation counts rely on; no slower where measured).
+ALWAYS_ON = frozenset({"recompute", "fused_bn_spike", "stem_once"})
 
 
 def default_routes() -> frozenset[str]:
@@ -175,15 +181,22 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- inplace_bn, recompute
 
 
-def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor) -> bool:
-    """Whether ``fused_spike_pool`` computes SN [-> max-pool] of the maps ``z`` ``(T, B, C, H, W)``
-    for ``lif``: float32 channels-last CPU maps, a plain :class:`MultiStepLIF` on the CPU kernel with no
-    hooks to call (firing-rate meters must see its spikes), and the kernel library built."""
-    return (enabled("fused_spike_pool") and z.device.type == "cpu" and z.dtype == torch.float32
-            and z.dim() == 5 and z.permute(0, 1, 3, 4, 2).is_contiguous() and type(lif) is MultiStepLIF
-            and lif.backend in ("auto", "cpu") and not (lif._forward_hooks or lif._forward_pre_hooks)
+def _kernel_takes(lif: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the C++ tokenizer kernel (:func:`kernels.cpu_backend.lif_pool_forward`) computes SN of
+    ``x`` in its layout ``(T, B, H, W, C)`` for ``lif``: contiguous float32 CPU values, a plain
+    :class:`MultiStepLIF` on the CPU kernel with no hooks to call (firing-rate meters must see its
+    spikes), and the kernel library built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.is_contiguous()
+            and type(lif) is MultiStepLIF and lif.backend in ("auto", "cpu")
+            and not (lif._forward_hooks or lif._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-            and kernels.select_backend(z) == "cpu")
+            and kernels.select_backend(x) == "cpu")
+
+
+def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor) -> bool:
+    """Whether ``fused_spike_pool`` computes SN [-> max-pool] of the channels-last maps ``z``
+    ``(T, B, C, H, W)`` for ``lif`` (:func:`_kernel_takes`)."""
+    return enabled("fused_spike_pool") and z.dim() == 5 and _kernel_takes(lif, z.permute(0, 1, 3, 4, 2))
 
 
 def spike_pool(neuron: Callable[[torch.Tensor], torch.Tensor], lif: nn.Module, pool: bool,
@@ -265,56 +278,83 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
 
 
 def _training_bn(bn: nn.Module) -> bool:
-    """A plain training BatchNorm2d with running statistics and affine parameters, no hooks, whose
-    output the kernel computes with PyTorch's rounding."""
-    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+    """A plain training BatchNorm (1d over token rows, 2d over maps) with running statistics and
+    affine parameters, no hooks, whose output the kernel computes with PyTorch's rounding."""
+    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
             and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn())
 
 
-class _FusedBNSpikePool(torch.autograd.Function):
-    """``fused_spike_pool`` in training: BN -> SN -> max-pool keeping only BN's input and batch
-    statistics; SN -> max-pool forward in one kernel pass, and backward in one pass that computes
-    BN's output again from its input (PyTorch's arithmetic), then PyTorch's BN backward."""
+# A BN input in the fused kernel's layout (T, B, H, W, C) and back, and as its BatchNorm module sees
+# it: channels-last maps (T, B, C, H, W) for BatchNorm2d over T*B maps, tokens (T, B, N, C) (as maps
+# of N x 1 pixels) for BatchNorm1d over T*B*N rows.
+def _to_kernel(y: torch.Tensor) -> torch.Tensor:
+    return y.unsqueeze(3) if y.dim() == 4 else y.permute(0, 1, 3, 4, 2)
+
+
+def _from_kernel(x: torch.Tensor, tokens: bool) -> torch.Tensor:
+    return x.squeeze(3) if tokens else x.permute(0, 1, 4, 2, 3)
+
+
+def _bn_view(y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(-1, y.shape[-1]) if y.dim() == 4 else y.flatten(0, 1)
+
+
+class _FusedBNSpike(torch.autograd.Function):
+    """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
+    BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. BN is
+    PyTorch's; SN [-> max-pool] runs forward in one kernel pass, and backward in one pass that
+    computes BN's output again from its input (PyTorch's arithmetic); then PyTorch's BN backward."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, bn, lif):
-        # what nn.BatchNorm2d.forward does in training: count the batch, pick the averaging factor
+    def forward(ctx, y, weight, bias, bn, lif, pool):
+        # what nn.BatchNorm{1,2}d.forward does in training: count the batch, pick the averaging factor
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        flat = y.flatten(0, 1)
-        z, mean, invstd = torch.native_batch_norm(flat, weight, bias, bn.running_mean, bn.running_var, True, factor,
-                                                  bn.eps)
-        out = kernels.cpu_backend.lif_pool_forward(z.view(y.shape).permute(0, 1, 3, 4, 2), lif.params, True)
+        z, mean, invstd = torch.native_batch_norm(_bn_view(y), weight, bias, bn.running_mean, bn.running_var, True,
+                                                  factor, bn.eps)
+        out = kernels.cpu_backend.lif_pool_forward(_to_kernel(z.view(y.shape)), lif.params, pool)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.params, ctx.eps = lif.params, bn.eps
-        return out.permute(0, 1, 4, 2, 3)
+        ctx.params, ctx.eps, ctx.pool = lif.params, bn.eps, pool
+        return _from_kernel(out, y.dim() == 4)
 
     @staticmethod
     def backward(ctx, grad):
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        grad_z = kernels.cpu_backend.lif_pool_backward(y.permute(0, 1, 3, 4, 2), grad.permute(0, 1, 3, 4, 2),
-                                                       ctx.params, (mean, invstd, weight, bias))
-        grad_z = grad_z.permute(0, 1, 4, 2, 3).flatten(0, 1)  # channels-last, as autograd's would be
-        gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, y.flatten(0, 1), weight, None, None, mean,
-                                                               invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return (gy.view(y.shape) if gy is not None else None), gw, gb, None, None
+        grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
+                                                       (mean, invstd, weight, bias), ctx.pool)
+        grad_z = _bn_view(_from_kernel(grad_z, y.dim() == 4))  # maps channels-last, as autograd's would be
+        gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, _bn_view(y), weight, None, None, mean, invstd,
+                                                               True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return (gy.view(y.shape) if gy is not None else None), gw, gb, None, None, None
 
 
 def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
     """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``. In training (not under ``torch.compile``,
     whose partitioner decides what to keep, nor for a neuron with state or hooks): with
-    ``fused_spike_pool`` and a max-pool, :class:`_FusedBNSpikePool`; else with ``recompute``
+    ``fused_spike_pool``, :class:`_FusedBNSpike`; else with ``recompute``
     memory-lean for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements;
     :func:`bn_spike_pool_plain` otherwise."""
     bn = stage.bn
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if training and pool and _training_bn(bn) and _fused_kernel_takes(lif, y):
-        return _FusedBNSpikePool.apply(y, bn.weight, bn.bias, bn, lif)
+    if training and _training_bn(bn) and _fused_kernel_takes(lif, y):
+        return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, pool)
     if (enabled("recompute") and training and isinstance(bn, nn.BatchNorm2d) and bn.training
             and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
         return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
     return bn_spike_pool_plain(stage, lif, pool, y)
+
+
+def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``lif(bn(y))`` for a token linear's output ``y`` ``(T, B, N, C)`` and the BatchNorm1d ``bn``
+    over its rows. In training (not under ``torch.compile``) with ``fused_bn_spike``,
+    :class:`_FusedBNSpike`: no BN output kept for the neuron's backward, which the kernel computes
+    again from ``y``, the tensor BN's backward keeps anyway."""
+    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn)
+            and _kernel_takes(lif, _to_kernel(y))):
+        return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
+    return lif(bn(_bn_view(y)).view(y.shape))
 
 
 # ----------------------------------------------------------------------------- token_linear

@@ -1,0 +1,132 @@
+"""The ``fused_bn_spike`` route and the no-pool backward of the tokenizer kernel it uses: a block's
+ConvBN -> SN in training keeps only BN's input and batch statistics, and the kernel computes BN's
+output and the membrane again in backward, against the module calls it replaces.
+
+The twins are PyTorch's: ``nn.functional.batch_norm`` in training, the fused LIF kernel's autograd
+(itself held to the paper's equations in tests/test_neuron.py) and, for the ground truth of the
+gradient, the LIF reference loop. Where PyTorch's BN kernel is its x86 FMA build the kernel rounds
+BN's output as it does, so spikes, gradients and running statistics equal the module calls bit
+for bit; a build that cannot (no FMA beside FMA kernels) steps aside.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import saved_bytes
+from torch import nn
+
+from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.layers import TokenConvBN, routes
+from spikingformer.models.zoo import create_model
+from spikingformer.neuron import LIFParams, MultiStepLIF, lif_reference
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"the CPU kernel library did not build: {cpu.build_error()}")
+
+PARAMS = [LIFParams(), LIFParams(tau=1.5, v_threshold=0.5, detach_reset=False), LIFParams(v_reset=-0.1)]
+SHAPES = [(4, 2, 12, 1, 16), (3, 2, 7, 9, 5), (1, 1, 1, 1, 3), (2, 3, 64, 1, 40)]
+
+
+def _lif(p: LIFParams) -> MultiStepLIF:
+    return MultiStepLIF(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"tau{p.tau}_vth{p.v_threshold}_vr{p.v_reset}")
+def test_backward_without_pool_equals_the_lif_gradient(shape, p):
+    """The kernel's backward of SN alone (no max-pool) equals autograd through the fused LIF
+    kernel bit for bit, and the reference loop's autograd (exact sigmoid) to rounding."""
+    z = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.7).requires_grad_()
+    out = _lif(p)(z)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+    assert 0 < out.sum() < out.numel()
+    assert torch.equal(cpu.lif_pool_backward(z.detach(), grad, p, pool=False), z.grad)
+    zr = z.detach().clone().requires_grad_()
+    lif_reference(zr, p).backward(grad)
+    torch.testing.assert_close(z.grad, zr.grad, rtol=1e-5, atol=1e-6)
+
+
+def _segment(spec: str, layer: TokenConvBN, lif: nn.Module, steps: int = 2):
+    """Two training steps of ``lif(layer(x))`` under ``spec``: outputs, input and parameter
+    gradients, running statistics and batch count, and the bytes autograd kept for the last."""
+    s = copy.deepcopy(layer).train()
+    row = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(4, 3, 10, 24, generator=g).requires_grad_()
+        with routes.configured(spec):
+            out, saved = saved_bytes(lambda: s.spikes(lif, x))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step)))
+        row += [out, x.grad, s.linear.weight.grad.clone(), s.bn.weight.grad.clone(), s.bn.bias.grad.clone(),
+                s.bn.running_mean.clone(), s.bn.running_var.clone(), s.bn.num_batches_tracked.clone()]
+    return row, saved
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_token_segment_equals_the_module_calls_and_keeps_less(momentum):
+    """ConvBN -> SN on tokens in training: output, gradients (input, linear and BN parameters),
+    running statistics and batch count as the module calls over two steps (``momentum=None``
+    averages by the count); autograd no longer keeps the neuron's input (BN's output)."""
+    torch.manual_seed(0)
+    layer = TokenConvBN(24, 32, bias=True)
+    layer.bn.momentum = momentum
+    nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(layer.bn.bias, -0.2, 0.4)
+    lif = MultiStepLIF(tau=2.0)
+    plain, saved_plain = _segment("-fused_bn_spike,-spike_linear,-token_linear", layer, lif)
+    fused, saved_fused = _segment("+fused_bn_spike,-spike_linear,-token_linear", layer, lif)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+    assert 0 < plain[0].sum() < plain[0].numel()
+    if cpu.kernel_reproduces_bn():  # else (a build without FMA beside PyTorch's FMA kernels) it steps aside
+        output_bytes = 4 * 3 * 10 * 32 * 4
+        assert saved_fused <= saved_plain - output_bytes  # the BN output the neuron kept
+
+
+def test_neuron_with_hooks_or_no_neuron_takes_the_module_calls(monkeypatch):
+    """A hooked neuron (a firing-rate meter must see its spikes) or ``nn.Identity`` (Spikformer's
+    blocks end some layers without a neuron) never reaches the kernel."""
+    layer = TokenConvBN(8, 8, bias=False).train()
+    x = torch.randn(2, 1, 4, 8, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(cpu, "lif_pool_forward", lambda *a, **k: calls.append(1))
+    lif = MultiStepLIF()
+    seen = []
+    lif.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with routes.configured("+fused_bn_spike"):
+        out = layer.spikes(lif, x)
+        assert torch.equal(layer.spikes(nn.Identity(), x), layer(x))
+    assert seen == [out.shape] and not calls
+
+
+@pytest.mark.parametrize("name", ["spikingformer_cifar10_4_384", "spikformer_cifar10_4_384"])
+def test_model_with_and_without_the_route_is_the_same(name, monkeypatch):
+    """A zoo model's training step with the route on equals the route off bit for bit (output,
+    every gradient, every buffer), in both residual styles, and the route does run."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=2, embed_dim=64, num_heads=4)
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    calls = []
+    for spec in ("-fused_bn_spike", "+fused_bn_spike"):
+        if spec[0] == "+":
+            real = cpu.lif_pool_backward
+
+            def spy(z, grad, p, bn=None, pool=True):
+                calls.append((z.shape[3], pool))
+                return real(z, grad, p, bn, pool)
+
+            monkeypatch.setattr(cpu, "lif_pool_backward", spy)
+        m = copy.deepcopy(model).train()
+        with routes.configured(spec):
+            out = m(x)
+            out.square().sum().backward()
+        results.append((out, {k: p.grad for k, p in m.named_parameters()}, dict(m.named_buffers())))
+    (out0, g0, b0), (out1, g1, b1) = results
+    assert torch.equal(out0, out1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(b0[k], b1[k]) for k in b0)
+    if cpu.kernel_reproduces_bn():
+        assert (1, False) in calls  # tokens: maps of N x 1 pixels, no max-pool
