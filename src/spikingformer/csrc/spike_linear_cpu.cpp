@@ -80,18 +80,30 @@ inline uint64_t nonzero_bits(const float* __restrict p, int64_t n, bool& binary)
   return bits;
 }
 
+inline int64_t words_of(int64_t K) { return (K + 63) / 64; }
+
+// The spike columns of a row from its 64-column masks into ir, ascending; returns their number.
+inline int32_t list_bits(const uint64_t* __restrict words, int64_t K, uint16_t* __restrict ir) {
+  int32_t n = 0;
+  for (int64_t w = 0; w < words_of(K); ++w)
+    for (uint64_t bits = words[w]; bits; bits &= bits - 1) ir[n++] = (uint16_t)(w * 64 + __builtin_ctzll(bits));
+  return n;
+}
+
 // The spike columns of rows [m0, m0 + rows) of x (M, K) into idx (row r's at idx + r * K, count
-// cnt[r]), ascending. Returns false when an element is neither 0 nor 1.
+// cnt[r]), ascending, and (packed not null) each row's 64-column masks into packed + r * words_of(K).
+// Returns false when an element is neither 0 nor 1.
 bool gather_rows(const float* __restrict x, int64_t K, int64_t m0, int64_t rows, uint16_t* __restrict idx,
-                 int32_t* __restrict cnt) {
+                 int32_t* __restrict cnt, uint64_t* __restrict packed) {
   bool binary = true;
   for (int64_t r = 0; r < rows; ++r) {
     const float* __restrict xr = x + (m0 + r) * K;
     uint16_t* __restrict ir = idx + r * K;
     int32_t n = 0;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
-      for (uint64_t bits = nonzero_bits(xr + k0, std::min<int64_t>(64, K - k0), binary); bits; bits &= bits - 1)
-        ir[n++] = (uint16_t)(k0 + __builtin_ctzll(bits));
+      uint64_t bits = nonzero_bits(xr + k0, std::min<int64_t>(64, K - k0), binary);
+      if (packed) packed[r * words_of(K) + k0 / 64] = bits;
+      for (; bits; bits &= bits - 1) ir[n++] = (uint16_t)(k0 + __builtin_ctzll(bits));
     }
     cnt[r] = n;
   }
@@ -129,9 +141,11 @@ inline int threads_for_rows(int64_t M, int nthreads) { return M >= 2 * kRowBlock
 extern "C" {
 
 // The spike columns of every row of x (M, K), ascending, into idx (M * K uint16: row m's at
-// idx + m * K) and their number into cnt (M). Returns the number of spikes; -1 if an element is
-// neither 0 nor 1; -2 if K > 65536 (the indices are 16-bit).
-int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int32_t* cnt, int nthreads) {
+// idx + m * K) and their number into cnt (M); with packed (M * ceil(K / 64) uint64) not null, also
+// the spikes as bits: bit j of word w of row m is x[m, 64 w + j] != 0. Returns the number of
+// spikes; -1 if an element is neither 0 nor 1; -2 if K > 65536 (the indices are 16-bit).
+int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int32_t* cnt, uint64_t* packed,
+                        int nthreads) {
   if (K > 65536) return -2;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   int64_t total = 0;
@@ -140,10 +154,37 @@ int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(+ : total) reduction(& : ok)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
-    ok &= gather_rows(x, K, m0, rows, idx + m0 * K, cnt + m0) ? 1 : 0;
+    ok &= gather_rows(x, K, m0, rows, idx + m0 * K, cnt + m0, packed ? packed + m0 * words_of(K) : nullptr) ? 1 : 0;
     for (int64_t r = 0; r < rows; ++r) total += cnt[m0 + r];
   }
   return ok ? total : -1;
+}
+
+// sf_spike_gather's idx and cnt from its packed bits (M * ceil(K / 64) words) instead of x.
+// Returns the number of spikes; -2 if K > 65536.
+int64_t sf_spike_gather_packed(const uint64_t* packed, int64_t M, int64_t K, uint16_t* idx, int32_t* cnt,
+                               int nthreads) {
+  if (K > 65536) return -2;
+  int64_t total = 0;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(+ : total)
+  for (int64_t m = 0; m < M; ++m) {
+    cnt[m] = list_bits(packed + m * words_of(K), K, idx + m * K);
+    total += cnt[m];
+  }
+  return total;
+}
+
+// The float32 spikes x (M, K) of packed bits (the dense products' input where the firing rate is
+// above the sparse kernels' limit).
+void sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, float* x, int nthreads) {
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint64_t* __restrict words = packed + m * words_of(K);
+    float* __restrict xr = x + m * K;
+    for (int64_t k = 0; k < K; ++k) xr[k] = (float)((words[k / 64] >> (k % 64)) & 1u);
+  }
 }
 
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: Wt is W^T (K, N) contiguous;

@@ -87,8 +87,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
-    lib.sf_spike_gather.argtypes = [vp, i64, i64, vp, vp, ci]
+    lib.sf_spike_gather.argtypes = [vp, i64, i64, vp, vp, vp, ci]
     lib.sf_spike_gather.restype = i64
+    lib.sf_spike_gather_packed.argtypes = [vp, i64, i64, vp, vp, ci]
+    lib.sf_spike_gather_packed.restype = i64
+    lib.sf_spike_unpack.argtypes = [vp, i64, i64, vp, ci]
+    lib.sf_spike_unpack.restype = None
     lib.sf_spike_linear_forward.argtypes = [vp, vp, i64, i64, vp, vp, i64, vp, ci]
     lib.sf_spike_linear_forward.restype = None
     lib.sf_spike_linear_weight_grad.argtypes = [vp, vp, i64, i64, vp, i64, vp, vp, vp, ci]
@@ -295,102 +299,3 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
         zg = z.detach().requires_grad_()
         (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, pool), zg, grad_pooled)
     return grad
-
-
-# ----------------------------------------------------------------------------- spike linear
-
-
-def spike_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What :func:`kernel_spike_linear_forward` computes, in plain PyTorch: for rows ``x`` ``(M, K)`` of
-    spikes, the bias plus weight column ``k`` for ``k = 0, 1, ...`` in turn (float32 additions in
-    that order; ``x * w`` is exact for spikes, and adding ``0 * w`` changes nothing)."""
-    wt = weight.t()
-    y = (bias if bias is not None else weight.new_zeros(weight.shape[0])).expand(x.shape[0], -1).clone()
-    for k in range(x.shape[1]):
-        y += x[:, k:k + 1] * wt[k]
-    return y
-
-
-_SPIKES_PER_CHUNK_ROWS = 512  # kChunk of csrc/spike_linear_cpu.cpp: the weight gradient's row chunks
-
-
-def _gather_spikes(lib: ctypes.CDLL, x: torch.Tensor, max_density: float):
-    """``(x contiguous, idx, cnt, spikes)`` of ``sf_spike_gather``, or ``None`` when ``x`` is not
-    spikes (an element neither 0 nor 1), has more than ``max_density`` ones, or too many columns."""
-    xk = x.contiguous()
-    m, k = xk.shape
-    idx = torch.empty(m * k, dtype=torch.int16)
-    cnt = torch.empty(m, dtype=torch.int32)
-    spikes = lib.sf_spike_gather(xk.data_ptr(), m, k, idx.data_ptr(), cnt.data_ptr(), torch.get_num_threads())
-    if spikes < 0 or spikes > max_density * m * k:
-        return None
-    return xk, idx, cnt, spikes
-
-
-def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                max_density: float) -> torch.Tensor | None:
-    """``x W^T + b`` for float32 rows ``x`` ``(M, K)`` of spikes, as accumulations (``csrc/spike_linear_cpu.cpp``);
-    ``None`` (nothing computed) when an element of ``x`` is neither 0 nor 1, or more than
-    ``max_density`` of them are ones, or ``K`` exceeds the kernel's 16-bit indices."""
-    gathered = _gather_spikes(lib, x, max_density)
-    if gathered is None:
-        return None
-    xk, idx, cnt, _ = gathered
-    m, k = xk.shape
-    threads = torch.get_num_threads()
-    wt = weight.detach().t().contiguous()
-    b = bias.detach().contiguous() if bias is not None else None
-    y = xk.new_empty(m, weight.shape[0])
-    lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), m, k, wt.data_ptr(), b.data_ptr() if b is not None else None,
-                                weight.shape[0], y.data_ptr(), threads)
-    return y
-
-
-def spike_linear_weight_grad_reference(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """What :func:`kernel_spike_linear_weight_grad` computes, in plain PyTorch: ``grad^T x`` for spikes
-    ``x`` ``(M, K)``, each weight's gradient summed over the rows ``m = 0, 1, ...`` in turn."""
-    gw = grad.new_zeros(grad.shape[1], x.shape[1])
-    for m in range(x.shape[0]):
-        gw += grad[m][:, None] * x[m]
-    return gw
-
-
-def kernel_spike_linear_weight_grad(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor,
-                                    max_density: float) -> torch.Tensor | None:
-    """``grad^T x`` ``(N, K)`` for float32 rows ``x`` ``(M, K)`` of spikes and the output gradient
-    ``grad`` ``(M, N)``, as accumulations; ``None`` where :func:`kernel_spike_linear_forward` declines."""
-    gathered = _gather_spikes(lib, x, max_density)
-    if gathered is None:
-        return None
-    xk, idx, cnt, spikes = gathered
-    m, k = xk.shape
-    gk = grad.contiguous()
-    n = gk.shape[1]
-    chunks = (m + _SPIKES_PER_CHUNK_ROWS - 1) // _SPIKES_PER_CHUNK_ROWS
-    cols = torch.empty(max(spikes, 1), dtype=torch.int16)
-    starts = torch.empty(chunks * (k + 1), dtype=torch.int64)
-    gwt = gk.new_empty(k, n)
-    lib.sf_spike_linear_weight_grad(idx.data_ptr(), cnt.data_ptr(), m, k, gk.data_ptr(), n, gwt.data_ptr(),
-                                    cols.data_ptr(), starts.data_ptr(), torch.get_num_threads())
-    return gwt.t().contiguous()
-
-
-def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         max_density: float) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for rows ``x`` ``(M, K)``: by accumulation of weight columns
-    (:func:`kernel_spike_linear_forward`) where ``x`` is float32 spikes with a firing rate of at most
-    ``max_density``, else the dense product."""
-    lib = get_library()
-    dense = (x.dtype, weight.dtype) != (torch.float32, torch.float32) or (bias is not None and bias.dtype != torch.float32)
-    y = None if lib is None or dense or not x.numel() else kernel_spike_linear_forward(lib, x, weight, bias, max_density)
-    return y if y is not None else nn.functional.linear(x, weight, bias)
-
-
-def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float) -> torch.Tensor:
-    """The weight gradient ``grad^T x`` of :func:`spike_linear_forward`: by accumulation
-    (:func:`kernel_spike_linear_weight_grad`) where ``x`` is float32 spikes with a firing rate of at
-    most ``max_density``, else the dense product."""
-    lib = get_library()
-    dense = (x.dtype, grad.dtype) != (torch.float32, torch.float32)
-    gw = None if lib is None or dense or not x.numel() else kernel_spike_linear_weight_grad(lib, x, grad, max_density)
-    return gw if gw is not None else grad.t() @ x

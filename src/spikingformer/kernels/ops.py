@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.kernels import spike_linear as spike_kernels
 from spikingformer.kernels.params import LIFParams
 from spikingformer.kernels.torch_backend import lif_backward, lif_forward, lif_torch_loop
 
@@ -180,28 +181,39 @@ def lif_pool_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- spike linear
-# A token linear on spikes: the forward sums weight columns (:func:`cpu_backend.spike_linear_forward`)
-# and the weight gradient sums output-gradient rows (:func:`cpu_backend.spike_linear_weight_grad`),
+# A token linear on spikes: the forward sums weight columns (:func:`spike_linear.spike_linear_forward`)
+# and the weight gradient sums output-gradient rows (:func:`spike_linear.spike_linear_weight_grad`),
 # each the dense product where the input is not sparse spikes; the input gradient is a dense product.
 
 
 @torch.library.custom_op("spikingformer::spike_linear", mutates_args=(), device_types="cpu")
-def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float) -> torch.Tensor:
-    """``x W^T + b`` for rows ``x`` ``(M, K)``; spikes (all 0 or 1) with a firing rate of at most
-    ``max_density`` are summed as accumulations of weight columns."""
-    return cpu.spike_linear_forward(x, weight, bias, max_density)
+def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
+                 pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x W^T + b, packed)`` for rows ``x`` ``(M, K)``; spikes (all 0 or 1) with a firing rate of at
+    most ``max_density`` are summed as accumulations of weight columns. ``pack``: the caller
+    guarantees spikes (a neuron's output; anything else raises), and autograd keeps them as bits
+    (``packed``, 1/32 of the float32 input) instead of the input itself."""
+    return spike_kernels.spike_linear_forward(x, weight, bias, max_density, pack)
 
 
 @torch.library.custom_op("spikingformer::spike_linear_weight_grad", mutates_args=(), device_types="cpu")
 def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float) -> torch.Tensor:
     """``grad^T x`` ``(N, K)``: the weight gradient of ``spike_linear`` for its input ``x`` ``(M, K)``
     and output gradient ``grad`` ``(M, N)``."""
-    return cpu.spike_linear_weight_grad(x, grad, max_density)
+    return spike_kernels.spike_linear_weight_grad(x, grad, max_density)
+
+
+@torch.library.custom_op("spikingformer::spike_linear_weight_grad_packed", mutates_args=(), device_types="cpu")
+def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Tensor, max_density: float,
+                                    ) -> torch.Tensor:
+    """``spike_linear_weight_grad`` for an input of ``k`` columns kept as ``spike_linear``'s packed bits."""
+    return spike_kernels.spike_linear_weight_grad_packed(packed, k, grad, max_density)
 
 
 @spike_linear.register_fake
-def _spike_linear_fake(x, weight, bias, max_density):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _spike_linear_fake(x, weight, bias, max_density, pack=False):
+    width = spike_kernels.packed_width(x.shape[1])
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty((x.shape[0], width) if pack else (0,), dtype=torch.int64)
 
 
 @spike_linear_weight_grad.register_fake
@@ -209,18 +221,27 @@ def _spike_linear_weight_grad_fake(x, grad, max_density):
     return x.new_empty(grad.shape[1], x.shape[1])
 
 
+@spike_linear_weight_grad_packed.register_fake
+def _spike_linear_weight_grad_packed_fake(packed, k, grad, max_density):
+    return grad.new_empty(grad.shape[1], k)
+
+
 def _spike_linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, max_density = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias, ctx.max_density = bias is not None, max_density
+    x, weight, bias, max_density, pack = (*inputs, False)[:5]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1] if pack else x, weight)
+    ctx.has_bias, ctx.max_density, ctx.pack, ctx.k = bias is not None, max_density, pack, x.shape[1]
 
 
-def _spike_linear_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+def _spike_linear_backward(ctx, grad, _grad_packed):
+    x, weight = ctx.saved_tensors  # x: the input, or its packed bits
     gx = grad @ weight if ctx.needs_input_grad[0] else None
-    gw = spike_linear_weight_grad(x, grad, ctx.max_density) if ctx.needs_input_grad[1] else None
+    gw = None
+    if ctx.needs_input_grad[1]:
+        gw = (spike_linear_weight_grad_packed(x, ctx.k, grad, ctx.max_density) if ctx.pack
+              else spike_linear_weight_grad(x, grad, ctx.max_density))
     gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb, None
+    return gx, gw, gb, None, None
 
 
 spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_linear_setup)

@@ -84,14 +84,25 @@ class TokenConvBN(nn.Module):
         self.linear = routes.TokenLinear(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
+    def _linear(self, x: torch.Tensor, spikes_in: bool) -> torch.Tensor:
+        """``self.linear(x)``, telling a :class:`routes.TokenLinear` that ``x`` is spikes (a module that
+        replaced it, e.g. deployment's counting linear, is called as ``nn.Linear``)."""
+        return self.linear(x, spikes=True) if spikes_in and isinstance(self.linear, routes.TokenLinear) else self.linear(x)
+
+    def forward(self, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
+        """``spikes_in``: ``x`` is a spiking neuron's output (see :class:`routes.TokenLinear`)."""
+        y = self._linear(x, spikes_in)
         return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
 
-    def spikes(self, lif: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def spikes(self, lif: nn.Module, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
         """``lif(self(x))``: the layer followed by a neuron (or ``nn.Identity``), through
         :func:`routes.bn_spike_tokens`."""
-        return routes.bn_spike_tokens(self.bn, lif, self.linear(x))
+        return routes.bn_spike_tokens(self.bn, lif, self._linear(x, spikes_in))
+
+
+def fires(neuron: nn.Module) -> bool:
+    """Whether ``neuron``'s output is spikes (0 or 1): a :class:`MultiStepLIF`, not ``nn.Identity``."""
+    return isinstance(neuron, MultiStepLIF)
 
 
 class SpikingTokenizer(nn.Module):
@@ -209,13 +220,13 @@ class SpikingSelfAttention(nn.Module):
         return x.view(t, b, n, self.num_heads, c // self.num_heads).transpose(2, 3)  # (T, B, h, N, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.in_lif(x)
-        q = self._heads(self.q.spikes(self.q_lif, x))
-        k = self._heads(self.k.spikes(self.k_lif, x))
-        v = self._heads(self.v.spikes(self.v_lif, x))
+        x, spiking = self.in_lif(x), fires(self.in_lif)
+        q = self._heads(self.q.spikes(self.q_lif, x, spiking))
+        k = self._heads(self.k.spikes(self.k_lif, x, spiking))
+        v = self._heads(self.v.spikes(self.v_lif, x, spiking))
         y = self.product(q, k, v, self.scale)  # (T, B, h, N, d)
         y = y.transpose(2, 3).flatten(3)  # (T, B, N, D), channel = head * d + j
-        return self.proj.spikes(self.out_lif, self.attn_lif(y))
+        return self.proj.spikes(self.out_lif, self.attn_lif(y), fires(self.attn_lif))
 
 
 class SpikingMLP(nn.Module):
@@ -234,7 +245,8 @@ class SpikingMLP(nn.Module):
         self.out_lif = nn.Identity() if spike_driven else lif()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2.spikes(self.out_lif, self.fc1.spikes(self.hidden_lif, self.in_lif(x)))
+        hidden = self.fc1.spikes(self.hidden_lif, self.in_lif(x), fires(self.in_lif))
+        return self.fc2.spikes(self.out_lif, hidden, fires(self.hidden_lif))
 
 
 class SpikingTransformerBlock(nn.Module):

@@ -34,8 +34,10 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   :data:`SPIKE_LINEAR_MIN_WORK` rows x in x out (per ISA and pass), sum the weight columns of each
   row's spikes, bias first, in ascending column order: the paper's accumulate-only synaptic
   operations, so the work falls with the firing rate. Another summation order than ``F.linear``'s:
-  float32 rounding differs. Gradients are PyTorch's dense products. Takes precedence over
-  ``token_linear``.
+  float32 rounding differs. The weight gradient sums output-gradient rows likewise; the input
+  gradient is PyTorch's dense product. Where the blocks pass a neuron's output
+  (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size).
+  Takes precedence over ``token_linear``.
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
@@ -371,13 +373,17 @@ class TokenLinear(nn.Linear):
     dict and hooks are those of ``nn.Linear``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
+        """``F.linear(x, weight, bias)``. ``spikes``: the caller guarantees ``x`` is a spiking neuron's
+        output (every element 0 or 1); ``spike_linear`` then keeps it as bits for backward (1/32 of
+        the float32 input; anything but spikes raises there)."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
         if enabled("spike_linear"):
             training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
             if x.numel() * self.out_features >= _spike_min_work["train" if training else "infer"]:
-                rows = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density)
+                rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density,
+                                           spikes and training)
                 return rows.view(*x.shape[:-1], self.out_features)
         if not enabled("token_linear") or self.weight.numel() < ONEDNN_MIN_WEIGHTS:
             return super().forward(x)
