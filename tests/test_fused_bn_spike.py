@@ -130,3 +130,4 @@ def test_model_with_and_without_the_route_is_the_same(name, monkeypatch):
     assert all(torch.equal(b0[k], b1[k]) for k in b0)
     if cpu.kernel_reproduces_bn():
         assert (1, False) in calls  # tokens: maps of N x 1 pixels, no max-pool
+

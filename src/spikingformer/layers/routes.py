@@ -321,6 +321,7 @@ class _FusedBNSpike(torch.autograd.Function):
         return _from_kernel(out, y.dim() == 4)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
     def backward(ctx, grad):
         y, weight, bias, mean, invstd = ctx.saved_tensors
         grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
