@@ -13,7 +13,7 @@ rates of 5-50% (``spike_linear``, to place
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
 heads (``attention_order``); the MLP's first ConvBN -> SN and the whole models in training
 (``fused_bn_spike``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
-``inplace_bn``, and ``recompute`` on every map, to place
+``inplace_bn``, ``batch_pieces``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
 (gradients of the input and the weights), ``infer`` = forward under ``torch.inference_mode``.
 
@@ -177,9 +177,10 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
         def eval_mode(run, tok=tok):
             return lambda: (tok.eval(), run())
 
-        routes_here = ["channels_last", "recompute", "inplace_bn", "fused_spike_pool"] + ([] if steps else ["stem_once"])
+        routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces"]
+                       + ([] if steps else ["stem_once"]))
         for route in routes_here:
-            if route != "inplace_bn":
+            if route not in ("inplace_bn", "batch_pieces"):  # inference-only routes
                 out.append((route, key, label, "train", train_mode(_train(fn, params, [x]))))
             if route != "recompute":
                 out.append((route, key, label, "infer", eval_mode(_infer(fn, [x]))))

@@ -131,6 +131,7 @@ class SpikingTokenizer(nn.Module):
         self.style = ResidualStyle(style)
         self.num_pools = num_pools
         self.stages = nn.ModuleList(ConvBN(channels[i], channels[i + 1]) for i in range(5))
+        self.stem_channels = channels[1]  # (deployment may replace the stem's modules)
         n_lifs = 4 if self.style is ResidualStyle.SPIKE_DRIVEN else 5
         self.lifs = nn.ModuleList(lif() for _ in range(n_lifs))
 
@@ -142,8 +143,10 @@ class SpikingTokenizer(nn.Module):
         return routes.bn_spike_pool(self.stages[stage - 1], self.lifs[stage - 1], self._pool_before(stage), y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``."""
-        return self._forward_after_stem(self.stages[0].convolve(x))
+        """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``; in
+        inference possibly in pieces of the batch (route ``batch_pieces``)."""
+        stem = x.numel() // x.shape[2] * self.stem_channels
+        return routes.in_pieces(self, x, 1, stem, lambda part: self._forward_after_stem(self.stages[0].convolve(part)))
 
     def encode_static(self, images: torch.Tensor, time_steps: int) -> torch.Tensor:
         """Tokens for static images ``(B, C, H, W)`` repeated over ``time_steps`` (direct encoding):
@@ -151,8 +154,13 @@ class SpikingTokenizer(nn.Module):
         convolution once per image, its output repeated (BatchNorm still sees all T copies)."""
         if not routes.enabled("stem_once"):
             return self(images.expand(time_steps, *images.shape))
-        y = self.stages[0].convolve(images.unsqueeze(0))
-        return self._forward_after_stem(routes.repeat_steps(y, time_steps))
+        stem = time_steps * images.numel() // images.shape[1] * self.stem_channels
+
+        def encode(part: torch.Tensor) -> torch.Tensor:
+            y = self.stages[0].convolve(part.unsqueeze(0))
+            return self._forward_after_stem(routes.repeat_steps(y, time_steps))
+
+        return routes.in_pieces(self, images, 0, stem, encode)
 
     def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
         """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""

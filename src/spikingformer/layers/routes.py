@@ -38,12 +38,18 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   gradient is PyTorch's dense product. Where the blocks pass a neuron's output
   (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size).
   Takes precedence over ``token_linear``.
+* ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
+  modules), the tokenizer runs on pieces of the batch whose stem output holds at most
+  :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
+  is that much smaller. Samples are independent there (BatchNorm uses its running statistics); a
+  convolution over fewer images may pick another algorithm, so float32 values may differ by
+  rounding.
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
-is on only where it measured faster; ``recompute`` and ``fused_bn_spike`` (memory) and ``stem_once``
-(less work) are on everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+is on only where it measured faster; ``recompute``, ``fused_bn_spike`` and ``batch_pieces`` (memory)
+and ``stem_once`` (less work) are on everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
 
 **The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
 items applied left to right to this machine's default set: ``none`` (all
@@ -68,10 +74,11 @@ from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
-          "token_linear", "spike_linear", "attention_order")
+          "token_linear", "spike_linear", "attention_order", "batch_pieces")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
+PIECE_ELEMENTS = 1 << 24  # batch_pieces: stem outputs of at most 16M elements (64 MB fp32) per piece
 
 
 cpu_isa = vector_isa  # the key of MEASURED_FASTER
@@ -90,10 +97,10 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
 # it the kernels' fixed costs (operator call, gathers, the weight transpose) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
-# On everywhere: recompute and fused_bn_spike for memory (the first costs time, the second measured
-# 0.96-1.02 of the time) and stem_once for work (T - 1 fewer stem convolutions, which deployment's
-# operation counts rely on; no slower where measured).
-ALWAYS_ON = frozenset({"recompute", "fused_bn_spike", "stem_once"})
+# On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
+# time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
+# which deployment's operation counts rely on; no slower where measured).
+ALWAYS_ON = frozenset({"recompute", "fused_bn_spike", "batch_pieces", "stem_once"})
 
 
 def default_routes() -> frozenset[str]:
@@ -358,6 +365,27 @@ def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Ten
             and _kernel_takes(lif, _to_kernel(y))):
         return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
     return lif(bn(_bn_view(y)).view(y.shape))
+
+
+# ----------------------------------------------------------------------------- batch_pieces
+
+
+def _hooked(module: nn.Module) -> bool:
+    return (bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
+
+
+def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: int,
+              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
+    output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
+    the batch joined along the tokens' batch dimension (1), each piece's stem output at most
+    :data:`PIECE_ELEMENTS` elements."""
+    pieces = min(x.shape[dim], -(-stem_elements // PIECE_ELEMENTS))
+    if (pieces < 2 or not enabled("batch_pieces") or torch.is_grad_enabled()
+            or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer)):
+        return fn(x)
+    return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)
 
 
 # ----------------------------------------------------------------------------- token_linear

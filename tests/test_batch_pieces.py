@@ -1,0 +1,88 @@
+"""The ``batch_pieces`` route: in inference the tokenizer runs on pieces of the batch, each piece's
+stem output at most ``routes.PIECE_ELEMENTS`` elements, and joins their tokens.
+
+Samples are independent in inference (BatchNorm with running statistics, the neuron per sample),
+so the pieces must give the tokens of the whole batch: exactly in float64 (PyTorch's own
+convolution, per image), and in float32 up to a convolution that may sum in another order for a
+smaller batch (a bounded share of tokens may differ, where a membrane lies within rounding of a
+threshold). Where pieces could change the result or what an observer sees (training-mode
+BatchNorm, autograd, hooks), the route steps aside.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikingformer.layers import routes
+from spikingformer.models.zoo import create_model
+
+
+def _event_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10dvs_2_256", depth=1, time_steps=3, img_size=32).to(dtype).eval()
+    x = torch.poisson(torch.full((5, 3, 2, 32, 32), 0.6)).to(dtype)
+    return model, x
+
+
+def _tokens(model, x, spec, piece_elements, monkeypatch, grad=False):
+    """The tokenizer's output under ``spec``, and how many stem convolutions ran."""
+    monkeypatch.setattr(routes, "PIECE_ELEMENTS", piece_elements)
+    calls = []
+    stem = model.tokenizer.stages[0]
+    real = stem.convolve
+    monkeypatch.setattr(stem, "convolve", lambda part: calls.append(part.shape) or real(part))
+    with routes.configured(spec), torch.set_grad_enabled(grad):
+        out = model.forward_features(x)
+    monkeypatch.setattr(stem, "convolve", real)
+    return out, calls
+
+
+def test_event_pieces_equal_the_whole_batch_in_float64(monkeypatch):
+    """Stem outputs of 3 x 5 x 32 x 32 x 32 elements, at most 2 images' worth per piece: 3 pieces
+    (2, 2, 1 samples), and the same tokens bit for bit."""
+    model, x = _event_model(torch.float64)
+    per_image = 3 * 32 * 32 * 32
+    whole, calls = _tokens(model, x, "-batch_pieces", 2 * per_image, monkeypatch)
+    assert len(calls) == 1
+    pieces, calls = _tokens(model, x, "+batch_pieces", 2 * per_image, monkeypatch)
+    assert [c[1] for c in calls] == [2, 2, 1]
+    assert torch.equal(pieces, whole)
+
+
+def test_static_pieces_equal_the_whole_batch_in_float64(monkeypatch):
+    """Static images with ``stem_once``: pieces along the images, T copies of each stem output."""
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10_4_384", depth=1, embed_dim=64, num_heads=4).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    per_image = 4 * 8 * 32 * 32  # T = 4 copies of D/8 = 8 channels
+    whole, _ = _tokens(model, x, "-batch_pieces", per_image, monkeypatch)
+    pieces, calls = _tokens(model, x, "+batch_pieces", per_image, monkeypatch)
+    assert [c[1] for c in calls] == [1, 1, 1, 1]  # (1, images, C, H, W): the stem once per image
+    assert torch.equal(pieces, whole)
+
+
+def test_float32_pieces_agree_up_to_rounding(monkeypatch):
+    model, x = _event_model()
+    whole, _ = _tokens(model, x, "-batch_pieces", 1 << 40, monkeypatch)
+    pieces, calls = _tokens(model, x, "+batch_pieces", 3 * 32 * 32 * 32, monkeypatch)
+    assert len(calls) == 5
+    differ = (pieces - whole).abs() > 1e-4 * (1 + whole.abs())
+    assert differ.float().mean() <= 1e-3  # spikes flipped by rounding only: a few tokens at most
+
+
+@pytest.mark.parametrize("case", ["training BN", "autograd", "hook", "small"])
+def test_steps_aside(monkeypatch, case):
+    """Training-mode BatchNorm (its batch statistics would change), autograd on, a hook on any of
+    the tokenizer's modules (a meter must see the whole batch once), or a stem output under the
+    limit: one piece."""
+    model, x = _event_model()
+    limit = 3 * 32 * 32 * 32
+    if case == "training BN":
+        model.tokenizer.stages[2].bn.train()
+    elif case == "hook":
+        model.tokenizer.lifs[1].register_forward_hook(lambda *a: None)
+    elif case == "small":
+        limit = 1 << 40
+    _, calls = _tokens(model, x, "+batch_pieces", limit, monkeypatch, grad=case == "autograd")
+    assert len(calls) == 1
