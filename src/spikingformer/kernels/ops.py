@@ -227,7 +227,7 @@ def _spike_linear_weight_grad_packed_fake(packed, k, grad, max_density):
 
 
 def _spike_linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, max_density, pack = (*inputs, False)[:5]
+    x, weight, bias, max_density, pack = inputs  # defaults included
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1] if pack else x, weight)
     ctx.has_bias, ctx.max_density, ctx.pack, ctx.k = bias is not None, max_density, pack, x.shape[1]

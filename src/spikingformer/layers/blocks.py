@@ -84,20 +84,18 @@ class TokenConvBN(nn.Module):
         self.linear = routes.TokenLinear(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
 
-    def _linear(self, x: torch.Tensor, spikes_in: bool) -> torch.Tensor:
-        """``self.linear(x)``, telling a :class:`routes.TokenLinear` that ``x`` is spikes (a module that
-        replaced it, e.g. deployment's counting linear, is called as ``nn.Linear``)."""
-        return self.linear(x, spikes=True) if spikes_in and isinstance(self.linear, routes.TokenLinear) else self.linear(x)
-
-    def forward(self, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
-        """``spikes_in``: ``x`` is a spiking neuron's output (see :class:`routes.TokenLinear`)."""
-        y = self._linear(x, spikes_in)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
         return self.bn(y.reshape(-1, y.shape[-1])).view(y.shape)
 
     def spikes(self, lif: nn.Module, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
         """``lif(self(x))``: the layer followed by a neuron (or ``nn.Identity``), through
-        :func:`routes.bn_spike_tokens`."""
-        return routes.bn_spike_tokens(self.bn, lif, self._linear(x, spikes_in))
+        :func:`routes.bn_spike_tokens`. ``spikes_in``: ``x`` is a spiking neuron's output, which a
+        :class:`routes.TokenLinear` may then keep as bits (a module that replaced it, e.g.
+        deployment's counting linear, is called as ``nn.Linear``)."""
+        packable = spikes_in and isinstance(self.linear, routes.TokenLinear)
+        y = self.linear(x, spikes=True) if packable else self.linear(x)
+        return routes.bn_spike_tokens(self.bn, lif, y)
 
 
 def fires(neuron: nn.Module) -> bool:
