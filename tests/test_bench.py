@@ -224,6 +224,43 @@ def test_caching_allocator_reuses_large_blocks_instead_of_faulting_them_in():
     assert float(ours[-2]) < pages / 100 and int(ours[-1]) >= 4  # served from the cache, no faults
 
 
+_SEGMENTS = """
+import json, torch
+from spikingformer import allocator
+allocator.configure_allocator()
+MB = 2**20
+stats = lambda: dict(allocator.cache_stats())
+a = torch.empty(64 * MB, dtype=torch.uint8)
+start, base = a.data_ptr(), stats()
+del a
+parts = [torch.empty(16 * MB, dtype=torch.uint8) for _ in range(4)]
+split, offsets = stats(), [p.data_ptr() - start for p in parts]
+del parts
+b = torch.empty(64 * MB, dtype=torch.uint8)
+merged, same = stats(), b.data_ptr() == start
+del b
+c = torch.empty(128 * MB, dtype=torch.uint8)
+print(json.dumps(dict(base=base, split=split, offsets=offsets, merged=merged, same=same, grown=stats())))
+"""
+
+
+@linux_only
+def test_caching_allocator_splits_merges_and_gives_back_free_segments():
+    """Freed pages of one size serve requests of another: a free 64 MiB block is split for four
+    16 MiB tensors (no new mapping), their blocks merge back into one that serves 64 MiB again, and
+    a request larger than any free block first unmaps the wholly free segment."""
+    import json
+
+    r = json.loads(_run(_SEGMENTS, "1").strip().splitlines()[-1])
+    base, split, merged, grown = r["base"], r["split"], r["merged"], r["grown"]
+    mib = 2**20
+    assert split["maps"] == base["maps"] and split["hits"] == base["hits"] + 4
+    assert sorted(r["offsets"]) == [0, 16 * mib, 32 * mib, 48 * mib]
+    assert merged["maps"] == base["maps"] and r["same"] and merged["cached"] == base["cached"]
+    assert grown["unmaps"] == base["unmaps"] + 1 and grown["maps"] == base["maps"] + 1
+    assert grown["mapped"] - base["mapped"] == 64 * mib  # 128 MiB mapped, the free 64 MiB segment given back
+
+
 _TRAIN = """
 import torch
 from spikingformer import allocator

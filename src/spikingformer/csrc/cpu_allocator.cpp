@@ -1,13 +1,16 @@
 // Caching CPU allocator for PyTorch (installed by spikingformer.allocator.configure_allocator).
 //
-// Blocks of at least `threshold` bytes are rounded up to whole 2 MiB huge pages, mapped with mmap
-// (MADV_HUGEPAGE, so the kernel backs them with transparent huge pages where it can) and, when
-// freed, kept in a per-size cache instead of being unmapped. A later request takes the smallest
-// cached block that holds it and is at most twice its size. Smaller blocks go to c10::alloc_cpu,
-// PyTorch's default. The cache is only emptied on request (sf_alloc_empty_cache) or when a mapping
-// fails; a training step allocates the same sizes every step, so after the first steps it maps
-// nothing new: no page faults and no page zeroing, and no heap fragmentation either, because every
-// large block is its own mapping.
+// Blocks of at least `threshold` bytes are rounded up to whole 2 MiB huge pages and carved out of
+// segments: anonymous mappings made with mmap (MADV_HUGEPAGE, so the kernel backs them with
+// transparent huge pages where it can). A freed block stays mapped and merges with free neighbours
+// of its segment; a request takes the smallest free block that holds it and splits off the rest.
+// Only when no free block is large enough does the allocator map a new segment of the request's
+// size, and first it unmaps wholly free segments (largest first) of at least that many bytes, so
+// the idle part of the cache stays small. A training step allocates the same sizes every step, so
+// after the first steps it maps nothing new: no page faults, no page zeroing, and resident memory
+// close to the step's peak of live blocks, because free pages of one size serve requests of
+// another (the former cache by exact size kept 1.3-2x the live peak mapped). Smaller blocks go to
+// c10::alloc_cpu, PyTorch's default. sf_alloc_empty_cache unmaps every wholly free segment.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -15,24 +18,30 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kMaxWaste = 2;  // a cached block serves requests down to half its size
+
+struct Block {
+  size_t size;
+  char* segment;  // base of the mapping the block lies in
+  size_t segment_size;
+  bool free;
+};
 
 struct Pool {
   std::mutex mu;
   size_t threshold = size_t(1) << 20;
-  std::unordered_map<void*, size_t> live;          // large blocks in use -> mapped size
-  std::map<size_t, std::vector<void*>> cached;     // free large blocks by mapped size
-  int64_t mapped = 0, cached_bytes = 0, peak_mapped = 0, hits = 0, maps = 0, unmaps = 0;
+  std::map<char*, Block> blocks;                 // every large block, free or in use, by address
+  std::multimap<size_t, char*> free_by_size;     // the free ones, by size
+  int64_t mapped = 0, cached_bytes = 0, peak_mapped = 0, hits = 0, maps = 0, unmaps = 0, live = 0;
 };
 
 Pool& pool() {
@@ -40,59 +49,107 @@ Pool& pool() {
   return *p;
 }
 
-void unmap_cached(Pool& p) {  // p.mu held
-  for (auto& entry : p.cached) {
-    for (void* block : entry.second) {
-      munmap(block, entry.first);
-      p.mapped -= static_cast<int64_t>(entry.first);
-      p.unmaps += 1;
+void forget_free(Pool& p, char* d, size_t size) {  // p.mu held: take d out of free_by_size
+  auto range = p.free_by_size.equal_range(size);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == d) {
+      p.free_by_size.erase(it);
+      return;
     }
   }
-  p.cached.clear();
-  p.cached_bytes = 0;
 }
 
-void* map_fresh(size_t n) {
+// Unmap wholly free segments, largest first, until at least `want` bytes are given back (all of
+// them for want = SIZE_MAX). p.mu held.
+void unmap_free_segments(Pool& p, size_t want) {
+  std::vector<std::pair<size_t, char*>> whole;
+  for (auto& entry : p.free_by_size) {
+    const Block& b = p.blocks.at(entry.second);
+    if (entry.second == b.segment && b.size == b.segment_size) whole.emplace_back(b.size, entry.second);
+  }
+  std::sort(whole.rbegin(), whole.rend());
+  size_t released = 0;
+  for (auto& w : whole) {
+    if (released >= want) break;
+    forget_free(p, w.second, w.first);
+    p.blocks.erase(w.second);
+    munmap(w.second, w.first);
+    p.mapped -= static_cast<int64_t>(w.first);
+    p.cached_bytes -= static_cast<int64_t>(w.first);
+    p.unmaps += 1;
+    released += w.first;
+  }
+}
+
+char* map_fresh(size_t n) {
   void* d = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (d == MAP_FAILED) return nullptr;
   madvise(d, n, MADV_HUGEPAGE);
-  return d;
+  return static_cast<char*>(d);
 }
 
-void* take_large(Pool& p, size_t n) {  // p.mu held; returns the block, records it as live
-  auto it = p.cached.lower_bound(n);
-  if (it != p.cached.end() && it->first <= n * kMaxWaste) {
-    size_t size = it->first;
-    void* d = it->second.back();
-    it->second.pop_back();
-    if (it->second.empty()) p.cached.erase(it);
-    p.cached_bytes -= static_cast<int64_t>(size);
+void* take_large(Pool& p, size_t n) {  // p.mu held; n a multiple of kHugePage; records the block in use
+  auto fit = p.free_by_size.lower_bound(n);
+  if (fit != p.free_by_size.end()) {
+    char* d = fit->second;
+    p.free_by_size.erase(fit);
+    Block& b = p.blocks.at(d);
+    if (b.size > n) {  // split: the tail stays free
+      char* tail = d + n;
+      p.blocks[tail] = Block{b.size - n, b.segment, b.segment_size, true};
+      p.free_by_size.emplace(b.size - n, tail);
+      b.size = n;
+    }
+    b.free = false;
+    p.cached_bytes -= static_cast<int64_t>(n);
     p.hits += 1;
-    p.live.emplace(d, size);
+    p.live += 1;
     return d;
   }
-  void* d = map_fresh(n);
-  if (d == nullptr) {  // out of address space or memory: give the cache back and try once more
-    unmap_cached(p);
+  unmap_free_segments(p, n);
+  char* d = map_fresh(n);
+  if (d == nullptr) {  // out of address space or memory: give every free segment back and try once more
+    unmap_free_segments(p, SIZE_MAX);
     d = map_fresh(n);
     if (d == nullptr) return nullptr;
   }
+  p.blocks[d] = Block{n, d, n, false};
   p.mapped += static_cast<int64_t>(n);
   if (p.mapped > p.peak_mapped) p.peak_mapped = p.mapped;
   p.maps += 1;
-  p.live.emplace(d, n);
+  p.live += 1;
   return d;
+}
+
+// Mark the block at d free and merge it with free neighbours of its segment. p.mu held.
+void release_block(Pool& p, std::map<char*, Block>::iterator it) {
+  it->second.free = true;
+  p.cached_bytes += static_cast<int64_t>(it->second.size);
+  p.live -= 1;
+  auto next = std::next(it);
+  if (next != p.blocks.end() && next->second.free && next->second.segment == it->second.segment) {
+    forget_free(p, next->first, next->second.size);
+    it->second.size += next->second.size;
+    p.blocks.erase(next);
+  }
+  if (it != p.blocks.begin()) {
+    auto prev = std::prev(it);
+    if (prev->second.free && prev->second.segment == it->second.segment) {
+      forget_free(p, prev->first, prev->second.size);
+      prev->second.size += it->second.size;
+      p.blocks.erase(it);
+      it = prev;
+    }
+  }
+  p.free_by_size.emplace(it->second.size, it->first);
 }
 
 void free_large(void* ptr) {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mu);
-  auto it = p.live.find(ptr);
-  if (it == p.live.end()) return;  // cannot happen: only blocks from take_large carry this deleter
-  size_t size = it->second;
-  p.live.erase(it);
-  p.cached[size].push_back(ptr);
-  p.cached_bytes += static_cast<int64_t>(size);
+  auto it = p.blocks.find(static_cast<char*>(ptr));
+  if (it == p.blocks.end() || it->second.free) return;  // cannot happen: only take_large's blocks carry this deleter
+  release_block(p, it);
 }
 
 void free_any(void* ptr) {  // raw_deallocate: a block of either kind
@@ -100,7 +157,8 @@ void free_any(void* ptr) {  // raw_deallocate: a block of either kind
   {
     Pool& p = pool();
     std::lock_guard<std::mutex> guard(p.mu);
-    if (p.live.count(ptr) == 0) {
+    auto it = p.blocks.find(static_cast<char*>(ptr));
+    if (it == p.blocks.end() || it->second.free) {
       c10::free_cpu(ptr);
       return;
     }
@@ -155,7 +213,8 @@ int sf_alloc_install(int64_t threshold) {
   return c10::GetCPUAllocator() == &g_allocator ? 0 : 1;
 }
 
-// mapped, cached, peak mapped, cache hits, fresh mappings, unmappings, large blocks in use
+// mapped, free (cached) bytes, peak mapped, requests served from free blocks, fresh mappings,
+// unmappings, large blocks in use
 void sf_alloc_stats(int64_t* out) {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mu);
@@ -165,13 +224,13 @@ void sf_alloc_stats(int64_t* out) {
   out[3] = p.hits;
   out[4] = p.maps;
   out[5] = p.unmaps;
-  out[6] = static_cast<int64_t>(p.live.size());
+  out[6] = p.live;
 }
 
 void sf_alloc_empty_cache() {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mu);
-  unmap_cached(p);
+  unmap_free_segments(p, SIZE_MAX);
 }
 
 }  // extern "C"
