@@ -184,6 +184,30 @@ def test_kernel_packs_as_its_twin_and_the_packed_gradient_is_the_same(shape, rat
     assert torch.equal(sl.spike_linear_weight_grad_packed(packed, k, g, 0.5), sl.spike_linear_weight_grad(x, g, 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_pack_kernel_writes_the_twins_bits_in_every_dtype(shape, dtype):
+    """``sf_spike_pack`` (the dense path's packer, 16-bit inputs under autocast included) writes
+    :func:`sl.pack_spikes_reference`'s bits, ``-0.0`` counts as no spike, and ``sf_spike_unpack``
+    gives the spikes back in the dtype asked for."""
+    m, k, _ = shape
+    x = _spikes(m, k, 0.3, seed=3).to(dtype)
+    x[0, 0] = -0.0
+    packed = sl.pack_spikes(x)
+    assert torch.equal(packed, sl.pack_spikes_reference(x.float()))
+    back = sl.unpack_spikes(packed, k, dtype)
+    assert back.dtype == dtype and torch.equal(back, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan")])
+def test_pack_kernel_refuses_what_is_not_spikes(dtype, bad):
+    x = _spikes(130, 70, 0.3).to(dtype)
+    x[129, 69] = bad
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        sl.pack_spikes(x)
+
+
 @pytest.mark.parametrize("library", [True, False])
 def test_packing_refuses_what_is_not_spikes(monkeypatch, library):
     if not library:
@@ -343,3 +367,33 @@ def test_blocks_pack_their_neurons_spikes(monkeypatch, any_size, name, packed):
     (out0, g0, saved0), (out1, g1, saved1) = results
     assert torch.equal(out0, out1) and all(torch.equal(g0[k], g1[k]) for k in g0)
     assert saved1 < saved0
+
+
+@pytest.mark.parametrize("spikes", [True, False])
+def test_under_autocast_a_token_linear_keeps_its_spikes_as_bits(spikes):
+    """Under CPU autocast (bf16) the token linears stay autocast's dense bf16 product; where the
+    input is a neuron's spikes, autograd keeps them as bits instead of the bf16 copy. Output and
+    every gradient equal plain ``nn.Linear`` under autocast bit for bit."""
+    from conftest import saved_bytes
+
+    torch.manual_seed(0)
+    plain = nn.Linear(384, 1536)
+    ours = TokenLinear(384, 1536)
+    ours.load_state_dict(plain.state_dict())
+    x = (torch.rand(4, 16, 64, 384) < 0.2).to(torch.bfloat16)
+    g = torch.randn(4, 16, 64, 1536).to(torch.bfloat16)
+    results = []
+    for layer, call in ((plain, lambda xi: plain(xi)), (ours, lambda xi: ours(xi, spikes=spikes))):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
+            y, saved = saved_bytes(lambda: call(xi))
+        y.backward(g)
+        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad, saved))
+    (y0, *g0, saved0), (y1, *g1, saved1) = results
+    assert y1.dtype == torch.bfloat16 and torch.equal(y0, y1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    if spikes:  # the bits (4096 x 6 words) and the bf16 weight instead of the bf16 input and weight
+        assert saved0 - saved1 == x.numel() * 2 - 4096 * 6 * 8
+    else:
+        assert saved1 == saved0
+

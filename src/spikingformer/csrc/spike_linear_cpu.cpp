@@ -136,6 +136,41 @@ inline void sum_rows(const float* __restrict src, int64_t stride, const uint16_t
 
 inline int threads_for_rows(int64_t M, int nthreads) { return M >= 2 * kRowBlock ? std::max(1, nthreads) : 1; }
 
+// sf_spike_pack for storage dtype D: each 64-column piece of a row is read as floats, then compared.
+template <int D>
+int pack_rows(const void* x, int64_t M, int64_t K, uint64_t* __restrict packed, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  int ok = 1;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(& : ok)
+  for (int64_t m = 0; m < M; ++m) {
+    const S* __restrict xr = (const S*)x + m * K;
+    bool binary = true;
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int64_t n = std::min<int64_t>(64, K - k0);
+      float piece[64];
+      const float* p = piece;
+      if (D == kF32) p = (const float*)(xr + k0);
+      else for (int64_t j = 0; j < n; ++j) piece[j] = load<D>(xr + k0, j);
+      packed[m * words_of(K) + k0 / 64] = nonzero_bits(p, n, binary);
+    }
+    ok &= binary ? 1 : 0;
+  }
+  return ok ? 0 : -1;
+}
+
+template <int D>
+void unpack_rows(const uint64_t* packed, int64_t M, int64_t K, void* x, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint64_t* __restrict words = packed + m * words_of(K);
+    S* __restrict xr = (S*)x + m * K;
+    for (int64_t k = 0; k < K; ++k) store<D>(xr, k, (float)((words[k / 64] >> (k % 64)) & 1u));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -175,16 +210,29 @@ int64_t sf_spike_gather_packed(const uint64_t* packed, int64_t M, int64_t K, uin
   return total;
 }
 
-// The float32 spikes x (M, K) of packed bits (the dense products' input where the firing rate is
-// above the sparse kernels' limit).
-void sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, float* x, int nthreads) {
-  const int nt = threads_for_rows(M, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t m = 0; m < M; ++m) {
-    const uint64_t* __restrict words = packed + m * words_of(K);
-    float* __restrict xr = x + m * K;
-    for (int64_t k = 0; k < K; ++k) xr[k] = (float)((words[k / 64] >> (k % 64)) & 1u);
+// x (M, K) as bits into packed (M * ceil(K / 64) words; bit j of word w of row m is x[m, 64 w + j]
+// != 0) for x of any storage dtype (0 float32, 1 float16, 2 bfloat16): the input a dense product
+// keeps for backward where sf_spike_gather is not called (16-bit inputs under autocast). Returns
+// 0; -1 if an element is neither 0 nor 1; -2 for an unknown dtype.
+int sf_spike_pack(const void* x, int64_t M, int64_t K, int dtype, uint64_t* packed, int nthreads) {
+  switch (dtype) {
+    case kF32: return pack_rows<kF32>(x, M, K, packed, nthreads);
+    case kF16: return pack_rows<kF16>(x, M, K, packed, nthreads);
+    case kBF16: return pack_rows<kBF16>(x, M, K, packed, nthreads);
   }
+  return -2;
+}
+
+// The spikes x (M, K) of packed bits, in storage dtype dtype (as sf_spike_pack): the dense
+// products' input where the firing rate is above the sparse kernels' limit, or the input is 16-bit.
+// Returns 0; -2 for an unknown dtype.
+int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int dtype, int nthreads) {
+  switch (dtype) {
+    case kF32: unpack_rows<kF32>(packed, M, K, x, nthreads); return 0;
+    case kF16: unpack_rows<kF16>(packed, M, K, x, nthreads); return 0;
+    case kBF16: unpack_rows<kBF16>(packed, M, K, x, nthreads); return 0;
+  }
+  return -2;
 }
 
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: Wt is W^T (K, N) contiguous;

@@ -54,7 +54,7 @@ if platform.machine() in ("x86_64", "AMD64"):
     # which made the backward about 1.5x slower than the generic x86-64-v4 build; no effect without AVX-512.
     CXX_FLAGS.append("-mprefer-vector-width=512")
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def source() -> str:
     """The library's C++ source (the files of :data:`SOURCE_FILES`, in order), shipped with the package."""
@@ -91,8 +91,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_gather.restype = i64
     lib.sf_spike_gather_packed.argtypes = [vp, i64, i64, vp, vp, ci]
     lib.sf_spike_gather_packed.restype = i64
-    lib.sf_spike_unpack.argtypes = [vp, i64, i64, vp, ci]
-    lib.sf_spike_unpack.restype = None
+    lib.sf_spike_pack.argtypes = [vp, i64, i64, ci, vp, ci]
+    lib.sf_spike_pack.restype = ci
+    lib.sf_spike_unpack.argtypes = [vp, i64, i64, vp, ci, ci]
+    lib.sf_spike_unpack.restype = ci
     lib.sf_spike_linear_forward.argtypes = [vp, vp, i64, i64, vp, vp, i64, vp, ci]
     lib.sf_spike_linear_forward.restype = None
     lib.sf_spike_linear_weight_grad.argtypes = [vp, vp, i64, i64, vp, i64, vp, vp, vp, ci]
@@ -136,7 +138,7 @@ def _reset_for_tests() -> None:
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
     """Contiguous, in a dtype the kernel handles (other floats go through float32, as the reference)."""
-    if x.dtype not in _DTYPE_CODES:
+    if x.dtype not in DTYPE_CODES:
         x = x.float()
     return x.contiguous()
 
@@ -153,7 +155,7 @@ def kernel_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams) -> torch.Ten
     T, N = _time_and_rest(xk)
     if xk.numel():
         rc = lib.sf_lif_forward(xk.data_ptr(), out.data_ptr(), T, N, p.tau, p.v_threshold, p.v_reset,
-                                _DTYPE_CODES[xk.dtype], torch.get_num_threads())
+                                DTYPE_CODES[xk.dtype], torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"sf_lif_forward failed with code {rc}")
     return out.to(x.dtype)
@@ -167,7 +169,7 @@ def kernel_backward(lib: ctypes.CDLL, x: torch.Tensor, grad_spikes: torch.Tensor
     T, N = _time_and_rest(xk)
     if xk.numel():
         rc = lib.sf_lif_backward(xk.data_ptr(), gk.data_ptr(), gx.data_ptr(), T, N, p.tau, p.v_threshold,
-                                 p.v_reset, p.alpha, int(p.detach_reset), _DTYPE_CODES[xk.dtype],
+                                 p.v_reset, p.alpha, int(p.detach_reset), DTYPE_CODES[xk.dtype],
                                  torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"sf_lif_backward failed with code {rc}")

@@ -145,13 +145,28 @@ def kernel_spike_linear_weight_grad_packed(lib: ctypes.CDLL, packed: torch.Tenso
     return _accumulate_weight_grad(lib, idx, cnt, count, k, grad) if _sparse(count, packed.shape[0] * k, max_density) else None
 
 
-def unpack_spikes(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The float32 spikes ``(M, K)`` of packed bits: the kernel, else :func:`unpack_spikes_reference`."""
+def pack_spikes(x: torch.Tensor) -> torch.Tensor:
+    """Spikes ``x`` ``(M, K)`` (float32, float16 or bfloat16) as :func:`pack_spikes_reference`'s bits:
+    the kernel, else that reference; raises where an element is neither 0 nor 1."""
     lib = get_library()
-    if lib is None:
-        return unpack_spikes_reference(packed, k)
-    x = torch.empty(packed.shape[0], k)
-    lib.sf_spike_unpack(packed.contiguous().data_ptr(), packed.shape[0], k, x.data_ptr(), torch.get_num_threads())
+    if lib is None or x.dtype not in cpu_backend.DTYPE_CODES:
+        return pack_spikes_reference(x)
+    xk = x.contiguous()
+    packed = torch.empty(xk.shape[0], packed_width(xk.shape[1]), dtype=torch.int64)
+    if lib.sf_spike_pack(xk.data_ptr(), *xk.shape, cpu_backend.DTYPE_CODES[xk.dtype], packed.data_ptr(),
+                         torch.get_num_threads()) != 0:
+        raise ValueError(NOT_SPIKES)
+    return packed
+
+
+def unpack_spikes(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The spikes ``(M, K)`` of packed bits, in ``dtype``: the kernel, else :func:`unpack_spikes_reference`."""
+    lib = get_library()
+    if lib is None or dtype not in cpu_backend.DTYPE_CODES:
+        return unpack_spikes_reference(packed, k).to(dtype)
+    x = torch.empty(packed.shape[0], k, dtype=dtype)
+    lib.sf_spike_unpack(packed.contiguous().data_ptr(), packed.shape[0], k, x.data_ptr(), cpu_backend.DTYPE_CODES[dtype],
+                        torch.get_num_threads())
     return x
 
 
@@ -166,7 +181,7 @@ def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     packed = torch.empty((m, packed_width(k)) if pack else (0,), dtype=torch.int64)
     dense = (x.dtype, weight.dtype) != (torch.float32, torch.float32) or (bias is not None and bias.dtype != torch.float32)
     if lib is None or dense or not x.numel() or k > 65536:
-        return nn.functional.linear(x, weight, bias), pack_spikes_reference(x) if pack else packed
+        return nn.functional.linear(x, weight, bias), pack_spikes(x) if pack else packed
     y = kernel_spike_linear_forward(lib, x, weight, bias, max_density, packed if pack else None)
     return (y if y is not None else nn.functional.linear(x, weight, bias)), packed
 
@@ -188,4 +203,4 @@ def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Te
     lib = get_library()
     usable = lib is not None and grad.dtype == torch.float32 and packed.numel() and k <= 65536
     gw = kernel_spike_linear_weight_grad_packed(lib, packed, k, grad, max_density) if usable else None
-    return gw if gw is not None else grad.t() @ unpack_spikes(packed, k).to(grad.dtype)
+    return gw if gw is not None else grad.t() @ unpack_spikes(packed, k, grad.dtype)

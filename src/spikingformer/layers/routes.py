@@ -36,8 +36,9 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   operations, so the work falls with the firing rate. Another summation order than ``F.linear``'s:
   float32 rounding differs. The weight gradient sums output-gradient rows likewise; the input
   gradient is PyTorch's dense product. Where the blocks pass a neuron's output
-  (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size).
-  Takes precedence over ``token_linear``.
+  (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size);
+  under CPU autocast too, where the product stays autocast's dense one in its dtype, bit for bit,
+  and the bits replace the bf16 copy of the input. Takes precedence over ``token_linear``.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
@@ -398,7 +399,8 @@ class TokenLinear(nn.Linear):
     For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear`` computes
     the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
     out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
-    layers with fewer than :data:`ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``. Weights, state
+    layers with fewer than :data:`ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``; under CPU autocast
+    a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`). Weights, state
     dict and hooks are those of ``nn.Linear``.
     """
 
@@ -406,10 +408,12 @@ class TokenLinear(nn.Linear):
         """``F.linear(x, weight, bias)``. ``spikes``: the caller guarantees ``x`` is a spiking neuron's
         output (every element 0 or 1); ``spike_linear`` then keeps it as bits for backward (1/32 of
         the float32 input; anything but spikes raises there)."""
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return self._autocast_forward(x, spikes and training and enabled("spike_linear"))
+        if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x)
         if enabled("spike_linear"):
-            training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
             if x.numel() * self.out_features >= _spike_min_work["train" if training else "infer"]:
                 rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density,
                                            spikes and training)
@@ -421,3 +425,16 @@ class TokenLinear(nn.Linear):
         image = rows.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last strides
         y = nn.functional.conv2d(image, self.weight.view(*self.weight.shape, 1, 1), self.bias)
         return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
+
+    def _autocast_forward(self, x: torch.Tensor, keep_bits: bool) -> torch.Tensor:
+        """Under CPU autocast: ``F.linear`` as autocast runs it (input, weight and bias cast to the
+        autocast dtype, the dense product in it); with ``keep_bits``, through ``spike_linear``'s dense
+        path with the same casts, the same product, and the input kept as bits for backward."""
+        if not keep_bits:
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cpu")
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]).to(dtype), self.weight.to(dtype), bias,
+                                   _spike_max_density, True)
+        return rows.view(*x.shape[:-1], self.out_features)
+
