@@ -260,3 +260,84 @@ def test_training_meter_is_attached_only_when_asked():
         model(x)
     assert meter.calls == 0 and meter.total is None
     meter.close()
+
+
+# ----------------------------------------------------------------------------- 16-bit maps (autocast)
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _heavy_grad(shape, dtype, seed=3) -> torch.Tensor:
+    """Gradients over several orders of magnitude, so that sums rounded after every addition (as
+    PyTorch's 16-bit max-pool backward stores them) differ from sums rounded once."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 2)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("pool", [True, False])
+def test_16bit_maps_equal_the_module_calls_in_their_dtype(dtype, shape, pool):
+    """On bfloat16 / float16 maps (BN output under autocast) the kernel's spikes and gradients are
+    those of the module calls in that dtype (the LIF operator, then ``max_pool2d``, under autograd),
+    bit for bit; the kernel reads and writes the dtype and rounds each max-pool sum to it."""
+    p = PARAMS[0]
+    z = _maps(shape).to(dtype).requires_grad_()
+    spikes = MultiStepLIF(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)(z)
+    out = _pool_plain(spikes) if pool else spikes
+    grad = _heavy_grad(out.shape, dtype)
+    out.backward(grad)
+    got = cpu.lif_pool_forward(z.detach(), p, pool)
+    assert got.dtype == dtype and torch.equal(got, out)
+    gz = cpu.lif_pool_backward(z.detach(), grad, p, None, pool)
+    assert gz.dtype == dtype and torch.equal(gz, z.grad)
+
+
+def test_16bit_max_pool_sums_are_rounded_after_every_addition():
+    """The comparison above can fail: summing a position's window gradients in float32 and rounding
+    once gives other bfloat16 values than PyTorch's (and the kernel's) gradient."""
+    p = PARAMS[0]
+    shape = (4, 2, 20, 20, 32)
+    z = _maps(shape).to(torch.bfloat16)
+    grad = _heavy_grad(cpu.pooled_shape(z), torch.bfloat16)
+    z32 = z.float().requires_grad_()
+    _pool_plain(lif_reference(z32, p)).backward(grad.float())
+    zm = z.clone().requires_grad_()
+    _pool_plain(MultiStepLIF(p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)(zm)).backward(grad)
+    assert torch.equal(cpu.lif_pool_backward(z, grad, p), zm.grad)
+    assert not torch.equal(z32.grad.to(torch.bfloat16), zm.grad)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_a_batchnorm_in_the_kernel_is_float32_only(dtype):
+    """The inference BN in front is reproduced for float32 maps only: 16-bit maps with a BN are
+    refused by the library and computed by the module calls instead."""
+    x, bn = _maps((2, 1, 6, 6, 4)).to(dtype), _bn(4)
+    with pytest.raises(RuntimeError, match="code -3"):
+        cpu.kernel_lif_pool_forward(cpu.get_library(), x, PARAMS[0], True, bn)
+    expected = _pool_plain(lif_reference(_bn_plain(x, bn), PARAMS[0]))
+    assert torch.equal(cpu.lif_pool_forward(x, PARAMS[0], True, bn), expected)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("spikingformer_cifar10dvs_2_256", (2, 4, 2, 48, 48)),
+    ("spikingformer_cifar10_4_384", (2, 3, 32, 32)),
+])
+def test_under_autocast_the_memory_routes_keep_less_and_change_nothing(name, shape):
+    """A training step under bf16 autocast with ``fused_spike_pool``, ``fused_bn_spike`` and the
+    spike linear's bits equals the module calls bit for bit (output, every gradient, running
+    statistics), and autograd keeps less than half as much."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=1, embed_dim=64, num_heads=4, **({"time_steps": 4} if len(shape) == 5 else {}))
+    x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
+    results = []
+    for spec in ("none,+channels_last", "none,+channels_last,+fused_spike_pool,+fused_bn_spike,+spike_linear"):
+        m = copy.deepcopy(model).train()
+        with routes.configured(spec), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, saved = saved_bytes(lambda: m(x))
+        out.float().square().sum().backward()
+        results.append((out, {k: p.grad for k, p in m.named_parameters()}, dict(m.named_buffers()), saved))
+    (out0, g0, b0, saved0), (out1, g1, b1, saved1) = results
+    assert out1.dtype == torch.bfloat16 and torch.equal(out0, out1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g0) and all(torch.equal(b0[k], b1[k]) for k in b0)
+    assert saved1 < saved0 / 2

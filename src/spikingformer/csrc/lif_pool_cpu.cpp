@@ -1,7 +1,8 @@
 // The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
 // library source; Step (the LIF step and its gradient) and select come from there).
 //
-// Maps are float32 (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the
+// Maps are (T, B, H, W, C), contiguous, float32 or (without BN) bfloat16 / float16 storage (the
+// arithmetic is float32 throughout, as the LIF kernel's): the channels-last feature maps of T*B images, the
 // neuron's time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
 // out (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo).
 //
@@ -10,8 +11,8 @@
 //   written: no BN output, no full-size spike map, no int64 indices.
 // * Backward of SN -> max-pool (training; BN stays PyTorch's): recomputes the spikes, routes each
 //   window's gradient to its first maximum in scan order (PyTorch's tie-break, summed in its
-//   raster order), then runs the LIF backward: the gradients of max_pool2d's and the LIF kernel's
-//   backward, bit for bit.
+//   raster order, each sum rounded to the storage dtype as PyTorch's kernel stores it), then runs
+//   the LIF backward: the gradients of max_pool2d's and the LIF kernel's backward, bit for bit.
 namespace {
 
 struct Maps {
@@ -43,19 +44,28 @@ template <int AFFINE> inline float bn_apply(float x, float scale, float shift) {
   else return x;
 }
 
-// One row (t, b, h) of the recurrence: spikes of x_row into s_row, membrane v carried over t.
-template <bool POW2, int AFFINE>
-inline void lif_row(const float* __restrict x, float* __restrict s, float* __restrict v, const Maps& m,
-                    const float* __restrict scale, const float* __restrict shift, const Step& st) {
+// A float rounded to storage dtype D and back: what storing a sum in D and reading it again gives.
+template <int D> inline float round_to(float v) {
+  if constexpr (D == kF32) return v;
+  else if constexpr (D == kBF16) return bf16_to_float(float_to_bf16(v));
+  else return half_to_float(float_to_half(v));
+}
+
+// One row (t, b, h) of the recurrence: spikes of x_row (storage D) into s_row (storage DS), membrane v
+// carried over t.
+template <bool POW2, int AFFINE, int D, int DS>
+inline void lif_row(const typename StorageOf<D>::type* __restrict x, typename StorageOf<DS>::type* __restrict s,
+                    float* __restrict v, const Maps& m, const float* __restrict scale, const float* __restrict shift,
+                    const Step& st) {
   for (int64_t w = 0; w < m.W; ++w) {
-    const float* __restrict xw = x + w * m.C;
+    const typename StorageOf<D>::type* __restrict xw = x + w * m.C;
     float* __restrict vw = v + w * m.C;
-    float* __restrict sw = s + w * m.C;
+    typename StorageOf<DS>::type* __restrict sw = s + w * m.C;
     for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
-      const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(xw[c], scale[c], shift[c]));
+      const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(load<D>(xw, c), scale[c], shift[c]));
       const float sp = st.spike(h);
       vw[c] = st.reset(h, sp);
-      sw[c] = sp;
+      store<DS>(sw, c, sp);
     }
   }
 }
@@ -73,29 +83,31 @@ inline void pool_row(const float* __restrict s, float* __restrict hp, const Maps
 }
 
 // Output rows [r0, r1) of image b (pooled), or input rows [r0, r1) (not pooled).
-template <bool POW2, int AFFINE, bool POOL>
-void forward_rows(const float* x, float* out, const Maps& m, int64_t b, int64_t r0, int64_t r1, const float* scale,
-                  const float* shift, const Step& st, float* v, float* s, float* hp) {
+template <bool POW2, int AFFINE, bool POOL, int D>
+void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::type* out, const Maps& m, int64_t b,
+                  int64_t r0, int64_t r1, const float* scale, const float* shift, const Step& st, float* v, float* s,
+                  float* hp) {
+  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho();
   const int64_t h0 = POOL ? std::max<int64_t>(0, 2 * r0 - 1) : r0;
   const int64_t h1 = POOL ? std::min(m.H, 2 * r1) : r1;
   if (POOL)  // spikes are 0 or 1 and every window holds one, so max(0, window) is the window's max
-    for (int64_t t = 0; t < m.T; ++t) std::memset(out + ((t * m.B + b) * Ho + r0) * WoC, 0, (r1 - r0) * WoC * 4);
+    for (int64_t t = 0; t < m.T; ++t) std::memset(out + ((t * m.B + b) * Ho + r0) * WoC, 0, (r1 - r0) * WoC * sizeof(S));
   for (int64_t h = h0; h < h1; ++h) {
     for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
     for (int64_t t = 0; t < m.T; ++t) {
-      const float* xr = x + ((t * m.B + b) * m.H + h) * WC;
+      const S* xr = x + ((t * m.B + b) * m.H + h) * WC;
       if (!POOL) {
-        lif_row<POW2, AFFINE>(xr, out + ((t * m.B + b) * m.H + h) * WC, v, m, scale, shift, st);
+        lif_row<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC, v, m, scale, shift, st);
         continue;
       }
-      lif_row<POW2, AFFINE>(xr, s, v, m, scale, shift, st);
+      lif_row<POW2, AFFINE, D, kF32>(xr, s, v, m, scale, shift, st);
       pool_row(s, hp, m);
       // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
       for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < r1; ++oh) {
         if (oh < r0) continue;
-        float* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC;
-        for (int64_t j = 0; j < WoC; ++j) o[j] = max_sel(o[j], hp[j]);
+        S* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC;
+        for (int64_t j = 0; j < WoC; ++j) store<D>(o, j, max_sel(load<D>(o, j), hp[j]));
       }
     }
   }
@@ -107,9 +119,10 @@ inline int64_t rows_per_item(int64_t rows, int64_t B, int nt) {
   return std::min(rows, std::max<int64_t>(4, want));
 }
 
-template <bool POW2, int AFFINE, bool POOL>
-void pool_forward_impl(const float* x, float* out, const Maps& m, const float* scale, const float* shift, const Step& st,
-                  int nthreads) {
+template <bool POW2, int AFFINE, bool POOL, int D>
+void pool_forward_impl(const void* x, void* out, const Maps& m, const float* scale, const float* shift, const Step& st,
+                       int nthreads) {
+  using S = typename StorageOf<D>::type;
   const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
   const int64_t rows = POOL ? m.Ho() : m.H;
   const int64_t per = rows_per_item(rows, m.B, nt);
@@ -120,28 +133,29 @@ void pool_forward_impl(const float* x, float* out, const Maps& m, const float* s
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, r0 = (item % chunks) * per;
-      forward_rows<POW2, AFFINE, POOL>(x, out, m, b, r0, std::min(rows, r0 + per), scale, shift, st, v.data(),
-                                       s.data(), hp.data());
+      forward_rows<POW2, AFFINE, POOL, D>((const S*)x, (S*)out, m, b, r0, std::min(rows, r0 + per), scale, shift, st,
+                                          v.data(), s.data(), hp.data());
     }
   }
 }
 
 // Row k of image b: the recurrence over t of BN's output of z (bn_apply), its spikes as bytes into
 // sr (T x W x C) and its charged membrane into hr (T x W x C).
-template <bool POW2, int AFFINE>
-void recur_row(const float* z, uint8_t* sr, float* hr, float* v, const Maps& m, int64_t b, int64_t k,
-               const float* __restrict scale, const float* __restrict shift, const Step& st) {
+template <bool POW2, int AFFINE, int D>
+void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, float* v, const Maps& m, int64_t b,
+               int64_t k, const float* __restrict scale, const float* __restrict shift, const Step& st) {
+  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), C = m.C;
   for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
   for (int64_t t = 0; t < m.T; ++t) {
-    const float* zr = z + ((t * m.B + b) * m.H + k) * WC;
+    const S* zr = z + ((t * m.B + b) * m.H + k) * WC;
     for (int64_t w = 0; w < m.W; ++w) {
-      const float* __restrict zw = zr + w * C;
+      const S* __restrict zw = zr + w * C;
       float* __restrict vw = v + w * C;
       uint8_t* __restrict sw = sr + t * WC + w * C;
       float* __restrict hw = hr + t * WC + w * C;
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
-        const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(zw[c], scale[c], shift[c]));
+        const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(load<D>(zw, c), scale[c], shift[c]));
         vw[c] = st.reset(h, st.spike(h));
         sw[c] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
         hw[c] = h;
@@ -154,13 +168,15 @@ void recur_row(const float* z, uint8_t* sr, float* hr, float* v, const Maps& m, 
 // z) for input rows [h0, h1) of image b. Rows are walked in order, each row's recurrence run once:
 // its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows either side), its charged
 // membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows').
-template <bool POW2, bool DETACH, int AFFINE>
-void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
+template <bool POW2, bool DETACH, int AFFINE, int D>
+void backward_rows(const typename StorageOf<D>::type* z, const typename StorageOf<D>::type* gout,
+                   typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                    const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
                    float* v, float* gv, float* gs, int32_t* first) {
+  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
   auto recur = [&](int64_t k) {
-    recur_row<POW2, AFFINE>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC, v, m, b, k,
+    recur_row<POW2, AFFINE, D>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC, v, m, b, k,
                             scale, shift, st);
   };
   for (int64_t k = std::max<int64_t>(0, h0 - 2); k < std::min(m.H, h0 + 2); ++k) recur(k);
@@ -178,7 +194,7 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
         const uint8_t* __restrict s0 = spikes + ((rows[0] % 5) * m.T + t) * WC;
         const uint8_t* __restrict s1 = spikes + ((rows[1] % 5) * m.T + t) * WC;
         const uint8_t* __restrict s2 = spikes + ((rows[2] % 5) * m.T + t) * WC;
-        const float* __restrict g = gout + ((t * m.B + b) * Ho + oh) * WoC;
+        const S* __restrict g = gout + ((t * m.B + b) * Ho + oh) * WoC;
         for (int64_t ow = 0; ow < m.Wo(); ++ow) {
           const int64_t cols[3] = {std::max<int64_t>(0, 2 * ow - 1), 2 * ow, std::min(m.W - 1, 2 * ow + 1)};
           const int64_t q0 = cols[0] * C, q1 = cols[1] * C, q2 = cols[2] * C;
@@ -203,16 +219,18 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
           for (int64_t q = std::max<int64_t>(0, 2 * ow - 1); q < std::min(m.W, 2 * ow + 2); ++q) {
             const int32_t here = (int32_t)(h * m.W + q);
             float* __restrict gq = gs + q * C;
-            const float* __restrict gw = g + ow * C;
-            for (int64_t c = 0; c < C; ++c) gq[c] += select(first[c] == here, gw[c], 0.0f);  // SF_VECTOR_LOOP lif_pool route
+            const S* __restrict gw = g + ow * C;
+            for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool route
+              gq[c] = round_to<D>(gq[c] + select(first[c] == here, load<D>(gw, c), 0.0f));
+            }
           }
         }
       }
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
       const float* __restrict ht = hbuf + t * WC;
-      float* __restrict gzt = gz + ((t * m.B + b) * m.H + h) * WC;
+      S* __restrict gzt = gz + ((t * m.B + b) * m.H + h) * WC;
       for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward
-        gzt[i] = st.grad<DETACH>(ht[i], gs[i], gv[i], alpha);
+        store<D>(gzt, i, st.grad<DETACH>(ht[i], gs[i], gv[i], alpha));
       }
     }
   }
@@ -221,29 +239,35 @@ void backward_rows(const float* z, const float* gout, float* gz, const Maps& m, 
 // Backward of the LIF alone (no max-pool; of BN's output, AFFINE as bn_apply, computed again from
 // its input z) for rows [h0, h1) of image b: each row's recurrence into hbuf (T x W x C), then the
 // reverse recurrence from the spikes' gradient gout, (T, B, H, W, C) like z.
-template <bool POW2, bool DETACH, int AFFINE>
-void lif_backward_rows(const float* z, const float* gout, float* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
+template <bool POW2, bool DETACH, int AFFINE, int D>
+void lif_backward_rows(const typename StorageOf<D>::type* z, const typename StorageOf<D>::type* gout,
+                       typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                        const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes,
                        float* hbuf, float* v, float* gv) {
+  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC();
   for (int64_t h = h0; h < h1; ++h) {
-    recur_row<POW2, AFFINE>(z, spikes, hbuf, v, m, b, h, scale, shift, st);
+    recur_row<POW2, AFFINE, D>(z, spikes, hbuf, v, m, b, h, scale, shift, st);
     for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
     for (int64_t t = m.T - 1; t >= 0; --t) {
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
       const float* __restrict ht = hbuf + t * WC;
-      const float* __restrict gt = gout + at;
-      float* __restrict gzt = gz + at;
+      const S* __restrict gt = gout + at;
+      S* __restrict gzt = gz + at;
       for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward without pool
-        gzt[i] = st.grad<DETACH>(ht[i], gt[i], gv[i], alpha);
+        store<D>(gzt, i, st.grad<DETACH>(ht[i], load<D>(gt, i), gv[i], alpha));
       }
     }
   }
 }
 
-template <bool POW2, bool DETACH, int AFFINE, bool POOL>
-void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
+template <bool POW2, bool DETACH, int AFFINE, bool POOL, int D>
+void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps& m, const float* scale,
                         const float* shift, const Step& st, float alpha, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const S* z = (const S*)z_;
+  const S* gout = (const S*)gout_;
+  S* gz = (S*)gz_;
   const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
   // with the pool, 4 halo rows per item: at least 16 rows keeps them a small share
   const int64_t per = std::max<int64_t>(POOL ? 16 : 1, rows_per_item(m.H, m.B, nt));
@@ -257,10 +281,10 @@ void pool_backward_impl(const float* z, const float* gout, float* gz, const Maps
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, h0 = (item % chunks) * per, h1 = std::min(m.H, h0 + per);
       if constexpr (POOL)
-        backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
+        backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
                                             hring.data(), v.data(), gv.data(), gs.data(), first.data());
       else
-        lif_backward_rows<POW2, DETACH, AFFINE>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
+        lif_backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
                                                 hring.data(), v.data(), gv.data());
     }
   }
@@ -273,36 +297,45 @@ constexpr bool kFma = false;  // std::fma would be a libm call per element: not 
 #endif
 
 template <bool POW2>
-void forward_pick(const float* x, float* out, const Maps& m, const float* scale, const float* shift, int affine,
-                  int pool, const Step& st, int nthreads) {
+void forward_pick(const void* x, void* out, const Maps& m, const float* scale, const float* shift, int affine,
+                  int pool, int dtype, const Step& st, int nthreads) {
+  if (dtype != kF32) {  // 16-bit storage: no BN (sf_lif_pool_forward checks)
+    if (dtype == kBF16 && pool) pool_forward_impl<POW2, 0, true, kBF16>(x, out, m, scale, shift, st, nthreads);
+    else if (dtype == kBF16) pool_forward_impl<POW2, 0, false, kBF16>(x, out, m, scale, shift, st, nthreads);
+    else if (pool) pool_forward_impl<POW2, 0, true, kF16>(x, out, m, scale, shift, st, nthreads);
+    else pool_forward_impl<POW2, 0, false, kF16>(x, out, m, scale, shift, st, nthreads);
+    return;
+  }
   switch (affine * 2 + (pool ? 1 : 0)) {
-    case 0: pool_forward_impl<POW2, 0, false>(x, out, m, scale, shift, st, nthreads); break;
-    case 1: pool_forward_impl<POW2, 0, true>(x, out, m, scale, shift, st, nthreads); break;
-    case 2: pool_forward_impl<POW2, 1, false>(x, out, m, scale, shift, st, nthreads); break;
-    case 3: pool_forward_impl<POW2, 1, true>(x, out, m, scale, shift, st, nthreads); break;
+    case 0: pool_forward_impl<POW2, 0, false, kF32>(x, out, m, scale, shift, st, nthreads); break;
+    case 1: pool_forward_impl<POW2, 0, true, kF32>(x, out, m, scale, shift, st, nthreads); break;
+    case 2: pool_forward_impl<POW2, 1, false, kF32>(x, out, m, scale, shift, st, nthreads); break;
+    case 3: pool_forward_impl<POW2, 1, true, kF32>(x, out, m, scale, shift, st, nthreads); break;
     default:
       if constexpr (kFma) {
-        if (pool) pool_forward_impl<POW2, 2, true>(x, out, m, scale, shift, st, nthreads);
-        else pool_forward_impl<POW2, 2, false>(x, out, m, scale, shift, st, nthreads);
+        if (pool) pool_forward_impl<POW2, 2, true, kF32>(x, out, m, scale, shift, st, nthreads);
+        else pool_forward_impl<POW2, 2, false, kF32>(x, out, m, scale, shift, st, nthreads);
       }
   }
 }
 
 template <bool POW2, bool DETACH, bool POOL>
-void backward_pick_affine(const float* z, const float* gout, float* gz, const Maps& m, const float* scale,
-                          const float* shift, int affine, const Step& st, float alpha, int nthreads) {
-  if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+void backward_pick_affine(const void* z, const void* gout, void* gz, const Maps& m, const float* scale,
+                          const float* shift, int affine, int dtype, const Step& st, float alpha, int nthreads) {
+  if (dtype == kBF16) pool_backward_impl<POW2, DETACH, 0, POOL, kBF16>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (dtype == kF16) pool_backward_impl<POW2, DETACH, 0, POOL, kF16>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
 }
 
 template <bool POOL>
-void backward_pick(const float* z, const float* gout, float* gz, const Maps& m, const float* scale, const float* shift,
-                   int affine, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
-  if (pow2 && detach) backward_pick_affine<true, true, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else if (pow2) backward_pick_affine<true, false, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else if (detach) backward_pick_affine<false, true, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else backward_pick_affine<false, false, POOL>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+void backward_pick(const void* z, const void* gout, void* gz, const Maps& m, const float* scale, const float* shift,
+                   int affine, int dtype, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
+  if (pow2 && detach) backward_pick_affine<true, true, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
+  else if (pow2) backward_pick_affine<true, false, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
+  else if (detach) backward_pick_affine<false, true, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
+  else backward_pick_affine<false, false, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
 }
 
 }  // namespace
@@ -312,15 +345,17 @@ extern "C" {
 // Whether this build computes the BN's fused multiply-adds (else sf_lif_pool_forward refuses fma = 1).
 int sf_lif_pool_has_fma() { return kFma ? 1 : 0; }
 
-// x: (T, B, H, W, C) float32. bn_mean/var/weight/bias: running statistics and affine parameters of
-// an inference BatchNorm applied first (all null: none); fma: whether PyTorch's BN kernel fuses its
-// multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for fma = 1 on a
-// build without FMA.
-int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_t H, int64_t W, int64_t C,
+// x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype (0 float32, 1 float16,
+// 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
+// inference BatchNorm applied first (all null: none; float32 maps only); fma: whether PyTorch's BN
+// kernel fuses its multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for
+// fma = 1 on a build without FMA, -3 for BN on 16-bit maps or an unknown dtype.
+int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t H, int64_t W, int64_t C,
                         const float* bn_mean, const float* bn_var, const float* bn_weight, const float* bn_bias,
-                        float bn_eps, int fma, int pool, float tau, float vth, float vr, int nthreads) {
+                        float bn_eps, int fma, int pool, int dtype, float tau, float vth, float vr, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
   if (bn_mean != nullptr && fma && !kFma) return -2;
+  if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
   std::vector<float> scale, shift, invstd;
@@ -331,8 +366,8 @@ int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_
     bn_terms(bn_mean, invstd.data(), bn_weight, bn_bias, fma, C, scale.data(), shift.data());
     affine = fma ? 2 : 1;
   }
-  if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, st, nthreads);
-  else forward_pick<false>(x, out, m, scale.data(), shift.data(), affine, pool, st, nthreads);
+  if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
+  else forward_pick<false>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
   return 0;
 }
 
@@ -340,21 +375,23 @@ int sf_lif_pool_forward(const float* x, float* out, int64_t T, int64_t B, int64_
 // whose batch mean and 1 / sqrt(var + eps) (PyTorch's save_mean, save_invstd), weight and bias are
 // given; pool: whether a max-pool followed the spikes; gout: gradient of the pooled spikes
 // (T, B, Ho, Wo, C), or without the pool of the spikes (T, B, H, W, C); gz: the gradient with
-// respect to the LIF input (BN's output), (T, B, H, W, C). Returns as sf_lif_pool_forward.
-int sf_lif_pool_backward(const float* z, const float* gout, float* gz, int64_t T, int64_t B, int64_t H, int64_t W,
+// respect to the LIF input (BN's output), (T, B, H, W, C). z, gout and gz have storage dtype dtype
+// (16-bit: without BN). Returns as sf_lif_pool_forward.
+int sf_lif_pool_backward(const void* z, const void* gout, void* gz, int64_t T, int64_t B, int64_t H, int64_t W,
                          int64_t C, const float* bn_mean, const float* bn_invstd, const float* bn_weight,
-                         const float* bn_bias, int fma, int pool, float tau, float vth, float vr, float alpha,
-                         int detach, int nthreads) {
+                         const float* bn_bias, int fma, int pool, int dtype, float tau, float vth, float vr,
+                         float alpha, int detach, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
   if (bn_mean != nullptr && fma && !kFma) return -2;
+  if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
   std::vector<float> scale(C), shift(C);
   const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
   if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
-  if (pool) backward_pick<true>(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st,
-                                alpha, nthreads);
-  else backward_pick<false>(z, gout, gz, m, scale.data(), shift.data(), affine, pow2_tau(tau), detach != 0, st,
+  if (pool) backward_pick<true>(z, gout, gz, m, scale.data(), shift.data(), affine, dtype, pow2_tau(tau), detach != 0,
+                                st, alpha, nthreads);
+  else backward_pick<false>(z, gout, gz, m, scale.data(), shift.data(), affine, dtype, pow2_tau(tau), detach != 0, st,
                             alpha, nthreads);
   return 0;
 }

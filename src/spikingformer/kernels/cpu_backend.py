@@ -80,10 +80,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_forward.restype = ci
     lib.sf_lif_backward.argtypes = [vp, vp, vp, i64, i64, f32, f32, f32, f32, ci, ci, ci]
     lib.sf_lif_backward.restype = ci
-    lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, f32, f32, f32, ci]
+    lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, ci, f32, f32, f32,
+                                        ci]
     lib.sf_lif_pool_forward.restype = ci
-    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, f32, f32, f32, f32,
-                                         ci, ci]
+    lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, ci, f32, f32, f32,
+                                         f32, ci, ci]
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
@@ -224,7 +225,8 @@ def kernel_reproduces_bn() -> bool:
 def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, pool: bool,
                             bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
                             ) -> torch.Tensor:
-    """[BN ->] SN [-> max-pool] of float32 channels-last maps ``x`` ``(T, B, H, W, C)`` by ``lib``.
+    """[BN ->] SN [-> max-pool] of channels-last maps ``x`` ``(T, B, H, W, C)`` by ``lib``, the spikes
+    in x's dtype (float32; without ``bn`` also bfloat16 or float16: :func:`kernel_takes_dtype`).
 
     ``bn``: ``(running_mean, running_var, weight, bias, eps)`` of an inference BatchNorm applied
     first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`).
@@ -235,7 +237,8 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
     ptrs = [t.data_ptr() for t in stats] or [None] * 4
     eps = float(bn[4]) if bn is not None else 0.0
     rc = lib.sf_lif_pool_forward(xk.data_ptr(), out.data_ptr(), *xk.shape, *ptrs, eps, int(bn_fuses_multiply_add()),
-                                 int(pool), p.tau, p.v_threshold, p.v_reset, torch.get_num_threads())
+                                 int(pool), DTYPE_CODES[xk.dtype], p.tau, p.v_threshold, p.v_reset,
+                                 torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_forward failed with code {rc} for maps of shape {tuple(x.shape)}")
     return out
@@ -244,16 +247,18 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
 def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams,
                              bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                              pool: bool = True) -> torch.Tensor:
-    """Gradient with respect to the LIF input of max-pool(SN(.)) (``pool``) or SN(.) of float32
-    channels-last maps ``(T, B, H, W, C)``, given the gradient of its output, by ``lib``. The LIF
-    input is ``z``, or with ``bn`` = ``(save_mean, save_invstd, weight, bias)`` of a training
-    BatchNorm, that BN's output of ``z``, computed again as PyTorch's CPU kernel computed it."""
-    zk, gk = z.contiguous(), grad_pooled.float().contiguous()
+    """Gradient with respect to the LIF input of max-pool(SN(.)) (``pool``) or SN(.) of channels-last
+    maps ``(T, B, H, W, C)``, given the gradient of its output, by ``lib``, in z's dtype (as
+    :func:`kernel_lif_pool_forward`). The LIF input is ``z``, or with ``bn`` = ``(save_mean,
+    save_invstd, weight, bias)`` of a training BatchNorm, that BN's output of ``z``, computed again
+    as PyTorch's CPU kernel computed it."""
+    zk, gk = z.contiguous(), grad_pooled.to(z.dtype).contiguous()
     gz = torch.empty_like(zk)
     terms = [t.detach().float().contiguous() for t in bn] if bn is not None else []
     ptrs = [t.data_ptr() for t in terms] or [None] * 4
     rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, *ptrs,
-                                  int(bn_fuses_multiply_add()), int(pool), p.tau, p.v_threshold, p.v_reset, p.alpha,
+                                  int(bn_fuses_multiply_add()), int(pool), DTYPE_CODES[zk.dtype], p.tau, p.v_threshold,
+                                  p.v_reset, p.alpha,
                                   int(p.detach_reset), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
@@ -275,10 +280,17 @@ def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.
     return spikes.permute(0, 1, 3, 4, 2).contiguous()
 
 
+def kernel_takes_dtype(dtype: torch.dtype, bn: bool) -> bool:
+    """Whether the tokenizer kernel computes maps of ``dtype``: float32; without a BatchNorm in the
+    kernel (``bn``) also bfloat16 and float16, whose values it reads and writes as PyTorch stores
+    them (its arithmetic is float32, as the LIF kernel's)."""
+    return dtype == torch.float32 or (not bn and dtype in DTYPE_CODES)
+
+
 def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
     lib = get_library()
-    if lib is None or x.dtype != torch.float32 or (bn is not None and not kernel_reproduces_bn()):
+    if lib is None or not kernel_takes_dtype(x.dtype, bn is not None) or (bn is not None and not kernel_reproduces_bn()):
         with torch.no_grad():
             return lif_pool_plain(x, p, pool, bn)
     return kernel_lif_pool_forward(lib, x, p, pool, bn)
@@ -291,7 +303,7 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
     through :func:`lif_pool_plain` (there the BN's output is ``z * scale + shift``, to float32
     rounding of PyTorch's)."""
     lib = get_library()
-    if lib is not None and z.dtype == torch.float32 and (bn is None or kernel_reproduces_bn()):
+    if lib is not None and kernel_takes_dtype(z.dtype, bn is not None) and (bn is None or kernel_reproduces_bn()):
         return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn, pool)
     if bn is not None:
         mean, invstd, weight, bias = bn

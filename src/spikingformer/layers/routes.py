@@ -21,11 +21,14 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
   Spikes, gradients and BN's arithmetic are those of the module calls, bit for bit where PyTorch's
   BN kernel is its x86 FMA build (``AVX2``/``AVX512`` capability; elsewhere rounding may differ).
+  Under autocast (bf16/fp16 maps) the training pass runs likewise, with BN's output computed again
+  by PyTorch for backward, bit for bit in that dtype; inference with the BN in the kernel is float32 only.
 * ``fused_bn_spike``: in training on the CPU, a block's ConvBN -> SN (token BatchNorm, then neuron)
   keeps only BN's input and batch statistics for backward, where one pass of the C++ kernel
   computes BN's output and the membrane again: the neuron's saved input (a float32 copy of the
   layer's output) is not kept. Spikes, gradients and running statistics are those of the module
-  calls, bit for bit where PyTorch's BN kernel is its x86 FMA build (as ``fused_spike_pool``).
+  calls, bit for bit where PyTorch's BN kernel is its x86 FMA build (as ``fused_spike_pool``;
+  under autocast too, as there).
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
@@ -46,7 +49,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   convolution over fewer images may pick another algorithm, so float32 values may differ by
   rounding.
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
-  is cheaper (N > d); the same numbers for spikes and a power-of-two scale.
+  is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
+  autocast each order rounds its products' sums above 256, differently).
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
 is on only where it measured faster; ``recompute``, ``fused_bn_spike`` and ``batch_pieces`` (memory)
@@ -191,22 +195,24 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- inplace_bn, recompute
 
 
-def _kernel_takes(lif: nn.Module, x: torch.Tensor) -> bool:
+def _kernel_takes(lif: nn.Module, x: torch.Tensor, bn: bool = False) -> bool:
     """Whether the C++ tokenizer kernel (:func:`kernels.cpu_backend.lif_pool_forward`) computes SN of
-    ``x`` in its layout ``(T, B, H, W, C)`` for ``lif``: contiguous float32 CPU values, a plain
-    :class:`MultiStepLIF` on the CPU kernel with no hooks to call (firing-rate meters must see its
-    spikes), and the kernel library built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.is_contiguous()
+    ``x`` in its layout ``(T, B, H, W, C)`` for ``lif``, with an inference BatchNorm first (``bn``)
+    or not: contiguous CPU values of a dtype it takes (float32; without ``bn`` also 16-bit), a
+    plain :class:`MultiStepLIF` on the CPU kernel with no hooks to call (firing-rate meters must see
+    its spikes), and the kernel library built."""
+    return (x.device.type == "cpu" and kernels.cpu_backend.kernel_takes_dtype(x.dtype, bn) and x.dim() == 5
+            and x.is_contiguous()
             and type(lif) is MultiStepLIF and lif.backend in ("auto", "cpu")
             and not (lif._forward_hooks or lif._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and kernels.select_backend(x) == "cpu")
 
 
-def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor) -> bool:
-    """Whether ``fused_spike_pool`` computes SN [-> max-pool] of the channels-last maps ``z``
-    ``(T, B, C, H, W)`` for ``lif`` (:func:`_kernel_takes`)."""
-    return enabled("fused_spike_pool") and z.dim() == 5 and _kernel_takes(lif, z.permute(0, 1, 3, 4, 2))
+def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor, bn: bool = False) -> bool:
+    """Whether ``fused_spike_pool`` computes [BN (``bn``) ->] SN [-> max-pool] of the channels-last maps
+    ``z`` ``(T, B, C, H, W)`` for ``lif`` (:func:`_kernel_takes`)."""
+    return enabled("fused_spike_pool") and z.dim() == 5 and _kernel_takes(lif, z.permute(0, 1, 3, 4, 2), bn)
 
 
 def spike_pool(neuron: Callable[[torch.Tensor], torch.Tensor], lif: nn.Module, pool: bool,
@@ -232,7 +238,7 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
     memory (no expanded view).
     """
     bn = stage.bn
-    if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
+    if (_inference_bn(bn) and _fused_kernel_takes(lif, y, bn=True) and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn()):
         p = lif.params
         out = ops.bn_lif_pool(y.permute(0, 1, 3, 4, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
@@ -314,7 +320,9 @@ class _FusedBNSpike(torch.autograd.Function):
     """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
     BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. BN is
     PyTorch's; SN [-> max-pool] runs forward in one kernel pass, and backward in one pass that
-    computes BN's output again from its input (PyTorch's arithmetic); then PyTorch's BN backward."""
+    computes BN's output again from its input (PyTorch's arithmetic); then PyTorch's BN backward.
+    For 16-bit maps (autocast) PyTorch's BN computes its output again instead (the same call, so
+    the same values), and the kernel's backward reads it."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, bn, lif, pool):
@@ -332,8 +340,14 @@ class _FusedBNSpike(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
     def backward(ctx, grad):
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
-                                                       (mean, invstd, weight, bias), ctx.pool)
+        if y.dtype == torch.float32:
+            grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
+                                                           (mean, invstd, weight, bias), ctx.pool)
+        else:
+            z = torch.native_batch_norm(_bn_view(y), weight, bias, None, None, True, 0.0, ctx.eps)[0]
+            grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(z.view(y.shape)), _to_kernel(grad), ctx.params,
+                                                           None, ctx.pool)
+            del z
         grad_z = _bn_view(_from_kernel(grad_z, y.dim() == 4))  # maps channels-last, as autograd's would be
         gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, _bn_view(y), weight, None, None, mean, invstd,
                                                                True, ctx.eps, list(ctx.needs_input_grad[:3]))
