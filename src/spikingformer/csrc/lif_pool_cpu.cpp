@@ -354,8 +354,8 @@ int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t 
                         const float* bn_mean, const float* bn_var, const float* bn_weight, const float* bn_bias,
                         float bn_eps, int fma, int pool, int dtype, float tau, float vth, float vr, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
-  if (bn_mean != nullptr && fma && !kFma) return -2;
   if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
+  if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
   std::vector<float> scale, shift, invstd;
@@ -382,8 +382,8 @@ int sf_lif_pool_backward(const void* z, const void* gout, void* gz, int64_t T, i
                          const float* bn_bias, int fma, int pool, int dtype, float tau, float vth, float vr,
                          float alpha, int detach, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
-  if (bn_mean != nullptr && fma && !kFma) return -2;
   if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
+  if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
   std::vector<float> scale(C), shift(C);

@@ -2,7 +2,8 @@
 
 :mod:`~spikingformer.layers.blocks` holds the paper's blocks; :mod:`~spikingformer.layers.routes`
 the faster or leaner computations of the same blocks and the switch that selects them
-(``SPIKINGFORMER_ROUTES``).
+(``SPIKINGFORMER_ROUTES``); :mod:`~spikingformer.layers.token_linear` the token linears, whose
+routes are ``token_linear`` and ``spike_linear``.
 """
 
 from spikingformer.layers import routes
@@ -23,9 +24,9 @@ from spikingformer.layers.blocks import (
 from spikingformer.layers.routes import (
     ONEDNN_MIN_WEIGHTS,
     RECOMPUTE_MIN_ELEMENTS,
-    TokenLinear,
     bn_spike_pool,
 )
+from spikingformer.layers.token_linear import TokenLinear
 
 # the names these helpers had when the routes lived in this module
 from spikingformer.layers.routes import bn_spike_pool_plain as _bn_spike_pool  # noqa: E402

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import spikingformer.layers.routes as routes
+from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
 
 
@@ -81,7 +82,7 @@ class TokenConvBN(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
-        self.linear = routes.TokenLinear(in_features, out_features, bias=bias)
+        self.linear = TokenLinear(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +92,9 @@ class TokenConvBN(nn.Module):
     def spikes(self, lif: nn.Module, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
         """``lif(self(x))``: the layer followed by a neuron (or ``nn.Identity``), through
         :func:`routes.bn_spike_tokens`. ``spikes_in``: ``x`` is a spiking neuron's output, which a
-        :class:`routes.TokenLinear` may then keep as bits (a module that replaced it, e.g.
+        :class:`TokenLinear` may then keep as bits (a module that replaced it, e.g.
         deployment's counting linear, is called as ``nn.Linear``)."""
-        packable = spikes_in and isinstance(self.linear, routes.TokenLinear)
+        packable = spikes_in and isinstance(self.linear, TokenLinear)
         y = self.linear(x, spikes=True) if packable else self.linear(x)
         return routes.bn_spike_tokens(self.bn, lif, y)
 

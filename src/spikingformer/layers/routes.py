@@ -293,12 +293,13 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
         return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None)
 
 
-def _training_bn(bn: nn.Module) -> bool:
+def _training_bn(bn: nn.Module, y: torch.Tensor) -> bool:
     """A plain training BatchNorm (1d over token rows, 2d over maps) with running statistics and
-    affine parameters, no hooks, whose output the kernel computes with PyTorch's rounding."""
+    affine parameters, no hooks, whose output of ``y`` the backward can form again: the kernel with
+    PyTorch's rounding (float32), or PyTorch's own call (16-bit)."""
     return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
             and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks)
-            and kernels.cpu_backend.kernel_reproduces_bn())
+            and (y.dtype != torch.float32 or kernels.cpu_backend.kernel_reproduces_bn()))
 
 
 # A BN input in the fused kernel's layout (T, B, H, W, C) and back, and as its BatchNorm module sees
@@ -362,7 +363,7 @@ def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor)
     :func:`bn_spike_pool_plain` otherwise."""
     bn = stage.bn
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if training and _training_bn(bn) and _fused_kernel_takes(lif, y):
+    if training and _training_bn(bn, y) and _fused_kernel_takes(lif, y):
         return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, pool)
     if (enabled("recompute") and training and isinstance(bn, nn.BatchNorm2d) and bn.training
             and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
@@ -376,7 +377,7 @@ def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Ten
     :class:`_FusedBNSpike`: no BN output kept for the neuron's backward, which the kernel computes
     again from ``y``, the tensor BN's backward keeps anyway."""
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn)
+    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn, y)
             and _kernel_takes(lif, _to_kernel(y))):
         return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
     return lif(bn(_bn_view(y)).view(y.shape))
@@ -401,54 +402,3 @@ def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: in
             or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer)):
         return fn(x)
     return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)
-
-
-# ----------------------------------------------------------------------------- token_linear
-
-
-class TokenLinear(nn.Linear):
-    """``nn.Linear`` over the channel (last) dimension of tokens; with ``spike_linear``, spikes as
-    accumulations (:func:`spikingformer.kernels.ops.spike_linear`); with ``token_linear``, through oneDNN.
-
-    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear`` computes
-    the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
-    out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
-    layers with fewer than :data:`ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``; under CPU autocast
-    a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`). Weights, state
-    dict and hooks are those of ``nn.Linear``.
-    """
-
-    def forward(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
-        """``F.linear(x, weight, bias)``. ``spikes``: the caller guarantees ``x`` is a spiking neuron's
-        output (every element 0 or 1); ``spike_linear`` then keeps it as bits for backward (1/32 of
-        the float32 input; anything but spikes raises there)."""
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            return self._autocast_forward(x, spikes and training and enabled("spike_linear"))
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
-        if enabled("spike_linear"):
-            if x.numel() * self.out_features >= _spike_min_work["train" if training else "infer"]:
-                rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, _spike_max_density,
-                                           spikes and training)
-                return rows.view(*x.shape[:-1], self.out_features)
-        if not enabled("token_linear") or self.weight.numel() < ONEDNN_MIN_WEIGHTS:
-            return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
-        m, k = rows.shape
-        image = rows.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last strides
-        y = nn.functional.conv2d(image, self.weight.view(*self.weight.shape, 1, 1), self.bias)
-        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
-
-    def _autocast_forward(self, x: torch.Tensor, keep_bits: bool) -> torch.Tensor:
-        """Under CPU autocast: ``F.linear`` as autocast runs it (input, weight and bias cast to the
-        autocast dtype, the dense product in it); with ``keep_bits``, through ``spike_linear``'s dense
-        path with the same casts, the same product, and the input kept as bits for backward."""
-        if not keep_bits:
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu")
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]).to(dtype), self.weight.to(dtype), bias,
-                                   _spike_max_density, True)
-        return rows.view(*x.shape[:-1], self.out_features)
-
