@@ -1,8 +1,9 @@
 // The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
 // library source; Step (the LIF step and its gradient) and select come from there).
 //
-// Maps are (T, B, H, W, C), contiguous, float32 or (without BN) bfloat16 / float16 storage (the
-// arithmetic is float32 throughout, as the LIF kernel's): the channels-last feature maps of T*B images, the
+// Maps are (T, B, H, W, C), contiguous, float32 or bfloat16 storage (the arithmetic is float32
+// throughout, as the LIF kernel's; BN's output is rounded to the storage dtype, as PyTorch stores
+// it; float16, rare on CPUs, is left to the module calls, which keeps the build time down): the channels-last feature maps of T*B images, the
 // neuron's time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
 // out (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo).
 //
@@ -36,20 +37,22 @@ void bn_terms(const float* mean, const float* invstd, const float* weight, const
   }
 }
 
-// BN's input x -> its output, with the terms of bn_terms (AFFINE: 0 none, 1 x * scale + shift,
-// 2 fma(x, scale, shift), the rounding of PyTorch's FMA builds).
-template <int AFFINE> inline float bn_apply(float x, float scale, float shift) {
-  if constexpr (AFFINE == 1) return x * scale + shift;
-  else if constexpr (AFFINE == 2) return std::fma(x, scale, shift);
-  else return x;
-}
-
 // A float rounded to storage dtype D and back: what storing a sum in D and reading it again gives.
 template <int D> inline float round_to(float v) {
   if constexpr (D == kF32) return v;
   else if constexpr (D == kBF16) return bf16_to_float(float_to_bf16(v));
   else return half_to_float(float_to_half(v));
 }
+
+// BN's input x (storage D) -> its output as PyTorch stores it in D, with the terms of bn_terms
+// (AFFINE: 0 none, 1 x * scale + shift, 2 fma(x, scale, shift), the rounding of PyTorch's FMA
+// builds; for 16-bit storage PyTorch's mixed-precision kernel does the same in float, then rounds).
+template <int AFFINE, int D> inline float bn_apply(float x, float scale, float shift) {
+  if constexpr (AFFINE == 1) return round_to<D>(x * scale + shift);
+  else if constexpr (AFFINE == 2) return round_to<D>(std::fma(x, scale, shift));
+  else return x;
+}
+
 
 // One row (t, b, h) of the recurrence: spikes of x_row (storage D) into s_row (storage DS), membrane v
 // carried over t.
@@ -62,7 +65,7 @@ inline void lif_row(const typename StorageOf<D>::type* __restrict x, typename St
     float* __restrict vw = v + w * m.C;
     typename StorageOf<DS>::type* __restrict sw = s + w * m.C;
     for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
-      const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(load<D>(xw, c), scale[c], shift[c]));
+      const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(xw, c), scale[c], shift[c]));
       const float sp = st.spike(h);
       vw[c] = st.reset(h, sp);
       store<DS>(sw, c, sp);
@@ -155,7 +158,7 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
       uint8_t* __restrict sw = sr + t * WC + w * C;
       float* __restrict hw = hr + t * WC + w * C;
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
-        const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE>(load<D>(zw, c), scale[c], shift[c]));
+        const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(zw, c), scale[c], shift[c]));
         vw[c] = st.reset(h, st.spike(h));
         sw[c] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
         hw[c] = h;
@@ -296,37 +299,42 @@ constexpr bool kFma = true;  // std::fma is one instruction, and vectorises
 constexpr bool kFma = false;  // std::fma would be a libm call per element: not offered
 #endif
 
+template <bool POW2, int D>
+void forward_affine(const void* x, void* out, const Maps& m, const float* scale, const float* shift, int affine,
+                    int pool, const Step& st, int nthreads) {
+  switch (affine * 2 + (pool ? 1 : 0)) {
+    case 0: pool_forward_impl<POW2, 0, false, D>(x, out, m, scale, shift, st, nthreads); break;
+    case 1: pool_forward_impl<POW2, 0, true, D>(x, out, m, scale, shift, st, nthreads); break;
+    case 2: pool_forward_impl<POW2, 1, false, D>(x, out, m, scale, shift, st, nthreads); break;
+    case 3: pool_forward_impl<POW2, 1, true, D>(x, out, m, scale, shift, st, nthreads); break;
+    default:
+      if constexpr (kFma) {
+        if (pool) pool_forward_impl<POW2, 2, true, D>(x, out, m, scale, shift, st, nthreads);
+        else pool_forward_impl<POW2, 2, false, D>(x, out, m, scale, shift, st, nthreads);
+      }
+  }
+}
+
 template <bool POW2>
 void forward_pick(const void* x, void* out, const Maps& m, const float* scale, const float* shift, int affine,
                   int pool, int dtype, const Step& st, int nthreads) {
-  if (dtype != kF32) {  // 16-bit storage: no BN (sf_lif_pool_forward checks)
-    if (dtype == kBF16 && pool) pool_forward_impl<POW2, 0, true, kBF16>(x, out, m, scale, shift, st, nthreads);
-    else if (dtype == kBF16) pool_forward_impl<POW2, 0, false, kBF16>(x, out, m, scale, shift, st, nthreads);
-    else if (pool) pool_forward_impl<POW2, 0, true, kF16>(x, out, m, scale, shift, st, nthreads);
-    else pool_forward_impl<POW2, 0, false, kF16>(x, out, m, scale, shift, st, nthreads);
-    return;
-  }
-  switch (affine * 2 + (pool ? 1 : 0)) {
-    case 0: pool_forward_impl<POW2, 0, false, kF32>(x, out, m, scale, shift, st, nthreads); break;
-    case 1: pool_forward_impl<POW2, 0, true, kF32>(x, out, m, scale, shift, st, nthreads); break;
-    case 2: pool_forward_impl<POW2, 1, false, kF32>(x, out, m, scale, shift, st, nthreads); break;
-    case 3: pool_forward_impl<POW2, 1, true, kF32>(x, out, m, scale, shift, st, nthreads); break;
-    default:
-      if constexpr (kFma) {
-        if (pool) pool_forward_impl<POW2, 2, true, kF32>(x, out, m, scale, shift, st, nthreads);
-        else pool_forward_impl<POW2, 2, false, kF32>(x, out, m, scale, shift, st, nthreads);
-      }
-  }
+  if (dtype == kBF16) forward_affine<POW2, kBF16>(x, out, m, scale, shift, affine, pool, st, nthreads);
+  else forward_affine<POW2, kF32>(x, out, m, scale, shift, affine, pool, st, nthreads);
+}
+
+template <bool POW2, bool DETACH, bool POOL, int D>
+void backward_affine(const void* z, const void* gout, void* gz, const Maps& m, const float* scale, const float* shift,
+                     int affine, const Step& st, float alpha, int nthreads) {
+  if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
 }
 
 template <bool POW2, bool DETACH, bool POOL>
 void backward_pick_affine(const void* z, const void* gout, void* gz, const Maps& m, const float* scale,
                           const float* shift, int affine, int dtype, const Step& st, float alpha, int nthreads) {
-  if (dtype == kBF16) pool_backward_impl<POW2, DETACH, 0, POOL, kBF16>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (dtype == kF16) pool_backward_impl<POW2, DETACH, 0, POOL, kF16>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL, kF32>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+  if (dtype == kBF16) backward_affine<POW2, DETACH, POOL, kBF16>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+  else backward_affine<POW2, DETACH, POOL, kF32>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
 }
 
 template <bool POOL>
@@ -345,16 +353,15 @@ extern "C" {
 // Whether this build computes the BN's fused multiply-adds (else sf_lif_pool_forward refuses fma = 1).
 int sf_lif_pool_has_fma() { return kFma ? 1 : 0; }
 
-// x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype (0 float32, 1 float16,
-// 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
-// inference BatchNorm applied first (all null: none; float32 maps only); fma: whether PyTorch's BN
-// kernel fuses its multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for
-// fma = 1 on a build without FMA, -3 for BN on 16-bit maps or an unknown dtype.
+// x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype (0 float32, 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
+// inference BatchNorm applied first (all null: none); fma: whether PyTorch's BN kernel fuses its
+// multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for fma = 1 on a
+// build without FMA, -3 for another dtype.
 int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t H, int64_t W, int64_t C,
                         const float* bn_mean, const float* bn_var, const float* bn_weight, const float* bn_bias,
                         float bn_eps, int fma, int pool, int dtype, float tau, float vth, float vr, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
-  if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
+  if (dtype != kF32 && dtype != kBF16) return -3;
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
@@ -375,14 +382,14 @@ int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t 
 // whose batch mean and 1 / sqrt(var + eps) (PyTorch's save_mean, save_invstd), weight and bias are
 // given; pool: whether a max-pool followed the spikes; gout: gradient of the pooled spikes
 // (T, B, Ho, Wo, C), or without the pool of the spikes (T, B, H, W, C); gz: the gradient with
-// respect to the LIF input (BN's output), (T, B, H, W, C). z, gout and gz have storage dtype dtype
-// (16-bit: without BN). Returns as sf_lif_pool_forward.
+// respect to the LIF input (BN's output), (T, B, H, W, C). z, gout and gz have storage dtype dtype.
+// Returns as sf_lif_pool_forward.
 int sf_lif_pool_backward(const void* z, const void* gout, void* gz, int64_t T, int64_t B, int64_t H, int64_t W,
                          int64_t C, const float* bn_mean, const float* bn_invstd, const float* bn_weight,
                          const float* bn_bias, int fma, int pool, int dtype, float tau, float vth, float vr,
                          float alpha, int detach, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
-  if (dtype < kF32 || dtype > kBF16 || (dtype != kF32 && bn_mean != nullptr)) return -3;
+  if (dtype != kF32 && dtype != kBF16) return -3;
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};

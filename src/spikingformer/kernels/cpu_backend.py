@@ -19,7 +19,7 @@ bit-identical to it. The surrogate derivative uses a polynomial ``exp`` accurate
 float32 ulp.
 
 The library needs no PyTorch headers (it works on raw pointers handed over through
-:mod:`ctypes`), so one ``g++`` call builds it in about a second; :class:`spikingformer.native.NativeLibrary`
+:mod:`ctypes`), so one ``g++`` call builds it (about 16 s on a 2-core Xeon); :class:`spikingformer.native.NativeLibrary`
 builds it on the first call (never at import), once per process, and caches it by source, flags
 and CPU. If it cannot be built (no compiler, ...) the operator falls back to the ``"torch"``
 backend's arithmetic with a single warning. Autograd, ``torch.compile`` and ``torch.export`` reach
@@ -55,6 +55,7 @@ if platform.machine() in ("x86_64", "AMD64"):
     CXX_FLAGS.append("-mprefer-vector-width=512")
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAP_DTYPES = (torch.float32, torch.bfloat16)  # the tokenizer kernel's (csrc/lif_pool_cpu.cpp)
 
 def source() -> str:
     """The library's C++ source (the files of :data:`SOURCE_FILES`, in order), shipped with the package."""
@@ -226,10 +227,12 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
                             bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
                             ) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``x`` ``(T, B, H, W, C)`` by ``lib``, the spikes
-    in x's dtype (float32; without ``bn`` also bfloat16 or float16: :func:`kernel_takes_dtype`).
+    in x's dtype (float32 or bfloat16, :data:`MAP_DTYPES`: the kernel reads and writes the dtype as
+    PyTorch stores it, and computes in float32, as the LIF kernel).
 
     ``bn``: ``(running_mean, running_var, weight, bias, eps)`` of an inference BatchNorm applied
-    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`).
+    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`; for 16-bit
+    maps in float32, its output rounded to bfloat16, as PyTorch's mixed-precision kernel).
     """
     xk = x.contiguous()
     out = xk.new_empty(pooled_shape(xk) if pool else xk.shape)
@@ -280,17 +283,10 @@ def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.
     return spikes.permute(0, 1, 3, 4, 2).contiguous()
 
 
-def kernel_takes_dtype(dtype: torch.dtype, bn: bool) -> bool:
-    """Whether the tokenizer kernel computes maps of ``dtype``: float32; without a BatchNorm in the
-    kernel (``bn``) also bfloat16 and float16, whose values it reads and writes as PyTorch stores
-    them (its arithmetic is float32, as the LIF kernel's)."""
-    return dtype == torch.float32 or (not bn and dtype in DTYPE_CODES)
-
-
 def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
     lib = get_library()
-    if lib is None or not kernel_takes_dtype(x.dtype, bn is not None) or (bn is not None and not kernel_reproduces_bn()):
+    if lib is None or x.dtype not in MAP_DTYPES or (bn is not None and not kernel_reproduces_bn()):
         with torch.no_grad():
             return lif_pool_plain(x, p, pool, bn)
     return kernel_lif_pool_forward(lib, x, p, pool, bn)
@@ -303,7 +299,7 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
     through :func:`lif_pool_plain` (there the BN's output is ``z * scale + shift``, to float32
     rounding of PyTorch's)."""
     lib = get_library()
-    if lib is not None and kernel_takes_dtype(z.dtype, bn is not None) and (bn is None or kernel_reproduces_bn()):
+    if lib is not None and z.dtype in MAP_DTYPES and (bn is None or kernel_reproduces_bn()):
         return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn, pool)
     if bn is not None:
         mean, invstd, weight, bias = bn

@@ -21,8 +21,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
   Spikes, gradients and BN's arithmetic are those of the module calls, bit for bit where PyTorch's
   BN kernel is its x86 FMA build (``AVX2``/``AVX512`` capability; elsewhere rounding may differ).
-  Under autocast (bf16/fp16 maps) the training pass runs likewise, with BN's output computed again
-  by PyTorch for backward, bit for bit in that dtype; inference with the BN in the kernel is float32 only.
+  Under bf16 autocast it runs likewise, bit for bit in that dtype: the kernel reads and
+  writes it, and rounds BN's output to it as PyTorch's mixed-precision BN kernel stores it.
 * ``fused_bn_spike``: in training on the CPU, a block's ConvBN -> SN (token BatchNorm, then neuron)
   keeps only BN's input and batch statistics for backward, where one pass of the C++ kernel
   computes BN's output and the membrane again: the neuron's saved input (a float32 copy of the
@@ -195,24 +195,22 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- inplace_bn, recompute
 
 
-def _kernel_takes(lif: nn.Module, x: torch.Tensor, bn: bool = False) -> bool:
+def _kernel_takes(lif: nn.Module, x: torch.Tensor) -> bool:
     """Whether the C++ tokenizer kernel (:func:`kernels.cpu_backend.lif_pool_forward`) computes SN of
-    ``x`` in its layout ``(T, B, H, W, C)`` for ``lif``, with an inference BatchNorm first (``bn``)
-    or not: contiguous CPU values of a dtype it takes (float32; without ``bn`` also 16-bit), a
-    plain :class:`MultiStepLIF` on the CPU kernel with no hooks to call (firing-rate meters must see
-    its spikes), and the kernel library built."""
-    return (x.device.type == "cpu" and kernels.cpu_backend.kernel_takes_dtype(x.dtype, bn) and x.dim() == 5
-            and x.is_contiguous()
-            and type(lif) is MultiStepLIF and lif.backend in ("auto", "cpu")
+    ``x`` in its layout ``(T, B, H, W, C)`` for ``lif``: contiguous float32 or bfloat16 CPU values,
+    a plain :class:`MultiStepLIF` on the CPU kernel with no hooks to call (firing-rate meters must
+    see its spikes), and the kernel library built."""
+    return (x.device.type == "cpu" and x.dtype in kernels.cpu_backend.MAP_DTYPES and x.dim() == 5
+            and x.is_contiguous() and type(lif) is MultiStepLIF and lif.backend in ("auto", "cpu")
             and not (lif._forward_hooks or lif._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and kernels.select_backend(x) == "cpu")
 
 
-def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor, bn: bool = False) -> bool:
-    """Whether ``fused_spike_pool`` computes [BN (``bn``) ->] SN [-> max-pool] of the channels-last maps
-    ``z`` ``(T, B, C, H, W)`` for ``lif`` (:func:`_kernel_takes`)."""
-    return enabled("fused_spike_pool") and z.dim() == 5 and _kernel_takes(lif, z.permute(0, 1, 3, 4, 2), bn)
+def _fused_kernel_takes(lif: nn.Module, z: torch.Tensor) -> bool:
+    """Whether ``fused_spike_pool`` computes SN [-> max-pool] of the channels-last maps ``z``
+    ``(T, B, C, H, W)`` for ``lif`` (:func:`_kernel_takes`)."""
+    return enabled("fused_spike_pool") and z.dim() == 5 and _kernel_takes(lif, z.permute(0, 1, 3, 4, 2))
 
 
 def spike_pool(neuron: Callable[[torch.Tensor], torch.Tensor], lif: nn.Module, pool: bool,
@@ -238,7 +236,7 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
     memory (no expanded view).
     """
     bn = stage.bn
-    if (_inference_bn(bn) and _fused_kernel_takes(lif, y, bn=True) and not (bn._forward_hooks or bn._forward_pre_hooks)
+    if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn()):
         p = lif.params
         out = ops.bn_lif_pool(y.permute(0, 1, 3, 4, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
@@ -293,13 +291,12 @@ class _RecomputedBNSpikePool(torch.autograd.Function):
         return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None)
 
 
-def _training_bn(bn: nn.Module, y: torch.Tensor) -> bool:
+def _training_bn(bn: nn.Module) -> bool:
     """A plain training BatchNorm (1d over token rows, 2d over maps) with running statistics and
-    affine parameters, no hooks, whose output of ``y`` the backward can form again: the kernel with
-    PyTorch's rounding (float32), or PyTorch's own call (16-bit)."""
+    affine parameters, no hooks, whose output the kernel computes with PyTorch's rounding."""
     return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
             and bn.running_mean is not None and not (bn._forward_hooks or bn._forward_pre_hooks)
-            and (y.dtype != torch.float32 or kernels.cpu_backend.kernel_reproduces_bn()))
+            and kernels.cpu_backend.kernel_reproduces_bn())
 
 
 # A BN input in the fused kernel's layout (T, B, H, W, C) and back, and as its BatchNorm module sees
@@ -321,9 +318,8 @@ class _FusedBNSpike(torch.autograd.Function):
     """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
     BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. BN is
     PyTorch's; SN [-> max-pool] runs forward in one kernel pass, and backward in one pass that
-    computes BN's output again from its input (PyTorch's arithmetic); then PyTorch's BN backward.
-    For 16-bit maps (autocast) PyTorch's BN computes its output again instead (the same call, so
-    the same values), and the kernel's backward reads it."""
+    computes BN's output again from its input (PyTorch's arithmetic, for 16-bit maps under autocast
+    rounded to their dtype as PyTorch's mixed-precision kernel stores it); then PyTorch's BN backward."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, bn, lif, pool):
@@ -341,14 +337,8 @@ class _FusedBNSpike(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
     def backward(ctx, grad):
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        if y.dtype == torch.float32:
-            grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
-                                                           (mean, invstd, weight, bias), ctx.pool)
-        else:
-            z = torch.native_batch_norm(_bn_view(y), weight, bias, None, None, True, 0.0, ctx.eps)[0]
-            grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(z.view(y.shape)), _to_kernel(grad), ctx.params,
-                                                           None, ctx.pool)
-            del z
+        grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
+                                                       (mean, invstd, weight, bias), ctx.pool)
         grad_z = _bn_view(_from_kernel(grad_z, y.dim() == 4))  # maps channels-last, as autograd's would be
         gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, _bn_view(y), weight, None, None, mean, invstd,
                                                                True, ctx.eps, list(ctx.needs_input_grad[:3]))
@@ -363,7 +353,7 @@ def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor)
     :func:`bn_spike_pool_plain` otherwise."""
     bn = stage.bn
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if training and _training_bn(bn, y) and _fused_kernel_takes(lif, y):
+    if training and _training_bn(bn) and _fused_kernel_takes(lif, y):
         return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, pool)
     if (enabled("recompute") and training and isinstance(bn, nn.BatchNorm2d) and bn.training
             and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
@@ -377,7 +367,7 @@ def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Ten
     :class:`_FusedBNSpike`: no BN output kept for the neuron's backward, which the kernel computes
     again from ``y``, the tensor BN's backward keeps anyway."""
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn, y)
+    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn)
             and _kernel_takes(lif, _to_kernel(y))):
         return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
     return lif(bn(_bn_view(y)).view(y.shape))
