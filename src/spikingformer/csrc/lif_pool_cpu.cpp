@@ -1,10 +1,10 @@
 // The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
 // library source; Step (the LIF step and its gradient) and select come from there).
 //
-// Maps are (T, B, H, W, C), contiguous, float32 or bfloat16 storage (the arithmetic is float32
-// throughout, as the LIF kernel's; BN's output is rounded to the storage dtype, as PyTorch stores
-// it; float16, rare on CPUs, is left to the module calls, which keeps the build time down): the channels-last feature maps of T*B images, the
-// neuron's time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
+// Maps are (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the neuron's
+// time axis first, stored as float32 or bfloat16 (the arithmetic is float32 throughout, as the LIF
+// kernel's, and BN's output is rounded to the storage dtype, as PyTorch stores it; float16, rare on
+// CPUs, is left to the module calls, which keeps the build time down). The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
 // out (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo).
 //
 // * Forward: optionally BatchNorm with running statistics (inference) as PyTorch's CPU kernel
@@ -37,22 +37,22 @@ void bn_terms(const float* mean, const float* invstd, const float* weight, const
   }
 }
 
-// A float rounded to storage dtype D and back: what storing a sum in D and reading it again gives.
+// A float rounded to storage dtype D (float32 or bfloat16) and back: what storing a sum in D and
+// reading it again gives.
 template <int D> inline float round_to(float v) {
+  static_assert(D == kF32 || D == kBF16, "the tokenizer kernel stores float32 or bfloat16 maps");
   if constexpr (D == kF32) return v;
-  else if constexpr (D == kBF16) return bf16_to_float(float_to_bf16(v));
-  else return half_to_float(float_to_half(v));
+  else return bf16_to_float(float_to_bf16(v));
 }
 
 // BN's input x (storage D) -> its output as PyTorch stores it in D, with the terms of bn_terms
 // (AFFINE: 0 none, 1 x * scale + shift, 2 fma(x, scale, shift), the rounding of PyTorch's FMA
-// builds; for 16-bit storage PyTorch's mixed-precision kernel does the same in float, then rounds).
+// builds; for bfloat16 storage PyTorch's mixed-precision kernel does the same in float, then rounds).
 template <int AFFINE, int D> inline float bn_apply(float x, float scale, float shift) {
   if constexpr (AFFINE == 1) return round_to<D>(x * scale + shift);
   else if constexpr (AFFINE == 2) return round_to<D>(std::fma(x, scale, shift));
   else return x;
 }
-
 
 // One row (t, b, h) of the recurrence: spikes of x_row (storage D) into s_row (storage DS), membrane v
 // carried over t.
@@ -353,7 +353,8 @@ extern "C" {
 // Whether this build computes the BN's fused multiply-adds (else sf_lif_pool_forward refuses fma = 1).
 int sf_lif_pool_has_fma() { return kFma ? 1 : 0; }
 
-// x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype (0 float32, 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
+// x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype dtype (0 float32,
+// 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
 // inference BatchNorm applied first (all null: none); fma: whether PyTorch's BN kernel fuses its
 // multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for fma = 1 on a
 // build without FMA, -3 for another dtype.

@@ -150,7 +150,7 @@ int pack_rows(const void* x, int64_t M, int64_t K, uint64_t* __restrict packed, 
       const int64_t n = std::min<int64_t>(64, K - k0);
       float piece[64];
       const float* p = piece;
-      if (D == kF32) p = (const float*)(xr + k0);
+      if constexpr (D == kF32) p = (const float*)(xr + k0);
       else for (int64_t j = 0; j < n; ++j) piece[j] = load<D>(xr + k0, j);
       packed[m * words_of(K) + k0 / 64] = nonzero_bits(p, n, binary);
     }

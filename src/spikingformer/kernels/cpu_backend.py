@@ -19,8 +19,8 @@ bit-identical to it. The surrogate derivative uses a polynomial ``exp`` accurate
 float32 ulp.
 
 The library needs no PyTorch headers (it works on raw pointers handed over through
-:mod:`ctypes`), so one ``g++`` call builds it (about 16 s on a 2-core Xeon); :class:`spikingformer.native.NativeLibrary`
-builds it on the first call (never at import), once per process, and caches it by source, flags
+:mod:`ctypes`), so one ``g++`` call builds it (about 16 s on a 2-core Xeon);
+:class:`spikingformer.native.NativeLibrary` builds it on the first call (never at import), once per process, and caches it by source, flags
 and CPU. If it cannot be built (no compiler, ...) the operator falls back to the ``"torch"``
 backend's arithmetic with a single warning. Autograd, ``torch.compile`` and ``torch.export`` reach
 the kernel through the ``spikingformer::lif`` operator (:mod:`spikingformer.kernels.ops`).
@@ -231,8 +231,8 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
     PyTorch stores it, and computes in float32, as the LIF kernel).
 
     ``bn``: ``(running_mean, running_var, weight, bias, eps)`` of an inference BatchNorm applied
-    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`; for 16-bit
-    maps in float32, its output rounded to bfloat16, as PyTorch's mixed-precision kernel).
+    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`; for bfloat16
+    maps in float32 and rounded to bfloat16, as PyTorch's mixed-precision kernel does).
     """
     xk = x.contiguous()
     out = xk.new_empty(pooled_shape(xk) if pool else xk.shape)
@@ -261,8 +261,7 @@ def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: tor
     ptrs = [t.data_ptr() for t in terms] or [None] * 4
     rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, *ptrs,
                                   int(bn_fuses_multiply_add()), int(pool), DTYPE_CODES[zk.dtype], p.tau, p.v_threshold,
-                                  p.v_reset, p.alpha,
-                                  int(p.detach_reset), torch.get_num_threads())
+                                  p.v_reset, p.alpha, int(p.detach_reset), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
     return gz
