@@ -21,9 +21,9 @@ class TokenLinear(nn.Linear):
     For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear`` computes
     the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
     out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
-    layers with fewer than :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS` weights) it is ``F.linear``; under CPU autocast
-    a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`). Weights, state
-    dict and hooks are those of ``nn.Linear``.
+    layers with fewer than :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS` weights) it is
+    ``F.linear``; under CPU autocast a neuron's spikes are kept as bits for backward
+    (:meth:`_autocast_forward`). Weights, state dict and hooks are those of ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
