@@ -85,6 +85,27 @@ def test_token_segment_equals_the_module_calls_and_keeps_less(momentum):
         assert saved_fused <= saved_plain - output_bytes  # the BN output the neuron kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype):
+    """The route's forward finds the batch statistics with ``torch.batch_norm_update_stats`` and
+    forms ``1 / sqrt(var + eps)`` as PyTorch's training BN does (in float64, then rounded): mean,
+    invstd and running estimates equal ``native_batch_norm``'s bit for bit, over 4096 channels of
+    varied scale, for channels-last maps and token rows. Forming it in float32 (the inference
+    terms) differs in many channels."""
+    g = torch.Generator().manual_seed(4)
+    scale = torch.rand(4096, generator=g) * 3
+    for x in (torch.randn(6, 4096, 3, 5, generator=g) * scale[:, None, None] + 0.3,
+              torch.randn(40, 4096, generator=g) * scale - 0.2):
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.to(dtype)
+        running = [torch.zeros(4096), torch.ones(4096)]
+        running2 = [t.clone() for t in running]
+        _, mean, invstd = torch.native_batch_norm(x, None, None, *running, True, 0.1, 1e-5)
+        mean2, var = torch.batch_norm_update_stats(x, *running2, 0.1)
+        assert torch.equal(mean2, mean) and all(torch.equal(a, b) for a, b in zip(running, running2))
+        assert torch.equal(cpu.bn_invstd(var, 1e-5, batch=True), invstd)
+        assert (cpu.bn_invstd(var, 1e-5, batch=False) != invstd).sum() > 100
+
+
 def test_neuron_with_hooks_or_no_neuron_takes_the_module_calls(monkeypatch):
     """A hooked neuron (a firing-rate meter must see its spikes) or ``nn.Identity`` (Spikformer's
     blocks end some layers without a neuron) never reaches the kernel."""

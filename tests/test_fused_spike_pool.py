@@ -1,5 +1,6 @@
-"""The ``fused_spike_pool`` route: the tokenizer's SN -> max-pool (and, in inference, the BN in front)
-as one pass of the C++ kernel (``csrc/lif_pool_cpu.cpp``), against the module calls it replaces.
+"""The ``fused_spike_pool`` route: the tokenizer's BN -> SN -> max-pool as one pass of the C++ kernel
+each way (``csrc/lif_pool_cpu.cpp``, its windows in ``csrc/pool_windows_cpu.cpp``; in training,
+BN's batch statistics and its own backward are PyTorch's), against the module calls it replaces.
 
 The twin is plain PyTorch: ``nn.functional.batch_norm`` with running statistics, the LIF reference
 loop (``lif_reference``, itself held to the paper's equations in tests/test_neuron.py) and
@@ -184,7 +185,7 @@ def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
 
         monkeypatch.setattr(cpu, fn, spy)
     on = _run(model, x, "+fused_spike_pool,+channels_last")
-    if cpu.kernel_reproduces_bn():  # training: the backward with the BN in front; inference: the forward with it
+    if cpu.kernel_reproduces_bn():  # both ways with the BN in front
         assert {("lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
     else:  # a build without FMA beside PyTorch's FMA kernels: BN stays PyTorch's, SN -> max-pool fused
         assert {("lif_pool_backward", False), ("lif_pool_forward", False)} == set(calls)

@@ -1,30 +1,18 @@
-// The tokenizer's SN -> max-pool in one pass, on channels-last maps: appended to lif_cpu.cpp (one
-// library source; Step (the LIF step and its gradient) and select come from there).
+// The tokenizer's SN -> max-pool in one pass, on channels-last maps (Maps): appended to lif_cpu.cpp
+// and pool_windows_cpu.cpp (one library source; Step (the LIF step and its gradient) and select
+// come from the first, the max-pool's windows from the second).
 //
-// Maps are (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the neuron's
-// time axis first, stored as float32 or bfloat16 (the arithmetic is float32 throughout, as the LIF
-// kernel's, and BN's output is rounded to the storage dtype, as PyTorch stores it; float16, rare on
-// CPUs, is left to the module calls, which keeps the build time down). The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1),
-// out (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo).
+// Maps are stored as float32 or bfloat16 (the arithmetic is float32 throughout, as the LIF kernel's,
+// and BN's output is rounded to the storage dtype, as PyTorch stores it; float16, rare on CPUs, is
+// left to the module calls, which keeps the build time down).
 //
-// * Forward: optionally BatchNorm with running statistics (inference) as PyTorch's CPU kernel
-//   computes it, then the LIF recurrence, then (optionally) the max-pool; only the pooled spikes are
-//   written: no BN output, no full-size spike map, no int64 indices.
-// * Backward of SN -> max-pool (training; BN stays PyTorch's): recomputes the spikes, routes each
-//   window's gradient to its first maximum in scan order (PyTorch's tie-break, summed in its
-//   raster order, each sum rounded to the storage dtype as PyTorch's kernel stores it), then runs
-//   the LIF backward: the gradients of max_pool2d's and the LIF kernel's backward, bit for bit.
+// * Forward: optionally BatchNorm (running statistics in inference, the batch's in training) as
+//   PyTorch's CPU kernel computes it, then the LIF recurrence, then (optionally) the max-pool; only
+//   the pooled spikes are written: no BN output, no full-size spike map, no int64 indices.
+// * Backward of SN -> max-pool (training; BN's own backward stays PyTorch's): recomputes BN's output
+//   and the spikes, routes each window's gradient to its first maximum (pool_windows_cpu.cpp), then
+//   runs the LIF backward: the gradients of max_pool2d's and the LIF kernel's backward, bit for bit.
 namespace {
-
-struct Maps {
-  int64_t T, B, H, W, C;
-  int64_t Ho() const { return (H - 1) / 2 + 1; }
-  int64_t Wo() const { return (W - 1) / 2 + 1; }
-  int64_t WC() const { return W * C; }
-  int64_t WoC() const { return Wo() * C; }
-};
-
-inline float max_sel(float a, float b) { return select(b > a, b, a); }
 
 // BatchNorm's per-channel scale and shift, as PyTorch's CPU kernel forms them from the mean and
 // 1 / sqrt(var + eps): scale = invstd * weight; shift = bias - mean * scale, the last with one
@@ -35,14 +23,6 @@ void bn_terms(const float* mean, const float* invstd, const float* weight, const
     scale[c] = invstd[c] * weight[c];
     shift[c] = fma ? std::fma(-mean[c], scale[c], bias[c]) : bias[c] - mean[c] * scale[c];
   }
-}
-
-// A float rounded to storage dtype D (float32 or bfloat16) and back: what storing a sum in D and
-// reading it again gives.
-template <int D> inline float round_to(float v) {
-  static_assert(D == kF32 || D == kBF16, "the tokenizer kernel stores float32 or bfloat16 maps");
-  if constexpr (D == kF32) return v;
-  else return bf16_to_float(float_to_bf16(v));
 }
 
 // BN's input x (storage D) -> its output as PyTorch stores it in D, with the terms of bn_terms
@@ -70,18 +50,6 @@ inline void lif_row(const typename StorageOf<D>::type* __restrict x, typename St
       vw[c] = st.reset(h, sp);
       store<DS>(sw, c, sp);
     }
-  }
-}
-
-// Horizontal 3-wide, stride-2 max of a spike row s (W x C) into hp (Wo x C).
-inline void pool_row(const float* __restrict s, float* __restrict hp, const Maps& m) {
-  for (int64_t ow = 0; ow < m.Wo(); ++ow) {
-    const int64_t w = 2 * ow;
-    const float* __restrict l = s + (w > 0 ? w - 1 : w) * m.C;
-    const float* __restrict mid = s + w * m.C;
-    const float* __restrict r = s + (w + 1 < m.W ? w + 1 : w) * m.C;
-    float* __restrict o = hp + ow * m.C;
-    for (int64_t c = 0; c < m.C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
   }
 }
 
@@ -143,7 +111,7 @@ void pool_forward_impl(const void* x, void* out, const Maps& m, const float* sca
 }
 
 // Row k of image b: the recurrence over t of BN's output of z (bn_apply), its spikes as bytes into
-// sr (T x W x C) and its charged membrane into hr (T x W x C).
+// sr (T x W x C, columns split as split_col) and its charged membrane into hr (T x W x C).
 template <bool POW2, int AFFINE, int D>
 void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, float* v, const Maps& m, int64_t b,
                int64_t k, const float* __restrict scale, const float* __restrict shift, const Step& st) {
@@ -155,7 +123,7 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
     for (int64_t w = 0; w < m.W; ++w) {
       const S* __restrict zw = zr + w * C;
       float* __restrict vw = v + w * C;
-      uint8_t* __restrict sw = sr + t * WC + w * C;
+      uint8_t* __restrict sw = sr + t * WC + split_col(w, m) * C;
       float* __restrict hw = hr + t * WC + w * C;
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
         const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(zw, c), scale[c], shift[c]));
@@ -170,70 +138,55 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
 // Backward of max-pool then LIF (of BN's output, AFFINE as bn_apply, computed again from its input
 // z) for input rows [h0, h1) of image b. Rows are walked in order, each row's recurrence run once:
 // its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows either side), its charged
-// membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows').
+// membrane in a ring of 3 (rows h .. h + 2; slot 3 takes halo rows'). Each output row's window
+// codes (window_codes, all steps) are found once, when its first input row comes, and kept in a
+// ring of 2.
 template <bool POW2, bool DETACH, int AFFINE, int D>
 void backward_rows(const typename StorageOf<D>::type* z, const typename StorageOf<D>::type* gout,
                    typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                    const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
-                   float* v, float* gv, float* gs, int32_t* first) {
+                   float* v, float* gv, float* gs, uint8_t* codes) {
   using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
   auto recur = [&](int64_t k) {
     recur_row<POW2, AFFINE, D>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC, v, m, b, k,
                             scale, shift, st);
   };
+  int64_t held[2] = {-1, -1};  // the output row whose codes each slot holds
+  auto codes_of = [&](int64_t oh) {
+    uint8_t* c = codes + (oh & 1) * m.T * WoC;
+    if (held[oh & 1] != oh) {
+      for (int64_t t = 0; t < m.T; ++t) window_codes(spikes, m, oh, t, c + t * WoC);
+      held[oh & 1] = oh;
+    }
+    return (const uint8_t*)c;
+  };
   for (int64_t k = std::max<int64_t>(0, h0 - 2); k < std::min(m.H, h0 + 2); ++k) recur(k);
   for (int64_t h = h0; h < h1; ++h) {
     if (h + 2 < m.H) recur(h + 2);
+    // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
+    const int64_t ohs[2] = {h / 2, (h + 1) / 2};
+    const int n_oh = (ohs[1] != ohs[0] && ohs[1] < Ho) ? 2 : 1;
+    const uint8_t* cds[2] = {codes_of(ohs[0]), n_oh == 2 ? codes_of(ohs[1]) : nullptr};
     const float* hbuf = hring + (h % 3) * TWC;
     for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
     for (int64_t t = m.T - 1; t >= 0; --t) {
       // 3. gradient of the spikes of row h: each window's gradient goes to its first maximum
       for (int64_t i = 0; i < WC; ++i) gs[i] = 0.0f;
-      for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < Ho; ++oh) {
-        // the window's rows, clamped into the map: a repeated row or column never changes which
-        // position (row-major) first holds the maximum
-        const int64_t rows[3] = {std::max<int64_t>(0, 2 * oh - 1), 2 * oh, std::min(m.H - 1, 2 * oh + 1)};
-        const uint8_t* __restrict s0 = spikes + ((rows[0] % 5) * m.T + t) * WC;
-        const uint8_t* __restrict s1 = spikes + ((rows[1] % 5) * m.T + t) * WC;
-        const uint8_t* __restrict s2 = spikes + ((rows[2] % 5) * m.T + t) * WC;
-        const S* __restrict g = gout + ((t * m.B + b) * Ho + oh) * WoC;
-        for (int64_t ow = 0; ow < m.Wo(); ++ow) {
-          const int64_t cols[3] = {std::max<int64_t>(0, 2 * ow - 1), 2 * ow, std::min(m.W - 1, 2 * ow + 1)};
-          const int64_t q0 = cols[0] * C, q1 = cols[1] * C, q2 = cols[2] * C;
-          int32_t id[9];
-          for (int i = 0; i < 9; ++i) id[i] = (int32_t)(rows[i / 3] * m.W + cols[i % 3]);
-          for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool window maximum
-            const uint8_t a0 = s0[q0 + c], a1 = s0[q1 + c], a2 = s0[q2 + c], a3 = s1[q0 + c], a4 = s1[q1 + c],
-                          a5 = s1[q2 + c], a6 = s2[q0 + c], a7 = s2[q1 + c], a8 = s2[q2 + c];
-            const uint8_t top = a0 | a1 | a2 | a3 | a4 | a5 | a6 | a7 | a8;
-            int32_t f = id[8];
-            f = a7 == top ? id[7] : f;
-            f = a6 == top ? id[6] : f;
-            f = a5 == top ? id[5] : f;
-            f = a4 == top ? id[4] : f;
-            f = a3 == top ? id[3] : f;
-            f = a2 == top ? id[2] : f;
-            f = a1 == top ? id[1] : f;
-            f = a0 == top ? id[0] : f;
-            first[c] = f;
-          }
-          // add in PyTorch's order (windows row-major), to each distinct column of row h once
-          for (int64_t q = std::max<int64_t>(0, 2 * ow - 1); q < std::min(m.W, 2 * ow + 2); ++q) {
-            const int32_t here = (int32_t)(h * m.W + q);
-            float* __restrict gq = gs + q * C;
-            const S* __restrict gw = g + ow * C;
-            for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool route
-              gq[c] = round_to<D>(gq[c] + select(first[c] == here, load<D>(gw, c), 0.0f));
-            }
-          }
-        }
-      }
+      for (int k = 0; k < n_oh; ++k)
+        route_row<D>(cds[k] + t * WoC, gout + ((t * m.B + b) * Ho + ohs[k]) * WoC, (int)(h - (2 * ohs[k] - 1)), gs,
+                     gs + WoC, m);
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
-      const float* __restrict ht = hbuf + t * WC;
-      S* __restrict gzt = gz + ((t * m.B + b) * m.H + h) * WC;
-      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward
-        store<D>(gzt, i, st.grad<DETACH>(ht[i], gs[i], gv[i], alpha));
+      const float* ht = hbuf + t * WC;
+      S* gzt = gz + ((t * m.B + b) * m.H + h) * WC;
+      for (int64_t w = 0; w < m.W; ++w) {
+        const float* __restrict hw = ht + w * C;
+        const float* __restrict gw = gs + split_col(w, m) * C;
+        float* __restrict gvw = gv + w * C;
+        S* __restrict gzw = gzt + w * C;
+        for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
+          store<D>(gzw, c, st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha));
+        }
       }
     }
   }
@@ -279,13 +232,13 @@ void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps
   {
     std::vector<uint8_t> spikes((size_t)((POOL ? 5 : 1) * m.T * m.WC()));
     std::vector<float> hring((size_t)((POOL ? 4 : 1) * m.T * m.WC())), v(m.WC()), gv(m.WC()), gs(m.WC());
-    std::vector<int32_t> first(m.C);
+    std::vector<uint8_t> codes((size_t)(POOL ? 2 * m.T * m.WoC() : 0));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, h0 = (item % chunks) * per, h1 = std::min(m.H, h0 + per);
       if constexpr (POOL)
         backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
-                                            hring.data(), v.data(), gv.data(), gs.data(), first.data());
+                                            hring.data(), v.data(), gv.data(), gs.data(), codes.data());
       else
         lif_backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
                                                 hring.data(), v.data(), gv.data());
@@ -354,26 +307,22 @@ extern "C" {
 int sf_lif_pool_has_fma() { return kFma ? 1 : 0; }
 
 // x: (T, B, H, W, C), out: the spikes (pooled or not), both of storage dtype dtype (0 float32,
-// 2 bfloat16). bn_mean/var/weight/bias (float32): running statistics and affine parameters of an
-// inference BatchNorm applied first (all null: none); fma: whether PyTorch's BN kernel fuses its
+// 2 bfloat16). bn_mean/invstd/weight/bias (float32): a BatchNorm applied first (all null: none),
+// with its mean and 1 / sqrt(var + eps) as PyTorch's kernel holds them (running statistics in
+// inference, batch statistics in training); fma: whether PyTorch's BN kernel fuses its
 // multiply-adds. pool: max-pool the spikes. Returns 0, -1 for a bad shape, -2 for fma = 1 on a
 // build without FMA, -3 for another dtype.
 int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t H, int64_t W, int64_t C,
-                        const float* bn_mean, const float* bn_var, const float* bn_weight, const float* bn_bias,
-                        float bn_eps, int fma, int pool, int dtype, float tau, float vth, float vr, int nthreads) {
+                        const float* bn_mean, const float* bn_invstd, const float* bn_weight, const float* bn_bias,
+                        int fma, int pool, int dtype, float tau, float vth, float vr, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
   if (dtype != kF32 && dtype != kBF16) return -3;
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
-  std::vector<float> scale, shift, invstd;
-  int affine = 0;
-  if (bn_mean != nullptr) {  // running statistics: invstd as PyTorch's kernel computes it, in float
-    scale.resize(C), shift.resize(C), invstd.resize(C);
-    for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0f / std::sqrt(bn_var[c] + bn_eps);
-    bn_terms(bn_mean, invstd.data(), bn_weight, bn_bias, fma, C, scale.data(), shift.data());
-    affine = fma ? 2 : 1;
-  }
+  std::vector<float> scale(C), shift(C);
+  const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
+  if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
   if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
   else forward_pick<false>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
   return 0;

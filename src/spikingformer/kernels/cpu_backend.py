@@ -41,9 +41,10 @@ from spikingformer.kernels.torch_backend import lif_torch_loop
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
-# The library is one translation unit: the LIF kernel, then the tokenizer's fused SN -> max-pool,
-# which uses the LIF kernel's step and surrogate, then the token linears' spike accumulation.
-SOURCE_FILES = (SOURCE_FILE, "csrc/lif_pool_cpu.cpp", "csrc/spike_linear_cpu.cpp")
+# The library is one translation unit: the LIF kernel, the max-pool's windows, then the tokenizer's
+# fused SN -> max-pool, which uses the LIF kernel's step and surrogate and the windows, then the
+# token linears' spike accumulation.
+SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/lif_pool_cpu.cpp", "csrc/spike_linear_cpu.cpp")
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
 # flush denormals); -ffp-contract=off so only the explicit std::fma calls fuse (the forward's
@@ -81,8 +82,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_forward.restype = ci
     lib.sf_lif_backward.argtypes = [vp, vp, vp, i64, i64, f32, f32, f32, f32, ci, ci, ci]
     lib.sf_lif_backward.restype = ci
-    lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, f32, ci, ci, ci, f32, f32, f32,
-                                        ci]
+    lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, ci, f32, f32, f32, ci]
     lib.sf_lif_pool_forward.restype = ci
     lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, ci, f32, f32, f32,
                                          f32, ci, ci]
@@ -223,23 +223,35 @@ def kernel_reproduces_bn() -> bool:
     return lib is not None and (not bn_fuses_multiply_add() or bool(lib.sf_lif_pool_has_fma()))
 
 
+def bn_invstd(var: torch.Tensor, eps: float, batch: bool) -> torch.Tensor:
+    """``1 / sqrt(var + eps)`` (float32) as PyTorch's CPU BatchNorm forms it: from running statistics
+    in float32 (its inference terms), from a batch's biased variance in float64, then rounded (its
+    training ``save_invstd``)."""
+    if batch:
+        return (1.0 / torch.sqrt(var.detach().double() + eps)).float()
+    return 1.0 / torch.sqrt(var.detach().float() + eps)
+
+
 def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, pool: bool,
                             bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
-                            ) -> torch.Tensor:
+                            batch: bool = False) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``x`` ``(T, B, H, W, C)`` by ``lib``, the spikes
     in x's dtype (float32 or bfloat16, :data:`MAP_DTYPES`: the kernel reads and writes the dtype as
     PyTorch stores it, and computes in float32, as the LIF kernel).
 
-    ``bn``: ``(running_mean, running_var, weight, bias, eps)`` of an inference BatchNorm applied
-    first, computed as PyTorch's CPU kernel computes it (:func:`bn_fuses_multiply_add`; for bfloat16
-    maps in float32 and rounded to bfloat16, as PyTorch's mixed-precision kernel does).
+    ``bn``: ``(mean, var, weight, bias, eps)`` of a BatchNorm applied first, computed as PyTorch's
+    CPU kernel computes it (:func:`bn_fuses_multiply_add`; for bfloat16 maps in float32 and rounded
+    to bfloat16, as PyTorch's mixed-precision kernel does): its running statistics (inference), or
+    with ``batch`` the batch statistics of ``x`` (training; ``torch.batch_norm_update_stats``).
     """
     xk = x.contiguous()
     out = xk.new_empty(pooled_shape(xk) if pool else xk.shape)
-    stats = [t.detach().float().contiguous() for t in bn[:4]] if bn is not None else []
-    ptrs = [t.data_ptr() for t in stats] or [None] * 4
-    eps = float(bn[4]) if bn is not None else 0.0
-    rc = lib.sf_lif_pool_forward(xk.data_ptr(), out.data_ptr(), *xk.shape, *ptrs, eps, int(bn_fuses_multiply_add()),
+    terms = []
+    if bn is not None:
+        mean, var, weight, bias, eps = bn
+        terms = [t.detach().float().contiguous() for t in (mean, bn_invstd(var, eps, batch), weight, bias)]
+    ptrs = [t.data_ptr() for t in terms] or [None] * 4
+    rc = lib.sf_lif_pool_forward(xk.data_ptr(), out.data_ptr(), *xk.shape, *ptrs, int(bn_fuses_multiply_add()),
                                  int(pool), DTYPE_CODES[xk.dtype], p.tau, p.v_threshold, p.v_reset,
                                  torch.get_num_threads())
     if rc != 0:
@@ -267,13 +279,15 @@ def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: tor
     return gz
 
 
-def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
+def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: bool = False) -> torch.Tensor:
     """What :func:`kernel_lif_pool_forward` computes, with PyTorch's own BatchNorm and max-pool and
-    the torch loop's LIF: the fallback where the library cannot be built."""
+    the torch loop's LIF: the fallback where the library cannot be built. With ``batch``, BN computes
+    the batch statistics of ``x`` again (the ones given)."""
     maps = x.permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) with channels-last strides
     if bn is not None:
         mean, var, weight, bias, eps = bn
-        flat = nn.functional.batch_norm(maps.flatten(0, 1), mean, var, weight, bias, False, 0.0, eps)
+        stats = (None, None) if batch else (mean, var)
+        flat = nn.functional.batch_norm(maps.flatten(0, 1), *stats, weight, bias, batch, 0.0, eps)
         maps = flat.view(maps.shape)
     spikes = lif_torch_loop(maps, p)
     if pool:
@@ -282,13 +296,13 @@ def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.
     return spikes.permute(0, 1, 3, 4, 2).contiguous()
 
 
-def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None) -> torch.Tensor:
+def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: bool = False) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
     lib = get_library()
     if lib is None or x.dtype not in MAP_DTYPES or (bn is not None and not kernel_reproduces_bn()):
         with torch.no_grad():
-            return lif_pool_plain(x, p, pool, bn)
-    return kernel_lif_pool_forward(lib, x, p, pool, bn)
+            return lif_pool_plain(x, p, pool, bn, batch)
+    return kernel_lif_pool_forward(lib, x, p, pool, bn, batch)
 
 
 def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, bn=None, pool: bool = True,

@@ -16,17 +16,17 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   input for backward and recomputes the rest there (values, gradients and running statistics of
   the module calls, bit for bit), for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements
   that ``fused_spike_pool`` does not take.
-* ``fused_spike_pool``: on the CPU, with ``channels_last``, the tokenizer's SN -> max-pool runs as one
-  pass of the C++ kernel each way in training (the BN stays PyTorch's), and in inference BN -> SN
-  [-> max-pool] as one pass: no BN output, full-size spike map or max-pool indices in memory.
+* ``fused_spike_pool``: on the CPU, with ``channels_last``, the tokenizer's BN -> SN [-> max-pool] runs
+  as one pass of the C++ kernel each way (in training PyTorch finds BN's batch statistics first
+  and does BN's own backward after), no BN output, full-size spike map or max-pool indices in memory.
   Spikes, gradients and BN's arithmetic are those of the module calls, bit for bit where PyTorch's
   BN kernel is its x86 FMA build (``AVX2``/``AVX512`` capability; elsewhere rounding may differ).
   Under bf16 autocast it runs likewise, bit for bit in that dtype: the kernel reads and
   writes it, and rounds BN's output to it as PyTorch's mixed-precision BN kernel stores it.
 * ``fused_bn_spike``: in training on the CPU, a block's ConvBN -> SN (token BatchNorm, then neuron)
-  keeps only BN's input and batch statistics for backward, where one pass of the C++ kernel
-  computes BN's output and the membrane again: the neuron's saved input (a float32 copy of the
-  layer's output) is not kept. Spikes, gradients and running statistics are those of the module
+  runs as one pass of the C++ kernel from BN's batch statistics, and keeps only BN's input and
+  those statistics for backward, where one pass computes BN's output and the membrane again: BN's
+  output is neither written nor kept for the neuron's backward. Spikes, gradients and running statistics are those of the module
   calls, bit for bit where PyTorch's BN kernel is its x86 FMA build (as ``fused_spike_pool``;
   under autocast too, as there).
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
@@ -316,19 +316,23 @@ def _bn_view(y: torch.Tensor) -> torch.Tensor:
 
 class _FusedBNSpike(torch.autograd.Function):
     """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
-    BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. BN is
-    PyTorch's; SN [-> max-pool] runs forward in one kernel pass, and backward in one pass that
-    computes BN's output again from its input (PyTorch's arithmetic, for 16-bit maps under autocast
-    rounded to their dtype as PyTorch's mixed-precision kernel stores it); then PyTorch's BN backward."""
+    BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. PyTorch's
+    routine finds the batch statistics and updates the running estimates; BN's output (PyTorch's
+    arithmetic, for 16-bit maps under autocast rounded to their dtype as PyTorch's mixed-precision
+    kernel stores it), SN [-> max-pool] run forward in one kernel pass, never writing BN's output,
+    and backward in one pass that computes it again; then PyTorch's BN backward."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, bn, lif, pool):
         # what nn.BatchNorm{1,2}d.forward does in training: count the batch, pick the averaging factor
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        z, mean, invstd = torch.native_batch_norm(_bn_view(y), weight, bias, bn.running_mean, bn.running_var, True,
-                                                  factor, bn.eps)
-        out = kernels.cpu_backend.lif_pool_forward(_to_kernel(z.view(y.shape)), lif.params, pool)
+        # the batch statistics and running estimates native_batch_norm would compute (its routine);
+        # the kernel applies BN as it would, so no BN output is written
+        mean, var = torch.batch_norm_update_stats(_bn_view(y), bn.running_mean, bn.running_var, factor)
+        out = kernels.cpu_backend.lif_pool_forward(_to_kernel(y), lif.params, pool, (mean, var, weight, bias, bn.eps),
+                                                   batch=True)
+        invstd = kernels.cpu_backend.bn_invstd(var, bn.eps, batch=True)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
         ctx.params, ctx.eps, ctx.pool = lif.params, bn.eps, pool
         return _from_kernel(out, y.dim() == 4)

@@ -1,0 +1,111 @@
+// Channels-last maps and the max-pool's windows, for the tokenizer kernel (lif_pool_cpu.cpp, which
+// follows in the one library source; select, load and the storage dtypes come from lif_cpu.cpp).
+//
+// Maps are (T, B, H, W, C), contiguous: the channels-last feature maps of T*B images, the neuron's
+// time axis first. The max-pool is the tokenizer's MaxPool2d(kernel 3, stride 2, padding 1), out
+// (T, B, Ho, Wo, C) with Ho = (H - 1) / 2 + 1 (likewise Wo). Its backward sends each window's
+// gradient to the window's first maximum in scan order (PyTorch's tie-break), summed in PyTorch's
+// raster order of windows, each sum rounded to the storage dtype as PyTorch's kernel stores it.
+namespace {
+
+struct Maps {
+  int64_t T, B, H, W, C;
+  int64_t Ho() const { return (H - 1) / 2 + 1; }
+  int64_t Wo() const { return (W - 1) / 2 + 1; }
+  int64_t WC() const { return W * C; }
+  int64_t WoC() const { return Wo() * C; }
+};
+
+inline float max_sel(float a, float b) { return select(b > a, b, a); }
+
+// Horizontal 3-wide, stride-2 max of a spike row s (W x C) into hp (Wo x C).
+inline void pool_row(const float* __restrict s, float* __restrict hp, const Maps& m) {
+  for (int64_t ow = 0; ow < m.Wo(); ++ow) {
+    const int64_t w = 2 * ow;
+    const float* __restrict l = s + (w > 0 ? w - 1 : w) * m.C;
+    const float* __restrict mid = s + w * m.C;
+    const float* __restrict r = s + (w + 1 < m.W ? w + 1 : w) * m.C;
+    float* __restrict o = hp + ow * m.C;
+    for (int64_t c = 0; c < m.C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
+  }
+}
+
+// A float rounded to storage dtype D (float32 or bfloat16) and back: what storing a sum in D and
+// reading it again gives.
+template <int D> inline float round_to(float v) {
+  static_assert(D == kF32 || D == kBF16, "the tokenizer kernel stores float32 or bfloat16 maps");
+  if constexpr (D == kF32) return v;
+  else return bf16_to_float(float_to_bf16(v));
+}
+
+// Spike rows of the backward are kept with their even columns first, then their odd ones: column
+// w at (w even: w / 2, w odd: Wo + w / 2) * C, so that window ow's columns 2ow - 1, 2ow, 2ow + 1
+// lie at odd ow - 1, even ow and odd ow, contiguous over (ow, c) (the window loops run over Wo*C).
+inline int64_t split_col(int64_t w, const Maps& m) { return (w & 1) ? m.Wo() + w / 2 : w / 2; }
+
+// Where n windows' gradients go: for each, the position 3 r + j (window row r, column j) of its
+// first maximum in scan order, as PyTorch's max_pool2d picks it, into code. a{r}{j}: the spikes
+// (bytes) of position (r, j) of each window; a position in the padding is given as a copy of its
+// neighbour in the map and never picked (top_in / left_in: whether row 0 / column 0 lie in the map).
+inline void first_maxima(const uint8_t* __restrict a00, const uint8_t* __restrict a01, const uint8_t* __restrict a02,
+                         const uint8_t* __restrict a10, const uint8_t* __restrict a11, const uint8_t* __restrict a12,
+                         const uint8_t* __restrict a20, const uint8_t* __restrict a21, const uint8_t* __restrict a22,
+                         uint8_t* __restrict code, int64_t n, bool top_in, bool left_in) {
+  // all-ones masks of the positions that may win (a ?: on bytes would stay a branch for g++)
+  const uint8_t row0 = (uint8_t)(0 - (uint8_t)top_in), col0 = (uint8_t)(0 - (uint8_t)left_in);
+  for (int64_t i = 0; i < n; ++i) {  // SF_VECTOR_LOOP lif_pool window maximum
+    const uint8_t m = a00[i] | a01[i] | a02[i] | a10[i] | a11[i] | a12[i] | a20[i] | a21[i] | a22[i];
+    // spikes are 0 or 1, so (a ^ m) - 1 is all ones where a == m, else 0
+    auto is_max = [m](uint8_t a) { return (uint8_t)((a ^ m) - 1); };
+    auto pick = [](uint8_t mask, uint8_t k, uint8_t f) { return (uint8_t)((k & mask) | (f & ~mask)); };
+    uint8_t f = 8;
+    f = pick(is_max(a21[i]), 7, f);
+    f = pick(is_max(a20[i]) & col0, 6, f);
+    f = pick(is_max(a12[i]), 5, f);
+    f = pick(is_max(a11[i]), 4, f);
+    f = pick(is_max(a10[i]) & col0, 3, f);
+    f = pick(is_max(a02[i]) & row0, 2, f);
+    f = pick(is_max(a01[i]) & row0, 1, f);
+    f = pick(is_max(a00[i]) & row0 & col0, 0, f);
+    code[i] = f;
+  }
+}
+
+// The codes (first_maxima) of output row oh's windows at step t, code[ow * C + c], from the spike
+// rows in the ring (5 rows, split columns).
+inline void window_codes(const uint8_t* spikes, const Maps& m, int64_t oh, int64_t t, uint8_t* code) {
+  const int64_t WC = m.WC(), WoC = m.WoC(), C = m.C, odd = (m.W / 2) * C;  // odd: W / 2 odd columns
+  const int64_t rows[3] = {std::max<int64_t>(0, 2 * oh - 1), 2 * oh, std::min(m.H - 1, 2 * oh + 1)};
+  const uint8_t* e[3];  // each row's even columns; its odd ones follow at + WoC
+  for (int r = 0; r < 3; ++r) e[r] = spikes + ((rows[r] % 5) * m.T + t) * WC;
+  // window 0: its left column is padding (a copy of column 0); column 1 is its right one if the map has it
+  const int64_t r0 = m.W > 1 ? WoC : 0;
+  first_maxima(e[0], e[0], e[0] + r0, e[1], e[1], e[1] + r0, e[2], e[2], e[2] + r0, code, C, oh > 0, false);
+  // windows 1 .. W / 2 - 1, with all three columns: left = odd ow - 1, centre = even ow, right = odd ow
+  const int64_t full = std::max<int64_t>(C, odd);
+  if (full > C)
+    first_maxima(e[0] + WoC, e[0] + C, e[0] + WoC + C, e[1] + WoC, e[1] + C, e[1] + WoC + C, e[2] + WoC, e[2] + C,
+                 e[2] + WoC + C, code + C, full - C, oh > 0, true);
+  // for odd W > 1, the last window has no right column (a copy of its centre, which comes first)
+  if (full < WoC)
+    first_maxima(e[0] + WoC + full - C, e[0] + full, e[0] + full, e[1] + WoC + full - C, e[1] + full, e[1] + full,
+                 e[2] + WoC + full - C, e[2] + full, e[2] + full, code + full, WoC - full, oh > 0, true);
+}
+
+// Add window row r's gradients (codes 3 r + j) of an output row to the spike gradient of a row (split
+// columns: even at ge, odd at go), in PyTorch's order: window by window, left to right. Column
+// 2ow + 1 takes window ow's right (j = 2), then window ow + 1's left (j = 0).
+template <int D>
+void route_row(const uint8_t* __restrict code, const typename StorageOf<D>::type* __restrict g, int r,
+               float* __restrict ge, float* __restrict go, const Maps& m) {
+  const int64_t WoC = m.WoC(), C = m.C, odd = (m.W / 2) * C, left = (m.Wo() - 1) * C;
+  const uint8_t j0 = (uint8_t)(3 * r), j1 = j0 + 1, j2 = j0 + 2;
+  for (int64_t i = 0; i < WoC; ++i)  // SF_VECTOR_LOOP lif_pool route centre
+    ge[i] = round_to<D>(ge[i] + select(code[i] == j1, load<D>(g, i), 0.0f));
+  for (int64_t i = 0; i < odd; ++i)  // SF_VECTOR_LOOP lif_pool route right
+    go[i] = round_to<D>(go[i] + select(code[i] == j2, load<D>(g, i), 0.0f));
+  for (int64_t i = 0; i < left; ++i)  // SF_VECTOR_LOOP lif_pool route left
+    go[i] = round_to<D>(go[i] + select(code[i + C] == j0, load<D>(g, i + C), 0.0f));
+}
+
+}  // namespace
