@@ -241,8 +241,10 @@ PROFILE_GROUPS = [
     # dense products, which the profiler also lists as aten::mm under it)
     ("spike linears: token linears summing spikes (spike_linear route)", ("spike_linear",)),
     # the operators of spikingformer.kernels.ops (lif, lif_pool, bn_lif_pool and their backward), and
-    # their autograd nodes, which time the forward kernel when it runs under autograd
-    ("LIF neurons, fused SN -> max-pool (fwd+bwd)", ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton")),
+    # their autograd nodes, which time the forward kernel when it runs under autograd; the training
+    # form of the fused BN -> SN [-> max-pool] (routes._FusedBNSpike), whose nodes time its kernel
+    ("LIF neurons, fused [BN ->] SN [-> max-pool] kernels (fwd+bwd)",
+     ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton", "_FusedBNSpike")),
     ("max-pool (fwd+bwd)", ("max_pool",)),
     ("copies / layout changes", ("aten::copy_", "aten::clone", "aten::contiguous")),
     ("zero-fill", ("aten::fill_", "aten::zero_")),
