@@ -19,7 +19,7 @@ from conftest import saved_bytes
 from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
-from spikingformer.layers import TokenConvBN, routes
+from spikingformer.layers import ConvBN, TokenConvBN, routes
 from spikingformer.models.zoo import create_model
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_reference
 
@@ -104,6 +104,27 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype):
         assert torch.equal(mean2, mean) and all(torch.equal(a, b) for a, b in zip(running, running2))
         assert torch.equal(cpu.bn_invstd(var, 1e-5, batch=True), invstd)
         assert (cpu.bn_invstd(var, 1e-5, batch=False) != invstd).sum() > 100
+
+
+def test_one_value_per_channel_is_refused_as_the_module_calls_refuse_it():
+    """Training BN over a single value per channel (one token row; one 1x1 map) has no variance:
+    the fused routes raise nn.BatchNorm's error and leave its buffers as the module calls leave
+    them (the batch counted, the running statistics untouched), where they used to go on with NaN
+    running variances."""
+    lif = MultiStepLIF()
+    cases = [("fused_bn_spike", TokenConvBN(8, 8, bias=False).train(),
+              lambda m: m.spikes(lif, torch.randn(1, 1, 1, 8, requires_grad=True))),
+             ("fused_spike_pool", ConvBN(3, 8).train(),
+              lambda m: routes.bn_spike_pool(m, lif, True, torch.randn(1, 1, 8, 1, 1, requires_grad=True)))]
+    for route, layer, call in cases:
+        buffers = []
+        for spec in (f"-{route}", f"+{route},+channels_last"):
+            m = copy.deepcopy(layer)
+            with routes.configured(spec), pytest.raises(ValueError, match="more than 1 value per channel"):
+                call(m)
+            buffers.append(dict(m.bn.named_buffers()))
+        assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+        assert torch.equal(buffers[1]["running_var"], torch.ones(8)) and int(buffers[1]["num_batches_tracked"]) == 1
 
 
 def test_neuron_with_hooks_or_no_neuron_takes_the_module_calls(monkeypatch):
