@@ -106,21 +106,29 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype):
         assert (cpu.bn_invstd(var, 1e-5, batch=False) != invstd).sum() > 100
 
 
-def test_one_value_per_channel_is_refused_as_the_module_calls_refuse_it():
-    """Training BN over a single value per channel (one token row; one 1x1 map) has no variance:
-    the fused routes raise nn.BatchNorm's error and leave its buffers as the module calls leave
-    them (the batch counted, the running statistics untouched), where they used to go on with NaN
-    running variances."""
+@pytest.mark.parametrize("case", ["one value per channel", "eps 0"])
+def test_what_training_batch_norm_refuses_the_fused_routes_refuse(case):
+    """F.batch_norm refuses, in training, a single value per channel (one token row; one 1x1 map:
+    no variance) and ``eps <= 0``. The fused routes call PyTorch's native operators, which check
+    neither, and went on with NaN running variances; they now raise the same ``ValueError`` and
+    leave BatchNorm's buffers as the module calls leave them (the batch counted, the running
+    statistics untouched)."""
     lif = MultiStepLIF()
-    cases = [("fused_bn_spike", TokenConvBN(8, 8, bias=False).train(),
-              lambda m: m.spikes(lif, torch.randn(1, 1, 1, 8, requires_grad=True))),
-             ("fused_spike_pool", ConvBN(3, 8).train(),
-              lambda m: routes.bn_spike_pool(m, lif, True, torch.randn(1, 1, 8, 1, 1, requires_grad=True)))]
-    for route, layer, call in cases:
+    one = case == "one value per channel"
+    # tokens (T, B, N, C); maps (T, B, H, W, C) in memory, passed as channels-last (T, B, C, H, W)
+    token_shape, map_shape = ((1, 1, 1, 8), (1, 1, 1, 1, 8)) if one else ((2, 1, 3, 8), (1, 2, 3, 3, 8))
+    layers = [("fused_bn_spike", TokenConvBN(8, 8, bias=False).train(),
+               lambda m: m.spikes(lif, torch.randn(token_shape, requires_grad=True))),
+              ("fused_spike_pool", ConvBN(3, 8).train(),
+               lambda m: routes.bn_spike_pool(m, lif, True, torch.randn(map_shape).permute(0, 1, 4, 2, 3).requires_grad_()))]
+    message = "more than 1 value per channel" if one else "eps must be positive during training"
+    for route, layer, call in layers:
+        if not one:
+            layer.bn.eps = 0.0
         buffers = []
         for spec in (f"-{route}", f"+{route},+channels_last"):
             m = copy.deepcopy(layer)
-            with routes.configured(spec), pytest.raises(ValueError, match="more than 1 value per channel"):
+            with routes.configured(spec), pytest.raises(ValueError, match=message):
                 call(m)
             buffers.append(dict(m.bn.named_buffers()))
         assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])

@@ -324,12 +324,14 @@ class _FusedBNSpike(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, weight, bias, bn, lif, pool):
-        # what nn.BatchNorm{1,2}d.forward does in training: count the batch, refuse one value per
-        # channel (no variance; F.batch_norm's check), pick the averaging factor
+        # what nn.BatchNorm{1,2}d.forward does in training: count the batch, make F.batch_norm's
+        # checks (more than one value per channel, eps > 0), pick the averaging factor
         bn.num_batches_tracked.add_(1)
         rows = _bn_view(y)
         if rows.numel() == rows.shape[1]:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {rows.shape}")
+        if bn.eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         # the batch statistics and running estimates native_batch_norm would compute (its routine);
         # the kernel applies BN as it would, so no BN output is written
