@@ -22,7 +22,7 @@ from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
 from spikingformer.kernels import ops
-from spikingformer.layers import routes
+from spikingformer.layers import ConvBN, routes
 from spikingformer.models.zoo import create_model
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference
 
@@ -148,6 +148,18 @@ def test_without_the_library_the_twin_computes_the_same(monkeypatch):
         assert 0 < want[3].sum() < want[3].numel()
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)  # autograd's exact sigmoid
+
+
+@pytest.mark.parametrize("spec", ["-fused_spike_pool,-inplace_bn", "+fused_spike_pool,+channels_last",
+                                  "-fused_spike_pool,+inplace_bn"])
+def test_inference_refuses_a_negative_eps_as_the_module_calls_do(spec):
+    """F.batch_norm refuses ``eps < 0``; the fused and in-place inference paths call PyTorch's native
+    operators, which do not check it, so they make the same check."""
+    stage = ConvBN(3, 8).eval()
+    stage.bn.eps = -1e-3
+    y = torch.randn(2, 1, 5, 5, 8).permute(0, 1, 4, 2, 3)
+    with routes.configured(spec), torch.no_grad(), pytest.raises(ValueError, match="eps must be non-negative"):
+        routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
 
 
 def test_opcheck():

@@ -236,6 +236,8 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
     memory (no expanded view).
     """
     bn = stage.bn
+    if _inference_bn(bn) and bn.eps < 0.0:  # F.batch_norm's check, which the native operators below skip
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
     if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn()):
         p = lif.params
