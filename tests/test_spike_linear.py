@@ -397,3 +397,22 @@ def test_under_autocast_a_token_linear_keeps_its_spikes_as_bits(spikes):
     else:
         assert saved1 == saved0
 
+
+
+@pytest.mark.parametrize("spec,autocast", [("none", False), ("+spike_linear", False), ("+token_linear,-spike_linear", False),
+                                           ("+spike_linear", True)])
+def test_a_misfitting_input_raises_what_f_linear_raises(spec, autocast):
+    """Tokens of the wrong width raise ``F.linear``'s error on every route. The spike kernels sized
+    their work by the input, so a narrower one summed the first weight columns and returned wrong
+    numbers without a word, and the oneDNN route raised a convolution's error; the operator also
+    refuses rows or a bias that do not fit its weight."""
+    layer = TokenLinear(512, 1024)
+    x = _spikes(512, 256, 0.1).view(8, 64, 256)
+    expected = "mat1 and mat2 shapes cannot be multiplied \\(512x256 and 512x1024\\)"
+    with routes.configured(spec), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with pytest.raises(RuntimeError, match=expected if not autocast else "mat1 and mat2 shapes cannot be multiplied"):
+            layer(x, spikes=True)
+    with pytest.raises(RuntimeError, match="bias of shape \\(3,\\)"):
+        ops.spike_linear(_spikes(4, 512, 0.1), layer.weight, torch.zeros(3), 0.25)
+    with pytest.raises(RuntimeError, match=expected):
+        ops.spike_linear(_spikes(512, 256, 0.1), layer.weight, layer.bias, 0.25)

@@ -212,6 +212,7 @@ def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Te
 
 @spike_linear.register_fake
 def _spike_linear_fake(x, weight, bias, max_density, pack=False):
+    spike_kernels.check_shapes(x, weight, bias)
     width = spike_kernels.packed_width(x.shape[1])
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty((x.shape[0], width) if pack else (0,), dtype=torch.int64)
 

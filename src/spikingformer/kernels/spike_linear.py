@@ -170,12 +170,23 @@ def unpack_spikes(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.float
     return x
 
 
+def check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise what ``F.linear`` raises for rows ``x`` ``(M, K)`` that ``weight`` ``(N, K)`` and
+    ``bias`` ``(N,)`` do not fit (the kernels would read past them or sum the wrong weights)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, x.shape))} and "
+                           f"{'x'.join(map(str, weight.shape[::-1]))})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not fit a linear layer of {weight.shape[0]} outputs")
+
+
 def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
                          pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, weight, bias), packed)`` for rows ``x`` ``(M, K)``: by accumulation of weight
     columns (:func:`kernel_spike_linear_forward`) where ``x`` is float32 spikes with a firing rate of
     at most ``max_density``, else the dense product. ``packed``: with ``pack``, ``x`` as bits
     (``(M, packed_width(K))`` int64; ``x`` must be spikes), else an empty tensor."""
+    check_shapes(x, weight, bias)
     lib = get_library()
     m, k = x.shape
     packed = torch.empty((m, packed_width(k)) if pack else (0,), dtype=torch.int64)

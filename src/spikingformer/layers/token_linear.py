@@ -30,6 +30,8 @@ class TokenLinear(nn.Linear):
         """``F.linear(x, weight, bias)``. ``spikes``: the caller guarantees ``x`` is a spiking neuron's
         output (every element 0 or 1); ``spike_linear`` then keeps it as bits for backward (1/32 of
         the float32 input; anything but spikes raises there)."""
+        if x.shape[-1] != self.in_features:  # F.linear's error, the same on every route
+            return super().forward(x)
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             return self._autocast_forward(x, spikes and training and routes.enabled("spike_linear"))
