@@ -162,6 +162,26 @@ def test_inference_refuses_a_negative_eps_as_the_module_calls_do(spec):
         routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
 
 
+def test_operators_refuse_inputs_the_kernel_would_read_past():
+    """The kernels take their sizes from the maps; statistics, parameters or a gradient of another
+    size were read past their end (and 4-D maps failed to unpack). The operators and their fake
+    implementations (what ``torch.compile`` traces) now raise a ``ValueError`` naming the problem."""
+    p = LIFParams()
+    x = _maps((2, 1, 6, 6, 8))
+    short = (torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3))
+    calls = {
+        "channels-last maps": lambda: ops.lif_pool(x[0], p.tau, p.v_threshold, p.v_reset, p.alpha, True),
+        "need 8 elements each": lambda: ops.bn_lif_pool(x, *short, 1e-5, p.tau, p.v_threshold, p.v_reset, True),
+        "has shape \\(2, 1, 3, 3, 8\\); got \\(2, 1, 2, 2, 8\\)": lambda: ops.lif_pool_backward_op(
+            x, torch.randn(2, 1, 2, 2, 8), p.tau, p.v_threshold, p.v_reset, p.alpha, True),
+    }
+    for message, call in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(ValueError, match="need 8 elements each"):
+        ops.bn_lif_pool(mode.from_tensor(x), *map(mode.from_tensor, short), 1e-5, p.tau, p.v_threshold, p.v_reset, True)
+
+
 def test_opcheck():
     p = LIFParams()
     x = _maps((3, 2, 6, 5, 4))

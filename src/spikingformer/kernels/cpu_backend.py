@@ -296,8 +296,23 @@ def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: bo
     return spikes.permute(0, 1, 3, 4, 2).contiguous()
 
 
+def check_maps(x: torch.Tensor, pool: bool, bn=None, grad: torch.Tensor | None = None) -> None:
+    """Raise a ``ValueError`` naming the problem unless ``x`` is maps ``(T, B, H, W, C)``, ``bn``'s
+    statistics and parameters have ``C`` elements each, and ``grad`` has the output's shape (pooled
+    with ``pool``): the kernels take their sizes from ``x`` and would read past the others."""
+    if x.dim() != 5:
+        raise ValueError(f"SN -> max-pool takes channels-last maps (T, B, H, W, C); got shape {tuple(x.shape)}")
+    if bn is not None and any(t.numel() != x.shape[-1] for t in bn[:4]):
+        raise ValueError(f"BatchNorm statistics and parameters need {x.shape[-1]} elements each (one per channel); "
+                         f"got {[t.numel() for t in bn[:4]]}")
+    want = pooled_shape(x) if pool else tuple(x.shape)
+    if grad is not None and tuple(grad.shape) != want:
+        raise ValueError(f"the gradient of the spikes of maps {tuple(x.shape)} has shape {want}; got {tuple(grad.shape)}")
+
+
 def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: bool = False) -> torch.Tensor:
     """[BN ->] SN [-> max-pool] of channels-last maps ``(T, B, H, W, C)``: the kernel, else :func:`lif_pool_plain`."""
+    check_maps(x, pool, bn)
     lib = get_library()
     if lib is None or x.dtype not in MAP_DTYPES or (bn is not None and not kernel_reproduces_bn()):
         with torch.no_grad():
@@ -311,6 +326,7 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
     training BN's output of ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd
     through :func:`lif_pool_plain` (there the BN's output is ``z * scale + shift``, to float32
     rounding of PyTorch's)."""
+    check_maps(z, pool, bn, grad_pooled)
     lib = get_library()
     if lib is not None and z.dtype in MAP_DTYPES and (bn is None or kernel_reproduces_bn()):
         return kernel_lif_pool_backward(lib, z, grad_pooled, p, bn, pool)

@@ -154,16 +154,19 @@ def bn_lif_pool(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
 
 @lif_pool.register_fake
 def _lif_pool_fake(x, tau, v_threshold, v_reset, alpha, detach_reset):
+    cpu.check_maps(x, True)
     return x.new_empty(cpu.pooled_shape(x))
 
 
 @lif_pool_backward_op.register_fake
 def _lif_pool_backward_fake(x, grad_pooled, tau, v_threshold, v_reset, alpha, detach_reset):
+    cpu.check_maps(x, True, grad=grad_pooled)
     return _new_like(x)
 
 
 @bn_lif_pool.register_fake
 def _bn_lif_pool_fake(x, running_mean, running_var, weight, bias, eps, tau, v_threshold, v_reset, pool):
+    cpu.check_maps(x, pool, (running_mean, running_var, weight, bias))
     return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
 
 
