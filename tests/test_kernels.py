@@ -307,3 +307,16 @@ def test_cpu_kernel_per_isa_matches_reference(march, cpu_flag, dtype):
         (gx_ref,) = torch.autograd.grad(s_ref, xr, g)
         assert torch.equal(cpu_kernel.kernel_forward(lib, x, p), s_ref)
         torch.testing.assert_close(cpu_kernel.kernel_backward(lib, x, g, p), gx_ref, **_grad_tol(dtype))
+
+
+@cpu_only
+def test_lif_backward_refuses_a_gradient_of_another_shape():
+    """The kernel reads as many gradient elements as the current has; a smaller gradient was read
+    past its end. The operator and its fake implementation raise a ``ValueError`` naming both shapes."""
+    from spikingformer.kernels import ops
+
+    x, short = torch.randn(4, 1000), torch.randn(4, 10)
+    with pytest.raises(ValueError, match="current's shape \\(4, 1000\\); got \\(4, 10\\)"):
+        ops.lif_backward_op(x, short, 2.0, 1.0, 0.0, 4.0, True)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(ValueError, match="current's shape"):
+        ops.lif_backward_op(mode.from_tensor(x), mode.from_tensor(short), 2.0, 1.0, 0.0, 4.0, True)

@@ -416,3 +416,20 @@ def test_a_misfitting_input_raises_what_f_linear_raises(spec, autocast):
         ops.spike_linear(_spikes(4, 512, 0.1), layer.weight, torch.zeros(3), 0.25)
     with pytest.raises(RuntimeError, match=expected):
         ops.spike_linear(_spikes(512, 256, 0.1), layer.weight, layer.bias, 0.25)
+
+
+def test_weight_gradients_refuse_shapes_the_kernels_would_read_past():
+    """The weight-gradient operators take M and K from the spikes; an output gradient of other rows,
+    or packed bits of another width, were read past their end. They raise what ``grad^T x`` raises
+    (rows) or a ``ValueError`` naming the packed shape, in eager and fake (traced) calls."""
+    x = _spikes(64, 256, 0.1)
+    short = torch.randn(32, 100)
+    rows = "mat1 and mat2 shapes cannot be multiplied \\(100x32 and 64x256\\)"
+    for call in (lambda t, g: ops.spike_linear_weight_grad(t, g, 0.25),
+                 lambda t, g: ops.spike_linear_weight_grad_packed(sl.pack_spikes(t), t.shape[1], g, 0.25)):
+        with pytest.raises(RuntimeError, match=rows):
+            call(x, short)
+    with pytest.raises(ValueError, match="are \\(64, 64\\) int64; got \\(64, 4\\)"):
+        ops.spike_linear_weight_grad_packed(sl.pack_spikes(x), 4096, torch.randn(64, 100), 0.25)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(RuntimeError, match=rows):
+        ops.spike_linear_weight_grad(mode.from_tensor(x), mode.from_tensor(short), 0.25)

@@ -188,8 +188,16 @@ def forward(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     return lif_forward(x, p)[0]
 
 
+def check_grad(x: torch.Tensor, grad_spikes: torch.Tensor) -> None:
+    """Raise a ``ValueError`` unless the spikes' gradient has x's shape (the kernel reads x's size)."""
+    if grad_spikes.shape != x.shape:
+        raise ValueError(f"the gradient of the spikes needs the current's shape {tuple(x.shape)}; "
+                         f"got {tuple(grad_spikes.shape)}")
+
+
 def backward(x: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParams) -> torch.Tensor:
     """The operator's CPU backward: the fused kernel, else the torch loop's recomputation and backward."""
+    check_grad(x, grad_spikes)
     lib = get_library()
     if lib is not None:
         return kernel_backward(lib, x, grad_spikes, p)

@@ -80,6 +80,7 @@ def _lif_fake(x, tau, v_threshold, v_reset, alpha, detach_reset):
 
 @lif_backward_op.register_fake
 def _lif_backward_fake(x, grad_spikes, tau, v_threshold, v_reset, alpha, detach_reset):
+    cpu.check_grad(x, grad_spikes)
     return _new_like(x)
 
 
@@ -222,11 +223,13 @@ def _spike_linear_fake(x, weight, bias, max_density, pack=False):
 
 @spike_linear_weight_grad.register_fake
 def _spike_linear_weight_grad_fake(x, grad, max_density):
+    spike_kernels.check_weight_grad_shapes(x.shape[0], x.shape[1], grad)
     return x.new_empty(grad.shape[1], x.shape[1])
 
 
 @spike_linear_weight_grad_packed.register_fake
 def _spike_linear_weight_grad_packed_fake(packed, k, grad, max_density):
+    spike_kernels.check_weight_grad_shapes(packed.shape[0], k, grad, packed)
     return grad.new_empty(grad.shape[1], k)
 
 

@@ -180,6 +180,17 @@ def check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not fit a linear layer of {weight.shape[0]} outputs")
 
 
+def check_weight_grad_shapes(m: int, k: int, grad: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+    """Raise what ``grad^T x`` raises unless ``grad`` ``(M, N)`` has x's ``m`` rows, and a
+    ``ValueError`` unless ``packed`` holds ``m`` rows of ``k`` bits (the kernels read x's sizes)."""
+    if packed is not None and tuple(packed.shape) != (m, packed_width(k)):
+        raise ValueError(f"packed spikes of {m} rows x {k} columns are ({m}, {packed_width(k)}) int64; "
+                         f"got {tuple(packed.shape)}")
+    if grad.dim() != 2 or grad.shape[0] != m:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, grad.shape[::-1]))} "
+                           f"and {m}x{k})")
+
+
 def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
                          pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, weight, bias), packed)`` for rows ``x`` ``(M, K)``: by accumulation of weight
@@ -201,6 +212,7 @@ def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: f
     """The weight gradient ``grad^T x`` of :func:`spike_linear_forward`: by accumulation
     (:func:`kernel_spike_linear_weight_grad`) where ``x`` is float32 spikes with a firing rate of at
     most ``max_density``, else the dense product."""
+    check_weight_grad_shapes(x.shape[0], x.shape[1], grad)
     lib = get_library()
     dense = (x.dtype, grad.dtype) != (torch.float32, torch.float32)
     gw = None if lib is None or dense or not x.numel() else kernel_spike_linear_weight_grad(lib, x, grad, max_density)
@@ -211,6 +223,7 @@ def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Te
                                     ) -> torch.Tensor:
     """:func:`spike_linear_weight_grad` for the input kept as packed bits (``K`` = ``k`` columns): by
     accumulation where it applies, else the dense product of the unpacked spikes."""
+    check_weight_grad_shapes(packed.shape[0], k, grad, packed)
     lib = get_library()
     usable = lib is not None and grad.dtype == torch.float32 and packed.numel() and k <= 65536
     gw = kernel_spike_linear_weight_grad_packed(lib, packed, k, grad, max_density) if usable else None
