@@ -170,12 +170,16 @@ def unpack_spikes(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.float
     return x
 
 
+def _matmul_error(a: tuple[int, ...], b: tuple[int, ...]) -> RuntimeError:
+    """The error ``a @ b`` raises for matrices that do not fit."""
+    return RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, a))} and {'x'.join(map(str, b))})")
+
+
 def check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise what ``F.linear`` raises for rows ``x`` ``(M, K)`` that ``weight`` ``(N, K)`` and
     ``bias`` ``(N,)`` do not fit (the kernels would read past them or sum the wrong weights)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, x.shape))} and "
-                           f"{'x'.join(map(str, weight.shape[::-1]))})")
+        raise _matmul_error(tuple(x.shape), tuple(weight.shape[::-1]))
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not fit a linear layer of {weight.shape[0]} outputs")
 
@@ -187,8 +191,7 @@ def check_weight_grad_shapes(m: int, k: int, grad: torch.Tensor, packed: torch.T
         raise ValueError(f"packed spikes of {m} rows x {k} columns are ({m}, {packed_width(k)}) int64; "
                          f"got {tuple(packed.shape)}")
     if grad.dim() != 2 or grad.shape[0] != m:
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, grad.shape[::-1]))} "
-                           f"and {m}x{k})")
+        raise _matmul_error(tuple(grad.shape[::-1]), (m, k))
 
 
 def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,

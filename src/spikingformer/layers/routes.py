@@ -26,9 +26,9 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``fused_bn_spike``: in training on the CPU, a block's ConvBN -> SN (token BatchNorm, then neuron)
   runs as one pass of the C++ kernel from BN's batch statistics, and keeps only BN's input and
   those statistics for backward, where one pass computes BN's output and the membrane again: BN's
-  output is neither written nor kept for the neuron's backward. Spikes, gradients and running statistics are those of the module
-  calls, bit for bit where PyTorch's BN kernel is its x86 FMA build (as ``fused_spike_pool``;
-  under autocast too, as there).
+  output is neither written nor kept for the neuron's backward. Spikes, gradients and running
+  statistics are those of the module calls, bit for bit where PyTorch's BN kernel is its x86 FMA
+  build (as ``fused_spike_pool``; under autocast too, as there).
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
