@@ -235,20 +235,33 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
   return -2;
 }
 
-// y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: Wt is W^T (K, N) contiguous;
-// bias (N) may be null. Per block of rows, tile by tile of output columns: the tile's slice of
-// W^T (K x kWidth floats) stays in cache while the block's rows add from it.
-void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* Wt,
-                             const float* bias, int64_t N, float* y, int nthreads) {
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+// y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: W (N, K) contiguous; bias (N)
+// may be null; tiles: scratch of ceil(N / 64) * 64 * K floats. W is first copied there tile by
+// tile of output columns, each tile's slice of W^T (K x kWidth floats) contiguous, so that it stays
+// in cache (W^T's rows N floats apart would map onto a few cache sets) while a block of rows adds
+// from it.
+void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* W,
+                             const float* bias, int64_t N, float* y, float* tiles, int nthreads) {
+  const int64_t ntiles = (N + kWidth - 1) / kWidth, blocks = (M + kRowBlock - 1) / kRowBlock;
   const int nt = threads_for_rows(M, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
-    for (int64_t n0 = 0; n0 < N; n0 += kWidth) {
-      const int64_t width = std::min(kWidth, N - n0);
-      for (int64_t m = m0; m < m0 + rows; ++m)
-        sum_rows(Wt + n0, N, idx + m * K, cnt[m], bias ? bias + n0 : nullptr, y + m * N + n0, width);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t)
+      for (int64_t j = 0; j < std::min(kWidth, N - t * kWidth); ++j) {
+        const float* __restrict w = W + (t * kWidth + j) * K;
+        float* __restrict out = tiles + t * K * kWidth + j;
+        for (int64_t k = 0; k < K; ++k) out[k * kWidth] = w[k];
+      }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t n0 = t * kWidth, width = std::min(kWidth, N - n0);
+        for (int64_t m = m0; m < m0 + rows; ++m)
+          sum_rows(tiles + t * K * kWidth, kWidth, idx + m * K, cnt[m], bias ? bias + n0 : nullptr, y + m * N + n0,
+                   width);
+      }
     }
   }
 }

@@ -100,11 +100,13 @@ def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch
     if not _sparse(count, x.numel(), max_density):
         return None
     m, k = xk.shape
-    wt = weight.detach().t().contiguous()
+    n = weight.shape[0]
+    w = weight.detach().contiguous()
     b = bias.detach().contiguous() if bias is not None else None
-    y = xk.new_empty(m, weight.shape[0])
-    lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), m, k, wt.data_ptr(), b.data_ptr() if b is not None else None,
-                                weight.shape[0], y.data_ptr(), torch.get_num_threads())
+    y = xk.new_empty(m, n)
+    tiles = xk.new_empty(-(-n // 64) * 64 * k)  # W^T in tiles of output columns (the kernel's scratch)
+    lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), m, k, w.data_ptr(), b.data_ptr() if b is not None else None,
+                                n, y.data_ptr(), tiles.data_ptr(), torch.get_num_threads())
     return y
 
 
