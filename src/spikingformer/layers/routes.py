@@ -100,7 +100,7 @@ MEASURED_FASTER = {
 # zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
-# it the kernels' fixed costs (operator call, gathers, the weight transpose) outweigh what they save.
+# it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
