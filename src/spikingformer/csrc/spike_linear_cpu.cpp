@@ -35,7 +35,7 @@ constexpr int kLanes = 4;
 constexpr int kVectors = kLanes >= 8 ? 64 / kLanes : 8;
 constexpr int64_t kWidth = (int64_t)kVectors * kLanes;
 constexpr int64_t kRowBlock = 64;  // rows per thread work item
-constexpr int64_t kChunk = 512;    // rows of g per pass of the weight gradient (512 x 64 floats: 128 KB)
+constexpr int64_t kChunk = 128;    // rows of g per pass of the weight gradient (128 x 64 floats: 32 KB, in L1)
 
 typedef float Vec __attribute__((vector_size(kLanes * 4)));
 
@@ -266,16 +266,17 @@ void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M,
   }
 }
 
-// dWt (K, N) = x^T g from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous.
+// dW (N, K) = g^T x from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous.
 // Rows are taken kChunk at a time: the chunk's spikes are listed per column (rows ascending, as
 // 16-bit offsets into the chunk: cols / starts, scratch of the spike count and M / kChunk + 1
-// blocks of K + 1 offsets), then every k adds its rows of the chunk, one output tile at a time, to
-// the partial sums of the chunks before: the tile's slice of the chunk's g stays in cache.
+// blocks of K + 1 offsets). Then each work item (an output tile and a range of k) walks the chunks
+// in order: it copies the chunk's slice of g (kChunk x kWidth floats) contiguous, and every k adds
+// its rows of it to the partial sums of the chunks before, kept as (k, kWidth) rows; the item ends
+// by writing them transposed into dW.
 void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* g,
-                                 int64_t N, float* dWt, uint16_t* cols, int64_t* starts, int nthreads) {
+                                 int64_t N, float* dW, uint16_t* cols, int64_t* starts, int nthreads) {
   const int64_t chunks = (M + kChunk - 1) / kChunk;
   const int nt = std::max(1, nthreads);
-  // the chunks' column lists; chunk c's at cols + (spikes before row c * kChunk), offsets in starts + c * (K + 1)
   std::vector<int64_t> before(chunks + 1, 0);
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t n = 0;
@@ -295,21 +296,28 @@ void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_
     for (int64_t m = m0; m < m1; ++m)
       for (int32_t j = 0; j < cnt[m]; ++j) out[fill[idx[m * K + j]]++] = (uint16_t)(m - m0);
   }
-  // work items: (output tile, range of k), each walking the chunks in order
   const int64_t tiles = (N + kWidth - 1) / kWidth;
   const int64_t parts = std::min<int64_t>(K, std::max<int64_t>(1, (4 * nt + tiles - 1) / tiles));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t item = 0; item < tiles * parts; ++item) {
-    const int64_t n0 = (item / parts) * kWidth, width = std::min(kWidth, N - n0);
-    const int64_t k0 = (item % parts) * K / parts, k1 = (item % parts + 1) * K / parts;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t* st = starts + c * (K + 1);
-      const uint16_t* list = cols + before[c];
-      const float* src = g + c * kChunk * N + n0;
-      for (int64_t k = k0; k < k1; ++k) {
-        float* out = dWt + k * N + n0;
-        sum_rows(src, N, list + st[k], st[k + 1] - st[k], c ? out : nullptr, out, width);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> sums(K * kWidth), slice(kChunk * kWidth);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * parts; ++item) {
+      const int64_t n0 = (item / parts) * kWidth, width = std::min(kWidth, N - n0);
+      const int64_t k0 = (item % parts) * K / parts, k1 = (item % parts + 1) * K / parts;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t rows = std::min(kChunk, M - c * kChunk);
+        const float* gc = g + c * kChunk * N + n0;
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(slice.data() + r * kWidth, gc + r * N, width * sizeof(float));
+        const int64_t* st = starts + c * (K + 1);
+        const uint16_t* list = cols + before[c];
+        for (int64_t k = k0; k < k1; ++k) {
+          float* out = sums.data() + (k - k0) * kWidth;
+          sum_rows(slice.data(), kWidth, list + st[k], st[k + 1] - st[k], c ? out : nullptr, out, width);
+        }
       }
+      for (int64_t j = 0; j < width; ++j)
+        for (int64_t k = k0; k < k1; ++k) dW[(n0 + j) * K + k] = sums[(k - k0) * kWidth + j];
     }
   }
 }

@@ -31,7 +31,7 @@ def spike_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
-_SPIKES_PER_CHUNK_ROWS = 512  # kChunk of csrc/spike_linear_cpu.cpp: the weight gradient's row chunks
+_SPIKES_PER_CHUNK_ROWS = 128  # kChunk of csrc/spike_linear_cpu.cpp: the weight gradient's row chunks
 NOT_SPIKES = ("spike_linear with pack=True: the input holds a value other than 0 and 1; pack only the "
               "output of a spiking neuron (or pass pack=False)")
 
@@ -126,10 +126,10 @@ def _accumulate_weight_grad(lib: ctypes.CDLL, idx: torch.Tensor, cnt: torch.Tens
     chunks = (m + _SPIKES_PER_CHUNK_ROWS - 1) // _SPIKES_PER_CHUNK_ROWS
     cols = torch.empty(max(count, 1), dtype=torch.int16)
     starts = torch.empty(chunks * (k + 1), dtype=torch.int64)
-    gwt = gk.new_empty(k, n)
-    lib.sf_spike_linear_weight_grad(idx.data_ptr(), cnt.data_ptr(), m, k, gk.data_ptr(), n, gwt.data_ptr(),
+    gw = gk.new_empty(n, k)
+    lib.sf_spike_linear_weight_grad(idx.data_ptr(), cnt.data_ptr(), m, k, gk.data_ptr(), n, gw.data_ptr(),
                                     cols.data_ptr(), starts.data_ptr(), torch.get_num_threads())
-    return gwt.t().contiguous()
+    return gw
 
 
 def kernel_spike_linear_weight_grad(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor,
