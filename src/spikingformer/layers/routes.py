@@ -98,7 +98,7 @@ MEASURED_FASTER = {
 }
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
-SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.25, "avx2": 0.35}
+SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
