@@ -277,6 +277,7 @@ void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_
                                  int64_t N, float* dW, uint16_t* cols, int64_t* starts, int nthreads) {
   const int64_t chunks = (M + kChunk - 1) / kChunk;
   const int nt = std::max(1, nthreads);
+  // the chunks' column lists; chunk c's at cols + (spikes before row c * kChunk), offsets in starts + c * (K + 1)
   std::vector<int64_t> before(chunks + 1, 0);
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t n = 0;
