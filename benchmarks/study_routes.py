@@ -147,12 +147,17 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         out.append(("fused_bn_spike", key, label, "train",
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
+        out.append(("fused_bn_spike", key, label, "infer",
+                    lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron
-        layer, lif = TokenConvBN(d, int(d * c.mlp_ratio), bias=True).train(), MultiStepLIF()
+        layer, lif = TokenConvBN(d, int(d * c.mlp_ratio), bias=True), MultiStepLIF()
         x = (torch.rand(t, batch, n, d) < 0.2).float()
-        out.append(("fused_bn_spike", key, f"ConvBN {d}x{int(d * c.mlp_ratio)} -> SN, {rows} rows", "train",
-                    _train(lambda x, layer=layer, lif=lif: layer.spikes(lif, x), list(layer.parameters()),
-                           [x.requires_grad_()])))
+        label = f"ConvBN {d}x{int(d * c.mlp_ratio)} -> SN, {rows} rows"
+        segment = _train(lambda x, layer=layer, lif=lif: layer.spikes(lif, x), list(layer.parameters()),
+                         [x.requires_grad_()])
+        out.append(("fused_bn_spike", key, label, "train", lambda layer=layer, run=segment: (layer.train(), run())))
+        segment = _infer(lambda x, layer=layer, lif=lif: layer.spikes(lif, x), [x.detach()])
+        out.append(("fused_bn_spike", key, label, "infer", lambda layer=layer, run=segment: (layer.eval(), run())))
 
         h = c.num_heads
         qkv = [(torch.rand(t, batch, h, n, d // h) < 0.2).float() for _ in range(3)]

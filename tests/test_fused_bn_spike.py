@@ -181,3 +181,87 @@ def test_model_with_and_without_the_route_is_the_same(name, monkeypatch):
     if cpu.kernel_reproduces_bn():
         assert (1, False) in calls  # tokens: maps of N x 1 pixels, no max-pool
 
+
+
+def _eval_layer(eps: float = 1e-5) -> TokenConvBN:
+    """A token ConvBN in eval mode with running statistics and affine terms away from the defaults."""
+    torch.manual_seed(1)
+    layer = TokenConvBN(24, 40, bias=True).eval()
+    layer.bn.eps = eps
+    with torch.no_grad():
+        layer.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.bn.running_var.uniform_(0.3, 2.0)
+        nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
+        nn.init.uniform_(layer.bn.bias, -0.2, 0.6)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inference_token_segment_is_one_kernel_pass_with_the_module_calls_spikes(dtype, monkeypatch):
+    """ConvBN -> SN on tokens in inference (running statistics, under bf16 autocast too): the route
+    runs BN and the neuron as one pass of the inference kernel, and its spikes equal the module
+    calls' (PyTorch's BatchNorm1d, then the neuron) bit for bit."""
+    layer, lif = _eval_layer(), MultiStepLIF(tau=2.0)
+    x = torch.randn(4, 3, 10, 24, generator=torch.Generator().manual_seed(2)) * 2
+    calls = []
+    real = cpu.lif_pool_forward
+    monkeypatch.setattr(cpu, "lif_pool_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    spikes = []
+    for spec in ("-fused_bn_spike,-spike_linear,-token_linear", "+fused_bn_spike,-spike_linear,-token_linear"):
+        with routes.configured(spec), torch.inference_mode(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            spikes.append(layer.spikes(lif, x))
+    assert spikes[0].dtype == dtype and 0 < spikes[0].float().mean() < 0.5
+    if not cpu.kernel_reproduces_bn():  # a build without FMA beside PyTorch's FMA kernels steps aside
+        assert not calls and torch.equal(spikes[0], spikes[1])
+        return
+    assert calls == [(4, 3, 10, 1, 40)]  # tokens as maps of N x 1 pixels, once
+    assert torch.equal(spikes[0], spikes[1])
+
+
+def test_inference_token_route_refuses_what_the_module_calls_refuse_and_steps_aside_for_hooks(monkeypatch):
+    """A negative eps raises F.batch_norm's error with the route on, as the module calls do; a hooked
+    BatchNorm (a meter must see its output), a neuron with hooks or a layer with autograd on takes
+    the module calls."""
+    x = torch.randn(2, 2, 5, 24)
+    with routes.configured("+fused_bn_spike"), torch.inference_mode(), \
+            pytest.raises(ValueError, match="eps must be non-negative"):
+        _eval_layer(eps=-1e-5).spikes(MultiStepLIF(), x)
+    calls = []
+    monkeypatch.setattr(cpu, "lif_pool_forward", lambda *a, **k: calls.append(1))
+    hooked_bn, seen = _eval_layer(), []
+    hooked_bn.bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked_lif = MultiStepLIF()
+    hooked_lif.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with routes.configured("+fused_bn_spike"):
+        with torch.inference_mode():
+            hooked_bn.spikes(MultiStepLIF(), x)
+            _eval_layer().spikes(hooked_lif, x)
+        _eval_layer().spikes(MultiStepLIF(), x.requires_grad_())  # eval BN under autograd: module calls
+    assert len(seen) == 2 and not calls
+
+
+@pytest.mark.parametrize("name", ["spikingformer_cifar10_4_384", "spikformer_cifar10_4_384"])
+def test_model_inference_with_and_without_the_route_is_the_same(name, monkeypatch):
+    """A zoo model's inference (eval mode, running statistics those of a batch, so that the blocks'
+    neurons fire) gives the same logits with the route on and off, bit for bit, in both residual
+    styles; the route runs on the blocks' tokens."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=2, embed_dim=64, num_heads=4)
+    x = torch.randn(2, 3, 32, 32)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0  # the running statistics become the batch's
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    calls = []
+    real = cpu.lif_pool_forward
+    monkeypatch.setattr(cpu, "lif_pool_forward", lambda *a, **k: calls.append(a[0].shape[3]) or real(*a, **k))
+    logits = []
+    for spec in ("-fused_bn_spike", "+fused_bn_spike"):
+        with routes.configured(spec), torch.inference_mode():
+            logits.append(model(x))
+    assert torch.equal(logits[0], logits[1])
+    if cpu.kernel_reproduces_bn():
+        assert 1 in calls  # tokens: maps of N x 1 pixels

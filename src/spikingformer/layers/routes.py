@@ -28,7 +28,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   those statistics for backward, where one pass computes BN's output and the membrane again: BN's
   output is neither written nor kept for the neuron's backward. Spikes, gradients and running
   statistics are those of the module calls, bit for bit where PyTorch's BN kernel is its x86 FMA
-  build (as ``fused_spike_pool``; under autocast too, as there).
+  build (as ``fused_spike_pool``; under autocast too, as there). In inference (no autograd, BN with
+  running statistics) the same ConvBN -> SN is one pass of the kernel, with no BN output written.
 * ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
   as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
   order than ``F.linear``: float32 rounding differs).
@@ -223,9 +224,17 @@ def spike_pool(neuron: Callable[[torch.Tensor], torch.Tensor], lif: nn.Module, p
     return max_pool(x) if pool else x
 
 
-def _inference_bn(bn: nn.Module) -> bool:
-    return (not torch.is_grad_enabled() and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.affine
+def _inference_bn(bn: nn.Module, kind: type[nn.Module] = nn.BatchNorm2d) -> bool:
+    return (not torch.is_grad_enabled() and isinstance(bn, kind) and not bn.training and bn.affine
             and bn.running_mean is not None)
+
+
+def _bn_lif_kernel(bn: nn.Module, lif: nn.Module, pool: bool, x: torch.Tensor) -> torch.Tensor:
+    """BN with running statistics -> SN [-> max-pool] of ``x`` in the kernel's layout ``(T, B, H, W, C)``,
+    one pass of the inference kernel."""
+    p = lif.params
+    return ops.bn_lif_pool(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, p.tau, p.v_threshold,
+                           p.v_reset, pool)
 
 
 def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
@@ -240,10 +249,7 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
         raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
     if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn()):
-        p = lif.params
-        out = ops.bn_lif_pool(y.permute(0, 1, 3, 4, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                              p.tau, p.v_threshold, p.v_reset, pool)
-        return out.permute(0, 1, 4, 2, 3)
+        return _from_kernel(_bn_lif_kernel(bn, lif, pool, _to_kernel(y)), tokens=False)
     if enabled("inplace_bn") and _inference_bn(bn):
         flat = y.flatten(0, 1)
         torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
@@ -375,13 +381,18 @@ def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor)
 
 def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``lif(bn(y))`` for a token linear's output ``y`` ``(T, B, N, C)`` and the BatchNorm1d ``bn``
-    over its rows. In training (not under ``torch.compile``) with ``fused_bn_spike``,
+    over its rows. With ``fused_bn_spike``: in training (not under ``torch.compile``),
     :class:`_FusedBNSpike`: no BN output kept for the neuron's backward, which the kernel computes
-    again from ``y``, the tensor BN's backward keeps anyway."""
+    again from ``y``, the tensor BN's backward keeps anyway; in inference (no autograd, running
+    statistics), one pass of the kernel: no BN output written."""
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if (training and enabled("fused_bn_spike") and y.dim() == 4 and _training_bn(bn)
-            and _kernel_takes(lif, _to_kernel(y))):
-        return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
+    if enabled("fused_bn_spike") and y.dim() == 4 and _kernel_takes(lif, _to_kernel(y)):
+        if training and _training_bn(bn):
+            return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
+        # eps < 0: the module call below raises F.batch_norm's error
+        if (_inference_bn(bn, nn.BatchNorm1d) and bn.eps >= 0.0 and not (bn._forward_hooks or bn._forward_pre_hooks)
+                and kernels.cpu_backend.kernel_reproduces_bn()):
+            return _from_kernel(_bn_lif_kernel(bn, lif, False, _to_kernel(y)), tokens=True)
     return lif(bn(_bn_view(y)).view(y.shape))
 
 
