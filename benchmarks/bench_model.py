@@ -19,6 +19,11 @@ Contenders, all with the same weights, each in its own fresh process (so no allo
   malloc tuned through ``GLIBC_TUNABLES`` (no ``mmap`` per large block, no trimming, huge pages),
   and our caching allocator. A release's baseline is its fastest allocator set-up.
 
+The models are randomly initialised, but their BatchNorms' running statistics are those of the
+timed batch (:func:`calibrate_bn`, computed once per model in a worker of its own and loaded by
+every contender): with PyTorch's initial statistics (mean 0, variance 1) a random model's neurons
+hardly fire in ``eval()`` mode, and inference would be timed on spike maps of zeros.
+
 Each configuration -- model x contender x {training step, inference batch} x {fp32, bf16 autocast}
 -- runs ``--warmup`` untimed steps, then ``--steps`` timed ones; ``--rounds`` repeats the whole set,
 contenders interleaved, and the median of all timed steps is reported.
@@ -52,6 +57,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import tempfile
 import time
 import types
 
@@ -80,14 +86,40 @@ ALLOCATORS = {
 # ----------------------------------------------------------------------------- worker side
 
 
+def calibrate_bn(model, x, reset=None) -> None:
+    """Set every BatchNorm's running statistics of ``model`` to those of the batch ``x``: one forward
+    in training mode without autograd, with momentum 1 (``reset(model)`` after it clears the
+    neurons' state, for SpikingJelly's). The batch count and momentum are left as they were."""
+    import torch
+    from torch import nn
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    if reset is not None:
+        reset(model)
+    for m, (momentum, count) in zip(bns, kept):
+        m.momentum = momentum
+        m.num_batches_tracked.copy_(count)
+
+
+def _bn_statistics(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
 def build(job: dict):
     """The model of ``job["build"]`` (``"ours"`` or ``"authors"``), a batch of inputs and labels
     (deterministic: seed 0).
 
     Both get the same weights: those of the authors' model (``authors_model.py``) initialised with
-    seed 0, loaded into ours through the authors' key translation. The authors' build needs only
-    ``job["config"]`` (a ``ModelConfig`` as a dict) and SpikingJelly, not this package's models, so
-    it runs in a Python with another SpikingJelly release.
+    seed 0, loaded into ours through the authors' key translation, with BatchNorm's running
+    statistics those of the batch (:func:`calibrate_bn`; read from ``job["bn_stats"]``, a file of
+    :func:`_calibrate_worker`, where given). The authors' build needs only ``job["config"]`` (a
+    ``ModelConfig`` as a dict) and SpikingJelly, not this package's models, so it runs in a Python
+    with another SpikingJelly release.
     """
     import torch
 
@@ -116,14 +148,6 @@ def build(job: dict):
     authors_in_sj = build_ == "authors" and job.get("authors_neuron", "spikingjelly") == "spikingjelly"
     torch.manual_seed(0)
     authors = authors_model.from_zoo_config(c, sj_neuron if authors_in_sj else ours_neuron)
-    if build_ == "authors":
-        model = authors
-    else:
-        from spikingformer.models.zoo import create_model, load_weights
-
-        model = create_model(job["name"], **overrides)
-        load_weights(model, {"state_dict": authors.state_dict()})
-    del authors
     torch.manual_seed(1)
     if c.family == "event":
         t = overrides.get("time_steps", job.get("time_steps") or c.time_steps)
@@ -132,7 +156,47 @@ def build(job: dict):
     else:
         x = torch.randn(batch, c.in_channels, c.img_size, c.img_size)
     y = torch.randint(0, c.num_classes, (batch,))
+    if job.get("bn_stats"):
+        missing, unexpected = authors.load_state_dict(torch.load(job["bn_stats"]), strict=False)
+        assert not unexpected, unexpected
+    else:
+        calibrate_bn(authors, x, sj_neurons.reset_spikingjelly if authors_in_sj else None)
+    if build_ == "authors":
+        model = authors
+    else:
+        from spikingformer.models.zoo import create_model, load_weights
+
+        model = create_model(job["name"], **overrides)
+        load_weights(model, {"state_dict": authors.state_dict()})
+    del authors
     return model, x, y
+
+
+def _calibrate_worker(job: dict) -> dict:
+    """The authors' model with our neurons, its BatchNorms calibrated on the batch (:func:`calibrate_bn`):
+    saves their running statistics to ``job["path"]`` and reports the firing rate of our model's
+    neurons in an inference batch (spikes over all neuron outputs)."""
+    import torch
+
+    from spikingformer.neuron import MultiStepLIF
+
+    torch.set_num_threads(job["threads"])
+    authors, _, _ = build(dict(job, build="authors", authors_neuron="ours", bn_stats=None))
+    torch.save(_bn_statistics(authors), job["path"])
+    del authors
+    model, x, _ = build(dict(job, build="ours", bn_stats=job["path"]))
+    counts = [0, 0]
+
+    def count(module, inputs, out):
+        counts[0] += int(out.count_nonzero())
+        counts[1] += out.numel()
+
+    for m in model.modules():
+        if isinstance(m, MultiStepLIF):
+            m.register_forward_hook(count)
+    with torch.inference_mode():
+        model.eval()(x)
+    return dict(firing_rate=counts[0] / counts[1])
 
 
 def _worker(job: dict) -> dict:
@@ -394,17 +458,24 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     start = time.perf_counter()
     releases = _spikingjelly_releases(args)
     contenders = _contenders(args, releases)
+    scratch = tempfile.TemporaryDirectory(prefix="bench_model_")
+    models = {}  # model -> the job fields every contender shares, and the firing rate of our inference
+    for key in args.models:
+        name, batch, t, _ = MODELS[key]
+        overrides = QUICK[key] if args.quick else {}
+        config = dataclasses.asdict(model_config(name, **{k: v for k, v in overrides.items() if k != "batch"}))
+        shared = dict(model=key, name=name, batch=batch, time_steps=t, overrides=overrides, config=config,
+                      threads=args.threads, bn_stats=os.path.join(scratch.name, f"{key}.pt"))
+        rate = common.run_worker(__file__, dict(shared, kind="calibrate", path=shared["bn_stats"]))["firing_rate"]
+        models[key] = (shared, rate)
     results: dict = {}  # (model, mode, dtype, contender id) -> list of worker results, one per round
     for rnd in range(args.rounds):
         for key in args.models:
-            name, batch, t, _ = MODELS[key]
-            overrides = QUICK[key] if args.quick else {}
-            config = dataclasses.asdict(model_config(name, **{k: v for k, v in overrides.items() if k != "batch"}))
+            shared = models[key][0]
             for mode in args.modes:
                 for dtype in args.dtypes:
                     for con in contenders:
-                        job = dict(kind="model", model=key, name=name, batch=batch, time_steps=t, overrides=overrides,
-                                   config=config, threads=args.threads, warmup=args.warmup, steps=args.steps,
+                        job = dict(shared, kind="model", warmup=args.warmup, steps=args.steps,
                                    device=args.device, mode=mode, dtype=dtype, build=con["build"],
                                    sj_node=con.get("sj_node"), our_allocator=ALLOCATORS[con["allocator"]][1],
                                    limit_reps=args.limit_reps if con["build"] == "ours" else 0)
@@ -416,9 +487,12 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                               f"CPU {statistics.median(res['cpu_times']) * 1e3:.0f} ms",
                               file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
+    scratch.cleanup()
     rows = _summarise(args, contenders, results)
     model_report.print_report(
         args, command, releases, contenders, rows, elapsed, load_start,
+        models_note="BatchNorm running statistics of the timed batch (random weights); firing rate of our "
+                    "model's neurons in inference: " + ", ".join(f"{k} {r:.1%}" for k, (_, r) in models.items()),
         names={k: v[0] for k, v in MODELS.items()},
         batches={k: (QUICK[k]["batch"] if args.quick else MODELS[k][1]) for k in MODELS},
         allocators_note=f"as is = C library malloc; glibc tuned = GLIBC_TUNABLES={GLIBC_TUNABLES}; "
@@ -484,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         job = json.loads(argv[1])
         if job["kind"] == "profile":
             common.report(dict(groups=profile_step(job["model"], job["dtype"], job["threads"])))
+        elif job["kind"] == "calibrate":
+            common.report(_calibrate_worker(job))
         else:
             common.report(_sj_worker(job) if job["kind"] == "sj" else _worker(job))
         return

@@ -35,7 +35,8 @@ def _op_kind(name: str) -> str:
 
 
 def print_report(args, command: str, releases: list[dict], contenders: list[dict], rows: dict, elapsed: float,
-                 load_start: float, names: dict, batches: dict, allocators_note: str, device_note: str) -> None:
+                 load_start: float, models_note: str, names: dict, batches: dict, allocators_note: str,
+                 device_note: str) -> None:
     """Print the benchmark's report: machine and ISA, every contender, the valid limit, the targets."""
     import dense_limit
 
@@ -64,6 +65,7 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
     print(f"- {args.warmup} warm-up step(s), then {args.steps} timed steps per process, {args.rounds} round(s) with the "
           f"contenders interleaved, each a fresh process; medians; run took {elapsed:.0f} s; load average (1 min) at "
           f"start / end: {load_start:.2f} / {common.load_average():.2f}")
+    print(f"- models: {models_note}")
     print(f"- allocators of the baselines: {allocators_note}")
     print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
           "faults = minor page faults per timed step\n")

@@ -46,6 +46,42 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     assert all(t[5].strip().endswith("x") and t[-2].count("/") == 3 for t in targets)
 
 
+@pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
+def test_benchmark_models_have_the_batchs_statistics_and_fire_in_inference(tmp_path):
+    """The calibration worker saves BatchNorm running statistics that are the timed batch's (not
+    PyTorch's initial 0 / 1), every build loads the same ones, and with them our model's neurons
+    fire in an inference batch, where with the initial statistics they hardly fire (spike maps of
+    zeros would make inference look cheap)."""
+    import torch
+
+    from spikingformer.neuron import MultiStepLIF
+
+    job = dict(name=bench_model.MODELS["cifar"][0], batch=2, overrides=bench_model.QUICK["cifar"], threads=1,
+               path=str(tmp_path / "stats.pt"))
+    rate = bench_model._calibrate_worker(job)["firing_rate"]
+    saved = torch.load(job["path"])
+    assert saved and all(k.endswith(("running_mean", "running_var")) for k in saved)
+    assert not any(torch.equal(v, torch.zeros_like(v)) or torch.equal(v, torch.ones_like(v)) for v in saved.values())
+    ours, x, _ = bench_model.build(dict(job, build="ours", bn_stats=job["path"]))
+    authors = bench_model.build(dict(job, build="authors", authors_neuron="ours", bn_stats=job["path"]))[0]
+    in_process = bench_model.build(dict(job, build="authors", authors_neuron="ours"))[0]  # calibrates itself
+    assert all(torch.equal(authors.state_dict()[k], v) and torch.equal(in_process.state_dict()[k], v)
+               for k, v in saved.items())
+    ours_stats = sorted(float(v.sum()) for k, v in ours.state_dict().items() if k.endswith("running_var"))
+    assert ours_stats == sorted(float(v.sum()) for k, v in saved.items() if k.endswith("running_var"))
+    assert rate > 0.01
+    for m in ours.modules():  # PyTorch's initial statistics: the neurons stay (almost) silent
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    spikes = []
+    for m in ours.modules():
+        if isinstance(m, MultiStepLIF):
+            m.register_forward_hook(lambda m, i, o: spikes.append((int(o.count_nonzero()), o.numel())))
+    with torch.inference_mode():
+        ours.eval()(x)
+    assert sum(n for n, _ in spikes) / sum(t for _, t in spikes) < rate / 3
+
+
 def test_dense_ops_are_the_steps_flops_in_training_and_inference():
     """The recorded convolutions and products carry exactly the FLOPs ``FlopCounterMode`` counts over
     the same step, forward and backward, and under ``inference_mode`` (where composite ops such as
