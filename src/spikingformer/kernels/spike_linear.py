@@ -94,6 +94,9 @@ def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch
     ``max_density`` of them are ones, or ``K`` exceeds the kernel's 16-bit indices. With ``packed``
     (``(M, packed_width(K))`` int64), ``x``'s bits are written there whatever the firing rate, and
     an ``x`` that is not spikes raises."""
+    # the output first, then the kernel's scratch: a scratch block freed in front of the output
+    # (which autograd may keep until backward) would leave a hole in the caching allocator's segment
+    y = x.new_empty(x.shape[0], weight.shape[0])
     xk, idx, cnt, count = _gather_spikes(lib, x, packed)
     if packed is not None and count == -1:
         raise ValueError(NOT_SPIKES)
@@ -103,7 +106,6 @@ def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch
     n = weight.shape[0]
     w = weight.detach().contiguous()
     b = bias.detach().contiguous() if bias is not None else None
-    y = xk.new_empty(m, n)
     tiles = xk.new_empty(-(-n // 64) * 64 * k)  # W^T in tiles of output columns (the kernel's scratch)
     lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), m, k, w.data_ptr(), b.data_ptr() if b is not None else None,
                                 n, y.data_ptr(), tiles.data_ptr(), torch.get_num_threads())
@@ -120,13 +122,13 @@ def spike_linear_weight_grad_reference(x: torch.Tensor, grad: torch.Tensor) -> t
 
 
 def _accumulate_weight_grad(lib: ctypes.CDLL, idx: torch.Tensor, cnt: torch.Tensor, count: int, k: int,
-                            grad: torch.Tensor) -> torch.Tensor:
+                            grad: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
+    """``gw`` ``(N, K)``, allocated by the caller before the spike lists (as the forward's output)."""
     gk = grad.contiguous()
     m, n = gk.shape
     chunks = (m + _SPIKES_PER_CHUNK_ROWS - 1) // _SPIKES_PER_CHUNK_ROWS
     cols = torch.empty(max(count, 1), dtype=torch.int16)
     starts = torch.empty(chunks * (k + 1), dtype=torch.int64)
-    gw = gk.new_empty(n, k)
     lib.sf_spike_linear_weight_grad(idx.data_ptr(), cnt.data_ptr(), m, k, gk.data_ptr(), n, gw.data_ptr(),
                                     cols.data_ptr(), starts.data_ptr(), torch.get_num_threads())
     return gw
@@ -136,15 +138,19 @@ def kernel_spike_linear_weight_grad(lib: ctypes.CDLL, x: torch.Tensor, grad: tor
                                     max_density: float) -> torch.Tensor | None:
     """``grad^T x`` ``(N, K)`` for float32 rows ``x`` ``(M, K)`` of spikes and the output gradient
     ``grad`` ``(M, N)``, as accumulations; ``None`` where :func:`kernel_spike_linear_forward` declines."""
+    gw = grad.new_empty(grad.shape[1], x.shape[1])
     _, idx, cnt, count = _gather_spikes(lib, x)
-    return _accumulate_weight_grad(lib, idx, cnt, count, x.shape[1], grad) if _sparse(count, x.numel(), max_density) else None
+    sparse = _sparse(count, x.numel(), max_density)
+    return _accumulate_weight_grad(lib, idx, cnt, count, x.shape[1], grad, gw) if sparse else None
 
 
 def kernel_spike_linear_weight_grad_packed(lib: ctypes.CDLL, packed: torch.Tensor, k: int, grad: torch.Tensor,
                                            max_density: float) -> torch.Tensor | None:
     """:func:`kernel_spike_linear_weight_grad` from the packed bits of ``x`` (``K`` = ``k`` columns)."""
+    gw = grad.new_empty(grad.shape[1], k)
     idx, cnt, count = _gather_packed(lib, packed, k)
-    return _accumulate_weight_grad(lib, idx, cnt, count, k, grad) if _sparse(count, packed.shape[0] * k, max_density) else None
+    sparse = _sparse(count, packed.shape[0] * k, max_density)
+    return _accumulate_weight_grad(lib, idx, cnt, count, k, grad, gw) if sparse else None
 
 
 def pack_spikes(x: torch.Tensor) -> torch.Tensor:
