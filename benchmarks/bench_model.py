@@ -157,8 +157,9 @@ def build(job: dict):
         x = torch.randn(batch, c.in_channels, c.img_size, c.img_size)
     y = torch.randint(0, c.num_classes, (batch,))
     if job.get("bn_stats"):
-        missing, unexpected = authors.load_state_dict(torch.load(job["bn_stats"]), strict=False)
-        assert not unexpected, unexpected
+        unexpected = authors.load_state_dict(torch.load(job["bn_stats"]), strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{job['bn_stats']} holds statistics the model lacks: {unexpected}")
     else:
         calibrate_bn(authors, x, sj_neurons.reset_spikingjelly if authors_in_sj else None)
     if build_ == "authors":

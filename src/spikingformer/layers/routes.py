@@ -229,6 +229,14 @@ def _inference_bn(bn: nn.Module, kind: type[nn.Module] = nn.BatchNorm2d) -> bool
             and bn.running_mean is not None)
 
 
+def _kernel_bn(bn: nn.Module, kind: type[nn.Module]) -> bool:
+    """An inference BatchNorm (:func:`_inference_bn`) the inference kernel applies as PyTorch would: no
+    hooks to call, eps >= 0 (else the module call raises F.batch_norm's error), and the kernel's
+    rounding that of PyTorch's CPU kernel in use."""
+    return (_inference_bn(bn, kind) and bn.eps >= 0.0 and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and kernels.cpu_backend.kernel_reproduces_bn())
+
+
 def _bn_lif_kernel(bn: nn.Module, lif: nn.Module, pool: bool, x: torch.Tensor) -> torch.Tensor:
     """BN with running statistics -> SN [-> max-pool] of ``x`` in the kernel's layout ``(T, B, H, W, C)``,
     one pass of the inference kernel."""
@@ -247,8 +255,7 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
     bn = stage.bn
     if _inference_bn(bn) and bn.eps < 0.0:  # F.batch_norm's check, which the native operators below skip
         raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
-    if (_inference_bn(bn) and _fused_kernel_takes(lif, y) and not (bn._forward_hooks or bn._forward_pre_hooks)
-            and kernels.cpu_backend.kernel_reproduces_bn()):
+    if _kernel_bn(bn, nn.BatchNorm2d) and _fused_kernel_takes(lif, y):
         return _from_kernel(_bn_lif_kernel(bn, lif, pool, _to_kernel(y)), tokens=False)
     if enabled("inplace_bn") and _inference_bn(bn):
         flat = y.flatten(0, 1)
@@ -389,9 +396,7 @@ def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Ten
     if enabled("fused_bn_spike") and y.dim() == 4 and _kernel_takes(lif, _to_kernel(y)):
         if training and _training_bn(bn):
             return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
-        # eps < 0: the module call below raises F.batch_norm's error
-        if (_inference_bn(bn, nn.BatchNorm1d) and bn.eps >= 0.0 and not (bn._forward_hooks or bn._forward_pre_hooks)
-                and kernels.cpu_backend.kernel_reproduces_bn()):
+        if _kernel_bn(bn, nn.BatchNorm1d):
             return _from_kernel(_bn_lif_kernel(bn, lif, False, _to_kernel(y)), tokens=True)
     return lif(bn(_bn_view(y)).view(y.shape))
 
