@@ -246,13 +246,18 @@ void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M,
   const int nt = threads_for_rows(M, nthreads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    // row by row of a slice, each row's kWidth columns from kWidth rows of W: those rows' cache lines
+    // hold 16 consecutive k, so they stay in L1 for the next 15 rows of the slice. (Column by column,
+    // each column's K writes fell on K different lines of the slice, which left L1 before the next
+    // column came: for N x K = 1536 x 384 the copy took 1.42 ms instead of 0.50, one thread.)
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < ntiles; ++t)
-      for (int64_t j = 0; j < std::min(kWidth, N - t * kWidth); ++j) {
-        const float* __restrict w = W + (t * kWidth + j) * K;
-        float* __restrict out = tiles + t * K * kWidth + j;
-        for (int64_t k = 0; k < K; ++k) out[k * kWidth] = w[k];
-      }
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t width = std::min(kWidth, N - t * kWidth);
+      const float* __restrict w = W + t * kWidth * K;
+      float* __restrict slice = tiles + t * K * kWidth;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < width; ++j) slice[k * kWidth + j] = w[j * K + k];
+    }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
