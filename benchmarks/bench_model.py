@@ -261,6 +261,7 @@ def _worker(job: dict) -> dict:
         import dense_limit
 
         result["limit"] = dense_limit.measure(step, device, job["limit_reps"])
+        result["dense_model_limit"] = dense_limit.measure_dense_model(step, device, job["limit_reps"])
     return result
 
 
@@ -503,13 +504,14 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
 
 
 def _summarise(args, contenders, results) -> dict:
-    """Per (model, mode, dtype): each contender's median time (``args.clock``), peak and faults, and ours's limit."""
+    """Per (model, mode, dtype): each contender's median time (``args.clock``), peak and faults, and ours's
+    limits (the step's own dense ops, and the dense model's)."""
     cpu = args.clock == "cpu"
     for runs in results.values():
         for r in runs:
-            if cpu and "limit" in r:
-                r["limit"] = dict(r["limit"], seconds=r["limit"]["cpu_seconds"],
-                                  ops=[dict(o, ms=o["cpu_ms"]) for o in r["limit"]["ops"]])
+            for name in ("limit", "dense_model_limit"):
+                if cpu and name in r:
+                    r[name] = dict(r[name], seconds=r[name]["cpu_seconds"], ops=[dict(o, ms=o["cpu_ms"]) for o in r[name]["ops"]])
     rows = {}
     for (key, mode, dtype, cid), runs in results.items():
         row = rows.setdefault((key, mode, dtype), {})
@@ -519,7 +521,8 @@ def _summarise(args, contenders, results) -> dict:
             peak=statistics.median(r["max_rss"] - r["rss_before"] for r in runs),
             max_rss=max(r["max_rss"] for r in runs),
             faults=statistics.median(r["faults_per_step"] for r in runs),
-            limit=min((r["limit"] for r in runs if "limit" in r), key=lambda lim: lim["seconds"], default=None),
+            **{name: min((r[name] for r in runs if name in r), key=lambda lim: lim["seconds"], default=None)
+               for name in ("limit", "dense_model_limit")},
         )
     return rows
 

@@ -12,6 +12,11 @@ isolated op has its inputs' cache and the machine to itself at least as much as 
 
 :func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock x FLOPs per cycle of the
 ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
+
+:func:`measure_dense_model` gives a second, lifted limit: the same step with the token linears as
+dense products (the ``spike_linear`` route off), i.e. the dense model's arithmetic at this
+machine's rates. A step whose spike linears add only the spikes' weights does less arithmetic than
+that and can beat it: efficiency against it may exceed 100%.
 """
 
 from __future__ import annotations
@@ -130,6 +135,22 @@ def summary(timed: list[dict]) -> dict:
 def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
     """:func:`summary` of the dense ops of one run of ``step``, each timed in isolation."""
     return summary(replay(dense_ops(step), device, reps))
+
+
+def dense_model_ops(step: Callable[[], object]) -> list[dict]:
+    """:func:`dense_ops` of ``step`` with the ``spike_linear`` route off: the model's convolutions and
+    products as dense arithmetic, the token linears' forward (and in training their weight
+    gradients) as the dense products the route replaces by additions of the spikes' weights."""
+    from spikingformer.layers import routes
+
+    with routes.configured("-spike_linear"):
+        return dense_ops(step)
+
+
+def measure_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
+    """:func:`summary` of :func:`dense_model_ops`, each op timed in isolation: the dense model's limit.
+    Our step can beat it by doing less arithmetic (the sparsity of the spikes lifts it)."""
+    return summary(replay(dense_model_ops(step), device, reps))
 
 
 # ---------------------------------------------------------------------------------- the ISA ----

@@ -43,7 +43,12 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     targets = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384 | ")
                and line.count("x |") >= 3]
     assert [t[2].strip() for t in targets] == ["train", "infer"]
-    assert all(t[5].strip().endswith("x") and t[-2].count("/") == 3 for t in targets)
+    assert all(t[5].strip().endswith("x") and t[-2].count("/") == 3 and t[-2].count(",") == 1 for t in targets)
+    # the dense-model limit: one row per pass, an efficiency against it
+    lifted = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384 | ")
+              and line.count("|") == 9]
+    assert [t[2].strip() for t in lifted] == ["train", "infer"]
+    assert all(float(t[4]) >= float(t[5]) > 0 and t[-2].strip().endswith("%") for t in lifted)
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
@@ -112,6 +117,49 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
         assert sum(o["flops"] * o["count"] for o in ops) == counter.get_total_flops()
         names = {o["name"].rsplit(".", 1)[0] for o in ops}
         assert "aten.convolution" in names and ("aten.convolution_backward" in names) == (step is train)
+
+
+def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatch):
+    """The dense-model limit records the step with the token linears as dense products: its FLOPs are
+    our step's own dense FLOPs plus, for every token linear the spike linear took, 2 x rows x in x
+    out, once in inference and twice in training (forward and weight gradient; the input gradient
+    is a dense product on both routes)."""
+    import torch
+
+    import dense_limit
+    from spikingformer.kernels import cpu_backend
+    from spikingformer.layers import routes
+    from spikingformer.layers.token_linear import TokenLinear
+    from spikingformer.models.zoo import create_model
+
+    if cpu_backend.get_library() is None:
+        pytest.skip("the spike linear needs the CPU kernel library (no C++ compiler here)")
+    monkeypatch.setattr(routes, "_spike_min_work", {"train": 0, "infer": 0})  # every layer, however small
+    monkeypatch.setattr(routes, "_spike_max_density", 1.0)  # at any firing rate
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10_4_384", **{k: v for k, v in bench_model.QUICK["cifar"].items()
+                                                            if k != "batch"})
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    products = []
+    for m in model.modules():
+        if isinstance(m, TokenLinear):
+            m.register_forward_hook(lambda m, i, o: products.append(2 * i[0].numel() * m.out_features))
+
+    def train():
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def infer():
+        with torch.inference_mode():
+            model.eval()(x)
+
+    for step, passes in ((train, 2), (infer, 1)):
+        with routes.configured("+spike_linear"):
+            products.clear()
+            own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(step))
+            linears = sum(products)
+            dense = sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(step))
+        assert linears > 0 and dense == own + passes * linears
 
 
 def test_dense_op_replay_keeps_shapes_strides_and_dtype():
