@@ -3,8 +3,9 @@
 A step cannot run faster than the dense arithmetic it contains. :func:`dense_ops` records every
 convolution and matrix product one real step dispatches, forward and backward (a
 ``TorchDispatchMode`` over the step: the ops ``torch.utils.flop_counter`` counts, with their exact
-shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask);
-:func:`replay` runs each distinct one in isolation on fresh tensors of the same layout and keeps
+shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask; also those our
+own operators run inside them, such as the spike linear's dense product under autocast, which
+``FlopCounterMode`` does not see); :func:`replay` runs each distinct one in isolation on fresh tensors of the same layout and keeps
 its best time. The sum over all recorded ops (best time x how often the step calls it) is the time
 the step's dense arithmetic needs at the rate this machine reaches on exactly those shapes, and
 ``that sum / step time`` is an efficiency that cannot exceed 100% except by timing noise (the
@@ -57,6 +58,15 @@ def _build(spec, device: str, generator: torch.Generator):
     return payload[0]
 
 
+def _custom_op_function(func) -> Callable | None:
+    """The Python function of a ``torch.library.custom_op`` operator of this project (``spikingformer::``),
+    else None."""
+    from torch._library.custom_ops import OPDEFS
+
+    name = func.name().split(".")[0]
+    return OPDEFS[name]._init_fn if name.startswith("spikingformer::") and name in OPDEFS else None
+
+
 class _Recorder(TorchDispatchMode):
     """Counts the dense ops (those ``flop_registry`` knows) a region dispatches, by op and argument layout."""
 
@@ -69,6 +79,13 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
+        impl = _custom_op_function(func)
+        if impl is not None:
+            # one of our operators (torch.library.custom_op): its function runs under this mode, so
+            # that the dense products it falls back to (the spike linear under autocast or above its
+            # firing-rate limit: F.linear, mm) are recorded; its kernels' additions are not products
+            with self:
+                return impl(*args, **kwargs)
         if packet not in flop_registry:
             # composite ops (conv2d, linear, matmul) reach this mode undecomposed in inference mode
             with self:

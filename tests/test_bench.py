@@ -123,11 +123,12 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
     """The dense-model limit records the step with the token linears as dense products: its FLOPs are
     our step's own dense FLOPs plus, for every token linear the spike linear took, 2 x rows x in x
     out, once in inference and twice in training (forward and weight gradient; the input gradient
-    is a dense product on both routes)."""
+    is a dense product on both routes). Dense products our operators run inside (the spike linear
+    under autocast) are recorded too."""
     import torch
 
     import dense_limit
-    from spikingformer.kernels import cpu_backend
+    from spikingformer.kernels import cpu_backend, ops
     from spikingformer.layers import routes
     from spikingformer.layers.token_linear import TokenLinear
     from spikingformer.models.zoo import create_model
@@ -160,6 +161,15 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
             linears = sum(products)
             dense = sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(step))
         assert linears > 0 and dense == own + passes * linears
+    # under autocast the spike linear's operator computes the dense products itself (keeping the
+    # spikes as bits): the recorder sees them inside it, so both limits count the same arithmetic
+    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
+        calls = []
+        real = ops.spike_linear._init_fn
+        monkeypatch.setattr(ops.spike_linear, "_init_fn", lambda *a, **k: calls.append(1) or real(*a, **k))
+        own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(train))
+        assert calls  # the operator ran
+        assert own == sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(train))
 
 
 def test_dense_op_replay_keeps_shapes_strides_and_dtype():
