@@ -355,6 +355,36 @@ def test_caching_allocator_splits_merges_and_gives_back_free_segments():
     assert grown["mapped"] - base["mapped"] == 64 * mib  # 128 MiB mapped, the free 64 MiB segment given back
 
 
+_SMALL_BLOCKS = """
+import json, torch
+from spikingformer import allocator
+allocator.configure_allocator()
+MB = 2**20
+allocator.empty_cache()
+base = dict(allocator.cache_stats())
+a = torch.empty(4 * MB, dtype=torch.uint8)
+first = dict(allocator.cache_stats())
+rest = [torch.empty(4 * MB, dtype=torch.uint8) for _ in range(7)]
+print(json.dumps(dict(base=base, first=first, full=dict(allocator.cache_stats()),
+                      offsets=sorted(t.data_ptr() - a.data_ptr() for t in rest))))
+"""
+
+
+@linux_only
+def test_caching_allocator_maps_segments_of_at_least_32_mib_that_small_blocks_share():
+    """A 4 MiB request that no free block holds maps a 32 MiB segment, the rest left free; the next
+    seven 4 MiB requests are carved from that rest, next to the first, with no new mapping."""
+    import json
+
+    r = json.loads(_run(_SMALL_BLOCKS, "1").strip().splitlines()[-1])
+    base, first, full = r["base"], r["first"], r["full"]
+    mib = 2**20
+    assert first["maps"] == base["maps"] + 1 and first["mapped"] - base["mapped"] == 32 * mib
+    assert first["cached"] - base["cached"] == 28 * mib
+    assert full["maps"] == first["maps"] and full["hits"] == first["hits"] + 7 and full["cached"] == base["cached"]
+    assert r["offsets"] == [4 * mib * i for i in range(1, 8)]
+
+
 _RANDOM_PATTERN = """
 import json, random, torch
 from spikingformer import allocator
