@@ -260,8 +260,8 @@ def _worker(job: dict) -> dict:
     if job.get("limit_reps"):  # after the timed steps, so that the replay's tensors do not count in the peak
         import dense_limit
 
-        result["limit"] = dense_limit.measure(step, device, job["limit_reps"])
-        result["dense_model_limit"] = dense_limit.measure_dense_model(step, device, job["limit_reps"])
+        result["limit"], result["dense_model_limit"] = dense_limit.measure_with_dense_model(step, device,
+                                                                                           job["limit_reps"])
     return result
 
 
@@ -511,7 +511,8 @@ def _summarise(args, contenders, results) -> dict:
         for r in runs:
             for name in ("limit", "dense_model_limit"):
                 if cpu and name in r:
-                    r[name] = dict(r[name], seconds=r[name]["cpu_seconds"], ops=[dict(o, ms=o["cpu_ms"]) for o in r[name]["ops"]])
+                    r[name] = dict(r[name], seconds=r[name]["cpu_seconds"],
+                                   ops=[dict(o, ms=o["cpu_ms"]) for o in r[name]["ops"]])
     rows = {}
     for (key, mode, dtype, cid), runs in results.items():
         row = rows.setdefault((key, mode, dtype), {})

@@ -5,16 +5,17 @@ convolution and matrix product one real step dispatches, forward and backward (a
 ``TorchDispatchMode`` over the step: the ops ``torch.utils.flop_counter`` counts, with their exact
 shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask; also those our
 own operators run inside them, such as the spike linear's dense product under autocast, which
-``FlopCounterMode`` does not see); :func:`replay` runs each distinct one in isolation on fresh tensors of the same layout and keeps
-its best time. The sum over all recorded ops (best time x how often the step calls it) is the time
-the step's dense arithmetic needs at the rate this machine reaches on exactly those shapes, and
-``that sum / step time`` is an efficiency that cannot exceed 100% except by timing noise (the
-isolated op has its inputs' cache and the machine to itself at least as much as inside the step).
+``FlopCounterMode`` does not see); :func:`replay` runs each distinct one in isolation on fresh
+tensors of the same layout and keeps its best time. The sum over all recorded ops (best time x how
+often the step calls it) is the time the step's dense arithmetic needs at the rate this machine
+reaches on exactly those shapes, and ``that sum / step time`` is an efficiency that cannot exceed
+100% except by timing noise (the isolated op has its inputs' cache and the machine to itself at
+least as much as inside the step).
 
 :func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock x FLOPs per cycle of the
 ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
 
-:func:`measure_dense_model` gives a second, lifted limit: the same step with the token linears as
+:func:`measure_with_dense_model` gives a second, lifted limit beside it: the same step with the token linears as
 dense products (the ``spike_linear`` route off), i.e. the dense model's arithmetic at this
 machine's rates. A step whose spike linears add only the spikes' weights does less arithmetic than
 that and can beat it: efficiency against it may exceed 100%.
@@ -164,10 +165,23 @@ def dense_model_ops(step: Callable[[], object]) -> list[dict]:
         return dense_ops(step)
 
 
-def measure_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
-    """:func:`summary` of :func:`dense_model_ops`, each op timed in isolation: the dense model's limit.
-    Our step can beat it by doing less arithmetic (the sparsity of the spikes lifts it)."""
-    return summary(replay(dense_model_ops(step), device, reps))
+def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> tuple[dict, dict]:
+    """:func:`measure` of ``step`` and of the dense model (:func:`dense_model_ops`), from one replay:
+    an op both record is timed once, so the two limits share its time (in bf16, where no spike
+    linear runs, they are the same ops and so the same limit). Our step can beat the dense model's
+    limit by doing less arithmetic (the sparsity of the spikes lifts it)."""
+    own, model = dense_ops(step), dense_model_ops(step)
+
+    def key(op: dict) -> tuple:
+        return op["name"], op["args"], op["kwargs"]
+
+    timed = {key(o): o for o in replay(list({key(o): o for o in own + model}.values()), device, reps)}
+
+    def limit(ops: list[dict]) -> dict:
+        return summary([dict(o, seconds=timed[key(o)]["seconds"], cpu_seconds=timed[key(o)]["cpu_seconds"])
+                        for o in ops])
+
+    return limit(own), limit(model)
 
 
 # ---------------------------------------------------------------------------------- the ISA ----

@@ -4,7 +4,7 @@ Targets, per ISA, for every training step and inference batch: at least :data:`E
 of the valid limit (``dense_limit.py``), never slower than the fastest baseline, at most
 :data:`MAX_MEMORY_RATIO` of its peak; and where the limit leaves room, the speed-ups of
 :data:`SPEEDUP_TARGETS` over it. Efficiency is reported against two limits: our step's own dense
-ops (which it cannot beat), and the dense model's (``dense_limit.measure_dense_model``: the token
+ops (which it cannot beat), and the dense model's (``dense_limit.measure_with_dense_model``: the token
 linears as dense products, which the spike linears beat by doing less arithmetic).
 """
 
@@ -156,9 +156,9 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
         else:
             speed_met = "yes" if speed >= target else f"no ({speed:.2f}x)"
         yes = {True: "yes", False: "no"}
-        met = " / ".join([f"{yes[eff >= EFFICIENCY_TARGET]}, {yes[eff_model >= EFFICIENCY_TARGET]}",
-                          "yes" if speed >= 1 else "no",
-                          "yes" if mem <= MAX_MEMORY_RATIO else "no", speed_met])
+        met = " / ".join([f"{yes[eff >= EFFICIENCY_TARGET]}, {yes[eff_model >= EFFICIENCY_TARGET]}", yes[speed >= 1],
+                          yes[mem <= MAX_MEMORY_RATIO], speed_met])
         con = next(c for c in contenders if c["id"] == best)
         print(f"| {names[key]} | {mode} | {dtype} | {label(con, releases)}: {base['median'] * 1e3:.0f} ms | "
-              f"{speed:.2f}x | {' | '.join(per_release)} | {eff:.1%} | {eff_model:.1%} | {mem:.2f} | {allows:.2f}x | {target}x | {met} |")
+              f"{speed:.2f}x | {' | '.join(per_release)} | {eff:.1%} | {eff_model:.1%} | {mem:.2f} | {allows:.2f}x | "
+              f"{target}x | {met} |")

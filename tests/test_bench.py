@@ -124,7 +124,7 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
     our step's own dense FLOPs plus, for every token linear the spike linear took, 2 x rows x in x
     out, once in inference and twice in training (forward and weight gradient; the input gradient
     is a dense product on both routes). Dense products our operators run inside (the spike linear
-    under autocast) are recorded too."""
+    under autocast) are recorded too, and ops both limits record are timed once for both."""
     import torch
 
     import dense_limit
@@ -170,6 +170,9 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
         own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(train))
         assert calls  # the operator ran
         assert own == sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(train))
+        # one replay for both limits: the same ops give the same limit, not two timings of them
+        limits = dense_limit.measure_with_dense_model(train, reps=1)
+        assert limits[0]["flops"] == own and limits[0]["seconds"] == limits[1]["seconds"] > 0
 
 
 def test_dense_op_replay_keeps_shapes_strides_and_dtype():

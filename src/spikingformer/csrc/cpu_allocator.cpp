@@ -6,11 +6,12 @@
 // of its segment; a request takes the smallest free block that holds it and splits off the rest.
 // Only when no free block is large enough does the allocator map a new segment of the request's
 // size (at least kMinSegment, the rest left free), and first it unmaps wholly free segments
-// (largest first) of at least that many bytes, so the idle part of the cache stays small. A training step allocates the same sizes every step, so
-// after the first steps it maps nothing new: no page faults, no page zeroing, and resident memory
-// close to the step's peak of live blocks, because free pages of one size serve requests of
-// another (the former cache by exact size kept 1.3-2x the live peak mapped). Smaller blocks go to
-// c10::alloc_cpu, PyTorch's default. sf_alloc_empty_cache unmaps every wholly free segment.
+// (largest first) of at least that many bytes, so the idle part of the cache stays small. A
+// training step allocates the same sizes every step, so after the first steps it maps nothing new:
+// no page faults, no page zeroing, and resident memory close to the step's peak of live blocks,
+// because free pages of one size serve requests of another (the former cache by exact size kept
+// 1.3-2x the live peak mapped). Smaller blocks go to c10::alloc_cpu, PyTorch's default.
+// sf_alloc_empty_cache unmaps every wholly free segment.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
