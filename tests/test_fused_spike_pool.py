@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from conftest import saved_bytes
+from conftest import assert_gradients_close, saved_bytes
 from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
@@ -150,6 +150,46 @@ def test_without_the_library_the_twin_computes_the_same(monkeypatch):
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)  # autograd's exact sigmoid
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("library", [True, False], ids=["kernel", "fallback"])
+def test_bn_backward_is_batch_norms_formulas(dtype, pool, library, monkeypatch):
+    """``bn_lif_pool_backward`` (BN's two reductions summed in the kernel's LIF backward pass, BN's
+    input gradient in one more) against BatchNorm's backward written out in float64 on the LIF
+    gradient ``g`` of BN's output: with ``x_hat = (x - mean) invstd`` over N values per channel,
+    ``dx = invstd w (g - sum(g) / N - x_hat sum(g x_hat) / N)``, ``dw = sum(g x_hat)``,
+    ``db = sum(g)``; float32 to 1e-5 of the largest value or term, bfloat16 to about its rounding.
+    Without the library, the fallback (PyTorch's BN backward) gives the same."""
+    p = LIFParams(tau=2.0)
+    x = _maps((3, 2, 9, 8, 16)).to(dtype)
+    grad = torch.randn(cpu.pooled_shape(x) if pool else x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    rows = x.permute(0, 1, 4, 2, 3).flatten(0, 1)
+    mean, var = torch.batch_norm_update_stats(rows, torch.zeros(16), torch.ones(16), 0.1)
+    invstd = cpu.bn_invstd(var, 1e-5, batch=True)
+    weight, bias = _bn(16)[2:4]
+    bn = (mean, invstd, weight, bias)
+    if not library:
+        monkeypatch.setattr(cpu, "get_library", lambda: None)
+    g = cpu.lif_pool_backward(x, grad, p, bn, pool).to(dtype).double().reshape(-1, 16)  # the LIF gradient, as stored
+    assert g.abs().sum() > 0
+    gx, gw, gb = cpu.bn_lif_pool_backward(x, grad, p, bn, pool, 1e-5)
+    x_hat = (x.double().reshape(-1, 16) - mean.double()) * invstd.double()
+    want_gb, want_gw = g.sum(0), (g * x_hat).sum(0)
+    n = g.shape[0]
+    want_gx = invstd.double() * weight.double() * (g - want_gb / n - x_hat * want_gw / n)
+    assert gx.dtype == dtype and gx.shape == x.shape and gw.dtype == gb.dtype == torch.float32
+    # the kernel sums bfloat16 maps in float32 and float64; PyTorch's mixed-precision kernel (the fallback)
+    # is within a bfloat16 rounding
+    sum_tol = 1e-5 if library or dtype == torch.float32 else 2.0 ** -7
+    for got, want in ((gw, want_gw), (gb, want_gb)):
+        torch.testing.assert_close(got.double(), want, rtol=0.0, atol=sum_tol * want.abs().max().item())
+    terms = (invstd * weight).max().item() * g.abs().max().item()  # the size of dx's terms, before they cancel
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # bfloat16: rounded once (kernel) or on the way (PyTorch)
+    torch.testing.assert_close(gx.double().reshape(-1, 16), want_gx, rtol=0.0, atol=tol * terms)
+    none = cpu.bn_lif_pool_backward(x, grad, p, bn, pool, 1e-5, (False, True, False))
+    assert none[0] is None and none[2] is None and torch.equal(none[1], gw)
+
+
 @pytest.mark.parametrize("spec", ["-fused_spike_pool,-inplace_bn", "+fused_spike_pool,+channels_last",
                                   "-fused_spike_pool,+inplace_bn"])
 def test_inference_refuses_a_negative_eps_as_the_module_calls_do(spec):
@@ -210,14 +250,15 @@ def _run(model, x, spec):
     ("spikingformer_cifar10_4_384", (2, 3, 32, 32)),  # static: BN -> SN without pool in front of stages 1-2
 ])
 def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
-    """A zoo model's training step and inference with the route on equal the route off, bit for bit,
-    and the route does run (its operators are called)."""
+    """A zoo model's training step and inference with the route on equal the route off, bit for bit
+    (gradients to rounding: :func:`conftest.assert_gradients_close`), and the route does run (its
+    operators are called)."""
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {}))
     x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
     off = _run(model, x, "-fused_spike_pool,+channels_last")
     calls = []
-    for fn in ("lif_pool_forward", "lif_pool_backward"):
+    for fn in ("lif_pool_forward", "lif_pool_backward", "bn_lif_pool_backward"):
         real = getattr(cpu, fn)
 
         def spy(*args, _real=real, _n=fn, **kw):
@@ -227,18 +268,19 @@ def test_model_with_and_without_the_route_is_the_same(name, shape, monkeypatch):
         monkeypatch.setattr(cpu, fn, spy)
     on = _run(model, x, "+fused_spike_pool,+channels_last")
     if cpu.kernel_reproduces_bn():  # both ways with the BN in front
-        assert {("lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
+        assert {("bn_lif_pool_backward", True), ("lif_pool_forward", True)} <= set(calls)
     else:  # a build without FMA beside PyTorch's FMA kernels: BN stays PyTorch's, SN -> max-pool fused
         assert {("lif_pool_backward", False), ("lif_pool_forward", False)} == set(calls)
     assert torch.equal(on[0], off[0]) and torch.equal(on[3], off[3])
-    assert on[1].keys() == off[1].keys() and all(torch.equal(on[1][k], off[1][k]) for k in on[1])
+    assert on[1].keys() == off[1].keys()
+    assert_gradients_close([on[1][k] for k in on[1]], [off[1][k] for k in on[1]])
     assert all(torch.equal(on[2][k], off[2][k]) for k in on[2])
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momentum):
-    """BN -> SN -> max-pool in training: output, gradients of input and BN parameters, running
-    statistics and batch count as the module calls, over two steps (``momentum=None`` averages by
+    """BN -> SN -> max-pool in training: output, running statistics and batch count as the module
+    calls bit for bit, gradients of input and BN parameters to rounding, over two steps (``momentum=None`` averages by
     the count); autograd keeps BN's input and its batch statistics only."""
     from spikingformer.layers import ConvBN, bn_spike_pool
 
@@ -262,7 +304,9 @@ def test_training_segment_equals_the_module_calls_and_keeps_only_its_input(momen
                     s.bn.running_var.clone(), s.bn.num_batches_tracked.clone()]
         results.append((row, saved, y.numel() * y.element_size()))
     (plain, _, _), (fused, saved, input_bytes) = results
-    assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+    grads = [i for i in range(len(plain)) if i % 7 in (1, 2, 3)]  # y, BN weight and bias
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(plain, fused)) if i not in grads)
+    assert_gradients_close([fused[i] for i in grads], [plain[i] for i in grads])
     assert plain[0].sum() > 0
     if cpu.kernel_reproduces_bn():  # else (a build without FMA beside PyTorch's FMA kernels) it steps aside
         assert saved <= input_bytes + 4 * 16 * 4  # y, and per channel: weight, bias, mean, invstd
@@ -387,8 +431,8 @@ def test_16bit_maps_with_the_bn_in_front_equal_the_module_calls(shape, pool):
 ])
 def test_under_autocast_the_memory_routes_keep_less_and_change_nothing(name, shape):
     """A training step under bf16 autocast with ``fused_spike_pool``, ``fused_bn_spike`` and the
-    spike linear's bits equals the module calls bit for bit (output, every gradient, running
-    statistics), autograd keeps less than half as much (less, where the library cannot round BN as
+    spike linear's bits equals the module calls bit for bit (output, running statistics; every
+    gradient to bfloat16 rounding), autograd keeps less than half as much (less, where the library cannot round BN as
     PyTorch does), and inference after it is equal too."""
     torch.manual_seed(0)
     model = create_model(name, depth=1, embed_dim=64, num_heads=4, **({"time_steps": 4} if len(shape) == 5 else {}))
@@ -405,6 +449,7 @@ def test_under_autocast_the_memory_routes_keep_less_and_change_nothing(name, sha
         results.append((out, {k: p.grad for k, p in m.named_parameters()}, dict(m.named_buffers()), saved, inferred))
     (out0, g0, b0, saved0, inf0), (out1, g1, b1, saved1, inf1) = results
     assert out1.dtype == torch.bfloat16 and torch.equal(out0, out1) and torch.equal(inf0, inf1)
-    assert all(torch.equal(g0[k], g1[k]) for k in g0) and all(torch.equal(b0[k], b1[k]) for k in b0)
+    assert g0.keys() == g1.keys() and all(torch.equal(b0[k], b1[k]) for k in b0)
+    assert_gradients_close([g1[k] for k in g0], [g0[k] for k in g0], rel=1e-2)
     # a build without FMA beside PyTorch's FMA kernels leaves BN -> SN to the module calls: bits only
     assert saved1 < (saved0 / 2 if cpu.kernel_reproduces_bn() else saved0)

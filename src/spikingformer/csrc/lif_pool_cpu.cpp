@@ -9,9 +9,11 @@
 // * Forward: optionally BatchNorm (running statistics in inference, the batch's in training) as
 //   PyTorch's CPU kernel computes it, then the LIF recurrence, then (optionally) the max-pool; only
 //   the pooled spikes are written: no BN output, no full-size spike map, no int64 indices.
-// * Backward of SN -> max-pool (training; BN's own backward stays PyTorch's): recomputes BN's output
-//   and the spikes, routes each window's gradient to its first maximum (pool_windows_cpu.cpp), then
-//   runs the LIF backward: the gradients of max_pool2d's and the LIF kernel's backward, bit for bit.
+// * Backward of SN -> max-pool (training): recomputes BN's output and the spikes, routes each
+//   window's gradient to its first maximum (pool_windows_cpu.cpp), then runs the LIF backward: the
+//   gradients of max_pool2d's and the LIF kernel's backward, bit for bit. Behind a BN it also sums,
+//   per channel, BN's two backward reductions (the gradient, and the gradient times x - mean), so
+//   that BN's input gradient takes one more pass (sf_bn_backward_apply) instead of PyTorch's two.
 namespace {
 
 // BatchNorm's per-channel scale and shift, as PyTorch's CPU kernel forms them from the mean and
@@ -145,7 +147,7 @@ template <bool POW2, bool DETACH, int AFFINE, int D>
 void backward_rows(const typename StorageOf<D>::type* z, const typename StorageOf<D>::type* gout,
                    typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                    const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
-                   float* v, float* gv, float* gs, uint8_t* codes) {
+                   float* v, float* gv, float* gs, uint8_t* codes, BNSums& sums) {
   using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
   auto recur = [&](int64_t k) {
@@ -178,17 +180,29 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
                      gs + WoC, m);
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
       const float* ht = hbuf + t * WC;
-      S* gzt = gz + ((t * m.B + b) * m.H + h) * WC;
+      const int64_t at = ((t * m.B + b) * m.H + h) * WC;
       for (int64_t w = 0; w < m.W; ++w) {
         const float* __restrict hw = ht + w * C;
         const float* __restrict gw = gs + split_col(w, m) * C;
+        const S* __restrict zw = z + at + w * C;
         float* __restrict gvw = gv + w * C;
-        S* __restrict gzw = gzt + w * C;
+        S* __restrict gzw = gz + at + w * C;
+        float* __restrict sg = sums.row_g;
+        float* __restrict sd = sums.row_d;
+        const float* __restrict mean = sums.mean;
+#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
         for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
-          store<D>(gzw, c, st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha));
+          const float g = st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha);
+          store<D>(gzw, c, g);
+          if constexpr (AFFINE != 0) {
+            const float gq = round_to<D>(g);  // as stored: what BN's backward reads
+            sg[c] += gq;
+            sd[c] += gq * (load<D>(zw, c) - mean[c]);
+          }
         }
       }
     }
+    if constexpr (AFFINE != 0) sums.flush();
   }
 }
 
@@ -199,7 +213,7 @@ template <bool POW2, bool DETACH, int AFFINE, int D>
 void lif_backward_rows(const typename StorageOf<D>::type* z, const typename StorageOf<D>::type* gout,
                        typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                        const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes,
-                       float* hbuf, float* v, float* gv) {
+                       float* hbuf, float* v, float* gv, BNSums& sums) {
   using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC();
   for (int64_t h = h0; h < h1; ++h) {
@@ -209,17 +223,35 @@ void lif_backward_rows(const typename StorageOf<D>::type* z, const typename Stor
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
       const float* __restrict ht = hbuf + t * WC;
       const S* __restrict gt = gout + at;
+      const S* __restrict zt = z + at;
       S* __restrict gzt = gz + at;
-      for (int64_t i = 0; i < WC; ++i) {  // SF_VECTOR_LOOP lif_pool backward without pool
-        store<D>(gzt, i, st.grad<DETACH>(ht[i], load<D>(gt, i), gv[i], alpha));
+      for (int64_t w = 0; w < m.W; ++w) {
+        const int64_t o = w * m.C;
+        float* __restrict sg = sums.row_g;
+        float* __restrict sd = sums.row_d;
+        const float* __restrict mean = sums.mean;
+#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
+        for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool backward without pool
+          const float g = st.grad<DETACH>(ht[o + c], load<D>(gt, o + c), gv[o + c], alpha);
+          store<D>(gzt, o + c, g);
+          if constexpr (AFFINE != 0) {
+            const float gq = round_to<D>(g);
+            sg[c] += gq;
+            sd[c] += gq * (load<D>(zt, o + c) - mean[c]);
+          }
+        }
       }
     }
+    if constexpr (AFFINE != 0) sums.flush();
   }
 }
 
+// sums (behind a BN: 2 x C float64, or null): BN's backward reductions (BNSums), added up over
+// the work items in their order, so that a given thread count always gives the same bits.
 template <bool POW2, bool DETACH, int AFFINE, bool POOL, int D>
-void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps& m, const float* scale,
-                        const float* shift, const Step& st, float alpha, int nthreads) {
+void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps& m, const float* mean,
+                        const float* scale, const float* shift, const Step& st, float alpha, double* sums,
+                        int nthreads) {
   using S = typename StorageOf<D>::type;
   const S* z = (const S*)z_;
   const S* gout = (const S*)gout_;
@@ -227,22 +259,31 @@ void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps
   const int nt = threads_for(m.T * m.B * m.H * m.WC(), nthreads);
   // with the pool, 4 halo rows per item: at least 16 rows keeps them a small share
   const int64_t per = std::max<int64_t>(POOL ? 16 : 1, rows_per_item(m.H, m.B, nt));
-  const int64_t chunks = (m.H + per - 1) / per;
+  const int64_t chunks = (m.H + per - 1) / per, items = m.B * chunks, C = m.C;
+  std::vector<double> item_sums((size_t)(AFFINE != 0 ? items * 2 * C : 0), 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     std::vector<uint8_t> spikes((size_t)((POOL ? 5 : 1) * m.T * m.WC()));
     std::vector<float> hring((size_t)((POOL ? 4 : 1) * m.T * m.WC())), v(m.WC()), gv(m.WC()), gs(m.WC());
     std::vector<uint8_t> codes((size_t)(POOL ? 2 * m.T * m.WoC() : 0));
+    std::vector<float> row_sums((size_t)(2 * C), 0.0f);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < m.B * chunks; ++item) {
+    for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / chunks, h0 = (item % chunks) * per, h1 = std::min(m.H, h0 + per);
+      double* totals = AFFINE != 0 ? item_sums.data() + item * 2 * C : nullptr;
+      BNSums bn{mean, row_sums.data(), row_sums.data() + C, totals, totals ? totals + C : nullptr, C};
       if constexpr (POOL)
         backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
-                                            hring.data(), v.data(), gv.data(), gs.data(), codes.data());
+                                            hring.data(), v.data(), gv.data(), gs.data(), codes.data(), bn);
       else
         lif_backward_rows<POW2, DETACH, AFFINE, D>(z, gout, gz, m, b, h0, h1, scale, shift, st, alpha, spikes.data(),
-                                                hring.data(), v.data(), gv.data());
+                                                hring.data(), v.data(), gv.data(), bn);
     }
+  }
+  if (AFFINE != 0 && sums != nullptr) {
+    std::fill(sums, sums + 2 * C, 0.0);
+    for (int64_t item = 0; item < items; ++item)
+      for (int64_t i = 0; i < 2 * C; ++i) sums[i] += item_sums[item * 2 * C + i];
   }
 }
 
@@ -275,28 +316,42 @@ void forward_pick(const void* x, void* out, const Maps& m, const float* scale, c
   else forward_affine<POW2, kF32>(x, out, m, scale, shift, affine, pool, st, nthreads);
 }
 
+// The BN's terms and the kernel's output: mean, scale, shift (C each), sums (2 x C or null).
+struct BNBackward {
+  const float* mean;
+  const float* scale;
+  const float* shift;
+  double* sums;
+};
+
 template <bool POW2, bool DETACH, bool POOL, int D>
-void backward_affine(const void* z, const void* gout, void* gz, const Maps& m, const float* scale, const float* shift,
-                     int affine, const Step& st, float alpha, int nthreads) {
-  if (affine == 0) pool_backward_impl<POW2, DETACH, 0, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if (affine == 1) pool_backward_impl<POW2, DETACH, 1, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
-  else if constexpr (kFma) pool_backward_impl<POW2, DETACH, 2, POOL, D>(z, gout, gz, m, scale, shift, st, alpha, nthreads);
+void backward_affine(const void* z, const void* gout, void* gz, const Maps& m, const BNBackward& bn, int affine,
+                     const Step& st, float alpha, int nthreads) {
+  if (affine == 0)
+    pool_backward_impl<POW2, DETACH, 0, POOL, D>(z, gout, gz, m, bn.mean, bn.scale, bn.shift, st, alpha, bn.sums,
+                                                 nthreads);
+  else if (affine == 1)
+    pool_backward_impl<POW2, DETACH, 1, POOL, D>(z, gout, gz, m, bn.mean, bn.scale, bn.shift, st, alpha, bn.sums,
+                                                 nthreads);
+  else if constexpr (kFma)
+    pool_backward_impl<POW2, DETACH, 2, POOL, D>(z, gout, gz, m, bn.mean, bn.scale, bn.shift, st, alpha, bn.sums,
+                                                 nthreads);
 }
 
 template <bool POW2, bool DETACH, bool POOL>
-void backward_pick_affine(const void* z, const void* gout, void* gz, const Maps& m, const float* scale,
-                          const float* shift, int affine, int dtype, const Step& st, float alpha, int nthreads) {
-  if (dtype == kBF16) backward_affine<POW2, DETACH, POOL, kBF16>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
-  else backward_affine<POW2, DETACH, POOL, kF32>(z, gout, gz, m, scale, shift, affine, st, alpha, nthreads);
+void backward_pick_affine(const void* z, const void* gout, void* gz, const Maps& m, const BNBackward& bn, int affine,
+                          int dtype, const Step& st, float alpha, int nthreads) {
+  if (dtype == kBF16) backward_affine<POW2, DETACH, POOL, kBF16>(z, gout, gz, m, bn, affine, st, alpha, nthreads);
+  else backward_affine<POW2, DETACH, POOL, kF32>(z, gout, gz, m, bn, affine, st, alpha, nthreads);
 }
 
 template <bool POOL>
-void backward_pick(const void* z, const void* gout, void* gz, const Maps& m, const float* scale, const float* shift,
-                   int affine, int dtype, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
-  if (pow2 && detach) backward_pick_affine<true, true, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
-  else if (pow2) backward_pick_affine<true, false, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
-  else if (detach) backward_pick_affine<false, true, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
-  else backward_pick_affine<false, false, POOL>(z, gout, gz, m, scale, shift, affine, dtype, st, alpha, nthreads);
+void backward_pick(const void* z, const void* gout, void* gz, const Maps& m, const BNBackward& bn, int affine,
+                   int dtype, bool pow2, bool detach, const Step& st, float alpha, int nthreads) {
+  if (pow2 && detach) backward_pick_affine<true, true, POOL>(z, gout, gz, m, bn, affine, dtype, st, alpha, nthreads);
+  else if (pow2) backward_pick_affine<true, false, POOL>(z, gout, gz, m, bn, affine, dtype, st, alpha, nthreads);
+  else if (detach) backward_pick_affine<false, true, POOL>(z, gout, gz, m, bn, affine, dtype, st, alpha, nthreads);
+  else backward_pick_affine<false, false, POOL>(z, gout, gz, m, bn, affine, dtype, st, alpha, nthreads);
 }
 
 }  // namespace
@@ -333,11 +388,12 @@ int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t 
 // given; pool: whether a max-pool followed the spikes; gout: gradient of the pooled spikes
 // (T, B, Ho, Wo, C), or without the pool of the spikes (T, B, H, W, C); gz: the gradient with
 // respect to the LIF input (BN's output), (T, B, H, W, C). z, gout and gz have storage dtype dtype.
-// Returns as sf_lif_pool_forward.
+// bn_sums (2 x C float64, with bn_mean; may be null): BN's backward reductions of gz as stored, per
+// channel: sum gz, then sum gz (z - mean). Returns as sf_lif_pool_forward.
 int sf_lif_pool_backward(const void* z, const void* gout, void* gz, int64_t T, int64_t B, int64_t H, int64_t W,
                          int64_t C, const float* bn_mean, const float* bn_invstd, const float* bn_weight,
                          const float* bn_bias, int fma, int pool, int dtype, float tau, float vth, float vr,
-                         float alpha, int detach, int nthreads) {
+                         float alpha, int detach, double* bn_sums, int nthreads) {
   if (T < 1 || B < 1 || H < 1 || W < 1 || C < 1) return -1;
   if (dtype != kF32 && dtype != kBF16) return -3;
   if (bn_mean != nullptr && fma && !kFma) return -2;
@@ -346,10 +402,9 @@ int sf_lif_pool_backward(const void* z, const void* gout, void* gz, int64_t T, i
   std::vector<float> scale(C), shift(C);
   const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
   if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
-  if (pool) backward_pick<true>(z, gout, gz, m, scale.data(), shift.data(), affine, dtype, pow2_tau(tau), detach != 0,
-                                st, alpha, nthreads);
-  else backward_pick<false>(z, gout, gz, m, scale.data(), shift.data(), affine, dtype, pow2_tau(tau), detach != 0, st,
-                            alpha, nthreads);
+  const BNBackward bn{bn_mean, scale.data(), shift.data(), bn_sums};
+  if (pool) backward_pick<true>(z, gout, gz, m, bn, affine, dtype, pow2_tau(tau), detach != 0, st, alpha, nthreads);
+  else backward_pick<false>(z, gout, gz, m, bn, affine, dtype, pow2_tau(tau), detach != 0, st, alpha, nthreads);
   return 0;
 }
 

@@ -41,10 +41,11 @@ from spikingformer.kernels.torch_backend import lif_torch_loop
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
-# The library is one translation unit: the LIF kernel, the max-pool's windows, then the tokenizer's
-# fused SN -> max-pool, which uses the LIF kernel's step and surrogate and the windows, then the
-# token linears' spike accumulation.
-SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/lif_pool_cpu.cpp", "csrc/spike_linear_cpu.cpp")
+# The library is one translation unit: the LIF kernel, the max-pool's windows, BN's backward sums,
+# then the tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the
+# windows and the sums, then the token linears' spike accumulation.
+SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_backward_cpu.cpp", "csrc/lif_pool_cpu.cpp",
+                "csrc/spike_linear_cpu.cpp")
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
 # flush denormals); -ffp-contract=off so only the explicit std::fma calls fuse (the forward's
@@ -85,8 +86,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_pool_forward.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, ci, f32, f32, f32, ci]
     lib.sf_lif_pool_forward.restype = ci
     lib.sf_lif_pool_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, ci, ci, ci, f32, f32, f32,
-                                         f32, ci, ci]
+                                         f32, ci, vp, ci]
     lib.sf_lif_pool_backward.restype = ci
+    lib.sf_bn_backward_apply.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, ci, ci]
+    lib.sf_bn_backward_apply.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
     lib.sf_spike_gather.argtypes = [vp, i64, i64, vp, vp, vp, ci]
@@ -269,22 +272,63 @@ def kernel_lif_pool_forward(lib: ctypes.CDLL, x: torch.Tensor, p: LIFParams, poo
 
 def kernel_lif_pool_backward(lib: ctypes.CDLL, z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams,
                              bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                             pool: bool = True) -> torch.Tensor:
+                             pool: bool = True, sums: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient with respect to the LIF input of max-pool(SN(.)) (``pool``) or SN(.) of channels-last
     maps ``(T, B, H, W, C)``, given the gradient of its output, by ``lib``, in z's dtype (as
     :func:`kernel_lif_pool_forward`). The LIF input is ``z``, or with ``bn`` = ``(save_mean,
     save_invstd, weight, bias)`` of a training BatchNorm, that BN's output of ``z``, computed again
-    as PyTorch's CPU kernel computed it."""
+    as PyTorch's CPU kernel computed it; then ``sums`` (``(2, C)`` float64, if given) receives BN's
+    backward reductions, per channel: the sum of the returned gradient, and of it times ``z - mean``."""
     zk, gk = z.contiguous(), grad_pooled.to(z.dtype).contiguous()
     gz = torch.empty_like(zk)
     terms = [t.detach().float().contiguous() for t in bn] if bn is not None else []
     ptrs = [t.data_ptr() for t in terms] or [None] * 4
     rc = lib.sf_lif_pool_backward(zk.data_ptr(), gk.data_ptr(), gz.data_ptr(), *zk.shape, *ptrs,
                                   int(bn_fuses_multiply_add()), int(pool), DTYPE_CODES[zk.dtype], p.tau, p.v_threshold,
-                                  p.v_reset, p.alpha, int(p.detach_reset), torch.get_num_threads())
+                                  p.v_reset, p.alpha, int(p.detach_reset),
+                                  sums.data_ptr() if sums is not None else None, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"sf_lif_pool_backward failed with code {rc} for maps of shape {tuple(z.shape)}")
     return gz
+
+
+def bn_lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams,
+                         bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], pool: bool, eps: float,
+                         needs: tuple[bool, bool, bool] = (True, True, True),
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(z, weight, bias)`` (each ``None`` unless ``needs`` says so) of max-pool(SN(BN(z)))
+    (``pool``) or SN(BN(z)) for channels-last maps ``z`` ``(T, B, H, W, C)`` and a training BatchNorm
+    with ``bn`` = ``(save_mean, save_invstd, weight, bias)``. The kernel: the LIF backward and BN's
+    two reductions in one pass over the maps (:func:`kernel_lif_pool_backward`), then BN's input
+    gradient in one more (``sf_bn_backward_apply``): PyTorch's BN backward formulas, its reductions
+    summed in another order (float partial sums per row, float64 across rows), so equal to its
+    gradients to rounding. Else :func:`lif_pool_backward`, then ``native_batch_norm_backward``."""
+    check_maps(z, pool, bn, grad_pooled)
+    mean, invstd, weight, _ = bn
+    lib = get_library()
+    if lib is None or z.dtype not in MAP_DTYPES or not kernel_reproduces_bn():
+        def images(maps):  # (T x B, C, H, W), channels-last: the layout of PyTorch's mixed-dtype kernel
+            return maps.permute(0, 1, 4, 2, 3).flatten(0, 1)
+
+        gz = lif_pool_backward(z, grad_pooled, p, bn, pool).to(z.dtype)  # BN output's gradient, as it was stored
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(images(gz), images(z), weight, None, None, mean, invstd,
+                                                               True, eps, list(needs))
+        return (gx.unflatten(0, z.shape[:2]).permute(0, 1, 3, 4, 2) if gx is not None else None), gw, gb
+    sums = torch.empty(2, z.shape[-1], dtype=torch.float64)
+    zk = z.contiguous()
+    gz = kernel_lif_pool_backward(lib, zk, grad_pooled, p, bn, pool, sums)
+    gx = None
+    if needs[0]:
+        gx = torch.empty_like(zk)
+        terms = [t.detach().float().contiguous() for t in (mean, invstd, weight)]
+        rc = lib.sf_bn_backward_apply(zk.data_ptr(), gz.data_ptr(), gx.data_ptr(), zk.numel() // zk.shape[-1],
+                                      zk.shape[-1], *(t.data_ptr() for t in terms), sums.data_ptr(),
+                                      DTYPE_CODES[zk.dtype], torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"sf_bn_backward_apply failed with code {rc} for maps of shape {tuple(z.shape)}")
+    gw = (sums[1] * invstd.double()).float() if needs[1] else None
+    gb = sums[0].float() if needs[2] else None
+    return gx, gw, gb
 
 
 def lif_pool_plain(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: bool = False) -> torch.Tensor:

@@ -335,7 +335,8 @@ class _FusedBNSpike(torch.autograd.Function):
     routine finds the batch statistics and updates the running estimates; BN's output (PyTorch's
     arithmetic, for 16-bit maps under autocast rounded to their dtype as PyTorch's mixed-precision
     kernel stores it), SN [-> max-pool] run forward in one kernel pass, never writing BN's output,
-    and backward in one pass that computes it again; then PyTorch's BN backward."""
+    and backward in one pass that computes it again and sums BN's backward reductions, then one
+    pass for BN's input gradient (:func:`kernels.cpu_backend.bn_lif_pool_backward`)."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, bn, lif, pool):
@@ -362,12 +363,10 @@ class _FusedBNSpike(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
     def backward(ctx, grad):
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        grad_z = kernels.cpu_backend.lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
-                                                       (mean, invstd, weight, bias), ctx.pool)
-        grad_z = _bn_view(_from_kernel(grad_z, y.dim() == 4))  # maps channels-last, as autograd's would be
-        gy, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_z, _bn_view(y), weight, None, None, mean, invstd,
-                                                               True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return (gy.view(y.shape) if gy is not None else None), gw, gb, None, None, None
+        gy, gw, gb = kernels.cpu_backend.bn_lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
+                                                              (mean, invstd, weight, bias), ctx.pool, ctx.eps,
+                                                              tuple(ctx.needs_input_grad[:3]))
+        return (_from_kernel(gy, y.dim() == 4) if gy is not None else None), gw, gb, None, None, None
 
 
 def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
