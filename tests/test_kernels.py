@@ -259,14 +259,15 @@ def _gxx() -> str:
 def test_cpu_element_loops_vectorised(march, tmp_path):
     """g++'s vectoriser report for a build of the kernel for ``march``: every element loop of the
     forward and backward and of the fused SN -> max-pool (marked ``SF_VECTOR_LOOP`` in csrc/lif_cpu.cpp,
-    csrc/pool_windows_cpu.cpp, csrc/bn_backward_cpu.cpp and csrc/lif_pool_cpu.cpp, one library
+    csrc/pool_windows_cpu.cpp, csrc/bn_cpu.cpp and csrc/lif_pool_cpu.cpp, one library
     source) is vectorised, in every instantiation (no "couldn't vectorize loop" at its line)."""
     gxx = _gxx()
     src = tmp_path / "lif_cpu.cpp"
     src.write_text(cpu_kernel.source())
     marked = [i for i, line in enumerate(src.read_text().splitlines(), 1) if VECTOR_LOOP_MARK in line and "for (" in line]
-    assert len(marked) == 12, ("expected the LIF forward, backward-recompute and backward loops, the max-pool "
-                               "windows' four, BN's backward apply and the four of lif_pool_cpu.cpp")
+    assert len(marked) == 14, ("expected the LIF forward, backward-recompute and backward loops, the max-pool "
+                               "windows' four, BN's batch sums (two) and backward apply, and the four of "
+                               "lif_pool_cpu.cpp")
     flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.CXX_FLAGS]
     proc = subprocess.run([gxx, *flags, "-fopt-info-vec-optimized-missed", str(src), "-o", str(tmp_path / "lib.so")],
                           capture_output=True, text=True, timeout=300)

@@ -44,7 +44,7 @@ SOURCE_FILE = "csrc/lif_cpu.cpp"
 # The library is one translation unit: the LIF kernel, the max-pool's windows, BN's backward sums,
 # then the tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the
 # windows and the sums, then the token linears' spike accumulation.
-SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_backward_cpu.cpp", "csrc/lif_pool_cpu.cpp",
+SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_pool_cpu.cpp",
                 "csrc/spike_linear_cpu.cpp")
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
@@ -90,6 +90,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_bn_backward_apply.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, ci, ci]
     lib.sf_bn_backward_apply.restype = ci
+    lib.sf_bn_batch_stats.argtypes = [vp, i64, i64, i64, ci, f32, vp, vp, vp, vp, ci]
+    lib.sf_bn_batch_stats.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
     lib.sf_spike_gather.argtypes = [vp, i64, i64, vp, vp, vp, ci]

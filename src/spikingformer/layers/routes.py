@@ -76,7 +76,7 @@ from torch import nn
 
 from spikingformer import kernels
 from spikingformer.cpu_features import vector_isa
-from spikingformer.kernels import ops
+from spikingformer.kernels import batch_stats, ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
@@ -351,7 +351,7 @@ class _FusedBNSpike(torch.autograd.Function):
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         # the batch statistics and running estimates native_batch_norm would compute (its routine);
         # the kernel applies BN as it would, so no BN output is written
-        mean, var = torch.batch_norm_update_stats(rows, bn.running_mean, bn.running_var, factor)
+        mean, var = batch_stats.batch_norm_update_stats(rows, bn.running_mean, bn.running_var, factor)
         out = kernels.cpu_backend.lif_pool_forward(_to_kernel(y), lif.params, pool, (mean, var, weight, bias, bn.eps),
                                                    batch=True)
         invstd = kernels.cpu_backend.bn_invstd(var, bn.eps, batch=True)

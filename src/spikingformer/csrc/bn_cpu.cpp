@@ -1,0 +1,145 @@
+// BatchNorm in training behind the tokenizer's fused SN -> max-pool (lif_pool_cpu.cpp, which follows
+// in the one library source): the batch statistics, bit for bit as PyTorch's CPU kernel finds them
+// for float32 rows of channels, the sums the fused LIF backward pass accumulates, and BN's input
+// gradient from them in one more pass over the maps.
+namespace {
+
+// Batch statistics of x (rows x C, float32) as PyTorch's CPU kernel (channels last) finds them:
+// the rows split into `runs` runs of ceil(rows / runs) rows (its threads' shares); per run and
+// channel, a float sum row after row; the runs' sums added in float64 in run order. mean = that /
+// rows, rounded to float; then var_sum the same way over (x - mean)^2; var = var_sum / rows. The
+// running estimates are updated in float: m * mean + (1 - m) * running_mean, and m * var_sum /
+// (rows - 1) + (1 - m) * running_var. FMA: where PyTorch's kernel contracts to fused multiply-adds
+// (its FMA builds), the squares' sum and the running variance's sum round once.
+template <bool FMA>
+void batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, float m, float* mean, float* var,
+                 float* running_mean, float* running_var, int nthreads) {
+  const int64_t per = (rows + runs - 1) / runs;
+  std::vector<float> buf((size_t)(runs * C));
+  const int nt = threads_for(rows * C, (int)std::min<int64_t>(nthreads, runs));
+  auto total = [&](int64_t c) {
+    double s = 0.0;
+    for (int64_t k = 0; k < runs; ++k) s += buf[k * C + c];
+    return s;
+  };
+  std::fill(buf.begin(), buf.end(), 0.0f);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t k = 0; k < runs; ++k) {
+    float* __restrict b = buf.data() + k * C;
+    for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
+      const float* __restrict xr = x + r * C;
+#pragma GCC ivdep  // b and xr never alias: no run-time alias check per row
+      for (int64_t c = 0; c < C; ++c) b[c] = xr[c] + b[c];  // SF_VECTOR_LOOP bn batch sum
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] = (float)(total(c) / (double)rows);
+  std::fill(buf.begin(), buf.end(), 0.0f);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t k = 0; k < runs; ++k) {
+    float* __restrict b = buf.data() + k * C;
+    const float* __restrict mu = mean;
+    for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
+      const float* __restrict xr = x + r * C;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn batch squares
+        const float d = xr[c] - mu[c];
+        if constexpr (FMA) b[c] = std::fma(d, d, b[c]);
+        else b[c] = b[c] + d * d;
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float var_sum = (float)total(c);
+    var[c] = (float)((double)var_sum / (double)rows);
+    if (running_mean != nullptr) running_mean[c] = m * mean[c] + (1.0f - m) * running_mean[c];
+    if (running_var != nullptr) {
+      const float unbiased = var_sum / (float)(rows - 1);
+      const float kept = (1.0f - m) * running_var[c];
+      running_var[c] = FMA ? std::fma(m, unbiased, kept) : m * unbiased + kept;
+    }
+  }
+}
+
+// BN's two backward reductions over the gradient g of its output, per channel c: sum g and
+// sum g (x - mean). Float partial sums over one input row's elements (row_g, row_d: C each), added
+// after the row into float64 totals (g, d: C each) of the work item.
+struct BNSums {
+  const float* mean;
+  float* row_g;
+  float* row_d;
+  double* g;
+  double* d;
+  int64_t C;
+  void flush() {
+    for (int64_t c = 0; c < C; ++c) {
+      g[c] += row_g[c];
+      d[c] += row_d[c];
+      row_g[c] = row_d[c] = 0.0f;
+    }
+  }
+};
+
+// BN's input gradient from its output's gradient gy and the reductions of sf_lif_pool_backward,
+// as PyTorch's CPU kernel forms it: dx = (gy - sum_g / N - (x - mean) * k) * invstd * weight,
+// k = sum_d * invstd^2 / N, over rows of C channels (one row per (t, b, h, w)).
+template <int D>
+void bn_apply_backward(const void* x_, const void* gy_, void* gx_, int64_t rows, int64_t C, const float* mean,
+                       const float* invstd, const float* weight, const double* sums, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const S* x = (const S*)x_;
+  const S* gy = (const S*)gy_;
+  S* gx = (S*)gx_;
+  std::vector<float> mean_g(C), k(C), a(C);
+  const float n = (float)rows;
+  for (int64_t c = 0; c < C; ++c) {
+    mean_g[c] = (float)sums[c] / n;
+    k[c] = (float)sums[C + c] * invstd[c] * invstd[c] / n;
+    a[c] = invstd[c] * (weight != nullptr ? weight[c] : 1.0f);
+  }
+  const int nt = threads_for(rows * C, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* __restrict xr = x + r * C;
+    const S* __restrict gr = gy + r * C;
+    S* __restrict o = gx + r * C;
+    for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn backward apply
+      const float dx = (load<D>(xr, c) - mean[c]) * k[c];
+      store<D>(o, c, (load<D>(gr, c) - mean_g[c] - dx) * a[c]);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x: rows x C float32; runs: PyTorch's thread count (the runs its kernel sums); fma: whether its
+// kernel contracts to fused multiply-adds; momentum m. Writes mean and var (C each), updates
+// running_mean and running_var (each may be null) in place. Returns 0, -1 for a bad shape, -2 for
+// fma = 1 on a build without FMA.
+int sf_bn_batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, int fma, float m, float* mean,
+                      float* var, float* running_mean, float* running_var, int nthreads) {
+  if (rows < 2 || C < 1 || runs < 1) return -1;
+#if defined(__FMA__) || defined(__AVX512F__)
+  if (fma) batch_stats<true>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
+  else batch_stats<false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
+#else
+  if (fma) return -2;  // std::fma would be a libm call per element
+  batch_stats<false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
+#endif
+  return 0;
+}
+
+// BN's input gradient gx (rows x C, storage dtype dtype) from x, the gradient of its output gy (the
+// same), its batch mean and 1 / sqrt(var + eps), weight (null: none) and the reductions sums (2 x C)
+// of sf_lif_pool_backward. Returns 0, -1 for a bad shape, -3 for another dtype.
+int sf_bn_backward_apply(const void* x, const void* gy, void* gx, int64_t rows, int64_t C, const float* mean,
+                         const float* invstd, const float* weight, const double* sums, int dtype, int nthreads) {
+  if (rows < 1 || C < 1) return -1;
+  if (dtype == kBF16) bn_apply_backward<kBF16>(x, gy, gx, rows, C, mean, invstd, weight, sums, nthreads);
+  else if (dtype == kF32) bn_apply_backward<kF32>(x, gy, gx, rows, C, mean, invstd, weight, sums, nthreads);
+  else return -3;
+  return 0;
+}
+
+}  // extern "C"
