@@ -238,6 +238,16 @@ def test_bench_scaling_quick_runs(capsys):
     assert "| T | 2 |" in out and "| batch | 2 |" in out and "| resolution | 64 |" in out
 
 
+def test_bench_bn_segment_quick_runs_as_a_script():
+    """``python benchmarks/bench_bn_segment.py --quick`` in a clean process (it installs our
+    allocator): one row per case, with both ways' times and their ratio."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bn_segment.py"), "--quick", "--reps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
+    assert len(rows) == 2 and all(line.endswith("x |") and line.count("|") == 5 for line in rows), proc.stdout
+
+
 @pytest.mark.slow
 def test_bench_lif_quick_runs_as_a_script():
     """``python benchmarks/bench_lif.py`` from a clean process (the folder is not a package)."""
