@@ -70,6 +70,13 @@ struct BNSums {
   double* g;
   double* d;
   int64_t C;
+  // Element c of a row: BN's output gradient g (rounded to the storage D, as stored: what BN's
+  // backward reads) at BN's input x.
+  template <int D> void add(int64_t c, float g, float x) {
+    const float gq = round_to<D>(g);
+    row_g[c] += gq;
+    row_d[c] += gq * (x - mean[c]);
+  }
   void flush() {
     for (int64_t c = 0; c < C; ++c) {
       g[c] += row_g[c];

@@ -187,18 +187,11 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
         const S* __restrict zw = z + at + w * C;
         float* __restrict gvw = gv + w * C;
         S* __restrict gzw = gz + at + w * C;
-        float* __restrict sg = sums.row_g;
-        float* __restrict sd = sums.row_d;
-        const float* __restrict mean = sums.mean;
 #pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
         for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
           const float g = st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha);
           store<D>(gzw, c, g);
-          if constexpr (AFFINE != 0) {
-            const float gq = round_to<D>(g);  // as stored: what BN's backward reads
-            sg[c] += gq;
-            sd[c] += gq * (load<D>(zw, c) - mean[c]);
-          }
+          if constexpr (AFFINE != 0) sums.add<D>(c, g, load<D>(zw, c));
         }
       }
     }
@@ -227,18 +220,11 @@ void lif_backward_rows(const typename StorageOf<D>::type* z, const typename Stor
       S* __restrict gzt = gz + at;
       for (int64_t w = 0; w < m.W; ++w) {
         const int64_t o = w * m.C;
-        float* __restrict sg = sums.row_g;
-        float* __restrict sd = sums.row_d;
-        const float* __restrict mean = sums.mean;
-#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
+#pragma GCC ivdep  // as in backward_rows
         for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool backward without pool
           const float g = st.grad<DETACH>(ht[o + c], load<D>(gt, o + c), gv[o + c], alpha);
           store<D>(gzt, o + c, g);
-          if constexpr (AFFINE != 0) {
-            const float gq = round_to<D>(g);
-            sg[c] += gq;
-            sd[c] += gq * (load<D>(zt, o + c) - mean[c]);
-          }
+          if constexpr (AFFINE != 0) sums.add<D>(c, g, load<D>(zt, o + c));
         }
       }
     }
