@@ -249,6 +249,21 @@ def test_bench_bn_segment_quick_runs_as_a_script():
 
 
 @pytest.mark.slow
+def test_bench_kernel_revisions_quick_runs_as_a_script():
+    """``python benchmarks/bench_kernel_revisions.py --quick`` (HEAD's kernel sources against the
+    working tree's, which builds a second library): one row per case, pass and dtype, each saying
+    whether both gave the same results (HEAD and a clean working tree must)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_kernel_revisions.py"), "--quick", "--reps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "a git checkout is needed" in proc.stderr:
+        pytest.skip("not a git checkout: " + proc.stderr.strip()[-300:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
+    assert len(rows) == 12 and all(line.count("|") == 8 and line.endswith("x |") for line in rows), proc.stdout
+    assert all(" | yes | " in line for line in rows), proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_lif_quick_runs_as_a_script():
     """``python benchmarks/bench_lif.py`` from a clean process (the folder is not a package)."""
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_lif.py"), "--quick", "--rounds", "1",

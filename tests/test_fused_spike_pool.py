@@ -29,7 +29,10 @@ from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"the CPU kernel library did not build: {cpu.build_error()}")
 
 PARAMS = [LIFParams(), LIFParams(tau=1.5, v_threshold=0.5, detach_reset=False), LIFParams(v_reset=-0.1)]
-SHAPES = [(4, 2, 12, 12, 16), (3, 2, 7, 9, 5), (1, 1, 1, 1, 3), (5, 3, 16, 17, 33), (2, 1, 40, 6, 8)]
+# the last two are wider than the forward's pieces of a row (4 KB of input per step, csrc/lif_pool_cpu.cpp's
+# piece_cols): 67 x 24 is two pieces in float32 (the second of odd width), 131 x 16 three (two in bfloat16)
+SHAPES = [(4, 2, 12, 12, 16), (3, 2, 7, 9, 5), (1, 1, 1, 1, 3), (5, 3, 16, 17, 33), (2, 1, 40, 6, 8),
+          (2, 1, 5, 67, 24), (2, 2, 3, 131, 16)]
 
 
 def _maps(shape, seed=0) -> torch.Tensor:

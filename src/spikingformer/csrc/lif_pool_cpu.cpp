@@ -36,17 +36,25 @@ template <int AFFINE, int D> inline float bn_apply(float x, float scale, float s
   else return x;
 }
 
-// One row (t, b, h) of the recurrence: spikes of x_row (storage D) into s_row (storage DS), membrane v
-// carried over t.
+// Ask for the n elements at p in cache (their 64-byte lines): the forward reads a piece of a row one
+// step at a time, and the next step's piece lies a whole map away, where no hardware prefetcher
+// looks. (The backward, bound by its arithmetic, did not gain from it.)
+template <typename S> inline void prefetch_lines(const S* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / (int64_t)sizeof(S)) __builtin_prefetch(p + i, 0, 3);
+}
+
+// n columns of one row (t, b, h) of the recurrence: spikes of x (storage D) into s (storage DS),
+// membrane v carried over t.
 template <bool POW2, int AFFINE, int D, int DS>
-inline void lif_row(const typename StorageOf<D>::type* __restrict x, typename StorageOf<DS>::type* __restrict s,
-                    float* __restrict v, const Maps& m, const float* __restrict scale, const float* __restrict shift,
-                    const Step& st) {
-  for (int64_t w = 0; w < m.W; ++w) {
-    const typename StorageOf<D>::type* __restrict xw = x + w * m.C;
-    float* __restrict vw = v + w * m.C;
-    typename StorageOf<DS>::type* __restrict sw = s + w * m.C;
-    for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
+inline void lif_cols(const typename StorageOf<D>::type* __restrict x, typename StorageOf<DS>::type* __restrict s,
+                     float* __restrict v, int64_t n, int64_t C, const float* __restrict scale,
+                     const float* __restrict shift, const Step& st, const typename StorageOf<D>::type* next) {
+  for (int64_t w = 0; w < n; ++w) {
+    const typename StorageOf<D>::type* __restrict xw = x + w * C;
+    prefetch_lines(next + w * C, C);
+    float* __restrict vw = v + w * C;
+    typename StorageOf<DS>::type* __restrict sw = s + w * C;
+    for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
       const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(xw, c), scale[c], shift[c]));
       const float sp = st.spike(h);
       vw[c] = st.reset(h, sp);
@@ -55,32 +63,53 @@ inline void lif_row(const typename StorageOf<D>::type* __restrict x, typename St
   }
 }
 
-// Output rows [r0, r1) of image b (pooled), or input rows [r0, r1) (not pooled).
+// Columns per piece of a row: the forward walks each row piece by piece, all T steps of a piece
+// before the next, so that the piece's membrane, spikes and pooled spikes (a few KB) stay in L1
+// cache over the steps, while each step reads 4 KB of input (one page) in one run. An even number,
+// so that a piece's windows lie in it and its left neighbour.
+template <int D> inline int64_t piece_cols(const Maps& m) {
+  return std::max<int64_t>(2, (4096 / (int64_t)sizeof(typename StorageOf<D>::type) / m.C) & ~int64_t(1));
+}
+
+// Output rows [r0, r1) of image b (pooled), or input rows [r0, r1) (not pooled). Scratch: v and s
+// (piece_cols + 1) x C floats, hp piece_cols / 2 x C, edge T x C (each step's spikes of the column
+// left of the piece: the last one of the piece before).
 template <bool POW2, int AFFINE, bool POOL, int D>
 void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::type* out, const Maps& m, int64_t b,
                   int64_t r0, int64_t r1, const float* scale, const float* shift, const Step& st, float* v, float* s,
-                  float* hp) {
+                  float* hp, float* edge) {
   using S = typename StorageOf<D>::type;
-  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho();
+  const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, P = piece_cols<D>(m);
   const int64_t h0 = POOL ? std::max<int64_t>(0, 2 * r0 - 1) : r0;
   const int64_t h1 = POOL ? std::min(m.H, 2 * r1) : r1;
   if (POOL)  // spikes are 0 or 1 and every window holds one, so max(0, window) is the window's max
     for (int64_t t = 0; t < m.T; ++t) std::memset(out + ((t * m.B + b) * Ho + r0) * WoC, 0, (r1 - r0) * WoC * sizeof(S));
   for (int64_t h = h0; h < h1; ++h) {
-    for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
-    for (int64_t t = 0; t < m.T; ++t) {
-      const S* xr = x + ((t * m.B + b) * m.H + h) * WC;
-      if (!POOL) {
-        lif_row<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC, v, m, scale, shift, st);
-        continue;
-      }
-      lif_row<POW2, AFFINE, D, kF32>(xr, s, v, m, scale, shift, st);
-      pool_row(s, hp, m);
-      // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
-      for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < r1; ++oh) {
-        if (oh < r0) continue;
-        S* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC;
-        for (int64_t j = 0; j < WoC; ++j) store<D>(o, j, max_sel(load<D>(o, j), hp[j]));
+    for (int64_t w0 = 0; w0 < m.W; w0 += P) {
+      const int64_t n = std::min(P, m.W - w0);
+      for (int64_t i = 0; i < n * C; ++i) v[i] = st.vr;
+      for (int64_t t = 0; t < m.T; ++t) {
+        const S* xr = x + ((t * m.B + b) * m.H + h) * WC + w0 * C;
+        // the input read after this piece: its next step, else the next piece, else the next row
+        const S* nx = t + 1 < m.T        ? xr + m.B * m.H * WC
+                      : w0 + n < m.W     ? x + (b * m.H + h) * WC + (w0 + n) * C
+                                         : x + (b * m.H + std::min(h + 1, m.H - 1)) * WC;
+        if (!POOL) {
+          lif_cols<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC + w0 * C, v, n, C, scale, shift, st, nx);
+          continue;
+        }
+        lif_cols<POW2, AFFINE, D, kF32>(xr, s + C, v, n, C, scale, shift, st, nx);
+        float* et = edge + t * C;
+        std::memcpy(s, w0 > 0 ? et : s + C, C * sizeof(float));
+        std::memcpy(et, s + n * C, C * sizeof(float));
+        pool_cols(s, hp, n, C);
+        // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
+        const int64_t cells = (n + 1) / 2 * C;
+        for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < r1; ++oh) {
+          if (oh < r0) continue;
+          S* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC + w0 / 2 * C;
+          for (int64_t j = 0; j < cells; ++j) store<D>(o, j, max_sel(load<D>(o, j), hp[j]));
+        }
       }
     }
   }
@@ -102,12 +131,13 @@ void pool_forward_impl(const void* x, void* out, const Maps& m, const float* sca
   const int64_t chunks = (rows + per - 1) / per;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<float> v(m.WC()), s(m.WC()), hp(m.WoC());
+    const int64_t P = piece_cols<D>(m);
+    std::vector<float> v(P * m.C), s((P + 1) * m.C), hp(P / 2 * m.C), edge(m.T * m.C);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, r0 = (item % chunks) * per;
       forward_rows<POW2, AFFINE, POOL, D>((const S*)x, (S*)out, m, b, r0, std::min(rows, r0 + per), scale, shift, st,
-                                          v.data(), s.data(), hp.data());
+                                          v.data(), s.data(), hp.data(), edge.data());
     }
   }
 }

@@ -18,15 +18,17 @@ struct Maps {
 
 inline float max_sel(float a, float b) { return select(b > a, b, a); }
 
-// Horizontal 3-wide, stride-2 max of a spike row s (W x C) into hp (Wo x C).
-inline void pool_row(const float* __restrict s, float* __restrict hp, const Maps& m) {
-  for (int64_t ow = 0; ow < m.Wo(); ++ow) {
-    const int64_t w = 2 * ow;
-    const float* __restrict l = s + (w > 0 ? w - 1 : w) * m.C;
-    const float* __restrict mid = s + w * m.C;
-    const float* __restrict r = s + (w + 1 < m.W ? w + 1 : w) * m.C;
-    float* __restrict o = hp + ow * m.C;
-    for (int64_t c = 0; c < m.C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
+// Horizontal 3-wide, stride-2 max of n columns' spikes (C each, from column 1 of s) into hp:
+// window j's columns are s's 2j, 2j + 1 and 2j + 2, the last clamped to 2j + 1 where s has no
+// column 2j + 2 (the map's right edge). Column 0 of s is the column left of the first (at the
+// map's left edge, a copy of column 1: max(a, a, b) = max(a, b)).
+inline void pool_cols(const float* __restrict s, float* __restrict hp, int64_t n, int64_t C) {
+  for (int64_t j = 0; 2 * j < n; ++j) {
+    const float* __restrict l = s + 2 * j * C;
+    const float* __restrict mid = l + C;
+    const float* __restrict r = 2 * j + 2 <= n ? l + 2 * C : mid;
+    float* __restrict o = hp + j * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
   }
 }
 
