@@ -31,7 +31,7 @@ import common
 REPO = Path(__file__).resolve().parents[1]
 
 # name, maps (T, B, H, W, C) (token rows: H = rows per image, W = 1), max-pool after the neuron.
-# Inference runs the event model's batch in pieces of 2 images (batch_pieces), training whole.
+# Inference runs the event model's tokenizer maps in pieces of 2 images (batch_pieces), training whole.
 CASES = {
     "event": [("stage 1, 128x128x32, pool", (16, 8, 128, 128, 32), True),
               ("stage 2, 64x64x64, pool", (16, 8, 64, 64, 64), True),
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, shape, pool in cases:
             for pass_ in args.passes:
                 run_shape = shape
-                if pass_ == "infer" and model in INFER_PIECE:
+                if pass_ == "infer" and model in INFER_PIECE and shape[3] > 1:
                     run_shape = (shape[0], INFER_PIECE[model], *shape[2:])
                 for dt in args.dtypes:
                     pair = [case_calls(lib, pass_, run_shape, pool, dtypes[dt]) for lib in (base, ours)]

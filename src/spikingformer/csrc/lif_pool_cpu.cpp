@@ -51,7 +51,7 @@ inline void lif_cols(const typename StorageOf<D>::type* __restrict x, typename S
                      const float* __restrict shift, const Step& st, const typename StorageOf<D>::type* next) {
   for (int64_t w = 0; w < n; ++w) {
     const typename StorageOf<D>::type* __restrict xw = x + w * C;
-    prefetch_lines(next + w * C, C);
+    if (next != nullptr) prefetch_lines(next + w * C, C);
     float* __restrict vw = v + w * C;
     typename StorageOf<DS>::type* __restrict sw = s + w * C;
     for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
@@ -95,7 +95,8 @@ void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::t
                       : w0 + n < m.W     ? x + (b * m.H + h) * WC + (w0 + n) * C
                                          : x + (b * m.H + std::min(h + 1, m.H - 1)) * WC;
         if (!POOL) {
-          lif_cols<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC + w0 * C, v, n, C, scale, shift, st, nx);
+          lif_cols<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC + w0 * C, v, n, C, scale, shift, st,
+                                       nullptr);
           continue;
         }
         lif_cols<POW2, AFFINE, D, kF32>(xr, s + C, v, n, C, scale, shift, st, nx);
