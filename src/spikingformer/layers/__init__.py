@@ -3,7 +3,8 @@
 :mod:`~spikingformer.layers.blocks` holds the paper's blocks; :mod:`~spikingformer.layers.routes`
 the faster or leaner computations of the same blocks and the switch that selects them
 (``SPIKINGFORMER_ROUTES``); :mod:`~spikingformer.layers.token_linear` the token linears, whose
-routes are ``token_linear`` and ``spike_linear``.
+routes are ``token_linear`` and ``spike_linear``; :mod:`~spikingformer.layers.spike_conv` the tokenizer's
+convolutions of spikes (route ``spike_conv``).
 """
 
 from spikingformer.layers import routes

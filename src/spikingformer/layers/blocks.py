@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import spikingformer.layers.routes as routes
+from spikingformer.layers import spike_conv
 from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
 
@@ -57,10 +58,12 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def convolve(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution alone (the BN input), ``(T, B, C, H, W)`` -> ``(T, B, C_out, H, W)``."""
+    def convolve(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
+        """The convolution alone (the BN input), ``(T, B, C, H, W)`` -> ``(T, B, C_out, H, W)``.
+        ``spikes``: ``x`` is a spiking neuron's output, which the ``spike_conv`` route may take."""
         t, b = x.shape[:2]
-        y = self.conv(routes.maps_layout(x.flatten(0, 1)))
+        maps = routes.maps_layout(x.flatten(0, 1))
+        y = spike_conv.convolve(self.conv, maps) if spikes else self.conv(maps)
         return y.view(t, b, *y.shape[1:])
 
     def normalize(self, y: torch.Tensor) -> torch.Tensor:
@@ -68,8 +71,8 @@ class ConvBN(nn.Module):
         z = self.bn(y.flatten(0, 1))
         return z.view(y.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.convolve(x))
+    def forward(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
+        return self.normalize(self.convolve(x, spikes))
 
 
 class TokenConvBN(nn.Module):
@@ -165,12 +168,12 @@ class SpikingTokenizer(nn.Module):
         """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""
         for i in range(1, 4):
             y = self._spikes_for(i, y)  # drops the conv output before the next convolution (inference frees it)
-            y = self.stages[i].convolve(y)
+            y = self.stages[i].convolve(y, fires(self.lifs[i - 1]))
         x = self._spikes_for(4, y)
         if self.style is ResidualStyle.SPIKE_DRIVEN:
-            x = self.stages[4](x)
+            x = self.stages[4](x, spikes=fires(self.lifs[3]))
         else:
-            x = x + routes.spike_maps(self.lifs[4], self.stages[4](x))
+            x = x + routes.spike_maps(self.lifs[4], self.stages[4](x, spikes=fires(self.lifs[3])))
         return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D); contiguous for channels-last maps
 
 

@@ -43,6 +43,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size);
   under CPU autocast too, where the product stays autocast's dense one in its dtype, bit for bit,
   and the bits replace the bf16 copy of the input. Takes precedence over ``token_linear``.
+* ``spike_conv``: in inference, the tokenizer's 3x3 convolutions of spike maps (stages 1-4, behind a
+  spiking neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels run as three int8
+  convolutions of oneDNN on a CPU with 8-bit dot products (AVX512-VNNI or AMX): spikes are exact
+  as integers, each weight is three 8-bit pieces per output channel (to 2^-24 of the channel's
+  largest), sums are exact in int32 (:mod:`spikingformer.kernels.spike_conv`). Another rounding
+  than the float32 convolution's (closer to float64 than it), so float32 values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
@@ -80,7 +86,7 @@ from spikingformer.kernels import batch_stats, ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
-          "token_linear", "spike_linear", "attention_order", "batch_pieces")
+          "token_linear", "spike_linear", "spike_conv", "attention_order", "batch_pieces")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -94,7 +100,8 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 MEASURED_FASTER = {
-    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "attention_order"}),
+    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
+                         "attention_order"}),
     "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "attention_order"}),
 }
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
@@ -103,6 +110,9 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
+# Per ISA, the least input channels for which spike_conv measured faster than the float32
+# convolution on the zoo's tokenizer shapes (docs/performance.md, "Spike convolution"; 32 and 96 were slower).
+SPIKE_CONV_MIN_CHANNELS = {"avx512": 128}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -134,6 +144,7 @@ _active = parse(os.environ.get(ENV, ""), default_routes())
 # spike_linear's limits here (an ISA not measured gets the strictest measured)
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
+_spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), SPIKE_CONV_MIN_CHANNELS["avx512"])
 
 
 def enabled(name: str) -> bool:
