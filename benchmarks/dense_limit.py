@@ -5,7 +5,8 @@ convolution and matrix product one real step dispatches, forward and backward (a
 ``TorchDispatchMode`` over the step: the ops ``torch.utils.flop_counter`` counts, with their exact
 shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask; also those our
 own operators run inside them, such as the spike linear's dense product under autocast, which
-``FlopCounterMode`` does not see); :func:`replay` runs each distinct one in isolation on fresh
+``FlopCounterMode`` does not see, and the ``spike_conv`` route's int8 convolutions, with their
+packed weights); :func:`replay` runs each distinct one in isolation on fresh
 tensors of the same layout and keeps its best time. The sum over all recorded ops (best time x how
 often the step calls it) is the time the step's dense arithmetic needs at the rate this machine
 reaches on exactly those shapes, and ``that sum / step time`` is an efficiency that cannot exceed
@@ -16,9 +17,10 @@ least as much as inside the step).
 ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
 
 :func:`measure_with_dense_model` gives a second, lifted limit beside it: the same step with the token linears as
-dense products (the ``spike_linear`` route off), i.e. the dense model's arithmetic at this
-machine's rates. A step whose spike linears add only the spikes' weights does less arithmetic than
-that and can beat it: efficiency against it may exceed 100%.
+dense products and the tokenizer's convolutions of spikes in float32 (the ``spike_linear`` and
+``spike_conv`` routes off), i.e. the dense model's arithmetic at this machine's rates. A step whose
+spike linears add only the spikes' weights, or whose spike convolutions sum integers, does less
+or cheaper arithmetic than that and can beat it: efficiency against it may exceed 100%.
 """
 
 from __future__ import annotations
@@ -36,8 +38,21 @@ import common
 from spikingformer.cpu_features import onednn_cap
 
 
+def _int8_conv_flops(qx, x_scale, x_zero_point, qw, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of oneDNN's int8 convolution (the ``spike_conv`` route's pieces), counted as a float
+    convolution's: two per multiply-add."""
+    return 2 * out_val.numel() * qw.shape[1] * qw.shape[2] * qw.shape[3]
+
+
+# dense ops flop_counter does not know: the spike_conv route's int8 convolutions
+EXTRA_FLOPS = {torch.ops.onednn.qconv2d_pointwise: _int8_conv_flops} if hasattr(torch.ops, "onednn") else {}
+
+
 def _spec(value):
-    """A hashable description of one op argument: tensors by layout, lists by their items."""
+    """A hashable description of one op argument: tensors by layout, lists by their items; an opaque
+    oneDNN tensor (a packed weight) as itself, which the replay reuses."""
+    if isinstance(value, torch.Tensor) and value.is_mkldnn:
+        return ("fixed", value)
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype).replace("torch.", ""))
     if isinstance(value, (list, tuple)):
@@ -48,6 +63,8 @@ def _spec(value):
 def _build(spec, device: str, generator: torch.Generator):
     """A fresh argument from :func:`_spec`'s description (random values, the same shape and strides)."""
     kind, payload = spec[0], spec[1:]
+    if kind == "fixed":
+        return payload[0]
     if kind == "tensor":
         shape, stride, dtype = payload
         extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride) if s > 0)
@@ -80,6 +97,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
+        count = flop_registry.get(packet) or EXTRA_FLOPS.get(packet)
         impl = _custom_op_function(func)
         if impl is not None:
             # one of our operators (torch.library.custom_op): its function runs under this mode, so
@@ -87,18 +105,18 @@ class _Recorder(TorchDispatchMode):
             # firing-rate limit: F.linear, mm) are recorded; its kernels' additions are not products
             with self:
                 return impl(*args, **kwargs)
-        if packet not in flop_registry:
+        if count is None:
             # composite ops (conv2d, linear, matmul) reach this mode undecomposed in inference mode
             with self:
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
                 return out
         out = func(*args, **kwargs)
-        if packet in flop_registry:
+        if count is not None:
             key = (str(func), _spec(list(args)), _spec(sorted(kwargs.items())))
             if key not in self.ops:
                 self.ops[key] = func
-                self.flops[key] = int(flop_registry[packet](*args, **kwargs, out_val=out))
+                self.flops[key] = int(count(*args, **kwargs, out_val=out))
             self.calls[key] += 1
         return out
 
@@ -156,12 +174,14 @@ def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> d
 
 
 def dense_model_ops(step: Callable[[], object]) -> list[dict]:
-    """:func:`dense_ops` of ``step`` with the ``spike_linear`` route off: the model's convolutions and
-    products as dense arithmetic, the token linears' forward (and in training their weight
-    gradients) as the dense products the route replaces by additions of the spikes' weights."""
+    """:func:`dense_ops` of ``step`` with the ``spike_linear`` and ``spike_conv`` routes off: the
+    model's convolutions and products as float arithmetic, the token linears' forward (and in
+    training their weight gradients) as the dense products the first route replaces by additions
+    of the spikes' weights, the tokenizer's convolutions of spikes as the float convolutions the
+    second replaces by int8 ones."""
     from spikingformer.layers import routes
 
-    with routes.configured("-spike_linear"):
+    with routes.configured("-spike_linear,-spike_conv"):
         return dense_ops(step)
 
 

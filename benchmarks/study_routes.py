@@ -149,6 +149,8 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("fused_bn_spike", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
+        out.append(("spike_conv", key, label, "infer",
+                    lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron
         layer, lif = TokenConvBN(d, int(d * c.mlp_ratio), bias=True), MultiStepLIF()
         x = (torch.rand(t, batch, n, d) < 0.2).float()
@@ -182,10 +184,10 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
         def eval_mode(run, tok=tok):
             return lambda: (tok.eval(), run())
 
-        routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces"]
+        routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces", "spike_conv"]
                        + ([] if steps else ["stem_once"]))
         for route in routes_here:
-            if route not in ("inplace_bn", "batch_pieces"):  # inference-only routes
+            if route not in ("inplace_bn", "batch_pieces", "spike_conv"):  # inference-only routes
                 out.append((route, key, label, "train", train_mode(_train(fn, params, [x]))))
             if route != "recompute":
                 out.append((route, key, label, "infer", eval_mode(_infer(fn, [x]))))

@@ -175,6 +175,40 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
         assert limits[0]["flops"] == own and limits[0]["seconds"] == limits[1]["seconds"] > 0
 
 
+def test_dense_limits_record_the_spike_convolutions(monkeypatch):
+    """With ``spike_conv`` on, the step's own limit records its int8 convolutions (three pieces per
+    convolution, each 2 x output elements x window FLOPs) instead of the float32 convolution, and
+    replays them with their packed weights; the dense model's limit turns the route off and records
+    the float32 convolution again: three times fewer FLOPs than the pieces."""
+    import torch
+
+    import dense_limit
+    from spikingformer.layers import ConvBN, routes
+    from spikingformer.layers import spike_conv
+
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        pytest.skip("this PyTorch build has no oneDNN int8 convolution")
+    monkeypatch.setattr(spike_conv, "native_int8", lambda: True)
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    stage = ConvBN(16, 8).eval()
+    x = (torch.rand(1, 2, 16, 6, 6) < 0.3).float()
+
+    def infer():
+        with torch.inference_mode():
+            stage.convolve(x, spikes=True)
+
+    flops = 2 * 2 * 8 * 6 * 6 * 16 * 9
+    with routes.configured("+spike_conv"):
+        own = dense_limit.dense_ops(infer)
+        dense = dense_limit.dense_model_ops(infer)
+        limits = dense_limit.measure_with_dense_model(infer, reps=1)
+    assert [o["name"] for o in own] == ["onednn.qconv2d_pointwise.default"] * 3
+    assert [o["flops"] for o in own] == [flops] * 3
+    assert [(o["name"], o["flops"]) for o in dense] == [("aten.convolution.default", flops)]
+    assert limits[0]["flops"] == 3 * flops and limits[1]["flops"] == flops
+    assert limits[0]["seconds"] > 0 and limits[1]["seconds"] > 0
+
+
 def test_dense_op_replay_keeps_shapes_strides_and_dtype():
     import torch
 
@@ -246,6 +280,20 @@ def test_bench_bn_segment_quick_runs_as_a_script():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
     assert len(rows) == 2 and all(line.endswith("x |") and line.count("|") == 5 for line in rows), proc.stdout
+
+
+def test_bench_spike_conv_quick_runs_as_a_script():
+    """``python benchmarks/bench_spike_conv.py --quick``: one row with both convolutions' times, the
+    ratio and both errors against float64."""
+    import torch
+
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        pytest.skip("this PyTorch build has no oneDNN int8 convolution")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--quick", "--reps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
+    assert len(rows) == 1 and rows[0].count("|") == 7 and "x |" in rows[0], proc.stdout
 
 
 @pytest.mark.slow
