@@ -64,10 +64,12 @@ def test_pieces_hold_every_weight_to_half_the_last_scale(cout, cin):
 
 @pytest.mark.parametrize("shape,cout", [((2, 8, 5, 7), 16), ((4, 128, 16, 16), 256), ((3, 3, 1, 1), 5)], ids=str)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_int8_convolutions_equal_their_twin_bit_for_bit(shape, cout, channels_last):
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_convolutions_equal_their_twin_bit_for_bit(shape, cout, channels_last, bias):
     x, w = _spikes(shape, channels_last=channels_last), _weight(cout, shape[1])
-    got = sc.spike_conv2d(x, sc.PackedPieces(w))
-    assert torch.equal(got, sc.spike_conv_reference(x, w))
+    b = torch.randn(cout, generator=torch.Generator().manual_seed(2)) if bias else None
+    got = sc.spike_conv2d(x, sc.PackedPieces(w), b)
+    assert torch.equal(got, sc.spike_conv_reference(x, w, b))
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.05, 0.4, 1.0])
@@ -143,6 +145,35 @@ def test_weights_changed_in_place_are_packed_again(int8_cpu):
         assert torch.isnan(stage.convolve(x, spikes=True)[:, :, 0]).any()  # the plain convolution, NaN and all
 
 
+def test_a_fused_model_takes_the_route_with_its_bias(int8_cpu, monkeypatch):
+    """After ConvBN fusion each convolution has a bias (BN folded in): the route adds it after the
+    pieces, as the twin does, and the logits agree with the fused model's float32 convolutions."""
+    from spikingformer.deploy.fuse import fuse_model
+
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10_4_384", depth=1)
+    for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire, and a bias to fold
+        bn.running_mean.normal_(0.0, 0.1), bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(1.0, 0.5)
+    model = fuse_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    taken = []
+    real = sc.spike_conv2d
+    monkeypatch.setattr(sc, "spike_conv2d", lambda x, p, b=None: taken.append((x.clone(), b, real(x, p, b))) or taken[-1][2])
+    convs = {s.conv.in_channels: s.conv for s in model.tokenizer.stages[1:]}
+    with torch.inference_mode():
+        with routes.configured("+spike_conv"):
+            on = model(x)
+        with routes.configured("-spike_conv"):
+            off = model(x)
+    assert sorted({inp.shape[1] for inp, _, _ in taken}) == [192, 384]
+    for inp, bias, out in taken:
+        conv = convs[inp.shape[1]]
+        assert bias is conv.bias and torch.equal(out, sc.spike_conv_reference(inp, conv.weight, conv.bias))
+        assert inp.any() and not torch.equal(out, sc.spike_conv_reference(inp, conv.weight))  # spikes, and the bias
+    torch.testing.assert_close(on, off, rtol=1e-3, atol=0.05)
+
+
 def test_the_route_follows_the_cpu(monkeypatch):
     """Off by default where the ISA was measured slower or the CPU has no 8-bit dot products."""
     monkeypatch.setattr(route, "native_int8", lambda: False)
@@ -169,7 +200,7 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, in
     x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
     taken = []
     real = sc.spike_conv2d
-    monkeypatch.setattr(sc, "spike_conv2d", lambda x, p: taken.append((x.clone(), real(x, p))) or taken[-1][1])
+    monkeypatch.setattr(sc, "spike_conv2d", lambda x, p, b=None: taken.append((x.clone(), real(x, p, b))) or taken[-1][1])
     weights = {s.conv.in_channels: s.conv.weight for s in model.tokenizer.stages[1:]}
 
     def run(spec):

@@ -41,17 +41,17 @@ def weight_pieces(weight: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.
     return qs, scales
 
 
-def spike_conv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def spike_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`spike_conv2d` computes, in plain PyTorch: each piece's convolution of the spikes
     ``x`` in float64 (exact: integer sums well below 2^53), scaled and rounded to float32, the
-    pieces' outputs added smallest first in float32."""
+    pieces' outputs added smallest first in float32, then the bias."""
     qs, scales = weight_pieces(weight)
     parts = [(torch.nn.functional.conv2d(x.double(), q.double(), padding=1) * s.double()[:, None, None]).float()
              for q, s in zip(qs, scales)]
     y = parts[-1]
     for part in reversed(parts[:-1]):
         y = y + part
-    return y
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class PackedPieces:
@@ -68,10 +68,10 @@ NOT_SPIKES = ("spike_conv: the convolution's input holds a value that is not an 
               "(spikes are 0 or 1); only a spiking neuron's output may take this route")
 
 
-def spike_conv2d(x: torch.Tensor, pieces: PackedPieces) -> torch.Tensor:
-    """``conv2d(x, weight, padding=1)`` (stride 1, no bias) for float32 spike maps ``x``
+def spike_conv2d(x: torch.Tensor, pieces: PackedPieces, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(x, weight, bias, padding=1)`` (stride 1) for float32 spike maps ``x``
     ``(N, C_in, H, W)`` and the :class:`PackedPieces` of ``weight``: three int8 convolutions with
-    float32 output, added smallest piece first; the output channels-last. Integers up to 255 (as
+    float32 output, added smallest piece first, then the bias; the output channels-last. Integers up to 255 (as
     uint8 holds them) are exact as well; anything else raises a ``ValueError``."""
     xq = x.to(torch.uint8)
     if not torch.equal(xq.to(x.dtype), x):
@@ -82,4 +82,4 @@ def spike_conv2d(x: torch.Tensor, pieces: PackedPieces) -> torch.Tensor:
                                                   None, _STRIDE, _PADDING, _DILATION, 1, 1.0, 0, torch.float32,
                                                   "none", [], "")
         y = part if y is None else y.add_(part)
-    return y
+    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))

@@ -23,9 +23,11 @@ _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _plain_3x3(conv: nn.Module) -> bool:
     """A plain ``nn.Conv2d`` as :class:`~spikingformer.layers.blocks.ConvBN` makes it (3x3, stride 1,
-    padding 1, no bias, no groups or dilation), float32 on the CPU, with no hooks of its own."""
+    padding 1, no groups or dilation; a bias after ConvBN fusion), float32 on the CPU, with no hooks
+    of its own."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and (conv.bias is None or conv.bias.dtype == torch.float32)
             and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
             and conv.weight.device.type == "cpu" and not (conv._forward_hooks or conv._forward_pre_hooks))
 
@@ -61,5 +63,5 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if takes(conv, x):
         pieces = _pieces(conv)
         if pieces is not None:
-            return kernels.spike_conv2d(x, pieces)
+            return kernels.spike_conv2d(x, pieces, conv.bias)
     return conv(x)
