@@ -6,9 +6,12 @@ convolutions (oneDNN), against independent expectations.
   which is exact for spikes, scaled and rounded to float32, pieces added smallest first), bit for bit.
 * The route against the float64 convolution of the original weights: within the pieces' remainder
   and three roundings, closer than the float32 convolution itself.
-* Where the route runs in a tokenizer (inference, float32, wide inputs, a CPU with 8-bit dot
-  products) and where it does not (training, autocast, narrow inputs, hooks, non-finite weights);
-  weights changed in place are packed again.
+* The accumulation (each window's spikes' weights added, the spike linear's kernel) against its
+  twin (the unfolded maps through the spike linear's reference), bit for bit, and the twin against
+  the float64 convolution.
+* Where the route runs in a tokenizer (inference, float32; wide inputs on a CPU with 8-bit dot
+  products, or sparse ones) and where it does not (training, autocast, dense narrow inputs, hooks,
+  non-finite weights); weights changed in place are packed again.
 """
 
 from __future__ import annotations
@@ -104,9 +107,10 @@ def test_small_integers_are_exact_too():
 @pytest.fixture
 def int8_cpu(monkeypatch):
     """The route as on a CPU with 8-bit dot products (oneDNN's int8 convolution computes the same
-    values without them, only slower), its channel limit 128."""
+    values without them, only slower), its limits 128 channels and a firing rate of 0.1."""
     monkeypatch.setattr(route, "native_int8", lambda: True)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
 
 
 def test_conv_bn_takes_the_route_in_inference_only(int8_cpu):
@@ -174,13 +178,85 @@ def test_a_fused_model_takes_the_route_with_its_bias(int8_cpu, monkeypatch):
     torch.testing.assert_close(on, off, rtol=1e-3, atol=0.05)
 
 
-def test_the_route_follows_the_cpu(monkeypatch):
-    """Off by default where the ISA was measured slower or the CPU has no 8-bit dot products."""
-    monkeypatch.setattr(route, "native_int8", lambda: False)
+def test_each_way_where_it_measured_faster(monkeypatch):
+    """Above the firing-rate limit, the int8 pieces where the CPU has 8-bit dot products, else the
+    float32 convolution; at or below it, the accumulation; inputs narrower than the channel limit
+    keep the float32 convolution either way."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
     stage = ConvBN(256, 8)
+    dense, sparse = _spikes((2, 256, 4, 4), rate=0.5), _spikes((2, 256, 4, 4), rate=0.05)
+    w = stage.conv.weight
     with routes.configured("+spike_conv"), torch.no_grad():
-        assert not route.takes(stage.conv, _spikes((2, 256, 4, 4)))
-    assert "spike_conv" in routes.MEASURED_FASTER["avx512"] and "spike_conv" not in routes.MEASURED_FASTER["avx2"]
+        monkeypatch.setattr(route, "native_int8", lambda: False)
+        assert torch.equal(route.convolve(stage.conv, dense), stage.conv(dense))
+        assert torch.equal(route.convolve(stage.conv, sparse), sc.accumulate_conv_reference(sparse, w))
+        monkeypatch.setattr(route, "native_int8", lambda: True)
+        assert torch.equal(route.convolve(stage.conv, dense), sc.spike_conv_reference(dense, w))
+        assert torch.equal(route.convolve(stage.conv, sparse), sc.accumulate_conv_reference(sparse, w))
+        narrow = ConvBN(64, 8)
+        assert not route.takes(narrow.conv, sparse[:, :64])
+        assert torch.equal(narrow.convolve(sparse[None, :, :64], spikes=True)[0], narrow.conv(sparse[:, :64]))
+    assert {isa for isa, on in routes.MEASURED_FASTER.items() if "spike_conv" in on} == {"avx512", "avx2"}
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def test_accumulation_by_hand():
+    """One 2x2 map of 2 channels, spikes at (0, 0) channel 1 and (1, 1) channel 0: output (0, 0)
+    sees the first at its centre tap (4) and the second at tap 8; the bias comes first."""
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 1, 0, 0] = x[0, 0, 1, 1] = 1.0
+    w = torch.arange(2 * 2 * 9, dtype=torch.float32).view(2, 2, 3, 3)  # w[o, c, i, j]
+    b = torch.tensor([0.5, -0.5])
+    want = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1).float()
+    assert want[0, :, 0, 0].tolist() == [0.5 + w[0, 1, 1, 1].item() + w[0, 0, 2, 2].item(),
+                                        -0.5 + w[1, 1, 1, 1].item() + w[1, 0, 2, 2].item()]
+    assert torch.equal(sc.accumulate_conv_reference(x, w, b), want)
+    assert torch.equal(sc.accumulate_conv2d(x, w, b, 1.0), want)
+    assert sc.window_weight(w)[0, 4 * 2 + 1] == w[0, 1, 1, 1]  # column (3 i + j) C + c
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 8, 5, 7), 16), ((3, 5, 1, 1), 4), ((2, 96, 9, 6), 70), ((1, 3, 2, 9), 65)],
+                         ids=str)
+@pytest.mark.parametrize("rate", [0.0, 0.08, 1.0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_accumulation_equals_its_twin_bit_for_bit(shape, cout, rate, bias, channels_last, monkeypatch):
+    monkeypatch.setattr(sc, "ROWS_PER_PASS", 7)  # several passes of window lists
+    x, w = _spikes(shape, rate, channels_last=channels_last), _weight(cout, shape[1])
+    b = torch.randn(cout, generator=torch.Generator().manual_seed(2)) if bias else None
+    got = sc.accumulate_conv2d(x, w, b, 1.0)
+    want = sc.accumulate_conv_reference(x, w, b)
+    assert torch.equal(got, want)
+    exact = nn.functional.conv2d(x.double(), w.double(), b.double() if bias else None, padding=1)
+    torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulation_declines_and_refuses():
+    x, w = _spikes((2, 8, 4, 4), 0.3), _weight(4, 8)
+    assert sc.accumulate_conv2d(x, w, None, 0.1) is None  # denser than the limit: nothing computed
+    x[0, 1, 2, 3] = 0.5
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        sc.accumulate_conv2d(x, w, None, 1.0)
+    assert sc.accumulate_conv2d(_spikes((1, 7282, 1, 1), 0.0), _weight(1, 7282), None, 1.0) is None  # 9 C > 2^16
+
+
+def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
+    monkeypatch.setattr(route, "native_int8", lambda: False)
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
+    stage = ConvBN(16, 8)
+    sparse, dense = _spikes((6, 16, 5, 5), 0.05).view(2, 3, 16, 5, 5), _spikes((6, 16, 5, 5), 0.5).view(2, 3, 16, 5, 5)
+    with routes.configured("+spike_conv"), torch.no_grad():
+        assert torch.equal(stage.convolve(sparse, spikes=True),
+                           sc.accumulate_conv_reference(sparse.flatten(0, 1), stage.conv.weight).view(2, 3, 8, 5, 5))
+        assert torch.equal(stage.convolve(dense, spikes=True), stage.conv(dense.flatten(0, 1)).view(2, 3, 8, 5, 5))
+        stage.conv.weight[0, 0, 0, 0] = float("inf")
+        assert torch.isnan(stage.convolve(sparse, spikes=True)).any()  # the plain convolution: inf * 0
+    torch.testing.assert_close(stage.convolve(sparse, spikes=True), stage.conv(sparse.flatten(0, 1)).view(2, 3, 8, 5, 5),
+                               rtol=0, atol=0, equal_nan=True)  # training: autograd's convolution
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -188,19 +264,33 @@ def test_the_route_follows_the_cpu(monkeypatch):
     ("spikformer_cifar10_4_384", (2, 3, 32, 32)),
     ("spikingformer_cifar10dvs_2_256", (2, 4, 2, 64, 64)),
 ])
-def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, int8_cpu, monkeypatch):
+@pytest.mark.parametrize("limit", [0.05, 1.0])
+def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, limit, int8_cpu, monkeypatch):
     """Inference of a zoo model: exactly the tokenizer's convolutions of spikes with at least 128
-    input channels take the route, each equal to the twin on the input it got; with the route off,
+    input channels take the route, each one way, equal to that way's twin on the input it got (the
+    accumulation where the input fires at most at the limit, else the int8 pieces); with the route off,
     spikes differ only where a membrane lies within float32 rounding of a threshold (a bounded
     count), and the logits agree to rounding."""
     from spikingformer.neuron import MultiStepLIF
 
+    monkeypatch.setattr(routes, "_spike_conv_max_density", limit)  # 1.0: every wide one summed
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
+    for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire
+        bn.running_mean.normal_(0.0, 0.1), bn.running_var.uniform_(0.5, 1.5), bn.bias.data.normal_(1.0, 0.5)
     x = torch.poisson(torch.full(shape, 0.6)) if len(shape) == 5 else torch.randn(shape)
-    taken = []
-    real = sc.spike_conv2d
-    monkeypatch.setattr(sc, "spike_conv2d", lambda x, p, b=None: taken.append((x.clone(), real(x, p, b))) or taken[-1][1])
+    taken, summed = [], []
+    real, real_sum = sc.spike_conv2d, sc.accumulate_conv2d
+    # (outputs copied: BatchNorm overwrites them in inference, route inplace_bn)
+    monkeypatch.setattr(sc, "spike_conv2d", lambda x, p, b=None: taken.append((x.clone(), real(x, p, b).clone()))
+                        or taken[-1][1].clone())
+
+    def summing(x, w, b, d):
+        y = real_sum(x, w, b, d)
+        summed.append((x.clone(), w, y if y is None else y.clone()))
+        return y
+
+    monkeypatch.setattr(sc, "accumulate_conv2d", summing)
     weights = {s.conv.in_channels: s.conv.weight for s in model.tokenizer.stages[1:]}
 
     def run(spec):
@@ -215,9 +305,14 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, in
                 h.remove()
 
     on_spikes, on = run("+spike_conv")
-    assert sorted({inp.shape[1] for inp, _ in taken}) == sorted(c for c in weights if c >= 128) != []
+    wide = sorted(c for c in weights if c >= 128)
+    summed_ok = [inp.shape[1] for inp, _, out in summed if out is not None]
+    assert sorted([inp.shape[1] for inp, _ in taken] + summed_ok) == wide != []  # each wide one, one way
+    assert (taken == []) == (limit == 1.0)  # some fire above 0.05
     for inp, out in taken:
-        assert torch.equal(out, sc.spike_conv_reference(inp, weights[inp.shape[1]]))
+        assert float(inp.mean()) > limit and torch.equal(out, sc.spike_conv_reference(inp, weights[inp.shape[1]]))
+    for inp, w, out in summed:  # the twin on two maps (each map's windows are its own)
+        assert out is None or torch.equal(out[:2], sc.accumulate_conv_reference(inp[:2], w.detach()))
     off_spikes, off = run("-spike_conv")
     flips = sum(int((a != b).sum()) for a, b in zip(on_spikes, off_spikes))
     total = sum(a.numel() for a in on_spikes)

@@ -235,6 +235,38 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
   return -2;
 }
 
+// The spike lists of 3x3 windows (padding 1) of channels-last spike maps (B, H, W, C), for the
+// forward below: from sf_spike_gather's lists of the maps' pixels (pidx, stride C; pcnt), window
+// row m = (b H + h) W + w, for m in [m0, m0 + rows), lists k = (3 i + j) C + c for every spike c of
+// pixel (h + i - 1, w + j - 1) inside the map, ascending, into idx + (m - m0) * 9C and cnt: the
+// spikes of the window's row of the unfolded maps, taps in row-major order, channels within a tap.
+// Returns 0; -2 if 9C > 65536 (the indices are 16-bit).
+int sf_spike_window_lists(const uint16_t* pidx, const int32_t* pcnt, int64_t B, int64_t H, int64_t W, int64_t C,
+                          int64_t m0, int64_t rows, uint16_t* idx, int32_t* cnt, int nthreads) {
+  if (9 * C > 65536) return -2;
+  const int nt = threads_for_rows(rows, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r, w = m % W, h = (m / W) % H, b = m / (W * H);
+    uint16_t* __restrict out = idx + r * 9 * C;
+    int32_t n = 0;
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t hh = h + i - 1;
+      if (hh < 0 || hh >= H) continue;
+      for (int64_t j = 0; j < 3; ++j) {
+        const int64_t ww = w + j - 1;
+        if (ww < 0 || ww >= W) continue;
+        const int64_t p = (b * H + hh) * W + ww;
+        const uint16_t* __restrict src = pidx + p * C;
+        const uint16_t base = (uint16_t)((3 * i + j) * C);
+        for (int32_t q = 0; q < pcnt[p]; ++q) out[n++] = (uint16_t)(base + src[q]);
+      }
+    }
+    cnt[r] = n;
+  }
+  return 0;
+}
+
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: W (N, K) contiguous; bias (N)
 // may be null; tiles: scratch of ceil(N / 64) * 64 * K floats. W is first copied there tile by
 // tile of output columns, each tile's slice of W^T (K x kWidth floats) contiguous, so that it stays

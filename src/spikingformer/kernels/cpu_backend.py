@@ -98,6 +98,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_gather.restype = i64
     lib.sf_spike_gather_packed.argtypes = [vp, i64, i64, vp, vp, ci]
     lib.sf_spike_gather_packed.restype = i64
+    lib.sf_spike_window_lists.argtypes = [vp, vp, i64, i64, i64, i64, i64, i64, vp, vp, ci]
+    lib.sf_spike_window_lists.restype = ci
     lib.sf_spike_pack.argtypes = [vp, i64, i64, ci, vp, ci]
     lib.sf_spike_pack.restype = ci
     lib.sf_spike_unpack.argtypes = [vp, i64, i64, vp, ci, ci]

@@ -1,5 +1,6 @@
-"""A 3x3 convolution of spike maps in integer arithmetic (oneDNN's int8 convolution), and its
-plain PyTorch twin.
+"""A 3x3 convolution of spike maps two ways, each with its plain PyTorch twin: in integer
+arithmetic (oneDNN's int8 convolution), for wide inputs, and by accumulation of the weights of
+each window's spikes (the spike linear's kernel), for sparse ones.
 
 Spikes are 0 or 1: exact as unsigned 8-bit integers. Each float32 weight of output channel ``o``
 is written as three 8-bit pieces, ``w = s1 q1 + s2 q2 + s3 q3 + r`` with ``|q| <= 127`` and
@@ -13,12 +14,23 @@ roundings: closer to the float64 convolution than float32's own sum of hundreds 
 
 On a CPU with 8-bit dot products (AVX512-VNNI or AMX) the three int8 convolutions take less time
 than one float32 convolution for wide enough inputs; without them (AVX2 alone) they take longer.
-:mod:`spikingformer.layers.spike_conv` decides where it runs.
+
+**Accumulation** (:func:`accumulate_conv2d`): a 3x3 convolution is a linear map of each output
+pixel's window of ``9 C_in`` inputs; for spikes, the sum of the weights of the window's spikes.
+``sf_spike_window_lists`` lists them per window from the maps' own spike lists (taps in row-major
+order, channels within a tap) and the spike linear's forward adds those weight columns, bias
+first, in that order: float32 additions, as many as the window's spikes times ``C_out``, so the
+work falls with the firing rate. Its twin (:func:`accumulate_conv_reference`) unfolds the maps
+and runs :func:`~spikingformer.kernels.spike_linear.spike_linear_reference`; the two agree bit for
+bit. :mod:`spikingformer.layers.spike_conv` decides where each runs.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from spikingformer.kernels import spike_linear
 
 PIECES = 3
 _STRIDE, _PADDING, _DILATION = [1, 1], [1, 1], [1, 1]
@@ -83,3 +95,61 @@ def spike_conv2d(x: torch.Tensor, pieces: PackedPieces, bias: torch.Tensor | Non
                                                   "none", [], "")
         y = part if y is None else y.add_(part)
     return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+ROWS_PER_PASS = 8192  # windows listed per pass (9 C_in 16-bit slots each: 14 MB for C_in = 96)
+NOT_BINARY = ("spike_conv: the convolution's input holds a value other than 0 and 1; only a spiking "
+              "neuron's output may take this route")
+
+
+def window_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Weights ``(C_out, C_in, 3, 3)`` as the rows of a linear map of the unfolded windows,
+    ``(C_out, 9 C_in)``: column ``(3 i + j) C_in + c`` is tap ``(i, j)`` of input channel ``c``."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def accumulate_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """What :func:`accumulate_conv2d` computes, in plain PyTorch: the maps ``x`` unfolded into one row
+    per output pixel (taps row-major, channels within a tap), through
+    :func:`~spikingformer.kernels.spike_linear.spike_linear_reference` (the bias, then the weight
+    column of every spike in turn, float32 additions); ``(N, C_out, H, W)``."""
+    n, c, h, w = x.shape
+    rows = nn.functional.unfold(x, 3, padding=1).view(n, c, 9, h * w).permute(0, 3, 2, 1).reshape(-1, 9 * c)
+    y = spike_linear.spike_linear_reference(rows, window_weight(weight), bias)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float
+                      ) -> torch.Tensor | None:
+    """``conv2d(x, weight, bias, padding=1)`` (stride 1) for float32 spike maps ``x`` ``(N, C_in, H, W)``
+    by accumulation (see the module's description), its output channels-last; ``None`` (nothing
+    computed) where more than ``max_density`` of ``x`` are ones, where ``9 C_in`` exceeds the
+    kernels' 16-bit indices, or without the kernel library. Raises a ``ValueError`` if ``x`` holds
+    anything but 0 and 1."""
+    lib = spike_linear.get_library()
+    n, c, h, w = x.shape
+    if lib is None or 9 * c > 65536 or not x.numel():
+        return None
+    cout, m = weight.shape[0], n * h * w
+    y = x.new_empty(m, cout)  # the output before the scratch (see kernel_spike_linear_forward)
+    _, pidx, pcnt, count = spike_linear._gather_spikes(lib, x.permute(0, 2, 3, 1).reshape(m, c))
+    if count == -1:
+        raise ValueError(NOT_BINARY)
+    if count > max_density * x.numel():
+        return None
+    w2 = window_weight(weight.detach())
+    b = bias.detach().contiguous() if bias is not None else None
+    per, threads = min(ROWS_PER_PASS, m), torch.get_num_threads()
+    tiles = x.new_empty(-(-cout // 64) * 64 * 9 * c)
+    idx, cnt = torch.empty(per * 9 * c, dtype=torch.int16), torch.empty(per, dtype=torch.int32)
+    for m0 in range(0, m, per):
+        rows = min(per, m - m0)
+        lib.sf_spike_window_lists(pidx.data_ptr(), pcnt.data_ptr(), n, h, w, c, m0, rows, idx.data_ptr(),
+                                  cnt.data_ptr(), threads)
+        lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), rows, 9 * c, w2.data_ptr(),
+                                    b.data_ptr() if b is not None else None, cout, y[m0].data_ptr(),
+                                    tiles.data_ptr(), threads)
+    return y.view(n, h, w, cout).permute(0, 3, 1, 2)

@@ -44,11 +44,14 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   under CPU autocast too, where the product stays autocast's dense one in its dtype, bit for bit,
   and the bits replace the bf16 copy of the input. Takes precedence over ``token_linear``.
 * ``spike_conv``: in inference, the tokenizer's 3x3 convolutions of spike maps (stages 1-4, behind a
-  spiking neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels run as three int8
-  convolutions of oneDNN on a CPU with 8-bit dot products (AVX512-VNNI or AMX): spikes are exact
-  as integers, each weight is three 8-bit pieces per output channel (to 2^-24 of the channel's
-  largest), sums are exact in int32 (:mod:`spikingformer.kernels.spike_conv`). Another rounding
-  than the float32 convolution's (closer to float64 than it), so float32 values differ by rounding.
+  spiking neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
+  (:mod:`spikingformer.kernels.spike_conv`). At a firing rate of at most
+  :data:`SPIKE_CONV_MAX_DENSITY`, the weights of each window's spikes are added (the spike
+  linear's kernel). Else, on a CPU with 8-bit dot products (AVX512-VNNI or AMX), three int8
+  convolutions of oneDNN: spikes are exact as integers, each weight is three 8-bit pieces per
+  output channel (to 2^-24 of the channel's largest), sums are exact in int32. Each rounds
+  otherwise than the float32 convolution (the second closer to float64 than it), so float32
+  values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
@@ -102,7 +105,8 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 MEASURED_FASTER = {
     "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
                          "attention_order"}),
-    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "attention_order"}),
+    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
+                       "attention_order"}),
 }
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
@@ -111,8 +115,10 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # Per ISA, the least input channels for which spike_conv measured faster than the float32
-# convolution on the zoo's tokenizer shapes (docs/performance.md, "Spike convolution"; 32 and 96 were slower).
-SPIKE_CONV_MIN_CHANNELS = {"avx512": 128}
+# convolution on the zoo's tokenizer shapes, and the firing rate up to which its accumulation did
+# (on AVX-512: beat the int8 pieces too) (docs/performance.md, "Spike convolution").
+SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
+SPIKE_CONV_MAX_DENSITY = {"avx512": 0.10, "avx2": 0.30}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -144,7 +150,8 @@ _active = parse(os.environ.get(ENV, ""), default_routes())
 # spike_linear's limits here (an ISA not measured gets the strictest measured)
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
-_spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), SPIKE_CONV_MIN_CHANNELS["avx512"])
+_spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
+_spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), min(SPIKE_CONV_MAX_DENSITY.values()))
 
 
 def enabled(name: str) -> bool:

@@ -1,6 +1,7 @@
 """The tokenizer's convolutions of spike maps and their route (``spike_conv``).
 
-The switch, the per-ISA limit (:data:`~spikingformer.layers.routes.SPIKE_CONV_MIN_CHANNELS`) and
+The switch, the per-ISA limits (:data:`~spikingformer.layers.routes.SPIKE_CONV_MIN_CHANNELS`,
+:data:`~spikingformer.layers.routes.SPIKE_CONV_MAX_DENSITY`) and
 the route's description are in :mod:`spikingformer.layers.routes`; the arithmetic is in
 :mod:`spikingformer.kernels.spike_conv`.
 """
@@ -35,33 +36,45 @@ def _plain_3x3(conv: nn.Module) -> bool:
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``spike_conv`` computes ``conv(x)`` for spike maps ``x`` ``(N, C_in, H, W)``: the route
     on, inference (no autograd, not under ``torch.compile`` or CPU autocast), a plain 3x3 convolution
-    (:func:`_plain_3x3`) of float32 CPU maps with at least ``SPIKE_CONV_MIN_CHANNELS`` input
-    channels, a CPU with 8-bit dot products (:func:`~spikingformer.cpu_features.native_int8`), and
-    no global module hooks (which would miss the call)."""
+    (:func:`_plain_3x3`) with finite weights (else the plain convolution propagates NaN and inf) of
+    float32 CPU maps with at least ``SPIKE_CONV_MIN_CHANNELS`` input channels, and no global module
+    hooks (which would miss the call). :func:`convolve` then picks the way."""
     return (routes.enabled("spike_conv") and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and not torch.is_autocast_enabled("cpu") and x.shape[1] >= routes._spike_conv_min_channels
-            and _plain_3x3(conv) and native_int8()
+            and x.shape[1] >= routes._spike_conv_min_channels and not torch.is_autocast_enabled("cpu")
+            and _plain_3x3(conv) and bool(torch.isfinite(conv.weight).all())
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
 def _pieces(conv: nn.Conv2d) -> kernels.PackedPieces:
     """The weight's packed pieces, made again whenever the weight changed (its version counter or
-    storage) or is not finite (then ``None``: the plain convolution propagates NaN and inf)."""
+    storage)."""
     key = (conv.weight._version, conv.weight.data_ptr())
     held = _packed.get(conv)
     if held is None or held[0] != key:
-        pieces = kernels.PackedPieces(conv.weight) if bool(torch.isfinite(conv.weight).all()) else None
-        held = _packed[conv] = (key, pieces)
+        held = _packed[conv] = (key, kernels.PackedPieces(conv.weight))
     return held[1]
 
 
+def _may_be_sparse(x: torch.Tensor, limit: float) -> bool:
+    """Whether the first map's firing rate is at most twice ``limit``: the accumulation lists every
+    map's spikes before it knows the rate, which is not worth it for maps that fire far above it."""
+    first = x[0]
+    return int(first.count_nonzero()) <= 2 * limit * first.numel()
+
+
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for spike maps ``x``: with ``spike_conv`` where :func:`takes` says so, in integer
-    arithmetic (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`; float32 values differ from
-    the float32 convolution's by rounding), else the module call."""
+    """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so: by
+    accumulation of the windows' spikes' weights where at most ``SPIKE_CONV_MAX_DENSITY`` of ``x``
+    are ones (:func:`~spikingformer.kernels.spike_conv.accumulate_conv2d`), else in integer
+    arithmetic on a CPU with 8-bit dot products (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`);
+    float32 values differ from the float32 convolution's by rounding. Otherwise the module call."""
     if takes(conv, x):
-        pieces = _pieces(conv)
-        if pieces is not None:
-            return kernels.spike_conv2d(x, pieces, conv.bias)
+        limit = routes._spike_conv_max_density
+        if _may_be_sparse(x, limit):
+            y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limit)
+            if y is not None:
+                return y
+        if native_int8():
+            return kernels.spike_conv2d(x, _pieces(conv), conv.bias)
     return conv(x)
