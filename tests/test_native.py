@@ -267,6 +267,25 @@ def test_native_bf16_detection(monkeypatch, avx512_bf16, amx, isa_cap, native):
     assert native_bf16() is native
 
 
+@pytest.mark.parametrize("machine, vnni, amx, isa_cap, native", [
+    ("x86_64", False, False, None, False),  # e.g. an AVX2-only EPYC: int8 without dot products
+    ("x86_64", True, False, None, True),
+    ("x86_64", False, True, None, True),
+    ("x86_64", True, True, "avx2", False),  # oneDNN capped below them
+    ("aarch64", True, True, None, False),
+], ids=["avx2_only", "vnni", "amx", "capped_at_avx2", "arm"])
+def test_native_int8_detection(monkeypatch, machine, vnni, amx, isa_cap, native):
+    """The spike convolution's int8 way asks this: 8-bit dot products that oneDNN may use."""
+    from spikingformer.cpu_features import native_int8
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if isa_cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    _cpu(monkeypatch, machine, avx512_bf16=False, amx=amx)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    assert native_int8() is native
+
+
 def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):
     from spikingformer.engine.trainer import autocast_dtype
 

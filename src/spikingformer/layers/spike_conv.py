@@ -17,9 +17,26 @@ from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
 from spikingformer.layers import routes
 
-# conv module -> (its weight's version and address when packed, the packed pieces); weak, so a
-# dropped model frees its pieces
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# conv module -> what the route keeps of its weight (_Weight); weak, so a dropped model frees it
+_held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Weight:
+    """What the route keeps of one convolution's weight, for the version and storage it was made
+    from: whether it is finite, and its packed pieces once the int8 way needs them."""
+
+    def __init__(self, weight: torch.Tensor, key: tuple[int, int]) -> None:
+        self.key, self.finite, self.pieces = key, bool(torch.isfinite(weight).all()), None
+
+
+def _weight(conv: nn.Conv2d) -> _Weight:
+    """The weight's :class:`_Weight`, made again whenever the weight changed (its version counter or
+    storage: an optimizer step, ``load_state_dict``)."""
+    key = (conv.weight._version, conv.weight.data_ptr())
+    held = _held.get(conv)
+    if held is None or held.key != key:
+        held = _held[conv] = _Weight(conv.weight, key)
+    return held
 
 
 def _plain_3x3(conv: nn.Module) -> bool:
@@ -42,18 +59,16 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     return (routes.enabled("spike_conv") and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and x.shape[1] >= routes._spike_conv_min_channels and not torch.is_autocast_enabled("cpu")
-            and _plain_3x3(conv) and bool(torch.isfinite(conv.weight).all())
+            and _plain_3x3(conv) and _weight(conv).finite
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
 def _pieces(conv: nn.Conv2d) -> kernels.PackedPieces:
-    """The weight's packed pieces, made again whenever the weight changed (its version counter or
-    storage)."""
-    key = (conv.weight._version, conv.weight.data_ptr())
-    held = _packed.get(conv)
-    if held is None or held[0] != key:
-        held = _packed[conv] = (key, kernels.PackedPieces(conv.weight))
-    return held[1]
+    """The weight's packed pieces (made once per version of the weight)."""
+    held = _weight(conv)
+    if held.pieces is None:
+        held.pieces = kernels.PackedPieces(conv.weight)
+    return held.pieces
 
 
 def _may_be_sparse(x: torch.Tensor, limit: float) -> bool:
