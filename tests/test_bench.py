@@ -48,7 +48,11 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     lifted = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384 | ")
               and line.count("|") == 9]
     assert [t[2].strip() for t in lifted] == ["train", "infer"]
-    assert all(float(t[4]) >= float(t[5]) > 0 and t[-2].strip().endswith("%") for t in lifted)
+    assert all(float(t[4]) > 0 and float(t[5]) > 0 and t[-2].strip().endswith("%") for t in lifted)
+    # columns 4 and 5 are GFLOP (dense model, our step): in training our step does no more dense arithmetic
+    # than the dense model (the spike routes do less); in inference it may, where spike_conv's int8 pieces
+    # run (each counts as a whole convolution: three for the one they replace)
+    assert float(lifted[0][4]) >= float(lifted[0][5])
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
