@@ -1,6 +1,6 @@
 """The tokenizer's convolutions of spike maps: float32 (oneDNN, as the model runs them) against the
-``spike_conv`` route's two ways, side by side on the zoo models' inference shapes: three int8
-convolutions, and the accumulation of each window's spikes' weights.
+``spike_conv`` route's two ways, side by side on the zoo models' shapes: three int8 convolutions,
+and the accumulation of each window's spikes' weights (in training too).
 
 For each case all three run alternately on the same spike maps (channels-last, as the tokenizer
 hands them over, at the firing rate the benchmark models' neurons give that stage in inference,
@@ -8,9 +8,13 @@ or at each of ``--rates``); the table gives each one's best wall time, the media
 of float32 / that way (calls made back to back), and each one's largest difference from the
 float64 convolution. The int8 way's packed weights are made once, as the route keeps them for a
 model in inference. ``SPIKE_CONV_MIN_CHANNELS`` and ``SPIKE_CONV_MAX_DENSITY`` in
-``spikingformer.layers.routes`` come from these tables. Usage::
+``spikingformer.layers.routes`` come from these tables. With ``--train``, a training step's
+forward and backward: autograd's float32 convolution against the accumulation's training form (the
+forward's sums, PyTorch's input gradient, the weight gradient summed at the windows' spikes), at the
+rates the benchmark models' neurons give each stage in training. Usage::
 
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
+    python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 \\
         python benchmarks/bench_spike_conv.py   # as an AVX2 CPU (int8 without VNNI)
@@ -35,6 +39,12 @@ CASES = {
     "cifar": [("stage 1, 48 -> 96 at 32x32", (64, 48, 32, 96), 0.07), ("stage 2, 96 -> 192 at 32x32", (64, 96, 32, 192), 0.047),
               ("stage 3, 192 -> 384 at 16x16", (64, 192, 16, 384), 0.26),
               ("stage 4, 384 -> 384 at 8x8", (64, 384, 8, 384), 0.20)],
+}
+# the same convolutions in a training step (BatchNorm with the batch's statistics: other rates; the
+# event model's whole batch, 8 samples x T = 16)
+TRAIN_CASES = {
+    "event": [(name, (128, *shape[1:]), rate) for (name, shape, _), rate in zip(CASES["event"], (0.42, 0.41, 0.41, 0.40))],
+    "cifar": [(name, shape, rate) for (name, shape, _), rate in zip(CASES["cifar"], (0.07, 0.047, 0.256, 0.201))],
 }
 QUICK = {"small": [("8 -> 16 at 8x8", (2, 8, 8, 16), 0.1)]}
 
@@ -64,6 +74,52 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
+def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
+    """Forward and backward (input and weight gradients) of autograd's float32 convolution against
+    the route's training form (``spike_conv._Accumulated``), alternately on the same maps and output
+    gradient; errors are the weight gradients' largest differences from float64's."""
+    import torch
+
+    from spikingformer.layers import spike_conv as route
+
+    n, cin, hw, cout = shape
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, cin, hw, hw, generator=gen) < rate).float().contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
+    g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+    forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
+                "sum": lambda xi, wi: route._Accumulated.apply(xi, wi, None, 1.0)}
+
+    def step(forward):
+        xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+        forward(xi, wi).backward(g)
+        return wi.grad
+
+    exact = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
+                                                False, [0, 0], 1, [False, True, False])[1]
+    errors = {k: float((step(f).double() - exact).abs().max()) for k, f in forwards.items()}
+    times = {k: [] for k in forwards}
+    for _ in range(reps):
+        for k, f in forwards.items():
+            t = time.perf_counter()
+            step(f)
+            times[k].append(time.perf_counter() - t)
+    ratio = statistics.median(a / b for a, b in zip(times["fp32"], times["sum"]))
+    return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratio=ratio, errors=errors)
+
+
+def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
+    print("| case | rate | float32 fwd+bwd ms | sum fwd+bwd ms | sum ratio | weight-gradient error: float32 | sum |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model, rows in cases.items():
+        for name, shape, model_rate in rows:
+            for rate in rates or [model_rate]:
+                r = run_train_case(shape, rate, reps)
+                b, e = r["best"], r["errors"]
+                print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['sum']:.2f} | {r['ratio']:.2f}x | "
+                      f"{e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
@@ -71,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     ap.add_argument("--rates", type=float, nargs="+", help="firing rates to run every case at (default: the models')")
     ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
+    ap.add_argument("--train", action="store_true",
+                    help="forward and backward: autograd's float32 convolution against the accumulation")
     args = ap.parse_args(argv)
     import torch
 
@@ -80,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     allocator.configure_allocator()  # as the command runs: outputs from reused blocks, not fresh pages
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = QUICK if args.quick else {m: CASES[m] for m in args.models}
-    print("# Spike convolution: float32 against int8 pieces and accumulation\n")
+    cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
+    what = "forward and backward, float32 against accumulation" if args.train else \
+        "float32 against int8 pieces and accumulation"
+    print(f"# Spike convolution: {what}\n")
     print(f"Command: `{common.command(argv if argv is not None else sys.argv[1:])}`\n")
     for line in common.machine_lines(torch.get_num_threads()):
         print(line)
     print(f"- 8-bit dot products (AVX512-VNNI or AMX) usable by oneDNN: {native_int8()}")
     print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of float32 / that way; "
-          "error: largest difference from the float64 convolution\n")
+          f"error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n")
+    if args.train:
+        _train_table(cases, args.rates, args.reps)
+        return 0
     print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | error: float32 | int8 | sum |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, rows in cases.items():

@@ -149,6 +149,8 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("fused_bn_spike", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
+        out.append(("spike_conv", key, label, "train",
+                    lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("spike_conv", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron
@@ -187,7 +189,7 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
         routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces", "spike_conv"]
                        + ([] if steps else ["stem_once"]))
         for route in routes_here:
-            if route not in ("inplace_bn", "batch_pieces", "spike_conv"):  # inference-only routes
+            if route not in ("inplace_bn", "batch_pieces"):  # inference-only routes
                 out.append((route, key, label, "train", train_mode(_train(fn, params, [x]))))
             if route != "recompute":
                 out.append((route, key, label, "infer", eval_mode(_infer(fn, [x]))))

@@ -10,8 +10,11 @@ convolutions (oneDNN), against independent expectations.
   twin (the unfolded maps through the spike linear's reference), bit for bit, and the twin against
   the float64 convolution.
 * Where the route runs in a tokenizer (inference, float32; wide inputs on a CPU with 8-bit dot
-  products, or sparse ones) and where it does not (training, autocast, dense narrow inputs, hooks,
+  products, or sparse ones) and where it does not (autocast, dense narrow inputs, hooks,
   non-finite weights); weights changed in place are packed again.
+* Training (sparse inputs only): the weight gradient by accumulation against its twin bit for bit
+  and float64's gradient, the input gradient PyTorch's bit for bit, the spikes kept as bits, and a
+  zoo model's training step against the route off.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from spikingformer.kernels import spike_conv as sc
+from spikingformer.kernels.spike_linear import packed_width
 from spikingformer.layers import ConvBN, routes
 from spikingformer.layers import spike_conv as route
 from spikingformer.models.zoo import create_model
@@ -110,10 +114,10 @@ def int8_cpu(monkeypatch):
     values without them, only slower), its limits 128 channels and a firing rate of 0.1."""
     monkeypatch.setattr(route, "native_int8", lambda: True)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
 
 
-def test_conv_bn_takes_the_route_in_inference_only(int8_cpu):
+def test_conv_bn_takes_the_int8_pieces_in_inference_only(int8_cpu):
     stage = ConvBN(128, 32)
     x = _spikes((6, 128, 6, 6)).view(2, 3, 128, 6, 6)
     want = sc.spike_conv_reference(x.flatten(0, 1), stage.conv.weight).view(2, 3, 32, 6, 6)
@@ -127,7 +131,7 @@ def test_conv_bn_takes_the_route_in_inference_only(int8_cpu):
             handle = stage.conv.register_forward_hook(lambda *a: None)
             assert torch.equal(stage.convolve(x, spikes=True), plain)  # a hook sees the module call
             handle.remove()
-        assert torch.equal(stage.convolve(x, spikes=True), plain)  # training: autograd's convolution
+        assert torch.equal(stage.convolve(x, spikes=True), plain)  # training, above the limit: autograd's convolution
     with routes.configured("-spike_conv"), torch.no_grad():
         assert torch.equal(stage.convolve(x, spikes=True), plain)
     narrow = ConvBN(64, 32)
@@ -183,7 +187,7 @@ def test_each_way_where_it_measured_faster(monkeypatch):
     float32 convolution; at or below it, the accumulation; inputs narrower than the channel limit
     keep the float32 convolution either way."""
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
     stage = ConvBN(256, 8)
     dense, sparse = _spikes((2, 256, 4, 4), rate=0.5), _spikes((2, 256, 4, 4), rate=0.05)
     w = stage.conv.weight
@@ -246,7 +250,7 @@ def test_accumulation_declines_and_refuses():
 def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
     monkeypatch.setattr(route, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", 0.1)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
     stage = ConvBN(16, 8)
     sparse, dense = _spikes((6, 16, 5, 5), 0.05).view(2, 3, 16, 5, 5), _spikes((6, 16, 5, 5), 0.5).view(2, 3, 16, 5, 5)
     with routes.configured("+spike_conv"), torch.no_grad():
@@ -255,8 +259,121 @@ def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
         assert torch.equal(stage.convolve(dense, spikes=True), stage.conv(dense.flatten(0, 1)).view(2, 3, 8, 5, 5))
         stage.conv.weight[0, 0, 0, 0] = float("inf")
         assert torch.isnan(stage.convolve(sparse, spikes=True)).any()  # the plain convolution: inf * 0
-    torch.testing.assert_close(stage.convolve(sparse, spikes=True), stage.conv(sparse.flatten(0, 1)).view(2, 3, 8, 5, 5),
-                               rtol=0, atol=0, equal_nan=True)  # training: autograd's convolution
+    with routes.configured("+spike_conv"):  # training too
+        torch.testing.assert_close(stage.convolve(sparse, spikes=True), stage.conv(sparse.flatten(0, 1)).view(2, 3, 8, 5, 5),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 8, 5, 7), 16), ((3, 70, 6, 4), 130), ((1, 3, 2, 9), 65)], ids=str)
+@pytest.mark.parametrize("rate", [0.0, 0.08, 1.0])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_weight_gradient_by_accumulation_equals_its_twin_bit_for_bit(shape, cout, rate, channels_last, monkeypatch):
+    """From the forward's packed bits, over several passes of window lists, equal to the twin (the
+    output gradient's rows summed at every window's spikes, in order) and to float64's gradient to
+    rounding."""
+    monkeypatch.setattr(sc, "ROWS_PER_PASS", 7)
+    x, w = _spikes(shape, rate, channels_last=channels_last), _weight(cout, shape[1])
+    n, c, h, wd = shape
+    packed = torch.empty(n * h * wd, packed_width(c), dtype=torch.int64)
+    assert torch.equal(sc.accumulate_conv2d(x, w, None, 1.0, packed), sc.accumulate_conv_reference(x, w))
+    g = torch.randn(n, cout, h, wd, generator=torch.Generator().manual_seed(3))
+    got = sc.accumulate_conv_weight_grad(packed, x.shape, g)
+    assert got.shape == w.shape and got.is_contiguous()
+    assert torch.equal(got, sc.accumulate_conv_weight_grad_reference(x, g))
+    exact = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False,
+                                                [0, 0], 1, [False, True, False])[1]
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def _train_stage(stage, x, grad, spec):
+    """Output and (input, weight, bias) gradients of ``stage.convolve(x, spikes=True)`` under routes ``spec``."""
+    x = x.detach().requires_grad_()
+    stage.zero_grad()
+    with routes.configured(spec):
+        y = stage.convolve(x, spikes=True)
+    y.backward(grad)
+    bias = stage.conv.bias.grad if stage.conv.bias is not None else None
+    return y.detach(), x.grad, stage.conv.weight.grad.clone(), bias
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
+def test_training_accumulates_sparse_inputs_and_keeps_bits(bias, layout, monkeypatch):
+    """In training, sparse spike maps are summed as in inference; backward gives PyTorch's input
+    gradient bit for bit, the weight gradient of the accumulation's twin, and the bias gradient; autograd
+    keeps the spikes as bits (no float32 map of the input)."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.0})
+    stage = ConvBN(24, 8)
+    if bias:
+        stage.conv.bias = nn.Parameter(torch.randn(8))
+    x = _spikes((6, 24, 5, 5), 0.05, channels_last=layout == "+channels_last").view(2, 3, 24, 5, 5)
+    g = torch.randn(2, 3, 8, 5, 5, generator=torch.Generator().manual_seed(4))
+    y, gx, gw, gb = _train_stage(stage, x, g, f"+spike_conv,{layout}")
+    py, pgx, pgw, pgb = _train_stage(stage, x, g, f"-spike_conv,{layout}")
+    maps, w = x.flatten(0, 1), stage.conv.weight
+    assert torch.equal(y.flatten(0, 1), sc.accumulate_conv_reference(maps, w, stage.conv.bias))
+    assert torch.equal(gx, pgx)
+    assert torch.equal(gw, sc.accumulate_conv_weight_grad_reference(maps, g.flatten(0, 1)))
+    torch.testing.assert_close(gw, pgw, rtol=1e-5, atol=1e-5)
+    assert (gb is None) == (not bias) and (gb is None or torch.allclose(gb, pgb, rtol=1e-6, atol=1e-5))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            routes.configured("+spike_conv"):
+        stage.convolve(x.detach().requires_grad_(), spikes=True)
+    assert [t.dtype for t in saved] == [torch.int64, torch.float32] and saved[1] is stage.conv.weight
+
+
+@pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
+def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
+    """The first map sparse, the whole denser than the limit: the float32 convolution, its gradients
+    those of autograd's bit for bit (the weight's from the unpacked bits)."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
+    stage = ConvBN(16, 8)
+    x = torch.cat([_spikes((1, 16, 6, 6), 0.02), _spikes((5, 16, 6, 6), 0.6)]).view(2, 3, 16, 6, 6)
+    if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    taken = []
+    monkeypatch.setattr(route._Accumulated, "apply", lambda *a, real=route._Accumulated.apply: taken.append(1) or real(*a))
+    g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    on, off = _train_stage(stage, x, g, f"+spike_conv,{layout}"), _train_stage(stage, x, g, f"-spike_conv,{layout}")
+    assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
+
+
+def test_zoo_model_trains_with_the_route_to_rounding(monkeypatch):
+    """A training step of a zoo model: the tokenizer's wide convolutions of spikes summed, each equal
+    to its twin on the input it got; loss and gradients agree with the route off to rounding (spikes
+    may flip where a membrane lies within rounding of a threshold)."""
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 1.0, "infer": 1.0})
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10_4_384", depth=1).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    seen = []
+    real = sc.accumulate_conv2d
+    monkeypatch.setattr(sc, "accumulate_conv2d", lambda x, w, b, d, p=None: seen.append((x.detach().clone(), w))
+                        or real(x, w, b, d, p))
+
+    def step(spec):
+        model.zero_grad()
+        with routes.configured(spec):
+            loss = nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_on, grads_on = step("+spike_conv")
+    assert sorted(inp.shape[1] for inp, _ in seen) == [96, 192, 384]  # the wide ones (>= 64 channels)
+    for inp, w in seen:
+        assert torch.equal(real(inp[:2], w, None, 1.0), sc.accumulate_conv_reference(inp[:2], w.detach()))
+    loss_off, grads_off = step("-spike_conv")
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-3, atol=1e-3)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_on:
+        scale = float(grads_off[name].abs().max()) + 1e-6
+        assert float((grads_on[name] - grads_off[name]).abs().max()) <= 0.05 * scale, name
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -273,7 +390,7 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
     count), and the logits agree to rounding."""
     from spikingformer.neuron import MultiStepLIF
 
-    monkeypatch.setattr(routes, "_spike_conv_max_density", limit)  # 1.0: every wide one summed
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit})  # 1.0: every wide one summed
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
     for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire

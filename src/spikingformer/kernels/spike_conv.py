@@ -110,46 +110,108 @@ def window_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
 
+def _unfolded_rows(x: torch.Tensor) -> torch.Tensor:
+    """Maps ``(N, C_in, H, W)`` as one row of ``9 C_in`` inputs per output pixel (of a 3x3
+    convolution with padding 1): taps row-major, channels within a tap."""
+    n, c, h, w = x.shape
+    return nn.functional.unfold(x, 3, padding=1).view(n, c, 9, h * w).permute(0, 3, 2, 1).reshape(-1, 9 * c)
+
+
 def accumulate_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                               ) -> torch.Tensor:
     """What :func:`accumulate_conv2d` computes, in plain PyTorch: the maps ``x`` unfolded into one row
     per output pixel (taps row-major, channels within a tap), through
     :func:`~spikingformer.kernels.spike_linear.spike_linear_reference` (the bias, then the weight
     column of every spike in turn, float32 additions); ``(N, C_out, H, W)``."""
-    n, c, h, w = x.shape
-    rows = nn.functional.unfold(x, 3, padding=1).view(n, c, 9, h * w).permute(0, 3, 2, 1).reshape(-1, 9 * c)
-    y = spike_linear.spike_linear_reference(rows, window_weight(weight), bias)
+    n, _, h, w = x.shape
+    y = spike_linear.spike_linear_reference(_unfolded_rows(x), window_weight(weight), bias)
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float
-                      ) -> torch.Tensor | None:
+def _window_passes(lib, pidx: torch.Tensor, pcnt: torch.Tensor, shape: torch.Size):
+    """``(m0, rows, idx, cnt)`` per pass of at most :data:`ROWS_PER_PASS` output pixels (rows
+    ``m0 .. m0 + rows`` of the unfolded windows): each window's spikes listed by
+    ``sf_spike_window_lists`` from the pixels' spike lists ``pidx``, ``pcnt`` of maps of ``shape``
+    ``(N, C_in, H, W)``. The two buffers are the same in every pass."""
+    n, c, h, w = shape
+    m = n * h * w
+    per, threads = min(ROWS_PER_PASS, m), torch.get_num_threads()
+    idx, cnt = torch.empty(per * 9 * c, dtype=torch.int16), torch.empty(per, dtype=torch.int32)
+    for m0 in range(0, m, per):
+        rows = min(per, m - m0)
+        lib.sf_spike_window_lists(pidx.data_ptr(), pcnt.data_ptr(), n, h, w, c, m0, rows, idx.data_ptr(),
+                                  cnt.data_ptr(), threads)
+        yield m0, rows, idx, cnt
+
+
+def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
+                      packed: torch.Tensor | None = None) -> torch.Tensor | None:
     """``conv2d(x, weight, bias, padding=1)`` (stride 1) for float32 spike maps ``x`` ``(N, C_in, H, W)``
     by accumulation (see the module's description), its output channels-last; ``None`` (nothing
     computed) where more than ``max_density`` of ``x`` are ones, where ``9 C_in`` exceeds the
     kernels' 16-bit indices, or without the kernel library. Raises a ``ValueError`` if ``x`` holds
-    anything but 0 and 1."""
+    anything but 0 and 1. With ``packed`` (``(N H W, packed_width(C_in))`` int64), the spikes of
+    each pixel (channels in order) are written there as bits whatever the firing rate (for
+    :func:`accumulate_conv_weight_grad`)."""
     lib = spike_linear.get_library()
     n, c, h, w = x.shape
     if lib is None or 9 * c > 65536 or not x.numel():
         return None
     cout, m = weight.shape[0], n * h * w
     y = x.new_empty(m, cout)  # the output before the scratch (see kernel_spike_linear_forward)
-    _, pidx, pcnt, count = spike_linear._gather_spikes(lib, x.permute(0, 2, 3, 1).reshape(m, c))
+    _, pidx, pcnt, count = spike_linear._gather_spikes(lib, x.permute(0, 2, 3, 1).reshape(m, c), packed)
     if count == -1:
         raise ValueError(NOT_BINARY)
     if count > max_density * x.numel():
         return None
     w2 = window_weight(weight.detach())
     b = bias.detach().contiguous() if bias is not None else None
-    per, threads = min(ROWS_PER_PASS, m), torch.get_num_threads()
     tiles = x.new_empty(-(-cout // 64) * 64 * 9 * c)
-    idx, cnt = torch.empty(per * 9 * c, dtype=torch.int16), torch.empty(per, dtype=torch.int32)
-    for m0 in range(0, m, per):
-        rows = min(per, m - m0)
-        lib.sf_spike_window_lists(pidx.data_ptr(), pcnt.data_ptr(), n, h, w, c, m0, rows, idx.data_ptr(),
-                                  cnt.data_ptr(), threads)
+    for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, x.shape):
         lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), rows, 9 * c, w2.data_ptr(),
                                     b.data_ptr() if b is not None else None, cout, y[m0].data_ptr(),
-                                    tiles.data_ptr(), threads)
+                                    tiles.data_ptr(), torch.get_num_threads())
     return y.view(n, h, w, cout).permute(0, 3, 1, 2)
+
+
+def _grad_rows(grad: torch.Tensor) -> torch.Tensor:
+    """An output gradient ``(N, C_out, H, W)`` as rows ``(N H W, C_out)`` (a view where channels-last)."""
+    return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+
+
+def _window_weight_grad(gw: torch.Tensor, c: int) -> torch.Tensor:
+    """The weight gradient ``(C_out, C_in, 3, 3)`` of its unfolded-window form ``(C_out, 9 C_in)``."""
+    return gw.view(gw.shape[0], 3, 3, c).permute(0, 3, 1, 2).contiguous()
+
+
+def accumulate_conv_weight_grad_reference(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """What :func:`accumulate_conv_weight_grad` computes, in plain PyTorch: the unfolded windows of
+    the spike maps ``x`` as in :func:`accumulate_conv_reference`; per pass of :data:`ROWS_PER_PASS`
+    output pixels, :func:`~spikingformer.kernels.spike_linear.spike_linear_weight_grad_reference` of
+    its windows and output-gradient rows (each weight's gradient summed over the pass's pixels in
+    order); the passes' sums added in order."""
+    rows, g = _unfolded_rows(x), _grad_rows(grad)
+    gw = None
+    for m0 in range(0, rows.shape[0], ROWS_PER_PASS):
+        part = spike_linear.spike_linear_weight_grad_reference(rows[m0:m0 + ROWS_PER_PASS], g[m0:m0 + ROWS_PER_PASS])
+        gw = part if gw is None else gw + part
+    return _window_weight_grad(gw, x.shape[1])
+
+
+def accumulate_conv_weight_grad(packed: torch.Tensor, shape: torch.Size, grad: torch.Tensor) -> torch.Tensor:
+    """The weight gradient ``(C_out, C_in, 3, 3)`` of :func:`accumulate_conv2d` for the spike maps of
+    ``shape`` ``(N, C_in, H, W)`` kept as its ``packed`` bits and the float32 output gradient
+    ``grad`` ``(N, C_out, H, W)``: for every window's spike, the output gradient of its pixel added
+    to the weight's (the spike linear's weight-gradient kernel) per pass of :data:`ROWS_PER_PASS`
+    pixels, the passes' sums added in order (shorter running sums than one over every pixel: the
+    event model's 2^19 pixels per map summed in one ran 4x further from float64 than the float32
+    convolution's gradient). Needs the kernel library (as :func:`accumulate_conv2d` did)."""
+    lib = spike_linear.get_library()
+    c = shape[1]
+    g = _grad_rows(grad)
+    gw, part = None, g.new_empty(g.shape[1], 9 * c)
+    pidx, pcnt, _ = spike_linear._gather_packed(lib, packed, c)
+    for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, shape):
+        spike_linear._accumulate_weight_grad(lib, idx, cnt, int(cnt[:rows].sum()), 9 * c, g[m0:m0 + rows], part)
+        gw = part.clone() if gw is None else gw.add_(part)
+    return _window_weight_grad(gw, c)

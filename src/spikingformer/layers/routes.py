@@ -43,11 +43,13 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size);
   under CPU autocast too, where the product stays autocast's dense one in its dtype, bit for bit,
   and the bits replace the bf16 copy of the input. Takes precedence over ``token_linear``.
-* ``spike_conv``: in inference, the tokenizer's 3x3 convolutions of spike maps (stages 1-4, behind a
-  spiking neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
+* ``spike_conv``: the tokenizer's 3x3 convolutions of spike maps (stages 1-4, behind a spiking
+  neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
   (:mod:`spikingformer.kernels.spike_conv`). At a firing rate of at most
-  :data:`SPIKE_CONV_MAX_DENSITY`, the weights of each window's spikes are added (the spike
-  linear's kernel). Else, on a CPU with 8-bit dot products (AVX512-VNNI or AMX), three int8
+  :data:`SPIKE_CONV_MAX_DENSITY` (per ISA and pass), the weights of each window's spikes are added
+  (the spike linear's kernel); in training too, where autograd keeps the spikes as bits, the input
+  gradient is PyTorch's and the weight gradient adds the output gradient at every window's spike.
+  Else, in inference on a CPU with 8-bit dot products (AVX512-VNNI or AMX), three int8
   convolutions of oneDNN: spikes are exact as integers, each weight is three 8-bit pieces per
   output channel (to 2^-24 of the channel's largest), sums are exact in int32. Each rounds
   otherwise than the float32 convolution (the second closer to float64 than it), so float32
@@ -115,10 +117,11 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # Per ISA, the least input channels for which spike_conv measured faster than the float32
-# convolution on the zoo's tokenizer shapes, and the firing rate up to which its accumulation did
-# (on AVX-512: beat the int8 pieces too) (docs/performance.md, "Spike convolution").
+# convolution on the zoo's tokenizer shapes, and per pass the firing rate up to which its
+# accumulation did (in inference on AVX-512: beat the int8 pieces too; in training: forward and
+# backward together) (docs/performance.md, "Spike convolution").
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
-SPIKE_CONV_MAX_DENSITY = {"avx512": 0.10, "avx2": 0.30}
+SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10}, "avx2": {"train": 0.30, "infer": 0.30}}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -151,7 +154,8 @@ _active = parse(os.environ.get(ENV, ""), default_routes())
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
-_spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), min(SPIKE_CONV_MAX_DENSITY.values()))
+_spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
+                                                                   for p in ("train", "infer")})
 
 
 def enabled(name: str) -> bool:

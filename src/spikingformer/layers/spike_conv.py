@@ -3,7 +3,8 @@
 The switch, the per-ISA limits (:data:`~spikingformer.layers.routes.SPIKE_CONV_MIN_CHANNELS`,
 :data:`~spikingformer.layers.routes.SPIKE_CONV_MAX_DENSITY`) and
 the route's description are in :mod:`spikingformer.layers.routes`; the arithmetic is in
-:mod:`spikingformer.kernels.spike_conv`.
+:mod:`spikingformer.kernels.spike_conv`. Inference takes either way; training the accumulation
+(:class:`_Accumulated`, with its backward).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import weakref
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
+from spikingformer.kernels.spike_linear import packed_width, unpack_spikes
 from spikingformer.layers import routes
 
 # conv module -> what the route keeps of its weight (_Weight); weak, so a dropped model frees it
@@ -52,11 +55,11 @@ def _plain_3x3(conv: nn.Module) -> bool:
 
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``spike_conv`` computes ``conv(x)`` for spike maps ``x`` ``(N, C_in, H, W)``: the route
-    on, inference (no autograd, not under ``torch.compile`` or CPU autocast), a plain 3x3 convolution
-    (:func:`_plain_3x3`) with finite weights (else the plain convolution propagates NaN and inf) of
-    float32 CPU maps with at least ``SPIKE_CONV_MIN_CHANNELS`` input channels, and no global module
-    hooks (which would miss the call). :func:`convolve` then picks the way."""
-    return (routes.enabled("spike_conv") and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    on, not under ``torch.compile`` or CPU autocast, a plain 3x3 convolution (:func:`_plain_3x3`) with
+    finite weights (else the plain convolution propagates NaN and inf) of float32 CPU maps with at
+    least ``SPIKE_CONV_MIN_CHANNELS`` input channels, and no global module hooks (which would miss
+    the call). :func:`convolve` then picks the way."""
+    return (routes.enabled("spike_conv") and not torch.compiler.is_compiling()
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and x.shape[1] >= routes._spike_conv_min_channels and not torch.is_autocast_enabled("cpu")
             and _plain_3x3(conv) and _weight(conv).finite
@@ -79,18 +82,67 @@ def _may_be_sparse(x: torch.Tensor, limit: float) -> bool:
     return int(first.count_nonzero()) <= limit * first.numel()
 
 
+class _Accumulated(torch.autograd.Function):
+    """Training's way: the forward by accumulation, the spikes kept as bits (1/32 of the float32
+    maps autograd would keep); backward: the input gradient by PyTorch's convolution backward (as
+    for the module call, bit for bit), the weight gradient by accumulation of the output gradient
+    at every window's spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`).
+    Where the maps turn out denser than ``limit``, the float32 convolution and its weight gradient
+    of the unpacked spikes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, limit):
+        n, c, h, w = x.shape
+        packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
+        y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
+        ctx.sparse = y is not None
+        if y is None:
+            y = nn.functional.conv2d(x, weight, bias, padding=1)
+        ctx.save_for_backward(packed, weight)
+        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        ctx.layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        packed, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # the input's values are not read: an empty one of its layout
+            x = torch.empty(ctx.shape, memory_format=ctx.layout)
+            gx = _convolution_backward(grad, x, weight, (True, False, False))[0]
+        if ctx.needs_input_grad[1]:
+            if ctx.sparse:
+                gw = kernels.accumulate_conv_weight_grad(packed, ctx.shape, grad)
+            else:
+                n, c, h, w = ctx.shape
+                x = unpack_spikes(packed, c).view(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=ctx.layout)
+                gw = _convolution_backward(grad, x, weight, (False, True, False))[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _convolution_backward(grad, x, weight, mask):
+    """PyTorch's backward of ``conv2d(x, weight, padding=1)``, the gradients of ``mask``."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so: by
     accumulation of the windows' spikes' weights where at most ``SPIKE_CONV_MAX_DENSITY`` of ``x``
-    are ones (:func:`~spikingformer.kernels.spike_conv.accumulate_conv2d`), else in integer
-    arithmetic on a CPU with 8-bit dot products (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`);
-    float32 values differ from the float32 convolution's by rounding. Otherwise the module call."""
-    if takes(conv, x):
-        limit = routes._spike_conv_max_density
-        if _may_be_sparse(x, limit):
-            y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limit)
-            if y is not None:
-                return y
-        if native_int8():
-            return kernels.spike_conv2d(x, _pieces(conv), conv.bias)
-    return conv(x)
+    (per pass) are ones (:func:`~spikingformer.kernels.spike_conv.accumulate_conv2d`; in training
+    :class:`_Accumulated`), else, in inference, in integer arithmetic on a CPU with 8-bit dot
+    products (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`); float32 values differ from
+    the float32 convolution's by rounding. Otherwise the module call."""
+    if not takes(conv, x):
+        return conv(x)
+    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
+    limit = routes._spike_conv_max_density["train" if training else "infer"]
+    if _may_be_sparse(x, limit):
+        if training:
+            return _Accumulated.apply(x, conv.weight, conv.bias, limit)
+        y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limit)
+        if y is not None:
+            return y
+    return kernels.spike_conv2d(x, _pieces(conv), conv.bias) if native_int8() and not training else conv(x)
