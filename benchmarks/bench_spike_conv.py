@@ -43,7 +43,8 @@ CASES = {
 # the same convolutions in a training step (BatchNorm with the batch's statistics: other rates; the
 # event model's whole batch, 8 samples x T = 16)
 TRAIN_CASES = {
-    "event": [(name, (128, *shape[1:]), rate) for (name, shape, _), rate in zip(CASES["event"], (0.42, 0.41, 0.41, 0.40))],
+    "event": [(name, (128, *shape[1:]), rate)
+              for (name, shape, _), rate in zip(CASES["event"], (0.42, 0.41, 0.41, 0.40))],
     "cifar": [(name, shape, rate) for (name, shape, _), rate in zip(CASES["cifar"], (0.07, 0.047, 0.256, 0.201))],
 }
 QUICK = {"small": [("8 -> 16 at 8x8", (2, 8, 8, 16), 0.1)]}

@@ -150,7 +150,8 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
         out.append(("fused_bn_spike", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         out.append(("spike_conv", key, label, "train",
-                    lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
+                    lambda whole=whole, images=images: (whole.train(),
+                                                        _train(whole, list(whole.parameters()), [images])())))
         out.append(("spike_conv", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron

@@ -290,18 +290,23 @@ def test_bench_bn_segment_quick_runs_as_a_script():
     assert len(rows) == 2 and all(line.endswith("x |") and line.count("|") == 5 for line in rows), proc.stdout
 
 
-def test_bench_spike_conv_quick_runs_as_a_script():
-    """``python benchmarks/bench_spike_conv.py --quick``: one row with both convolutions' times, the
-    ratio and both errors against float64."""
+@pytest.mark.parametrize("train", [False, True])
+def test_bench_spike_conv_quick_runs_as_a_script(train):
+    """``python benchmarks/bench_spike_conv.py --quick``: one row with the three ways' times, two
+    ratios and three errors against float64; with ``--train``, forward and backward of two, one
+    ratio, two weight-gradient errors."""
     import torch
 
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         pytest.skip("this PyTorch build has no oneDNN int8 convolution")
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--quick", "--reps", "1",
-                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+                           "--threads", "1"] + (["--train"] if train else []), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
-    assert len(rows) == 1 and rows[0].count("|") == 11 and rows[0].count("x |") == 2, proc.stdout
+    bars, ratios = (8, 1) if train else (11, 2)
+    assert len(rows) == 1 and rows[0].count("|") == bars and rows[0].count("x |") == ratios, proc.stdout
+    assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
 
 
 @pytest.mark.slow

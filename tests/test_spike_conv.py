@@ -260,8 +260,8 @@ def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
         stage.conv.weight[0, 0, 0, 0] = float("inf")
         assert torch.isnan(stage.convolve(sparse, spikes=True)).any()  # the plain convolution: inf * 0
     with routes.configured("+spike_conv"):  # training too
-        torch.testing.assert_close(stage.convolve(sparse, spikes=True), stage.conv(sparse.flatten(0, 1)).view(2, 3, 8, 5, 5),
-                                   rtol=0, atol=0, equal_nan=True)
+        plain = stage.conv(sparse.flatten(0, 1)).view(2, 3, 8, 5, 5)
+        torch.testing.assert_close(stage.convolve(sparse, spikes=True), plain, rtol=0, atol=0, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- training
@@ -338,7 +338,8 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
     taken = []
-    monkeypatch.setattr(route._Accumulated, "apply", lambda *a, real=route._Accumulated.apply: taken.append(1) or real(*a))
+    real = route._Accumulated.apply
+    monkeypatch.setattr(route._Accumulated, "apply", lambda *a: taken.append(1) or real(*a))
     g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     on, off = _train_stage(stage, x, g, f"+spike_conv,{layout}"), _train_stage(stage, x, g, f"-spike_conv,{layout}")
     assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
@@ -390,7 +391,8 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
     count), and the logits agree to rounding."""
     from spikingformer.neuron import MultiStepLIF
 
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit})  # 1.0: every wide one summed
+    # 1.0: every wide one summed
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit})
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
     for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire

@@ -100,7 +100,8 @@ class _Accumulated(torch.autograd.Function):
             y = nn.functional.conv2d(x, weight, bias, padding=1)
         ctx.save_for_backward(packed, weight)
         ctx.shape, ctx.has_bias = x.shape, bias is not None
-        ctx.layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
         return y
 
     @staticmethod
