@@ -198,6 +198,8 @@ def test_each_way_where_it_measured_faster(monkeypatch):
         monkeypatch.setattr(route, "native_int8", lambda: True)
         assert torch.equal(route.convolve(stage.conv, dense), sc.spike_conv_reference(dense, w))
         assert torch.equal(route.convolve(stage.conv, sparse), sc.accumulate_conv_reference(sparse, w))
+        assert not route.takes(stage.conv, sparse[:0])  # no maps: the module call (no first map to look at)
+        assert route.convolve(stage.conv, sparse[:0]).shape == (0, 8, 4, 4)
         narrow = ConvBN(64, 8)
         assert not route.takes(narrow.conv, sparse[:, :64])
         assert torch.equal(narrow.convolve(sparse[None, :, :64], spikes=True)[0], narrow.conv(sparse[:, :64]))

@@ -56,11 +56,11 @@ def _plain_3x3(conv: nn.Module) -> bool:
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``spike_conv`` computes ``conv(x)`` for spike maps ``x`` ``(N, C_in, H, W)``: the route
     on, not under ``torch.compile`` or CPU autocast, a plain 3x3 convolution (:func:`_plain_3x3`) with
-    finite weights (else the plain convolution propagates NaN and inf) of float32 CPU maps with at
+    finite weights (else the plain convolution propagates NaN and inf) of non-empty float32 CPU maps with at
     least ``SPIKE_CONV_MIN_CHANNELS`` input channels, and no global module hooks (which would miss
     the call). :func:`convolve` then picks the way."""
     return (routes.enabled("spike_conv") and not torch.compiler.is_compiling()
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
             and x.shape[1] >= routes._spike_conv_min_channels and not torch.is_autocast_enabled("cpu")
             and _plain_3x3(conv) and _weight(conv).finite
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
