@@ -88,7 +88,7 @@ class _Accumulated(torch.autograd.Function):
     for the module call, bit for bit), the weight gradient by accumulation of the output gradient
     at every window's spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`).
     Where the maps turn out denser than ``limit``, the float32 convolution and its weight gradient
-    of the unpacked spikes."""
+    of the unpacked spikes. Differentiable once (no second-order gradients: turn the route off)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, limit):
