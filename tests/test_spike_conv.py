@@ -329,6 +329,20 @@ def test_training_accumulates_sparse_inputs_and_keeps_bits(bias, layout, monkeyp
     assert [t.dtype for t in saved] == [torch.int64, torch.float32] and saved[1] is stage.conv.weight
 
 
+def test_training_form_refuses_second_order_gradients(monkeypatch):
+    """It keeps bits, not the input, so it cannot give a second-order gradient: a backward that builds
+    a graph raises and names the way out, instead of leaving out the weight's dependence."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    stage = ConvBN(16, 8)
+    x = _spikes((6, 16, 5, 5), 0.05).view(2, 3, 16, 5, 5).requires_grad_()
+    with routes.configured("+spike_conv"):
+        y = stage.convolve(x, spikes=True)
+        with pytest.raises(RuntimeError, match="SPIKINGFORMER_ROUTES=-spike_conv"):
+            torch.autograd.grad(y.sum(), x, create_graph=True)
+        with routes.configured("-spike_conv"):
+            torch.autograd.grad(stage.convolve(x, spikes=True).square().sum(), x, create_graph=True)  # route off: fine
+
+
 @pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
 def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     """The first map sparse, the whole denser than the limit: the float32 convolution, its gradients

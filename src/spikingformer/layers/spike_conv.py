@@ -13,7 +13,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
@@ -82,13 +81,19 @@ def _may_be_sparse(x: torch.Tensor, limit: float) -> bool:
     return int(first.count_nonzero()) <= limit * first.numel()
 
 
+ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spikes are differentiable once (autograd "
+                       "keeps their input as bits); for second-order gradients (create_graph=True) turn the route "
+                       "off: SPIKINGFORMER_ROUTES=-spike_conv")
+
+
 class _Accumulated(torch.autograd.Function):
     """Training's way: the forward by accumulation, the spikes kept as bits (1/32 of the float32
     maps autograd would keep); backward: the input gradient by PyTorch's convolution backward (as
     for the module call, bit for bit), the weight gradient by accumulation of the output gradient
     at every window's spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`).
     Where the maps turn out denser than ``limit``, the float32 convolution and its weight gradient
-    of the unpacked spikes. Differentiable once (no second-order gradients: turn the route off)."""
+    of the unpacked spikes. Differentiable once: a backward that builds a graph (``create_graph``)
+    raises."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, limit):
@@ -105,8 +110,9 @@ class _Accumulated(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward with create_graph=True: a second-order gradient is wanted
+            raise RuntimeError(ONCE_DIFFERENTIABLE)
         packed, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # the input's values are not read: an empty one of its layout
