@@ -20,6 +20,7 @@ with BN's two reductions). Usage::
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -48,24 +49,35 @@ QUICK = {"small": [("maps 16x40x16, pool", (2, 2, 16, 40, 16), True), ("tokens 3
 PASSES = ("infer", "train", "backward")
 
 
+def _show(rev: str, name: str) -> str:
+    """``src/spikingformer/<name>`` at revision ``rev``."""
+    proc = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:src/spikingformer/{name}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"cannot read src/spikingformer/{name} at {rev!r} (a git checkout is needed): "
+                         f"{proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _source_files(rev: str) -> list[str]:
+    """The library's C++ files at ``rev``, in order: its ``cpu_backend.SOURCE_FILE`` and ``SOURCE_FILES``
+    (the list grew over time, so the revision's own)."""
+    text = _show(rev, "kernels/cpu_backend.py")
+    start = text.index("SOURCE_FILE = ")
+    end = text.index(")", text.index("SOURCE_FILES = (", start))
+    return re.findall(r'"(csrc/\w+\.cpp)"', text[start:end])
+
+
 def base_library(rev: str):
-    """The kernel library built from revision ``rev``'s sources (:data:`cpu_backend.SOURCE_FILES`)."""
+    """The kernel library built from revision ``rev``'s sources, as one translation unit or, where the
+    sources mark their parts (``SF_IN_PART``), in the package's parts."""
     from spikingformer.kernels import cpu_backend as cb
     from spikingformer.native import NativeLibrary
 
-    def source() -> str:
-        texts = []
-        for name in cb.SOURCE_FILES:
-            proc = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:src/spikingformer/{name}"],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"cannot read src/spikingformer/{name} at {rev!r} (a git checkout is needed): "
-                                 f"{proc.stderr.strip()}")
-            texts.append(proc.stdout)
-        return "\n".join(texts)
-
-    lib = NativeLibrary("spikingformer_lif_cpu_base", source, cb.CXX_FLAGS, key=cb._cpu_signature,
-                        declare=cb._declare).get()
+    text = "\n".join(_show(rev, name) for name in _source_files(rev))
+    parts = cb.PARTS if "SF_IN_PART" in text else 1
+    lib = NativeLibrary("spikingformer_lif_cpu_base", lambda: text, cb.CXX_FLAGS, key=cb._cpu_signature,
+                        declare=cb._declare, parts=parts).get()
     if lib is None:
         raise SystemExit(f"the library of {rev} did not build")
     return lib

@@ -261,18 +261,15 @@ def test_cpu_element_loops_vectorised(march, tmp_path):
     forward and backward and of the fused SN -> max-pool (marked ``SF_VECTOR_LOOP`` in csrc/lif_cpu.cpp,
     csrc/pool_windows_cpu.cpp, csrc/bn_cpu.cpp and csrc/lif_pool_cpu.cpp, one library
     source) is vectorised, in every instantiation (no "couldn't vectorize loop" at its line)."""
-    gxx = _gxx()
-    src = tmp_path / "lif_cpu.cpp"
-    src.write_text(cpu_kernel.source())
-    marked = [i for i, line in enumerate(src.read_text().splitlines(), 1) if VECTOR_LOOP_MARK in line and "for (" in line]
+    _gxx()
+    marked = [i for i, line in enumerate(cpu_kernel.source().splitlines(), 1)
+              if VECTOR_LOOP_MARK in line and "for (" in line]
     assert len(marked) == 14, ("expected the LIF forward, backward-recompute and backward loops, the max-pool "
                                "windows' four, BN's batch sums (two) and backward apply, and the four of "
                                "lif_pool_cpu.cpp")
-    flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.CXX_FLAGS]
-    proc = subprocess.run([gxx, *flags, "-fopt-info-vec-optimized-missed", str(src), "-o", str(tmp_path / "lib.so")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = proc.stderr.splitlines()
+    # the library's own build (its parts at once), with the vectoriser's report
+    _, stderr = cpu_kernel.native_library(march).compile(tmp_path, ("-fopt-info-vec-optimized-missed",))
+    report = stderr.splitlines()
     for line in marked:
         at = [(int(m[1]), r) for r in report if (m := re.match(rf".*lif_cpu\.cpp:{line}:(\d+): ", r))]
         # g++ places a loop's messages at one column of its line; messages at another column of the

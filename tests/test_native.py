@@ -191,6 +191,54 @@ def test_unsafe_target_arch_is_refused_with_one_warning(cache, monkeypatch):
 # -- the LIF kernel under a small model's CPU forward -----------------------------------------
 
 
+# -- a library compiled in parts --------------------------------------------------------------
+
+PARTED = """
+#ifdef SF_PART
+#define SF_IN_PART(k) (SF_PART == (k))
+#else
+#define SF_IN_PART(k) 1
+#endif
+#if SF_IN_PART(0)
+extern "C" int sf_test_answer() { return 42; }
+#endif
+#if SF_IN_PART(1)
+extern "C" int sf_test_other() { return 7; }
+#endif
+#if SF_IN_PART(2) && defined(SF_BREAK_PART_2)
+#error part two does not compile
+#endif
+"""
+
+
+def _declare_both(lib: ctypes.CDLL) -> None:
+    _declare(lib)
+    lib.sf_test_other.restype = ctypes.c_int
+
+
+def parted(parts: int, *extra: str) -> NativeLibrary:
+    return NativeLibrary("sf_native_parts", lambda: PARTED, ["-O0", "-march=native", "-fPIC", "-shared", *extra],
+                         declare=_declare_both, parts=parts)
+
+
+@needs_cxx
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_library_in_parts_has_every_part_and_its_own_cache_entry(cache, parts):
+    lib, caught = get_with_warnings(parted(parts))
+    assert caught == [] and lib.sf_test_answer() == 42 and lib.sf_test_other() == 7
+    assert parted(parts).path() != parted(4 - parts).path()  # one cache entry per way of building
+    folder = parted(parts).path().parent
+    assert sorted(p.name for p in folder.iterdir()) == ["sf_native_parts.so"]  # no object file left behind
+
+
+@needs_cxx
+def test_a_part_that_fails_to_compile_falls_back_with_its_error(cache):
+    lib = parted(3, "-DSF_BREAK_PART_2")
+    loaded, caught = get_with_warnings(lib)
+    assert loaded is None and len(caught) == 1 and "using plain PyTorch instead" in caught[0]
+    assert "part two does not compile" in lib.error and "-DSF_PART=2" in lib.error  # the failing part's command
+
+
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)

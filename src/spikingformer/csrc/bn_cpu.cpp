@@ -118,6 +118,7 @@ void bn_apply_backward(const void* x_, const void* gy_, void* gx_, int64_t rows,
 
 }  // namespace
 
+#if SF_IN_PART(0)
 extern "C" {
 
 // x: rows x C float32; runs: PyTorch's thread count (the runs its kernel sums); fma: whether its
@@ -150,3 +151,4 @@ int sf_bn_backward_apply(const void* x, const void* gy, void* gx, int64_t rows, 
 }
 
 }  // extern "C"
+#endif  // part 0

@@ -14,6 +14,16 @@
 #include <cstring>
 #include <vector>
 
+// The library is this one source compiled as several translation units at once (part k with
+// -DSF_PART=k, spikingformer.kernels.cpu_backend.PARTS), so that a machine with several cores
+// builds it in a fraction of the time; part k defines only the extern "C" functions of its part.
+// Compiled without SF_PART (one translation unit) it defines them all.
+#ifdef SF_PART
+#define SF_IN_PART(k) (SF_PART == (k))
+#else
+#define SF_IN_PART(k) 1
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // elements per block: membrane + T-step scratch stay in L1/L2
@@ -244,6 +254,7 @@ void backward_dispatch(const void* x, const void* gs, void* gx, int64_t T, int64
 
 }  // namespace
 
+#if SF_IN_PART(0)
 extern "C" {
 
 int sf_lif_abi_version() { return 3; }
@@ -272,3 +283,4 @@ int sf_lif_backward(const void* x, const void* gs, void* gx, int64_t T, int64_t 
 }
 
 }  // extern "C"
+#endif  // part 0

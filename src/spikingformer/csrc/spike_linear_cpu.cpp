@@ -173,6 +173,7 @@ void unpack_rows(const uint64_t* packed, int64_t M, int64_t K, void* x, int nthr
 
 }  // namespace
 
+#if SF_IN_PART(0)
 extern "C" {
 
 // The spike columns of every row of x (M, K), ascending, into idx (M * K uint16: row m's at
@@ -361,3 +362,4 @@ void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_
 }
 
 }  // extern "C"
+#endif  // part 0

@@ -19,7 +19,8 @@ bit-identical to it. The surrogate derivative uses a polynomial ``exp`` accurate
 float32 ulp.
 
 The library needs no PyTorch headers (it works on raw pointers handed over through
-:mod:`ctypes`), so one ``g++`` call builds it (about 16 s on a 2-core Xeon);
+:mod:`ctypes`), so ``g++`` builds it directly: its four parts at once, then a link (about 15 s on a
+2-core Xeon, against 28 s as one translation unit);
 :class:`spikingformer.native.NativeLibrary` builds it on the first call (never at import), once per process, and caches it by source, flags
 and CPU. If it cannot be built (no compiler, ...) the operator falls back to the ``"torch"``
 backend's arithmetic with a single warning. Autograd, ``torch.compile`` and ``torch.export`` reach
@@ -41,11 +42,15 @@ from spikingformer.kernels.torch_backend import lif_torch_loop
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
-# The library is one translation unit: the LIF kernel, the max-pool's windows, BN's backward sums,
-# then the tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the
-# windows and the sums, then the token linears' spike accumulation.
+# The library is one source: the LIF kernel, the max-pool's windows, BN's backward sums, then the
+# tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the windows and
+# the sums, then the token linears' spike accumulation. It is compiled as PARTS translation units at
+# once (SF_IN_PART in csrc/lif_cpu.cpp): 0 the LIF kernel, BN's sums and the spike linears, 1 the
+# fused SN -> max-pool's forward, 2 and 3 its backward after a max-pool and without one (each about
+# a third of the compiler's time).
 SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_pool_cpu.cpp",
-                "csrc/spike_linear_cpu.cpp")
+                "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp")
+PARTS = 4
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
 # flush denormals); -ffp-contract=off so only the explicit std::fma calls fuse (the forward's
@@ -114,7 +119,7 @@ def native_library(march: str = "native") -> NativeLibrary:
     """The kernel library built with ``-march=<march>`` (the package uses ``native``; benchmarks
     and the vectoriser test build other ISAs, e.g. ``x86-64-v3`` for AVX2)."""
     flags = [f if f != "-march=native" else f"-march={march}" for f in CXX_FLAGS]
-    return NativeLibrary("spikingformer_lif_cpu", source, flags, key=_cpu_signature, declare=_declare)
+    return NativeLibrary("spikingformer_lif_cpu", source, flags, key=_cpu_signature, declare=_declare, parts=PARTS)
 
 
 LIBRARY = native_library()
