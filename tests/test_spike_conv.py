@@ -101,6 +101,35 @@ def test_refuses_what_is_not_spikes(bad):
         sc.spike_conv2d(x, sc.PackedPieces(_weight(2, 4)))
 
 
+def _torch_uint8(x):
+    """The conversion's twin: PyTorch's cast, or None where it does not give the value back."""
+    xq = x.to(torch.uint8)
+    return xq if torch.equal(xq.to(x.dtype), x) else None
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+@pytest.mark.parametrize("bad", [None, 0.5, -1.0, -0.0, 256.0, 255.0, 1e10, -1e10, float("nan"), float("inf")])
+def test_one_pass_uint8_conversion_equals_its_twin(layout, bad, monkeypatch):
+    """``as_uint8`` (the library's one pass where it applies) gives PyTorch's cast and refuses exactly
+    what the cast does not give back; without the library (and for other strides) it is the twin."""
+    x = _spikes((3, 70, 33, 35), rate=0.4, channels_last=layout == "channels_last")  # > 2^16: several pieces
+    if layout == "strided":
+        x = x[:, :, :, ::2]
+    if bad is not None:
+        x[2, 69, 32, 1] = bad
+    want = _torch_uint8(x)
+    for library in (True, False):
+        if not library:
+            monkeypatch.setattr(sc.spike_linear, "get_library", lambda: None)
+        if want is None:
+            with pytest.raises(ValueError, match="not an integer from 0 to 255"):
+                sc.as_uint8(x)
+        else:
+            got = sc.as_uint8(x)
+            assert torch.equal(got, want)
+            assert got.stride() == x.stride() or layout == "strided"  # the layout kept
+
+
 def test_small_integers_are_exact_too():
     x = _spikes((1, 4, 3, 3))
     x[0, 1, 2, 0], x[0, 3, 0, 0] = 2.0, 255.0

@@ -236,6 +236,30 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
   return -2;
 }
 
+// x (n floats, in memory order) as uint8 into out, each element an integer from 0 to 255 (spikes are
+// 0 or 1): the input of the int8 convolutions (kernels/spike_conv.py), in one pass that also checks
+// it. Returns 0; -1 if an element is anything else (NaN, a fraction, negative, above 255).
+int sf_spike_to_u8(const float* x, int64_t n, uint8_t* out, int nthreads) {
+  constexpr int64_t kPiece = 1 << 16;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  const int nt = pieces >= 4 ? std::max(1, nthreads) : 1;
+  int ok = 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(& : ok)
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t i0 = p * kPiece, i1 = std::min(n, i0 + kPiece);
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      const float low = select(v > 0.0f, v, 0.0f);  // NaN -> 0, then flagged below
+      const uint8_t u = (uint8_t)(int32_t)select(low < 255.0f, low, 255.0f);
+      out[i] = u;
+      bad |= (uint32_t)((float)u != v);
+    }
+    ok &= bad == 0 ? 1 : 0;
+  }
+  return ok ? 0 : -1;
+}
+
 // The spike lists of 3x3 windows (padding 1) of channels-last spike maps (B, H, W, C), for the
 // forward below: from sf_spike_gather's lists of the maps' pixels (pidx, stride C; pcnt), window
 // row m = (b H + h) W + w, for m in [m0, m0 + rows), lists k = (3 i + j) C + c for every spike c of

@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_pack.restype = ci
     lib.sf_spike_unpack.argtypes = [vp, i64, i64, vp, ci, ci]
     lib.sf_spike_unpack.restype = ci
+    lib.sf_spike_to_u8.argtypes = [vp, i64, vp, ci]
+    lib.sf_spike_to_u8.restype = ci
     lib.sf_spike_linear_forward.argtypes = [vp, vp, i64, i64, vp, vp, i64, vp, vp, ci]
     lib.sf_spike_linear_forward.restype = None
     lib.sf_spike_linear_weight_grad.argtypes = [vp, vp, i64, i64, vp, i64, vp, vp, vp, ci]

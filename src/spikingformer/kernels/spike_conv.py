@@ -80,14 +80,28 @@ NOT_SPIKES = ("spike_conv: the convolution's input holds a value that is not an 
               "(spikes are 0 or 1); only a spiking neuron's output may take this route")
 
 
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float32 maps ``x`` as uint8 in the same layout, or a ``ValueError`` unless every element is an
+    integer from 0 to 255: the library's ``sf_spike_to_u8`` (one pass) for contiguous or channels-last
+    maps where it is built; else PyTorch's conversion and a comparison back, its twin."""
+    lib = spike_linear.get_library()
+    if lib is not None and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        xq = torch.empty_like(x, dtype=torch.uint8)  # the same strides: memory order is element order for both
+        if lib.sf_spike_to_u8(x.data_ptr(), x.numel(), xq.data_ptr(), torch.get_num_threads()) != 0:
+            raise ValueError(NOT_SPIKES)
+        return xq
+    xq = x.to(torch.uint8)
+    if not torch.equal(xq.to(x.dtype), x):
+        raise ValueError(NOT_SPIKES)
+    return xq
+
+
 def spike_conv2d(x: torch.Tensor, pieces: PackedPieces, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x, weight, bias, padding=1)`` (stride 1) for float32 spike maps ``x``
     ``(N, C_in, H, W)`` and the :class:`PackedPieces` of ``weight``: three int8 convolutions with
     float32 output, added smallest piece first, then the bias; the output channels-last. Integers up to 255 (as
-    uint8 holds them) are exact as well; anything else raises a ``ValueError``."""
-    xq = x.to(torch.uint8)
-    if not torch.equal(xq.to(x.dtype), x):
-        raise ValueError(NOT_SPIKES)
+    uint8 holds them) are exact as well; anything else raises a ``ValueError`` (:func:`as_uint8`)."""
+    xq = as_uint8(x)
     y = None
     for k in reversed(range(PIECES)):
         part = torch.ops.onednn.qconv2d_pointwise(xq, 1.0, 0, pieces.packed[k], pieces.scales[k], pieces.zero_points,
