@@ -141,7 +141,30 @@ def test_builds_into_a_private_directory_and_reuses_it(cache):
     assert path.stat().st_uid == os.getuid() and not path.stat().st_mode & 0o022
     again = tiny()  # a fresh process: loads the cached file, no compile
     assert again.get().sf_test_answer() == 42 and again.build_seconds is None
-    assert sorted(p.name for p in folder.iterdir()) == ["sf_native_test.so"]  # no temporary left behind
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "sf_native_test.so"]  # no temporary left behind
+    assert stat.S_IMODE((folder / ".lock").stat().st_mode) == 0o600
+
+
+@needs_cxx
+def test_processes_starting_together_build_once(cache, tmp_path):
+    """Three processes (as torchrun starts them) ask for the same library at once: one compiles it
+    (a compiler that takes 3 s, so that they overlap), the others wait for the cache's lock and
+    load what it built."""
+    log, wrapper = tmp_path / "compiles.log", tmp_path / "slow-cxx"
+    wrapper.write_text(f'#!/bin/sh\necho run >> "{log}"\nsleep 3\nexec "{shutil.which("g++")}" "$@"\n')
+    wrapper.chmod(0o755)
+    code = ("import ctypes\nfrom spikingformer.native import NativeLibrary\n"
+            f"lib = NativeLibrary('sf_native_test', lambda: {SOURCE!r}, {tiny().flags!r}, "
+            "declare=lambda l: setattr(l.sf_test_answer, 'restype', ctypes.c_int))\n"
+            "print(lib.get().sf_test_answer(), lib.build_seconds is not None)\n")
+    env = {**os.environ, "CXX": str(wrapper)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    assert sorted(out.split()[1] for out, _ in outs) == ["False", "False", "True"]  # built once, loaded twice
+    assert all(out.split()[0] == "42" for out, _ in outs)
+    assert log.read_text().count("run") == 1
 
 
 @needs_cxx
@@ -232,7 +255,7 @@ def test_a_library_in_parts_has_every_part_and_its_own_cache_entry(cache, parts)
     assert caught == [] and lib.sf_test_answer() == 42 and lib.sf_test_other() == 7
     assert parted(parts).path() != parted(4 - parts).path()  # one cache entry per way of building
     folder = parted(parts).path().parent
-    assert sorted(p.name for p in folder.iterdir()) == ["sf_native_parts.so"]  # no object file left behind
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "sf_native_parts.so"]  # no object file left behind
 
 
 @needs_cxx

@@ -19,7 +19,8 @@ flags are part of the cache name, so each target has its own cached library.
 
 Cache policy (nothing here can take the library down):
 
-* Each library lives in its own directory, created with mode 0700. Before a cached library is
+* Each library lives in its own directory, created with mode 0700, with a lock file (``.lock``):
+  processes that start together build the library once while the others wait. Before a cached library is
   loaded, its directory and file must be owned by the current user and not writable by group or
   others (and not be symbolic links); a library is compiled in a private temporary directory,
   loaded from there and only then moved atomically to its cache name, so no process ever loads
@@ -36,6 +37,7 @@ Cache policy (nothing here can take the library down):
 from __future__ import annotations
 
 import _ctypes
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -47,8 +49,9 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 ARCH_ENV = "SPIKINGFORMER_NATIVE_ARCH"
 _CACHE_LAYOUT = "private-dirs-v2"  # hashed into every cache name: entries from before the checks are not reused
@@ -99,26 +102,55 @@ def _first_line(text: str) -> str:
     return (text.strip().splitlines() or ["unknown error"])[0][:300]
 
 
-def _run_at_once(cxx: str, commands: list[list[str]]) -> str:
-    """Run the compiler commands side by side; their stderr, or :class:`_CompileError` for the first that fails."""
-    procs = []
-    try:
-        for cmd in commands:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        errs = [proc.communicate(timeout=300)[1] for proc in procs]
-        results = [(cmd, proc.returncode, err) for cmd, proc, err in zip(commands, procs, errs)]
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise _CompileError(f"running {cxx} failed: {exc}") from exc
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for cmd, code, stderr in results:
-        if code != 0:
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_side_by_side(cxx: str, commands: list[list[str]]) -> str:
+    """Run the compiler commands, as many at a time as this process has CPUs (each holds a few
+    hundred MB); their stderr, or :class:`_CompileError` for the first that failed."""
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess | Exception:
+        try:
+            return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max(1, min(len(commands), _cpus()))) as pool:
+        results = list(pool.map(run, commands))
+    for cmd, result in zip(commands, results):
+        if isinstance(result, Exception):
+            raise _CompileError(f"running {cxx} failed: {result}") from result
+        if result.returncode != 0:
+            stderr = result.stderr
             errors = [ln for ln in stderr.splitlines() if "error" in ln] or stderr.splitlines() or [""]
             raise _CompileError(f"{cxx} failed: {errors[0].strip()[:300]}\n{' '.join(cmd)}\n{stderr.strip()[-2000:]}")
-    return "".join(stderr for _, _, stderr in results)
+    return "".join(result.stderr for result in results)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.lock`` while a library is looked up and built there, so that
+    processes starting together (``torchrun``'s, spawned workers) build it once: the others wait,
+    then load the cached file. Where no lock can be taken (no ``fcntl``, a file system without
+    locks) each process goes on alone, as it would without one."""
+    try:
+        import fcntl
+
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 class NativeLibrary:
@@ -183,7 +215,7 @@ class NativeLibrary:
             steps = [[[cxx, *flags, f"-DSF_PART={k}", "-c", str(src), "-o", o] for k, o in enumerate(objects)],
                      [[cxx, *flags, *objects, "-o", str(obj), *self.link_flags]]]
         start = time.perf_counter()
-        diagnostics = "".join(_run_at_once(cxx, commands) for commands in steps)
+        diagnostics = "".join(_run_side_by_side(cxx, commands) for commands in steps)
         self.build_seconds = time.perf_counter() - start
         os.chmod(obj, 0o700)  # private whatever the umask
         return obj, diagnostics
@@ -209,16 +241,17 @@ class NativeLibrary:
         except FileExistsError:
             pass
         check_private(folder)
-        if os.path.lexists(target):
-            check_private(target)
-            try:
-                return self._open(target)
-            except NativeBuildError:
-                pass  # a corrupt or foreign file: replaced below
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            obj, _ = self.compile(Path(tmp))
-            lib = self._open(obj)  # loaded under its unique temporary name, so never a stale handle
-            os.replace(obj, target)  # atomic: other processes see the old file or the whole new one
+        with _build_lock(folder):
+            if os.path.lexists(target):
+                check_private(target)
+                try:
+                    return self._open(target)
+                except NativeBuildError:
+                    pass  # a corrupt or foreign file: replaced below
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                obj, _ = self.compile(Path(tmp))
+                lib = self._open(obj)  # loaded under its unique temporary name, so never a stale handle
+                os.replace(obj, target)  # atomic: other processes see the old file or the whole new one
         return lib
 
     def _load_private(self) -> ctypes.CDLL:
