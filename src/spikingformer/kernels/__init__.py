@@ -7,7 +7,7 @@ Backends:
 
 * ``"torch"`` -- :mod:`~spikingformer.kernels.torch_backend`: plain PyTorch ops, any device.
 * ``"cpu"`` -- :mod:`~spikingformer.kernels.cpu_backend`: a fused C++ kernel for CPU tensors, compiled on
-  first use (about 15 s on a 2-core Xeon, once per machine) and cached; falls back to ``"torch"``
+  first use (15-23 s on a 2-core Xeon, once per machine) and cached; falls back to ``"torch"``
   with one warning if it cannot be built.
 * ``"triton"`` -- :mod:`~spikingformer.kernels.triton_backend`: fused Triton kernels for CUDA tensors
   (also CPU tensors under ``TRITON_INTERPRET=1``); listed only when Triton imports.

@@ -19,8 +19,8 @@ bit-identical to it. The surrogate derivative uses a polynomial ``exp`` accurate
 float32 ulp.
 
 The library needs no PyTorch headers (it works on raw pointers handed over through
-:mod:`ctypes`), so ``g++`` builds it directly: its four parts at once, then a link (about 15 s on a
-2-core Xeon, against 28 s as one translation unit);
+:mod:`ctypes`), so ``g++`` builds it directly: its four parts at once, then a link (median 21 s on
+a 2-core Xeon, against 32 s as one translation unit: ``benchmarks/bench_build.py``);
 :class:`spikingformer.native.NativeLibrary` builds it on the first call (never at import), once per process, and caches it by source, flags
 and CPU. If it cannot be built (no compiler, ...) the operator falls back to the ``"torch"``
 backend's arithmetic with a single warning. Autograd, ``torch.compile`` and ``torch.export`` reach
@@ -46,8 +46,8 @@ SOURCE_FILE = "csrc/lif_cpu.cpp"
 # tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the windows and
 # the sums, then the token linears' spike accumulation. It is compiled as PARTS translation units at
 # once (SF_IN_PART in csrc/lif_cpu.cpp): 0 the LIF kernel, BN's sums and the spike linears, 1 the
-# fused SN -> max-pool's forward, 2 and 3 its backward after a max-pool and without one (each about
-# a third of the compiler's time).
+# fused SN -> max-pool's forward, 2 and 3 its backward after a max-pool and without one (the largest
+# parts: about 11 s and 7 s of the compiler's 31 s on a 2-core Xeon).
 SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_pool_cpu.cpp",
                 "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp")
 PARTS = 4
