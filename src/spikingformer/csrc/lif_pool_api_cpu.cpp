@@ -26,6 +26,17 @@ void forward_pick(const void* x, void* out, const Maps& m, const float* scale, c
   else forward_affine<POW2, kF32>(x, out, m, scale, shift, affine, pool, st, nthreads);
 }
 
+// A BatchNorm's per-channel terms from the kernel's arguments (bn_terms): kind 0 none (mean null),
+// 1 x * scale + shift, 2 the same fused (PyTorch's FMA builds).
+struct Affine {
+  int kind;
+  std::vector<float> scale, shift;
+  Affine(const float* mean, const float* invstd, const float* weight, const float* bias, int fma, int64_t C)
+      : kind(mean == nullptr ? 0 : (fma ? 2 : 1)), scale(C), shift(C) {
+    if (kind) bn_terms(mean, invstd, weight, bias, fma, C, scale.data(), shift.data());
+  }
+};
+
 // The BN's terms and the kernel's output: mean, scale, shift (C each), sums (2 x C or null).
 struct BNBackward {
   const float* mean;
@@ -98,12 +109,10 @@ template <bool POOL>
 void pool_backward_form(const sf_parts::PoolBackwardArgs& a) {
   const Step st{a.tau, 1.0f / a.tau, a.vth, a.vr};
   const Maps m{a.T, a.B, a.H, a.W, a.C};
-  std::vector<float> scale(a.C), shift(a.C);
-  const int affine = a.bn_mean == nullptr ? 0 : (a.fma ? 2 : 1);
-  if (affine) bn_terms(a.bn_mean, a.bn_invstd, a.bn_weight, a.bn_bias, a.fma, a.C, scale.data(), shift.data());
-  const BNBackward bn{a.bn_mean, scale.data(), shift.data(), a.bn_sums};
-  backward_pick<POOL>(a.z, a.gout, a.gz, m, bn, affine, a.dtype, pow2_tau(a.tau), a.detach != 0, st, a.alpha,
-                      a.nthreads);
+  const Affine terms{a.bn_mean, a.bn_invstd, a.bn_weight, a.bn_bias, a.fma, a.C};
+  const BNBackward bn{a.bn_mean, terms.scale.data(), terms.shift.data(), a.bn_sums};
+  backward_pick<POOL>(a.z, a.gout, a.gz, m, bn, terms.kind, a.dtype, pow2_tau(a.tau), a.detach != 0, st,
+                      a.alpha, a.nthreads);
 }
 
 }  // namespace
@@ -135,11 +144,10 @@ int sf_lif_pool_forward(const void* x, void* out, int64_t T, int64_t B, int64_t 
   if (bn_mean != nullptr && fma && !kFma) return -2;
   const Step st{tau, 1.0f / tau, vth, vr};
   const Maps m{T, B, H, W, C};
-  std::vector<float> scale(C), shift(C);
-  const int affine = bn_mean == nullptr ? 0 : (fma ? 2 : 1);
-  if (affine) bn_terms(bn_mean, bn_invstd, bn_weight, bn_bias, fma, C, scale.data(), shift.data());
-  if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
-  else forward_pick<false>(x, out, m, scale.data(), shift.data(), affine, pool, dtype, st, nthreads);
+  const Affine bn{bn_mean, bn_invstd, bn_weight, bn_bias, fma, C};
+  const float *scale = bn.scale.data(), *shift = bn.shift.data();
+  if (pow2_tau(tau)) forward_pick<true>(x, out, m, scale, shift, bn.kind, pool, dtype, st, nthreads);
+  else forward_pick<false>(x, out, m, scale, shift, bn.kind, pool, dtype, st, nthreads);
   return 0;
 }
 
