@@ -107,8 +107,9 @@ void bn_apply_backward(const void* x_, const void* gy_, void* gx_, int64_t rows,
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const S* __restrict xr = x + r * C;
-    const S* __restrict gr = gy + r * C;
-    S* __restrict o = gx + r * C;
+    const S* gr = gy + r * C;  // gx may be gy (in place): each element is read before it is written
+    S* o = gx + r * C;
+#pragma GCC ivdep
     for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn backward apply
       const float dx = (load<D>(xr, c) - mean[c]) * k[c];
       store<D>(o, c, (load<D>(gr, c) - mean_g[c] - dx) * a[c]);

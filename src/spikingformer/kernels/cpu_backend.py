@@ -311,7 +311,8 @@ def bn_lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParam
     (``pool``) or SN(BN(z)) for channels-last maps ``z`` ``(T, B, H, W, C)`` and a training BatchNorm
     with ``bn`` = ``(save_mean, save_invstd, weight, bias)``. The kernel: the LIF backward and BN's
     two reductions in one pass over the maps (:func:`kernel_lif_pool_backward`), then BN's input
-    gradient in one more (``sf_bn_backward_apply``): PyTorch's BN backward formulas, its reductions
+    gradient in one more (``sf_bn_backward_apply``), written over the first pass's gradient (one
+    map-size buffer, not two): PyTorch's BN backward formulas, its reductions
     summed in another order (float partial sums per row, float64 across rows), so equal to its
     gradients to rounding. Else :func:`lif_pool_backward`, then ``native_batch_norm_backward``."""
     check_maps(z, pool, bn, grad_pooled)
@@ -330,7 +331,7 @@ def bn_lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParam
     gz = kernel_lif_pool_backward(lib, zk, grad_pooled, p, bn, pool, sums)
     gx = None
     if needs[0]:
-        gx = torch.empty_like(zk)
+        gx = gz  # in place: BN output's gradient is ours, and each element is read before it is written
         terms = [t.detach().float().contiguous() for t in (mean, invstd, weight)]
         rc = lib.sf_bn_backward_apply(zk.data_ptr(), gz.data_ptr(), gx.data_ptr(), zk.numel() // zk.shape[-1],
                                       zk.shape[-1], *(t.data_ptr() for t in terms), sums.data_ptr(),
