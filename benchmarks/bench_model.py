@@ -367,7 +367,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
                     help="training step and/or inference batch; default: both")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the heap grows over the first steps)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps first (the heap grows over the first steps: our allocator maps nothing new "
+                         "from the event model's third training step on)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every contender this many times, interleaved (each a fresh process)")
     ap.add_argument("--threads", type=int, default=None,
