@@ -72,6 +72,9 @@ QUICK = {
     "cifar": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2),
     "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
 }
+# untimed steps before timing (and before --profile's step): our allocator maps nothing new from the
+# event model's third training step on (docs/performance.md, "BN's input gradient in place")
+WARMUP_STEPS = 3
 
 # allocator set-ups of the baselines: label -> (environment of the worker, install our allocator)
 GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184:"
@@ -301,6 +304,9 @@ def _sj_worker(job: dict) -> dict:
 # Operator groups of the profile (torch.profiler self CPU time by aten op / autograd node name).
 PROFILE_GROUPS = [
     ("convolution: tokenizer 3x3, token linears as 1x1 (fwd+bwd)", ("convolution",)),
+    # the spike_conv route: its training form's autograd nodes (the accumulation's forward and weight
+    # gradient; the input gradient is aten's convolution_backward, above) and the int8 pieces' operator
+    ("spike convolutions: the tokenizer's convolutions of spikes (spike_conv route)", ("_Accumulated", "qconv2d")),
     ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("BatchNorm (fwd+bwd)", ("batch_norm",)),
     # the spike_linear route's operator (its forward kernel; the autograd node holds the backward's
@@ -340,7 +346,7 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
         if build_ == "authors":
             sj_neurons.reset_spikingjelly(model)
 
-    for _ in range(2):  # the heap grows over the first steps
+    for _ in range(WARMUP_STEPS):  # the heap grows over the first steps
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -367,7 +373,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
                     help="training step and/or inference batch; default: both")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
-    ap.add_argument("--warmup", type=int, default=3,
+    ap.add_argument("--warmup", type=int, default=WARMUP_STEPS,
                     help="untimed steps first (the heap grows over the first steps: our allocator maps nothing new "
                          "from the event model's third training step on)")
     ap.add_argument("--rounds", type=int, default=1,
@@ -537,7 +543,7 @@ def print_profile(args: argparse.Namespace, command: str) -> None:
     print("# Where a training step's time goes\n")
     print(f"Command: `{command}`\n")
     print("\n".join(common.machine_lines(threads)))
-    print("- torch.profiler, self CPU time of one step after two warm-up steps, this project's neurons, "
+    print(f"- torch.profiler, self CPU time of one step after {WARMUP_STEPS} warm-up steps, this project's neurons, "
           f"load average (1 min) {common.load_average():.2f}\n")
     for key in args.models:
         cols = []
