@@ -331,9 +331,9 @@ def bn_lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParam
     gz = kernel_lif_pool_backward(lib, zk, grad_pooled, p, bn, pool, sums)
     gx = None
     if needs[0]:
-        gx = gz  # in place: BN output's gradient is ours, and each element is read before it is written
+        gx = gz  # written in place: the kernel's gradient is ours, and each element is read before it is written
         terms = [t.detach().float().contiguous() for t in (mean, invstd, weight)]
-        rc = lib.sf_bn_backward_apply(zk.data_ptr(), gz.data_ptr(), gx.data_ptr(), zk.numel() // zk.shape[-1],
+        rc = lib.sf_bn_backward_apply(zk.data_ptr(), gz.data_ptr(), gz.data_ptr(), zk.numel() // zk.shape[-1],
                                       zk.shape[-1], *(t.data_ptr() for t in terms), sums.data_ptr(),
                                       DTYPE_CODES[zk.dtype], torch.get_num_threads())
         if rc != 0:
