@@ -29,10 +29,11 @@ from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"the CPU kernel library did not build: {cpu.build_error()}")
 
 PARAMS = [LIFParams(), LIFParams(tau=1.5, v_threshold=0.5, detach_reset=False), LIFParams(v_reset=-0.1)]
-# the last two are wider than the forward's pieces of a row (4 KB of input per step, csrc/lif_pool_cpu.cpp's
-# piece_cols): 67 x 24 is two pieces in float32 (the second of odd width), 131 x 16 three (two in bfloat16)
+# 67 x 24 and 131 x 16 are wider than the forward's pieces of a row (4 KB of input per step, csrc/lif_pool_cpu.cpp's
+# piece_cols): 67 x 24 is two pieces in float32 (the second of odd width), 131 x 16 three (two in bfloat16);
+# 32 and 64 channels run the kernels' loops built for those widths (channels_as_constant in csrc/bn_cpu.cpp)
 SHAPES = [(4, 2, 12, 12, 16), (3, 2, 7, 9, 5), (1, 1, 1, 1, 3), (5, 3, 16, 17, 33), (2, 1, 40, 6, 8),
-          (2, 1, 5, 67, 24), (2, 2, 3, 131, 16)]
+          (2, 1, 5, 67, 24), (2, 2, 3, 131, 16), (3, 2, 6, 9, 32), (2, 1, 5, 70, 64)]
 
 
 def _maps(shape, seed=0) -> torch.Tensor:
@@ -153,10 +154,11 @@ def test_without_the_library_the_twin_computes_the_same(monkeypatch):
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)  # autograd's exact sigmoid
 
 
+@pytest.mark.parametrize("channels", [16, 32, 64])  # 32 and 64: the loops built for those widths
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pool", [True, False])
 @pytest.mark.parametrize("library", [True, False], ids=["kernel", "fallback"])
-def test_bn_backward_is_batch_norms_formulas(dtype, pool, library, monkeypatch):
+def test_bn_backward_is_batch_norms_formulas(dtype, pool, library, channels, monkeypatch):
     """``bn_lif_pool_backward`` (BN's two reductions summed in the kernel's LIF backward pass, BN's
     input gradient in one more) against BatchNorm's backward written out in float64 on the LIF
     gradient ``g`` of BN's output: with ``x_hat = (x - mean) invstd`` over N values per channel,
@@ -164,19 +166,20 @@ def test_bn_backward_is_batch_norms_formulas(dtype, pool, library, monkeypatch):
     ``db = sum(g)``; float32 to 1e-5 of the largest value or term, bfloat16 to about its rounding.
     Without the library, the fallback (PyTorch's BN backward) gives the same."""
     p = LIFParams(tau=2.0)
-    x = _maps((3, 2, 9, 8, 16)).to(dtype)
+    c = channels
+    x = _maps((3, 2, 9, 8, c)).to(dtype)
     grad = torch.randn(cpu.pooled_shape(x) if pool else x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     rows = x.permute(0, 1, 4, 2, 3).flatten(0, 1)
-    mean, var = torch.batch_norm_update_stats(rows, torch.zeros(16), torch.ones(16), 0.1)
+    mean, var = torch.batch_norm_update_stats(rows, torch.zeros(c), torch.ones(c), 0.1)
     invstd = cpu.bn_invstd(var, 1e-5, batch=True)
-    weight, bias = _bn(16)[2:4]
+    weight, bias = _bn(c)[2:4]
     bn = (mean, invstd, weight, bias)
     if not library:
         monkeypatch.setattr(cpu, "get_library", lambda: None)
-    g = cpu.lif_pool_backward(x, grad, p, bn, pool).to(dtype).double().reshape(-1, 16)  # the LIF gradient, as stored
+    g = cpu.lif_pool_backward(x, grad, p, bn, pool).to(dtype).double().reshape(-1, c)  # the LIF gradient, as stored
     assert g.abs().sum() > 0
     gx, gw, gb = cpu.bn_lif_pool_backward(x, grad, p, bn, pool, 1e-5)
-    x_hat = (x.double().reshape(-1, 16) - mean.double()) * invstd.double()
+    x_hat = (x.double().reshape(-1, c) - mean.double()) * invstd.double()
     want_gb, want_gw = g.sum(0), (g * x_hat).sum(0)
     n = g.shape[0]
     want_gx = invstd.double() * weight.double() * (g - want_gb / n - x_hat * want_gw / n)
@@ -189,7 +192,7 @@ def test_bn_backward_is_batch_norms_formulas(dtype, pool, library, monkeypatch):
         torch.testing.assert_close(got.double(), want, rtol=0.0, atol=sum_tol * want.abs().max().item())
     terms = (invstd * weight).max().item() * g.abs().max().item()  # the size of dx's terms, before they cancel
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # bfloat16: rounded once (kernel) or on the way (PyTorch)
-    torch.testing.assert_close(gx.double().reshape(-1, 16), want_gx, rtol=0.0, atol=tol * terms)
+    torch.testing.assert_close(gx.double().reshape(-1, c), want_gx, rtol=0.0, atol=tol * terms)
     none = cpu.bn_lif_pool_backward(x, grad, p, bn, pool, 1e-5, (False, True, False))
     assert none[0] is None and none[2] is None and torch.equal(none[1], gw)
 

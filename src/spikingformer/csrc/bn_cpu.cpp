@@ -4,6 +4,17 @@
 // gradient from them in one more pass over the maps.
 namespace {
 
+// Loops over rows of C channels are instantiated with C as a constant CC for the widths of the
+// zoo's largest maps (the event model's first two tokenizer stages: 32 and 64 channels, two and
+// four AVX-512 vectors a row), where the loop's set-up per row was a large share of its time (see
+// docs/performance.md, "Channel counts as constants"); CC = 0: any C. f(cc), cc a
+// std::integral_constant of CC.
+template <typename F> inline void channels_as_constant(int64_t C, F&& f) {
+  if (C == 32) f(std::integral_constant<int64_t, 32>{});
+  else if (C == 64) f(std::integral_constant<int64_t, 64>{});
+  else f(std::integral_constant<int64_t, 0>{});
+}
+
 // Batch statistics of x (rows x C, float32) as PyTorch's CPU kernel (channels last) finds them:
 // the rows split into `runs` runs of ceil(rows / runs) rows (its threads' shares); per run and
 // channel, a float sum row after row; the runs' sums added in float64 in run order. mean = that /
@@ -11,9 +22,10 @@ namespace {
 // running estimates are updated in float: m * mean + (1 - m) * running_mean, and m * var_sum /
 // (rows - 1) + (1 - m) * running_var. FMA: where PyTorch's kernel contracts to fused multiply-adds
 // (its FMA builds), the squares' sum and the running variance's sum round once.
-template <bool FMA>
-void batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, float m, float* mean, float* var,
+template <int64_t CC, bool FMA>
+void batch_stats(const float* x, int64_t rows, int64_t C_, int64_t runs, float m, float* mean, float* var,
                  float* running_mean, float* running_var, int nthreads) {
+  const int64_t C = CC != 0 ? CC : C_;
   const int64_t per = (rows + runs - 1) / runs;
   std::vector<float> buf((size_t)(runs * C));
   const int nt = threads_for(rows * C, (int)std::min<int64_t>(nthreads, runs));
@@ -86,6 +98,27 @@ struct BNSums {
   }
 };
 
+// gx = (gy - mean_g - (x - mean) k) a over rows of C channels (CC: C as a constant, or 0).
+template <int64_t CC, int D>
+void bn_apply_rows(const typename StorageOf<D>::type* x, const typename StorageOf<D>::type* gy,
+                   typename StorageOf<D>::type* gx, int64_t rows, int64_t C_, const float* mean, const float* mean_g,
+                   const float* k, const float* a, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const int64_t C = CC != 0 ? CC : C_;
+  const int nt = threads_for(rows * C, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* __restrict xr = x + r * C;
+    const S* gr = gy + r * C;  // gx may be gy (in place): each element is read before it is written
+    S* o = gx + r * C;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn backward apply
+      const float dx = (load<D>(xr, c) - mean[c]) * k[c];
+      store<D>(o, c, (load<D>(gr, c) - mean_g[c] - dx) * a[c]);
+    }
+  }
+}
+
 // BN's input gradient from its output's gradient gy and the reductions of sf_lif_pool_backward,
 // as PyTorch's CPU kernel forms it: dx = (gy - sum_g / N - (x - mean) * k) * invstd * weight,
 // k = sum_d * invstd^2 / N, over rows of C channels (one row per (t, b, h, w)).
@@ -103,18 +136,9 @@ void bn_apply_backward(const void* x_, const void* gy_, void* gx_, int64_t rows,
     k[c] = (float)sums[C + c] * invstd[c] * invstd[c] / n;
     a[c] = invstd[c] * (weight != nullptr ? weight[c] : 1.0f);
   }
-  const int nt = threads_for(rows * C, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* __restrict xr = x + r * C;
-    const S* gr = gy + r * C;  // gx may be gy (in place): each element is read before it is written
-    S* o = gx + r * C;
-#pragma GCC ivdep
-    for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn backward apply
-      const float dx = (load<D>(xr, c) - mean[c]) * k[c];
-      store<D>(o, c, (load<D>(gr, c) - mean_g[c] - dx) * a[c]);
-    }
-  }
+  channels_as_constant(C, [&](auto cc) {
+    bn_apply_rows<cc.value, D>(x, gy, gx, rows, C, mean, mean_g.data(), k.data(), a.data(), nthreads);
+  });
 }
 
 }  // namespace
@@ -130,12 +154,16 @@ int sf_bn_batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, int
                       float* var, float* running_mean, float* running_var, int nthreads) {
   if (rows < 2 || C < 1 || runs < 1) return -1;
 #if defined(__FMA__) || defined(__AVX512F__)
-  if (fma) batch_stats<true>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
-  else batch_stats<false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
+  constexpr bool kHasFma = true;
 #else
+  constexpr bool kHasFma = false;
   if (fma) return -2;  // std::fma would be a libm call per element
-  batch_stats<false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
 #endif
+  channels_as_constant(C, [&](auto cc) {
+    if (kHasFma && fma) batch_stats<cc.value, kHasFma>(x, rows, C, runs, m, mean, var, running_mean, running_var,
+                                                       nthreads);
+    else batch_stats<cc.value, false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
+  });
   return 0;
 }
 

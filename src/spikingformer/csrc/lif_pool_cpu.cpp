@@ -44,11 +44,12 @@ template <typename S> inline void prefetch_lines(const S* p, int64_t n) {
 }
 
 // n columns of one row (t, b, h) of the recurrence: spikes of x (storage D) into s (storage DS),
-// membrane v carried over t.
-template <bool POW2, int AFFINE, int D, int DS>
-inline void lif_cols(const typename StorageOf<D>::type* __restrict x, typename StorageOf<DS>::type* __restrict s,
-                     float* __restrict v, int64_t n, int64_t C, const float* __restrict scale,
-                     const float* __restrict shift, const Step& st, const typename StorageOf<D>::type* next) {
+// membrane v carried over t. CC: the channel count C as a constant, or 0 (channels_as_constant).
+template <int64_t CC, bool POW2, int AFFINE, int D, int DS>
+void lif_cols(const typename StorageOf<D>::type* __restrict x, typename StorageOf<DS>::type* __restrict s,
+              float* __restrict v, int64_t n, int64_t C_, const float* __restrict scale, const float* __restrict shift,
+              const Step st, const typename StorageOf<D>::type* next) {
+  const int64_t C = CC != 0 ? CC : C_;
   for (int64_t w = 0; w < n; ++w) {
     const typename StorageOf<D>::type* __restrict xw = x + w * C;
     if (next != nullptr) prefetch_lines(next + w * C, C);
@@ -91,15 +92,17 @@ void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::t
       for (int64_t t = 0; t < m.T; ++t) {
         const S* xr = x + ((t * m.B + b) * m.H + h) * WC + w0 * C;
         if (!POOL) {  // no prefetch: these rows are one run each and it measured slower (0.92-0.97x)
-          lif_cols<POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC + w0 * C, v, n, C, scale, shift, st,
-                                       nullptr);
+          lif_cols<0, POW2, AFFINE, D, D>(xr, out + ((t * m.B + b) * m.H + h) * WC + w0 * C, v, n, C, scale, shift, st,
+                                          nullptr);
           continue;
         }
         // the input read after this piece: its next step, else the next piece, else the next row
         const S* nx = t + 1 < m.T        ? xr + m.B * m.H * WC
                       : w0 + n < m.W     ? x + (b * m.H + h) * WC + (w0 + n) * C
                                          : x + (b * m.H + std::min(h + 1, m.H - 1)) * WC;
-        lif_cols<POW2, AFFINE, D, kF32>(xr, s + C, v, n, C, scale, shift, st, nx);
+        channels_as_constant(C, [&](auto cc) {
+          lif_cols<cc.value, POW2, AFFINE, D, kF32>(xr, s + C, v, n, C, scale, shift, st, nx);
+        });
         float* et = edge + t * C;
         std::memcpy(s, w0 > 0 ? et : s + C, C * sizeof(float));
         std::memcpy(et, s + n * C, C * sizeof(float));
@@ -144,12 +147,13 @@ void pool_forward_impl(const void* x, void* out, const Maps& m, const float* sca
 }
 
 // Row k of image b: the recurrence over t of BN's output of z (bn_apply), its spikes as bytes into
-// sr (T x W x C, columns split as split_col) and its charged membrane into hr (T x W x C).
-template <bool POW2, int AFFINE, int D>
+// sr (T x W x C, columns split as split_col) and its charged membrane into hr (T x W x C). CC: the
+// channel count as a constant, or 0 (see channels_as_constant).
+template <int64_t CC, bool POW2, int AFFINE, int D>
 void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, float* v, const Maps& m, int64_t b,
-               int64_t k, const float* __restrict scale, const float* __restrict shift, const Step& st) {
+               int64_t k, const float* __restrict scale, const float* __restrict shift, const Step st) {
   using S = typename StorageOf<D>::type;
-  const int64_t WC = m.WC(), C = m.C;
+  const int64_t C = CC != 0 ? CC : m.C, WC = m.W * C;
   for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
   for (int64_t t = 0; t < m.T; ++t) {
     const S* zr = z + ((t * m.B + b) * m.H + k) * WC;
@@ -168,6 +172,30 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
   }
 }
 
+// Step t of the reverse recurrence of one input row (backward_rows): the W columns of charged
+// membrane ht, the spikes' gradients gs (columns as split_col), BN's input zt, dL/dV gv, into zt's
+// gradient gzt. CC: as recur_row.
+template <int64_t CC, bool POW2, bool DETACH, int AFFINE, int D>
+void reverse_cols(const float* __restrict ht, const float* __restrict gs, const typename StorageOf<D>::type* zt,
+                  float* __restrict gv, typename StorageOf<D>::type* gzt, const Maps& m, const Step st,
+                  const float alpha, BNSums sums) {
+  using S = typename StorageOf<D>::type;
+  const int64_t C = CC != 0 ? CC : m.C;
+  for (int64_t w = 0; w < m.W; ++w) {
+    const float* __restrict hw = ht + w * C;
+    const float* __restrict gw = gs + split_col(w, m) * C;
+    const S* __restrict zw = zt + w * C;
+    float* __restrict gvw = gv + w * C;
+    S* __restrict gzw = gzt + w * C;
+#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
+    for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
+      const float g = st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha);
+      store<D>(gzw, c, g);
+      if constexpr (AFFINE != 0) sums.add<D>(c, g, load<D>(zw, c));
+    }
+  }
+}
+
 // Backward of max-pool then LIF (of BN's output, AFFINE as bn_apply, computed again from its input
 // z) for input rows [h0, h1) of image b. Rows are walked in order, each row's recurrence run once:
 // its spikes (bytes) kept in a ring of 5 rows (a window reaches two rows either side), its charged
@@ -179,11 +207,12 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
                    typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                    const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
                    float* v, float* gv, float* gs, uint8_t* codes, BNSums& sums) {
-  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
   auto recur = [&](int64_t k) {
-    recur_row<POW2, AFFINE, D>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC, v, m, b, k,
-                            scale, shift, st);
+    channels_as_constant(C, [&](auto cc) {
+      recur_row<cc.value, POW2, AFFINE, D>(z, spikes + (k % 5) * TWC, hring + ((k >= h0 && k < h1) ? k % 3 : 3) * TWC,
+                                           v, m, b, k, scale, shift, st);
+    });
   };
   int64_t held[2] = {-1, -1};  // the output row whose codes each slot holds
   auto codes_of = [&](int64_t oh) {
@@ -210,21 +239,10 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
         route_row<D>(cds[k] + t * WoC, gout + ((t * m.B + b) * Ho + ohs[k]) * WoC, (int)(h - (2 * ohs[k] - 1)), gs,
                      gs + WoC, m);
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
-      const float* ht = hbuf + t * WC;
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
-      for (int64_t w = 0; w < m.W; ++w) {
-        const float* __restrict hw = ht + w * C;
-        const float* __restrict gw = gs + split_col(w, m) * C;
-        const S* __restrict zw = z + at + w * C;
-        float* __restrict gvw = gv + w * C;
-        S* __restrict gzw = gz + at + w * C;
-#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
-        for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
-          const float g = st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha);
-          store<D>(gzw, c, g);
-          if constexpr (AFFINE != 0) sums.add<D>(c, g, load<D>(zw, c));
-        }
-      }
+      channels_as_constant(C, [&](auto cc) {
+        reverse_cols<cc.value, POW2, DETACH, AFFINE, D>(hbuf + t * WC, gs, z + at, gv, gz + at, m, st, alpha, sums);
+      });
     }
     if constexpr (AFFINE != 0) sums.flush();
   }
@@ -241,7 +259,7 @@ void lif_backward_rows(const typename StorageOf<D>::type* z, const typename Stor
   using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC();
   for (int64_t h = h0; h < h1; ++h) {
-    recur_row<POW2, AFFINE, D>(z, spikes, hbuf, v, m, b, h, scale, shift, st);
+    recur_row<0, POW2, AFFINE, D>(z, spikes, hbuf, v, m, b, h, scale, shift, st);
     for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
     for (int64_t t = m.T - 1; t >= 0; --t) {
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
