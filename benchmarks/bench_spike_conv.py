@@ -16,6 +16,12 @@ rates the benchmark models' neurons give each stage in training. Usage::
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
+    python benchmarks/bench_spike_conv.py --threads 2 --whole --reps 11   # the int8 pieces in whole models
+
+With ``--whole``, the benchmark models' inference batches (``bench_model.py``'s models, weights,
+batches and BatchNorm statistics), the route as it is, once with the int8 pieces for the maps above
+the accumulation's limit and once with the float32 convolution there, alternating: whether the int8
+pieces pay on this CPU (``cpu_features.native_int8`` decides; this measures both ways whatever it says).
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 \\
         python benchmarks/bench_spike_conv.py   # as an AVX2 CPU (int8 without VNNI)
 """
@@ -121,6 +127,43 @@ def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
                       f"{e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
 
 
+def whole_models(models: list[str], reps: int, quick: bool) -> None:
+    """The benchmark models' inference batches (``quick``: its tiny ones) with the int8 pieces against
+    the float32 convolution for the maps the accumulation declines, alternating; and whether both
+    classify the batch alike."""
+    import torch
+
+    import bench_model
+    from spikingformer.layers import spike_conv
+
+    ways = {"int8 pieces": lambda: True, "float32": lambda: False}
+    print("| model | int8 pieces ms | float32 ms | float32 / int8 | top-1 equal |")
+    print("|---|---:|---:|---:|---|")
+    for key in models:
+        name, batch = bench_model.MODELS[key][:2]
+        model, x, _ = bench_model.build(dict(name=name, batch=batch, build="ours",
+                                             overrides=bench_model.QUICK[key] if quick else {}))
+        bench_model.calibrate_bn(model, x)
+        model.eval()
+        times, top1 = {k: [] for k in ways}, {}
+        kept = spike_conv.native_int8
+        try:
+            for r in range(reps + 1):  # round 0: warm-up (packs the pieces, primes oneDNN's caches)
+                for k in (list(ways) if r % 2 else list(ways)[::-1]):
+                    spike_conv.native_int8 = ways[k]
+                    t = time.perf_counter()
+                    with torch.inference_mode():
+                        out = model(x)
+                    if r:
+                        times[k].append(time.perf_counter() - t)
+                    top1[k] = out.argmax(-1)
+        finally:
+            spike_conv.native_int8 = kept
+        ratio = statistics.median(a / b for a, b in zip(times["float32"], times["int8 pieces"]))
+        print(f"| {key} | {1e3 * statistics.median(times['int8 pieces']):.1f} | {1e3 * statistics.median(times['float32']):.1f} "
+              f"| {ratio:.2f}x | {bool((top1['int8 pieces'] == top1['float32']).all())} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
@@ -130,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
     ap.add_argument("--train", action="store_true",
                     help="forward and backward: autograd's float32 convolution against the accumulation")
+    ap.add_argument("--whole", action="store_true",
+                    help="whole inference batches of the benchmark models: int8 pieces against float32 where dense")
     args = ap.parse_args(argv)
     import torch
 
@@ -140,17 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
-    what = "forward and backward, float32 against accumulation" if args.train else \
-        "float32 against int8 pieces and accumulation"
+    what = ("forward and backward, float32 against accumulation" if args.train
+            else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
+            if args.whole else "float32 against int8 pieces and accumulation")
     print(f"# Spike convolution: {what}\n")
     print(f"Command: `{common.command(argv if argv is not None else sys.argv[1:])}`\n")
     for line in common.machine_lines(torch.get_num_threads()):
         print(line)
-    print(f"- 8-bit dot products (AVX512-VNNI or AMX) usable by oneDNN: {native_int8()}")
-    print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of float32 / that way; "
-          f"error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n")
+    print(f"- 8-bit matrix tiles (AMX) usable by oneDNN, where the route takes the int8 pieces: {native_int8()}")
+    print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of float32 / that way"
+          + ("\n" if args.whole else
+             f"; error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n"))
     if args.train:
         _train_table(cases, args.rates, args.reps)
+        return 0
+    if args.whole:
+        whole_models(args.models, args.reps, args.quick)
         return 0
     print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | error: float32 | int8 | sum |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -309,6 +309,22 @@ def test_bench_spike_conv_quick_runs_as_a_script(train):
     assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
 
 
+def test_bench_spike_conv_whole_quick_runs_as_a_script():
+    """``python benchmarks/bench_spike_conv.py --whole --quick``: per model, the inference batch's
+    times both ways, their ratio, and that both classify alike (True for these spike maps: the int8
+    pieces are closer to float64 than float32's own sum, far from flipping an arg-max of 10)."""
+    import torch
+
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        pytest.skip("this PyTorch build has no oneDNN int8 convolution")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--whole", "--quick", "--reps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| cifar", "| event"))]
+    assert len(rows) == 2 and all(r.count("|") == 6 and r.count("x |") == 1 for r in rows), proc.stdout
+    assert all(r.endswith("| True |") for r in rows), proc.stdout
+
+
 @pytest.mark.slow
 def test_bench_kernel_revisions_quick_runs_as_a_script():
     """``python benchmarks/bench_kernel_revisions.py --quick`` (HEAD's kernel sources against the

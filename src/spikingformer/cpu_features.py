@@ -4,7 +4,7 @@
 route choice in :mod:`spikingformer.layers.routes`); :func:`onednn_cap` reads the one setting that
 caps oneDNN below this CPU's ISA. :func:`native_bf16` says whether this CPU computes bfloat16 natively; everything that offers bf16
 asks it (without native support bf16 is emulated and several times slower than float32).
-:func:`native_int8` says whether it has 8-bit dot products (the ``spike_conv`` route asks it).
+:func:`native_int8` says whether it has 8-bit matrix tiles (AMX; the ``spike_conv`` route asks it).
 :func:`pin_threads` fixes the CPU thread count, so that two seeded runs compute alike.
 """
 
@@ -52,14 +52,16 @@ def native_bf16() -> bool:
 
 
 def native_int8() -> bool:
-    """True when this CPU has 8-bit integer dot products (AVX512-VNNI or AMX) and oneDNN is not capped
-    below them by ``ONEDNN_MAX_CPU_ISA``: where oneDNN's int8 convolution outpaces its float32 one."""
+    """True when this CPU has 8-bit integer matrix tiles (AMX) and oneDNN is not capped below them by
+    ``ONEDNN_MAX_CPU_ISA``: where oneDNN's int8 convolution outpaces its float32 one several times.
+    8-bit dot products alone (AVX512-VNNI) do not count: on an AMD EPYC (Zen 5) with them, the spike
+    convolution's three int8 pieces ran 0.21-1.24x the float32 convolution's speed on the zoo's
+    shapes, and a CIFAR inference batch 1.35x slower with them (docs/performance.md)."""
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
         return False
-    return bool(hasattr(torch.ops.onednn, "qconv2d_pointwise")
-                and (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()))
+    return bool(hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.cpu._is_amx_tile_supported())
 
 
 BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and several times slower "

@@ -12,8 +12,9 @@ more). The result is the exact convolution of the spikes with the pieces' weight
 roundings: closer to the float64 convolution than float32's own sum of hundreds of rounded terms
 (docs/performance.md, "Spike convolution").
 
-On a CPU with 8-bit dot products (AVX512-VNNI or AMX) the three int8 convolutions take less time
-than one float32 convolution for wide enough inputs; without them (AVX2 alone) they take longer.
+On a CPU with 8-bit matrix tiles (AMX) the three int8 convolutions take less time than one float32
+convolution for wide enough inputs; with 8-bit dot products alone (AVX512-VNNI) they were as often
+slower as faster, and without either (AVX2 alone) they take longer.
 
 **Accumulation** (:func:`accumulate_conv2d`): a 3x3 convolution is a linear map of each output
 pixel's window of ``9 C_in`` inputs; for spikes, the sum of the weights of the window's spikes.

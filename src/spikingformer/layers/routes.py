@@ -49,7 +49,7 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   :data:`SPIKE_CONV_MAX_DENSITY` (per ISA and pass), the weights of each window's spikes are added
   (the spike linear's kernel); in training too, where autograd keeps the spikes as bits, the input
   gradient is PyTorch's and the weight gradient adds the output gradient at every window's spike.
-  Else, in inference on a CPU with 8-bit dot products (AVX512-VNNI or AMX), three int8
+  Else, in inference on a CPU with 8-bit matrix tiles (AMX), three int8
   convolutions of oneDNN: spikes are exact as integers, each weight is three 8-bit pieces per
   output channel (to 2^-24 of the channel's largest), sums are exact in int32. Each rounds
   otherwise than the float32 convolution (the second closer to float64 than it), so float32
