@@ -63,9 +63,10 @@ def minor_faults() -> int:
 
 
 def cpu_info() -> dict:
-    """The CPU as ``/proc/cpuinfo`` describes its first processor: ``model``, ``flags`` (a list) and
-    ``mhz`` (its current clock as the kernel reports it; ``None`` where absent)."""
-    info = dict(model=platform.processor() or platform.machine(), flags=[], mhz=None)
+    """The CPU as ``/proc/cpuinfo`` describes its first processor: ``model``, ``family`` (its family
+    and model numbers), ``flags`` (a list) and ``mhz`` (its clock as the kernel reports it; ``None``
+    where absent)."""
+    info = dict(model=platform.processor() or platform.machine(), family=None, flags=[], mhz=None)
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.readlines()
@@ -78,6 +79,8 @@ def cpu_info() -> dict:
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
     info["model"] = fields.get("model name", info["model"])
+    if fields.get("cpu family"):  # e.g. AMD's 25 (Zen 3 and 4) and 26 (Zen 5), where the name says only "AMD EPYC"
+        info["family"] = f"family {fields['cpu family']}, model {fields.get('model', '?')}"
     info["flags"] = fields.get("flags", "").split()
     if fields.get("cpu MHz"):
         info["mhz"] = float(fields["cpu MHz"])
@@ -91,9 +94,10 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
 
 
 def cpu_description() -> str:
-    model, flags = cpu_model_and_flags()
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
-    return f"{model} ({isa}); {os.cpu_count()} logical cores"
+    info = cpu_info()
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in info["flags"]) or "?"
+    family = f"{info['family']}; " if info["family"] else ""
+    return f"{info['model']} ({family}{isa}); {os.cpu_count()} logical cores"
 
 
 def machine_lines(threads: int, device: str = "cpu") -> list[str]:

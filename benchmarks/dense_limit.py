@@ -13,8 +13,9 @@ reaches on exactly those shapes, and ``that sum / step time`` is an efficiency t
 100% except by timing noise (the isolated op has its inputs' cache and the machine to itself at
 least as much as inside the step).
 
-:func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock x FLOPs per cycle of the
-ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
+:func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock (measured by
+``clock_probe.py``: a virtual machine's ``/proc/cpuinfo`` gives the nominal one) x FLOPs per cycle
+of the ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
 
 :func:`measure_with_dense_model` gives a second, lifted limit beside it: the same step with the token linears as
 dense products and the tokenizer's convolutions of spikes in float32 (the ``spike_linear`` and

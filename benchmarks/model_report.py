@@ -11,6 +11,7 @@ tokenizer's convolutions of spikes in float32, which the spike convolutions beat
 
 from __future__ import annotations
 
+import clock_probe
 import common
 
 EFFICIENCY_TARGET = 0.9
@@ -54,12 +55,15 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
     if args.device == "cpu":
         isa = dense_limit.isa()
         mhz = common.cpu_info()["mhz"]
+        ghz = clock_probe.measured_ghz()
         print(f"- ISA of the dense arithmetic: {isa} ({dense_limit.isa_settings()})")
-        if mhz:
-            peak = {d: dense_limit.fma_peak(args.threads, isa, mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
+        if ghz or mhz:
+            source = (f"measured: a chain of dependent additions on one core; /proc/cpuinfo says "
+                      f"{mhz / 1000:.2f} GHz" if mhz else "measured") if ghz else "/proc/cpuinfo"
+            peak = {d: dense_limit.fma_peak(args.threads, isa, ghz or mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
             print("- theoretical FMA peak = cores x clock x FLOPs/cycle, assuming "
                   f"{dense_limit.FMA_UNITS} FMA units per core: " + "; ".join(
-                      f"{d}: {p['cores']} x {p['ghz']:.2f} GHz (/proc/cpuinfo) x {p['flops_per_cycle']} = "
+                      f"{d}: {p['cores']} x {p['ghz']:.2f} GHz ({source}) x {p['flops_per_cycle']} = "
                       f"{p['flops'] / 1e9:.0f} GFLOP/s" for d, p in peak.items()))
     for rel in releases:
         timed = "; ".join(f"{n}: " + ", ".join(f"T={t} {s * 1e3:.0f} ms" for t, s in v.items())

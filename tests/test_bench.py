@@ -232,6 +232,21 @@ def test_dense_op_replay_keeps_shapes_strides_and_dtype():
     assert args[1:] == [[1, 2], None, False]
 
 
+def test_clock_probe_measures_a_plausible_clock():
+    """The FMA peak's clock: a dependent chain of additions runs one per cycle, so the probe's rate
+    is the core's clock: between 0.5 and 7 GHz on any x86-64 CPU made (a folded or skipped chain
+    would give far more, a mistimed one far less). The chain's sum is checked inside the probe."""
+    import clock_probe
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert clock_probe.measured_ghz() is None
+        return
+    ghz = clock_probe.measured_ghz(iterations=1 << 20, runs=3)
+    if ghz is None:
+        pytest.skip("no C compiler here")
+    assert 0.5 < ghz < 7.0, ghz
+
+
 def test_isa_and_fma_peak():
     import dense_limit
 
