@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import common
 from spikingformer import allocator
 from spikingformer.models.zoo import create_model, model_config
 
@@ -70,7 +71,8 @@ def bench(name: str, batch: int, mode: str, compiled: bool, args: argparse.Names
             with torch.no_grad():
                 run(x)
     first = timed(step, 1, device)[0] / 1e3
-    timed(step, args.warmup, device)
+    for _ in range(args.warmup):
+        step()
     wall, cpu = timed(step, args.steps, device)
     return {"first_s": first, "wall_ms": wall, "cpu_ms": cpu}
 
@@ -89,11 +91,8 @@ def main() -> None:
     load0 = os.getloadavg()
     print("# torch.compile against eager\n")
     print(f"Command: `python benchmarks/bench_compile.py {' '.join(sys.argv[1:])}`\n")
-    from bench_lif_peers import machine_line
-
-    print(f"- CPU: {machine_line()}; torch {torch.__version__}; {args.threads} threads")
-    if args.device == "cuda":
-        print(f"- GPU: {torch.cuda.get_device_name()}")
+    for line in common.machine_lines(args.threads, args.device):
+        print(line)
     print(f"- median of {args.steps} steps after {args.warmup} warm-up steps; CPU = process CPU time\n")
     print("| model | batch | step | eager ms (CPU ms) | compiled ms (CPU ms) | compiled / eager (CPU) | first compiled call s |")
     print("|---|---:|---|---:|---:|---:|---:|")

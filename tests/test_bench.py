@@ -341,6 +341,20 @@ def test_bench_spike_conv_whole_quick_runs_as_a_script():
 
 
 @pytest.mark.slow
+def test_bench_compile_runs_as_a_script(tmp_path):
+    """``python benchmarks/bench_compile.py`` on the smallest zoo model's inference batch: its
+    machine lines and one row with both builds' times, their ratio and the first call's seconds."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # see test_compile.py
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_compile.py"), "--models", "spikingformer_digits",
+                           "--modes", "infer", "--steps", "1", "--warmup", "0", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- CPU: " in proc.stdout, proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| spikingformer_digits")]
+    assert len(rows) == 1 and rows[0].count("|") == 8, proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_kernel_revisions_quick_runs_as_a_script():
     """``python benchmarks/bench_kernel_revisions.py --quick`` (HEAD's kernel sources against the
     working tree's, which builds a second library): one row per case, pass and dtype, each saying
