@@ -340,6 +340,27 @@ def test_bench_spike_conv_whole_quick_runs_as_a_script():
     assert all(r.endswith("| True |") for r in rows), proc.stdout
 
 
+def test_study_routes_quick_runs_as_a_script():
+    """``python benchmarks/study_routes.py --quick``: a row per route case with both times and the
+    on / off ratio, and the machine lines that name the routes' ISA key."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "study_routes.py"), "--quick", "--models", "cifar",
+                           "--reps", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "routes' ISA key:" in proc.stdout, proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " cifar " in line]
+    assert {r[1].strip() for r in rows} >= {"spike_linear", "channels_last", "fused_spike_pool", "attention_order"}
+    assert all(float(r[7]) > 0 for r in rows), proc.stdout
+
+
+def test_startup_runs_as_a_script():
+    """``python benchmarks/startup.py --repeats 1``: the command's start-up cases, each timed."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "startup.py"), "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| spikingformer")]
+    assert len(rows) >= 3 and all(float(r.split("|")[-2]) > 0 for r in rows), proc.stdout
+
+
 @pytest.mark.slow
 def test_bench_compile_runs_as_a_script(tmp_path):
     """``python benchmarks/bench_compile.py`` on the smallest zoo model's inference batch: its
