@@ -35,13 +35,14 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if platform.machine().lower() not in ("x86_64", "amd64") or compiler is None:
         return None
-    folder = Path(tempfile.mkdtemp(prefix="sf_clock_"))
-    (folder / "chain.c").write_text(SOURCE)
-    done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(folder / "chain.so"), str(folder / "chain.c")],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        return None
-    lib = ctypes.CDLL(str(folder / "chain.so"))
+    with tempfile.TemporaryDirectory(prefix="sf_clock_") as tmp:  # the loaded library outlives its file
+        folder = Path(tmp)
+        (folder / "chain.c").write_text(SOURCE)
+        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(folder / "chain.so"),
+                               str(folder / "chain.c")], capture_output=True, text=True)
+        if done.returncode != 0:
+            return None
+        lib = ctypes.CDLL(str(folder / "chain.so"))
     lib.sf_add_chain.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
     lib.sf_add_chain.restype = ctypes.c_uint64
     return lib

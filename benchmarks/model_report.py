@@ -58,8 +58,10 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
         ghz = clock_probe.measured_ghz()
         print(f"- ISA of the dense arithmetic: {isa} ({dense_limit.isa_settings()})")
         if ghz or mhz:
-            source = (f"measured: a chain of dependent additions on one core; /proc/cpuinfo says "
-                      f"{mhz / 1000:.2f} GHz" if mhz else "measured") if ghz else "/proc/cpuinfo"
+            source = "/proc/cpuinfo"
+            if ghz:
+                source = "measured: a chain of dependent additions on one core" + (
+                    f"; /proc/cpuinfo says {mhz / 1000:.2f} GHz" if mhz else "")
             peak = {d: dense_limit.fma_peak(args.threads, isa, ghz or mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
             print("- theoretical FMA peak = cores x clock x FLOPs/cycle, assuming "
                   f"{dense_limit.FMA_UNITS} FMA units per core: " + "; ".join(
