@@ -10,8 +10,9 @@ float64 convolution. The int8 way's packed weights are made once, as the route k
 model in inference. ``SPIKE_CONV_MIN_CHANNELS`` and ``SPIKE_CONV_MAX_DENSITY`` in
 ``spikingformer.layers.routes`` come from these tables. With ``--train``, a training step's
 forward and backward: autograd's float32 convolution against the accumulation's training form (the
-forward's sums, PyTorch's input gradient, the weight gradient summed at the windows' spikes), at the
-rates the benchmark models' neurons give each stage in training. Usage::
+forward's sums, PyTorch's input gradient, the weight gradient summed at the windows' spikes), and
+against the form that sums only the weight gradient (the float32 forward), at the rates the
+benchmark models' neurons give each stage in training. Usage::
 
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
@@ -83,8 +84,10 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
 
 def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     """Forward and backward (input and weight gradients) of autograd's float32 convolution against
-    the route's training form (``spike_conv._Accumulated``), alternately on the same maps and output
-    gradient; errors are the weight gradients' largest differences from float64's."""
+    the route's training form (``spike_conv._Accumulated``) two ways: summed throughout ("sum", as up
+    to the ``train`` limit) and only the weight gradient summed after the float32 forward ("wgrad",
+    as up to the ``weight_grad`` limit); alternately on the same maps and output gradient. Errors are
+    the weight gradients' largest differences from float64's (both ways sum it alike)."""
     import torch
 
     from spikingformer.layers import spike_conv as route
@@ -95,7 +98,8 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     w = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
-                "sum": lambda xi, wi: route._Accumulated.apply(xi, wi, None, 1.0)}
+                "sum": lambda xi, wi: route._Accumulated.apply(xi, wi, None, 1.0, 1.0),
+                "wgrad": lambda xi, wi: route._Accumulated.apply(xi, wi, None, -1.0, 1.0)}
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -111,20 +115,21 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
             t = time.perf_counter()
             step(f)
             times[k].append(time.perf_counter() - t)
-    ratio = statistics.median(a / b for a, b in zip(times["fp32"], times["sum"]))
-    return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratio=ratio, errors=errors)
+    ratios = {k: statistics.median(a / b for a, b in zip(times["fp32"], times[k])) for k in ("sum", "wgrad")}
+    return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
 def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
-    print("| case | rate | float32 fwd+bwd ms | sum fwd+bwd ms | sum ratio | weight-gradient error: float32 | sum |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| case | rate | float32 fwd+bwd ms | sum fwd+bwd ms | sum ratio | weight gradient summed ms | its ratio "
+          "| weight-gradient error: float32 | sum |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, rows in cases.items():
         for name, shape, model_rate in rows:
             for rate in rates or [model_rate]:
                 r = run_train_case(shape, rate, reps)
-                b, e = r["best"], r["errors"]
-                print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['sum']:.2f} | {r['ratio']:.2f}x | "
-                      f"{e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
+                b, q, e = r["best"], r["ratios"], r["errors"]
+                print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['sum']:.2f} | {q['sum']:.2f}x | "
+                      f"{b['wgrad']:.2f} | {q['wgrad']:.2f}x | {e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
 
 
 def whole_models(models: list[str], reps: int, quick: bool) -> None:
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
-    what = ("forward and backward, float32 against accumulation" if args.train
+    what = ("forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
             else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
             if args.whole else "float32 against int8 pieces and accumulation")
     print(f"# Spike convolution: {what}\n")

@@ -143,7 +143,7 @@ def int8_cpu(monkeypatch):
     values without them, only slower), its limits 128 channels and a firing rate of 0.1."""
     monkeypatch.setattr(route, "native_int8", lambda: True)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
 
 
 def test_conv_bn_takes_the_int8_pieces_in_inference_only(int8_cpu):
@@ -216,7 +216,7 @@ def test_each_way_where_it_measured_faster(monkeypatch):
     float32 convolution; at or below it, the accumulation; inputs narrower than the channel limit
     keep the float32 convolution either way."""
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(256, 8)
     dense, sparse = _spikes((2, 256, 4, 4), rate=0.5), _spikes((2, 256, 4, 4), rate=0.05)
     w = stage.conv.weight
@@ -281,7 +281,7 @@ def test_accumulation_declines_and_refuses():
 def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
     monkeypatch.setattr(route, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(16, 8)
     sparse, dense = _spikes((6, 16, 5, 5), 0.05).view(2, 3, 16, 5, 5), _spikes((6, 16, 5, 5), 0.5).view(2, 3, 16, 5, 5)
     with routes.configured("+spike_conv"), torch.no_grad():
@@ -337,7 +337,7 @@ def test_training_accumulates_sparse_inputs_and_keeps_bits(bias, layout, monkeyp
     gradient bit for bit, the weight gradient of the accumulation's twin, and the bias gradient; autograd
     keeps the spikes as bits (no float32 map of the input)."""
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.0})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.0, "weight_grad": 0.1})
     stage = ConvBN(24, 8)
     if bias:
         stage.conv.bias = nn.Parameter(torch.randn(8))
@@ -377,7 +377,7 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     """The first map sparse, the whole denser than the limit: the float32 convolution, its gradients
     those of autograd's bit for bit (the weight's from the unpacked bits)."""
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(16, 8)
     x = torch.cat([_spikes((1, 16, 6, 6), 0.02), _spikes((5, 16, 6, 6), 0.6)]).view(2, 3, 16, 6, 6)
     if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
@@ -390,11 +390,51 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
 
 
+@pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
+def test_training_between_the_limits_sums_only_the_weight_gradient(layout, monkeypatch):
+    """Maps firing above the forward's limit and at most at the weight gradient's: the float32
+    convolution and PyTorch's input gradient (the module call's, bit for bit), the weight gradient
+    by accumulation (its twin's, bit for bit; autograd's to rounding), and autograd keeps bits."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.5})
+    stage = ConvBN(16, 8)
+    x = _spikes((6, 16, 6, 6), 0.3, channels_last=layout == "+channels_last").view(2, 3, 16, 6, 6)
+    summed, grads = [], []
+    real, real_grad = sc.accumulate_conv2d, sc.accumulate_conv_weight_grad
+    monkeypatch.setattr(sc, "accumulate_conv2d", lambda *a: summed.append(1) or real(*a))
+    monkeypatch.setattr(sc, "accumulate_conv_weight_grad", lambda *a: grads.append(real_grad(*a)) or grads[-1])
+    g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(6))
+    y, gx, gw, _ = _train_stage(stage, x, g, f"+spike_conv,{layout}")
+    py, pgx, pgw, _ = _train_stage(stage, x, g, f"-spike_conv,{layout}")
+    assert not summed and torch.equal(y, py) and torch.equal(gx, pgx)
+    assert len(grads) == 1 and grads[0] is not None  # the weight gradient was summed
+    assert torch.equal(gw, sc.accumulate_conv_weight_grad_reference(x.flatten(0, 1), g.flatten(0, 1)))
+    torch.testing.assert_close(gw, pgw, rtol=1e-5, atol=1e-5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            routes.configured("+spike_conv"):
+        stage.convolve(x.detach().requires_grad_(), spikes=True)
+    assert [t.dtype for t in saved] == [torch.int64, torch.float32]
+
+
+def test_training_without_the_kernel_library_is_the_module_call(monkeypatch):
+    """Where the kernels cannot be built, the training form keeps its bits by PyTorch's packing and
+    gives the module call's output and gradients bit for bit (the float32 convolution throughout)."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.5, "infer": 0.5, "weight_grad": 0.5})
+    monkeypatch.setattr(sc.spike_linear, "get_library", lambda: None)
+    stage = ConvBN(16, 8)
+    x = _spikes((6, 16, 6, 6), 0.2).view(2, 3, 16, 6, 6)
+    g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(7))
+    on, off = _train_stage(stage, x, g, "+spike_conv"), _train_stage(stage, x, g, "-spike_conv")
+    assert all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
+
+
 def test_zoo_model_trains_with_the_route_to_rounding(monkeypatch):
     """A training step of a zoo model: the tokenizer's wide convolutions of spikes summed, each equal
     to its twin on the input it got; loss and gradients agree with the route off to rounding (spikes
     may flip where a membrane lies within rounding of a threshold)."""
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 1.0, "infer": 1.0})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 1.0, "infer": 1.0, "weight_grad": 1.0})
     torch.manual_seed(0)
     model = create_model("spikingformer_cifar10_4_384", depth=1).train()
     x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
@@ -437,7 +477,7 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
     from spikingformer.neuron import MultiStepLIF
 
     # 1.0: every wide one summed
-    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit})
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit, "weight_grad": limit})
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
     for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire

@@ -213,19 +213,28 @@ def accumulate_conv_weight_grad_reference(x: torch.Tensor, grad: torch.Tensor) -
     return _window_weight_grad(gw, x.shape[1])
 
 
-def accumulate_conv_weight_grad(packed: torch.Tensor, shape: torch.Size, grad: torch.Tensor) -> torch.Tensor:
-    """The weight gradient ``(C_out, C_in, 3, 3)`` of :func:`accumulate_conv2d` for the spike maps of
-    ``shape`` ``(N, C_in, H, W)`` kept as its ``packed`` bits and the float32 output gradient
-    ``grad`` ``(N, C_out, H, W)``: for every window's spike, the output gradient of its pixel added
-    to the weight's (the spike linear's weight-gradient kernel) per pass of :data:`ROWS_PER_PASS`
-    pixels, the passes' sums added in order (shorter running sums than one over every pixel: the
-    event model's 2^19 pixels per map summed in one ran 4x further from float64 than the float32
-    convolution's gradient). Needs the kernel library (as :func:`accumulate_conv2d` did)."""
+def accumulate_conv_weight_grad(packed: torch.Tensor, shape: torch.Size, grad: torch.Tensor,
+                                max_density: float = 1.0) -> torch.Tensor | None:
+    """The weight gradient ``(C_out, C_in, 3, 3)`` of the convolution (3x3, stride 1, padding 1) of the
+    spike maps of ``shape`` ``(N, C_in, H, W)`` kept as ``packed`` bits (``(N H W, packed_width(C_in))``,
+    channels in order, as :func:`accumulate_conv2d` or
+    :func:`~spikingformer.kernels.spike_linear.pack_spikes` of the channels-last rows write them), for
+    the float32 output gradient ``grad`` ``(N, C_out, H, W)``: for every window's spike, the output
+    gradient of its pixel added to the weight's (the spike linear's weight-gradient kernel) per pass
+    of :data:`ROWS_PER_PASS` pixels, the passes' sums added in order (shorter running sums than one
+    over every pixel: the event model's 2^19 pixels per map summed in one ran 4x further from
+    float64 than the float32 convolution's gradient). ``None`` (nothing computed) where more than
+    ``max_density`` of the spikes' places are ones, where ``9 C_in`` exceeds the kernels' 16-bit
+    indices, or without the kernel library."""
     lib = spike_linear.get_library()
     c = shape[1]
+    if lib is None or 9 * c > 65536:
+        return None
+    pidx, pcnt, count = spike_linear._gather_packed(lib, packed, c)
+    if count > max_density * packed.shape[0] * c:
+        return None
     g = _grad_rows(grad)
     gw, part = None, g.new_empty(g.shape[1], 9 * c)
-    pidx, pcnt, _ = spike_linear._gather_packed(lib, packed, c)
     for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, shape):
         spike_linear._accumulate_weight_grad(lib, idx, cnt, int(cnt[:rows].sum()), 9 * c, g[m0:m0 + rows], part)
         gw = part.clone() if gw is None else gw.add_(part)

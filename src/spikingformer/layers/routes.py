@@ -47,8 +47,9 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
   (:mod:`spikingformer.kernels.spike_conv`). At a firing rate of at most
   :data:`SPIKE_CONV_MAX_DENSITY` (per ISA and pass), the weights of each window's spikes are added
-  (the spike linear's kernel); in training too, where autograd keeps the spikes as bits, the input
-  gradient is PyTorch's and the weight gradient adds the output gradient at every window's spike.
+  (the spike linear's kernel). In training, up to its ``weight_grad`` rate, autograd keeps the
+  spikes as bits, the input gradient is PyTorch's and the weight gradient adds the output gradient
+  at every window's spike (the forward, above the ``train`` rate, the float32 convolution).
   Else, in inference on a CPU with 8-bit matrix tiles (AMX), three int8
   convolutions of oneDNN: spikes are exact as integers, each weight is three 8-bit pieces per
   output channel (to 2^-24 of the channel's largest), sums are exact in int32. Each rounds
@@ -117,11 +118,13 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # Per ISA, the least input channels for which spike_conv measured faster than the float32
-# convolution on the zoo's tokenizer shapes, and per pass the firing rate up to which its
-# accumulation did (in inference on AVX-512: beat the int8 pieces too; in training: forward and
-# backward together) (docs/performance.md, "Spike convolution").
+# convolution on the zoo's tokenizer shapes, and the firing rates up to which its accumulation did:
+# "infer", the inference forward (on AVX-512: beat the int8 pieces too); "train", the training
+# forward and backward together; "weight_grad" (at least "train"), the weight gradient alone, the
+# forward above "train" being the float32 convolution (docs/performance.md, "Spike convolution").
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
-SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10}, "avx2": {"train": 0.30, "infer": 0.30}}
+SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
+                          "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -155,7 +158,7 @@ _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MA
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
-                                                                   for p in ("train", "infer")})
+                                                                   for p in ("train", "infer", "weight_grad")})
 
 
 def enabled(name: str) -> bool:

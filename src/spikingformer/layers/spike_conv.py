@@ -16,7 +16,7 @@ from torch import nn
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
-from spikingformer.kernels.spike_linear import packed_width, unpack_spikes
+from spikingformer.kernels.spike_linear import pack_spikes, packed_width, unpack_spikes
 from spikingformer.layers import routes
 
 # conv module -> what the route keeps of its weight (_Weight); weak, so a dropped model frees it
@@ -87,24 +87,24 @@ ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spike
 
 
 class _Accumulated(torch.autograd.Function):
-    """Training's way: the forward by accumulation, the spikes kept as bits (1/32 of the float32
-    maps autograd would keep); backward: the input gradient by PyTorch's convolution backward (as
-    for the module call, bit for bit), the weight gradient by accumulation of the output gradient
-    at every window's spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`).
-    Where the maps turn out denser than ``limit``, the float32 convolution and its weight gradient
-    of the unpacked spikes. Differentiable once: a backward that builds a graph (``create_graph``)
-    raises."""
+    """Training's way for spike maps: autograd keeps the spikes as bits (1/32 of the float32 maps it
+    would keep). Forward: by accumulation where the maps fire at most at ``limit``, else the float32
+    convolution. Backward: the input gradient by PyTorch's convolution backward (as for the module
+    call, bit for bit); the weight gradient by accumulation of the output gradient at every window's
+    spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`) where the maps fire
+    at most at ``grad_limit``, else PyTorch's of the unpacked spikes. Differentiable once: a backward
+    that builds a graph (``create_graph``) raises."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, limit):
+    def forward(ctx, x, weight, bias, limit, grad_limit):
         n, c, h, w = x.shape
         packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
-        y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
-        ctx.sparse = y is not None
-        if y is None:
+        y = kernels.accumulate_conv2d(x, weight, bias, limit, packed) if _may_be_sparse(x, limit) else None
+        if y is None:  # (the accumulation, where it declined, may not have written the bits)
             y = nn.functional.conv2d(x, weight, bias, padding=1)
+            packed = pack_spikes(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
         ctx.save_for_backward(packed, weight)
-        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        ctx.shape, ctx.has_bias, ctx.grad_limit = x.shape, bias is not None, grad_limit
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
         return y
@@ -119,15 +119,14 @@ class _Accumulated(torch.autograd.Function):
             x = torch.empty(ctx.shape, memory_format=ctx.layout)
             gx = _convolution_backward(grad, x, weight, (True, False, False))[0]
         if ctx.needs_input_grad[1]:
-            if ctx.sparse:
-                gw = kernels.accumulate_conv_weight_grad(packed, ctx.shape, grad)
-            else:
+            gw = kernels.accumulate_conv_weight_grad(packed, ctx.shape, grad, ctx.grad_limit)
+            if gw is None:
                 n, c, h, w = ctx.shape
                 x = unpack_spikes(packed, c).view(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=ctx.layout)
                 gw = _convolution_backward(grad, x, weight, (False, True, False))[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum((0, 2, 3))
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 def _convolution_backward(grad, x, weight, mask):
@@ -136,20 +135,23 @@ def _convolution_backward(grad, x, weight, mask):
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so: by
-    accumulation of the windows' spikes' weights where at most ``SPIKE_CONV_MAX_DENSITY`` of ``x``
-    (per pass) are ones (:func:`~spikingformer.kernels.spike_conv.accumulate_conv2d`; in training
-    :class:`_Accumulated`), else, in inference, in integer arithmetic on a CPU with 8-bit dot
-    products (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`); float32 values differ from
-    the float32 convolution's by rounding. Otherwise the module call."""
+    """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per
+    ``SPIKE_CONV_MAX_DENSITY``: in inference, by accumulation of the windows' spikes' weights where
+    at most its ``"infer"`` share of ``x`` (per pass) are ones
+    (:func:`~spikingformer.kernels.spike_conv.accumulate_conv2d`), else in integer arithmetic on a
+    CPU with 8-bit matrix tiles (:func:`~spikingformer.kernels.spike_conv.spike_conv2d`); in
+    training, :class:`_Accumulated` where the first map fires at most at its ``"weight_grad"``
+    share (the forward summed up to its ``"train"`` share). Float32 values differ from the float32
+    convolution's by rounding. Otherwise the module call."""
     if not takes(conv, x):
         return conv(x)
-    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
-    limit = routes._spike_conv_max_density["train" if training else "infer"]
-    if _may_be_sparse(x, limit):
-        if training:
-            return _Accumulated.apply(x, conv.weight, conv.bias, limit)
-        y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limit)
+    limits = routes._spike_conv_max_density
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
+        if _may_be_sparse(x, limits["weight_grad"]):
+            return _Accumulated.apply(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"])
+        return conv(x)
+    if _may_be_sparse(x, limits["infer"]):
+        y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limits["infer"])
         if y is not None:
             return y
-    return kernels.spike_conv2d(x, _pieces(conv), conv.bias) if native_int8() and not training else conv(x)
+    return kernels.spike_conv2d(x, _pieces(conv), conv.bias) if native_int8() else conv(x)
