@@ -18,11 +18,14 @@ benchmark models' neurons give each stage in training. Usage::
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
     python benchmarks/bench_spike_conv.py --threads 2 --whole --reps 11   # the int8 pieces in whole models
+    python benchmarks/bench_spike_conv.py --threads 2 --whole --train --reps 10   # the weight gradient alone
 
 With ``--whole``, the benchmark models' inference batches (``bench_model.py``'s models, weights,
 batches and BatchNorm statistics), the route as it is, once with the int8 pieces for the maps above
 the accumulation's limit and once with the float32 convolution there, alternating: whether the int8
 pieces pay on this CPU (``cpu_features.native_int8`` decides; this measures both ways whatever it says).
+With ``--whole --train``, their training steps with this ISA's limits against the weight gradient
+summed only up to the training limit (``SPIKE_CONV_MAX_DENSITY``'s ``weight_grad`` against its ``train``).
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 \\
         python benchmarks/bench_spike_conv.py   # as an AVX2 CPU (int8 without VNNI)
 """
@@ -169,6 +172,47 @@ def whole_models(models: list[str], reps: int, quick: bool) -> None:
               f"| {ratio:.2f}x | {bool((top1['int8 pieces'] == top1['float32']).all())} |", flush=True)
 
 
+def whole_training(models: list[str], reps: int, quick: bool) -> None:
+    """The benchmark models' training steps (forward, loss, backward, AdamW) with this ISA's limits
+    against the same limits but the weight gradient summed only up to the training limit (maps
+    firing between the two then take the float32 convolution throughout), alternating (ABBA) on one
+    model and optimizer; the ratio is the median over rounds of the second's time / the first's."""
+    import torch
+
+    import bench_model
+    from spikingformer.layers import routes
+
+    ways = {"weight gradient summed": dict(routes._spike_conv_max_density)}
+    ways["float32 above the training limit"] = dict(ways["weight gradient summed"],
+                                                    weight_grad=ways["weight gradient summed"]["train"])
+    print(f"Limits: {ways['weight gradient summed']}\n")
+    print("| model | weight gradient summed ms | float32 above the training limit ms | its time / summed |")
+    print("|---|---:|---:|---:|")
+    kept = routes._spike_conv_max_density
+    for key in models:
+        name, batch = bench_model.MODELS[key][:2]
+        model, x, y = bench_model.build(dict(name=name, batch=batch, build="ours",
+                                             overrides=bench_model.QUICK[key] if quick else {}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        times = {k: [] for k in ways}
+        try:
+            for r in range(reps + 1):  # round 0: warm-up (the heap grows over the first steps)
+                for k in (list(ways) if r % 2 else list(ways)[::-1]):
+                    routes._spike_conv_max_density = ways[k]
+                    t = time.perf_counter()
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if r:
+                        times[k].append(time.perf_counter() - t)
+        finally:
+            routes._spike_conv_max_density = kept
+        a, b = times.values()
+        ratio = statistics.median(tb / ta for ta, tb in zip(a, b))
+        print(f"| {key} | {1e3 * statistics.median(a):.1f} | {1e3 * statistics.median(b):.1f} | {ratio:.3f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
@@ -179,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", action="store_true",
                     help="forward and backward: autograd's float32 convolution against the accumulation")
     ap.add_argument("--whole", action="store_true",
-                    help="whole inference batches of the benchmark models: int8 pieces against float32 where dense")
+                    help="whole inference batches of the benchmark models: int8 pieces against float32 where dense; "
+                         "with --train, whole training steps: the weight gradient summed above the training limit "
+                         "against the float32 convolution there")
     args = ap.parse_args(argv)
     import torch
 
@@ -190,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
-    what = ("forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
+    what = ("whole training steps, the weight gradient summed or not above the training limit (median of "
+            "alternating steps, wall clock)" if args.train and args.whole
+            else "forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
             else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
             if args.whole else "float32 against int8 pieces and accumulation")
     print(f"# Spike convolution: {what}\n")
@@ -201,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of float32 / that way"
           + ("\n" if args.whole else
              f"; error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n"))
+    if args.whole:
+        (whole_training if args.train else whole_models)(args.models, args.reps, args.quick)
+        return 0
     if args.train:
         _train_table(cases, args.rates, args.reps)
-        return 0
-    if args.whole:
-        whole_models(args.models, args.reps, args.quick)
         return 0
     print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | error: float32 | int8 | sum |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -340,6 +340,17 @@ def test_bench_spike_conv_whole_quick_runs_as_a_script():
     assert all(r.endswith("| True |") for r in rows), proc.stdout
 
 
+def test_bench_spike_conv_whole_training_quick_runs_as_a_script():
+    """``python benchmarks/bench_spike_conv.py --whole --train --quick``: the limits it compares, and per
+    model the training step's times both ways and their ratio."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--whole", "--train", "--quick",
+                           "--reps", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'weight_grad':" in proc.stdout, proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| cifar", "| event"))]
+    assert len(rows) == 2 and all(len(r) == 6 and all(float(v) > 0 for v in r[2:5]) for r in rows), proc.stdout
+
+
 def test_study_routes_quick_runs_as_a_script():
     """``python benchmarks/study_routes.py --quick``: a row per route case with both times and the
     on / off ratio, and the machine lines that name the routes' ISA key."""
