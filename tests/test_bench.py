@@ -484,6 +484,34 @@ def test_caching_allocator_reuses_large_blocks_instead_of_faulting_them_in():
     assert float(ours[-2]) < pages / 100 and int(ours[-1]) >= 4  # served from the cache, no faults
 
 
+_SCRATCH = """
+import ctypes, resource, torch
+from spikingformer import allocator
+allocator.configure_allocator()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def scratch():
+    p = libc.malloc(4 << 20)
+    ctypes.memset(p, 1, 4 << 20)
+    libc.free(p)
+scratch()
+f0 = faults()
+for _ in range(4): scratch()
+print((faults() - f0) / 4)
+"""
+
+
+@linux_only
+def test_scratch_from_malloc_stays_in_the_heap_with_the_allocator():
+    """Code outside PyTorch's allocator (the fused kernels' per-thread scratch, oneDNN's) takes its
+    buffers from malloc: with the allocator installed, a 4 MiB buffer freed and taken again comes
+    from glibc's heap, not from a fresh mapping faulted in each time (as with a 1 MiB mmap
+    threshold, which faulted four 1 MiB buffers of the event model's stem backward every step)."""
+    pages = (4 << 20) / 4096
+    assert float(_run(_SCRATCH, "1").split()[-1]) < pages / 100
+
+
 _SEGMENTS = """
 import json, torch
 from spikingformer import allocator

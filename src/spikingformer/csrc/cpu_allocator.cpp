@@ -216,9 +216,13 @@ int sf_alloc_install(int64_t threshold) {
   if (!installed) {
     pool().threshold = static_cast<size_t>(threshold);
     // Smaller blocks stay with glibc: keep them in its heap (no per-block mmap, and freed memory is
-    // not trimmed back to the kernel every step), so they do not page-fault every step either.
-    // Nothing large reaches malloc any more, so the heap cannot fragment much.
-    mallopt(M_MMAP_THRESHOLD, static_cast<int>(threshold));
+    // not trimmed back to the kernel every step), so they do not page-fault every step either. So
+    // do the scratch buffers that code outside PyTorch's allocator takes from malloc (the fused
+    // kernels' per-thread rows, oneDNN's): up to glibc's largest mmap threshold, 32 MiB, they come
+    // from the heap too (a 1 MiB threshold mapped and faulted four 1 MiB buffers of the event
+    // model's stem backward in every step). No tensor block of 1 MiB or more reaches malloc, so
+    // the heap cannot fragment much.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
     pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
     c10::SetCPUAllocator(&g_allocator, /*priority=*/1);
