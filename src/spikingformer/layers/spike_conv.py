@@ -98,8 +98,10 @@ class _Accumulated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, limit, grad_limit):
         n, c, h, w = x.shape
-        packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
-        y = kernels.accumulate_conv2d(x, weight, bias, limit, packed) if _may_be_sparse(x, limit) else None
+        y = None
+        if _may_be_sparse(x, limit):
+            packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
+            y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
         if y is None:  # (the accumulation, where it declined, may not have written the bits)
             y = nn.functional.conv2d(x, weight, bias, padding=1)
             packed = pack_spikes(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
