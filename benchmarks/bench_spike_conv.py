@@ -102,7 +102,7 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
                 "sum": lambda xi, wi: route._Accumulated.apply(xi, wi, None, 1.0, 1.0),
-                "wgrad": lambda xi, wi: route._Accumulated.apply(xi, wi, None, -1.0, 1.0)}
+                "wgrad": lambda xi, wi: route._Accumulated.apply(xi, wi, None, None, 1.0)}
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()

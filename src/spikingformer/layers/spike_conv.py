@@ -73,12 +73,12 @@ def _pieces(conv: nn.Conv2d) -> kernels.PackedPieces:
     return held.pieces
 
 
-def _may_be_sparse(x: torch.Tensor, limit: float) -> bool:
-    """Whether the first map's firing rate is at most ``limit``: the accumulation lists every map's
-    spikes before it knows the rate (and then declines above it), which costs time where the maps
+def _first_map_rate(x: torch.Tensor) -> float:
+    """The first map's firing rate, which decides the way: the accumulation lists every map's spikes
+    before it knows the rate (and then declines above its limit), which costs time where the maps
     fire above it (as the event model's do, at about 0.4)."""
     first = x[0]
-    return int(first.count_nonzero()) <= limit * first.numel()
+    return int(first.count_nonzero()) / first.numel()
 
 
 ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spikes are differentiable once (autograd "
@@ -88,8 +88,8 @@ ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spike
 
 class _Accumulated(torch.autograd.Function):
     """Training's way for spike maps: autograd keeps the spikes as bits (1/32 of the float32 maps it
-    would keep). Forward: by accumulation where the maps fire at most at ``limit``, else the float32
-    convolution. Backward: the input gradient by PyTorch's convolution backward (as for the module
+    would keep). Forward: by accumulation where the maps fire at most at ``limit`` (``None``: the
+    caller found the first map denser), else the float32 convolution. Backward: the input gradient by PyTorch's convolution backward (as for the module
     call, bit for bit); the weight gradient by accumulation of the output gradient at every window's
     spikes (:func:`~spikingformer.kernels.spike_conv.accumulate_conv_weight_grad`) where the maps fire
     at most at ``grad_limit``, else PyTorch's of the unpacked spikes. Differentiable once: a backward
@@ -99,7 +99,7 @@ class _Accumulated(torch.autograd.Function):
     def forward(ctx, x, weight, bias, limit, grad_limit):
         n, c, h, w = x.shape
         y = None
-        if _may_be_sparse(x, limit):
+        if limit is not None:
             packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
             y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
         if y is None:  # (the accumulation, where it declined, may not have written the bits)
@@ -147,12 +147,13 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     convolution's by rounding. Otherwise the module call."""
     if not takes(conv, x):
         return conv(x)
-    limits = routes._spike_conv_max_density
+    limits, rate = routes._spike_conv_max_density, _first_map_rate(x)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
-        if _may_be_sparse(x, limits["weight_grad"]):
-            return _Accumulated.apply(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"])
+        if rate <= limits["weight_grad"]:
+            limit = limits["train"] if rate <= limits["train"] else None
+            return _Accumulated.apply(x, conv.weight, conv.bias, limit, limits["weight_grad"])
         return conv(x)
-    if _may_be_sparse(x, limits["infer"]):
+    if rate <= limits["infer"]:
         y = kernels.accumulate_conv2d(x, conv.weight, conv.bias, limits["infer"])
         if y is not None:
             return y
