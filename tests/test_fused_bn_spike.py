@@ -20,6 +20,7 @@ from torch import nn
 
 from spikingformer.kernels import batch_stats
 from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.kernels import ops
 from spikingformer.layers import ConvBN, TokenConvBN, routes
 from spikingformer.models.zoo import create_model
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_reference
@@ -283,3 +284,73 @@ def test_model_inference_with_and_without_the_route_is_the_same(name, monkeypatc
     assert torch.equal(logits[0], logits[1])
     if cpu.kernel_reproduces_bn():
         assert 1 in calls  # tokens: maps of N x 1 pixels
+
+
+def test_opcheck_training_operators():
+    """The training form's operators (``spikingformer::bn_batch_stats``, which updates the running
+    estimates, ``bn_lif_pool_train`` with its autograd, and its backward) pass ``opcheck``: schema,
+    fake tensors, autograd registration, AOT dispatch; for maps with and without the max-pool and
+    for token rows."""
+    p = LIFParams(tau=1.5, detach_reset=False)
+    g = torch.Generator().manual_seed(5)
+    for shape, pool, tokens in (((3, 2, 6, 5, 4), True, False), ((3, 2, 6, 5, 4), False, False),
+                                ((2, 3, 7, 1, 4), False, True)):
+        x = torch.randn(shape, generator=g) * 1.5 + 0.5
+        weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g) * 0.3
+        for momentum in (0.1, None):
+            buffers = (torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5, torch.tensor(2))
+            torch.library.opcheck(ops.bn_batch_stats, (x, *buffers, momentum, 1e-5, tokens))
+        mean, var = x.flatten(0, -2).mean(0), x.flatten(0, -2).var(0, unbiased=False)
+        args = (mean, var, weight.requires_grad_(), bias.requires_grad_(), 1e-5, p.tau, p.v_threshold, p.v_reset,
+                p.alpha, p.detach_reset, pool)
+        torch.library.opcheck(ops.bn_lif_pool_train, (x.clone().requires_grad_(), *args))
+        out = ops.bn_lif_pool_train(x, *args)
+        invstd = cpu.bn_invstd(var, 1e-5, batch=True)
+        for needs in ([True, True, True], [False, True, False]):
+            torch.library.opcheck(ops.bn_lif_pool_train_backward,
+                                  (x, torch.randn(out.shape, generator=g), mean, invstd, weight.detach(),
+                                   bias.detach(), 1e-5, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset,
+                                   pool, needs))
+
+
+def test_compiled_training_keeps_the_fused_operators_and_equals_eager():
+    """Under ``torch.compile(fullgraph=True)`` a training ConvBN -> SN on tokens and a tokenizer
+    stage's BN -> SN -> max-pool take the fused operators (the traced graph holds them) and compute
+    what eager does with them (``aot_eager``: the same kernels), over two steps with ``momentum=None``
+    (the average by the batch count): spikes, every gradient, running statistics and the count bit
+    for bit."""
+    from torch._dynamo import lookup_backend
+
+    traced = []
+
+    def recording(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    lif = MultiStepLIF(tau=2.0)
+    tokens, maps = TokenConvBN(24, 32, bias=True), ConvBN(3, 16)
+    def stage(m, x):  # x (T, B, C, H, W); the stage's conv output channels-last, as the tokenizer's
+        y = m.conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)).unflatten(0, x.shape[:2])
+        return routes.bn_spike_pool(m, lif, True, y)
+
+    calls = [(tokens, lambda m, x: m.spikes(lif, x), (4, 3, 10, 24)), (maps, stage, (2, 3, 3, 12, 10))]
+    for layer, call, shape in calls:
+        layer.bn.momentum = None
+        nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
+        results = []
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            m = copy.deepcopy(layer).train()
+            run = torch.compile(call, fullgraph=True, backend=recording) if compiled else call
+            row = []
+            for step in range(2):
+                x = torch.randn(shape, generator=torch.Generator().manual_seed(step)).requires_grad_()
+                with routes.configured("+fused_bn_spike,+fused_spike_pool,+channels_last,-spike_linear"):
+                    out = run(m, x)
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step)))
+                row += [out, x.grad, *(p.grad.clone() for p in m.parameters()), *(b.clone() for b in m.buffers())]
+            results.append(row)
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        assert 0 < results[0][0].sum() < results[0][0].numel()
+    if cpu.kernel_reproduces_bn():
+        assert {"spikingformer.bn_batch_stats.default", "spikingformer.bn_lif_pool_train.default"} <= set(traced)

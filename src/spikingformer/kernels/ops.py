@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from spikingformer.kernels import batch_stats
 from spikingformer.kernels import cpu_backend as cpu
 from spikingformer.kernels import spike_linear as spike_kernels
 from spikingformer.kernels.params import LIFParams
@@ -252,3 +253,106 @@ def _spike_linear_backward(ctx, grad, _grad_packed):
 
 
 spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_linear_setup)
+
+
+# ----------------------------------------------------------------------------- BN -> SN [-> max-pool] in training
+# A training BatchNorm, SN and, for maps, the max-pool, in one kernel pass each way (the routes
+# ``fused_spike_pool`` and ``fused_bn_spike``). An operator, so that ``torch.compile`` keeps the
+# kernels (it traces the running estimates' update as the operator's mutation).
+
+
+def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """BN's input ``x``, in the kernel's layout ``(T, B, H, W, C)``, as its module sees it: token rows
+    ``(T*B*N, C)`` for BatchNorm1d (``tokens``: maps of N x 1 pixels), else the T*B channels-last
+    maps ``(T*B, C, H, W)`` for BatchNorm2d."""
+    return x.reshape(-1, x.shape[-1]) if tokens else x.flatten(0, 1).permute(0, 3, 1, 2)
+
+
+def _check_training_bn(x: torch.Tensor, tokens: bool, eps: float) -> None:
+    """``F.batch_norm``'s checks in training: more than one value per channel, ``eps`` positive."""
+    rows = _bn_rows(x, tokens)
+    if rows.numel() == rows.shape[1]:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {rows.shape}")
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
+@torch.library.custom_op("spikingformer::bn_batch_stats", device_types="cpu",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                   num_batches_tracked: torch.Tensor, momentum: Optional[float], eps: float, tokens: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``nn.BatchNorm{1,2}d`` does in training before normalising ``x`` (in the kernel's layout
+    ``(T, B, H, W, C)``; ``tokens``: BatchNorm1d over token rows): check, count the batch, find the
+    batch mean and biased variance and update the running estimates as ``native_batch_norm``
+    would (:func:`~spikingformer.kernels.batch_stats.batch_norm_update_stats`), in the module's order. No gradient flows
+    through the statistics: :func:`bn_lif_pool_train`'s backward is BN's whole backward."""
+    num_batches_tracked.add_(1)  # before the checks, as the module counts the batch before F.batch_norm checks
+    _check_training_bn(x, tokens, eps)
+    factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    return batch_stats.batch_norm_update_stats(_bn_rows(x, tokens), running_mean, running_var, factor)
+
+
+@torch.library.custom_op("spikingformer::bn_lif_pool_train", mutates_args=(), device_types="cpu")
+def bn_lif_pool_train(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float, alpha: float,
+                      detach_reset: bool, pool: bool) -> torch.Tensor:
+    """Spikes of a training BatchNorm (batch statistics ``mean``, ``var`` from :func:`bn_batch_stats`)
+    -> SN [-> max-pool (``pool``)] of ``x`` in the kernel's layout ``(T, B, H, W, C)``: one kernel pass
+    that applies BN as PyTorch would (for 16-bit maps under autocast rounded to their dtype as its
+    mixed-precision kernel stores it), SN and the max-pool, never writing BN's output. Autograd
+    keeps ``x`` and the statistics, not BN's output."""
+    p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    return cpu.lif_pool_forward(x, p, pool, (mean, var, weight, bias, eps), batch=True)
+
+
+@torch.library.custom_op("spikingformer::bn_lif_pool_train_backward", mutates_args=(), device_types="cpu")
+def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               weight: torch.Tensor, bias: torch.Tensor, eps: float, tau: float, v_threshold: float,
+                               v_reset: float, alpha: float, detach_reset: bool, pool: bool, needs: list[bool],
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(x, weight, bias)`` of ``bn_lif_pool_train``'s spikes for their gradient ``grad``,
+    each empty unless ``needs`` asks for it: one pass computing BN's output and the membrane again
+    with BN's two reductions, one for BN's input gradient
+    (:func:`~spikingformer.kernels.cpu_backend.bn_lif_pool_backward`)."""
+    p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    grads = cpu.bn_lif_pool_backward(x, grad, p, (mean, invstd, weight, bias), pool, eps, tuple(needs))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@bn_batch_stats.register_fake
+def _bn_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps, tokens):
+    _check_training_bn(x, tokens, eps)
+    return running_mean.new_empty(x.shape[-1]), running_var.new_empty(x.shape[-1])
+
+
+@bn_lif_pool_train.register_fake
+def _bn_lif_pool_train_fake(x, mean, var, weight, bias, eps, tau, v_threshold, v_reset, alpha, detach_reset, pool):
+    cpu.check_maps(x, pool, (mean, var, weight, bias))
+    return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
+
+
+@bn_lif_pool_train_backward.register_fake
+def _bn_lif_pool_train_backward_fake(x, grad, mean, invstd, weight, bias, eps, tau, v_threshold, v_reset, alpha,
+                                     detach_reset, pool, needs):
+    cpu.check_maps(x, pool, (mean, invstd, weight, bias), grad)
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip((x, weight, bias), needs))
+
+
+def _bn_lif_pool_train_setup(ctx, inputs, output) -> None:
+    x, mean, var, weight, bias, eps, *params = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.eps, ctx.params = eps, params  # (tau, v_threshold, v_reset, alpha, detach_reset, pool)
+
+
+def _bn_lif_pool_train_grad(ctx, grad):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]  # x, weight, bias
+    invstd = cpu.bn_invstd(var, ctx.eps, batch=True)
+    gx, gw, gb = (g if need else None for g, need in
+                  zip(bn_lif_pool_train_backward(x, grad, mean, invstd, weight, bias, ctx.eps, *ctx.params, needs),
+                      needs))
+    return gx, None, None, gw, gb, *(None,) * 7
+
+
+bn_lif_pool_train.register_autograd(_bn_lif_pool_train_grad, setup_context=_bn_lif_pool_train_setup)

@@ -88,7 +88,7 @@ from torch import nn
 
 from spikingformer import kernels
 from spikingformer.cpu_features import vector_isa
-from spikingformer.kernels import batch_stats, ops
+from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
@@ -354,72 +354,44 @@ def _bn_view(y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1]) if y.dim() == 4 else y.flatten(0, 1)
 
 
-class _FusedBNSpike(torch.autograd.Function):
+def _fused_bn_spike(bn: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
     """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
-    BN -> SN [-> max-pool] keeping only BN's input and batch statistics for backward. PyTorch's
-    routine finds the batch statistics and updates the running estimates; BN's output (PyTorch's
-    arithmetic, for 16-bit maps under autocast rounded to their dtype as PyTorch's mixed-precision
-    kernel stores it), SN [-> max-pool] run forward in one kernel pass, never writing BN's output,
-    and backward in one pass that computes it again and sums BN's backward reductions, then one
-    pass for BN's input gradient (:func:`kernels.cpu_backend.bn_lif_pool_backward`)."""
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, bn, lif, pool):
-        # what nn.BatchNorm{1,2}d.forward does in training: count the batch, make F.batch_norm's
-        # checks (more than one value per channel, eps > 0), pick the averaging factor
-        bn.num_batches_tracked.add_(1)
-        rows = _bn_view(y)
-        if rows.numel() == rows.shape[1]:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {rows.shape}")
-        if bn.eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        # the batch statistics and running estimates native_batch_norm would compute (its routine);
-        # the kernel applies BN as it would, so no BN output is written
-        mean, var = batch_stats.batch_norm_update_stats(rows, bn.running_mean, bn.running_var, factor)
-        out = kernels.cpu_backend.lif_pool_forward(_to_kernel(y), lif.params, pool, (mean, var, weight, bias, bn.eps),
-                                                   batch=True)
-        invstd = kernels.cpu_backend.bn_invstd(var, bn.eps, batch=True)
-        ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.params, ctx.eps, ctx.pool = lif.params, bn.eps, pool
-        return _from_kernel(out, y.dim() == 4)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
-    def backward(ctx, grad):
-        y, weight, bias, mean, invstd = ctx.saved_tensors
-        gy, gw, gb = kernels.cpu_backend.bn_lif_pool_backward(_to_kernel(y), _to_kernel(grad), ctx.params,
-                                                              (mean, invstd, weight, bias), ctx.pool, ctx.eps,
-                                                              tuple(ctx.needs_input_grad[:3]))
-        return (_from_kernel(gy, y.dim() == 4) if gy is not None else None), gw, gb, None, None, None
+    BN -> SN [-> max-pool] of ``y`` by :func:`~spikingformer.kernels.ops.bn_lif_pool_train`, which
+    keeps only BN's input and batch statistics for backward: BN's output is neither written nor
+    kept, and backward computes it again in its one pass."""
+    p, tokens, x = lif.params, y.dim() == 4, _to_kernel(y)
+    mean, var = ops.bn_batch_stats(x.detach(), bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                                   bn.eps, tokens)
+    out = ops.bn_lif_pool_train(x, mean, var, bn.weight, bn.bias, bn.eps, p.tau, p.v_threshold, p.v_reset, p.alpha,
+                                p.detach_reset, pool)
+    return _from_kernel(out, tokens)
 
 
 def bn_spike_pool(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
-    """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``. In training (not under ``torch.compile``,
-    whose partitioner decides what to keep, nor for a neuron with state or hooks): with
-    ``fused_spike_pool``, :class:`_FusedBNSpike`; else with ``recompute``
-    memory-lean for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements;
+    """``[MP](SN(BN(y)))`` for a ConvBN's conv output ``y``. In training (not for a neuron with state
+    or hooks): with ``fused_spike_pool``, :func:`_fused_bn_spike` (under ``torch.compile`` too: an
+    operator); else with ``recompute`` (not under ``torch.compile``, whose partitioner decides what
+    to keep) memory-lean for maps of at least :data:`RECOMPUTE_MIN_ELEMENTS` elements;
     :func:`bn_spike_pool_plain` otherwise."""
     bn = stage.bn
-    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    training = torch.is_grad_enabled()
     if training and _training_bn(bn) and _fused_kernel_takes(lif, y):
-        return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, pool)
-    if (enabled("recompute") and training and isinstance(bn, nn.BatchNorm2d) and bn.training
-            and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
+        return _fused_bn_spike(bn, lif, pool, y)
+    if (enabled("recompute") and training and not torch.compiler.is_compiling() and isinstance(bn, nn.BatchNorm2d)
+            and bn.training and bn.affine and type(lif) is MultiStepLIF and y.numel() >= RECOMPUTE_MIN_ELEMENTS):
         return _RecomputedBNSpikePool.apply(y, bn.weight, bn.bias, stage, lif, pool)
     return bn_spike_pool_plain(stage, lif, pool, y)
 
 
 def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``lif(bn(y))`` for a token linear's output ``y`` ``(T, B, N, C)`` and the BatchNorm1d ``bn``
-    over its rows. With ``fused_bn_spike``: in training (not under ``torch.compile``),
-    :class:`_FusedBNSpike`: no BN output kept for the neuron's backward, which the kernel computes
-    again from ``y``, the tensor BN's backward keeps anyway; in inference (no autograd, running
-    statistics), one pass of the kernel: no BN output written."""
-    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    over its rows. With ``fused_bn_spike``: in training, :func:`_fused_bn_spike`: no BN output kept
+    for the neuron's backward, which the kernel computes again from ``y``, the tensor BN's backward
+    keeps anyway; in inference (no autograd, running statistics), one pass of the kernel: no BN
+    output written."""
     if enabled("fused_bn_spike") and y.dim() == 4 and _kernel_takes(lif, _to_kernel(y)):
-        if training and _training_bn(bn):
-            return _FusedBNSpike.apply(y, bn.weight, bn.bias, bn, lif, False)
+        if torch.is_grad_enabled() and _training_bn(bn):
+            return _fused_bn_spike(bn, lif, False, y)
         if _kernel_bn(bn, nn.BatchNorm1d):
             return _from_kernel(_bn_lif_kernel(bn, lif, False, _to_kernel(y)), tokens=True)
     return lif(bn(_bn_view(y)).view(y.shape))
