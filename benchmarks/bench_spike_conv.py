@@ -87,13 +87,13 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
 
 def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     """Forward and backward (input and weight gradients) of autograd's float32 convolution against
-    the route's training form (``spike_conv._Accumulated``) two ways: summed throughout ("sum", as up
+    the route's training operator (``spike_conv_ops.spike_conv_train``) two ways: summed throughout ("sum", as up
     to the ``train`` limit) and only the weight gradient summed after the float32 forward ("wgrad",
     as up to the ``weight_grad`` limit); alternately on the same maps and output gradient. Errors are
     the weight gradients' largest differences from float64's (both ways sum it alike)."""
     import torch
 
-    from spikingformer.layers import spike_conv as route
+    from spikingformer.kernels import spike_conv_ops as ops
 
     n, cin, hw, cout = shape
     gen = torch.Generator().manual_seed(0)
@@ -101,8 +101,8 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     w = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
-                "sum": lambda xi, wi: route._Accumulated.apply(xi, wi, None, 1.0, 1.0),
-                "wgrad": lambda xi, wi: route._Accumulated.apply(xi, wi, None, None, 1.0)}
+                "sum": lambda xi, wi: ops.spike_conv_train(xi, wi, None, 1.0, 1.0)[0],
+                "wgrad": lambda xi, wi: ops.spike_conv_train(xi, wi, None, -1.0, 1.0, 1.0)[0]}  # forward: float32
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -142,7 +142,7 @@ def whole_models(models: list[str], reps: int, quick: bool) -> None:
     import torch
 
     import bench_model
-    from spikingformer.layers import spike_conv
+    from spikingformer.kernels import spike_conv_ops
 
     ways = {"int8 pieces": lambda: True, "float32": lambda: False}
     print("| model | int8 pieces ms | float32 ms | float32 / int8 | top-1 equal |")
@@ -154,11 +154,11 @@ def whole_models(models: list[str], reps: int, quick: bool) -> None:
         bench_model.calibrate_bn(model, x)
         model.eval()
         times, top1 = {k: [] for k in ways}, {}
-        kept = spike_conv.native_int8
+        kept = spike_conv_ops.native_int8
         try:
             for r in range(reps + 1):  # round 0: warm-up (packs the pieces, primes oneDNN's caches)
                 for k in (list(ways) if r % 2 else list(ways)[::-1]):
-                    spike_conv.native_int8 = ways[k]
+                    spike_conv_ops.native_int8 = ways[k]
                     t = time.perf_counter()
                     with torch.inference_mode():
                         out = model(x)
@@ -166,7 +166,7 @@ def whole_models(models: list[str], reps: int, quick: bool) -> None:
                         times[k].append(time.perf_counter() - t)
                     top1[k] = out.argmax(-1)
         finally:
-            spike_conv.native_int8 = kept
+            spike_conv_ops.native_int8 = kept
         ratio = statistics.median(a / b for a, b in zip(times["float32"], times["int8 pieces"]))
         print(f"| {key} | {1e3 * statistics.median(times['int8 pieces']):.1f} | {1e3 * statistics.median(times['float32']):.1f} "
               f"| {ratio:.2f}x | {bool((top1['int8 pieces'] == top1['float32']).all())} |", flush=True)

@@ -192,11 +192,11 @@ def test_dense_limits_record_the_spike_convolutions(monkeypatch):
 
     import dense_limit
     from spikingformer.layers import ConvBN, routes
-    from spikingformer.layers import spike_conv
+    from spikingformer.kernels import spike_conv_ops
 
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         pytest.skip("this PyTorch build has no oneDNN int8 convolution")
-    monkeypatch.setattr(spike_conv, "native_int8", lambda: True)
+    monkeypatch.setattr(spike_conv_ops, "native_int8", lambda: True)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     stage = ConvBN(16, 8).eval()
     x = (torch.rand(1, 2, 16, 6, 6) < 0.3).float()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from spikingformer.kernels import spike_conv as sc
+from spikingformer.kernels import spike_conv_ops as conv_ops
 from spikingformer.kernels.spike_linear import packed_width
 from spikingformer.layers import ConvBN, routes
 from spikingformer.layers import spike_conv as route
@@ -141,7 +142,7 @@ def test_small_integers_are_exact_too():
 def int8_cpu(monkeypatch):
     """The route as on a CPU with 8-bit dot products (oneDNN's int8 convolution computes the same
     values without them, only slower), its limits 128 channels and a firing rate of 0.1."""
-    monkeypatch.setattr(route, "native_int8", lambda: True)
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: True)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 128)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
 
@@ -221,10 +222,10 @@ def test_each_way_where_it_measured_faster(monkeypatch):
     dense, sparse = _spikes((2, 256, 4, 4), rate=0.5), _spikes((2, 256, 4, 4), rate=0.05)
     w = stage.conv.weight
     with routes.configured("+spike_conv"), torch.no_grad():
-        monkeypatch.setattr(route, "native_int8", lambda: False)
+        monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
         assert torch.equal(route.convolve(stage.conv, dense), stage.conv(dense))
         assert torch.equal(route.convolve(stage.conv, sparse), sc.accumulate_conv_reference(sparse, w))
-        monkeypatch.setattr(route, "native_int8", lambda: True)
+        monkeypatch.setattr(conv_ops, "native_int8", lambda: True)
         assert torch.equal(route.convolve(stage.conv, dense), sc.spike_conv_reference(dense, w))
         assert torch.equal(route.convolve(stage.conv, sparse), sc.accumulate_conv_reference(sparse, w))
         assert not route.takes(stage.conv, sparse[:0])  # no maps: the module call (no first map to look at)
@@ -279,7 +280,7 @@ def test_accumulation_declines_and_refuses():
 
 
 def test_conv_bn_accumulates_sparse_inputs(monkeypatch):
-    monkeypatch.setattr(route, "native_int8", lambda: False)
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(16, 8)
@@ -383,8 +384,8 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
     taken = []
-    real = route._Accumulated.apply
-    monkeypatch.setattr(route._Accumulated, "apply", lambda *a: taken.append(1) or real(*a))
+    real = conv_ops.spike_conv_train
+    monkeypatch.setattr(conv_ops, "spike_conv_train", lambda *a: taken.append(1) or real(*a))
     g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     on, off = _train_stage(stage, x, g, f"+spike_conv,{layout}"), _train_stage(stage, x, g, f"-spike_conv,{layout}")
     assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
@@ -522,3 +523,60 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
     total = sum(a.numel() for a in on_spikes)
     assert flips <= max(3, total // 10000), f"{flips} of {total} spikes differ"
     torch.testing.assert_close(on, off, rtol=1e-3, atol=1e-3 if flips == 0 else 0.05)
+
+
+def test_opcheck_operators():
+    """The route's operators pass ``opcheck`` (schema, fake tensors with the real outputs' layouts,
+    autograd registration, AOT dispatch): inference and training forms on sparse and dense maps, in
+    both layouts, with and without bias, and the training backward."""
+    w = _weight(8, 16)
+    for rate in (0.05, 0.5):
+        for channels_last in (True, False):
+            x = _spikes((3, 16, 5, 4), rate, channels_last=channels_last)
+            for bias in (None, torch.randn(8)):
+                torch.library.opcheck(conv_ops.spike_conv, (x, w, bias, 0.1))
+                torch.library.opcheck(conv_ops.spike_conv_train,
+                                      (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                       None if bias is None else bias.clone().requires_grad_(), 0.1, 0.3))
+            _, packed = conv_ops.spike_conv_train(x, w, None, 0.1, 0.3)
+            grad = torch.randn(3, 8, 5, 4)
+            for needs in ([True, True, True], [False, True, False]):
+                torch.library.opcheck(conv_ops.spike_conv_train_backward,
+                                      (packed, grad, w, list(x.shape), channels_last, 0.3, needs))
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.6])
+def test_compiled_training_keeps_the_operator_and_equals_eager(rate, monkeypatch):
+    """Under ``torch.compile(fullgraph=True)`` (``aot_eager``: eager's kernels) a stage's convolution of
+    spikes takes the training operator (the traced graph holds it; the firing rate, which the
+    compiler cannot read ahead, is counted inside) at every rate: below the forward's limit, between
+    it and the weight gradient's, and above both, where eager takes the module call. Output and
+    gradients equal eager's bit for bit, and so does a second step after the weights changed."""
+    from torch._dynamo import lookup_backend
+
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.5})
+    traced = []
+
+    def recording(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    stage = ConvBN(16, 8)
+    compiled = torch.compile(lambda x: stage.convolve(x, spikes=True), fullgraph=True, backend=recording)
+    for step in range(2):
+        x = _spikes((6, 16, 6, 6), rate, seed=step).view(2, 3, 16, 6, 6)
+        g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5 + step))
+        results = []
+        for run in (lambda x: stage.convolve(x, spikes=True), compiled):
+            xi = x.detach().requires_grad_()
+            stage.zero_grad()
+            with routes.configured("+spike_conv,+channels_last"):
+                y = run(xi)
+            y.backward(g)
+            results.append((y.detach(), xi.grad, stage.conv.weight.grad.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        with torch.no_grad():
+            stage.conv.weight.mul_(0.5)
+    assert "spikingformer.spike_conv_train.default" in traced

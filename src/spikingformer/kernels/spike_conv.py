@@ -23,7 +23,7 @@ order, channels within a tap) and the spike linear's forward adds those weight c
 first, in that order: float32 additions, as many as the window's spikes times ``C_out``, so the
 work falls with the firing rate. Its twin (:func:`accumulate_conv_reference`) unfolds the maps
 and runs :func:`~spikingformer.kernels.spike_linear.spike_linear_reference`; the two agree bit for
-bit. :mod:`spikingformer.layers.spike_conv` decides where each runs.
+bit. :mod:`spikingformer.kernels.spike_conv_ops` decides where each runs.
 """
 
 from __future__ import annotations

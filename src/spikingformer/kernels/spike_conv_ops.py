@@ -1,0 +1,184 @@
+"""The 3x3 convolution of spike maps (:mod:`spikingformer.kernels.spike_conv`) as PyTorch operators,
+so that autograd and ``torch.compile`` see it (the route ``spike_conv``,
+:mod:`spikingformer.layers.spike_conv`, calls them).
+
+Each operator decides inside, from its inputs' values, how it computes
+``conv2d(x, weight, bias, padding=1)``: by the firing rate of the first map (which the caller
+passes where it has counted it, else the operator counts it) and whether the weights are finite
+(a non-finite weight takes PyTorch's convolution, which propagates NaN and inf as the module
+does). To the compiler they are opaque calls with fixed output layouts (channels-last maps,
+whatever the way), so a compiled model keeps the data-dependent choice.
+
+* ``spikingformer::spike_conv`` (inference): by accumulation of the windows' spikes' weights up to
+  ``max_density``; else on a CPU with 8-bit matrix tiles (AMX) in integer arithmetic (the weight's
+  pieces made once per version of the weight); else PyTorch's float32 convolution.
+* ``spikingformer::spike_conv_train`` (training): the forward by accumulation up to ``limit``, else
+  PyTorch's; autograd keeps the spikes as bits (1/32 of the float32 maps). Its backward
+  ``spikingformer::spike_conv_train_backward``: the input gradient by PyTorch's convolution
+  backward (the module's, bit for bit), the weight gradient by accumulation of the output gradient
+  at every window's spike up to ``grad_limit``, else PyTorch's of the unpacked spikes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from spikingformer.cpu_features import native_int8
+from spikingformer.kernels import spike_conv as kernels
+from spikingformer.kernels.spike_linear import pack_spikes, packed_width, unpack_spikes
+
+ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spikes are differentiable once (autograd "
+                       "keeps their input as bits); for second-order gradients (create_graph=True) turn the route "
+                       "off: SPIKINGFORMER_ROUTES=-spike_conv")
+
+# weight tensor -> what the operators keep of it (_Weight); weak, so a dropped weight frees it
+_held = WeakIdKeyDictionary()
+
+
+class _Weight:
+    """What the operators keep of one weight tensor, for the version and storage it was made from:
+    whether it is finite, and its packed pieces once the int8 way needs them."""
+
+    def __init__(self, weight: torch.Tensor, key: tuple[int, int]) -> None:
+        self.key, self.finite, self.pieces = key, bool(torch.isfinite(weight).all()), None
+
+
+def _weight(weight: torch.Tensor) -> _Weight:
+    """``weight``'s :class:`_Weight`, made again whenever it changed (its version counter or storage:
+    an optimizer step, ``load_state_dict``)."""
+    key = (weight._version, weight.data_ptr())
+    held = _held.get(weight)
+    if held is None or held.key != key:
+        held = _held[weight] = _Weight(weight, key)
+    return held
+
+
+def first_map_rate(x: torch.Tensor) -> float:
+    """The first map's firing rate, which decides the way: the accumulation lists every map's spikes
+    before it knows the rate (and then declines above its limit), which costs time where the maps
+    fire above it (as the event model's do, at about 0.4)."""
+    first = x[0]
+    return int(first.count_nonzero()) / first.numel()
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """PyTorch's convolution, its output channels-last (as the other ways write it)."""
+    y = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def _output_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("spikingformer::spike_conv", mutates_args=(), device_types="cpu")
+def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
+               rate: float = -1.0) -> torch.Tensor:
+    """Inference: ``conv2d(x, weight, bias, padding=1)`` of float32 spike maps ``x`` ``(N, C_in, H, W)``,
+    channels-last; ``rate``: the first map's firing rate where the caller has counted it (negative:
+    count it here)."""
+    held = _weight(weight)
+    if not held.finite:
+        return _conv(x, weight, bias)
+    if (first_map_rate(x) if rate < 0 else rate) <= max_density:
+        y = kernels.accumulate_conv2d(x, weight, bias, max_density)
+        if y is not None:
+            return y
+    if native_int8():
+        if held.pieces is None:
+            held.pieces = kernels.PackedPieces(weight)
+        return kernels.spike_conv2d(x, held.pieces, bias)
+    return _conv(x, weight, bias)
+
+
+@torch.library.custom_op("spikingformer::spike_conv_train", mutates_args=(), device_types="cpu")
+def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], limit: float,
+                     grad_limit: float, rate: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training: ``(conv2d(x, weight, bias, padding=1), packed)`` for float32 spike maps ``x``
+    ``(N, C_in, H, W)``, the output channels-last, ``packed`` the spikes as bits
+    (``(N H W, packed_width(C_in))``, what autograd keeps); ``rate`` as for ``spike_conv``;
+    ``grad_limit`` is the backward's."""
+    n, c, h, w = x.shape
+    y = None
+    if (first_map_rate(x) if rate < 0 else rate) <= limit and _weight(weight).finite:
+        packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
+        y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
+    if y is None:  # (the accumulation, where it declined, may not have written the bits)
+        y = _conv(x, weight, bias)
+        packed = pack_spikes(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
+    return y, packed
+
+
+def _convolution_backward(grad, x, weight, mask):
+    """PyTorch's backward of ``conv2d(x, weight, padding=1)``, the gradients of ``mask``."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.custom_op("spikingformer::spike_conv_train_backward", mutates_args=(), device_types="cpu")
+def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, shape: list[int],
+                              channels_last: bool, grad_limit: float, needs: list[bool],
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(x, weight, bias)`` of ``spike_conv_train`` for the output gradient ``grad``, each
+    empty unless ``needs`` asks for it; the input's gradient in its layout (``channels_last``), the
+    others contiguous."""
+    layout = _layout(channels_last)
+    gx, gw, gb = (grad.new_empty(0) for _ in range(3))  # distinct: an operator's outputs may not alias
+    if needs[0]:  # the input's values are not read: an empty one of its layout
+        x = torch.empty(shape, memory_format=layout)
+        gx = _convolution_backward(grad, x, weight, (True, False, False))[0].contiguous(memory_format=layout)
+    if needs[1]:
+        gw = kernels.accumulate_conv_weight_grad(packed, torch.Size(shape), grad, grad_limit)
+        if gw is None:
+            n, c, h, w = shape
+            x = unpack_spikes(packed, c).view(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+            gw = _convolution_backward(grad, x, weight, (False, True, False))[1].contiguous()
+    if needs[2]:
+        gb = grad.sum((0, 2, 3))
+    return gx, gw, gb
+
+
+@spike_conv.register_fake
+def _spike_conv_fake(x, weight, bias, max_density, rate=-1.0):
+    return _output_like(x, weight)
+
+
+@spike_conv_train.register_fake
+def _spike_conv_train_fake(x, weight, bias, limit, grad_limit, rate=-1.0):
+    n, c, h, w = x.shape
+    return _output_like(x, weight), x.new_empty(n * h * w, packed_width(c), dtype=torch.int64)
+
+
+@spike_conv_train_backward.register_fake
+def _spike_conv_train_backward_fake(packed, grad, weight, shape, channels_last, grad_limit, needs):
+    return (torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=_layout(channels_last))
+            if needs[0] else grad.new_empty(0),
+            weight.new_empty(weight.shape) if needs[1] else grad.new_empty(0),
+            grad.new_empty(grad.shape[1]) if needs[2] else grad.new_empty(0))
+
+
+def _spike_conv_train_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _, grad_limit, _ = inputs  # defaults included
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], weight)
+    ctx.shape, ctx.has_bias, ctx.grad_limit = list(x.shape), bias is not None, grad_limit
+    ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _spike_conv_train_grad(ctx, grad, _grad_packed):
+    if torch.is_grad_enabled():  # create_graph=True: a second order is wanted
+        raise RuntimeError(ONCE_DIFFERENTIABLE)
+    packed, weight = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = spike_conv_train_backward(packed, grad, weight, ctx.shape, ctx.channels_last, ctx.grad_limit, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+spike_conv_train.register_autograd(_spike_conv_train_grad, setup_context=_spike_conv_train_setup)
