@@ -1,10 +1,12 @@
 """``torch.compile`` against eager, side by side: a training step and an inference batch of zoo models.
 
-For each model, in one process and on the same weights and inputs: the eager model and
-``torch.compile(model, fullgraph=True)`` (Inductor; the LIF neurons stay the fused
-``spikingformer::lif`` operator inside the compiled graph). Reported per row: the first call
-(compilation included), then the median wall and process CPU time of ``--steps`` steps after
-``--warmup`` steps, and compiled / eager ratios.
+For each model, in one process, one model and one optimizer: the eager module and
+``torch.compile(model, fullgraph=True)`` (Inductor) of it, their steps alternating (ABBA) on the
+same inputs, so both see the same machine state and the same weights. The project's operators
+(the LIF neuron, the fused BN -> SN [-> max-pool] kernels, the spike linears and the spike
+convolutions) stay opaque calls inside the compiled graph. Reported per row: the first compiled
+call (compilation included), then the median wall and process CPU time of ``--steps`` steps of
+each after ``--warmup`` of each, and compiled / eager ratios.
 
 * training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step
   (only the model is compiled);
@@ -12,7 +14,7 @@ For each model, in one process and on the same weights and inputs: the eager mod
 
 Usage::
 
-    python benchmarks/bench_compile.py                                   # digits and CIFAR 4-256
+    python benchmarks/bench_compile.py                                   # digits, CIFAR 4-256, event 2-256
     python benchmarks/bench_compile.py --models spikingformer_digits --steps 5
     python benchmarks/bench_compile.py --device cuda
 """
@@ -31,50 +33,60 @@ import common
 from spikingformer import allocator
 from spikingformer.models.zoo import create_model, model_config
 
-BATCH = {"spikingformer_digits": 64, "spikingformer_cifar10_4_256": 16}
+BATCH = {"spikingformer_digits": 64, "spikingformer_cifar10_4_256": 16, "spikingformer_cifar10dvs_2_256": 8}
 
 
-def timed(fn, steps: int, device: torch.device) -> tuple[float, float]:
-    walls, cpus = [], []
-    for _ in range(steps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        cpus.append(time.process_time() - c0)
-        walls.append(time.perf_counter() - w0)
-    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call of ``fn``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
-def bench(name: str, batch: int, mode: str, compiled: bool, args: argparse.Namespace) -> dict:
+def inputs(name: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for the model: images, or for event models sparse event counts ``(B, T, C, H, W)``."""
+    cfg = model_config(name)
+    g = torch.Generator().manual_seed(1)
+    if cfg.family == "event":
+        x = torch.poisson(torch.full((batch, cfg.time_steps, cfg.in_channels, cfg.img_size, cfg.img_size), 0.15),
+                          generator=g)
+    else:
+        x = torch.rand(batch, cfg.in_channels, cfg.img_size, cfg.img_size, generator=g)
+    return x.to(device), torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+
+
+def bench(name: str, batch: int, mode: str, args: argparse.Namespace) -> dict:
+    """``{"eager": (wall ms, cpu ms), "compiled": (...), "first_s": s}`` of alternating steps."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     device = torch.device(args.device)
     model = create_model(name).to(device)
-    cfg = model_config(name)
-    x = torch.rand(batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    run = torch.compile(model, fullgraph=True) if compiled else model
-    if mode == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = inputs(name, batch, device)
+    runs = {"eager": model, "compiled": torch.compile(model, fullgraph=True)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train(mode == "train")
 
-        def step():
+    def step(run):
+        if mode == "train":
             loss = torch.nn.functional.cross_entropy(run(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    else:
-        model.eval()
-
-        def step():
+        else:
             with torch.no_grad():
                 run(x)
-    first = timed(step, 1, device)[0] / 1e3
-    for _ in range(args.warmup):
-        step()
-    wall, cpu = timed(step, args.steps, device)
-    return {"first_s": first, "wall_ms": wall, "cpu_ms": cpu}
+
+    first = timed(lambda: step(runs["compiled"]), device)[0]
+    times = {k: [] for k in runs}
+    for i in range(args.warmup + args.steps):
+        for k in (list(runs) if i % 2 else list(runs)[::-1]):
+            t = timed(lambda: step(runs[k]), device)
+            if i >= args.warmup:
+                times[k].append(t)
+    out = {k: tuple(1e3 * statistics.median(v[j] for v in times[k]) for j in (0, 1)) for k in runs}
+    return dict(out, first_s=first)
 
 
 def main() -> None:
@@ -93,17 +105,17 @@ def main() -> None:
     print(f"Command: `python benchmarks/bench_compile.py {' '.join(sys.argv[1:])}`\n")
     for line in common.machine_lines(args.threads, args.device):
         print(line)
-    print(f"- median of {args.steps} steps after {args.warmup} warm-up steps; CPU = process CPU time\n")
+    print(f"- median of {args.steps} steps of each after {args.warmup} warm-up steps of each, alternating; "
+          "CPU = process CPU time\n")
     print("| model | batch | step | eager ms (CPU ms) | compiled ms (CPU ms) | compiled / eager (CPU) | first compiled call s |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for name in args.models:
         batch = BATCH.get(name, 16)
         for mode in args.modes:
-            eager = bench(name, batch, mode, False, args)
-            comp = bench(name, batch, mode, True, args)
-            print(f"| {name} | {batch} | {mode} | {eager['wall_ms']:.0f} ({eager['cpu_ms']:.0f}) | "
-                  f"{comp['wall_ms']:.0f} ({comp['cpu_ms']:.0f}) | {comp['wall_ms'] / eager['wall_ms']:.2f} "
-                  f"({comp['cpu_ms'] / eager['cpu_ms']:.2f}) | {comp['first_s']:.0f} |", flush=True)
+            r = bench(name, batch, mode, args)
+            (ew, ec), (cw, cc) = r["eager"], r["compiled"]
+            print(f"| {name} | {batch} | {mode} | {ew:.0f} ({ec:.0f}) | {cw:.0f} ({cc:.0f}) | {cw / ew:.2f} "
+                  f"({cc / ec:.2f}) | {r['first_s']:.0f} |", flush=True)
     print(f"\nLoad average (1, 5, 15 min) at start: {' '.join(f'{v:.2f}' for v in load0)}; "
           f"at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -87,7 +87,7 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
 
 def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     """Forward and backward (input and weight gradients) of autograd's float32 convolution against
-    the route's training operator (``spike_conv_ops.spike_conv_train``) two ways: summed throughout ("sum", as up
+    the route's training form (``spike_conv_ops.convolve_train``) two ways: summed throughout ("sum", as up
     to the ``train`` limit) and only the weight gradient summed after the float32 forward ("wgrad",
     as up to the ``weight_grad`` limit); alternately on the same maps and output gradient. Errors are
     the weight gradients' largest differences from float64's (both ways sum it alike)."""
@@ -101,8 +101,8 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     w = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
-                "sum": lambda xi, wi: ops.spike_conv_train(xi, wi, None, 1.0, 1.0)[0],
-                "wgrad": lambda xi, wi: ops.spike_conv_train(xi, wi, None, -1.0, 1.0, 1.0)[0]}  # forward: float32
+                "sum": lambda xi, wi: ops.convolve_train(xi, wi, None, 1.0, 1.0),
+                "wgrad": lambda xi, wi: ops.convolve_train(xi, wi, None, -1.0, 1.0, 1.0)}  # forward: float32
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()

@@ -27,7 +27,7 @@ def _has_spikingjelly() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
 def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
-    bench_model.main(["--quick", "--steps", "1", "--warmup", "0", "--models", "cifar", "--dtypes", "fp32",
+    bench_model.main(["--quick", "--steps", "2", "--warmup", "0", "--models", "cifar", "--dtypes", "fp32",
                       "--allocators", "as is", "--limit-reps", "1"])
     out = capsys.readouterr().out
     assert "Command: `" in out and "--models cifar" in out
@@ -290,7 +290,7 @@ def test_every_spikingjelly_cpu_node_computes_our_neuron():
 
 @pytest.mark.slow
 def test_bench_scaling_quick_runs(capsys):
-    bench_scaling.main(["--quick", "--steps", "1", "--warmup", "0", "--plot-dir", ""])
+    bench_scaling.main(["--quick", "--steps", "2", "--warmup", "0", "--plot-dir", ""])
     out = capsys.readouterr().out
     assert "| T | 2 |" in out and "| batch | 2 |" in out and "| resolution | 64 |" in out
 
@@ -378,7 +378,7 @@ def test_bench_compile_runs_as_a_script(tmp_path):
     machine lines and one row with both builds' times, their ratio and the first call's seconds."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # see test_compile.py
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_compile.py"), "--models", "spikingformer_digits",
-                           "--modes", "infer", "--steps", "1", "--warmup", "0", "--threads", "1"],
+                           "--modes", "infer", "--steps", "2", "--warmup", "0", "--threads", "1"],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "- CPU: " in proc.stdout, proc.stdout

@@ -384,8 +384,8 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
     if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
     taken = []
-    real = conv_ops.spike_conv_train
-    monkeypatch.setattr(conv_ops, "spike_conv_train", lambda *a: taken.append(1) or real(*a))
+    real = conv_ops.convolve_train
+    monkeypatch.setattr(conv_ops, "convolve_train", lambda *a: taken.append(1) or real(*a))
     g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     on, off = _train_stage(stage, x, g, f"+spike_conv,{layout}"), _train_stage(stage, x, g, f"-spike_conv,{layout}")
     assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
@@ -527,17 +527,16 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
 
 def test_opcheck_operators():
     """The route's operators pass ``opcheck`` (schema, fake tensors with the real outputs' layouts,
-    autograd registration, AOT dispatch): inference and training forms on sparse and dense maps, in
-    both layouts, with and without bias, and the training backward."""
+    AOT dispatch): inference and training forms on sparse and dense maps, in both layouts, with and
+    without bias, and the training backward. (Their autograd is ``convolve_train``'s, which the
+    tests above hold to autograd's.)"""
     w = _weight(8, 16)
     for rate in (0.05, 0.5):
         for channels_last in (True, False):
             x = _spikes((3, 16, 5, 4), rate, channels_last=channels_last)
             for bias in (None, torch.randn(8)):
                 torch.library.opcheck(conv_ops.spike_conv, (x, w, bias, 0.1))
-                torch.library.opcheck(conv_ops.spike_conv_train,
-                                      (x.clone().requires_grad_(), w.clone().requires_grad_(),
-                                       None if bias is None else bias.clone().requires_grad_(), 0.1, 0.3))
+                torch.library.opcheck(conv_ops.spike_conv_train, (x, w, bias, 0.1, 0.3))
             _, packed = conv_ops.spike_conv_train(x, w, None, 0.1, 0.3)
             grad = torch.randn(3, 8, 5, 4)
             for needs in ([True, True, True], [False, True, False]):
@@ -559,7 +558,8 @@ def test_compiled_training_keeps_the_operator_and_equals_eager(rate, monkeypatch
     traced = []
 
     def recording(gm, example_inputs):
-        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        traced.extend(str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+                      for n in m.graph.nodes if n.op == "call_function")  # subgraphs: autograd.Function's
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()

@@ -257,8 +257,16 @@ spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_line
 
 # ----------------------------------------------------------------------------- BN -> SN [-> max-pool] in training
 # A training BatchNorm, SN and, for maps, the max-pool, in one kernel pass each way (the routes
-# ``fused_spike_pool`` and ``fused_bn_spike``). An operator, so that ``torch.compile`` keeps the
-# kernels (it traces the running estimates' update as the operator's mutation).
+# ``fused_spike_pool`` and ``fused_bn_spike``): :func:`bn_spike_train`. Its pieces are operators, so
+# that ``torch.compile`` keeps the kernels (and traces the running estimates' update as the first
+# one's mutation); eager calls their Python functions (:func:`eager_or_op`).
+
+
+def eager_or_op(op):
+    """``op`` (a ``torch.library`` operator) under ``torch.compile``, which keeps it as an opaque call;
+    in eager its Python function, the same computation without the dispatcher's per-call cost (about
+    0.05 ms a call, measured: docs/performance.md, "torch.compile against eager")."""
+    return op if torch.compiler.is_compiling() else op._init_fn
 
 
 def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
@@ -283,10 +291,10 @@ def bn_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: tor
                    num_batches_tracked: torch.Tensor, momentum: Optional[float], eps: float, tokens: bool,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``nn.BatchNorm{1,2}d`` does in training before normalising ``x`` (in the kernel's layout
-    ``(T, B, H, W, C)``; ``tokens``: BatchNorm1d over token rows): check, count the batch, find the
+    ``(T, B, H, W, C)``; ``tokens``: BatchNorm1d over token rows): count the batch, check, find the
     batch mean and biased variance and update the running estimates as ``native_batch_norm``
-    would (:func:`~spikingformer.kernels.batch_stats.batch_norm_update_stats`), in the module's order. No gradient flows
-    through the statistics: :func:`bn_lif_pool_train`'s backward is BN's whole backward."""
+    would (:func:`~spikingformer.kernels.batch_stats.batch_norm_update_stats`), in the module's order.
+    No gradient flows through the statistics: :func:`bn_spike_train`'s backward is BN's whole backward."""
     num_batches_tracked.add_(1)  # before the checks, as the module counts the batch before F.batch_norm checks
     _check_training_bn(x, tokens, eps)
     factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
@@ -295,19 +303,18 @@ def bn_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: tor
 
 @torch.library.custom_op("spikingformer::bn_lif_pool_train", mutates_args=(), device_types="cpu")
 def bn_lif_pool_train(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float, alpha: float,
-                      detach_reset: bool, pool: bool) -> torch.Tensor:
+                      bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float, pool: bool,
+                      ) -> torch.Tensor:
     """Spikes of a training BatchNorm (batch statistics ``mean``, ``var`` from :func:`bn_batch_stats`)
     -> SN [-> max-pool (``pool``)] of ``x`` in the kernel's layout ``(T, B, H, W, C)``: one kernel pass
     that applies BN as PyTorch would (for 16-bit maps under autocast rounded to their dtype as its
-    mixed-precision kernel stores it), SN and the max-pool, never writing BN's output. Autograd
-    keeps ``x`` and the statistics, not BN's output."""
-    p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    mixed-precision kernel stores it), SN and the max-pool, never writing BN's output."""
+    p = LIFParams(tau, v_threshold, v_reset)  # the forward needs no surrogate or reset detachment
     return cpu.lif_pool_forward(x, p, pool, (mean, var, weight, bias, eps), batch=True)
 
 
 @torch.library.custom_op("spikingformer::bn_lif_pool_train_backward", mutates_args=(), device_types="cpu")
-def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                                weight: torch.Tensor, bias: torch.Tensor, eps: float, tau: float, v_threshold: float,
                                v_reset: float, alpha: float, detach_reset: bool, pool: bool, needs: list[bool],
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,6 +323,7 @@ def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.
     with BN's two reductions, one for BN's input gradient
     (:func:`~spikingformer.kernels.cpu_backend.bn_lif_pool_backward`)."""
     p = _params(tau, v_threshold, v_reset, alpha, detach_reset)
+    invstd = cpu.bn_invstd(var, eps, batch=True)
     grads = cpu.bn_lif_pool_backward(x, grad, p, (mean, invstd, weight, bias), pool, eps, tuple(needs))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -327,32 +335,48 @@ def _bn_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, mome
 
 
 @bn_lif_pool_train.register_fake
-def _bn_lif_pool_train_fake(x, mean, var, weight, bias, eps, tau, v_threshold, v_reset, alpha, detach_reset, pool):
+def _bn_lif_pool_train_fake(x, mean, var, weight, bias, eps, tau, v_threshold, v_reset, pool):
     cpu.check_maps(x, pool, (mean, var, weight, bias))
     return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
 
 
 @bn_lif_pool_train_backward.register_fake
-def _bn_lif_pool_train_backward_fake(x, grad, mean, invstd, weight, bias, eps, tau, v_threshold, v_reset, alpha,
+def _bn_lif_pool_train_backward_fake(x, grad, mean, var, weight, bias, eps, tau, v_threshold, v_reset, alpha,
                                      detach_reset, pool, needs):
-    cpu.check_maps(x, pool, (mean, invstd, weight, bias), grad)
+    cpu.check_maps(x, pool, (mean, var, weight, bias), grad)
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip((x, weight, bias), needs))
 
 
-def _bn_lif_pool_train_setup(ctx, inputs, output) -> None:
-    x, mean, var, weight, bias, eps, *params = inputs
-    ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.eps, ctx.params = eps, params  # (tau, v_threshold, v_reset, alpha, detach_reset, pool)
+class _BNSpikeTrain(torch.autograd.Function):
+    """:func:`bn_spike_train`: autograd keeps BN's input and batch statistics, not its output."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, p, pool):
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.eps, ctx.p, ctx.pool = eps, p, pool
+        return eager_or_op(bn_lif_pool_train)(x, mean, var, weight, bias, eps, p.tau, p.v_threshold, p.v_reset, pool)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
+    def backward(ctx, grad):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]  # x, weight, bias
+        p = ctx.p
+        grads = eager_or_op(bn_lif_pool_train_backward)(x, grad, mean, var, weight, bias, ctx.eps, p.tau,
+                                                       p.v_threshold, p.v_reset, p.alpha, p.detach_reset,
+                                                       ctx.pool, needs)
+        gx, gw, gb = (g if need else None for g, need in zip(grads, needs))
+        return gx, None, None, gw, gb, None, None, None
 
 
-def _bn_lif_pool_train_grad(ctx, grad):
-    x, weight, bias, mean, var = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]  # x, weight, bias
-    invstd = cpu.bn_invstd(var, ctx.eps, batch=True)
-    gx, gw, gb = (g if need else None for g, need in
-                  zip(bn_lif_pool_train_backward(x, grad, mean, invstd, weight, bias, ctx.eps, *ctx.params, needs),
-                      needs))
-    return gx, None, None, gw, gb, *(None,) * 7
-
-
-bn_lif_pool_train.register_autograd(_bn_lif_pool_train_grad, setup_context=_bn_lif_pool_train_setup)
+def bn_spike_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                   num_batches_tracked: torch.Tensor, momentum: Optional[float], weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float, p: LIFParams, pool: bool, tokens: bool) -> torch.Tensor:
+    """Spikes of a training BatchNorm (running estimates and count updated as the module does; momentum
+    ``None``: the cumulative average) -> SN [-> max-pool (``pool``)] of ``x`` in the kernel's layout
+    ``(T, B, H, W, C)`` (``tokens``: BatchNorm1d over token rows), differentiable in ``x``, ``weight``
+    and ``bias``: :func:`bn_batch_stats`, then :func:`bn_lif_pool_train`; backward
+    :func:`bn_lif_pool_train_backward`."""
+    mean, var = eager_or_op(bn_batch_stats)(x.detach(), running_mean, running_var, num_batches_tracked, momentum,
+                                            eps, tokens)
+    return _BNSpikeTrain.apply(x, mean, var, weight, bias, eps, p, pool)

@@ -7,7 +7,9 @@ Each operator decides inside, from its inputs' values, how it computes
 passes where it has counted it, else the operator counts it) and whether the weights are finite
 (a non-finite weight takes PyTorch's convolution, which propagates NaN and inf as the module
 does). To the compiler they are opaque calls with fixed output layouts (channels-last maps,
-whatever the way), so a compiled model keeps the data-dependent choice.
+whatever the way), so a compiled model keeps the data-dependent choice; eager calls their Python
+functions (:func:`~spikingformer.kernels.ops.eager_or_op`). :func:`convolve` and
+:func:`convolve_train` (differentiable) are what the route calls.
 
 * ``spikingformer::spike_conv`` (inference): by accumulation of the windows' spikes' weights up to
   ``max_density``; else on a CPU with 8-bit matrix tiles (AMX) in integer arithmetic (the weight's
@@ -28,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
+from spikingformer.kernels.ops import eager_or_op
 from spikingformer.kernels.spike_linear import pack_spikes, packed_width, unpack_spikes
 
 ONCE_DIFFERENTIABLE = ("spike_conv: the tokenizer's convolutions of sparse spikes are differentiable once (autograd "
@@ -164,21 +167,36 @@ def _spike_conv_train_backward_fake(packed, grad, weight, shape, channels_last, 
             grad.new_empty(grad.shape[1]) if needs[2] else grad.new_empty(0))
 
 
-def _spike_conv_train_setup(ctx, inputs, output) -> None:
-    x, weight, bias, _, grad_limit, _ = inputs  # defaults included
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], weight)
-    ctx.shape, ctx.has_bias, ctx.grad_limit = list(x.shape), bias is not None, grad_limit
-    ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+class _SpikeConvTrain(torch.autograd.Function):
+    """:func:`convolve_train`: autograd keeps the spikes as bits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, limit, grad_limit, rate):
+        y, packed = eager_or_op(spike_conv_train)(x, weight, bias, limit, grad_limit, rate)
+        ctx.save_for_backward(packed, weight)
+        ctx.shape, ctx.has_bias, ctx.grad_limit = list(x.shape), bias is not None, grad_limit
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward with create_graph=True: a second-order gradient is wanted
+            raise RuntimeError(ONCE_DIFFERENTIABLE)
+        packed, weight = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = eager_or_op(spike_conv_train_backward)(packed, grad, weight, ctx.shape, ctx.channels_last,
+                                                       ctx.grad_limit, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
-def _spike_conv_train_grad(ctx, grad, _grad_packed):
-    if torch.is_grad_enabled():  # create_graph=True: a second order is wanted
-        raise RuntimeError(ONCE_DIFFERENTIABLE)
-    packed, weight = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = spike_conv_train_backward(packed, grad, weight, ctx.shape, ctx.channels_last, ctx.grad_limit, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+def convolve_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], limit: float,
+                   grad_limit: float, rate: float = -1.0) -> torch.Tensor:
+    """``spike_conv_train``'s output, differentiable (once) in ``x``, ``weight`` and ``bias``; backward
+    ``spike_conv_train_backward`` of the bits it kept."""
+    return _SpikeConvTrain.apply(x, weight, bias, limit, grad_limit, rate)
 
 
-spike_conv_train.register_autograd(_spike_conv_train_grad, setup_context=_spike_conv_train_setup)
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
+             rate: float = -1.0) -> torch.Tensor:
+    """``spike_conv`` (inference: no autograd)."""
+    return eager_or_op(spike_conv)(x, weight, bias, max_density, rate)

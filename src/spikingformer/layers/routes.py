@@ -356,14 +356,12 @@ def _bn_view(y: torch.Tensor) -> torch.Tensor:
 
 def _fused_bn_spike(bn: nn.Module, lif: nn.Module, pool: bool, y: torch.Tensor) -> torch.Tensor:
     """``fused_spike_pool`` (maps, with a max-pool) and ``fused_bn_spike`` (tokens) in training:
-    BN -> SN [-> max-pool] of ``y`` by :func:`~spikingformer.kernels.ops.bn_lif_pool_train`, which
+    BN -> SN [-> max-pool] of ``y`` by :func:`~spikingformer.kernels.ops.bn_spike_train`, which
     keeps only BN's input and batch statistics for backward: BN's output is neither written nor
     kept, and backward computes it again in its one pass."""
-    p, tokens, x = lif.params, y.dim() == 4, _to_kernel(y)
-    mean, var = ops.bn_batch_stats(x.detach(), bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                                   bn.eps, tokens)
-    out = ops.bn_lif_pool_train(x, mean, var, bn.weight, bn.bias, bn.eps, p.tau, p.v_threshold, p.v_reset, p.alpha,
-                                p.detach_reset, pool)
+    tokens = y.dim() == 4
+    out = ops.bn_spike_train(_to_kernel(y), bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                             bn.weight, bn.bias, bn.eps, lif.params, pool, tokens)
     return _from_kernel(out, tokens)
 
 

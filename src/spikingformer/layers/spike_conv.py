@@ -41,9 +41,9 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per
     ``SPIKE_CONV_MAX_DENSITY`` and the first map's firing rate: in inference,
-    :func:`~spikingformer.kernels.spike_conv_ops.spike_conv` (by accumulation up to its ``"infer"``
+    :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
     rate, else in integer arithmetic on a CPU with 8-bit matrix tiles); in training,
-    :func:`~spikingformer.kernels.spike_conv_ops.spike_conv_train` where the first map fires at
+    :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the first map fires at
     most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate), else the
     module call. Under ``torch.compile``, which cannot read the rate ahead, training always takes
     the operator, which reads it inside (above the ``"weight_grad"`` rate its backward unpacks the
@@ -55,6 +55,6 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rate = -1.0 if torch.compiler.is_compiling() else ops.first_map_rate(x)  # -1: the operator counts it
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
         if rate <= limits["weight_grad"]:
-            return ops.spike_conv_train(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"], rate)[0]
+            return ops.convolve_train(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"], rate)
         return conv(x)
-    return ops.spike_conv(x, conv.weight, conv.bias, limits["infer"], rate)
+    return ops.convolve(x, conv.weight, conv.bias, limits["infer"], rate)
