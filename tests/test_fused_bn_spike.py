@@ -333,7 +333,8 @@ def test_compiled_training_keeps_the_fused_operators_and_equals_eager():
 
     calls = [(tokens, lambda m, x: m.spikes(lif, x), (4, 3, 10, 24)), (maps, stage, (2, 3, 3, 12, 10))]
     for layer, call, shape in calls:
-        layer.bn.momentum = None
+        # (where the route steps aside, the module's own momentum=None cannot compile: a factor from a buffer)
+        layer.bn.momentum = None if cpu.kernel_reproduces_bn() else 0.1
         nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
         results = []
         for compiled in (False, True):

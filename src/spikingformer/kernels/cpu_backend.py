@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from spikingformer.kernels.params import LIFParams
-from spikingformer.kernels.torch_backend import lif_torch_loop
+from spikingformer.kernels.torch_backend import lif_backward, lif_forward, lif_torch_loop
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
@@ -197,9 +197,7 @@ def forward(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
     lib = get_library()
     if lib is not None:
         return kernel_forward(lib, x, p)
-    from spikingformer.kernels.torch_backend import lif_forward  # the library said why, once
-
-    return lif_forward(x, p)[0]
+    return lif_forward(x, p)[0]  # the library said why, once
 
 
 def check_grad(x: torch.Tensor, grad_spikes: torch.Tensor) -> None:
@@ -215,8 +213,6 @@ def backward(x: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParams) -> torch.
     lib = get_library()
     if lib is not None:
         return kernel_backward(lib, x, grad_spikes, p)
-    from spikingformer.kernels.torch_backend import lif_backward, lif_forward
-
     return lif_backward(grad_spikes, lif_forward(x, p)[1], p).to(x.dtype)
 
 
@@ -387,9 +383,10 @@ def lif_pool_forward(x: torch.Tensor, p: LIFParams, pool: bool, bn=None, batch: 
 def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, bn=None, pool: bool = True,
                       ) -> torch.Tensor:
     """Gradient of max-pool(SN(.)) (or SN(.) without ``pool``) with respect to its input, ``z`` or a
-    training BN's output of ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else autograd
-    through :func:`lif_pool_plain` (there the BN's output is ``z * scale + shift``, to float32
-    rounding of PyTorch's)."""
+    training BN's output of ``z`` (:func:`kernel_lif_pool_backward`): the kernel, else the backward
+    of :func:`lif_pool_plain` in explicit steps, the ones its autograd takes (the torch loop's LIF
+    backward, PyTorch's max-pool backward), so that it also runs inside an operator, below
+    autograd (there the BN's output is ``z * scale + shift``, to float32 rounding of PyTorch's)."""
     check_maps(z, pool, bn, grad_pooled)
     lib = get_library()
     if lib is not None and z.dtype in MAP_DTYPES and (bn is None or kernel_reproduces_bn()):
@@ -398,7 +395,13 @@ def lif_pool_backward(z: torch.Tensor, grad_pooled: torch.Tensor, p: LIFParams, 
         mean, invstd, weight, bias = bn
         scale = invstd * weight
         z = z * scale + (bias - mean * scale)
-    with torch.enable_grad():
-        zg = z.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(lif_pool_plain(zg, p, pool), zg, grad_pooled)
-    return grad
+    maps = z.detach().permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) with channels-last strides
+    spikes, h_all = lif_forward(maps, p)
+    grad = grad_pooled.permute(0, 1, 4, 2, 3).to(spikes.dtype)  # as autograd casts it to its output's
+    if pool:
+        flat = spikes.flatten(0, 1)
+        _, idx = torch.ops.aten.max_pool2d_with_indices(flat, [3, 3], [2, 2], [1, 1])
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(grad.flatten(0, 1), flat, [3, 3], [2, 2], [1, 1],
+                                                               [1, 1], False, idx).view(spikes.shape)
+    gz = lif_backward(grad, h_all, p).to(z.dtype)
+    return gz.permute(0, 1, 3, 4, 2).contiguous()
