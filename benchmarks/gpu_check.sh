@@ -37,7 +37,7 @@ echo "== our Triton neuron against today's peers on cuda =="
 timeout 180 python benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2
 
 echo "== torch.compile against eager on cuda =="
-timeout 300 python benchmarks/bench_compile.py --device cuda --steps 5
+timeout 300 python benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_digits spikingformer_cifar10_4_256
 
 echo "== model benchmark on cuda =="
 if python -c "import spikingjelly" 2>/dev/null; then
