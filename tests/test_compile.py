@@ -116,6 +116,25 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
 
 
 @pytest.mark.slow
+def test_compile_under_bf16_autocast_equals_eager():
+    """Under CPU bf16 autocast the fused routes read and write bf16 maps; compiled (``aot_eager``) with
+    them in the graph, a training step's logits and gradients equal eager's bit for bit."""
+    torch._dynamo.reset()
+    model = _digits_model()
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for backend in (None, "aot_eager"):
+        model.load_state_dict(state)
+        run = torch.compile(model, fullgraph=True, backend=backend) if backend else model
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_train_step(model, x, run))
+    (out0, grads0), (out1, grads1) = results
+    assert out0.dtype == torch.bfloat16 and torch.equal(out0, out1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+
+
+@pytest.mark.slow
 def test_compile_fullgraph_inductor_equals_eager(monkeypatch, tmp_path):
     """The default compiler (Inductor, generated C++) on the same model, in float64.
 
