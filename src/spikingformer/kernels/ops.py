@@ -11,6 +11,11 @@ backward ``spikingformer::lif_backward(x, grad_spikes, ...) -> grad_x`` are regi
 
 To the compiler the operators are opaque calls: ``torch.compile(model, fullgraph=True)`` traces
 through them without a graph break and keeps the fused kernels.
+
+Below, the tokenizer's SN -> max-pool (``lif_pool``, ``bn_lif_pool``), the training BN -> SN
+[-> max-pool] (``bn_batch_stats``, ``bn_lif_pool_train`` and its backward, differentiable through
+:func:`bn_spike_train`) and the spike linear (``spike_linear`` and its weight gradients) are
+operators likewise; the spike convolution's are in :mod:`spikingformer.kernels.spike_conv_ops`.
 """
 
 from __future__ import annotations
