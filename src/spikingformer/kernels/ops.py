@@ -270,8 +270,9 @@ spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_line
 def eager_or_op(op):
     """``op`` (a ``torch.library`` operator) under ``torch.compile``, which keeps it as an opaque call;
     in eager its Python function, the same computation without the dispatcher's per-call cost (about
-    0.05 ms a call, measured: docs/performance.md, "torch.compile against eager")."""
-    return op if torch.compiler.is_compiling() else op._init_fn
+    0.05 ms a call, measured: docs/performance.md, "torch.compile against eager"). (The function is
+    ``CustomOpDef``'s ``_init_fn``; a PyTorch without it gets the operator in eager too.)"""
+    return op if torch.compiler.is_compiling() else getattr(op, "_init_fn", op)
 
 
 def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
