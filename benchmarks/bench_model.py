@@ -305,8 +305,10 @@ def _sj_worker(job: dict) -> dict:
 PROFILE_GROUPS = [
     ("convolution: tokenizer 3x3, token linears as 1x1 (fwd+bwd)", ("convolution",)),
     # the spike_conv route's operators (spikingformer::spike_conv, spike_conv_train and its backward,
-    # whose input gradient is aten's convolution_backward, above) and the int8 pieces' operator
-    ("spike convolutions: the tokenizer's convolutions of spikes (spike_conv route)", ("spike_conv", "qconv2d")),
+    # whose input gradient is aten's convolution_backward, above), their autograd nodes
+    # (_SpikeConvTrain) and the int8 pieces' operator
+    ("spike convolutions: the tokenizer's convolutions of spikes (spike_conv route)",
+     ("spike_conv", "SpikeConvTrain", "qconv2d")),
     ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
     # PyTorch's BatchNorm, and the fused routes' batch statistics (spikingformer::bn_batch_stats)
     ("BatchNorm (fwd+bwd; the fused routes' batch statistics)", ("batch_norm", "bn_batch_stats")),
@@ -314,10 +316,10 @@ PROFILE_GROUPS = [
     # dense products, which the profiler also lists as aten::mm under it)
     ("spike linears: token linears summing spikes (spike_linear route)", ("spike_linear",)),
     # the operators of spikingformer.kernels.ops (lif, lif_pool, bn_lif_pool and their backward), and
-    # their autograd nodes, which time the forward kernel when it runs under autograd; the training
-    # form of the fused BN -> SN [-> max-pool] (spikingformer::bn_lif_pool_train and its backward)
+    # their autograd nodes, which time the forward kernel when it runs under autograd (for the
+    # training BN -> SN [-> max-pool], _BNSpikeTrain and its backward)
     ("LIF neurons, fused [BN ->] SN [-> max-pool] kernels (fwd+bwd)",
-     ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton")),
+     ("spikingformer::", "spikingformer_", "TorchFusedLIF", "Triton", "BNSpikeTrain")),
     ("max-pool (fwd+bwd)", ("max_pool",)),
     ("copies / layout changes", ("aten::copy_", "aten::clone", "aten::contiguous")),
     ("zero-fill", ("aten::fill_", "aten::zero_")),

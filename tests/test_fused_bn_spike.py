@@ -288,8 +288,8 @@ def test_model_inference_with_and_without_the_route_is_the_same(name, monkeypatc
 
 def test_opcheck_training_operators():
     """The training form's operators (``spikingformer::bn_batch_stats``, which updates the running
-    estimates, ``bn_lif_pool_train`` and its backward) pass ``opcheck``: schema, fake tensors, AOT
-    dispatch; for maps with and without the max-pool and for token rows. (Their autograd is
+    estimates, ``bn_lif_pool`` with the batch's statistics, and the backward) pass ``opcheck``:
+    schema, fake tensors, AOT dispatch; for maps with and without the max-pool and for token rows. (Their autograd is
     :func:`ops.bn_spike_train`'s, which the tests above and below hold to the module calls.)"""
     p = LIFParams(tau=1.5, detach_reset=False)
     g = torch.Generator().manual_seed(5)
@@ -301,9 +301,9 @@ def test_opcheck_training_operators():
             buffers = (torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5, torch.tensor(2))
             torch.library.opcheck(ops.bn_batch_stats, (x, *buffers, momentum, 1e-5, tokens))
         mean, var = x.flatten(0, -2).mean(0), x.flatten(0, -2).var(0, unbiased=False)
-        torch.library.opcheck(ops.bn_lif_pool_train, (x, mean, var, weight, bias, 1e-5, p.tau, p.v_threshold,
-                                                      p.v_reset, pool))
-        out = ops.bn_lif_pool_train(x, mean, var, weight, bias, 1e-5, p.tau, p.v_threshold, p.v_reset, pool)
+        torch.library.opcheck(ops.bn_lif_pool, (x, mean, var, weight, bias, 1e-5, p.tau, p.v_threshold, p.v_reset,
+                                                pool, True))
+        out = ops.bn_lif_pool(x, mean, var, weight, bias, 1e-5, p.tau, p.v_threshold, p.v_reset, pool, True)
         for needs in ([True, True, True], [False, True, False]):
             torch.library.opcheck(ops.bn_lif_pool_train_backward,
                                   (x, torch.randn(out.shape, generator=g), mean, var, weight, bias, 1e-5, p.tau,
@@ -352,4 +352,4 @@ def test_compiled_training_keeps_the_fused_operators_and_equals_eager():
         assert all(torch.equal(a, b) for a, b in zip(*results))
         assert 0 < results[0][0].sum() < results[0][0].numel()
     if cpu.kernel_reproduces_bn():
-        assert {"spikingformer.bn_batch_stats.default", "spikingformer.bn_lif_pool_train.default"} <= set(traced)
+        assert {"spikingformer.bn_batch_stats.default", "spikingformer.bn_lif_pool.default"} <= set(traced)

@@ -12,8 +12,8 @@ backward ``spikingformer::lif_backward(x, grad_spikes, ...) -> grad_x`` are regi
 To the compiler the operators are opaque calls: ``torch.compile(model, fullgraph=True)`` traces
 through them without a graph break and keeps the fused kernels.
 
-Below, the tokenizer's SN -> max-pool (``lif_pool``, ``bn_lif_pool``), the training BN -> SN
-[-> max-pool] (``bn_batch_stats``, ``bn_lif_pool_train`` and its backward, differentiable through
+Below, the tokenizer's SN -> max-pool (``lif_pool``), BN -> SN [-> max-pool] (``bn_lif_pool``; in
+training with ``bn_batch_stats`` and ``bn_lif_pool_train_backward``, differentiable through
 :func:`bn_spike_train`) and the spike linear (``spike_linear`` and its weight gradients) are
 operators likewise; the spike convolution's are in :mod:`spikingformer.kernels.spike_conv_ops`.
 """
@@ -150,13 +150,16 @@ def lif_pool_backward_op(x: torch.Tensor, grad_pooled: torch.Tensor, tau: float,
 
 
 @torch.library.custom_op("spikingformer::bn_lif_pool", mutates_args=(), device_types="cpu")
-def bn_lif_pool(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
+def bn_lif_pool(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float,
-                pool: bool) -> torch.Tensor:
-    """Inference only (no autograd): BatchNorm with running statistics, SN and, if ``pool``, the
-    max-pool, of channels-last maps ``x`` ``(T, B, H, W, C)``."""
+                pool: bool, batch: bool = False) -> torch.Tensor:
+    """BatchNorm, SN and, if ``pool``, the max-pool, of channels-last maps ``x`` ``(T, B, H, W, C)``
+    in one kernel pass, never writing BN's output: with running statistics ``mean``, ``var``
+    (inference), or with ``batch`` the batch's (training, from :func:`bn_batch_stats`; BN applied
+    as PyTorch's training kernel does, for 16-bit maps under autocast rounded to their dtype as its
+    mixed-precision kernel stores it). No autograd of its own: :func:`bn_spike_train`'s."""
     p = LIFParams(tau, v_threshold, v_reset)  # the forward needs no surrogate or reset detachment
-    return cpu.lif_pool_forward(x, p, pool, (running_mean, running_var, weight, bias, eps))
+    return cpu.lif_pool_forward(x, p, pool, (mean, var, weight, bias, eps), batch)
 
 
 @lif_pool.register_fake
@@ -172,8 +175,8 @@ def _lif_pool_backward_fake(x, grad_pooled, tau, v_threshold, v_reset, alpha, de
 
 
 @bn_lif_pool.register_fake
-def _bn_lif_pool_fake(x, running_mean, running_var, weight, bias, eps, tau, v_threshold, v_reset, pool):
-    cpu.check_maps(x, pool, (running_mean, running_var, weight, bias))
+def _bn_lif_pool_fake(x, mean, var, weight, bias, eps, tau, v_threshold, v_reset, pool, batch=False):
+    cpu.check_maps(x, pool, (mean, var, weight, bias))
     return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
 
 
@@ -271,8 +274,11 @@ def eager_or_op(op):
     """``op`` (a ``torch.library`` operator) under ``torch.compile``, which keeps it as an opaque call;
     in eager its Python function, the same computation without the dispatcher's per-call cost (about
     0.05 ms a call, measured: docs/performance.md, "torch.compile against eager"). (The function is
-    ``CustomOpDef``'s ``_init_fn``; a PyTorch without it gets the operator in eager too.)"""
-    return op if torch.compiler.is_compiling() else getattr(op, "_init_fn", op)
+    ``CustomOpDef``'s ``_init_fn``; a PyTorch without it gets the operator in eager too.) Under
+    ``torch.profiler`` the operator too, so that profiles list its time under its name."""
+    if torch.compiler.is_compiling() or getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        return op
+    return getattr(op, "_init_fn", op)
 
 
 def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
@@ -307,24 +313,12 @@ def bn_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: tor
     return batch_stats.batch_norm_update_stats(_bn_rows(x, tokens), running_mean, running_var, factor)
 
 
-@torch.library.custom_op("spikingformer::bn_lif_pool_train", mutates_args=(), device_types="cpu")
-def bn_lif_pool_train(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor, eps: float, tau: float, v_threshold: float, v_reset: float, pool: bool,
-                      ) -> torch.Tensor:
-    """Spikes of a training BatchNorm (batch statistics ``mean``, ``var`` from :func:`bn_batch_stats`)
-    -> SN [-> max-pool (``pool``)] of ``x`` in the kernel's layout ``(T, B, H, W, C)``: one kernel pass
-    that applies BN as PyTorch would (for 16-bit maps under autocast rounded to their dtype as its
-    mixed-precision kernel stores it), SN and the max-pool, never writing BN's output."""
-    p = LIFParams(tau, v_threshold, v_reset)  # the forward needs no surrogate or reset detachment
-    return cpu.lif_pool_forward(x, p, pool, (mean, var, weight, bias, eps), batch=True)
-
-
 @torch.library.custom_op("spikingformer::bn_lif_pool_train_backward", mutates_args=(), device_types="cpu")
 def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                                weight: torch.Tensor, bias: torch.Tensor, eps: float, tau: float, v_threshold: float,
                                v_reset: float, alpha: float, detach_reset: bool, pool: bool, needs: list[bool],
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(x, weight, bias)`` of ``bn_lif_pool_train``'s spikes for their gradient ``grad``,
+    """Gradients ``(x, weight, bias)`` of ``bn_lif_pool``'s spikes (with ``batch``) for their gradient ``grad``,
     each empty unless ``needs`` asks for it: one pass computing BN's output and the membrane again
     with BN's two reductions, one for BN's input gradient
     (:func:`~spikingformer.kernels.cpu_backend.bn_lif_pool_backward`)."""
@@ -338,12 +332,6 @@ def bn_lif_pool_train_backward(x: torch.Tensor, grad: torch.Tensor, mean: torch.
 def _bn_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps, tokens):
     _check_training_bn(x, tokens, eps)
     return running_mean.new_empty(x.shape[-1]), running_var.new_empty(x.shape[-1])
-
-
-@bn_lif_pool_train.register_fake
-def _bn_lif_pool_train_fake(x, mean, var, weight, bias, eps, tau, v_threshold, v_reset, pool):
-    cpu.check_maps(x, pool, (mean, var, weight, bias))
-    return x.new_empty(cpu.pooled_shape(x)) if pool else _new_like(x)
 
 
 @bn_lif_pool_train_backward.register_fake
@@ -360,7 +348,7 @@ class _BNSpikeTrain(torch.autograd.Function):
     def forward(ctx, x, mean, var, weight, bias, eps, p, pool):
         ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.eps, ctx.p, ctx.pool = eps, p, pool
-        return eager_or_op(bn_lif_pool_train)(x, mean, var, weight, bias, eps, p.tau, p.v_threshold, p.v_reset, pool)
+        return eager_or_op(bn_lif_pool)(x, mean, var, weight, bias, eps, p.tau, p.v_threshold, p.v_reset, pool, True)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernel's backward has no backward: say so if asked
@@ -381,8 +369,8 @@ def bn_spike_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: tor
     """Spikes of a training BatchNorm (running estimates and count updated as the module does; momentum
     ``None``: the cumulative average) -> SN [-> max-pool (``pool``)] of ``x`` in the kernel's layout
     ``(T, B, H, W, C)`` (``tokens``: BatchNorm1d over token rows), differentiable in ``x``, ``weight``
-    and ``bias``: :func:`bn_batch_stats`, then :func:`bn_lif_pool_train`; backward
-    :func:`bn_lif_pool_train_backward`."""
+    and ``bias``: :func:`bn_batch_stats`, then :func:`bn_lif_pool` with the batch's statistics;
+    backward :func:`bn_lif_pool_train_backward`."""
     mean, var = eager_or_op(bn_batch_stats)(x.detach(), running_mean, running_var, num_batches_tracked, momentum,
                                             eps, tokens)
     return _BNSpikeTrain.apply(x, mean, var, weight, bias, eps, p, pool)

@@ -67,6 +67,11 @@ def first_map_rate(x: torch.Tensor) -> float:
     return int(first.count_nonzero()) / first.numel()
 
 
+def _rate(x: torch.Tensor, rate: float) -> float:
+    """``rate`` where the caller counted it, else (negative) :func:`first_map_rate` of ``x``."""
+    return first_map_rate(x) if rate < 0 else rate
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """PyTorch's convolution, its output channels-last (as the other ways write it)."""
     y = torch.nn.functional.conv2d(x, weight, bias, padding=1)
@@ -87,7 +92,7 @@ def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     held = _weight(weight)
     if not held.finite:
         return _conv(x, weight, bias)
-    if (first_map_rate(x) if rate < 0 else rate) <= max_density:
+    if _rate(x, rate) <= max_density:
         y = kernels.accumulate_conv2d(x, weight, bias, max_density)
         if y is not None:
             return y
@@ -107,7 +112,7 @@ def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ``grad_limit`` is the backward's."""
     n, c, h, w = x.shape
     y = None
-    if (first_map_rate(x) if rate < 0 else rate) <= limit and _weight(weight).finite:
+    if _rate(x, rate) <= limit and _weight(weight).finite:
         packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
         y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
     if y is None:  # (the accumulation, where it declined, may not have written the bits)
