@@ -5,6 +5,8 @@ route choice in :mod:`spikingformer.layers.routes`); :func:`onednn_cap` reads th
 caps oneDNN below this CPU's ISA. :func:`native_bf16` says whether this CPU computes bfloat16 natively; everything that offers bf16
 asks it (without native support bf16 is emulated and several times slower than float32).
 :func:`native_int8` says whether it has 8-bit matrix tiles (AMX; the ``spike_conv`` route asks it).
+:func:`mkl_generic` says whether MKL runs its generic (non-Intel) code here (the ``token_linear``
+route asks it).
 :func:`pin_threads` fixes the CPU thread count, so that two seeded runs compute alike.
 """
 
@@ -62,6 +64,33 @@ def native_int8() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
         return False
     return bool(hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.cpu._is_amx_tile_supported())
+
+
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from ``/proc/cpuinfo``,
+    else from :func:`platform.processor`; ``""`` where neither names it (other CPUs, other systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    text = platform.processor()
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
+
+
+def mkl_generic() -> bool:
+    """True on an x86 CPU that is not Intel's (AMD, Hygon, ...) with a PyTorch built with MKL and
+    oneDNN: there MKL, which computes PyTorch's float32 CPU products, runs its generic code (at
+    most AVX2) while oneDNN runs the CPU's own ISA (the ``token_linear`` route's rule)."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    vendor = cpu_vendor()
+    return bool(vendor and vendor != "GenuineIntel" and torch.backends.mkl.is_available()
+                and torch.backends.mkldnn.is_available())
 
 
 BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and several times slower "

@@ -26,6 +26,7 @@ import torch
 
 from spikingformer.kernels import batch_stats
 from spikingformer.kernels import cpu_backend as cpu
+from spikingformer.kernels import products
 from spikingformer.kernels import spike_linear as spike_kernels
 from spikingformer.kernels.params import LIFParams
 from spikingformer.kernels.torch_backend import lif_backward, lif_forward, lif_torch_loop
@@ -201,12 +202,14 @@ def lif_pool_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
 
 @torch.library.custom_op("spikingformer::spike_linear", mutates_args=(), device_types="cpu")
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
-                 pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 pack: bool = False, onednn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x W^T + b, packed)`` for rows ``x`` ``(M, K)``; spikes (all 0 or 1) with a firing rate of at
     most ``max_density`` are summed as accumulations of weight columns. ``pack``: the caller
     guarantees spikes (a neuron's output; anything else raises), and autograd keeps them as bits
-    (``packed``, 1/32 of the float32 input) instead of the input itself."""
-    return spike_kernels.spike_linear_forward(x, weight, bias, max_density, pack)
+    (``packed``, 1/32 of the float32 input) instead of the input itself. ``onednn``: the dense
+    products (the forward where the input is not sparse spikes, and the input gradient) through
+    :mod:`~spikingformer.kernels.products` where it takes them, else PyTorch's."""
+    return spike_kernels.spike_linear_forward(x, weight, bias, max_density, pack, onednn)
 
 
 @torch.library.custom_op("spikingformer::spike_linear_weight_grad", mutates_args=(), device_types="cpu")
@@ -224,7 +227,7 @@ def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Te
 
 
 @spike_linear.register_fake
-def _spike_linear_fake(x, weight, bias, max_density, pack=False):
+def _spike_linear_fake(x, weight, bias, max_density, pack=False, onednn=False):
     spike_kernels.check_shapes(x, weight, bias)
     width = spike_kernels.packed_width(x.shape[1])
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty((x.shape[0], width) if pack else (0,), dtype=torch.int64)
@@ -243,21 +246,24 @@ def _spike_linear_weight_grad_packed_fake(packed, k, grad, max_density):
 
 
 def _spike_linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, max_density, pack = inputs  # defaults included
+    x, weight, bias, max_density, pack, onednn = inputs  # defaults included
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1] if pack else x, weight)
     ctx.has_bias, ctx.max_density, ctx.pack, ctx.k = bias is not None, max_density, pack, x.shape[1]
+    ctx.onednn = onednn
 
 
 def _spike_linear_backward(ctx, grad, _grad_packed):
     x, weight = ctx.saved_tensors  # x: the input, or its packed bits
-    gx = grad @ weight if ctx.needs_input_grad[0] else None
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = products.input_grad(grad, weight) if ctx.onednn and products.takes(grad, weight) else grad @ weight
     gw = None
     if ctx.needs_input_grad[1]:
         gw = (spike_linear_weight_grad_packed(x, ctx.k, grad, ctx.max_density) if ctx.pack
               else spike_linear_weight_grad(x, grad, ctx.max_density))
     gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb, None, None
+    return gx, gw, gb, None, None, None
 
 
 spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_linear_setup)

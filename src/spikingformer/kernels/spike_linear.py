@@ -11,7 +11,7 @@ import ctypes
 import torch
 from torch import nn
 
-from spikingformer.kernels import cpu_backend
+from spikingformer.kernels import cpu_backend, products
 
 
 def get_library() -> ctypes.CDLL | None:
@@ -203,20 +203,22 @@ def check_weight_grad_shapes(m: int, k: int, grad: torch.Tensor, packed: torch.T
 
 
 def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
-                         pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         pack: bool = False, onednn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, weight, bias), packed)`` for rows ``x`` ``(M, K)``: by accumulation of weight
     columns (:func:`kernel_spike_linear_forward`) where ``x`` is float32 spikes with a firing rate of
-    at most ``max_density``, else the dense product. ``packed``: with ``pack``, ``x`` as bits
-    (``(M, packed_width(K))`` int64; ``x`` must be spikes), else an empty tensor."""
+    at most ``max_density``, else the dense product (with ``onednn``, :func:`products.linear` where it
+    takes it). ``packed``: with ``pack``, ``x`` as bits (``(M, packed_width(K))`` int64; ``x`` must
+    be spikes), else an empty tensor."""
     check_shapes(x, weight, bias)
     lib = get_library()
     m, k = x.shape
     packed = torch.empty((m, packed_width(k)) if pack else (0,), dtype=torch.int64)
     dense = (x.dtype, weight.dtype) != (torch.float32, torch.float32) or (bias is not None and bias.dtype != torch.float32)
+    product = products.linear if onednn and products.takes(x, weight, bias) else nn.functional.linear
     if lib is None or dense or not x.numel() or k > 65536:
-        return nn.functional.linear(x, weight, bias), pack_spikes(x) if pack else packed
+        return product(x, weight, bias), pack_spikes(x) if pack else packed
     y = kernel_spike_linear_forward(lib, x, weight, bias, max_density, packed if pack else None)
-    return (y if y is not None else nn.functional.linear(x, weight, bias)), packed
+    return (y if y is not None else product(x, weight, bias)), packed
 
 
 def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float) -> torch.Tensor:

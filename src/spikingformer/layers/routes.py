@@ -30,9 +30,11 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   statistics are those of the module calls, bit for bit where PyTorch's BN kernel is its x86 FMA
   build (as ``fused_spike_pool``; under autocast too, as there). In inference (no autograd, BN with
   running statistics) the same ConvBN -> SN is one pass of the kernel, with no BN output written.
-* ``token_linear``: float32 CPU token linears with at least :data:`ONEDNN_MIN_WEIGHTS` weights run
-  as oneDNN 1x1 convolutions over a channels-last view of the same memory (another summation
-  order than ``F.linear``: float32 rounding differs).
+* ``token_linear``: the dense products of float32 CPU token linears with at least
+  :data:`ONEDNN_MIN_WEIGHTS` weights (the forward, and the input gradient; also those of
+  ``spike_linear``: its input gradient, and its forward where the input is not sparse spikes) run
+  through oneDNN's matmul instead of MKL's ``sgemm`` (:mod:`spikingformer.kernels.products`;
+  another summation order than ``F.linear``: float32 rounding differs).
 * ``spike_linear``: float32 CPU token linears whose input is spikes (every element 0 or 1) with a
   firing rate of at most :data:`SPIKE_LINEAR_MAX_DENSITY` (per ISA), and at least
   :data:`SPIKE_LINEAR_MIN_WORK` rows x in x out (per ISA and pass), sum the weight columns of each
@@ -66,8 +68,10 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   autocast each order rounds its products' sums above 256, differently).
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
-is on only where it measured faster; ``recompute``, ``fused_bn_spike`` and ``batch_pieces`` (memory)
-and ``stem_once`` (less work) are on everywhere. The choice is fixed per ISA, so seeded runs on one machine stay reproducible.
+is on only where it measured faster (``token_linear`` by the CPU's vendor: where MKL runs its
+generic code, :func:`~spikingformer.cpu_features.mkl_generic`); ``recompute``, ``fused_bn_spike``
+and ``batch_pieces`` (memory) and ``stem_once`` (less work) are on everywhere. The choice is fixed
+per ISA and vendor, so seeded runs on one machine stay reproducible.
 
 **The switch** is ``SPIKINGFORMER_ROUTES``, read when this module is imported: comma-separated
 items applied left to right to this machine's default set: ``none`` (all
@@ -87,7 +91,7 @@ import torch
 from torch import nn
 
 from spikingformer import kernels
-from spikingformer.cpu_features import vector_isa
+from spikingformer.cpu_features import mkl_generic, vector_isa
 from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
@@ -125,6 +129,11 @@ SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2":
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
 SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
                           "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
+# On x86 CPUs that are not Intel's, where MKL's float32 products run its generic code (at most
+# AVX2): oneDNN's matmul measured 2.2-2.4x faster there with AVX-512 (AMD EPYC, Zen 5) and
+# 1.04-1.5x with AVX2 (docs/performance.md, "Products through oneDNN"); on Intel CPUs MKL measured
+# as fast or faster.
+ON_WHERE_MKL_IS_GENERIC = frozenset({"token_linear"})
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -133,8 +142,10 @@ ALWAYS_ON = frozenset({"recompute", "fused_bn_spike", "batch_pieces", "stem_once
 
 def default_routes() -> frozenset[str]:
     """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
-    CPU's ISA (:func:`cpu_isa`), and :data:`ALWAYS_ON`."""
-    return MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
+    CPU's ISA (:func:`cpu_isa`), :data:`ON_WHERE_MKL_IS_GENERIC` where MKL runs its generic code,
+    and :data:`ALWAYS_ON`."""
+    on = MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
+    return on | ON_WHERE_MKL_IS_GENERIC if mkl_generic() else on
 
 
 def parse(spec: str, start: Iterable[str]) -> frozenset[str]:

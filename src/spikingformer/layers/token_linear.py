@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikingformer.kernels import ops
+from spikingformer.kernels import ops, products
 from spikingformer.layers import routes
 
 
 class TokenLinear(nn.Linear):
     """``nn.Linear`` over the channel (last) dimension of tokens; with ``spike_linear``, spikes as
-    accumulations (:func:`spikingformer.kernels.ops.spike_linear`); with ``token_linear``, through oneDNN.
+    accumulations (:func:`spikingformer.kernels.ops.spike_linear`); with ``token_linear``, the dense
+    products through oneDNN.
 
-    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear`` computes
-    the same product as a 1x1 convolution over a channels-last view of the same memory (no copy in or
-    out), which oneDNN runs, backward included. Elsewhere (CUDA, bf16/fp16, autocast, float64, and
-    layers with fewer than :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS` weights) it is
-    ``F.linear``; under CPU autocast a neuron's spikes are kept as bits for backward
-    (:meth:`_autocast_forward`). Weights, state dict and hooks are those of ``nn.Linear``.
+    For float32 CPU tensors outside autocast, ``F.linear`` calls MKL's ``sgemm``; ``token_linear``
+    computes the forward and the input gradient with oneDNN's matmul instead
+    (:mod:`spikingformer.kernels.products`), here and inside ``spike_linear`` (its dense forward and
+    its input gradient), for layers of at least :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`
+    weights. Elsewhere (CUDA, bf16/fp16, autocast, float64, ``torch.compile``) it is ``F.linear``;
+    under CPU autocast a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`).
+    Weights, state dict and hooks are those of ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor, spikes: bool = False) -> torch.Tensor:
@@ -37,18 +39,16 @@ class TokenLinear(nn.Linear):
             return self._autocast_forward(x, spikes and training and routes.enabled("spike_linear"))
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x)
+        onednn = routes.enabled("token_linear") and self.weight.numel() >= routes.ONEDNN_MIN_WEIGHTS
         if routes.enabled("spike_linear"):
             if x.numel() * self.out_features >= routes._spike_min_work["train" if training else "infer"]:
                 rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, routes._spike_max_density,
-                                           spikes and training)
+                                           spikes and training, onednn)
                 return rows.view(*x.shape[:-1], self.out_features)
-        if not routes.enabled("token_linear") or self.weight.numel() < routes.ONEDNN_MIN_WEIGHTS:
+        if not onednn or not products.takes(x, self.weight, self.bias):
             return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])  # a view for the contiguous tensors the blocks pass
-        m, k = rows.shape
-        image = rows.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last strides
-        y = nn.functional.conv2d(image, self.weight.view(*self.weight.shape, 1, 1), self.bias)
-        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
+        rows = products.linear_trainable(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return rows.view(*x.shape[:-1], self.out_features)
 
     def _autocast_forward(self, x: torch.Tensor, keep_bits: bool) -> torch.Tensor:
         """Under CPU autocast: ``F.linear`` as autocast runs it (input, weight and bias cast to the
