@@ -309,7 +309,9 @@ PROFILE_GROUPS = [
     # (_SpikeConvTrain) and the int8 pieces' operator
     ("spike convolutions: the tokenizer's convolutions of spikes (spike_conv route)",
      ("spike_conv", "SpikeConvTrain", "qconv2d")),
-    ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
+    # MKL's products, and oneDNN's matmul where the token_linear route runs it
+    ("matmul: attention, head, linears off the CPU fp32 path (fwd+bwd)",
+     ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")),
     # PyTorch's BatchNorm, and the fused routes' batch statistics (spikingformer::bn_batch_stats)
     ("BatchNorm (fwd+bwd; the fused routes' batch statistics)", ("batch_norm", "bn_batch_stats")),
     # the spike_linear route's operator (its forward kernel; the autograd node holds the backward's

@@ -45,8 +45,16 @@ def _int8_conv_flops(qx, x_scale, x_zero_point, qw, *args, out_val=None, **kwarg
     return 2 * out_val.numel() * qw.shape[1] * qw.shape[2] * qw.shape[3]
 
 
-# dense ops flop_counter does not know: the spike_conv route's int8 convolutions
+def _onednn_linear_flops(x, weight, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of oneDNN's matmul (the ``token_linear`` route's products): two per multiply-add."""
+    return 2 * out_val.numel() * weight.shape[1]
+
+
+# dense ops flop_counter does not know: the spike_conv route's int8 convolutions, the token_linear
+# route's oneDNN products
 EXTRA_FLOPS = {torch.ops.onednn.qconv2d_pointwise: _int8_conv_flops} if hasattr(torch.ops, "onednn") else {}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    EXTRA_FLOPS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 
 
 def _spec(value):

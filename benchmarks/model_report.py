@@ -38,7 +38,7 @@ INT8_CONV = "int8 convolution pieces (spike_conv)"
 
 def _op_kind(name: str) -> str:
     return {"convolution": "convolution forward", "convolution_backward": "convolution backward",
-            "onednn": INT8_CONV}.get(name.split(".")[0], "matrix products (mm, addmm, bmm)")
+            "onednn": INT8_CONV}.get(name.split(".")[0], "matrix products (mm, addmm, bmm, oneDNN's matmul)")
 
 
 def print_report(args, command: str, releases: list[dict], contenders: list[dict], rows: dict, elapsed: float,

@@ -6,8 +6,8 @@ sizes of ``benchmarks/bench_model.py``:
 * ``cifar``: Spikingformer-4-384 (32x32 images, T = 4, batch 16: 4096 token rows, 64 tokens);
 * ``event``: the 2-256 event model (128x128 event frames, T = 16, batch 8: 8192 token rows).
 
-Cases: the token linears of each model (``token_linear``), and smaller layers on the CIFAR rows to
-place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears on spikes at firing
+Cases: the token linears of each model and the whole models (``token_linear``), and smaller layers
+on the CIFAR rows to place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears on spikes at firing
 rates of 5-50% (``spike_linear``, to place
 :data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`), and the whole models of
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
@@ -149,11 +149,12 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("fused_bn_spike", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
-        out.append(("spike_conv", key, label, "train",
-                    lambda whole=whole, images=images: (whole.train(),
-                                                        _train(whole, list(whole.parameters()), [images])())))
-        out.append(("spike_conv", key, label, "infer",
-                    lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
+        for route in ("spike_conv", "token_linear"):
+            out.append((route, key, label, "train",
+                        lambda whole=whole, images=images: (whole.train(),
+                                                            _train(whole, list(whole.parameters()), [images])())))
+            out.append((route, key, label, "infer",
+                        lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
         # and its largest ConvBN -> SN alone: the MLP's first layer and hidden neuron
         layer, lif = TokenConvBN(d, int(d * c.mlp_ratio), bias=True), MultiStepLIF()
         x = (torch.rand(t, batch, n, d) < 0.2).float()

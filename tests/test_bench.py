@@ -114,9 +114,10 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
             model.eval()(x)
 
     # (spike_conv off: FlopCounterMode's module hooks turn the route aside, and the recorder would
-    # see the route's ways instead of the convolution; test_dense_limits_record_the_spike_convolutions)
+    # see the route's ways instead of the convolution; test_dense_limits_record_the_spike_convolutions;
+    # token_linear off: FlopCounterMode does not count oneDNN's matmul, see the test below)
     for step in (train, infer):
-        with routes.configured("-spike_conv"):
+        with routes.configured("-spike_conv,-token_linear"):
             ops = dense_limit.dense_ops(step)
             counter = FlopCounterMode(display=False)
             with counter:
@@ -125,6 +126,34 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
         assert sum(o["flops"] * o["count"] for o in ops) == counter.get_total_flops()
         names = {o["name"].rsplit(".", 1)[0] for o in ops}
         assert "aten.convolution" in names and ("aten.convolution_backward" in names) == (step is train)
+
+
+def test_dense_ops_count_the_onednn_products(monkeypatch):
+    """The token_linear route's oneDNN products (forward and input gradient) are recorded with the
+    FLOPs of the products they replace: the same total as the step with the route off."""
+    import torch
+
+    import dense_limit
+    from spikingformer.layers import routes
+    from spikingformer.layers.token_linear import TokenLinear
+
+    if not dense_limit.EXTRA_FLOPS.get(torch.ops.mkldnn._linear_pointwise):
+        pytest.skip("this PyTorch has no oneDNN matmul")
+    monkeypatch.setattr(routes, "ONEDNN_MIN_WEIGHTS", 0)
+    layer = TokenLinear(48, 80)
+    x = torch.randn(3, 50, 48, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+
+    totals = {}
+    for spec in ("+token_linear,-spike_linear", "-token_linear,-spike_linear"):
+        with routes.configured(spec):
+            ops = dense_limit.dense_ops(step)
+        totals[spec] = sum(o["flops"] * o["count"] for o in ops)
+        names = {o["name"].rsplit(".", 1)[0] for o in ops}
+        assert ("mkldnn._linear_pointwise" in names) == spec.startswith("+")
+    assert totals["+token_linear,-spike_linear"] == totals["-token_linear,-spike_linear"] == 3 * 2 * 150 * 48 * 80
 
 
 def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatch):
@@ -361,6 +390,25 @@ def test_study_routes_quick_runs_as_a_script():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " cifar " in line]
     assert {r[1].strip() for r in rows} >= {"spike_linear", "channels_last", "fused_spike_pool", "attention_order"}
     assert all(float(r[7]) > 0 for r in rows), proc.stdout
+
+
+def test_bench_products_runs_as_a_script():
+    """``python benchmarks/bench_products.py``: both libraries' rates and their ratio for every zoo
+    shape and product, the route's token_linear shapes included."""
+    if not torch_has_onednn():
+        pytest.skip("this PyTorch has no oneDNN")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_products.py"), "--threads", "1", "--reps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 18 and {r[4].strip() for r in rows} == {"forward", "input gradient", "weight gradient"}
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows), proc.stdout
+
+
+def torch_has_onednn() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available()
 
 
 def test_startup_runs_as_a_script():
