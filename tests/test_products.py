@@ -139,8 +139,11 @@ def test_compiled_token_linears_use_pytorchs_products(counted, monkeypatch, spik
     spike linear's backward, which the compiler traces (its forward it calls as it is)."""
     if not cpu.is_available():
         pytest.skip(f"the CPU kernel library did not build: {cpu.build_error()}")
-    if spike_linear:  # the layer is below the spike linear's measured minimum work
-        monkeypatch.setattr(routes, "_spike_min_work", {"train": 0, "infer": 0})
+    # the spike linear takes the layer or not whatever this ISA's measured minimum work, and its
+    # forward, at a firing rate of 0.5, is the dense product
+    work = 0 if spike_linear else 1 << 62
+    monkeypatch.setattr(routes, "_spike_min_work", {"train": work, "infer": work})
+    monkeypatch.setattr(routes, "_spike_max_density", 0.25)
     torch.manual_seed(0)
     layer = TokenLinear(384, 512)
     x = (torch.rand(2, 3, 40, 384) < 0.5).float()
