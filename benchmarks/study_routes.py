@@ -7,8 +7,8 @@ sizes of ``benchmarks/bench_model.py``:
 * ``event``: the 2-256 event model (128x128 event frames, T = 16, batch 8: 8192 token rows).
 
 Cases: the token linears of each model and the whole models (``token_linear``), and smaller layers
-on the CIFAR rows to place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same linears on spikes at firing
-rates of 5-50% (``spike_linear``, to place
+on the CIFAR rows to place :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`; the same
+linears on spikes at firing rates of 5-50% (``spike_linear``, to place
 :data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`), and the whole models of
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
 heads (``attention_order``); the MLP's first ConvBN -> SN and the whole models in training

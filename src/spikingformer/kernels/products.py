@@ -1,9 +1,10 @@
 """Float32 CPU products of the token linears through oneDNN's matmul instead of MKL's ``sgemm``.
 
 PyTorch computes float32 CPU products (``F.linear``, ``@``) with MKL. On an x86 CPU that is not
-Intel's, MKL runs its generic code, at most AVX2: on an AMD EPYC (Zen 5) with AVX-512, about 90
-GFLOP/s a core on the token linears' shapes, where oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
-the kernel PyTorch's compiler uses for CPU linears) reached 200-220, on both kinds of product the
+Intel's, MKL runs its generic code, at most AVX2: on an AMD EPYC (Zen 5) with AVX-512, 74-97
+GFLOP/s a core on the token linears' shapes, where oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``, the kernel PyTorch's compiler uses for CPU linears)
+reached 110-224 (1.2-2.3x; capped at AVX2, 1.09-1.21x), on both kinds of product the
 token linears do with a layer's width as the summed dimension: the forward ``x W^T + b`` and the
 input gradient ``grad W`` (docs/performance.md, "Products through oneDNN"). A weight gradient
 (``grad^T x``, summed over the rows) stays MKL's: oneDNN's was slower on some of those shapes.

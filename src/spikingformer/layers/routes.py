@@ -130,9 +130,9 @@ SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
 SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
                           "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
 # On x86 CPUs that are not Intel's, where MKL's float32 products run its generic code (at most
-# AVX2): oneDNN's matmul measured 2.2-2.4x faster there with AVX-512 (AMD EPYC, Zen 5) and
-# 1.04-1.5x with AVX2 (docs/performance.md, "Products through oneDNN"); on Intel CPUs MKL measured
-# as fast or faster.
+# AVX2): oneDNN's matmul measured 1.2-2.3x faster on the token linears' forward and input
+# gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance.md,
+# "Products through oneDNN"); on Intel CPUs MKL measured as fast or faster.
 ON_WHERE_MKL_IS_GENERIC = frozenset({"token_linear"})
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
