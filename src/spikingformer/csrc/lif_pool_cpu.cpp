@@ -38,7 +38,8 @@ template <int AFFINE, int D> inline float bn_apply(float x, float scale, float s
 
 // Ask for the n elements at p in cache (their 64-byte lines): the forward reads a piece of a row one
 // step at a time, and the next step's piece lies a whole map away, where no hardware prefetcher
-// looks. (The backward, bound by its arithmetic, did not gain from it.)
+// looks; the backward's recurrence (recur_row) reads whole rows so, each step's a map after the
+// last. (Measured neutral in the backward on an Intel Xeon, 0.98-1.04x; 1.11-1.28x on an AMD Zen 5.)
 template <typename S> inline void prefetch_lines(const S* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / (int64_t)sizeof(S)) __builtin_prefetch(p + i, 0, 3);
 }
@@ -157,8 +158,11 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
   for (int64_t i = 0; i < WC; ++i) v[i] = st.vr;
   for (int64_t t = 0; t < m.T; ++t) {
     const S* zr = z + ((t * m.B + b) * m.H + k) * WC;
+    // the row read after this one: its next step's, else the next row's first step's
+    const S* nx = t + 1 < m.T ? zr + m.B * m.H * WC : z + (b * m.H + std::min(k + 1, m.H - 1)) * WC;
     for (int64_t w = 0; w < m.W; ++w) {
       const S* __restrict zw = zr + w * C;
+      prefetch_lines(nx + w * C, C);
       float* __restrict vw = v + w * C;
       uint8_t* __restrict sw = sr + t * WC + split_col(w, m) * C;
       float* __restrict hw = hr + t * WC + w * C;
