@@ -43,6 +43,10 @@ template <int AFFINE, int D> inline float bn_apply(float x, float scale, float s
 template <typename S> inline void prefetch_lines(const S* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / (int64_t)sizeof(S)) __builtin_prefetch(p + i, 0, 3);
 }
+// The same for lines about to be written (write intent).
+template <typename S> inline void prefetch_write(S* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / (int64_t)sizeof(S)) __builtin_prefetch(p + i, 1, 3);
+}
 
 // n columns of one row (t, b, h) of the recurrence: spikes of x (storage D) into s (storage DS),
 // membrane v carried over t. CC: the channel count C as a constant, or 0 (channels_as_constant).
@@ -178,14 +182,16 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
 
 // Step t of the reverse recurrence of one input row (backward_rows): the W columns of charged
 // membrane ht, the spikes' gradients gs (columns as split_col), BN's input zt, dL/dV gv, into zt's
-// gradient gzt. CC: as recur_row.
+// gradient gzt. CC: as recur_row. prev: a step t - 1 follows, whose gradient row (a map before this
+// one) is asked for in cache with write intent (1.01-1.10x on an AMD Zen 5 in fp32, 1.00x bf16).
 template <int64_t CC, bool POW2, bool DETACH, int AFFINE, int D>
 void reverse_cols(const float* __restrict ht, const float* __restrict gs, const typename StorageOf<D>::type* zt,
                   float* __restrict gv, typename StorageOf<D>::type* gzt, const Maps& m, const Step st,
-                  const float alpha, BNSums sums) {
+                  const float alpha, BNSums sums, bool prev) {
   using S = typename StorageOf<D>::type;
-  const int64_t C = CC != 0 ? CC : m.C;
+  const int64_t C = CC != 0 ? CC : m.C, map = m.B * m.H * m.WC();
   for (int64_t w = 0; w < m.W; ++w) {
+    if (prev) prefetch_write(gzt - map + w * C, C);
     const float* __restrict hw = ht + w * C;
     const float* __restrict gw = gs + split_col(w, m) * C;
     const S* __restrict zw = zt + w * C;
@@ -245,7 +251,8 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
       channels_as_constant(C, [&](auto cc) {
-        reverse_cols<cc.value, POW2, DETACH, AFFINE, D>(hbuf + t * WC, gs, z + at, gv, gz + at, m, st, alpha, sums);
+        reverse_cols<cc.value, POW2, DETACH, AFFINE, D>(hbuf + t * WC, gs, z + at, gv, gz + at, m, st, alpha, sums,
+                                                        t > 0);
       });
     }
     if constexpr (AFFINE != 0) sums.flush();
