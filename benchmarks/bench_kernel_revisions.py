@@ -1,4 +1,4 @@
-"""The tokenizer kernel (BN -> SN [-> max-pool]) of a git revision against the working tree's, side by side.
+"""The CPU kernels (BN -> SN [-> max-pool], and the plain LIF) of a git revision against the working tree's, side by side.
 
 A change to ``csrc/`` is judged on the zoo models' own map shapes, both libraries in one process:
 the library built from the C++ sources of ``--base`` (``git show REV:src/spikingformer/csrc/...``,
@@ -10,7 +10,7 @@ calls made back to back, which a slow spell of a shared machine moves less than 
 
 Passes: ``infer`` (BN with running statistics, SN, max-pool: inference), ``train`` (the training
 forward, BN with the batch's statistics) and ``backward`` (the LIF backward behind a training BN,
-with BN's two reductions). Usage::
+with BN's two reductions). ``--models lif``: the plain LIF kernel's forward (``train``) and backward. Usage::
 
     python benchmarks/bench_kernel_revisions.py --base HEAD --threads 2 --reps 21
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
@@ -39,13 +39,17 @@ CASES = {
               ("stage 3, 32x32x128, pool", (16, 8, 32, 32, 128), True),
               ("stage 4, 16x16x256, pool", (16, 8, 16, 16, 256), True),
               ("MLP tokens, 512 rows x 1024", (16, 8, 64, 1, 1024), False)],
+    # the plain LIF kernel (csrc/lif_cpu.cpp) on time-first (T, N) arrays, the neuron benchmark's
+    # 2^20 elements per step: pool None ("train" = its forward, "backward" = its backward)
+    "lif": [("LIF, T = 4, 2^20 per step", (4, 2**20), None), ("LIF, T = 16, 2^20 per step", (16, 2**20), None)],
     "cifar": [("stage 1, 32x32x48", (4, 16, 32, 32, 48), False),
               ("stage 3, 32x32x192, pool", (4, 16, 32, 32, 192), True),
               ("stage 4, 16x16x384, pool", (4, 16, 16, 16, 384), True),
               ("MLP tokens, 1024 rows x 1536", (4, 16, 64, 1, 1536), False)],
 }
 INFER_PIECE = {"event": 2}  # images per inference piece (routes' batch_pieces), where the model uses pieces
-QUICK = {"small": [("maps 16x40x16, pool", (2, 2, 16, 40, 16), True), ("tokens 32 rows x 64", (2, 2, 16, 1, 64), False)]}
+QUICK = {"small": [("maps 16x40x16, pool", (2, 2, 16, 40, 16), True), ("tokens 32 rows x 64", (2, 2, 16, 1, 64), False),
+                   ("LIF, T = 4, 1000 per step", (4, 1000), None)]}
 PASSES = ("infer", "train", "backward")
 
 
@@ -93,6 +97,11 @@ def case_calls(lib, pass_: str, shape, pool: bool, dtype):
     p = LIFParams()
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 1.5 + 0.3).to(dtype)
+    if pool is None:  # the plain LIF kernel
+        if pass_ == "backward":
+            grad = torch.randn(shape, generator=g).to(dtype)
+            return lambda: cb.kernel_backward(lib, x, grad, p)
+        return lambda: cb.kernel_forward(lib, x, p)
     channels = shape[-1]
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.1
     if pass_ == "infer":
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     base, ours = base_library(args.base), cb.get_library()
     if ours is None:
         raise SystemExit(f"the working tree's library did not build: {cb.build_error()}")
-    print(f"# Tokenizer kernel: {args.base} against the working tree\n")
+    print(f"# Kernels: {args.base} against the working tree\n")
     print(f"Command: `{common.command(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(common.machine_lines(args.threads)))
     print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of base / working tree\n")
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     for model, cases in (QUICK if args.quick else {m: CASES[m] for m in args.models}).items():
         for name, shape, pool in cases:
             for pass_ in args.passes:
+                if pool is None and pass_ == "infer":  # the plain LIF kernel's forward is one pass: "train"
+                    continue
                 run_shape = shape
                 if pass_ == "infer" and model in INFER_PIECE and shape[3] > 1:
                     run_shape = (shape[0], INFER_PIECE[model], *shape[2:])

@@ -445,7 +445,9 @@ def test_bench_kernel_revisions_quick_runs_as_a_script():
         pytest.skip("not a git checkout: " + proc.stderr.strip()[-300:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
-    assert len(rows) == 12 and all(line.count("|") == 8 and line.endswith("x |") for line in rows), proc.stdout
+    # the maps and the token rows: 3 passes x 2 dtypes each; the plain LIF kernel: 2 passes x 2 dtypes
+    assert len(rows) == 16 and all(line.count("|") == 8 and line.endswith("x |") for line in rows), proc.stdout
+    assert sum(" LIF, " in line for line in rows) == 4, proc.stdout
     assert all(" | yes | " in line for line in rows), proc.stdout
 
 
