@@ -1,4 +1,4 @@
-"""The CPU kernels (BN -> SN [-> max-pool], and the plain LIF) of a git revision against the working tree's, side by side.
+"""The CPU kernels (BN -> SN [-> max-pool], the plain LIF) of a git revision against the working tree's, side by side.
 
 A change to ``csrc/`` is judged on the zoo models' own map shapes, both libraries in one process:
 the library built from the C++ sources of ``--base`` (``git show REV:src/spikingformer/csrc/...``,
