@@ -34,7 +34,7 @@ contenders interleaved, and the median of all timed steps is reported.
   just before the first step (model and input already allocated; gradients and the AdamW state,
   created by the first step, count in it): the step's working set;
 * valid limit (``dense_limit.py``): every convolution and matrix product our step dispatches,
-  forward and backward, recorded on one real step and timed in isolation (best of ``--limit-reps``)
+  forward and backward, recorded on one real step and timed in isolation (best of ``--limit-reps`` rounds)
   on the same threads; their summed time is the least time the step's dense arithmetic needs at
   this machine's rate on exactly those shapes, and efficiency = that time / our step's median time
   (at most 100% but for timing noise). The theoretical FMA peak of the ISA in use is printed beside it.
@@ -399,7 +399,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS),
                     help="allocator set-ups tried for every baseline (the fastest counts); default: all")
     ap.add_argument("--limit-reps", type=int, default=5,
-                    help="timings of each of the step's convolutions and products in isolation (best counts)")
+                    help="rounds timing each of the step's convolutions and products in isolation, in turn "
+                         "(each one's best counts)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny models (1 block, D=64, T=2, batch 2): checks the benchmark runs, times mean nothing")
     ap.add_argument("--profile", action="store_true",

@@ -141,28 +141,31 @@ def dense_ops(step: Callable[[], object]) -> list[dict]:
 
 
 def replay(ops: list[dict], device: str = "cpu", reps: int = 5) -> list[dict]:
-    """Time every op of :func:`dense_ops` in isolation: one warm-up call, then the best of ``reps``
-    (fresh random tensors of the recorded layout, no autograd). Adds ``seconds`` and ``cpu_seconds``
-    (best wall and best process CPU time, per call)."""
+    """Time every op of :func:`dense_ops` in isolation: fresh random tensors of the recorded layouts
+    (all built first), one warm-up call of each, then ``reps`` rounds that call every op once in turn
+    (no autograd). Adds ``seconds`` and ``cpu_seconds`` (each op's best wall and best process CPU time
+    over the rounds, per call). Rounds, not an op's calls back to back: a slow spell of a shared
+    machine then slows one round's calls of a few ops, where it could slow every call of one op (an
+    op's best of five back-to-back calls was seen at 1.8 times its time, which overstated the limit)."""
     sync = common.MemoryProbe(device).synchronize
     generator = torch.Generator().manual_seed(0)
-    timed = []
+    calls = [(op["op"], _build(op["args"], device, generator), dict(_build(op["kwargs"], device, generator)))
+             for op in ops]
+    best = [float("inf")] * len(ops)
+    best_cpu = [float("inf")] * len(ops)
     with torch.no_grad():
-        for op in ops:
-            args = _build(op["args"], device, generator)
-            kwargs = dict(_build(op["kwargs"], device, generator))
-            op["op"](*args, **kwargs)
-            best = best_cpu = float("inf")
-            for _ in range(reps):
+        for fn, args, kwargs in calls:
+            fn(*args, **kwargs)
+        for _ in range(reps):
+            for i, (fn, args, kwargs) in enumerate(calls):
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
-                op["op"](*args, **kwargs)
+                fn(*args, **kwargs)
                 sync()
-                best = min(best, time.perf_counter() - t0)
-                best_cpu = min(best_cpu, time.process_time() - c0)
-            timed.append(dict(op, seconds=best, cpu_seconds=best_cpu))
-            del args, kwargs
-    return timed
+                best[i] = min(best[i], time.perf_counter() - t0)
+                best_cpu[i] = min(best_cpu[i], time.process_time() - c0)
+    del calls
+    return [dict(op, seconds=b, cpu_seconds=c) for op, b, c in zip(ops, best, best_cpu)]
 
 
 def summary(timed: list[dict]) -> dict:

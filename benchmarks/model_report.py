@@ -95,8 +95,8 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
                       f"{r['max_rss'] / 2**20:.0f} | {r['faults']:.0f} |")
 
     print("\nValid limit: our step's own convolutions and products (forward and backward), each timed alone, "
-          f"best of {args.limit_reps}; efficiency = their summed time / our step's median time (at most 100% but "
-          "for noise):\n")
+          f"best of {args.limit_reps} rounds; efficiency = their summed time / our step's median time (at most "
+          "100% but for noise):\n")
     print("| model | pass | dtype | dense ops | GFLOP | dense ms at measured rate | measured GFLOP/s | of FMA peak "
           "| ours ms | efficiency |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -259,6 +260,29 @@ def test_dense_op_replay_keeps_shapes_strides_and_dtype():
         assert (rebuilt.shape, rebuilt.stride(), rebuilt.dtype) == (t.shape, t.stride(), t.dtype)
     args = dense_limit._build(dense_limit._spec([channels_last, [1, 2], None, False]), "cpu", gen)
     assert args[1:] == [[1, 2], None, False]
+
+
+def test_dense_op_replay_times_every_op_once_per_round():
+    """The replay calls the ops in rounds (a warm-up round, then one call of each op per round), so a
+    slow spell of the machine cannot fall on every timed call of one op, and each op's time is its
+    best over the rounds, never more than one call's."""
+    import torch
+
+    import dense_limit
+
+    order, spans = [], {"a": [0.02, 0.2, 0.005], "b": [0.04, 0.01, 0.2]}
+
+    def op(name):
+        def call(x, y):
+            assert x.shape == (3, 2) and y == 7
+            time.sleep(spans[name][sum(o == name for o in order) - 1] if order.count(name) else 0.0)
+            order.append(name)
+        return call
+
+    spec = dict(args=dense_limit._spec([torch.zeros(3, 2), 7]), kwargs=dense_limit._spec([]))
+    timed = dense_limit.replay([dict(spec, op=op("a")), dict(spec, op=op("b"))], reps=3)
+    assert order == ["a", "b"] * 4
+    assert 0.005 <= timed[0]["seconds"] < 0.02 and 0.01 <= timed[1]["seconds"] < 0.04
 
 
 def test_clock_probe_measures_a_plausible_clock():
