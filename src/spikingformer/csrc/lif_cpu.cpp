@@ -78,6 +78,16 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN -> 0x7FC
   return (uint16_t)((0x7FC0u & nan) | (r & ~nan));
 }
 
+// f rounded to bfloat16 and back, bf16_to_float(float_to_bf16(f)), in 32 bits: the same bits for
+// every one of the 2^32 inputs (checked exhaustively), without the narrowing to 16 bits and the
+// widening back that the two calls vectorise to (about 9 vector instructions per 16 values, not 11).
+inline float bf16_round(float f) {
+  const uint32_t u = to_bits(f);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t nan = 0u - (uint32_t)((u & 0x7FFFFFFFu) > 0x7F800000u);
+  return from_bits((0x7FC00000u & nan) | (r & ~nan));
+}
+
 template <int D> inline float load(const typename StorageOf<D>::type* p, int64_t i) {
   if constexpr (D == kF32) return p[i];
   else if constexpr (D == kF16) return half_to_float(p[i]);

@@ -37,7 +37,7 @@ inline void pool_cols(const float* __restrict s, float* __restrict hp, int64_t n
 template <int D> inline float round_to(float v) {
   static_assert(D == kF32 || D == kBF16, "the tokenizer kernel stores float32 or bfloat16 maps");
   if constexpr (D == kF32) return v;
-  else return bf16_to_float(float_to_bf16(v));
+  else return bf16_round(v);
 }
 
 // Spike rows of the backward are kept with their even columns first, then their odd ones: column
