@@ -240,18 +240,21 @@ def _worker(job: dict) -> dict:
             if sj:
                 sj_neurons.reset_spikingjelly(model)
 
-    rss0 = memory.current()
-    times, cpu_times = [], []
-    for i in range(job["warmup"] + job["steps"]):
-        if i == job["warmup"]:
-            faults0 = common.minor_faults()
+    def timed_step(times: list, cpu_times: list) -> None:
         memory.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         memory.synchronize()
-        if i >= job["warmup"]:
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+
+    rss0 = memory.current()
+    for _ in range(job["warmup"]):
+        timed_step([], [])
+    faults0 = common.minor_faults()
+    times, cpu_times = [], []
+    for _ in range(job["steps"]):
+        timed_step(times, cpu_times)
     result = dict(
         times=times,
         cpu_times=cpu_times,
@@ -263,8 +266,11 @@ def _worker(job: dict) -> dict:
     if job.get("limit_reps"):  # after the timed steps, so that the replay's tensors do not count in the peak
         import dense_limit
 
-        result["limit"], result["dense_model_limit"] = dense_limit.measure_with_dense_model(step, device,
-                                                                                           job["limit_reps"])
+        # one more step before each round of the replay: the pairs share a spell of the machine
+        paired, paired_cpu = [], []
+        result["limit"], result["dense_model_limit"] = dense_limit.measure_with_dense_model(
+            step, device, job["limit_reps"], before_round=lambda: timed_step(paired, paired_cpu))
+        result.update(paired_times=paired, paired_cpu_times=paired_cpu)
     return result
 
 
@@ -538,8 +544,17 @@ def _summarise(args, contenders, results) -> dict:
             faults=statistics.median(r["faults_per_step"] for r in runs),
             **{name: min((r[name] for r in runs if name in r), key=lambda lim: lim["seconds"], default=None)
                for name in ("limit", "dense_model_limit")},
+            paired=_paired_efficiency(runs, cpu),
         )
     return rows
+
+
+def _paired_efficiency(runs: list[dict], cpu: bool) -> dict:
+    """Per limit: each replay round's limit over the step timed just before that round, for every round
+    of every run (two measurements of one spell of the machine), sorted; empty without a limit."""
+    times, rounds = ("paired_cpu_times", "round_cpu_seconds") if cpu else ("paired_times", "round_seconds")
+    return {name: sorted(lim / step for r in runs if name in r for lim, step in zip(r[name][rounds], r[times]))
+            for name in ("limit", "dense_model_limit")}
 
 
 def print_profile(args: argparse.Namespace, command: str) -> None:

@@ -140,44 +140,56 @@ def dense_ops(step: Callable[[], object]) -> list[dict]:
             for key, n in recorder.calls.items()]
 
 
-def replay(ops: list[dict], device: str = "cpu", reps: int = 5) -> list[dict]:
+def replay(ops: list[dict], device: str = "cpu", reps: int = 5,
+           before_round: Callable[[], object] | None = None) -> list[dict]:
     """Time every op of :func:`dense_ops` in isolation: fresh random tensors of the recorded layouts
     (all built first), one warm-up call of each, then ``reps`` rounds that call every op once in turn
     (no autograd). Adds ``seconds`` and ``cpu_seconds`` (each op's best wall and best process CPU time
     over the rounds, per call). Rounds, not an op's calls back to back: a slow spell of a shared
     machine then slows one round's calls of a few ops, where it could slow every call of one op (an
-    op's best of five back-to-back calls was seen at 1.8 times its time, which overstated the limit)."""
+    op's best of five back-to-back calls was seen at 1.8 times its time, which overstated the limit).
+    ``before_round`` (e.g. one timed step of the model) runs before each timed round, so that a round
+    and that step share a spell of the machine; ``round_seconds`` and ``round_cpu_seconds`` keep each
+    round's time of the op per call."""
     sync = common.MemoryProbe(device).synchronize
     generator = torch.Generator().manual_seed(0)
     calls = [(op["op"], _build(op["args"], device, generator), dict(_build(op["kwargs"], device, generator)))
              for op in ops]
-    best = [float("inf")] * len(ops)
-    best_cpu = [float("inf")] * len(ops)
+    wall: list[list[float]] = [[] for _ in ops]
+    cpu: list[list[float]] = [[] for _ in ops]
     with torch.no_grad():
         for fn, args, kwargs in calls:
             fn(*args, **kwargs)
-        for _ in range(reps):
+    for _ in range(reps):
+        if before_round is not None:
+            before_round()
+        with torch.no_grad():
             for i, (fn, args, kwargs) in enumerate(calls):
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn(*args, **kwargs)
                 sync()
-                best[i] = min(best[i], time.perf_counter() - t0)
-                best_cpu[i] = min(best_cpu[i], time.process_time() - c0)
+                wall[i].append(time.perf_counter() - t0)
+                cpu[i].append(time.process_time() - c0)
     del calls
-    return [dict(op, seconds=b, cpu_seconds=c) for op, b, c in zip(ops, best, best_cpu)]
+    return [dict(op, seconds=min(w), cpu_seconds=min(c), round_seconds=w, round_cpu_seconds=c)
+            for op, w, c in zip(ops, wall, cpu)]
 
 
 def summary(timed: list[dict]) -> dict:
     """Totals of :func:`replay`'s ops: ``flops``, ``seconds`` and ``cpu_seconds`` (the step's dense time by
-    either clock) and ``ops`` (one JSON-friendly row per distinct op: name, count, GFLOP, ms and CPU ms per call)."""
+    either clock, each op at its best round), ``round_seconds`` and ``round_cpu_seconds`` (the same, one
+    total per round, each op at its time in that round) and ``ops`` (one JSON-friendly row per distinct
+    op: name, count, GFLOP, ms and CPU ms per call)."""
     flops = sum(o["flops"] * o["count"] for o in timed)
     seconds = sum(o["seconds"] * o["count"] for o in timed)
     cpu_seconds = sum(o["cpu_seconds"] * o["count"] for o in timed)
+    rounds = {name: [sum(r) for r in zip(*([t * o["count"] for t in o[name]] for o in timed))]
+              for name in ("round_seconds", "round_cpu_seconds")}
     rows = [dict(name=o["name"].replace("aten.", ""), shapes=[a[1] for a in o["args"][1] if a[0] == "tensor"],
                  count=o["count"], gflop=o["flops"] / 1e9, ms=o["seconds"] * 1e3, cpu_ms=o["cpu_seconds"] * 1e3)
             for o in timed]
-    return dict(flops=flops, seconds=seconds, cpu_seconds=cpu_seconds, ops=rows)
+    return dict(flops=flops, seconds=seconds, cpu_seconds=cpu_seconds, **rounds, ops=rows)
 
 
 def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> dict:
@@ -197,21 +209,23 @@ def dense_model_ops(step: Callable[[], object]) -> list[dict]:
         return dense_ops(step)
 
 
-def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> tuple[dict, dict]:
-    """:func:`measure` of ``step`` and of the dense model (:func:`dense_model_ops`), from one replay:
-    an op both record is timed once, so the two limits share its time (in bf16, where no spike
-    linear runs, they are the same ops and so the same limit). Our step can beat the dense model's
-    limit by doing less arithmetic (the sparsity of the spikes lifts it)."""
+def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5,
+                             before_round: Callable[[], object] | None = None) -> tuple[dict, dict]:
+    """:func:`measure` of ``step`` and of the dense model (:func:`dense_model_ops`), from one replay
+    (``before_round`` as :func:`replay`'s): an op both record is timed once, so the two limits share
+    its time (in bf16, where no spike linear runs, they are the same ops and so the same limit). Our
+    step can beat the dense model's limit by doing less arithmetic (the sparsity of the spikes lifts it)."""
     own, model = dense_ops(step), dense_model_ops(step)
 
     def key(op: dict) -> tuple:
         return op["name"], op["args"], op["kwargs"]
 
-    timed = {key(o): o for o in replay(list({key(o): o for o in own + model}.values()), device, reps)}
+    distinct = list({key(o): o for o in own + model}.values())
+    timed = {key(o): o for o in replay(distinct, device, reps, before_round)}
+    clocks = ("seconds", "cpu_seconds", "round_seconds", "round_cpu_seconds")
 
     def limit(ops: list[dict]) -> dict:
-        return summary([dict(o, seconds=timed[key(o)]["seconds"], cpu_seconds=timed[key(o)]["cpu_seconds"])
-                        for o in ops])
+        return summary([dict(o, **{c: timed[key(o)][c] for c in clocks}) for o in ops])
 
     return limit(own), limit(model)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -49,7 +50,13 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     lifted = [line.split("|") for line in out.splitlines() if line.startswith("| spikingformer_cifar10_4_384 | ")
               and line.count("|") == 9]
     assert [t[2].strip() for t in lifted] == ["train", "infer"]
-    assert all(float(t[4]) > 0 and float(t[5]) > 0 and t[-2].strip().endswith("%") for t in lifted)
+    assert all(float(t[4]) > 0 and float(t[5]) > 0 for t in lifted)
+    # efficiency as the best round's limit over the median step, and paired: each replay round against the
+    # step timed just before it (limit-reps 1: one pair, so its range is the one value)
+    for cell in [t[-2] for t in lifted] + [c for t in targets for c in t[-7:-5]]:
+        best, paired, lowest, highest = re.fullmatch(
+            r" (\d+\.\d)% \(paired (\d+\.\d)%, (\d+)%-(\d+)%\) ", cell).groups()
+        assert float(best) > 0 and lowest == highest and abs(float(paired) - int(lowest)) <= 0.55
     # columns 4 and 5 are GFLOP (dense model, our step): in training our step does no more dense arithmetic
     # than the dense model (the spike routes do less); in inference it may, where spike_conv's int8 pieces
     # run (each counts as a whole convolution: three for the one they replace)
@@ -281,9 +288,41 @@ def test_dense_op_replay_times_every_op_once_per_round():
         return call
 
     spec = dict(args=dense_limit._spec([torch.zeros(3, 2), 7]), kwargs=dense_limit._spec([]))
-    timed = dense_limit.replay([dict(spec, op=op("a")), dict(spec, op=op("b"))], reps=3)
-    assert order == ["a", "b"] * 4
+    timed = dense_limit.replay([dict(spec, op=op("a")), dict(spec, op=op("b"))], reps=3,
+                               before_round=lambda: order.append("step"))
+    # the step runs before each timed round, not before the warm-up
+    assert order == ["a", "b"] + ["step", "a", "b"] * 3
     assert 0.005 <= timed[0]["seconds"] < 0.02 and 0.01 <= timed[1]["seconds"] < 0.04
+    for o, name in zip(timed, "ab"):  # each round's own time, the best of which is the op's time
+        assert len(o["round_seconds"]) == 3 and min(o["round_seconds"]) == o["seconds"]
+        assert all(s <= t for s, t in zip(spans[name], o["round_seconds"]))
+        assert max(range(3), key=o["round_seconds"].__getitem__) == max(range(3), key=spans[name].__getitem__)
+    # a round's limit: every op at its time in that round, times its calls per step
+    total = dense_limit.summary([dict(timed[0], flops=1, count=2, name="a"),
+                                 dict(timed[1], flops=1, count=1, name="b")])
+    assert total["round_seconds"] == pytest.approx(
+        [2 * a + b for a, b in zip(timed[0]["round_seconds"], timed[1]["round_seconds"])])
+    assert total["seconds"] == pytest.approx(2 * timed[0]["seconds"] + timed[1]["seconds"])
+
+
+def test_paired_efficiency_divides_each_round_by_the_step_before_it():
+    """Each replay round's limit over the step timed just before that round, for every round of every
+    run, sorted; the report's figure is their median, shown beside the best round over the median step."""
+    import model_report
+
+    runs = [dict(paired_times=[2.0, 4.0], paired_cpu_times=[4.0, 4.0],
+                 limit=dict(round_seconds=[1.0, 1.6], round_cpu_seconds=[2.0, 1.0]),
+                 dense_model_limit=dict(round_seconds=[3.0, 2.0], round_cpu_seconds=[1.0, 1.0])),
+            dict(paired_times=[1.0], paired_cpu_times=[1.0], limit=dict(round_seconds=[0.9], round_cpu_seconds=[0.9]),
+                 dense_model_limit=dict(round_seconds=[0.7], round_cpu_seconds=[0.7]))]
+    assert bench_model._paired_efficiency(runs, cpu=False) == dict(limit=[0.4, 0.5, 0.9],
+                                                                   dense_model_limit=[0.5, 0.7, 1.5])
+    assert bench_model._paired_efficiency(runs, cpu=True) == dict(limit=[0.25, 0.5, 0.9],
+                                                                  dense_model_limit=[0.25, 0.25, 0.7])
+    ours = dict(median=2.0, paired=dict(limit=[0.4, 0.5, 0.9]))
+    assert model_report._efficiency(dict(seconds=1.2), ours, "limit") == (0.5, "60.0% (paired 50.0%, 40%-90%)")
+    assert model_report._efficiency(dict(seconds=1.2), dict(median=2.0), "limit") == (0.6, "60.0%")
+    assert model_report._efficiency(None, ours, "limit")[1] == "n/a"
 
 
 def test_clock_probe_measures_a_plausible_clock():
