@@ -184,7 +184,8 @@ def summary(timed: list[dict]) -> dict:
     flops = sum(o["flops"] * o["count"] for o in timed)
     seconds = sum(o["seconds"] * o["count"] for o in timed)
     cpu_seconds = sum(o["cpu_seconds"] * o["count"] for o in timed)
-    rounds = {name: [sum(r) for r in zip(*([t * o["count"] for t in o[name]] for o in timed))]
+    reps = min((len(o["round_seconds"]) for o in timed), default=0)
+    rounds = {name: [sum(o[name][r] * o["count"] for o in timed) for r in range(reps)]
               for name in ("round_seconds", "round_cpu_seconds")}
     rows = [dict(name=o["name"].replace("aten.", ""), shapes=[a[1] for a in o["args"][1] if a[0] == "tensor"],
                  count=o["count"], gflop=o["flops"] / 1e9, ms=o["seconds"] * 1e3, cpu_ms=o["cpu_seconds"] * 1e3)

@@ -111,7 +111,7 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
 
     print("\nValid limit: our step's own convolutions and products (forward and backward), each timed alone, "
           f"best of {args.limit_reps} rounds; efficiency = their summed time / our step's median time (at most "
-          "100% but for noise):\n")
+          "100% but for noise), and paired (each round's limit / the step timed just before it):\n")
     print("| model | pass | dtype | dense ops | GFLOP | dense ms at measured rate | measured GFLOP/s | of FMA peak "
           "| ours ms | efficiency |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -132,7 +132,7 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
             of_peak = of_peak if kind != INT8_CONV else "(int8)"
             last = kind == "all"
             ours = f"{row['ours']['median'] * 1e3:.0f}" if last else ""
-            eff = f"{lim['seconds'] / row['ours']['median']:.1%}" if last else ""
+            eff = _efficiency(lim, row["ours"], "limit")[1] if last else ""
             ops = f"**all {sum(k[2] for k in kinds.values())} calls**" if last else f"{kind} ({n} calls)"
             print(f"| {names[key]} | {mode} | {dtype} | {ops} | {gflop:.1f} | {ms:.0f} | {rate:.0f} | {of_peak} | "
                   f"{ours} | {eff} |")
