@@ -149,14 +149,18 @@ def replay(ops: list[dict], device: str = "cpu", reps: int = 5,
     machine then slows one round's calls of a few ops, where it could slow every call of one op (an
     op's best of five back-to-back calls was seen at 1.8 times its time, which overstated the limit).
     ``before_round`` (e.g. one timed step of the model) runs before each timed round, so that a round
-    and that step share a spell of the machine; ``round_seconds`` and ``round_cpu_seconds`` keep each
-    round's time of the op per call."""
+    and that step share a spell of the machine, and once before the warm-up calls: its first run is a
+    warm-up too (with the replay's tensors alive, a training step's first run grows the heap: the event
+    model's took 2.2 s where its next took 0.9 s), so it runs ``reps + 1`` times and the caller drops
+    the first. ``round_seconds`` and ``round_cpu_seconds`` keep each round's time of the op per call."""
     sync = common.MemoryProbe(device).synchronize
     generator = torch.Generator().manual_seed(0)
     calls = [(op["op"], _build(op["args"], device, generator), dict(_build(op["kwargs"], device, generator)))
              for op in ops]
     wall: list[list[float]] = [[] for _ in ops]
     cpu: list[list[float]] = [[] for _ in ops]
+    if before_round is not None:
+        before_round()
     with torch.no_grad():
         for fn, args, kwargs in calls:
             fn(*args, **kwargs)
