@@ -266,12 +266,13 @@ def _worker(job: dict) -> dict:
     if job.get("limit_reps"):  # after the timed steps, so that the replay's tensors do not count in the peak
         import dense_limit
 
-        # one more step before each round of the replay: the pairs share a spell of the machine
+        # one more step before each round of the replay: the pairs share a spell of the machine (and
+        # one untimed before its warm-up, dense_limit.replay)
         paired, paired_cpu = [], []
         result["limit"], result["dense_model_limit"] = dense_limit.measure_with_dense_model(
-            step, device, job["limit_reps"], before_round=lambda: timed_step(paired, paired_cpu))
-        # the first step ran before the replay's warm-up (dense_limit.replay): not paired with a round
-        result.update(paired_times=paired[1:], paired_cpu_times=paired_cpu[1:])
+            step, device, job["limit_reps"],
+            before_round=lambda warm_up: step() if warm_up else timed_step(paired, paired_cpu))
+        result.update(paired_times=paired, paired_cpu_times=paired_cpu)
     return result
 
 

@@ -141,7 +141,7 @@ def dense_ops(step: Callable[[], object]) -> list[dict]:
 
 
 def replay(ops: list[dict], device: str = "cpu", reps: int = 5,
-           before_round: Callable[[], object] | None = None) -> list[dict]:
+           before_round: Callable[[bool], object] | None = None) -> list[dict]:
     """Time every op of :func:`dense_ops` in isolation: fresh random tensors of the recorded layouts
     (all built first), one warm-up call of each, then ``reps`` rounds that call every op once in turn
     (no autograd). Adds ``seconds`` and ``cpu_seconds`` (each op's best wall and best process CPU time
@@ -149,10 +149,10 @@ def replay(ops: list[dict], device: str = "cpu", reps: int = 5,
     machine then slows one round's calls of a few ops, where it could slow every call of one op (an
     op's best of five back-to-back calls was seen at 1.8 times its time, which overstated the limit).
     ``before_round`` (e.g. one timed step of the model) runs before each timed round, so that a round
-    and that step share a spell of the machine, and once before the warm-up calls: its first run is a
-    warm-up too (with the replay's tensors alive, a training step's first run grows the heap: the event
-    model's took 2.2 s where its next took 0.9 s), so it runs ``reps + 1`` times and the caller drops
-    the first. ``round_seconds`` and ``round_cpu_seconds`` keep each round's time of the op per call."""
+    and that step share a spell of the machine (called as ``before_round(False)``), and once before the
+    warm-up calls as ``before_round(True)``: its own warm-up, not to be timed (with the replay's tensors
+    alive, a training step's first run grows the heap: the event model's took 2.2 s where its next took
+    0.9 s). ``round_seconds`` and ``round_cpu_seconds`` keep each round's time of the op per call."""
     sync = common.MemoryProbe(device).synchronize
     generator = torch.Generator().manual_seed(0)
     calls = [(op["op"], _build(op["args"], device, generator), dict(_build(op["kwargs"], device, generator)))
@@ -160,13 +160,13 @@ def replay(ops: list[dict], device: str = "cpu", reps: int = 5,
     wall: list[list[float]] = [[] for _ in ops]
     cpu: list[list[float]] = [[] for _ in ops]
     if before_round is not None:
-        before_round()
+        before_round(True)
     with torch.no_grad():
         for fn, args, kwargs in calls:
             fn(*args, **kwargs)
     for _ in range(reps):
         if before_round is not None:
-            before_round()
+            before_round(False)
         with torch.no_grad():
             for i, (fn, args, kwargs) in enumerate(calls):
                 sync()
@@ -215,7 +215,7 @@ def dense_model_ops(step: Callable[[], object]) -> list[dict]:
 
 
 def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", reps: int = 5,
-                             before_round: Callable[[], object] | None = None) -> tuple[dict, dict]:
+                             before_round: Callable[[bool], object] | None = None) -> tuple[dict, dict]:
     """:func:`measure` of ``step`` and of the dense model (:func:`dense_model_ops`), from one replay
     (``before_round`` as :func:`replay`'s): an op both record is timed once, so the two limits share
     its time (in bf16, where no spike linear runs, they are the same ops and so the same limit). Our

@@ -289,9 +289,9 @@ def test_dense_op_replay_times_every_op_once_per_round():
 
     spec = dict(args=dense_limit._spec([torch.zeros(3, 2), 7]), kwargs=dense_limit._spec([]))
     timed = dense_limit.replay([dict(spec, op=op("a")), dict(spec, op=op("b"))], reps=3,
-                               before_round=lambda: order.append("step"))
+                               before_round=lambda warm_up: order.append("warm-up step" if warm_up else "step"))
     # the step runs before each timed round, and once before the warm-up (its own warm-up)
-    assert order == ["step", "a", "b"] + ["step", "a", "b"] * 3
+    assert order == ["warm-up step", "a", "b"] + ["step", "a", "b"] * 3
     assert 0.005 <= timed[0]["seconds"] < 0.02 and 0.01 <= timed[1]["seconds"] < 0.04
     for o, name in zip(timed, "ab"):  # each round's own time, the best of which is the op's time
         assert len(o["round_seconds"]) == 3 and min(o["round_seconds"]) == o["seconds"]
