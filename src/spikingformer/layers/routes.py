@@ -132,7 +132,9 @@ SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad"
 # On x86 CPUs that are not Intel's, where MKL's float32 products run its generic code (at most
 # AVX2): oneDNN's matmul measured 1.2-2.3x faster on the token linears' forward and input
 # gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance.md,
-# "Products through oneDNN"); on Intel CPUs MKL measured as fast or faster.
+# "Products through oneDNN"); on Intel CPUs MKL measured as fast or faster (an Intel Xeon with AMX:
+# MKL's time / oneDNN's 0.83-1.16 on their forward and input gradient, whole models 1.00-1.03x as
+# long with the route on, on AVX-512 and capped at AVX2).
 ON_WHERE_MKL_IS_GENERIC = frozenset({"token_linear"})
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
