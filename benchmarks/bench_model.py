@@ -73,7 +73,7 @@ QUICK = {
     "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
 }
 # untimed steps before timing (and before --profile's step): our allocator maps nothing new from the
-# event model's third training step on (docs/performance.md, "BN's input gradient in place")
+# event model's third training step on (docs/performance-log.md, "BN's input gradient in place")
 WARMUP_STEPS = 3
 
 # allocator set-ups of the baselines: label -> (environment of the worker, install our allocator)

@@ -58,7 +58,7 @@ def native_int8() -> bool:
     ``ONEDNN_MAX_CPU_ISA``: where oneDNN's int8 convolution outpaces its float32 one several times.
     8-bit dot products alone (AVX512-VNNI) do not count: on an AMD EPYC (Zen 5) with them, the spike
     convolution's three int8 pieces ran 0.21-1.24x the float32 convolution's speed on the zoo's
-    shapes, and a CIFAR inference batch 1.43x slower with them (docs/performance.md)."""
+    shapes, and a CIFAR inference batch 1.43x slower with them (docs/performance-log.md)."""
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:

@@ -7,7 +7,7 @@ namespace {
 // Loops over rows of C channels are instantiated with C as a constant CC for the widths of the
 // zoo's largest maps (the event model's first two tokenizer stages: 32 and 64 channels, two and
 // four AVX-512 vectors a row), where the loop's set-up per row was a large share of its time (see
-// docs/performance.md, "Channel counts as constants"); CC = 0: any C. f(cc), cc a
+// docs/performance-log.md, "Channel counts as constants"); CC = 0: any C. f(cc), cc a
 // std::integral_constant of CC.
 template <typename F> inline void channels_as_constant(int64_t C, F&& f) {
   if (C == 32) f(std::integral_constant<int64_t, 32>{});

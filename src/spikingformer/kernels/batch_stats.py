@@ -5,7 +5,7 @@ reproduces PyTorch's CPU kernel on this machine and thread count, else PyTorch's
 PyTorch's kernel (channels-last rows of C channels) makes two passes, each summing the rows one at
 a time into a float buffer per thread: on the event model's first stage (268 MB, 32 channels) 51 ms
 on one thread, where one streaming pass takes 17. The library makes the same passes in the same
-runs and order, faster (on two threads 28 ms against PyTorch's 43; docs/performance.md).
+runs and order, faster (on two threads 28 ms against PyTorch's 43; docs/performance-log.md).
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ spike_linear.register_autograd(_spike_linear_backward, setup_context=_spike_line
 def eager_or_op(op):
     """``op`` (a ``torch.library`` operator) under ``torch.compile``, which keeps it as an opaque call;
     in eager its Python function, the same computation without the dispatcher's per-call cost (about
-    0.05 ms a call, measured: docs/performance.md, "torch.compile against eager"). (The function is
+    0.05 ms a call, measured: docs/performance-log.md, "torch.compile against eager"). (The function is
     ``CustomOpDef``'s ``_init_fn``; a PyTorch without it gets the operator in eager too.) Under
     ``torch.profiler`` the operator too, so that profiles list its time under its name."""
     if torch.compiler.is_compiling() or getattr(torch.autograd.profiler, "_is_profiler_enabled", False):

@@ -116,7 +116,7 @@ MEASURED_FASTER = {
                        "attention_order"}),
 }
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
-# zoo's token-linear shapes (docs/performance.md, "Spike linear"); above it, F.linear.
+# zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear.
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
 # it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
@@ -125,13 +125,13 @@ SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2":
 # convolution on the zoo's tokenizer shapes, and the firing rates up to which its accumulation did:
 # "infer", the inference forward (on AVX-512: beat the int8 pieces too); "train", the training
 # forward and backward together; "weight_grad" (at least "train"), the weight gradient alone, the
-# forward above "train" being the float32 convolution (docs/performance.md, "Spike convolution").
+# forward above "train" being the float32 convolution (docs/performance-log.md, "Spike convolution").
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
 SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
                           "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
 # On x86 CPUs that are not Intel's, where MKL's float32 products run its generic code (at most
 # AVX2): oneDNN's matmul measured 1.2-2.3x faster on the token linears' forward and input
-# gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance.md,
+# gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance-log.md,
 # "Products through oneDNN"); on Intel CPUs MKL measured as fast or faster (an Intel Xeon with AMX:
 # MKL's time / oneDNN's 0.83-1.16 on their forward and input gradient, whole models 1.00-1.03x as
 # long with the route on, on AVX-512 and capped at AVX2).
