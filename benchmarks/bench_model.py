@@ -585,19 +585,18 @@ def print_profile(args: argparse.Namespace, command: str) -> None:
         print()
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--worker"]:
-        import json
+def _any_worker(job: dict) -> dict:
+    """A worker process's result, by the job's kind."""
+    if job["kind"] == "profile":
+        return dict(groups=profile_step(job["model"], job["dtype"], job["threads"]))
+    if job["kind"] == "calibrate":
+        return _calibrate_worker(job)
+    return _sj_worker(job) if job["kind"] == "sj" else _worker(job)
 
-        job = json.loads(argv[1])
-        if job["kind"] == "profile":
-            common.report(dict(groups=profile_step(job["model"], job["dtype"], job["threads"])))
-        elif job["kind"] == "calibrate":
-            common.report(_calibrate_worker(job))
-        else:
-            common.report(_sj_worker(job) if job["kind"] == "sj" else _worker(job))
+
+def main(argv: list[str] | None = None) -> None:
+    argv = common.script_argv(argv, _any_worker)
+    if argv is None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)

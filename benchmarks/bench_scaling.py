@@ -150,12 +150,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = common.script_argv(argv, _worker)
     if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--worker"]:
-        import json
-
-        common.report(_worker(json.loads(argv[1])))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)

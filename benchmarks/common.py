@@ -150,6 +150,17 @@ def run_worker(script: str, job: dict, env: dict | None = None, timeout: float =
     raise RuntimeError(f"benchmark worker failed ({script}, {job}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
+def script_argv(argv: list[str] | None, worker) -> list[str] | None:
+    """A benchmark script's arguments (``argv``, default ``sys.argv[1:]``); in a worker process
+    (``SCRIPT --worker JSON``, see :func:`run_worker`) None, after running ``worker`` on the job and
+    reporting its result."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["--worker"]:
+        return argv
+    report(worker(json.loads(argv[1])))
+    return None
+
+
 def report(result: dict) -> None:
     """Send a worker's result to the parent (see :func:`run_worker`)."""
     print(_RESULT_TAG + json.dumps(result), flush=True)

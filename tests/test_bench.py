@@ -14,6 +14,7 @@ import pytest
 import bench_lif
 import bench_model
 import bench_scaling
+import memory_floor
 from conftest import BENCHMARKS
 from spikingformer import allocator
 
@@ -323,6 +324,61 @@ def test_paired_efficiency_divides_each_round_by_the_step_before_it():
     assert model_report._efficiency(dict(seconds=1.2), ours, "limit") == (0.5, "60.0% (paired 50.0%, 40%-90%)")
     assert model_report._efficiency(dict(seconds=1.2), dict(median=2.0), "limit") == (0.6, "60.0%")
     assert model_report._efficiency(None, ours, "limit")[1] == "n/a"
+
+
+def test_memory_floor_counts_every_neurons_input_map():
+    """The neuron maps of the quick CIFAR model (embed 64, depth 1, T = 2, batch 2, 32x32 images), by
+    hand: the tokenizer's four SNs see its stages' BN outputs (8, 16 and 32 channels at 32x32, then
+    64 at 16x16 after the first max-pool), a Spikingformer block's seven the tokens (T B N D = 2 x 2 x
+    64 x 64; the MLP's hidden SN 4 D); 4 bytes each in float32, 2 under bf16 autocast, whichever
+    routes are on (the probe takes the module calls)."""
+    model, x, _ = bench_model.build(dict(name="spikingformer_cifar10_4_384", batch=2, build="ours",
+                                         overrides=bench_model.QUICK["cifar"]))
+    tb, tokens = 2 * 2, 2 * 2 * 64 * 64
+    expected = [tb * 8 * 32 * 32, tb * 16 * 32 * 32, tb * 32 * 32 * 32, tb * 64 * 16 * 16] + [tokens] * 6 + [4 * tokens]
+    assert memory_floor.neuron_maps(model, x, "fp32") == [(n, 4) for n in expected]
+    assert memory_floor.neuron_maps(model, x, "bf16") == [(n, 2) for n in expected]
+    assert model.training  # the probe leaves the mode as it found it
+
+
+def test_memory_floor_passes_and_verdict_by_hand():
+    """The floor's passes: inference reads each map once; training reads it in the forward and writes
+    its gradient in the backward, and AdamW reads and writes the parameters and both moments (float32).
+    The verdict: a step takes at least its own dense limit plus the floor, and 90% of the dense model's
+    limit allows it limit / 0.9."""
+    maps = [(10, 4), (5, 2)]
+    assert memory_floor.traffic(maps, 3, "infer") == dict(read=[40, 10], write=[], copy=[])
+    train = memory_floor.traffic(maps, 3, "train")
+    assert train == dict(read=[40, 10], write=[40, 10], copy=[36])
+    times = {"read": {40: 1.0, 10: 0.25}, "write": {40: 1.5, 10: 0.75}, "copy": {36: 3.0}}
+    assert memory_floor.floor_seconds(train, times) == pytest.approx(1.0 + 0.25 + 1.5 + 0.75 + 3.0)
+    fits = memory_floor.verdict(own_limit=0.5, dense_model_limit=0.9, floor=0.4)
+    assert fits["reachable"] and fits["allowed"] == pytest.approx(1.0) and fits["best_efficiency"] == pytest.approx(1.0)
+    short = memory_floor.verdict(own_limit=0.5, dense_model_limit=0.9, floor=0.6)
+    assert not short["reachable"] and short["best_efficiency"] == pytest.approx(0.9 / 1.1)
+
+
+def test_memory_floor_pass_times_are_per_size_and_positive():
+    times = memory_floor.pass_times({4096, 1 << 20}, reps=2)
+    assert set(times) == {"read", "write", "copy"} and all(set(t) == {4096, 1 << 20} for t in times.values())
+    assert all(v > 0 for t in times.values() for v in t.values())
+
+
+@pytest.mark.slow
+def test_memory_floor_quick_runs_as_a_script():
+    """``python benchmarks/memory_floor.py --quick``: per pass a row with our step, both limits, the
+    neuron maps' traffic, the floor and the verdict."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "memory_floor.py"), "--quick", "--models", "event",
+                           "--dtypes", "fp32", "--steps", "1", "--warmup", "0", "--limit-reps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- CPU: " in proc.stdout, proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| spikingformer_cifar10dvs")]
+    assert [r[2].strip() for r in rows] == ["train", "infer"], proc.stdout
+    for r in rows:
+        assert r[7].strip().startswith("11: ") and r[7].count(" / ") == 2 and r[11].strip() in ("yes", "**no**"), proc.stdout
+        step, dense, own, floor, least = (float(r[i]) for i in (4, 5, 6, 8, 9))
+        assert step > 0 and dense >= 0 and floor >= 0 and least == pytest.approx(own + floor, abs=1.01)
 
 
 def test_clock_probe_measures_a_plausible_clock():
