@@ -3,8 +3,9 @@
 The valid limit (``dense_limit.py``) is the time a step's convolutions and products need at this
 machine's rates. Beside them every spiking neuron layer works on a map that a convolution or a
 product wrote to memory (they are library calls: their output reaches memory before anything else
-reads it), and those maps are far larger than any cache. So, whatever the neuron kernels do,
-each layer whose input holds ``N`` elements of ``s`` bytes must at least
+reads it; the large maps are far larger than any cache, and the small ones are priced at cache
+speed, below). So, whatever the neuron kernels do, each layer whose input holds ``N`` elements of
+``s`` bytes must at least
 
 * in inference: read its input once (``N s`` bytes);
 * in training: read it once in the forward, and in the backward write its input's gradient
@@ -14,11 +15,11 @@ and in training the optimizer (AdamW) must read and write every parameter and it
 (float32). The **memory floor** is that traffic at this machine's best rates for a read pass (the
 fastest of ``sum``, ``amax`` and ``dot``), a write pass (``fill_``, ``zero_``) and a copy
 (``copy_``) over the same number of bytes, on the step's threads, each measured right after the
-same bytes were touched (as warm as a cache can hold them). It leaves out everything else the step does (BatchNorm's
-statistics, the backward's reading of each neuron's input or state for the surrogate gradient, the
-layers without a neuron, residual adds, the optimizer's reading of the gradients, the spike
-linears' own work), so it is less than what any implementation with library convolutions needs,
-and a step takes at least its own dense limit plus this floor.
+same bytes were touched (as warm as a cache can hold them). It leaves out everything else the
+step does (BatchNorm's statistics, the backward's reading of each neuron's input or state for the
+surrogate gradient, the layers without a neuron, residual adds, the optimizer's reading of the
+gradients, the spike linears' own work), so it is less than what any implementation with library
+convolutions needs, and a step takes at least its own dense limit plus this floor.
 
 The report prints, per model, pass and dtype, with our step and the limits measured in the same
 process (``bench_model.py``'s worker: the same model, batch, warm-up and pairing): the floor, the
