@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def _imported_by(*args: str) -> tuple[int, set[str], str]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["energy", "--help"],
-                                  ["train", "--epoch", "1"], ["trian"]])
+                                  ["info", "--help"], ["train", "--epoch", "1"], ["trian"]])
 def test_help_and_argument_errors_import_no_heavy_module(args):
     rc, modules, err = _imported_by(*args)
     assert rc == (0 if "--help" in args else 2), err[-2000:]
@@ -196,3 +197,41 @@ def test_no_tensorboard_asked_says_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     RunLog(tmp_path, use_tensorboard=False).close()
     assert capsys.readouterr().out == ""
+
+
+def _info(tmp_path, *args: str, **env: str) -> dict[str, str]:
+    """``{label: value}`` of ``spikingformer info ARGS`` in a fresh process with ``env`` added and an
+    empty kernel cache under ``tmp_path``."""
+    full = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), **env)
+    proc = subprocess.run([sys.executable, "-m", "spikingformer", "info", *args], capture_output=True, text=True,
+                          timeout=600, env=full)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(re.match(r"^([^:]+(?:\([^)]*\))?):\s+(.*)$", line).groups() for line in proc.stdout.splitlines())
+
+
+def test_info_says_what_the_environment_chose(tmp_path):
+    """``spikingformer info`` under an AVX2 cap and a route setting: the ISA key, bf16 emulated (so
+    ``--amp auto`` stays float32), no int8 tiles, exactly the routes the setting leaves on, and a
+    kernel library not built yet (``info`` alone does not build it)."""
+    every = {"stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
+             "token_linear", "spike_linear", "spike_conv", "attention_order", "batch_pieces"}
+    lines = _info(tmp_path, SPIKINGFORMER_ROUTES="none,+spike_linear,+attention_order", ONEDNN_MAX_CPU_ISA="AVX2",
+                  ATEN_CPU_CAPABILITY="avx2")
+    assert lines["vector ISA"].startswith("avx2 (") and "ONEDNN_MAX_CPU_ISA=AVX2" in lines["vector ISA"]
+    assert lines["bf16"].startswith("emulated") and "stays float32" in lines["bf16"]
+    assert lines["int8 matrix tiles (AMX)"].startswith("no")
+    assert lines["routes on"] == "spike_linear, attention_order"
+    assert set(lines["routes off"].split(", ")) == every - {"spike_linear", "attention_order"}
+    assert lines["SPIKINGFORMER_ROUTES"] == "none,+spike_linear,+attention_order"
+    assert "not built yet" in lines["kernel library"]
+    assert not list((tmp_path / "ext").glob("spikingformer_lif_cpu_*"))  # (the allocator's library is built)
+    assert lines["spikingformer"].startswith(__import__("spikingformer").__version__ + " (torch ")
+
+
+@pytest.mark.slow
+def test_info_build_builds_the_kernel_library(tmp_path):
+    lines = _info(tmp_path, "--build")
+    assert "loaded in" in lines["kernel library"], lines
+    path = lines["kernel library"].rsplit(" from ", 1)[1]
+    assert path.startswith(str(tmp_path / "ext")) and os.path.exists(path)
+    assert lines["LIF backends"].endswith("'auto' picks cpu")

@@ -1,4 +1,4 @@
-"""The ``spikingformer`` command: ``train | eval | models | audit | energy | fuse | bench``.
+"""The ``spikingformer`` command: ``train | eval | models | export | audit | energy | fuse | info``.
 
 Each sub-command lives with the code it drives and adds itself through a ``register(subparsers)``
 function listed in ``COMMAND_MODULES``; this file only assembles them. Building the parser imports
@@ -20,6 +20,7 @@ from spikingformer.suggest import closest, did_you_mean
 COMMAND_MODULES = [
     "spikingformer.engine.commands",  # train, eval, models
     "spikingformer.analysis.commands",  # audit, energy, fuse
+    "spikingformer.info",  # info
 ]
 
 

@@ -66,18 +66,30 @@ def native_int8() -> bool:
     return bool(hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.cpu._is_amx_tile_supported())
 
 
-def cpu_vendor() -> str:
-    """The x86 CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from ``/proc/cpuinfo``,
-    else from :func:`platform.processor`; ``""`` where neither names it (other CPUs, other systems)."""
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in ``/proc/cpuinfo`` (Linux), or ``""``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    text = platform.processor()
-    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
+    return ""
+
+
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from ``/proc/cpuinfo``,
+    else from :func:`platform.processor`; ``""`` where neither names it (other CPUs, other systems)."""
+    vendor = _cpuinfo("vendor_id")
+    if vendor:
+        return vendor
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else :func:`platform.processor` or the machine."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def mkl_generic() -> bool:

@@ -1,0 +1,94 @@
+"""Sub-command ``info``: what this machine gives ``spikingformer``, and why.
+
+The speed routes, the bf16 default and the int8 convolutions are chosen per CPU (the vector ISA
+PyTorch's kernels use, native bf16, 8-bit matrix tiles, MKL's code path; docs/performance.md,
+"Routes by ISA"), and the kernel library is compiled for it on first use. ``spikingformer info``
+prints those choices and the facts they rest on, one ``label: value`` line each, so that a user
+can see what a run on this machine will do, and quote it in a bug report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+
+def _isa_settings() -> str:
+    """The environment variables that cap the ISA, as set (or ``none``)."""
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    caps = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return ", ".join(caps) if caps else "none"
+
+
+def _kernel_library(build: bool) -> tuple[str, bool]:
+    """Where the fused CPU kernels' library is and whether it is built (``build``: build it now, if
+    needed), and whether asking for it now costs no build."""
+    from spikingformer import native
+    from spikingformer.kernels import cpu_backend
+
+    target = f"-march={native.target_arch()}"
+    path = cpu_backend.library_path()
+    if not build and not path.exists():
+        return f"{target}: not built yet (compiled on first use, 15-25 s; `spikingformer info --build` builds it now)", False
+    start = time.perf_counter()
+    if cpu_backend.get_library() is None:
+        return f"{target}: cannot be built here ({(cpu_backend.build_error() or '').splitlines()[0][:300]})", True
+    return f"{target}: loaded in {time.perf_counter() - start:.1f} s from {path}", True
+
+
+def describe(build: bool = False) -> list[tuple[str, str]]:
+    """``(label, value)`` lines: versions, the CPU, the choices made for it, the kernels, the devices."""
+    import torch
+
+    from spikingformer import __version__, kernels
+    from spikingformer.allocator import allocator_state
+    from spikingformer.cpu_features import cpu_name, mkl_generic, native_bf16, native_int8
+    from spikingformer.layers import routes
+
+    on = routes.active()
+    off = [name for name in routes.ROUTES if name not in on]
+    isa = routes.cpu_isa()
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    library, ready = _kernel_library(build)
+    auto = kernels.select_backend(torch.zeros(1)) if ready else "cpu once the library is built (torch if it cannot be)"
+    return [
+        ("spikingformer", f"{__version__} (torch {torch.__version__}, python {platform.python_version()}, "
+                          f"{platform.system()} {platform.machine()})"),
+        ("CPU", f"{cpu_name()}; {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}"),
+        ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
+                       f"{_isa_settings()})" + ("" if isa in routes.MEASURED_FASTER else
+                                                 ": not measured, so no speed route is on")),
+        ("bf16", "native: `--amp auto` trains in bf16 on this CPU" if native_bf16() else
+                 "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"),
+        ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take dense spike maps in inference" if native_int8()
+                                    else "no: spike maps the accumulation declines take the float32 convolution"),
+        ("MKL", "generic code on this CPU, so token_linear (oneDNN's products) is a default route" if mkl_generic()
+                else "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"),
+        ("routes on", ", ".join(name for name in routes.ROUTES if name in on) or "none"),
+        ("routes off", ", ".join(off) or "none"),
+        ("SPIKINGFORMER_ROUTES", os.environ.get(routes.ENV) or "unset (the defaults for this CPU)"),
+        ("kernel library", library),
+        ("LIF backends", f"{', '.join(kernels.available_backends())}, reference; on CPU tensors 'auto' picks {auto}"),
+        ("CPU allocator", allocator_state()),
+        ("CUDA", ", ".join(cuda) if cuda else "no device visible"),
+    ]
+
+
+def run_info(args: argparse.Namespace) -> int:
+    lines = describe(build=args.build)
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"{label + ':':<{width + 1}} {value}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what this machine gives spikingformer: ISA, routes, bf16, kernels, devices",
+                       description="Print the versions, the CPU and the choices made for it (vector ISA, speed "
+                                   "routes, bf16 default, int8 convolutions, MKL or oneDNN products), the fused "
+                                   "kernels' library and the devices, one line each.")
+    p.add_argument("--build", action="store_true",
+                   help="build the fused CPU kernels' library now if needed (else only say whether it is built)")
+    p.set_defaults(func=run_info)
