@@ -11,21 +11,24 @@ model in inference. ``SPIKE_CONV_MIN_CHANNELS`` and ``SPIKE_CONV_MAX_DENSITY`` i
 ``spikingformer.layers.routes`` come from these tables. With ``--train``, a training step's
 forward and backward: autograd's float32 convolution against the accumulation's training form (the
 forward's sums, PyTorch's input gradient, the weight gradient summed at the windows' spikes), and
-against the form that sums only the weight gradient (the float32 forward), at the rates the
-benchmark models' neurons give each stage in training. Usage::
+against the form that sums only the weight gradient (the float32 forward), and against its
+forward for the maps the accumulation declines (the int8 pieces on a CPU with AMX) with PyTorch's
+gradients, at the rates the benchmark models' neurons give each stage in training. Usage::
 
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
     python benchmarks/bench_spike_conv.py --threads 2 --whole --reps 11   # the int8 pieces in whole models
-    python benchmarks/bench_spike_conv.py --threads 2 --whole --train --reps 10   # the weight gradient alone
+    python benchmarks/bench_spike_conv.py --threads 2 --whole --train --reps 10   # int8 pieces, weight gradient
 
 With ``--whole``, the benchmark models' inference batches (``bench_model.py``'s models, weights,
 batches and BatchNorm statistics), the route as it is, once with the int8 pieces for the maps above
 the accumulation's limit and once with the float32 convolution there, alternating: whether the int8
 pieces pay on this CPU (``cpu_features.native_int8`` decides; this measures both ways whatever it says).
-With ``--whole --train``, their training steps with this ISA's limits against the weight gradient
-summed only up to the training limit (``SPIKE_CONV_MAX_DENSITY``'s ``weight_grad`` against its ``train``).
+With ``--whole --train``, their training steps, the route as it is against the same without the int8
+pieces (on a CPU with AMX they take the training forward of the maps the accumulation declines) and
+against the weight gradient summed only up to the training limit (``SPIKE_CONV_MAX_DENSITY``'s
+``weight_grad`` against its ``train``, no int8 pieces).
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 SPIKINGFORMER_NATIVE_ARCH=x86-64-v3 \\
         python benchmarks/bench_spike_conv.py   # as an AVX2 CPU (int8 without VNNI)
 """
@@ -87,13 +90,23 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
 
 def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     """Forward and backward (input and weight gradients) of autograd's float32 convolution against
-    the route's training form (``spike_conv_ops.convolve_train``) two ways: summed throughout ("sum", as up
-    to the ``train`` limit) and only the weight gradient summed after the float32 forward ("wgrad",
-    as up to the ``weight_grad`` limit); alternately on the same maps and output gradient. Errors are
-    the weight gradients' largest differences from float64's (both ways sum it alike)."""
+    the route's training form (``spike_conv_ops.convolve_train``) three ways: summed throughout ("sum",
+    as up to the ``train`` limit), only the weight gradient summed after the float32 forward
+    ("wgrad", as up to the ``weight_grad`` limit without AMX), and the forward of the maps the
+    accumulation declines with PyTorch's gradients of the unpacked bits ("dense": the int8 pieces on
+    a CPU with AMX, above every limit; elsewhere the float32 convolution); alternately on the same
+    maps and output gradient. Errors are the weight gradients' largest differences from float64's
+    (the summing ways sum it alike)."""
     import torch
 
     from spikingformer.kernels import spike_conv_ops as ops
+
+    def float_forward(xi, wi):  # the float32 forward, whatever the CPU (as without AMX)
+        kept, ops.native_int8 = ops.native_int8, lambda: False
+        try:
+            return ops.convolve_train(xi, wi, None, -1.0, 1.0, 1.0)
+        finally:
+            ops.native_int8 = kept
 
     n, cin, hw, cout = shape
     gen = torch.Generator().manual_seed(0)
@@ -102,7 +115,8 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
                 "sum": lambda xi, wi: ops.convolve_train(xi, wi, None, 1.0, 1.0),
-                "wgrad": lambda xi, wi: ops.convolve_train(xi, wi, None, -1.0, 1.0, 1.0)}  # forward: float32
+                "wgrad": float_forward,
+                "dense": lambda xi, wi: ops.convolve_train(xi, wi, None, -1.0, -1.0, 1.0)}
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -118,21 +132,22 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
             t = time.perf_counter()
             step(f)
             times[k].append(time.perf_counter() - t)
-    ratios = {k: statistics.median(a / b for a, b in zip(times["fp32"], times[k])) for k in ("sum", "wgrad")}
+    ratios = {k: statistics.median(a / b for a, b in zip(times["fp32"], times[k])) for k in ("sum", "wgrad", "dense")}
     return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
 def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
     print("| case | rate | float32 fwd+bwd ms | sum fwd+bwd ms | sum ratio | weight gradient summed ms | its ratio "
-          "| weight-gradient error: float32 | sum |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| dense forward (int8 pieces where AMX) ms | its ratio | weight-gradient error: float32 | sum |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, rows in cases.items():
         for name, shape, model_rate in rows:
             for rate in rates or [model_rate]:
                 r = run_train_case(shape, rate, reps)
                 b, q, e = r["best"], r["ratios"], r["errors"]
                 print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['sum']:.2f} | {q['sum']:.2f}x | "
-                      f"{b['wgrad']:.2f} | {q['wgrad']:.2f}x | {e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
+                      f"{b['wgrad']:.2f} | {q['wgrad']:.2f}x | {b['dense']:.2f} | {q['dense']:.2f}x | "
+                      f"{e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
 
 
 def whole_models(models: list[str], reps: int, quick: bool) -> None:
@@ -173,22 +188,26 @@ def whole_models(models: list[str], reps: int, quick: bool) -> None:
 
 
 def whole_training(models: list[str], reps: int, quick: bool) -> None:
-    """The benchmark models' training steps (forward, loss, backward, AdamW) with this ISA's limits
-    against the same limits but the weight gradient summed only up to the training limit (maps
-    firing between the two then take the float32 convolution throughout), alternating (ABBA) on one
-    model and optimizer; the ratio is the median over rounds of the second's time / the first's."""
+    """The benchmark models' training steps (forward, loss, backward, AdamW), the route as it is (this
+    ISA's limits; on a CPU with 8-bit matrix tiles the forward of the maps the accumulation declines
+    by the int8 pieces) against the same without the int8 pieces, and against the weight gradient
+    summed only up to the training limit with no int8 pieces (maps firing above it then take the
+    float32 convolution throughout), in rotating order on one model and optimizer; each ratio is the
+    median over rounds of that way's time / the route's."""
     import torch
 
     import bench_model
+    from spikingformer.kernels import spike_conv_ops
     from spikingformer.layers import routes
 
-    ways = {"weight gradient summed": dict(routes._spike_conv_max_density)}
-    ways["float32 above the training limit"] = dict(ways["weight gradient summed"],
-                                                    weight_grad=ways["weight gradient summed"]["train"])
-    print(f"Limits: {ways['weight gradient summed']}\n")
-    print("| model | weight gradient summed ms | float32 above the training limit ms | its time / summed |")
-    print("|---|---:|---:|---:|")
-    kept = routes._spike_conv_max_density
+    limits = dict(routes._spike_conv_max_density)
+    ways = {"as is": (limits, spike_conv_ops.native_int8), "int8 pieces off": (limits, lambda: False),
+            "float32 above the training limit": (dict(limits, weight_grad=limits["train"]), lambda: False)}
+    print(f"Limits: {limits}\n")
+    print("| model | as is ms | int8 pieces off ms | its time / as is | float32 above the training limit ms "
+          "| its time / as is |")
+    print("|---|---:|---:|---:|---:|---:|")
+    kept = routes._spike_conv_max_density, spike_conv_ops.native_int8
     for key in models:
         name, batch = bench_model.MODELS[key][:2]
         model, x, y = bench_model.build(dict(name=name, batch=batch, build="ours",
@@ -197,8 +216,9 @@ def whole_training(models: list[str], reps: int, quick: bool) -> None:
         times = {k: [] for k in ways}
         try:
             for r in range(reps + 1):  # round 0: warm-up (the heap grows over the first steps)
-                for k in (list(ways) if r % 2 else list(ways)[::-1]):
-                    routes._spike_conv_max_density = ways[k]
+                order = list(ways)[r % 3:] + list(ways)[:r % 3]
+                for k in order:
+                    routes._spike_conv_max_density, spike_conv_ops.native_int8 = ways[k]
                     t = time.perf_counter()
                     loss = torch.nn.functional.cross_entropy(model(x), y)
                     opt.zero_grad(set_to_none=True)
@@ -207,10 +227,13 @@ def whole_training(models: list[str], reps: int, quick: bool) -> None:
                     if r:
                         times[k].append(time.perf_counter() - t)
         finally:
-            routes._spike_conv_max_density = kept
-        a, b = times.values()
-        ratio = statistics.median(tb / ta for ta, tb in zip(a, b))
-        print(f"| {key} | {1e3 * statistics.median(a):.1f} | {1e3 * statistics.median(b):.1f} | {ratio:.3f} |", flush=True)
+            routes._spike_conv_max_density, spike_conv_ops.native_int8 = kept
+        base = times["as is"]
+        cells = [f"{1e3 * statistics.median(base):.1f}"]
+        for k in list(ways)[1:]:
+            ratio = statistics.median(tb / ta for ta, tb in zip(base, times[k]))
+            cells += [f"{1e3 * statistics.median(times[k]):.1f}", f"{ratio:.3f}"]
+        print(f"| {key} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="forward and backward: autograd's float32 convolution against the accumulation")
     ap.add_argument("--whole", action="store_true",
                     help="whole inference batches of the benchmark models: int8 pieces against float32 where dense; "
-                         "with --train, whole training steps: the weight gradient summed above the training limit "
-                         "against the float32 convolution there")
+                         "with --train, whole training steps: the route as it is against the int8 pieces off, and "
+                         "against the float32 convolution above the training limit")
     args = ap.parse_args(argv)
     import torch
 
@@ -236,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
-    what = ("whole training steps, the weight gradient summed or not above the training limit (median of "
-            "alternating steps, wall clock)" if args.train and args.whole
+    what = ("whole training steps, the route as it is against the int8 pieces off and against the float32 "
+            "convolution above the training limit (medians of rotating steps, wall clock)" if args.train and args.whole
             else "forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
             else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
             if args.whole else "float32 against int8 pieces and accumulation")
@@ -246,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in common.machine_lines(torch.get_num_threads()):
         print(line)
     print(f"- 8-bit matrix tiles (AMX) usable by oneDNN, where the route takes the int8 pieces: {native_int8()}")
-    print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of float32 / that way"
+    ratio = "that way's time / the route's" if args.whole and args.train else "float32 / that way"
+    print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of {ratio}"
           + ("\n" if args.whole else
              f"; error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n"))
     if args.whole:

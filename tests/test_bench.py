@@ -458,8 +458,9 @@ def test_bench_bn_segment_quick_runs_as_a_script():
 @pytest.mark.parametrize("train", [False, True])
 def test_bench_spike_conv_quick_runs_as_a_script(train):
     """``python benchmarks/bench_spike_conv.py --quick``: one row with the three ways' times, two
-    ratios and three errors against float64; with ``--train``, forward and backward three ways (float32,
-    summed throughout, only the weight gradient summed), two ratios, two weight-gradient errors."""
+    ratios and three errors against float64; with ``--train``, forward and backward four ways (float32,
+    summed throughout, only the weight gradient summed, the dense forward), three ratios, two
+    weight-gradient errors."""
     import torch
 
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
@@ -469,7 +470,7 @@ def test_bench_spike_conv_quick_runs_as_a_script(train):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
-    bars, ratios = (10, 2) if train else (11, 2)
+    bars, ratios = (12, 3) if train else (11, 2)
     assert len(rows) == 1 and rows[0].count("|") == bars and rows[0].count("x |") == ratios, proc.stdout
     assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
 
@@ -492,13 +493,14 @@ def test_bench_spike_conv_whole_quick_runs_as_a_script():
 
 def test_bench_spike_conv_whole_training_quick_runs_as_a_script():
     """``python benchmarks/bench_spike_conv.py --whole --train --quick``: the limits it compares, and per
-    model the training step's times both ways and their ratio."""
+    model the training step's times three ways (the route, the int8 pieces off, float32 above the
+    training limit) and the two ratios."""
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--whole", "--train", "--quick",
                            "--reps", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'weight_grad':" in proc.stdout, proc.stdout
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| cifar", "| event"))]
-    assert len(rows) == 2 and all(len(r) == 6 and all(float(v) > 0 for v in r[2:5]) for r in rows), proc.stdout
+    assert len(rows) == 2 and all(len(r) == 8 and all(float(v) > 0 for v in r[2:7]) for r in rows), proc.stdout
 
 
 def test_study_routes_quick_runs_as_a_script():

@@ -147,7 +147,7 @@ def int8_cpu(monkeypatch):
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
 
 
-def test_conv_bn_takes_the_int8_pieces_in_inference_only(int8_cpu):
+def test_conv_bn_takes_the_int8_pieces(int8_cpu):
     stage = ConvBN(128, 32)
     x = _spikes((6, 128, 6, 6)).view(2, 3, 128, 6, 6)
     want = sc.spike_conv_reference(x.flatten(0, 1), stage.conv.weight).view(2, 3, 32, 6, 6)
@@ -161,7 +161,8 @@ def test_conv_bn_takes_the_int8_pieces_in_inference_only(int8_cpu):
             handle = stage.conv.register_forward_hook(lambda *a: None)
             assert torch.equal(stage.convolve(x, spikes=True), plain)  # a hook sees the module call
             handle.remove()
-        assert torch.equal(stage.convolve(x, spikes=True), plain)  # training, above the limit: autograd's convolution
+        y = stage.convolve(x, spikes=True)  # training, above the limit: the pieces' forward too
+        assert torch.equal(y.detach(), want) and y.requires_grad
     with routes.configured("-spike_conv"), torch.no_grad():
         assert torch.equal(stage.convolve(x, spikes=True), plain)
     narrow = ConvBN(64, 32)
@@ -375,8 +376,9 @@ def test_training_form_refuses_second_order_gradients(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
 def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
-    """The first map sparse, the whole denser than the limit: the float32 convolution, its gradients
-    those of autograd's bit for bit (the weight's from the unpacked bits)."""
+    """The first map sparse, the whole denser than the limit, on a CPU without 8-bit matrix tiles: the
+    float32 convolution, its gradients those of autograd's bit for bit (the weight's from the unpacked bits)."""
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(16, 8)
@@ -393,9 +395,11 @@ def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
 def test_training_between_the_limits_sums_only_the_weight_gradient(layout, monkeypatch):
-    """Maps firing above the forward's limit and at most at the weight gradient's: the float32
-    convolution and PyTorch's input gradient (the module call's, bit for bit), the weight gradient
-    by accumulation (its twin's, bit for bit; autograd's to rounding), and autograd keeps bits."""
+    """Maps firing above the forward's limit and at most at the weight gradient's, on a CPU without
+    8-bit matrix tiles: the float32 convolution and PyTorch's input gradient (the module call's, bit
+    for bit), the weight gradient by accumulation (its twin's, bit for bit; autograd's to rounding),
+    and autograd keeps bits."""
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.5})
     stage = ConvBN(16, 8)
@@ -418,9 +422,46 @@ def test_training_between_the_limits_sums_only_the_weight_gradient(layout, monke
     assert [t.dtype for t in saved] == [torch.int64, torch.float32]
 
 
+@pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
+@pytest.mark.parametrize("rate", [0.3, 0.6])
+def test_training_on_an_int8_cpu_takes_the_pieces_above_the_limits(layout, rate, monkeypatch):
+    """On a CPU with 8-bit matrix tiles, maps firing above the forward's limit: the forward by the
+    int8 pieces (their twin's output bit for bit), at any rate, also above the weight gradient's
+    limit, where the module call took them before; PyTorch's input gradient and, above the weight
+    gradient's limit, its weight gradient from the unpacked bits (both the module call's bit for
+    bit); autograd keeps bits. An optimizer step (a new version of the weight) cuts new pieces."""
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: True)
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.4})
+    stage = ConvBN(16, 8)
+    x = _spikes((6, 16, 6, 6), rate, channels_last=layout == "+channels_last").view(2, 3, 16, 6, 6)
+    g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(8))
+    y, gx, gw, _ = _train_stage(stage, x, g, f"+spike_conv,{layout}")
+    py, pgx, pgw, _ = _train_stage(stage, x, g, f"-spike_conv,{layout}")
+    maps, w = x.flatten(0, 1), stage.conv.weight
+    assert torch.equal(y.flatten(0, 1), sc.spike_conv_reference(maps, w))
+    torch.testing.assert_close(y, py, rtol=1e-5, atol=1e-5)  # the float32 convolution to rounding
+    assert torch.equal(gx, pgx)
+    if rate > 0.4:
+        assert torch.equal(gw, pgw)
+    else:  # summed at the weight gradient's limit
+        assert torch.equal(gw, sc.accumulate_conv_weight_grad_reference(maps, g.flatten(0, 1)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            routes.configured("+spike_conv"):
+        stage.convolve(x.detach().requires_grad_(), spikes=True)
+    assert [t.dtype for t in saved] == [torch.int64, torch.float32]
+    with torch.no_grad():
+        stage.conv.weight.mul_(0.5)  # an optimizer step's in-place update
+    y2 = _train_stage(stage, x, g, f"+spike_conv,{layout}")[0]
+    assert torch.equal(y2.flatten(0, 1), sc.spike_conv_reference(maps, stage.conv.weight))
+
+
 def test_training_without_the_kernel_library_is_the_module_call(monkeypatch):
-    """Where the kernels cannot be built, the training form keeps its bits by PyTorch's packing and
-    gives the module call's output and gradients bit for bit (the float32 convolution throughout)."""
+    """Where the kernels cannot be built (and the CPU has no 8-bit matrix tiles), the training form
+    keeps its bits by PyTorch's packing and gives the module call's output and gradients bit for bit
+    (the float32 convolution throughout)."""
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.5, "infer": 0.5, "weight_grad": 0.5})
     monkeypatch.setattr(sc.spike_linear, "get_library", lambda: None)

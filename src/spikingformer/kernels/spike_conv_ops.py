@@ -15,7 +15,9 @@ functions (:func:`~spikingformer.kernels.ops.eager_or_op`). :func:`convolve` and
   ``max_density``; else on a CPU with 8-bit matrix tiles (AMX) in integer arithmetic (the weight's
   pieces made once per version of the weight); else PyTorch's float32 convolution.
 * ``spikingformer::spike_conv_train`` (training): the forward by accumulation up to ``limit``, else
-  PyTorch's; autograd keeps the spikes as bits (1/32 of the float32 maps). Its backward
+  as inference's above its limit (the int8 pieces on a CPU with AMX, made again for each version
+  of the weight, i.e. once per optimizer step; else PyTorch's); autograd keeps the spikes as bits
+  (1/32 of the float32 maps). Its backward
   ``spikingformer::spike_conv_train_backward``: the input gradient by PyTorch's convolution
   backward (the module's, bit for bit), the weight gradient by accumulation of the output gradient
   at every window's spike up to ``grad_limit``, else PyTorch's of the unpacked spikes.
@@ -89,18 +91,23 @@ def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """Inference: ``conv2d(x, weight, bias, padding=1)`` of float32 spike maps ``x`` ``(N, C_in, H, W)``,
     channels-last; ``rate``: the first map's firing rate where the caller has counted it (negative:
     count it here)."""
-    held = _weight(weight)
-    if not held.finite:
-        return _conv(x, weight, bias)
-    if _rate(x, rate) <= max_density:
+    if _rate(x, rate) <= max_density and _weight(weight).finite:
         y = kernels.accumulate_conv2d(x, weight, bias, max_density)
         if y is not None:
             return y
-    if native_int8():
-        if held.pieces is None:
-            held.pieces = kernels.PackedPieces(weight)
-        return kernels.spike_conv2d(x, held.pieces, bias)
-    return _conv(x, weight, bias)
+    return _dense(x, weight, bias)
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The maps the accumulation does not take: on a CPU with 8-bit matrix tiles (AMX) the int8
+    pieces (made once per version of the weight), else, and for a weight that is not finite,
+    PyTorch's float32 convolution."""
+    held = _weight(weight)
+    if not (held.finite and native_int8()):
+        return _conv(x, weight, bias)
+    if held.pieces is None:
+        held.pieces = kernels.PackedPieces(weight)
+    return kernels.spike_conv2d(x, held.pieces, bias)
 
 
 @torch.library.custom_op("spikingformer::spike_conv_train", mutates_args=(), device_types="cpu")
@@ -116,7 +123,7 @@ def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
         y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
     if y is None:  # (the accumulation, where it declined, may not have written the bits)
-        y = _conv(x, weight, bias)
+        y = _dense(x, weight, bias)
         packed = pack_spikes(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
     return y, packed
 

@@ -49,14 +49,15 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
   (:mod:`spikingformer.kernels.spike_conv`). At a firing rate of at most
   :data:`SPIKE_CONV_MAX_DENSITY` (per ISA and pass), the weights of each window's spikes are added
-  (the spike linear's kernel). In training, up to its ``weight_grad`` rate, autograd keeps the
-  spikes as bits, the input gradient is PyTorch's and the weight gradient adds the output gradient
-  at every window's spike (the forward, above the ``train`` rate, the float32 convolution).
-  Else, in inference on a CPU with 8-bit matrix tiles (AMX), three int8
-  convolutions of oneDNN: spikes are exact as integers, each weight is three 8-bit pieces per
-  output channel (to 2^-24 of the channel's largest), sums are exact in int32. Each rounds
-  otherwise than the float32 convolution (the second closer to float64 than it), so float32
-  values differ by rounding.
+  (the spike linear's kernel). In training, up to its ``weight_grad`` rate (on a CPU with AMX at
+  any rate), autograd keeps the spikes as bits, the input gradient is PyTorch's and the weight
+  gradient adds the output gradient at every window's spike (above that rate PyTorch's, of the
+  unpacked bits). Else, on a CPU with 8-bit matrix tiles (AMX), in inference and in training's
+  forward, three int8 convolutions of oneDNN: spikes are exact as integers, each weight is three
+  8-bit pieces per output channel (to 2^-24 of the channel's largest; cut again for each version
+  of the weight, so once per optimizer step in training), sums are exact in int32; elsewhere the
+  float32 convolution. Each rounds otherwise than the float32 convolution (the int8 pieces closer
+  to float64 than it), so float32 values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer

@@ -44,17 +44,18 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
     rate, else in integer arithmetic on a CPU with 8-bit matrix tiles); in training,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the first map fires at
-    most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate), else the
-    module call. Under ``torch.compile``, which cannot read the rate ahead, training always takes
-    the operator, which reads it inside (above the ``"weight_grad"`` rate its backward unpacks the
-    bits for PyTorch's weight gradient). Float32 values differ from the float32 convolution's by
-    rounding."""
+    most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate) and, on a
+    CPU with 8-bit matrix tiles, at any rate (the forward in integer arithmetic above the
+    ``"train"`` rate), else the module call. Under ``torch.compile``, which cannot read the rate
+    ahead, training always takes the operator, which reads it inside (above the ``"weight_grad"``
+    rate its backward unpacks the bits for PyTorch's weight gradient). Float32 values differ from
+    the float32 convolution's by rounding."""
     if not takes(conv, x):
         return conv(x)
     limits = routes._spike_conv_max_density
     rate = -1.0 if torch.compiler.is_compiling() else ops.first_map_rate(x)  # -1: the operator counts it
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
-        if rate <= limits["weight_grad"]:
+        if rate <= limits["weight_grad"] or ops.native_int8():
             return ops.convolve_train(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"], rate)
         return conv(x)
     return ops.convolve(x, conv.weight, conv.bias, limits["infer"], rate)
