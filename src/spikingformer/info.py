@@ -62,7 +62,8 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
                                                  ": not measured, so no speed route is on")),
         ("bf16", "native: `--amp auto` trains in bf16 on this CPU" if native_bf16() else
                  "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"),
-        ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take dense spike maps in inference" if native_int8()
+        ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
+                                    "(inference, and training's forward)" if native_int8()
                                     else "no: spike maps the accumulation declines take the float32 convolution"),
         ("MKL", "generic code on this CPU, so token_linear (oneDNN's products) is a default route" if mkl_generic()
                 else "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"),
