@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import common
-from spikingformer.cpu_features import onednn_cap
+from spikingformer.cpu_features import ISA_VARIABLES, isa_variables_set, onednn_cap
 
 
 def _int8_conv_flops(qx, x_scale, x_zero_point, qw, *args, out_val=None, **kwargs) -> int:
@@ -264,7 +264,5 @@ def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False) -> dic
 def isa_settings() -> str:
     """The settings that choose the ISA of this process's arithmetic, as one line."""
     capability = torch.backends.cpu.get_cpu_capability()
-    keys = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "SPIKINGFORMER_NATIVE_ARCH")
-    env = ", ".join(f"{k}={os.environ[k]}" for k in keys if os.environ.get(k)) or "none of ONEDNN_MAX_CPU_ISA, " \
-        "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, SPIKINGFORMER_NATIVE_ARCH set"
+    env = ", ".join(isa_variables_set()) or f"none of {', '.join(ISA_VARIABLES)} set"
     return f"ATen CPU capability {capability}; {env}"

@@ -29,6 +29,16 @@ def onednn_cap(environ: dict | None = None) -> str | None:
     return _ONEDNN_CAPS.get(env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
 
 
+# the environment variables that choose the ISA of a process's arithmetic: oneDNN's, PyTorch's
+# kernels', MKL's, and the project's kernel library's -march (spikingformer.native)
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "SPIKINGFORMER_NATIVE_ARCH")
+
+
+def isa_variables_set() -> list[str]:
+    """``NAME=value`` for each of :data:`ISA_VARIABLES` set in the environment."""
+    return [f"{name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name)]
+
+
 def vector_isa() -> str:
     """``"avx512"``, ``"avx2"`` or ``"other"``: the vector ISA PyTorch's CPU kernels use here, as capped
     by ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` (either cap below AVX-512 gives ``"avx2"``)."""

@@ -15,13 +15,6 @@ import platform
 import time
 
 
-def _isa_settings() -> str:
-    """The environment variables that cap the ISA, as set (or ``none``)."""
-    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-    caps = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
-    return ", ".join(caps) if caps else "none"
-
-
 def _kernel_library(build: bool) -> tuple[str, bool]:
     """Where the fused CPU kernels' library is and whether it is built (``build``: build it now, if
     needed), and whether asking for it now costs no build."""
@@ -44,7 +37,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
 
     from spikingformer import __version__, kernels
     from spikingformer.allocator import allocator_state
-    from spikingformer.cpu_features import cpu_name, mkl_generic, native_bf16, native_int8
+    from spikingformer.cpu_features import cpu_name, isa_variables_set, mkl_generic, native_bf16, native_int8
     from spikingformer.layers import routes
 
     on = routes.active()
@@ -58,7 +51,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
                           f"{platform.system()} {platform.machine()})"),
         ("CPU", f"{cpu_name()}; {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}"),
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
-                       f"{_isa_settings()})" + ("" if isa in routes.MEASURED_FASTER else
+                       f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
                                                  ": not measured, so no speed route is on")),
         ("bf16", "native: `--amp auto` trains in bf16 on this CPU" if native_bf16() else
                  "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"),
