@@ -4,11 +4,13 @@ the benchmarks folder on the path, and the device and LIF backends the neuron te
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 # the benchmark scripts and their helpers (benchmarks/*.py) are not part of the package: import them from the repository
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -72,3 +74,15 @@ def assert_gradients_close(got, want, rel: float | None = None) -> None:
     assert bound > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=0.0, atol=bound)
+
+
+def batch_norm_eps_error(eps: float, training: bool) -> str | None:
+    """What a BatchNorm module of this PyTorch raises for ``eps`` (in ``training`` or not), escaped as a
+    pattern for ``pytest.raises(match=...)``, or ``None`` where it takes that ``eps``: the rule differs
+    between releases (2.14 refuses ``eps <= 0`` in training and ``eps < 0`` otherwise, 2.11 ``eps <= 0``
+    always, 2.8 nothing)."""
+    try:
+        nn.BatchNorm1d(2, eps=eps).train(training)(torch.randn(4, 2))
+    except ValueError as refused:
+        return re.escape(str(refused))
+    return None

@@ -11,11 +11,12 @@ for bit; a build that cannot (no FMA beside FMA kernels) steps aside.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
-from conftest import assert_gradients_close, saved_bytes
+from conftest import assert_gradients_close, batch_norm_eps_error, saved_bytes
 from torch import nn
 
 from spikingformer.kernels import batch_stats
@@ -127,30 +128,34 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
 @pytest.mark.parametrize("case", ["one value per channel", "eps 0"])
 def test_what_training_batch_norm_refuses_the_fused_routes_refuse(case):
     """F.batch_norm refuses, in training, a single value per channel (one token row; one 1x1 map:
-    no variance) and ``eps <= 0``. The fused routes call PyTorch's native operators, which check
-    neither, and went on with NaN running variances; they now raise the same ``ValueError`` and
-    leave BatchNorm's buffers as the module calls leave them (the batch counted, the running
-    statistics untouched)."""
+    no variance) and, from PyTorch 2.11 on, ``eps <= 0``. The fused routes call PyTorch's native
+    operators, which check neither, and went on with NaN running variances; they now raise the same
+    ``ValueError`` and leave BatchNorm's buffers as the module calls leave them (the batch counted,
+    the running statistics untouched). Where this PyTorch takes ``eps = 0`` (2.8), so do they, with
+    the module calls' running statistics."""
     lif = MultiStepLIF()
     one = case == "one value per channel"
     # tokens (T, B, N, C); maps (T, B, H, W, C) in memory, passed as channels-last (T, B, C, H, W)
     token_shape, map_shape = ((1, 1, 1, 8), (1, 1, 1, 1, 8)) if one else ((2, 1, 3, 8), (1, 2, 3, 3, 8))
+    tokens, maps = torch.randn(token_shape), torch.randn(map_shape).permute(0, 1, 4, 2, 3)
     layers = [("fused_bn_spike", TokenConvBN(8, 8, bias=False).train(),
-               lambda m: m.spikes(lif, torch.randn(token_shape, requires_grad=True))),
+               lambda m: m.spikes(lif, tokens.clone().requires_grad_())),
               ("fused_spike_pool", ConvBN(3, 8).train(),
-               lambda m: routes.bn_spike_pool(m, lif, True, torch.randn(map_shape).permute(0, 1, 4, 2, 3).requires_grad_()))]
-    message = "more than 1 value per channel" if one else "eps must be positive during training"
+               lambda m: routes.bn_spike_pool(m, lif, True, maps.clone().requires_grad_()))]
+    message = "more than 1 value per channel" if one else batch_norm_eps_error(0.0, training=True)
     for route, layer, call in layers:
         if not one:
             layer.bn.eps = 0.0
         buffers = []
         for spec in (f"-{route}", f"+{route},+channels_last"):
             m = copy.deepcopy(layer)
-            with routes.configured(spec), pytest.raises(ValueError, match=message):
+            with routes.configured(spec), \
+                    pytest.raises(ValueError, match=message) if message else contextlib.nullcontext():
                 call(m)
             buffers.append(dict(m.bn.named_buffers()))
         assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
-        assert torch.equal(buffers[1]["running_var"], torch.ones(8)) and int(buffers[1]["num_batches_tracked"]) == 1
+        assert int(buffers[1]["num_batches_tracked"]) == 1
+        assert torch.equal(buffers[1]["running_var"], torch.ones(8)) == (message is not None)
 
 
 def test_neuron_with_hooks_or_no_neuron_takes_the_module_calls(monkeypatch):
@@ -239,13 +244,17 @@ def test_inference_token_segment_is_one_kernel_pass_with_the_module_calls_spikes
 
 
 def test_inference_token_route_refuses_what_the_module_calls_refuse_and_steps_aside_for_hooks(monkeypatch):
-    """A negative eps raises F.batch_norm's error with the route on, as the module calls do; a hooked
-    BatchNorm (a meter must see its output), a neuron with hooks or a layer with autograd on takes
-    the module calls."""
+    """A negative eps raises F.batch_norm's error with the route on, as the module calls do (or,
+    where this PyTorch takes it, gives their spikes); a hooked BatchNorm (a meter must see its
+    output), a neuron with hooks or a layer with autograd on takes the module calls."""
     x = torch.randn(2, 2, 5, 24)
-    with routes.configured("+fused_bn_spike"), torch.inference_mode(), \
-            pytest.raises(ValueError, match="eps must be non-negative"):
-        _eval_layer(eps=-1e-5).spikes(MultiStepLIF(), x)
+    message = batch_norm_eps_error(-1e-5, training=False)
+    spikes = []
+    for spec in ("-fused_bn_spike", "+fused_bn_spike"):
+        with routes.configured(spec), torch.inference_mode(), \
+                pytest.raises(ValueError, match=message) if message else contextlib.nullcontext():
+            spikes.append(_eval_layer(eps=-1e-5).spikes(MultiStepLIF(), x))
+    assert message is not None or torch.equal(spikes[0], spikes[1])
     calls = []
     monkeypatch.setattr(cpu, "lif_pool_forward", lambda *a, **k: calls.append(1))
     hooked_bn, seen = _eval_layer(), []

@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_gradients_close, saved_bytes
+from conftest import assert_gradients_close, batch_norm_eps_error, saved_bytes
 from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
@@ -220,16 +220,27 @@ def test_bn_backward_writes_the_input_gradient_over_the_lif_gradient(dtype, monk
     assert not torch.equal(gx, gz)  # overwritten: BN's input gradient is not its output's
 
 
+@pytest.mark.parametrize("eps", [-1e-3, 0.0])
 @pytest.mark.parametrize("spec", ["-fused_spike_pool,-inplace_bn", "+fused_spike_pool,+channels_last",
                                   "-fused_spike_pool,+inplace_bn"])
-def test_inference_refuses_a_negative_eps_as_the_module_calls_do(spec):
-    """F.batch_norm refuses ``eps < 0``; the fused and in-place inference paths call PyTorch's native
-    operators, which do not check it, so they make the same check."""
+def test_inference_takes_or_refuses_eps_as_the_module_calls_do(spec, eps):
+    """F.batch_norm of PyTorch 2.14 refuses ``eps < 0`` in inference (2.11 also ``eps = 0``, 2.8
+    neither); the fused and in-place inference paths call PyTorch's native operators, which check
+    nothing, so they ask F.batch_norm: where it refuses, they raise its error; where it takes the
+    ``eps``, they give the module calls' spikes."""
     stage = ConvBN(3, 8).eval()
-    stage.bn.eps = -1e-3
+    stage.bn.eps = eps
     y = torch.randn(2, 1, 5, 5, 8).permute(0, 1, 4, 2, 3)
-    with routes.configured(spec), torch.no_grad(), pytest.raises(ValueError, match="eps must be non-negative"):
-        routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
+    message = batch_norm_eps_error(eps, training=False)
+    if message is not None:
+        with routes.configured(spec), torch.no_grad(), pytest.raises(ValueError, match=message):
+            routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
+        return
+    with torch.no_grad():
+        want = MultiStepLIF()(stage.bn(y.flatten(0, 1)).unflatten(0, y.shape[:2]))
+        want = nn.functional.max_pool2d(want.flatten(0, 1), 3, 2, 1).unflatten(0, y.shape[:2])
+    with routes.configured(spec), torch.no_grad():
+        assert torch.equal(routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone()), want)
 
 
 def test_operators_refuse_inputs_the_kernel_would_read_past():

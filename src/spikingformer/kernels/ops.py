@@ -294,13 +294,21 @@ def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if tokens else x.flatten(0, 1).permute(0, 3, 1, 2)
 
 
+def check_batch_norm_eps(eps: float, training: bool) -> None:
+    """Raise the ``ValueError`` that the installed PyTorch's ``F.batch_norm`` raises for ``eps`` (in
+    ``training`` or not), by asking it on one tiny batch: the native operators the fused routes call
+    check nothing, and the rule differs between releases (2.14 refuses ``eps <= 0`` in training and
+    ``eps < 0`` otherwise; 2.11 refuses ``eps <= 0`` always). A positive ``eps`` is never refused."""
+    if not eps > 0.0:
+        torch.nn.functional.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=training, eps=eps)
+
+
 def _check_training_bn(x: torch.Tensor, tokens: bool, eps: float) -> None:
-    """``F.batch_norm``'s checks in training: more than one value per channel, ``eps`` positive."""
+    """``F.batch_norm``'s checks in training: more than one value per channel, then ``eps``."""
     rows = _bn_rows(x, tokens)
     if rows.numel() == rows.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {rows.shape}")
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    check_batch_norm_eps(eps, training=True)
 
 
 @torch.library.custom_op("spikingformer::bn_batch_stats", device_types="cpu",

@@ -270,10 +270,19 @@ def _inference_bn(bn: nn.Module, kind: type[nn.Module] = nn.BatchNorm2d) -> bool
 
 def _kernel_bn(bn: nn.Module, kind: type[nn.Module]) -> bool:
     """An inference BatchNorm (:func:`_inference_bn`) the inference kernel applies as PyTorch would: no
-    hooks to call, eps >= 0 (else the module call raises F.batch_norm's error), and the kernel's
-    rounding that of PyTorch's CPU kernel in use."""
-    return (_inference_bn(bn, kind) and bn.eps >= 0.0 and not (bn._forward_hooks or bn._forward_pre_hooks)
+    hooks to call, an eps this PyTorch takes (else the module call raises F.batch_norm's error), and
+    the kernel's rounding that of PyTorch's CPU kernel in use."""
+    return (_inference_bn(bn, kind) and _eps_accepted(bn.eps) and not (bn._forward_hooks or bn._forward_pre_hooks)
             and kernels.cpu_backend.kernel_reproduces_bn())
+
+
+def _eps_accepted(eps: float) -> bool:
+    """Whether this PyTorch's ``F.batch_norm`` takes ``eps`` in inference (:func:`ops.check_batch_norm_eps`)."""
+    try:
+        ops.check_batch_norm_eps(eps, training=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _bn_lif_kernel(bn: nn.Module, lif: nn.Module, pool: bool, x: torch.Tensor) -> torch.Tensor:
@@ -289,14 +298,15 @@ def bn_spike_pool_plain(stage: nn.Module, lif: nn.Module, pool: bool, y: torch.T
 
     In inference (no autograd, BN with running statistics): with ``fused_spike_pool`` the three run as
     one kernel pass; else with ``inplace_bn`` the BN overwrites ``y``, which must then own its
-    memory (no expanded view).
+    memory (no expanded view). Not while ``torch.compile`` traces: the compiler plans the memory
+    itself, and Dynamo of PyTorch 2.11 refuses that ``out=`` (a channels-last view).
     """
     bn = stage.bn
-    if _inference_bn(bn) and bn.eps < 0.0:  # F.batch_norm's check, which the native operators below skip
-        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
+    if _inference_bn(bn):  # F.batch_norm's check, which the native operators below skip
+        ops.check_batch_norm_eps(bn.eps, training=False)
     if _kernel_bn(bn, nn.BatchNorm2d) and _fused_kernel_takes(lif, y):
         return _from_kernel(_bn_lif_kernel(bn, lif, pool, _to_kernel(y)), tokens=False)
-    if enabled("inplace_bn") and _inference_bn(bn):
+    if enabled("inplace_bn") and _inference_bn(bn) and not torch.compiler.is_compiling():
         flat = y.flatten(0, 1)
         torch.ops.aten.native_batch_norm.out(flat, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
                                              bn.eps, out=flat, save_mean=bn.running_mean.new_empty(0),
