@@ -216,3 +216,42 @@ def test_no_package_file_exceeds_the_line_limit():
     offenders = [f"{path} ({lines} lines)" for path, lines in sizes.items() if lines > MAX_LINES]
     assert not offenders, f"files over {MAX_LINES} lines (split them into smaller modules): " + ", ".join(offenders)
 
+
+
+def test_torch_release_check_names_the_oldest_release_and_the_fix():
+    import pytest
+
+    from spikingformer import torch_release
+
+    for newer in ("2.8.0", "2.11.0+cu130", "2.14.1", "2.15.0a0+git1234", "3.0.0", "not a version"):
+        torch_release.check(newer)
+    with pytest.raises(ImportError) as old:
+        torch_release.check("2.6.0+cu124")
+    assert "needs PyTorch 2.8 or newer, found 2.6.0+cu124" in str(old.value)
+    assert "pip install 'torch>=2.8'" in str(old.value)
+
+
+def test_an_older_pytorch_stops_the_kernels_import_with_that_error():
+    """PyTorch 2.6 refuses the operators' signatures with an error about ``list[bool]``; the package
+    says what is wrong first (run with ``torch.__version__`` set back, in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.__version__ = '2.6.0'\n"
+            "try:\n    import spikingformer.kernels\nexcept ImportError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("refused: spikingformer needs PyTorch 2.8 or newer, found 2.6.0")
+
+
+def test_pyproject_asks_for_the_oldest_release_the_package_accepts():
+    import re
+
+    from spikingformer import torch_release
+
+    import pytest
+
+    pyproject = PACKAGE.parents[1] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("no pyproject.toml above the package (an installed wheel, not a checkout)")
+    text = pyproject.read_text()
+    assert re.search(r'"torch>=(\d+)\.(\d+)"', text).groups() == tuple(map(str, torch_release.OLDEST))

@@ -26,10 +26,14 @@ from typing import Callable
 
 import torch
 
-from spikingformer.kernels import cpu_backend as _cpu
-from spikingformer.kernels.ops import lif_cpu, lif_triton  # lif_triton imports Triton on its first call
-from spikingformer.kernels.params import LIFParams
-from spikingformer.kernels.torch_backend import lif_torch_loop
+from spikingformer import torch_release
+
+torch_release.check(torch.__version__)  # before the operators below, which an older PyTorch cannot register
+
+from spikingformer.kernels import cpu_backend as _cpu  # noqa: E402
+from spikingformer.kernels.ops import lif_cpu, lif_triton  # noqa: E402 (lif_triton imports Triton on its first call)
+from spikingformer.kernels.params import LIFParams  # noqa: E402
+from spikingformer.kernels.torch_backend import lif_torch_loop  # noqa: E402
 
 LIFKernel = Callable[[torch.Tensor, LIFParams], torch.Tensor]
 
