@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (run from anywhere on a CUDA machine; < 10 minutes). Without a CUDA device it says so
-# and exits 0. Steps:
+# GPU check (run from anywhere on a CUDA machine; at most 9 minutes: its steps' limits add up to
+# 540 s). Without a CUDA device it says so and exits 0. Steps:
 #   1. the kernel and neuron tests on the GPU: every backend (torch, triton) against the reference computed on
 #      the same GPU -- spikes bit-exact, gradients to 1e-6 (fp32) / the dtype's rounding (fp16, bf16);
 #   2. the neuron benchmark on the GPU (SpikingJelly columns only if spikingjelly is installed);
@@ -10,38 +10,80 @@
 #      spikingformer::lif operator) against eager, training step and inference;
 #   5. the model benchmark on the GPU against the authors' code with SpikingJelly's neurons (cupy
 #      backend if CuPy imports, else torch), fp32 and bf16 autocast, if spikingjelly is installed.
-set -euo pipefail
+#
+# A machine without network access: the peers' wheels can travel in .whl/ beside the checkout
+# (benchmarks/gpu_wheels.sh fetches them where pip works); they are installed into a temporary
+# folder first, ahead of the interpreter's own packages. The interpreter: $PYTHON, else python3,
+# else python. Every step runs even when one before it failed; the summary at the end lists each
+# step's exit status, and the script exits non-zero if any failed. With $OUT set, the whole log is
+# also written to $OUT/gpu_check.log.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
 
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "$PY cannot import torch: install PyTorch (or set PYTHON to an interpreter that has it)"
+  exit 1
+fi
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site="$(mktemp -d)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$site:$PYTHONPATH" && echo "installed the carried wheels: $(cd .whl && ls)"
+fi
+"$PY" - <<'PY'
+import importlib, torch
+versions = []
+for name in ("triton", "spikingjelly", "snntorch", "norse"):
+    try:
+        versions.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as e:  # a peer that is missing or does not import: its columns are left out
+        versions.append(f"{name} absent ({type(e).__name__})")
+print("torch", torch.__version__, "|", ", ".join(versions))
+PY
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device visible to torch: skipping the GPU check"
   exit 0
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python - <<'PY'
+"$PY" - <<'PY'
 import torch
 from spikingformer import kernels
 x = torch.zeros(4, 8, device="cuda")
-print("torch", torch.__version__, "| backends:", kernels.available_backends(), "| auto picks:", kernels.select_backend(x))
+print("backends:", kernels.available_backends(), "| auto picks:", kernels.select_backend(x))
 assert kernels.select_backend(x) == "triton", "Triton backend not selected for CUDA tensors"
 PY
 
-echo "== kernel tests on cuda =="
-SPIKINGFORMER_TEST_DEVICE=cuda timeout 200 python -m pytest tests/test_kernels.py tests/test_neuron.py -q -p no:cacheprovider -k "not interpreter"
+declare -a SUMMARY=()
+FAILED=0
+step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, record its exit status
+  local name="$1" seconds="$2" rc
+  shift 2
+  echo "== $name =="
+  timeout "$seconds" "$@"
+  rc=$?
+  SUMMARY+=("$(printf '%-55s exit %s%s' "$name" "$rc" "$([ "$rc" = 124 ] && echo ' (timed out)')")")
+  [ "$rc" = 0 ] || FAILED=1
+}
 
-echo "== neuron benchmark on cuda =="
-timeout 120 python benchmarks/bench_lif.py --device cuda --budget 0.2 --max-reps 15 --rounds 2
-
-echo "== our Triton neuron against today's peers on cuda =="
-timeout 180 python benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2
-
-echo "== torch.compile against eager on cuda =="
-timeout 300 python benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_digits spikingformer_cifar10_4_256
-
-echo "== model benchmark on cuda =="
-if python -c "import spikingjelly" 2>/dev/null; then
-  timeout 240 python benchmarks/bench_model.py --device cuda --steps 3 --threads 1
+SPIKINGFORMER_TEST_DEVICE=cuda step "kernel tests on cuda" 120 \
+  "$PY" -m pytest tests/test_kernels.py tests/test_neuron.py -q -p no:cacheprovider -k "not interpreter"
+step "neuron benchmark on cuda" 60 \
+  "$PY" benchmarks/bench_lif.py --device cuda --budget 0.2 --max-reps 15 --rounds 2
+step "our Triton neuron against today's peers on cuda" 90 \
+  "$PY" benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2
+step "torch.compile against eager on cuda" 150 \
+  "$PY" benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_digits spikingformer_cifar10_4_256
+if "$PY" -c "import spikingjelly" 2>/dev/null; then
+  step "model benchmark on cuda" 120 "$PY" benchmarks/bench_model.py --device cuda --steps 3 --threads 1
 else
-  echo "spikingjelly is not installed: skipping the model benchmark (pip install spikingjelly==0.0.0.0.14)"
+  echo "spikingjelly is not installed: skipping the model benchmark (carry its wheels: benchmarks/gpu_wheels.sh)"
 fi
+
+echo "== summary =="
+printf '%s\n' "${SUMMARY[@]}"
+exit "$FAILED"

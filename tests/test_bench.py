@@ -841,3 +841,65 @@ def test_bench_model_on_cuda_without_a_gpu_says_so(capsys):
     with pytest.raises(SystemExit) as done:
         bench_model.main(["--device", "cuda", "--quick"])
     assert done.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err
+
+
+def _gpu_check(tmp_path, python: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHON"] = python
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the check would run")
+    done = _gpu_check(tmp_path, sys.executable)
+    assert done.returncode == 0 and "no CUDA device visible to torch" in done.stdout
+
+
+def test_gpu_check_without_torch_says_so_and_fails(tmp_path):
+    """A GPU image's ``python`` may not be the one with PyTorch (there, ``python3`` is): the check
+    must not report that as a missing GPU."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')  # no site-packages: no torch
+    bare.chmod(0o755)
+    done = _gpu_check(tmp_path, str(bare))
+    assert done.returncode == 1 and "cannot import torch" in done.stdout
+
+
+def test_gpu_check_steps_fit_one_device_command():
+    """The device machine runs one command for at most 600 s, a machine's start and the rest of its
+    15 minutes beside it: the steps' time limits must add up to at most 540 s."""
+    text = (BENCHMARKS / "gpu_check.sh").read_text()
+    limits = [int(n) for n in re.findall(r'\bstep "[^"]+" (\d+)', text)]
+    assert len(limits) == 5 and sum(limits) <= 540
+
+
+def test_gpu_check_installs_the_carried_wheels_ahead_of_the_installed_packages(tmp_path):
+    """A GPU machine without network access gets the peers as wheels in ``.whl/`` beside the checkout
+    (``benchmarks/gpu_wheels.sh``): the check installs them first, and they win over any installed
+    copy (here a stand-in snnTorch of version 0.0.1)."""
+    import zipfile
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the check would go on to run on it")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu_check.sh").write_text((BENCHMARKS / "gpu_check.sh").read_text())
+    (tmp_path / ".whl").mkdir()
+    info = "snntorch-0.0.1.dist-info"
+    with zipfile.ZipFile(tmp_path / ".whl" / "snntorch-0.0.1-py3-none-any.whl", "w") as whl:
+        whl.writestr("snntorch/__init__.py", '__version__ = "0.0.1"\n')
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: snntorch\nVersion: 0.0.1\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", f"snntorch/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "installed the carried wheels: snntorch-0.0.1-py3-none-any.whl" in done.stdout
+    assert "snntorch 0.0.1" in done.stdout and "no CUDA device visible to torch" in done.stdout
