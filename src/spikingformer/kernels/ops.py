@@ -298,7 +298,8 @@ def check_batch_norm_eps(eps: float, training: bool) -> None:
     """Raise the ``ValueError`` that the installed PyTorch's ``F.batch_norm`` raises for ``eps`` (in
     ``training`` or not), by asking it on one tiny batch: the native operators the fused routes call
     check nothing, and the rule differs between releases (2.14 refuses ``eps <= 0`` in training and
-    ``eps < 0`` otherwise; 2.11 refuses ``eps <= 0`` always). A positive ``eps`` is never refused."""
+    ``eps < 0`` otherwise; 2.11 refuses ``eps <= 0`` always; 2.8 nothing). A positive ``eps`` is
+    never refused, and costs one comparison."""
     if not eps > 0.0:
         torch.nn.functional.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=training, eps=eps)
 
