@@ -228,6 +228,23 @@ def test_info_says_what_the_environment_chose(tmp_path):
     assert lines["spikingformer"].startswith(__import__("spikingformer").__version__ + " (torch ")
 
 
+@pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),
+                                                    (True, True, "generic code on this CPU"),
+                                                    (True, False, "its own code for this CPU")])
+def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, expected):
+    """The MKL line of ``info``: a PyTorch without MKL (Arm's builds) is said to have none, not MKL's
+    "own code"; with MKL, generic code (non-Intel x86) or its own."""
+    import torch
+
+    from spikingformer import cpu_features, info
+
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    monkeypatch.setattr(cpu_features, "mkl_generic", lambda: generic)
+    line = info._mkl_line()
+    assert line.startswith(expected)
+    assert ("is a default route" in line) == generic
+
+
 @pytest.mark.slow
 def test_info_build_builds_the_kernel_library(tmp_path):
     lines = _info(tmp_path, "--build")

@@ -31,13 +31,26 @@ def _kernel_library(build: bool) -> tuple[str, bool]:
     return f"{target}: loaded in {time.perf_counter() - start:.1f} s from {path}", True
 
 
+def _mkl_line() -> str:
+    """Which code computes PyTorch's float32 products here, as the ``token_linear`` route's rule sees it."""
+    import torch
+
+    from spikingformer.cpu_features import mkl_generic
+
+    if not torch.backends.mkl.is_available():
+        return "not in this PyTorch build (e.g. on Arm), so token_linear (oneDNN's products) is not a default route"
+    if mkl_generic():
+        return "generic code on this CPU, so token_linear (oneDNN's products) is a default route"
+    return "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
+
+
 def describe(build: bool = False) -> list[tuple[str, str]]:
     """``(label, value)`` lines: versions, the CPU, the choices made for it, the kernels, the devices."""
     import torch
 
     from spikingformer import __version__, kernels
     from spikingformer.allocator import allocator_state
-    from spikingformer.cpu_features import cpu_name, isa_variables_set, mkl_generic, native_bf16, native_int8
+    from spikingformer.cpu_features import cpu_name, isa_variables_set, native_bf16, native_int8
     from spikingformer.layers import routes
 
     on = routes.active()
@@ -58,8 +71,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
                                     "(inference, and training's forward)" if native_int8()
                                     else "no: spike maps the accumulation declines take the float32 convolution"),
-        ("MKL", "generic code on this CPU, so token_linear (oneDNN's products) is a default route" if mkl_generic()
-                else "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"),
+        ("MKL", _mkl_line()),
         ("routes on", ", ".join(name for name in routes.ROUTES if name in on) or "none"),
         ("routes off", ", ".join(off) or "none"),
         ("SPIKINGFORMER_ROUTES", os.environ.get(routes.ENV) or "unset (the defaults for this CPU)"),
