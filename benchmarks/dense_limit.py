@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 import common
@@ -85,13 +86,21 @@ def _build(spec, device: str, generator: torch.Generator):
     return payload[0]
 
 
-def _custom_op_function(func) -> Callable | None:
-    """The Python function of a ``torch.library.custom_op`` operator of this project (``spikingformer::``),
-    else None."""
+def _custom_op_function(func, device_type: str) -> Callable | None:
+    """The Python kernel that a ``torch.library.custom_op`` operator of this project
+    (``spikingformer::``) runs for tensors on ``device_type`` (e.g. the Triton kernel on CUDA, not
+    the CPU kernel the operator was defined with), else None: not ours, or no kernel for that device."""
     from torch._library.custom_ops import OPDEFS
 
     name = func.name().split(".")[0]
-    return OPDEFS[name]._init_fn if name.startswith("spikingformer::") and name in OPDEFS else None
+    if not name.startswith("spikingformer::") or name not in OPDEFS:
+        return None
+    return OPDEFS[name]._backend_fns.get(device_type)
+
+
+def _device_type(args) -> str:
+    """The device type of the first tensor among ``args`` (nested lists too); ``cpu`` if none."""
+    return next((a.device.type for a in tree_leaves(args) if isinstance(a, torch.Tensor)), "cpu")
 
 
 class _Recorder(TorchDispatchMode):
@@ -107,7 +116,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func._overloadpacket
         count = flop_registry.get(packet) or EXTRA_FLOPS.get(packet)
-        impl = _custom_op_function(func)
+        impl = _custom_op_function(func, _device_type(args))
         if impl is not None:
             # one of our operators (torch.library.custom_op): its function runs under this mode, so
             # that the dense products it falls back to (the spike linear under autocast or above its

@@ -137,6 +137,30 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
         assert "aten.convolution" in names and ("aten.convolution_backward" in names) == (step is train)
 
 
+def test_dense_ops_run_our_operators_with_the_kernel_of_the_tensors_device():
+    """The recorder runs our operators (to see the dense products inside them) with the kernel
+    registered for their tensors' device: on CUDA the Triton kernel, never the CPU kernel the operator
+    was defined with (that one, handed GPU pointers, crashed the GPU check's model benchmark); with no
+    Python kernel for the device (meta: the fake) the operator is dispatched as it is."""
+    import torch
+    from torch._library.custom_ops import OPDEFS
+
+    import dense_limit
+    from spikingformer.kernels import ops
+    from spikingformer.kernels.params import LIFParams
+
+    lif = torch.ops.spikingformer.lif.default
+    kernels = OPDEFS["spikingformer::lif"]._backend_fns
+    assert dense_limit._custom_op_function(lif, "cpu") is kernels["cpu"]
+    assert dense_limit._custom_op_function(lif, "cuda") is kernels["cuda"] is not kernels["cpu"]
+    assert dense_limit._custom_op_function(torch.ops.spikingformer.spike_linear.default, "cuda") is None
+    assert dense_limit._custom_op_function(torch.ops.aten.mm.default, "cpu") is None
+
+    x, w = torch.ones(4, 8, 16, device="meta"), torch.ones(16, 24, device="meta")
+    recorded = dense_limit.dense_ops(lambda: ops.lif_op(x @ w, LIFParams()))
+    assert [(o["name"], o["count"], o["flops"]) for o in recorded] == [("aten.mm.default", 1, 2 * 32 * 16 * 24)]
+
+
 def test_dense_ops_count_the_onednn_products(monkeypatch):
     """The token_linear route's oneDNN products (forward and input gradient) are recorded with the
     FLOPs of the products they replace: the same total as the step with the route off."""
@@ -211,8 +235,9 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
     # spikes as bits): the recorder sees them inside it, so both limits count the same arithmetic
     with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
         calls = []
-        real = ops.spike_linear._init_fn
-        monkeypatch.setattr(ops.spike_linear, "_init_fn", lambda *a, **k: calls.append(1) or real(*a, **k))
+        kernels = ops.spike_linear._backend_fns  # the recorder runs the CPU kernel itself, so count its calls
+        real = kernels["cpu"]
+        monkeypatch.setitem(kernels, "cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
         own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(train))
         assert calls  # the operator ran
         assert own == sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(train))
@@ -413,7 +438,7 @@ def test_isa_and_fma_peak():
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="compares SpikingJelly's neurons")
-def test_every_spikingjelly_cpu_node_computes_our_neuron():
+def test_every_spikingjelly_lif_node_computes_our_neuron():
     """Each SpikingJelly class the benchmark may pick fires exactly as our reference neuron and passes
     its gradient (SpikingJelly computes in float32: no charge of this input lies within 1e-4 of the
     threshold, so no spike depends on a CPU's rounding; gradients to float32 rounding)."""
@@ -428,13 +453,13 @@ def test_every_spikingjelly_cpu_node_computes_our_neuron():
     xr = x.clone().requires_grad_(True)
     ref = lif_reference(xr, p)
     (g_ref,) = torch.autograd.grad(ref.sum(), xr)
-    for node in sj_neurons.cpu_nodes():
+    for node in sj_neurons.lif_nodes():
         xs = x.clone().requires_grad_(True)
         spikes = sj_neurons.spikingjelly_function(node=node, tau=2.0, v_threshold=1.0, alpha=4.0)(xs)
         (g,) = torch.autograd.grad(spikes.sum(), xs)
         assert torch.equal(spikes, ref), node
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="has no CPU node"):
+    with pytest.raises(ValueError, match="has no multi-step LIF node"):
         sj_neurons.SpikingJellyLIF(node="NoSuchNode")
 
 
