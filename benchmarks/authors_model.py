@@ -41,7 +41,7 @@ _FAMILIES = {
 def spikingjelly_neuron(tau: float, v_threshold: float, backend: str = "torch", node: str | None = None) -> nn.Module:
     """``MultiStepLIFNode(tau, v_threshold, detach_reset=True)`` as the authors' models build it
     (``backend="cupy"`` on a GPU, as they run it; ``"torch"`` on the CPU), or the installed
-    SpikingJelly's class ``node`` (see ``sj_neurons.cpu_nodes``)."""
+    SpikingJelly's class ``node`` (see ``sj_neurons.lif_nodes``)."""
     from sj_neurons import SpikingJellyLIF
 
     return SpikingJellyLIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend, node=node)

@@ -13,8 +13,9 @@ Contenders, all with the same weights, each in its own fresh process (so no allo
 * the baselines: the authors' model layer for layer (``benchmarks/authors_model.py``, which
   reproduces the logits of their code exactly) with ``functional.reset_net(model)`` after every
   batch, once per SpikingJelly release (``--sj-python``: one Python per release, the authors' pin
-  0.0.0.0.12 and today's 2.x cannot share an environment), with that release's fastest CPU neuron
-  (timed side by side first when it has more than one, see ``sj_neurons.cpu_nodes``), and each
+  0.0.0.0.12 and today's 2.x cannot share an environment), with that release's fastest neuron on
+  the benchmark's device (timed there side by side first when it has more than one, see
+  ``sj_neurons.lif_nodes``: on a GPU SpikingJelly 2.x's ``LIFNode`` runs its own CUDA kernel), and each
   under the allocator help a knowledgeable user would give it (:data:`ALLOCATORS`): as is, glibc's
   malloc tuned through ``GLIBC_TUNABLES`` (no ``mmap`` per large block, no trimming, huge pages),
   and our caching allocator. A release's baseline is its fastest allocator set-up.
@@ -277,31 +278,36 @@ def _worker(job: dict) -> dict:
 
 
 def _sj_worker(job: dict) -> dict:
-    """This Python's SpikingJelly: its version, and forward+backward times of each of its CPU neurons
-    (:func:`sj_neurons.cpu_nodes`) on ``T x 2^20`` float32 elements, interleaved over ``rounds``."""
+    """This Python's SpikingJelly: its version, and forward+backward times of each of its multi-step
+    LIF neurons (:func:`sj_neurons.lif_nodes`) on ``T x 2^20`` float32 elements on ``job["device"]``,
+    interleaved over ``rounds``."""
     import torch
 
     import sj_neurons
 
     torch.set_num_threads(job["threads"])
+    device = job.get("device", "cpu")
+    sync = common.MemoryProbe(device).synchronize
     out = dict(version=sj_neurons.spikingjelly_version(), nodes={})
     if out["version"] == "not installed":
         return out
-    nodes = sj_neurons.cpu_nodes()
+    nodes = sj_neurons.lif_nodes()
     if len(nodes) == 1:
         out["nodes"] = {nodes[0]: {}}
         return out
     gen = torch.Generator().manual_seed(0)
     for t in job["time_steps"]:
-        x = torch.randn(t, 2**20 // t, generator=gen) * 1.5 + 0.8
-        g = torch.randn(t, 2**20 // t, generator=gen)
-        neurons = {n: sj_neurons.spikingjelly_function(node=n) for n in nodes}
+        x = (torch.randn(t, 2**20 // t, generator=gen) * 1.5 + 0.8).to(device)
+        g = torch.randn(t, 2**20 // t, generator=gen).to(device)
+        neurons = {n: sj_neurons.spikingjelly_function(device, node=n) for n in nodes}
         times = {n: [] for n in nodes}
         for r in range(job["rounds"] + 1):
             for n, fn in neurons.items():
                 xg = x.clone().requires_grad_(True)
+                sync()
                 t0 = time.perf_counter()
                 fn(xg).backward(g)
+                sync()
                 if r:  # the first round warms up
                     times[n].append(time.perf_counter() - t0)
         for n in nodes:
@@ -435,12 +441,12 @@ def torch_cuda_name() -> str:
 
 
 def _spikingjelly_releases(args: argparse.Namespace) -> list[dict]:
-    """One baseline per ``--sj-python``: its SpikingJelly version and fastest CPU neuron."""
+    """One baseline per ``--sj-python``: its SpikingJelly version and fastest neuron on ``--device``."""
     releases = []
     time_steps = sorted({(QUICK[k]["time_steps"] if args.quick else MODELS[k][2] or 4) for k in args.models})
     for python in args.sj_python:
         try:
-            res = common.run_worker(__file__, dict(kind="sj", threads=args.threads, time_steps=time_steps,
+            res = common.run_worker(__file__, dict(kind="sj", threads=args.threads, time_steps=time_steps, device=args.device,
                                                    rounds=1 if args.quick else 3), python=python)
         except (OSError, RuntimeError) as err:
             raise ValueError(f"--sj-python {python}: it cannot run the benchmark's worker "

@@ -85,8 +85,8 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
     for rel in releases:
         timed = "; ".join(f"{n}: " + ", ".join(f"T={t} {s * 1e3:.0f} ms" for t, s in v.items())
                           for n, v in rel["nodes"].items() if v)
-        print(f"- SpikingJelly {rel['version']} ({rel['python']}): CPU neuron {rel['node']}"
-              + (f" (fastest forward+backward of 2^20 elements: {timed})" if timed else ""))
+        print(f"- SpikingJelly {rel['version']} ({rel['python']}): neuron {rel['node']}"
+              + (f" (fastest forward+backward of 2^20 elements on {args.device}: {timed})" if timed else ""))
     print("- clock: " + ("process CPU time of the worker (one thread; page faults count as system time)"
                          if args.clock == "cpu" else "wall clock"))
     print(f"- {args.warmup} warm-up step(s), then {args.steps} timed steps per process, {args.rounds} round(s) with the "
@@ -94,8 +94,13 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
           f"start / end: {load_start:.2f} / {common.load_average():.2f}")
     print(f"- models: {models_note}")
     print(f"- allocators of the baselines: {allocators_note}")
-    print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
-          "faults = minor page faults per timed step\n")
+    if args.device == "cuda":
+        print("- peak = the CUDA caching allocator's peak allocated bytes during the steps minus those allocated "
+              "before the first step (the step's working set on the GPU); max RSS MB = that peak in all; "
+              "faults = the host process's minor page faults per timed step\n")
+    else:
+        print("- peak = peak RSS of the worker minus its RSS before the first step (the step's working set); "
+              "faults = minor page faults per timed step\n")
     if args.quick:
         print("**--quick: tiny models, the numbers only show that the benchmark runs.**\n")
 

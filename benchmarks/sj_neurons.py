@@ -40,10 +40,11 @@ def spikingjelly_backend(device: str) -> str:
     return "torch"
 
 
-def cpu_nodes() -> list[str]:
-    """The installed SpikingJelly's multi-step LIF classes that run on CPU tensors, for :class:`SpikingJellyLIF`'s
-    ``node``: ``MultiStepLIFNode`` in 0.0.0.0.x; in 2.x ``LIFNode`` (on the CPU its registered ``sj_lif``
-    operator, a loop of torch ops with a hand-written backward) and ``SimpleLIFNode`` (its pure-PyTorch
+def lif_nodes() -> list[str]:
+    """The installed SpikingJelly's multi-step LIF classes, for :class:`SpikingJellyLIF`'s ``node``:
+    ``MultiStepLIFNode`` in 0.0.0.0.x (its backend chosen by :func:`spikingjelly_backend`); in 2.x
+    ``LIFNode`` (its registered ``sj_lif`` operator: on the CPU a loop of torch ops with a
+    hand-written backward, on CUDA its Triton/CUDA kernel) and ``SimpleLIFNode`` (its pure-PyTorch
     charge-fire-reset loop, differentiated by autograd)."""
     try:
         import spikingjelly.clock_driven  # noqa: F401
@@ -56,7 +57,7 @@ class SpikingJellyLIF(nn.Module):
     """SpikingJelly's multi-step LIF, any release, with the given tau, threshold, reset and sigmoid
     surrogate: ``MultiStepLIFNode`` in 0.0.0.0.12 - 0.0.0.0.14 (the releases the authors' code runs
     on), ``LIFNode(step_mode="m")`` in newer ones (2.x has no ``backend`` argument: it picks by device),
-    or another class of :func:`cpu_nodes` named by ``node``.
+    or another class of :func:`lif_nodes` named by ``node``.
 
     It keeps its membrane between calls, so ``functional.reset_net(model)`` must run after every
     batch (:func:`reset_spikingjelly`), as in the authors' training loops.
@@ -66,9 +67,9 @@ class SpikingJellyLIF(nn.Module):
                  detach_reset: bool = True, backend: str = "torch", node: str | None = None) -> None:
         super().__init__()
         kwargs = dict(tau=tau, v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset)
-        if node not in (None, *cpu_nodes()):
-            raise ValueError(f"SpikingJelly {spikingjelly_version()} has no CPU node {node!r}; "
-                             f"choose one of {', '.join(cpu_nodes())}")
+        if node not in (None, *lif_nodes()):
+            raise ValueError(f"SpikingJelly {spikingjelly_version()} has no multi-step LIF node {node!r}; "
+                             f"choose one of {', '.join(lif_nodes())}")
         try:
             from spikingjelly.clock_driven import neuron, surrogate
 
