@@ -446,8 +446,9 @@ def _spikingjelly_releases(args: argparse.Namespace) -> list[dict]:
     time_steps = sorted({(QUICK[k]["time_steps"] if args.quick else MODELS[k][2] or 4) for k in args.models})
     for python in args.sj_python:
         try:
-            res = common.run_worker(__file__, dict(kind="sj", threads=args.threads, time_steps=time_steps, device=args.device,
-                                                   rounds=1 if args.quick else 3), python=python)
+            job = dict(kind="sj", threads=args.threads, time_steps=time_steps, device=args.device,
+                       rounds=1 if args.quick else 3)
+            res = common.run_worker(__file__, job, python=python)
         except (OSError, RuntimeError) as err:
             raise ValueError(f"--sj-python {python}: it cannot run the benchmark's worker "
                              f"({str(err).strip().splitlines()[-1]})") from None
