@@ -204,6 +204,39 @@ def _calibrate_worker(job: dict) -> dict:
     return dict(firing_rate=counts[0] / counts[1])
 
 
+def step_function(model, x, y, mode: str, dtype: str, authors: bool):
+    """One training step (``mode="train"``: forward, cross-entropy, ``zero_grad``, backward, AdamW
+    step) or inference batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model``
+    on ``x`` (labels ``y``), under bf16 autocast on x's device if ``dtype == "bf16"``; SpikingJelly's
+    neurons reset after it (``authors``)."""
+    import torch
+
+    import sj_neurons
+
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if authors:
+                sj_neurons.reset_spikingjelly(model)
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+            if authors:
+                sj_neurons.reset_spikingjelly(model)
+    return step
+
+
 def _worker(job: dict) -> dict:
     if job["our_allocator"]:
         from spikingformer import allocator
@@ -217,29 +250,8 @@ def _worker(job: dict) -> dict:
     device = job.get("device", "cpu")
     model, x, y = build(job)
     model, x, y = model.to(device), x.to(device), y.to(device)
-    sj = job["build"] == "authors"
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
     memory = common.MemoryProbe(device)
-    if job["mode"] == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sj:
-                sj_neurons.reset_spikingjelly(model)
-    else:
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), autocast:
-                model(x)
-            if sj:
-                sj_neurons.reset_spikingjelly(model)
+    step = step_function(model, x, y, job["mode"], job["dtype"], authors=job["build"] == "authors")
 
     def timed_step(times: list, cpu_times: list) -> None:
         memory.synchronize()
@@ -347,24 +359,13 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import sj_neurons
     from spikingformer import allocator
 
     allocator.configure_allocator()
     torch.set_num_threads(threads)
     name, batch, _, _ = MODELS[key]
     model, x, y = build(dict(name=name, batch=batch, build=build_))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if build_ == "authors":
-            sj_neurons.reset_spikingjelly(model)
-
+    step = step_function(model, x, y, "train", dtype, authors=build_ == "authors")
     for _ in range(WARMUP_STEPS):  # the heap grows over the first steps
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

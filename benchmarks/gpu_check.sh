@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (run from anywhere on a CUDA machine; at most 9 minutes: its steps' limits add up to
-# 540 s). Without a CUDA device it says so and exits 0. Steps:
+# GPU check (run from anywhere on a CUDA machine; at most 9.5 minutes: its steps' limits add up to
+# 570 s). Without a CUDA device it says so and exits 0. Steps:
 #   1. the kernel and neuron tests on the GPU: every backend (torch, triton) against the reference computed on
 #      the same GPU -- spikes bit-exact, gradients to 1e-6 (fp32) / the dtype's rounding (fp16, bf16);
 #   2. the main job on the GPU: `spikingformer train --device cuda` on the embedded digits, two
@@ -10,7 +10,9 @@
 #      kernel, picked automatically), snnTorch and Norse where installed, spikes checked first;
 #   5. the model benchmark on the GPU against the authors' code with SpikingJelly's neurons (cupy
 #      backend if CuPy imports, else torch), fp32 and bf16 autocast, if spikingjelly is installed;
-#   6. the compiled model on CUDA (torch.compile, fullgraph, Inductor's Triton code around the
+#   6. where the GPU steps' time goes (host or device, kernels launched) and each route that acts on
+#      CUDA tensors on against off there (benchmarks/study_gpu.py, fp32);
+#   7. the compiled model on CUDA (torch.compile, fullgraph, Inductor's Triton code around the
 #      spikingformer::lif operator) against eager, training step and inference.
 #
 # A machine without network access: the peers' wheels can travel in .whl/ beside the checkout
@@ -73,7 +75,7 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, recor
 }
 
 # (the limits below are sized from what each step took on an H200 on 2026-12-04)
-SPIKINGFORMER_TEST_DEVICE=cuda step "kernel tests on cuda" 45 \
+SPIKINGFORMER_TEST_DEVICE=cuda step "kernel tests on cuda" 35 \
   "$PY" -m pytest tests/test_kernels.py tests/test_neuron.py -q -p no:cacheprovider -k "not interpreter"
 runs="$(mktemp -d)"
 step "the main job on cuda (spikingformer train, digits, 2 epochs)" 45 \
@@ -89,6 +91,9 @@ if "$PY" -c "import spikingjelly" 2>/dev/null; then  # before the compiler's ste
 else
   echo "spikingjelly is not installed: skipping the model benchmark (carry its wheels: benchmarks/gpu_wheels.sh)"
 fi
+# (on 2026-12-04: 84 s for fp32 and bf16, both models', 7 steps per state; here ours only, fp32, 5 steps)
+step "host or device, and the routes on cuda" 40 \
+  "$PY" benchmarks/study_gpu.py --dtypes fp32 --reps 5 --top 6 --no-authors
 step "torch.compile against eager on cuda" 95 \
   "$PY" benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_digits spikingformer_cifar10_4_256
 
