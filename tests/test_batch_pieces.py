@@ -71,6 +71,21 @@ def test_float32_pieces_agree_up_to_rounding(monkeypatch):
     assert differ.float().mean() <= 1e-3  # spikes flipped by rounding only: a few tokens at most
 
 
+def test_not_on_a_gpu(monkeypatch):
+    """Off the CPU (a GPU: there the pieces cost launches, not memory traffic) the tokenizer runs
+    on the whole batch; shown on the meta device, which has no memory and no kernels either."""
+    model, x = _event_model()
+    model, x = model.to("meta"), x.to("meta")
+    calls = []
+    stem = model.tokenizer.stages[0]
+    real = stem.convolve
+    monkeypatch.setattr(stem, "convolve", lambda part: calls.append(part.shape) or real(part))
+    monkeypatch.setattr(routes, "PIECE_ELEMENTS", 3 * 32 * 32 * 32)  # pieces on the CPU (as above)
+    with routes.configured("+batch_pieces"), torch.no_grad():
+        tokens = model.tokenizer(x)
+    assert len(calls) == 1 and calls[0] == x.shape and tokens.device.type == "meta"
+
+
 @pytest.mark.parametrize("case", ["training BN", "autograd", "hook", "small"])
 def test_steps_aside(monkeypatch, case):
     """Training-mode BatchNorm (its batch statistics would change), autograd on, a hook on any of

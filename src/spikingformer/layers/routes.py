@@ -58,12 +58,14 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   of the weight, so once per optimizer step in training), sums are exact in int32; elsewhere the
   float32 convolution. Each rounds otherwise than the float32 convolution (the int8 pieces closer
   to float64 than it), so float32 values differ by rounding.
-* ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
-  modules), the tokenizer runs on pieces of the batch whose stem output holds at most
+* ``batch_pieces``: in inference on the CPU (no autograd, the tokenizer in eval mode, no hooks on it
+  or its modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
   is that much smaller. Samples are independent there (BatchNorm uses its running statistics); a
   convolution over fewer images may pick another algorithm, so float32 values may differ by
-  rounding.
+  rounding. Not on a GPU: there a step waits on the host, which issues the tokenizer's kernels
+  once per piece, and the event model's inference took 1.9-2.2x as long in pieces
+  (``benchmarks/study_gpu.py``, NVIDIA H200).
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
@@ -432,9 +434,9 @@ def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: in
     """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
     output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
     the batch joined along the tokens' batch dimension (1), each piece's stem output at most
-    :data:`PIECE_ELEMENTS` elements."""
+    :data:`PIECE_ELEMENTS` elements (CPU tensors only)."""
     pieces = min(x.shape[dim], -(-stem_elements // PIECE_ELEMENTS))
-    if (pieces < 2 or not enabled("batch_pieces") or torch.is_grad_enabled()
+    if (pieces < 2 or not enabled("batch_pieces") or x.device.type != "cpu" or torch.is_grad_enabled()
             or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer)):
         return fn(x)
     return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)
