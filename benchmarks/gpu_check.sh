@@ -3,6 +3,8 @@
 # 570 s). Without a CUDA device it says so and exits 0. Steps:
 #   1. the kernel and neuron tests on the GPU: every backend (torch, triton) against the reference computed on
 #      the same GPU -- spikes bit-exact, gradients to 1e-6 (fp32) / the dtype's rounding (fp16, bf16);
+#      and whole zoo models on the GPU (default routes, Triton neurons) against the plain computation
+#      on the CPU, in float64 (tests/test_device_models.py);
 #   2. the main job on the GPU: `spikingformer train --device cuda` on the embedded digits, two
 #      epochs, into a temporary folder (it ends with accuracy, energy and the checkpoint's path);
 #   3. the neuron benchmark on the GPU (SpikingJelly columns only if spikingjelly is installed);
@@ -75,10 +77,11 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, recor
 }
 
 # (the limits below are sized from what each step took on an H200 on 2026-12-04)
-SPIKINGFORMER_TEST_DEVICE=cuda step "kernel tests on cuda" 35 \
-  "$PY" -m pytest tests/test_kernels.py tests/test_neuron.py -q -p no:cacheprovider -k "not interpreter"
+SPIKINGFORMER_TEST_DEVICE=cuda step "kernel and model tests on cuda" 40 \
+  "$PY" -m pytest tests/test_kernels.py tests/test_neuron.py tests/test_device_models.py -q -p no:cacheprovider \
+  -k "not interpreter"
 runs="$(mktemp -d)"
-step "the main job on cuda (spikingformer train, digits, 2 epochs)" 45 \
+step "the main job on cuda (spikingformer train, digits, 2 epochs)" 40 \
   "$PY" -m spikingformer train --device cuda --epochs 2 --output "$runs"
 step "neuron benchmark on cuda" 35 \
   "$PY" benchmarks/bench_lif.py --device cuda --budget 0.2 --max-reps 15 --rounds 2
