@@ -71,9 +71,26 @@ def test_float32_pieces_agree_up_to_rounding(monkeypatch):
     assert differ.float().mean() <= 1e-3  # spikes flipped by rounding only: a few tokens at most
 
 
-def test_not_on_a_gpu(monkeypatch):
-    """Off the CPU (a GPU: there the pieces cost launches, not memory traffic) the tokenizer runs
-    on the whole batch; shown on the meta device, which has no memory and no kernels either."""
+def test_pieces_on_a_gpu_only_where_the_batch_would_crowd_its_memory(monkeypatch):
+    """On a CUDA device (where each piece costs the host a pass of launches) a piece's stem output
+    may fill a sixteenth of the device's memory in float32: an 8 GiB GPU takes 2^27 elements a piece,
+    so the event model's batch 8 (T = 16, 32 x 128 x 128 stem maps: 2^26 elements) runs whole and a
+    batch of 64 in 4 pieces; on the CPU the fixed PIECE_ELEMENTS; elsewhere no pieces."""
+    class Props:
+        total_memory = 8 << 30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    bound = routes.piece_elements(torch.device("cuda", 0))
+    assert bound == 1 << 27
+    per_frame_sequence = 16 * 32 * 128 * 128
+    assert -(-8 * per_frame_sequence // bound) == 1 and -(-64 * per_frame_sequence // bound) == 4
+    assert routes.piece_elements(torch.device("cpu")) == routes.PIECE_ELEMENTS
+    assert routes.piece_elements(torch.device("meta")) is None
+
+
+def test_not_on_other_devices(monkeypatch):
+    """On a device that is neither the CPU nor CUDA the tokenizer runs on the whole batch; shown on
+    the meta device, which has no memory and no kernels."""
     model, x = _event_model()
     model, x = model.to("meta"), x.to("meta")
     calls = []

@@ -58,14 +58,15 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   of the weight, so once per optimizer step in training), sums are exact in int32; elsewhere the
   float32 convolution. Each rounds otherwise than the float32 convolution (the int8 pieces closer
   to float64 than it), so float32 values differ by rounding.
-* ``batch_pieces``: in inference on the CPU (no autograd, the tokenizer in eval mode, no hooks on it
-  or its modules), the tokenizer runs on pieces of the batch whose stem output holds at most
-  :data:`PIECE_ELEMENTS` elements, and the pieces' tokens are joined: every map of the tokenizer
+* ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
+  modules), the tokenizer runs on pieces of the batch whose stem output holds at most
+  :data:`PIECE_ELEMENTS` elements on the CPU, and the pieces' tokens are joined: every map of the tokenizer
   is that much smaller. Samples are independent there (BatchNorm uses its running statistics); a
   convolution over fewer images may pick another algorithm, so float32 values may differ by
-  rounding. Not on a GPU: there a step waits on the host, which issues the tokenizer's kernels
-  once per piece, and the event model's inference took 1.9-2.2x as long in pieces
-  (``benchmarks/study_gpu.py``, NVIDIA H200).
+  rounding. On a GPU a step waits on the host, which issues the tokenizer's kernels once per
+  piece: the event model's inference took 1.9-2.2x as long in pieces of :data:`PIECE_ELEMENTS`
+  (``benchmarks/study_gpu.py``, NVIDIA H200), so there a piece may fill a sixteenth of the
+  device's memory (:func:`piece_elements`) and pieces are left for batches that would crowd it.
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
@@ -429,14 +430,30 @@ def _hooked(module: nn.Module) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
 
 
+def piece_elements(device: torch.device) -> int | None:
+    """The most stem-output elements per piece of ``batch_pieces`` on ``device``: on the CPU
+    :data:`PIECE_ELEMENTS`; on a CUDA device, where every piece costs the host another pass of
+    kernel launches, as many float32 elements as fill a sixteenth of its memory (pieces only where
+    the whole batch would crowd the device: an event batch of 64 frames sequences on an 8 GB GPU,
+    none of this benchmark's on an H200); elsewhere ``None``, no pieces."""
+    if device.type == "cpu":
+        return PIECE_ELEMENTS
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // (16 * 4)
+    return None
+
+
 def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: int,
               fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
     output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
     the batch joined along the tokens' batch dimension (1), each piece's stem output at most
-    :data:`PIECE_ELEMENTS` elements (CPU tensors only)."""
-    pieces = min(x.shape[dim], -(-stem_elements // PIECE_ELEMENTS))
-    if (pieces < 2 or not enabled("batch_pieces") or x.device.type != "cpu" or torch.is_grad_enabled()
-            or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer)):
+    :func:`piece_elements` of x's device."""
+    if (not enabled("batch_pieces") or torch.is_grad_enabled() or any(m.training for m in tokenizer.modules())
+            or _hooked(tokenizer)):
+        return fn(x)
+    bound = piece_elements(x.device)
+    pieces = 1 if bound is None else min(x.shape[dim], -(-stem_elements // bound))
+    if pieces < 2:
         return fn(x)
     return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)
