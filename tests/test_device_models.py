@@ -6,10 +6,10 @@ neuron kernel (Triton on CUDA). The reference is a copy of the model on the CPU 
 off (``routes.configured("none")``: the plain module calls). Both run in float64, so that
 convolutions, BatchNorm and products agree to about 1e-15, far below any threshold's reach. The
 neurons integrate their membranes in float32 on every path (``spikingformer.neuron``), from the
-same float64 inputs rounded once, so their spikes agree exactly (the zoo's tau = 2: dividing by it,
-as the CPU does, and multiplying by its reciprocal, as CUDA's division does, are the same). A route or kernel that computed
-something else on the device would move logits and gradients by far more than the tolerances
-below, which allow only the float32 arithmetic of the neurons' backward.
+same float64 inputs rounded once, so their spikes agree exactly (the zoo's tau = 2: dividing by
+it, as the CPU does, and multiplying by its reciprocal, as CUDA's division does, are the same). A
+route or kernel that computed something else on the device would move logits and gradients by far
+more than the tolerances below, which allow only the float32 arithmetic of the neurons' backward.
 """
 
 from __future__ import annotations

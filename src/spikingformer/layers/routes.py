@@ -63,10 +63,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   :data:`PIECE_ELEMENTS` elements on the CPU, and the pieces' tokens are joined: every map of the tokenizer
   is that much smaller. Samples are independent there (BatchNorm uses its running statistics); a
   convolution over fewer images may pick another algorithm, so float32 values may differ by
-  rounding. On a GPU a step waits on the host, which issues the tokenizer's kernels once per
-  piece: the event model's inference took 1.9-2.2x as long in pieces of :data:`PIECE_ELEMENTS`
-  (``benchmarks/study_gpu.py``, NVIDIA H200), so there a piece may fill a sixteenth of the
-  device's memory (:func:`piece_elements`) and pieces are left for batches that would crowd it.
+  rounding. On a GPU, whose host issues the tokenizer's kernels once per piece (such pieces made
+  event inference 1.9-2.2x as slow on an H200), a piece may fill 1/16 of its memory (:func:`piece_elements`).
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
@@ -431,29 +429,21 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def piece_elements(device: torch.device) -> int | None:
-    """The most stem-output elements per piece of ``batch_pieces`` on ``device``: on the CPU
-    :data:`PIECE_ELEMENTS`; on a CUDA device, where every piece costs the host another pass of
-    kernel launches, as many float32 elements as fill a sixteenth of its memory (pieces only where
-    the whole batch would crowd the device: an event batch of 64 frames sequences on an 8 GB GPU,
-    none of this benchmark's on an H200); elsewhere ``None``, no pieces."""
-    if device.type == "cpu":
-        return PIECE_ELEMENTS
+    """The most stem-output elements per piece on ``device``: :data:`PIECE_ELEMENTS` on the CPU; on
+    CUDA (a piece costs a pass of launches) float32 elements for a sixteenth of its memory; else None."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // (16 * 4)
-    return None
+    return PIECE_ELEMENTS if device.type == "cpu" else None
 
 
 def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: int,
               fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
     output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
-    the batch joined along the tokens' batch dimension (1), each piece's stem output at most
+    the batch joined along the tokens' batch dimension (1), each one's stem output at most
     :func:`piece_elements` of x's device."""
-    if (not enabled("batch_pieces") or torch.is_grad_enabled() or any(m.training for m in tokenizer.modules())
-            or _hooked(tokenizer)):
-        return fn(x)
-    bound = piece_elements(x.device)
+    bound = None if not enabled("batch_pieces") or torch.is_grad_enabled() else piece_elements(x.device)
     pieces = 1 if bound is None else min(x.shape[dim], -(-stem_elements // bound))
-    if pieces < 2:
+    if pieces < 2 or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer):
         return fn(x)
     return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)
