@@ -69,6 +69,9 @@ MODELS = {
     "cifar": ("spikingformer_cifar10_4_384", 16, None, None),
     "event": ("spikingformer_cifar10dvs_2_256", 8, 16, None),
 }
+# --batch authors: the batch of the authors' training runs on one GPU (64 for CIFAR-10, 16 for
+# CIFAR10-DVS), where a GPU step no longer waits on the host as it does at the CPU batches above
+AUTHORS_BATCH = {"cifar": 64, "event": 16}
 QUICK = {
     "cifar": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2),
     "event": dict(embed_dim=64, num_heads=4, depth=1, time_steps=2, batch=2, img_size=32),
@@ -354,7 +357,8 @@ PROFILE_GROUPS = [
 ]
 
 
-def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = "ours") -> list[tuple[str, float]]:
+def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = "ours",
+                 batch: int | None = None) -> list[tuple[str, float]]:
     """Self CPU time of one training step (after a warm-up) grouped as :data:`PROFILE_GROUPS`, in seconds."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -363,8 +367,8 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
 
     allocator.configure_allocator()
     torch.set_num_threads(threads)
-    name, batch, _, _ = MODELS[key]
-    model, x, y = build(dict(name=name, batch=batch, build=build_))
+    name = MODELS[key][0]
+    model, x, y = build(dict(name=name, batch=batch or MODELS[key][1], build=build_))
     step = step_function(model, x, y, "train", dtype, authors=build_ == "authors")
     for _ in range(WARMUP_STEPS):  # the heap grows over the first steps
         step()
@@ -386,12 +390,23 @@ def profile_step(key: str, dtype: str = "fp32", threads: int = 1, build_: str = 
 # ----------------------------------------------------------------------------- driver side
 
 
+def batch_of(key: str, batch: str, quick: bool = False) -> int:
+    """The batch timed for model ``key``: ``--quick``'s, the authors' training batch for ``--batch
+    authors``, else the benchmark's (:data:`MODELS`)."""
+    if quick:
+        return QUICK[key]["batch"]
+    return AUTHORS_BATCH[key] if batch == "authors" else MODELS[key][1]
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The model benchmark's options."""
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                     help="which models to time: cifar (Spikingformer-4-384), event (2-256 event model); default: both")
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
                     help="training step and/or inference batch; default: both")
+    ap.add_argument("--batch", default="bench", choices=["bench", "authors"],
+                    help="bench: batch 16 (CIFAR) / 8 (event), sized for a CPU; authors: 64 / 16, the authors' "
+                         "training batch on one GPU")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
     ap.add_argument("--warmup", type=int, default=WARMUP_STEPS,
                     help="untimed steps first (the heap grows over the first steps: our allocator maps nothing new "
@@ -493,7 +508,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     scratch = tempfile.TemporaryDirectory(prefix="bench_model_")
     models = {}  # model -> the job fields every contender shares, and the firing rate of our inference
     for key in args.models:
-        name, batch, t, _ = MODELS[key]
+        name, _, t, _ = MODELS[key]
+        batch = batch_of(key, args.batch, args.quick)
         overrides = QUICK[key] if args.quick else {}
         config = dataclasses.asdict(model_config(name, **{k: v for k, v in overrides.items() if k != "batch"}))
         shared = dict(model=key, name=name, batch=batch, time_steps=t, overrides=overrides, config=config,
@@ -526,7 +542,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         models_note="BatchNorm running statistics of the timed batch (random weights); firing rate of our "
                     "model's neurons in inference: " + ", ".join(f"{k} {r:.1%}" for k, (_, r) in models.items()),
         names={k: v[0] for k, v in MODELS.items()},
-        batches={k: (QUICK[k]["batch"] if args.quick else MODELS[k][1]) for k in MODELS},
+        batches={k: batch_of(k, args.batch, args.quick) for k in MODELS},
         allocators_note=f"as is = C library malloc; glibc tuned = GLIBC_TUNABLES={GLIBC_TUNABLES}; "
                         "our allocator = spikingformer.allocator.configure_allocator()",
         device_note=args.device + (f" ({torch_cuda_name()})" if args.device == "cuda" else ""))
@@ -577,11 +593,13 @@ def print_profile(args: argparse.Namespace, command: str) -> None:
     print(f"- torch.profiler, self CPU time of one step after {WARMUP_STEPS} warm-up steps, this project's neurons, "
           f"load average (1 min) {common.load_average():.2f}\n")
     for key in args.models:
+        batch = batch_of(key, args.batch)  # the full model: --quick does not apply here
         cols = []
         for dtype in args.dtypes:
-            cols.append((dtype, common.run_worker(__file__, dict(kind="profile", model=key, dtype=dtype, threads=threads))))
+            job = dict(kind="profile", model=key, dtype=dtype, threads=threads, batch=batch)
+            cols.append((dtype, common.run_worker(__file__, job)))
         labels = [label for label, _ in cols[0][1]["groups"]]
-        print(f"{MODELS[key][0]}, batch {MODELS[key][1]}:\n")
+        print(f"{MODELS[key][0]}, batch {batch}:\n")
         print("| operators | " + " | ".join(f"{d} s | {d} %" for d, _ in cols) + " |")
         print("|---|" + "---:|---:|" * len(cols))
         for i, label in enumerate(labels):
@@ -596,7 +614,7 @@ def print_profile(args: argparse.Namespace, command: str) -> None:
 def _any_worker(job: dict) -> dict:
     """A worker process's result, by the job's kind."""
     if job["kind"] == "profile":
-        return dict(groups=profile_step(job["model"], job["dtype"], job["threads"]))
+        return dict(groups=profile_step(job["model"], job["dtype"], job["threads"], batch=job["batch"]))
     if job["kind"] == "calibrate":
         return _calibrate_worker(job)
     return _sj_worker(job) if job["kind"] == "sj" else _worker(job)

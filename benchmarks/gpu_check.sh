@@ -10,8 +10,10 @@
 #   3. the neuron benchmark on the GPU (SpikingJelly columns only if spikingjelly is installed);
 #   4. our Triton neuron against today's peers on CUDA: SpikingJelly 2.0 (its own CUDA/Triton
 #      kernel, picked automatically), snnTorch and Norse where installed, spikes checked first;
-#   5. the model benchmark on the GPU against the authors' code with SpikingJelly's neurons (cupy
-#      backend if CuPy imports, else torch), fp32 and bf16 autocast, if spikingjelly is installed;
+#   5. the model benchmark on the GPU against the authors' code with SpikingJelly's fastest CUDA
+#      neuron, fp32 and bf16 autocast, if spikingjelly is installed, at the authors' training batch
+#      on one GPU (64 CIFAR images, 16 event sequences: the batches of 16 / 8 sized for a CPU left
+#      both sides waiting on the host in the two runs of 2026-12-04);
 #   6. where the GPU steps' time goes (host or device, kernels launched) and each route that acts on
 #      CUDA tensors on against off there (benchmarks/study_gpu.py, fp32);
 #   7. the compiled model on CUDA (torch.compile, fullgraph, Inductor's Triton code around the
@@ -88,9 +90,9 @@ step "neuron benchmark on cuda" 35 \
 step "our Triton neuron against today's peers on cuda" 40 \
   "$PY" benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2
 if "$PY" -c "import spikingjelly" 2>/dev/null; then  # before the compiler's step: it is the figure the issue asks for
-  # (on 2026-12-04: 177 s for both dtypes without the limit, 135 s for fp32 with two rounds of it)
+  # (on 2026-12-04, at the batches of 16 / 8: 230 s for both dtypes with one round of the limit)
   step "model benchmark on cuda" 280 \
-    "$PY" benchmarks/bench_model.py --device cuda --warmup 2 --steps 3 --threads 1 --limit-reps 1
+    "$PY" benchmarks/bench_model.py --device cuda --batch authors --warmup 2 --steps 3 --threads 1 --limit-reps 1
 else
   echo "spikingjelly is not installed: skipping the model benchmark (carry its wheels: benchmarks/gpu_wheels.sh)"
 fi

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", choices=list(bench_model.MODELS), default=list(bench_model.MODELS))
     ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--batch", default="bench", choices=["bench", "authors"],
+                    help="as bench_model.py's: bench (16 / 8) or the authors' training batch on one GPU (64 / 16)")
     ap.add_argument("--reps", type=int, default=9, help="timed steps per contender or route state (median)")
     ap.add_argument("--top", type=int, default=8, help="operators listed per profiled step")
     ap.add_argument("--no-authors", action="store_true", help="leave out the authors' model (no SpikingJelly needed)")
@@ -137,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"- SpikingJelly {sj_neurons.spikingjelly_version()}; the authors' model with its LIFNode"
           if authors else "- the authors' model left out")
-    print(f"- medians of {args.reps} steps after {bench_model.WARMUP_STEPS} warm-up steps\n")
+    batches = ", ".join(f"{key} {bench_model.batch_of(key, args.batch, args.quick)}" for key in args.models)
+    print(f"- batch: {batches}; medians of {args.reps} steps after {bench_model.WARMUP_STEPS} warm-up steps\n")
 
     host_rows, top_rows, route_rows = [], [], []
     for key in args.models:
-        name, batch, _, _ = bench_model.MODELS[key]
+        name = bench_model.MODELS[key][0]
+        batch = bench_model.batch_of(key, args.batch, args.quick)
         builds = ["ours"] + (["authors"] if authors else [])
         for build_ in builds:
             job = dict(name=name, batch=batch, build=build_, device=args.device, sj_node="LIFNode",

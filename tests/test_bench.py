@@ -931,17 +931,31 @@ def test_gpu_check_installs_the_carried_wheels_ahead_of_the_installed_packages(t
     assert "snntorch 0.0.1" in done.stdout and "no CUDA device visible to torch" in done.stdout
 
 
+def test_batch_sizes_of_the_model_benchmark():
+    """``--batch bench`` times the CPU-sized batches, ``--batch authors`` the authors' training batch on
+    one GPU (64 for CIFAR-10, 16 for CIFAR10-DVS), ``--quick`` its tiny one whatever ``--batch``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bench_model.add_arguments(ap)
+    assert ap.parse_args([]).batch == "bench"
+    assert [bench_model.batch_of(k, "bench") for k in ("cifar", "event")] == [16, 8]
+    assert [bench_model.batch_of(k, "authors") for k in ("cifar", "event")] == [64, 16]
+    assert bench_model.batch_of("cifar", "authors", quick=True) == bench_model.QUICK["cifar"]["batch"]
+
+
 def test_study_gpu_quick_runs_on_the_cpu(capsys):
     """``benchmarks/study_gpu.py`` (made for a GPU, whose time is scarce) runs through on the CPU with
     tiny models: a host-or-device row per model, pass and contender, and an on/off row per route
     that acts on CUDA tensors, each with a ratio."""
     import study_gpu
 
-    argv = ["--device", "cpu", "--quick", "--reps", "1", "--dtypes", "fp32", "--models", "event"]
+    argv = ["--device", "cpu", "--quick", "--reps", "1", "--dtypes", "fp32", "--models", "event", "--batch", "authors"]
     if not _has_spikingjelly():
         argv.append("--no-authors")
     assert study_gpu.main(argv) == 0
     out = capsys.readouterr().out
+    assert "- batch: event 2;" in out  # --quick's batch, whatever --batch says
     contenders = 2 if _has_spikingjelly() else 1
     assert len(re.findall(r"^\| event \| (train|infer) \| fp32 \| (ours|authors) \|", out, re.M)) == 2 * contenders
     routes = re.findall(r"^\| (\w+) \| event \| (train|infer) \| fp32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out, re.M)
