@@ -161,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     launches, busy, ops = profiled(step)
                     host_rows.append(f"| {key} | {mode} | {dtype} | {build_} | {wall * 1e3:.1f} | {issue * 1e3:.1f} "
                                      f"| {launches} | {busy * 1e3:.1f} | {busy / wall:.0%} |")
-                    if dtype == args.dtypes[0]:
-                        top = ", ".join(f"{n} {t * 1e3:.1f} ms ({c})" for n, t, c in ops[:args.top])
-                        top_rows.append(f"- {key} {mode} {dtype} {build_}: {top}")
+                    top = ", ".join(f"{n} {t * 1e3:.1f} ms ({c})" for n, t, c in ops[:args.top])
+                    top_rows.append(f"- {key} {mode} {dtype} {build_}: {top}")
                     if build_ == "ours":
                         for route, passes in CUDA_ROUTES.items():
                             if mode not in passes or (route == "stem_once" and key == "event"):
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | pass | dtype | model | wall ms | issue ms | kernels | GPU busy ms | busy / wall |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(host_rows))
-    print(f"\nOperators with the most self CPU time (name, time, calls) in one profiled step, {args.dtypes[0]}:\n")
+    print("\nOperators with the most self CPU time (name, time, calls) in one profiled step:\n")
     print("\n".join(top_rows))
     print("\n## Routes on the GPU (ours)\n")
     print("| route | model | pass | dtype | on ms | off ms | on / off | peak MB on | peak MB off |")
