@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Host or device\n")
     print("wall = a step, synchronised; issue = until its Python returned; kernels = CUDA kernels of one "
           "profiled step; GPU busy = their summed duration, and its share of the wall time\n")
-    print("| model | pass | dtype | model | wall ms | issue ms | kernels | GPU busy ms | busy / wall |")
+    print("| model | pass | dtype | contender | wall ms | issue ms | kernels | GPU busy ms | busy / wall |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(host_rows))
     print("\nOperators with the most self CPU time (name, time, calls) in one profiled step:\n")
