@@ -19,6 +19,7 @@ import copy
 import pytest
 import torch
 
+import bench_model
 from conftest import DEVICE
 from spikingformer.layers import routes
 from spikingformer.models.zoo import create_model
@@ -40,13 +41,8 @@ def _pair(case: str):
     torch.manual_seed(0)
     model = create_model(name, **over).double()
     x = make_input(torch.Generator().manual_seed(1))
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.momentum = 1.0
-    with torch.no_grad(), routes.configured("none"):
-        model.train()(x)
-    for m in bns:
-        m.momentum = 0.1
+    with routes.configured("none"):
+        bench_model.calibrate_bn(model, x)
     return model, copy.deepcopy(model).to(DEVICE), x
 
 
