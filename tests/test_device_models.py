@@ -90,8 +90,18 @@ def test_training_on_the_device_equals_the_plain_computation(case):
     torch.testing.assert_close(got.detach().cpu(), expected.detach(), rtol=1e-9, atol=1e-9)
     ref_params, dev_params = dict(ref.named_parameters()), dict(dev.named_parameters())
     assert all(p.grad is not None for p in ref_params.values())
+    # A bias that a training BatchNorm follows has no gradient in exact arithmetic (the batch mean
+    # removes it): what is left is rounding noise, different on every device, so such a gradient
+    # must only stay negligible there too. The others agree to the neurons' float32 backward.
+    overall = max(float(p.grad.abs().max()) for p in ref_params.values())
+    compared = 0
     for name, p in ref_params.items():
-        scale = float(p.grad.abs().max()) + 1e-12
+        scale, got_scale = float(p.grad.abs().max()), float(dev_params[name].grad.abs().max())
+        if scale < 1e-9 * overall:
+            assert got_scale < 1e-9 * overall, (name, got_scale, overall)
+            continue
         torch.testing.assert_close(dev_params[name].grad.cpu(), p.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+        compared += 1
+    assert compared > 0.8 * len(ref_params), (compared, len(ref_params))
     for (name, a), (_, b) in zip(ref.named_buffers(), dev.named_buffers()):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-12, msg=name)
