@@ -63,9 +63,9 @@ def wall_and_issue(step: Callable[[], None], reps: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(issues)
 
 
-def profiled(step: Callable[[], None]) -> tuple[int, float, list[tuple[str, float, int]]]:
-    """One profiled step: CUDA kernels launched, their summed duration (s), and the operators with
-    the most self CPU time (name, seconds, calls)."""
+def profiled(step: Callable[[], None]) -> tuple[int, float, list[tuple[str, float, int]], list[tuple[str, float, int]]]:
+    """One profiled step: CUDA kernels launched, their summed duration (s), the operators with the
+    most self CPU time and the kernels with the most GPU time (each: name, seconds, calls)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -79,7 +79,11 @@ def profiled(step: Callable[[], None]) -> tuple[int, float, list[tuple[str, floa
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     ops = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()
                   if e.self_cpu_time_total > 0), key=lambda r: -r[1])
-    return len(kernels), busy, ops
+    by_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kernel.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e6)
+    gpu = sorted(((name[:60], sum(t), len(t)) for name, t in by_kernel.items()), key=lambda r: -r[1])
+    return len(kernels), busy, ops, gpu
 
 
 def on_off(step: Callable[[], None], route: str, reps: int) -> tuple[float, float, int, int]:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = ", ".join(f"{key} {bench_model.batch_of(key, args.batch, args.quick)}" for key in args.models)
     print(f"- batch: {batches}; medians of {args.reps} steps after {bench_model.WARMUP_STEPS} warm-up steps\n")
 
-    host_rows, top_rows, route_rows = [], [], []
+    host_rows, top_rows, kernel_rows, route_rows = [], [], [], []
     for key in args.models:
         name = bench_model.MODELS[key][0]
         batch = bench_model.batch_of(key, args.batch, args.quick)
@@ -158,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(bench_model.WARMUP_STEPS):
                         step()
                     wall, issue = wall_and_issue(step, args.reps)
-                    launches, busy, ops = profiled(step)
+                    launches, busy, ops, gpu = profiled(step)
                     host_rows.append(f"| {key} | {mode} | {dtype} | {build_} | {wall * 1e3:.1f} | {issue * 1e3:.1f} "
                                      f"| {launches} | {busy * 1e3:.1f} | {busy / wall:.0%} |")
                     top = ", ".join(f"{n} {t * 1e3:.1f} ms ({c})" for n, t, c in ops[:args.top])
                     top_rows.append(f"- {key} {mode} {dtype} {build_}: {top}")
+                    top = ", ".join(f"{n} {t * 1e3:.2f} ms ({c})" for n, t, c in gpu[:args.top])
+                    kernel_rows.append(f"- {key} {mode} {dtype} {build_}: {top}")
                     if build_ == "ours":
                         for route, passes in CUDA_ROUTES.items():
                             if mode not in passes or (route == "stem_once" and key == "event"):
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(host_rows))
     print("\nOperators with the most self CPU time (name, time, calls) in one profiled step:\n")
     print("\n".join(top_rows))
+    print("\nKernels with the most GPU time (name, time, launches) in one profiled step:\n")
+    print("\n".join(kernel_rows))
     print("\n## Routes on the GPU (ours)\n")
     print("| route | model | pass | dtype | on ms | off ms | on / off | peak MB on | peak MB off |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
