@@ -1,8 +1,10 @@
 """``torch.compile`` against eager, side by side: a training step and an inference batch of zoo models.
 
 For each model, in one process, one model and one optimizer: the eager module and
-``torch.compile(model, fullgraph=True)`` (Inductor) of it, their steps alternating (ABBA) on the
-same inputs, so both see the same machine state and the same weights. The project's operators
+``torch.compile(model, fullgraph=True, mode=...)`` (Inductor) of it for each ``--compile-modes``
+(``default``; ``reduce-overhead`` replays the compiled step as CUDA graphs on a GPU, one launch for
+a whole graph instead of one per kernel), their steps alternating on the same inputs, so all see
+the same machine state and the same weights. The project's operators
 (the LIF neuron, the fused BN -> SN [-> max-pool] kernels, the spike linears and the spike
 convolutions) stay opaque calls inside the compiled graph. Reported per row: the first compiled
 call (compilation included), then the median wall and process CPU time of ``--steps`` steps of
@@ -16,7 +18,7 @@ Usage::
 
     python benchmarks/bench_compile.py                                   # digits, CIFAR 4-256, event 2-256
     python benchmarks/bench_compile.py --models spikingformer_digits --steps 5
-    python benchmarks/bench_compile.py --device cuda
+    python benchmarks/bench_compile.py --device cuda --compile-modes default reduce-overhead
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ def inputs(name: str, batch: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def bench(name: str, batch: int, mode: str, args: argparse.Namespace) -> dict:
-    """``{"eager": (wall ms, cpu ms), "compiled": (...), "first_s": s}`` of alternating steps."""
+    """``{"eager": (wall ms, cpu ms), <compile mode>: (...), "first_s": {<compile mode>: s}}`` of
+    alternating steps."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     device = torch.device(args.device)
     model = create_model(name).to(device)
     x, y = inputs(name, batch, device)
-    runs = {"eager": model, "compiled": torch.compile(model, fullgraph=True)}
+    runs = {"eager": model, **{m: torch.compile(model, fullgraph=True, mode=m) for m in args.compile_modes}}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train(mode == "train")
 
@@ -78,10 +81,11 @@ def bench(name: str, batch: int, mode: str, args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 run(x)
 
-    first = timed(lambda: step(runs["compiled"]), device)[0]
+    first = {m: timed(lambda: step(runs[m]), device)[0] for m in args.compile_modes}
     times = {k: [] for k in runs}
+    names = list(runs)
     for i in range(args.warmup + args.steps):
-        for k in (list(runs) if i % 2 else list(runs)[::-1]):
+        for k in names[i % len(names):] + names[:i % len(names)]:  # each in every position in turn
             t = timed(lambda: step(runs[k]), device)
             if i >= args.warmup:
                 times[k].append(t)
@@ -97,6 +101,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile-modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],
+                    help="torch.compile modes, each a row against the same eager steps (reduce-overhead: CUDA graphs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     allocator.configure_allocator()
@@ -107,15 +113,18 @@ def main() -> None:
         print(line)
     print(f"- median of {args.steps} steps of each after {args.warmup} warm-up steps of each, alternating; "
           "CPU = process CPU time\n")
-    print("| model | batch | step | eager ms (CPU ms) | compiled ms (CPU ms) | compiled / eager (CPU) | first compiled call s |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| model | batch | step | compile mode | eager ms (CPU ms) | compiled ms (CPU ms) | compiled / eager (CPU) "
+          "| first compiled call s |")
+    print("|---|---:|---|---|---:|---:|---:|---:|")
     for name in args.models:
         batch = BATCH.get(name, 16)
         for mode in args.modes:
             r = bench(name, batch, mode, args)
-            (ew, ec), (cw, cc) = r["eager"], r["compiled"]
-            print(f"| {name} | {batch} | {mode} | {ew:.0f} ({ec:.0f}) | {cw:.0f} ({cc:.0f}) | {cw / ew:.2f} "
-                  f"({cc / ec:.2f}) | {r['first_s']:.0f} |", flush=True)
+            ew, ec = r["eager"]
+            for m in args.compile_modes:
+                cw, cc = r[m]
+                print(f"| {name} | {batch} | {mode} | {m} | {ew:.1f} ({ec:.1f}) | {cw:.1f} ({cc:.1f}) | {cw / ew:.2f} "
+                      f"({cc / ec:.2f}) | {r['first_s'][m]:.0f} |", flush=True)
     print(f"\nLoad average (1, 5, 15 min) at start: {' '.join(f'{v:.2f}' for v in load0)}; "
           f"at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -25,9 +25,9 @@ timed batch (:func:`calibrate_bn`, computed once per model in a worker of its ow
 every contender): with PyTorch's initial statistics (mean 0, variance 1) a random model's neurons
 hardly fire in ``eval()`` mode, and inference would be timed on spike maps of zeros.
 
-Each configuration -- model x contender x {training step, inference batch} x {fp32, bf16 autocast}
--- runs ``--warmup`` untimed steps, then ``--steps`` timed ones; ``--rounds`` repeats the whole set,
-contenders interleaved, and the median of all timed steps is reported.
+Each configuration -- model x contender x {training step, inference batch} x {fp32, bf16 autocast;
+on CUDA also tf32} -- runs ``--warmup`` untimed steps, then ``--steps`` timed ones; ``--rounds``
+repeats the whole set, contenders interleaved, and the median of all timed steps is reported.
 
 * training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step;
 * inference batch = ``model.eval()`` forward under ``torch.inference_mode()``;
@@ -79,6 +79,7 @@ QUICK = {
 # untimed steps before timing (and before --profile's step): our allocator maps nothing new from the
 # event model's third training step on (docs/performance-log.md, "BN's input gradient in place")
 WARMUP_STEPS = 3
+DTYPES = ("fp32", "bf16", "tf32")  # tf32: CUDA only (check_dtypes)
 
 # allocator set-ups of the baselines: label -> (environment of the worker, install our allocator)
 GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184:"
@@ -211,10 +212,17 @@ def step_function(model, x, y, mode: str, dtype: str, authors: bool):
     """One training step (``mode="train"``: forward, cross-entropy, ``zero_grad``, backward, AdamW
     step) or inference batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model``
     on ``x`` (labels ``y``), under bf16 autocast on x's device if ``dtype == "bf16"``; SpikingJelly's
-    neurons reset after it (``authors``)."""
+    neurons reset after it (``authors``).
+
+    Also sets the process's TF32 switches for ``dtype`` (on for ``"tf32"``, off otherwise, for
+    products and convolutions alike: :func:`spikingformer.engine.trainer.set_tf32`), so that every
+    contender, and the dense limit's replay after the step, computes at the same precision."""
     import torch
 
     import sj_neurons
+    from spikingformer.engine.trainer import set_tf32
+
+    set_tf32(dtype == "tf32")
 
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     if mode == "train":
@@ -418,8 +426,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall: wall-clock time; cpu: the worker's process CPU time on one thread, which other "
                          "processes on a loaded machine barely disturb (page faults count: they are system time)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                    help="precisions to time (bf16: autocast); default: both")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES,
+                    help="precisions to time (bf16: autocast; fp32: full float32; tf32, on CUDA: float32 products and "
+                         "convolutions on TF32 tensor cores, for every contender alike); default: fp32 and bf16")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the models run; on cuda, SpikingJelly uses its cupy backend when CuPy imports, and "
                          "peak memory is torch.cuda.max_memory_allocated")
@@ -437,11 +446,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="instead of the comparison: where one training step's time goes (torch.profiler, grouped)")
 
 
-def drop_emulated_bf16(args: argparse.Namespace) -> None:
-    """On a CPU without native bf16 (:func:`spikingformer.cpu_features.native_bf16`), drop bf16 from
-    ``args.dtypes`` with one line on stderr: emulated bf16 times measure the emulation."""
+def check_dtypes(args: argparse.Namespace) -> None:
+    """Refuse tf32 off CUDA (it names a GPU's tensor cores); on a CPU without native bf16
+    (:func:`spikingformer.cpu_features.native_bf16`), drop bf16 from ``args.dtypes`` with one line
+    on stderr: emulated bf16 times measure the emulation."""
     from spikingformer.cpu_features import BF16_EMULATED, native_bf16
 
+    if "tf32" in args.dtypes and args.device != "cuda":
+        raise ValueError("--dtypes tf32 times NVIDIA GPUs' TF32 tensor cores: use it with --device cuda")
     if args.device != "cpu" or "bf16" not in args.dtypes or native_bf16():
         return
     args.dtypes = [d for d in args.dtypes if d != "bf16"]
@@ -499,7 +511,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                          "drop --threads or pass --threads 1")
     if args.device == "cuda" and torch_cuda_name() == "no CUDA device visible":
         raise ValueError("--device cuda: no CUDA device is visible to torch (run on a GPU machine, or use --device cpu)")
-    drop_emulated_bf16(args)
+    check_dtypes(args)
     args.sj_python = args.sj_python or [sys.executable]
     load_start = common.load_average()
     start = time.perf_counter()
@@ -586,7 +598,7 @@ def _paired_efficiency(runs: list[dict], cpu: bool) -> dict:
 def print_profile(args: argparse.Namespace, command: str) -> None:
     """Profile one training step per model and dtype (each in its own process) and print the groups."""
     threads = args.threads or 1
-    drop_emulated_bf16(args)
+    check_dtypes(args)
     print("# Where a training step's time goes\n")
     print(f"Command: `{command}`\n")
     print("\n".join(common.machine_lines(threads)))

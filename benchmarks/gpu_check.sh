@@ -11,13 +11,14 @@
 #   4. our Triton neuron against today's peers on CUDA: SpikingJelly 2.0 (its own CUDA/Triton
 #      kernel, picked automatically), snnTorch and Norse where installed, spikes checked first;
 #   5. the model benchmark on the GPU against the authors' code with SpikingJelly's fastest CUDA
-#      neuron, fp32 and bf16 autocast, if spikingjelly is installed, at the authors' training batch
-#      on one GPU (64 CIFAR images, 16 event sequences: the batches of 16 / 8 sized for a CPU left
-#      both sides waiting on the host in the two runs of 2026-12-04);
-#   6. where the GPU steps' time goes (host or device, kernels launched) and each route that acts on
-#      CUDA tensors on against off there (benchmarks/study_gpu.py, fp32);
-#   7. the compiled model on CUDA (torch.compile, fullgraph, Inductor's Triton code around the
-#      spikingformer::lif operator) against eager, training step and inference.
+#      neuron, if spikingjelly is installed, at the authors' training batch on one GPU (64 CIFAR
+#      images, 16 event sequences), in full fp32 and with TF32 tensor cores, the same for both
+#      contenders (PyTorch's default gives convolutions TF32 but not matrix products, which favoured
+#      the authors' Conv1d layers over our nn.Linear on 2026-12-04; bf16 was measured then);
+#   6. the compiled model on CUDA (torch.compile, fullgraph, Inductor's Triton code around the
+#      spikingformer::lif operator) against eager, training step and inference, in the default mode
+#      and in reduce-overhead (CUDA graphs: the eager steps were host-bound on 2026-12-04).
+# (Where a GPU step's time goes, host or device, is benchmarks/study_gpu.py's: run it by hand.)
 #
 # A machine without network access: the peers' wheels can travel in .whl/ beside the checkout
 # (benchmarks/gpu_wheels.sh fetches them where pip works); they are installed into a temporary
@@ -90,18 +91,18 @@ step "neuron benchmark on cuda" 25 \
 step "our Triton neuron against today's peers on cuda" 30 \
   "$PY" benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2
 if "$PY" -c "import spikingjelly" 2>/dev/null; then  # before the compiler's step: it is the figure the issue asks for
-  # (on 2026-12-04, at the batches of 16 / 8: 230 s for both dtypes with one round of the limit;
-  # the authors' batches add the calibration's CPU forward at 4x / 2x the batch, and longer steps)
-  step "model benchmark on cuda" 295 \
-    "$PY" benchmarks/bench_model.py --device cuda --batch authors --warmup 2 --steps 3 --threads 1 --limit-reps 1
+  # (on 2026-12-04, at the authors' batches: 281 s for fp32 and bf16 with one round of the limit;
+  # the time goes to starting 16 processes, building and calibrating the models, and the limit)
+  step "model benchmark on cuda" 305 \
+    "$PY" benchmarks/bench_model.py --device cuda --batch authors --dtypes fp32 tf32 --warmup 2 --steps 3 \
+    --threads 1 --limit-reps 1
 else
   echo "spikingjelly is not installed: skipping the model benchmark (carry its wheels: benchmarks/gpu_wheels.sh)"
 fi
-# (on 2026-12-04: 84 s for fp32 and bf16, both models', 7 steps per state; here ours only, fp32, 5 steps)
-step "host or device, and the routes on cuda" 30 \
-  "$PY" benchmarks/study_gpu.py --dtypes fp32 --reps 5 --top 6 --no-authors
-step "torch.compile against eager on cuda" 95 \
-  "$PY" benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_digits spikingformer_cifar10_4_256
+# (on 2026-12-04, default mode only: 4-31 s per first compiled call, 41 s for CIFAR 4-256's two)
+step "torch.compile against eager on cuda" 115 \
+  "$PY" benchmarks/bench_compile.py --device cuda --steps 5 --models spikingformer_cifar10_4_256 \
+  --compile-modes default reduce-overhead
 
 echo "== summary =="
 printf '%s\n' "${SUMMARY[@]}"

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.device = "cpu"
     try:
-        bench_model.drop_emulated_bf16(args)
+        bench_model.check_dtypes(args)
     except ValueError as err:
         ap.exit(2, f"{ap.prog}: error: {err}\n")
     threads = args.threads or (1 if args.quick else os.cpu_count())

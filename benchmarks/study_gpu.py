@@ -117,7 +117,7 @@ def on_off(step: Callable[[], None], route: str, reps: int) -> tuple[float, floa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", choices=list(bench_model.MODELS), default=list(bench_model.MODELS))
-    ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", choices=bench_model.DTYPES, default=["fp32", "bf16"])
     ap.add_argument("--batch", default="bench", choices=["bench", "authors"],
                     help="as bench_model.py's: bench (16 / 8) or the authors' training batch on one GPU (64 / 16)")
     ap.add_argument("--reps", type=int, default=9, help="timed steps per contender or route state (median)")
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu only checks that the script runs (with --quick): the study is for a GPU")
     ap.add_argument("--quick", action="store_true", help="tiny models (bench_model's --quick sizes): a smoke test")
     args = ap.parse_args(argv)
+    bench_model.check_dtypes(args)
 
     import torch
 

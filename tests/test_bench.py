@@ -579,7 +579,7 @@ def test_bench_compile_runs_as_a_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "- CPU: " in proc.stdout, proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| spikingformer_digits")]
-    assert len(rows) == 1 and rows[0].count("|") == 8, proc.stdout
+    assert len(rows) == 1 and rows[0].count("|") == 9 and "| default |" in rows[0], proc.stdout
 
 
 @pytest.mark.slow
@@ -900,7 +900,7 @@ def test_gpu_check_steps_fit_one_device_command():
     them took under 15 s on an H200)."""
     text = (BENCHMARKS / "gpu_check.sh").read_text()
     limits = [int(n) for n in re.findall(r'\bstep "[^"]+" (\d+)', text)]
-    assert len(limits) == 7 and sum(limits) <= 570
+    assert len(limits) == 6 and sum(limits) <= 570
 
 
 def test_gpu_check_installs_the_carried_wheels_ahead_of_the_installed_packages(tmp_path):
@@ -961,3 +961,28 @@ def test_study_gpu_quick_runs_on_the_cpu(capsys):
     routes = re.findall(r"^\| (\w+) \| event \| (train|infer) \| fp32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out, re.M)
     expected = {(r, m) for r, passes in study_gpu.CUDA_ROUTES.items() if r != "stem_once" for m in passes}
     assert set(routes) == expected, out
+
+
+def test_tf32_is_one_switch_for_every_contender_and_only_on_cuda():
+    """A step built for ``tf32`` lets products and convolutions both use TF32 tensor cores, one built
+    for ``fp32`` or ``bf16`` neither (PyTorch's own default allows convolutions only, which let the
+    authors' Conv1d layers run at TF32 while our nn.Linear ran in full fp32 on the H200); the switch
+    is set when the step is built, so the dense limit's replay runs at the same precision. Off CUDA
+    the option is refused."""
+    import argparse
+
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        model, x, y = torch.nn.Linear(4, 3), torch.randn(2, 4), torch.tensor([0, 2])
+        for dtype, on in (("tf32", True), ("fp32", False), ("tf32", True), ("bf16", False)):
+            bench_model.step_function(model, x, y, "infer", dtype, authors=False)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on), dtype
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with pytest.raises(ValueError, match="--device cuda"):
+        bench_model.check_dtypes(argparse.Namespace(device="cpu", dtypes=["fp32", "tf32"]))
+    cuda = argparse.Namespace(device="cuda", dtypes=["fp32", "tf32"])
+    bench_model.check_dtypes(cuda)
+    assert cuda.dtypes == ["fp32", "tf32"]

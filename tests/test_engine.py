@@ -193,3 +193,26 @@ def test_every_recipe_loads_with_valid_names():
     assert (cifar.mixup.mixup, cifar.mixup.mixup_off_epoch, cifar.data.aa) == (0.5, 200, "rand-m9-n1-mstd0.4-inc1")
     dvs = load_config("cifar10_dvs")
     assert (dvs.optim.lr, dvs.data.time_steps, dvs.mixup.mixup_prob, dvs.mixup.mixup_off_epoch, dvs.run.seed) == (1e-3, 16, 0.5, 75, 2021)
+
+
+@pytest.mark.parametrize("override, on", [({}, False), ({"tf32": True}, True), ({"tf32": False}, False)])
+def test_tf32_option_sets_both_switches_before_the_model_is_built(tmp_path, monkeypatch, override, on):
+    """``--tf32`` lets a GPU's float32 products and convolutions both use TF32 tensor cores; the
+    default keeps both in full float32 (PyTorch's own default differs between the two)."""
+    from spikingformer.engine import trainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not on, not on)
+    monkeypatch.setattr(trainer, "build_dataset", stop)  # soon after the switches
+    try:
+        with pytest.raises(Stop):
+            trainer.train(load_config("digits", {"output": str(tmp_path), **override}))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -391,25 +391,25 @@ def test_amp_auto_is_bf16_on_a_native_bf16_cpu_without_warning(monkeypatch):
 def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys):
     import argparse
 
-    from bench_model import drop_emulated_bf16
+    from bench_model import check_dtypes
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=False)
     args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
-    drop_emulated_bf16(args)
+    check_dtypes(args)
     assert args.dtypes == ["fp32"]
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(ValueError, match="--dtypes fp32"):
-        drop_emulated_bf16(argparse.Namespace(device="cpu", dtypes=["bf16"]))
+        check_dtypes(argparse.Namespace(device="cpu", dtypes=["bf16"]))
 
 
 def test_model_benchmark_keeps_bf16_rows_on_a_native_bf16_cpu(monkeypatch, capsys):
     import argparse
 
-    from bench_model import drop_emulated_bf16
+    from bench_model import check_dtypes
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     _cpu(monkeypatch, "x86_64", avx512_bf16=True)
     args = argparse.Namespace(device="cpu", dtypes=["fp32", "bf16"])
-    drop_emulated_bf16(args)
+    check_dtypes(args)
     assert args.dtypes == ["fp32", "bf16"] and capsys.readouterr().err == ""

@@ -110,6 +110,8 @@ class RunSection:
     seed: int = option(42, "random seed (weights, data order, augmentation)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: str = option("auto", "mixed precision: auto (bf16 on capable CPUs, fp16 on CUDA), off, bf16 or fp16", synonyms=("precision",))
+    tf32: bool = option(False, "on NVIDIA GPUs (Ampere and newer): float32 products and convolutions on TF32 tensor "
+                               "cores, as the authors' Conv1d layers ran under PyTorch's defaults; off: full float32")
     output: str = option("runs", "runs are written to <output>/<name>/", synonyms=("output_dir", "out", "outdir"))
     name: str | None = option(None, "run folder name (unset: <recipe>-<model>)", synonyms=("experiment", "run_name"))
     resume: str | None = option(None, "a last.pt checkpoint to resume from, or auto for <output>/<name>/last.pt")
@@ -329,7 +331,7 @@ RULES: dict[str, Any] = {
     "mixup": _at_least(0), "cutmix": _at_least(0), "mixup_prob": _between(0, 1), "mixup_switch_prob": _between(0, 1),
     "mixup_mode": ("batch", "pair", "elem"), "mixup_off_epoch": _at_least(0), "smoothing": _between(0, 1, high_open=True),
     # run
-    "seed": _between(0, 2**63 - 1), "device": None, "amp": ("auto", "off", "bf16", "fp16"), "output": None, "name": None,
+    "seed": _between(0, 2**63 - 1), "device": None, "amp": ("auto", "off", "bf16", "fp16"), "tf32": None, "output": None, "name": None,
     "resume": None, "overwrite": None, "compile": None, "eval_interval": _at_least(1), "log_interval": _at_least(1),
     "deterministic": None, "tensorboard": None,
 }

@@ -57,6 +57,16 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown amp mode '{amp}'; valid: auto, off, bf16, fp16")
 
 
+def set_tf32(enabled: bool) -> None:
+    """Whether float32 matrix products (cuBLAS) and convolutions (cuDNN) may run on TF32 tensor cores
+    (NVIDIA Ampere and newer; products with 10 mantissa bits, sums in float32). Both or neither:
+    PyTorch's own default allows it for convolutions only, so a model built from ``nn.Linear`` would
+    compute at another precision than the same model built from 1x1 convolutions (the authors'
+    ``Conv1d`` token layers). No effect on other devices."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -292,6 +302,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     from tqdm import tqdm
 
     seed_everything(cfg.run.seed, cfg.run.deterministic)
+    set_tf32(cfg.run.tf32)
     folder = run_folder(cfg)
     model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
     train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
