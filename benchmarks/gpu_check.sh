@@ -20,6 +20,13 @@
 #      and in reduce-overhead (CUDA graphs: the eager steps were host-bound on 2026-12-04).
 # (Where a GPU step's time goes, host or device, is benchmarks/study_gpu.py's: run it by hand.)
 #
+# `bash benchmarks/gpu_check.sh --authors-pin` runs instead the authors' pin, SpikingJelly 0.0.0.0.12
+# with its CuPy kernels, against ours: the neuron (bench_lif_peers.py) and the model benchmark in
+# fp32 at the authors' batches. CuPy's wheel is larger than what the device tool carries, so it
+# travels unpacked and xz-compressed with SpikingJelly 0.0.0.0.12 and its other needs, as
+# .whl/authors-pin.tar.xz (`bash benchmarks/gpu_wheels.sh --authors-pin`); the check unpacks it
+# into a folder of its own and runs that release's workers through a Python that sees only it.
+#
 # A machine without network access: the peers' wheels can travel in .whl/ beside the checkout
 # (benchmarks/gpu_wheels.sh fetches them where pip works); they are installed into a temporary
 # folder first, ahead of the interpreter's own packages. The interpreter: $PYTHON, else python3,
@@ -28,6 +35,12 @@
 # also written to $OUT/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+AUTHORS_PIN=0
+case "${1:-}" in
+  --authors-pin) AUTHORS_PIN=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--authors-pin]"; exit 2 ;;
+esac
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
@@ -54,6 +67,29 @@ for name in ("triton", "spikingjelly", "snntorch", "norse"):
         versions.append(f"{name} absent ({type(e).__name__})")
 print("torch", torch.__version__, "|", ", ".join(versions))
 PY
+if [ "$AUTHORS_PIN" = 1 ]; then
+  if [ ! -f .whl/authors-pin.tar.xz ]; then
+    echo "no .whl/authors-pin.tar.xz: make it with bash benchmarks/gpu_wheels.sh --authors-pin where pip works"
+    exit 1
+  fi
+  pin="$(mktemp -d)"
+  trap 'rm -rf "$pin"' EXIT  # about 190 MB unpacked
+  "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+    .whl/authors-pin.tar.xz "$pin/site" || exit 1
+  # the interpreter, seeing the authors' pin and this checkout only (not the carried SpikingJelly 2.0.0)
+  printf '#!/bin/sh\nPYTHONPATH="%s" exec "%s" "$@"\n' "$pin/site:$PWD/src" "$PY" > "$pin/python"
+  chmod +x "$pin/python"
+  "$pin/python" - <<'PY'
+import importlib
+versions = []
+for name in ("spikingjelly", "cupy"):
+    try:
+        versions.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as e:  # reported; the steps below then fail with the reason
+        versions.append(f"{name} absent ({type(e).__name__}: {e})")
+print("the authors' pin:", ", ".join(versions))
+PY
+fi
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device visible to torch: skipping the GPU check"
   exit 0
@@ -79,6 +115,18 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, recor
   [ "$rc" = 0 ] || FAILED=1
 }
 
+if [ "$AUTHORS_PIN" = 1 ]; then  # == with --authors-pin: these steps only ==
+  step "SpikingJelly 0.0.0.0.12 (CuPy) against our Triton neuron on cuda" 60 \
+    "$PY" benchmarks/bench_lif_peers.py --device cuda --threads 1 --reps 10 --rounds 2 --sj012-python "$pin/python"
+  step "model benchmark on cuda against the authors' pin" 200 \
+    "$PY" benchmarks/bench_model.py --device cuda --batch authors --dtypes fp32 --sj-python "$pin/python" \
+    --warmup 2 --steps 3 --threads 1 --limit-reps 0 --allocators "as is"
+  echo "== summary =="
+  printf '%s\n' "${SUMMARY[@]}"
+  exit "$FAILED"
+fi
+
+# == the check ==
 # (the limits below are sized from what each step took on an H200 on 2026-12-04)
 SPIKINGFORMER_TEST_DEVICE=cuda step "kernel and model tests on cuda" 60 \
   "$PY" -m pytest tests/test_kernels.py tests/test_neuron.py tests/test_device_models.py -q -p no:cacheprovider \

@@ -898,9 +898,12 @@ def test_gpu_check_steps_fit_one_device_command():
     """The device machine runs one command for at most 600 s, a machine's start and the rest of its
     15 minutes beside it: the steps' time limits must add up to at most 570 s (the set-up before
     them took under 15 s on an H200)."""
-    text = (BENCHMARKS / "gpu_check.sh").read_text()
-    limits = [int(n) for n in re.findall(r'\bstep "[^"]+" (\d+)', text)]
+    pin, check = (BENCHMARKS / "gpu_check.sh").read_text().split("# == the check ==")
+    limits = [int(n) for n in re.findall(r'\bstep "[^"]+" (\d+)', check)]
     assert len(limits) == 6 and sum(limits) <= 570
+    # --authors-pin: the rest of a session's 15 minutes after the check (a warm machine needs no start)
+    limits = [int(n) for n in re.findall(r'\bstep "[^"]+" (\d+)', pin)]
+    assert len(limits) == 2 and sum(limits) <= 270
 
 
 def test_gpu_check_installs_the_carried_wheels_ahead_of_the_installed_packages(tmp_path):
@@ -986,3 +989,42 @@ def test_tf32_is_one_switch_for_every_contender_and_only_on_cuda():
     cuda = argparse.Namespace(device="cuda", dtypes=["fp32", "tf32"])
     bench_model.check_dtypes(cuda)
     assert cuda.dtypes == ["fp32", "tf32"]
+
+
+def _checkout_with_gpu_check(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu_check.sh").write_text((BENCHMARKS / "gpu_check.sh").read_text())
+    (tmp_path / ".whl").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHON"] = sys.executable
+    return lambda *args: subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_check.sh"), *args],
+                                        capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_gpu_check_with_the_authors_pin_unpacks_it_for_that_release_only(tmp_path):
+    """``gpu_check.sh --authors-pin`` unpacks ``.whl/authors-pin.tar.xz`` (SpikingJelly 0.0.0.0.12 with
+    CuPy, too large to travel as wheels) into a folder of its own, which only the interpreter it
+    hands to the benchmarks' SpikingJelly 0.0.0.0.12 workers sees (a stand-in release here); without
+    the pack it says how to make it; another argument is refused."""
+    import io
+    import tarfile
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the check would go on to run on it")
+    check = _checkout_with_gpu_check(tmp_path)
+    done = check("--authors-pin")
+    assert done.returncode == 1 and "bash benchmarks/gpu_wheels.sh --authors-pin" in done.stdout, done.stdout
+    with tarfile.open(tmp_path / ".whl" / "authors-pin.tar.xz", "w:xz") as pack:
+        source = b'__version__ = "0.0.0.0.12"\n'
+        member = tarfile.TarInfo("./spikingjelly/__init__.py")
+        member.size = len(source)
+        pack.addfile(member, io.BytesIO(source))
+    done = check("--authors-pin")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the authors' pin: spikingjelly 0.0.0.0.12, cupy absent (ModuleNotFoundError" in done.stdout, done.stdout
+    assert "no CUDA device visible to torch" in done.stdout
+    versions = next(line for line in done.stdout.splitlines() if line.startswith("torch "))
+    assert "spikingjelly 0.0.0.0.12" not in versions  # the check's own interpreter does not see the pin
+    assert check("--pin").returncode == 2
