@@ -216,3 +216,29 @@ def test_tf32_option_sets_both_switches_before_the_model_is_built(tmp_path, monk
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("flags, on", [((), False), (("--tf32",), True)])
+def test_eval_tf32_flag_sets_both_switches(tmp_path, monkeypatch, flags, on):
+    """``spikingformer eval --tf32`` as training's: both switches on; without it, full float32."""
+    from spikingformer.engine import evaluation
+    from spikingformer.models.zoo import create_model
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    weights = tmp_path / "weights.pt"
+    torch.save(create_model("spikingformer_digits").state_dict(), weights)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not on, not on)
+    monkeypatch.setattr(evaluation, "build_dataset", stop)  # right after the switches
+    try:
+        with pytest.raises(Stop):
+            main(["eval", "--checkpoint", str(weights), "--model", "spikingformer_digits", "--data", "digits",
+                  "--device", "cpu", *flags])
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

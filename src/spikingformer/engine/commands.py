@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
-        device=args.device, amp=args.amp, time_steps=args.time_steps,
+        device=args.device, amp=args.amp, time_steps=args.time_steps, tf32=args.tf32,
     )
     print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
           f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
@@ -139,6 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--frames", type=int, dest="time_steps", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
+    e.add_argument("--tf32", action="store_true",
+                   help="on NVIDIA GPUs: float32 products and convolutions on TF32 tensor cores (default: full float32)")
     e.set_defaults(func=run_eval)
 
     m = sub.add_parser("models", help="list the model zoo with parameter counts")

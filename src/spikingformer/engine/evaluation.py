@@ -8,7 +8,7 @@ from spikingformer import checkpoints
 from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import setup, teardown
-from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader
+from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader, set_tf32
 from spikingformer.models import model_from_checkpoint
 
 
@@ -34,14 +34,18 @@ def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | N
 
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
-                        time_steps: int | None = None) -> dict:
-    """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names."""
+                        time_steps: int | None = None, tf32: bool = False) -> dict:
+    """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names.
+
+    ``tf32``: on NVIDIA GPUs, float32 products and convolutions on TF32 tensor cores (as training's
+    ``--tf32``); off, both in full float32."""
     ckpt = checkpoints.read(path)
     data = data_section_for(ckpt, dataset, data_dir, time_steps)
     model = model_from_checkpoint(ckpt, model_name)
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
     runtime = setup(device)
+    set_tf32(tf32)
     try:
         model = model.to(runtime.device)
         eval_set = build_dataset(data, model.config.img_size, train=False)
