@@ -215,12 +215,12 @@ def step_function(model, x, y, mode: str, dtype: str, authors: bool):
     neurons reset after it (``authors``).
 
     Also sets the process's TF32 switches for ``dtype`` (on for ``"tf32"``, off otherwise, for
-    products and convolutions alike: :func:`spikingformer.engine.trainer.set_tf32`), so that every
+    products and convolutions alike: :func:`spikingformer.engine.precision.set_tf32`), so that every
     contender, and the dense limit's replay after the step, computes at the same precision."""
     import torch
 
     import sj_neurons
-    from spikingformer.engine.trainer import set_tf32
+    from spikingformer.engine.precision import set_tf32
 
     set_tf32(dtype == "tf32")
 

@@ -1028,3 +1028,22 @@ def test_gpu_check_with_the_authors_pin_unpacks_it_for_that_release_only(tmp_pat
     versions = next(line for line in done.stdout.splitlines() if line.startswith("torch "))
     assert "spikingjelly 0.0.0.0.12" not in versions  # the check's own interpreter does not see the pin
     assert check("--pin").returncode == 2
+
+
+def test_a_baseline_worker_needs_no_training_dependencies():
+    """The baselines' workers run in an environment of their own (SpikingJelly 0.0.0.0.12's: PyTorch
+    and that release, with this checkout on the path): building a step, precision switches
+    included, must not import the training stack (PyYAML, timm)."""
+    code = ("import sys\n"
+            "class Absent:  # as if not installed\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('yaml', 'timm'):\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "import torch, bench_model\n"
+            "step = bench_model.step_function(torch.nn.Linear(4, 3), torch.randn(2, 4), torch.tensor([0, 2]), "
+            "'train', 'fp32', authors=False)\n"
+            "step()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent / "src")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -362,7 +362,7 @@ def test_native_int8_detection(monkeypatch, machine, vnni, amx, isa_cap, native)
 
 
 def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):
-    from spikingformer.engine.trainer import autocast_dtype
+    from spikingformer.engine.precision import autocast_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -377,7 +377,7 @@ def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch
 
 
 def test_amp_auto_is_bf16_on_a_native_bf16_cpu_without_warning(monkeypatch):
-    from spikingformer.engine.trainer import autocast_dtype
+    from spikingformer.engine.precision import autocast_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

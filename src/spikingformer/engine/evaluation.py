@@ -8,7 +8,8 @@ from spikingformer import checkpoints
 from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import setup, teardown
-from spikingformer.engine.trainer import autocast_dtype, evaluate, make_loader, set_tf32
+from spikingformer.engine.precision import autocast_dtype, set_tf32
+from spikingformer.engine.trainer import evaluate, make_loader
 from spikingformer.models import model_from_checkpoint
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,39 +31,12 @@ from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
 from spikingformer.allocator import empty_cache
-from spikingformer.cpu_features import BF16_EMULATED, native_bf16, pin_threads
+from spikingformer.cpu_features import pin_threads
+from spikingformer.engine.precision import autocast_dtype, set_tf32
 
 
 # ----------------------------------------------------------------------------------------------
-# precision, seeding, data
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on this device (None: full fp32).
-
-    ``auto`` means bf16 on CPUs with native bf16 support (AVX512-BF16 / AMX), fp16 on CUDA.
-    """
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if native_bf16() else None
-    if amp == "bf16" and device.type == "cpu" and not native_bf16():
-        warnings.warn(f"spikingformer: --amp bf16: {BF16_EMULATED} (--amp off is faster here)", RuntimeWarning, stacklevel=2)
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    raise ValueError(f"unknown amp mode '{amp}'; valid: auto, off, bf16, fp16")
-
-
-def set_tf32(enabled: bool) -> None:
-    """Whether float32 matrix products (cuBLAS) and convolutions (cuDNN) may run on TF32 tensor cores
-    (NVIDIA Ampere and newer; products with 10 mantissa bits, sums in float32). Both or neither:
-    PyTorch's own default allows it for convolutions only, so a model built from ``nn.Linear`` would
-    compute at another precision than the same model built from 1x1 convolutions (the authors'
-    ``Conv1d`` token layers). No effect on other devices."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+# seeding, data
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
