@@ -263,11 +263,23 @@ def isa(flags: list[str] | None = None, env: dict | None = None) -> str:
     return cap if cap is not None and order.index(cap) > order.index(cpu) else cpu
 
 
-def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False) -> dict:
+def halves_avx512(info: dict | None = None) -> bool:
+    """Whether the CPU executes each 512-bit instruction as two 256-bit halves: AMD's Zen 4 (family 25
+    with AVX-512), whose FMA units are 256 bits wide. (Zen 5, family 26, has 512-bit units.)"""
+    info = common.cpu_info() if info is None else info
+    return "AMD" in info["model"] and (info["family"] or "").startswith("family 25,") and "avx512f" in info["flags"]
+
+
+def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False, info: dict | None = None) -> dict:
     """Theoretical peak of ``threads`` cores at ``ghz``: ``FMA_UNITS`` x lanes x 2 FLOPs per cycle
-    (fp32), twice that for bf16 on AVX512-BF16 (``vdpbf16ps``: two products per fp32 lane)."""
-    per_cycle = FMA_UNITS * LANES[isa_name] * 2 * (2 if bf16 else 1)
-    return dict(isa=isa_name, flops_per_cycle=per_cycle, ghz=ghz, cores=threads, flops=threads * ghz * 1e9 * per_cycle)
+    (fp32), twice that for bf16 on AVX512-BF16 (``vdpbf16ps``: two products per fp32 lane). The lanes
+    are the FMA units' width: AVX-512's 16 only where the units are 512 bits wide
+    (:func:`halves_avx512`; ``info``: :func:`common.cpu_info`'s, this CPU's by default)."""
+    halved = isa_name == "AVX-512" and halves_avx512(info)
+    lanes = LANES["AVX2"] if halved else LANES[isa_name]
+    per_cycle = FMA_UNITS * lanes * 2 * (2 if bf16 else 1)
+    return dict(isa=isa_name, flops_per_cycle=per_cycle, ghz=ghz, cores=threads, flops=threads * ghz * 1e9 * per_cycle,
+                note="AVX-512 on 256-bit FMA units (AMD Zen 4)" if halved else "")
 
 
 def isa_settings() -> str:

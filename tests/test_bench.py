@@ -432,9 +432,18 @@ def test_isa_and_fma_peak():
     assert dense_limit.isa(["fma", "avx2"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == "AVX2"  # a cap never raises
     assert dense_limit.isa(["sse4_2"], {}) == "SSE"
     # 2 cores x 2.3 GHz x (2 FMA units x 16 fp32 lanes x 2 FLOPs) = 294.4 GFLOP/s; AVX2 has 8 lanes
-    assert dense_limit.fma_peak(2, "AVX-512", 2.3)["flops"] == pytest.approx(294.4e9)
-    assert dense_limit.fma_peak(2, "AVX2", 2.3)["flops"] == pytest.approx(147.2e9)
-    assert dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True)["flops"] == pytest.approx(588.8e9)
+    intel = dict(model="Intel(R) Xeon(R) Processor", family="family 6, model 143", flags=avx512)
+    zen5 = dict(model="AMD EPYC", family="family 26, model 2", flags=avx512)
+    zen4 = dict(model="AMD EPYC", family="family 25, model 17", flags=avx512)
+    for info in (intel, zen5):
+        assert dense_limit.fma_peak(2, "AVX-512", 2.3, info=info)["flops"] == pytest.approx(294.4e9)
+        assert dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True, info=info)["flops"] == pytest.approx(588.8e9)
+    assert dense_limit.fma_peak(2, "AVX2", 2.3, info=intel)["flops"] == pytest.approx(147.2e9)
+    # Zen 4 runs a 512-bit FMA as two 256-bit halves: AVX2's rate
+    peak = dense_limit.fma_peak(2, "AVX-512", 2.3, info=zen4)
+    assert peak["flops"] == pytest.approx(147.2e9) and "Zen 4" in peak["note"]
+    assert dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True, info=zen4)["flops"] == pytest.approx(294.4e9)
+    assert not dense_limit.halves_avx512(dict(zen4, flags=["fma", "avx2"]))  # a Zen 3 of family 25
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="compares SpikingJelly's neurons")
