@@ -195,50 +195,39 @@ def test_every_recipe_loads_with_valid_names():
     assert (dvs.optim.lr, dvs.data.time_steps, dvs.mixup.mixup_prob, dvs.mixup.mixup_off_epoch, dvs.run.seed) == (1e-3, 16, 0.5, 75, 2021)
 
 
-@pytest.mark.parametrize("override, on", [({}, False), ({"tf32": True}, True), ({"tf32": False}, False)])
-def test_tf32_option_sets_both_switches_before_the_model_is_built(tmp_path, monkeypatch, override, on):
-    """``--tf32`` lets a GPU's float32 products and convolutions both use TF32 tensor cores; the
-    default keeps both in full float32 (PyTorch's own default differs between the two)."""
-    from spikingformer.engine import trainer
-
-    class Stop(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stop
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not on, not on)
-    monkeypatch.setattr(trainer, "build_dataset", stop)  # soon after the switches
-    try:
-        with pytest.raises(Stop):
-            trainer.train(load_config("digits", {"output": str(tmp_path), **override}))
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
+@pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("flags, on", [((), False), (("--tf32",), True)])
-def test_eval_tf32_flag_sets_both_switches(tmp_path, monkeypatch, flags, on):
-    """``spikingformer eval --tf32`` as training's: both switches on; without it, full float32."""
-    from spikingformer.engine import evaluation
+def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, command, flags, on):
+    """``--tf32`` lets a GPU's float32 products and convolutions both use TF32 tensor cores while the
+    run computes; without it both are full float32 (PyTorch's own default differs between the two).
+    Afterwards the caller's switches are back: ``train`` and ``evaluate_checkpoint`` are library calls."""
+    from spikingformer.engine import evaluation, trainer
     from spikingformer.models.zoo import create_model
 
     class Stop(Exception):
         pass
 
-    def stop(*args, **kwargs):
+    seen = []
+
+    def stop(*args, **kwargs):  # where the run computes: record the switches, end the run
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         raise Stop
 
-    weights = tmp_path / "weights.pt"
-    torch.save(create_model("spikingformer_digits").state_dict(), weights)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not on, not on)
-    monkeypatch.setattr(evaluation, "build_dataset", stop)  # right after the switches
+    if command == "train":
+        monkeypatch.setattr(trainer, "build_dataset", stop)
+        args = ["train", "--output", str(tmp_path), *TINY]
+    else:
+        monkeypatch.setattr(evaluation, "evaluate", stop)
+        weights = tmp_path / "weights.pt"
+        torch.save(create_model("spikingformer_digits").state_dict(), weights)
+        args = ["eval", "--checkpoint", str(weights), "--model", "spikingformer_digits", "--data", "digits",
+                "--device", "cpu"]
     try:
         with pytest.raises(Stop):
-            main(["eval", "--checkpoint", str(weights), "--model", "spikingformer_digits", "--data", "digits",
-                  "--device", "cpu", *flags])
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+            main([*args, *flags])
+        assert seen == [(on, on)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not on, not on)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -8,7 +8,7 @@ from spikingformer import checkpoints
 from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset
 from spikingformer.engine.distributed import setup, teardown
-from spikingformer.engine.precision import autocast_dtype, set_tf32
+from spikingformer.engine.precision import autocast_dtype, tf32_switches
 from spikingformer.engine.trainer import evaluate, make_loader
 from spikingformer.models import model_from_checkpoint
 
@@ -46,7 +46,6 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
     runtime = setup(device)
-    set_tf32(tf32)
     try:
         model = model.to(runtime.device)
         eval_set = build_dataset(data, model.config.img_size, train=False)
@@ -56,7 +55,8 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
                 "is this the right checkpoint for this data set?"
             )
         loader = make_loader(eval_set, batch_size, False, runtime, data.workers, 0)
-        metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
+        with tf32_switches(tf32):
+            metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
     finally:
         teardown()
     name = ckpt.model_name or model_name

@@ -6,7 +6,9 @@ environment of their own, such as SpikingJelly 0.0.0.0.12's, can set the same pr
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -39,3 +41,15 @@ def set_tf32(enabled: bool) -> None:
     ``Conv1d`` token layers). No effect on other devices."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def tf32_switches(enabled: bool) -> Iterator[None]:
+    """:func:`set_tf32` within the ``with`` block; the caller's switches again after it (training and
+    evaluation are library calls too, and must not change the precision of the process around them)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

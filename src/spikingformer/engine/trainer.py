@@ -32,7 +32,7 @@ from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
 from spikingformer.allocator import empty_cache
 from spikingformer.cpu_features import pin_threads
-from spikingformer.engine.precision import autocast_dtype, set_tf32
+from spikingformer.engine.precision import autocast_dtype, tf32_switches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +188,8 @@ def train(cfg: TrainConfig) -> dict:
             folder = run_folder(cfg)
             held = folders.lock(folder)
             folders.prepare(folder, resume_path(cfg, folder), cfg.run.overwrite)
-        return _train(cfg, runtime)
+        with tf32_switches(cfg.run.tf32):
+            return _train(cfg, runtime)
     finally:
         if held is not None:
             held.close()
@@ -274,7 +275,6 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     from tqdm import tqdm
 
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    set_tf32(cfg.run.tf32)
     folder = run_folder(cfg)
     model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
     train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
