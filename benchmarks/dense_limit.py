@@ -119,8 +119,8 @@ class _Recorder(TorchDispatchMode):
         impl = _custom_op_function(func, _device_type(args))
         if impl is not None:
             # one of our operators (torch.library.custom_op): its function runs under this mode, so
-            # that the dense products it falls back to (the spike linear under autocast or above its
-            # firing-rate limit: F.linear, mm) are recorded; its kernels' additions are not products
+            # that the dense products it falls back to (the spike linear under autocast without a bf16
+            # limit, or above its firing-rate limit: F.linear, mm) are recorded; its kernels' additions are not products
             with self:
                 return impl(*args, **kwargs)
         if count is None:
@@ -227,7 +227,8 @@ def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", re
                              before_round: Callable[[bool], object] | None = None) -> tuple[dict, dict]:
     """:func:`measure` of ``step`` and of the dense model (:func:`dense_model_ops`), from one replay
     (``before_round`` as :func:`replay`'s): an op both record is timed once, so the two limits share
-    its time (in bf16, where no spike linear runs, they are the same ops and so the same limit). Our
+    its time (in bf16 where the spike linears take the dense product, they are the same ops and so
+    the same limit; where they sum bf16 spikes, as in float32, the dense model's has more). Our
     step can beat the dense model's limit by doing less arithmetic (the sparsity of the spikes lifts it)."""
     own, model = dense_ops(step), dense_model_ops(step)
 

@@ -37,7 +37,7 @@ import bench_model
 # the routes that act on CUDA tensors (the rest test for CPU tensors), and the passes they act in;
 # batch_pieces is not timed: since this study measured its CPU-sized pieces 1.9-2.2x slower on an
 # H200 (2026-12-04), it splits a CUDA batch only where the batch would crowd the device's memory
-# (routes.piece_elements), never at these benchmark batches
+# (batch_pieces.piece_elements), never at these benchmark batches
 CUDA_ROUTES = {"channels_last": ("train", "infer"), "stem_once": ("train", "infer"),
                "attention_order": ("train", "infer"), "recompute": ("train",), "inplace_bn": ("infer",)}
 

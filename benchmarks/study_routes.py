@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/study_routes.py                                # this CPU as it is
     python benchmarks/study_routes.py --models cifar --reps 3 --quick  # a smoke test
+    python benchmarks/study_routes.py --routes spike_linear --bf16   # under bf16 autocast (native bf16 only)
 
 As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
 
@@ -71,17 +72,17 @@ def _train(fn: Callable, params: list, inputs: list) -> Callable[[], None]:
 
 
 def _lifted(run: Callable[[], None]) -> Callable[[], None]:
-    """``run`` with spike_linear's firing-rate and size limits lifted: its kernels run at every rate
-    and size (the study's linear cases place the limits)."""
+    """``run`` with spike_linear's firing-rate (float32 and bf16) and size limits lifted: its kernels
+    run at every rate and size (the study's linear cases place the limits)."""
     from spikingformer.layers import routes
 
     def go() -> None:
-        saved = routes._spike_max_density, routes._spike_min_work
-        routes._spike_max_density, routes._spike_min_work = 1.0, {"train": 0, "infer": 0}
+        saved = routes._spike_max_density, routes._spike_max_density_bf16, routes._spike_min_work
+        routes._spike_max_density, routes._spike_max_density_bf16, routes._spike_min_work = 1.0, 1.0, {"train": 0, "infer": 0}
         try:
             run()
         finally:
-            routes._spike_max_density, routes._spike_min_work = saved
+            routes._spike_max_density, routes._spike_max_density_bf16, routes._spike_min_work = saved
 
     return go
 
@@ -198,14 +199,17 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
     return out
 
 
-def measure(run: Callable[[], None], route: str, reps: int, clock: Callable[[], float]) -> tuple[float, float]:
-    """Median seconds of ``run`` with ``route`` on and off, alternating."""
+def measure(run: Callable[[], None], route: str, reps: int, clock: Callable[[], float],
+            bf16: bool = False) -> tuple[float, float]:
+    """Median seconds of ``run`` with ``route`` on and off, alternating (under CPU bf16 autocast with ``bf16``)."""
+    import torch
+
     from spikingformer.layers import routes
 
     times = {"+": [], "-": []}
     for rep in range(reps + 1):
         for sign in ("+-" if rep % 2 == 0 else "-+"):
-            with routes.configured(sign + route):
+            with routes.configured(sign + route), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 start = clock()
                 run()
                 if rep:  # the first round warms up
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: the calling thread's CPU time (needs --threads 1); wall: elapsed time")
     parser.add_argument("--routes", nargs="+", help="only these routes")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the script")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every case under CPU bf16 autocast (only where this CPU has bf16 natively)")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use --threads 1, or --clock wall")
@@ -229,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from spikingformer.allocator import configure_allocator
+    from spikingformer.cpu_features import native_bf16
     from spikingformer.layers import routes
 
+    if args.bf16 and not native_bf16():
+        parser.error("--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is emulated and no "
+                     "route is chosen for it")
     configure_allocator()  # as the spikingformer command runs
     torch.set_num_threads(args.threads)
     routes.RECOMPUTE_MIN_ELEMENTS = 0  # the study times every map; the threshold comes from it
@@ -244,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- CPU: {common.cpu_description()}; torch threads: {args.threads}; clock: {args.clock}")
     print(f"- torch {torch.__version__}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           f"oneDNN ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; routes' ISA key: {routes.cpu_isa()}")
-    print(f"- median of {args.reps} alternating repetitions after one warm-up each\n")
+    print(f"- median of {args.reps} alternating repetitions after one warm-up each"
+          + ("; every case under CPU bf16 autocast" if args.bf16 else "") + "\n")
     print("| route | model | case | pass | on ms | off ms | on / off |")
     print("|---|---|---|---|---:|---:|---:|")
     for route, model, label, kind, run in cases(args.models, args.quick):
         if args.routes and route not in args.routes:
             continue
-        on, off = measure(run, route, args.reps, clock)
+        on, off = measure(run, route, args.reps, clock, args.bf16)
         print(f"| {route} | {model} | {label} | {kind} | {on * 1e3:.2f} | {off * 1e3:.2f} | {on / off:.2f} |", flush=True)
     print(f"\nRun took {time.perf_counter() - began:.0f} s; load average (1 min) at start / end: "
           f"{load:.2f} / {common.load_average():.2f}")

@@ -1,5 +1,5 @@
 """The ``batch_pieces`` route: in inference the tokenizer runs on pieces of the batch, each piece's
-stem output at most ``routes.PIECE_ELEMENTS`` elements, and joins their tokens.
+stem output at most ``batch_pieces.PIECE_ELEMENTS`` elements, and joins their tokens.
 
 Samples are independent in inference (BatchNorm with running statistics, the neuron per sample),
 so the pieces must give the tokens of the whole batch: exactly in float64 (PyTorch's own
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spikingformer.layers import routes
+from spikingformer.layers import batch_pieces, routes
 from spikingformer.models.zoo import create_model
 
 
@@ -27,7 +27,7 @@ def _event_model(dtype=torch.float32):
 
 def _tokens(model, x, spec, piece_elements, monkeypatch, grad=False):
     """The tokenizer's output under ``spec``, and how many stem convolutions ran."""
-    monkeypatch.setattr(routes, "PIECE_ELEMENTS", piece_elements)
+    monkeypatch.setattr(batch_pieces, "PIECE_ELEMENTS", piece_elements)
     calls = []
     stem = model.tokenizer.stages[0]
     real = stem.convolve
@@ -80,12 +80,12 @@ def test_pieces_on_a_gpu_only_where_the_batch_would_crowd_its_memory(monkeypatch
         total_memory = 8 << 30
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    bound = routes.piece_elements(torch.device("cuda", 0))
+    bound = batch_pieces.piece_elements(torch.device("cuda", 0))
     assert bound == 1 << 27
     per_frame_sequence = 16 * 32 * 128 * 128
     assert -(-8 * per_frame_sequence // bound) == 1 and -(-64 * per_frame_sequence // bound) == 4
-    assert routes.piece_elements(torch.device("cpu")) == routes.PIECE_ELEMENTS
-    assert routes.piece_elements(torch.device("meta")) is None
+    assert batch_pieces.piece_elements(torch.device("cpu")) == batch_pieces.PIECE_ELEMENTS
+    assert batch_pieces.piece_elements(torch.device("meta")) is None
 
 
 def test_not_on_other_devices(monkeypatch):
@@ -97,7 +97,7 @@ def test_not_on_other_devices(monkeypatch):
     stem = model.tokenizer.stages[0]
     real = stem.convolve
     monkeypatch.setattr(stem, "convolve", lambda part: calls.append(part.shape) or real(part))
-    monkeypatch.setattr(routes, "PIECE_ELEMENTS", 3 * 32 * 32 * 32)  # pieces on the CPU (as above)
+    monkeypatch.setattr(batch_pieces, "PIECE_ELEMENTS", 3 * 32 * 32 * 32)  # pieces on the CPU (as above)
     with routes.configured("+batch_pieces"), torch.no_grad():
         tokens = model.tokenizer(x)
     assert len(calls) == 1 and calls[0] == x.shape and tokens.device.type == "meta"

@@ -231,8 +231,16 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
             linears = sum(products)
             dense = sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(step))
         assert linears > 0 and dense == own + passes * linears
-    # under autocast the spike linear's operator computes the dense products itself (keeping the
-    # spikes as bits): the recorder sees them inside it, so both limits count the same arithmetic
+    # under bf16 autocast where the route sums bf16 spikes, as in float32
+    monkeypatch.setattr(routes, "_spike_max_density_bf16", 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear,-spike_conv"):
+        products.clear()
+        own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(train))
+        linears = sum(products)
+        assert linears > 0 and sum(o["flops"] * o["count"] for o in dense_limit.dense_model_ops(train)) == own + 2 * linears
+    # where it has no bf16 limit, the spike linear's operator computes the dense products itself (keeping
+    # the spikes as bits): the recorder sees them inside it, so both limits count the same arithmetic
+    monkeypatch.setattr(routes, "_spike_max_density_bf16", None)
     with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
         calls = []
         kernels = ops.spike_linear._backend_fns  # the recorder runs the CPU kernel itself, so count its calls
@@ -547,6 +555,25 @@ def test_study_routes_quick_runs_as_a_script():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " cifar " in line]
     assert {r[1].strip() for r in rows} >= {"spike_linear", "channels_last", "fused_spike_pool", "attention_order"}
     assert all(float(r[7]) > 0 for r in rows), proc.stdout
+
+
+def test_study_routes_bf16_runs_only_where_bf16_is_native():
+    """``study_routes.py --bf16`` times the cases under bf16 autocast where the CPU has bf16 natively,
+    and refuses with the reason where it does not (oneDNN capped at AVX2 here: bf16 emulated)."""
+    from spikingformer.cpu_features import native_bf16
+
+    args = [sys.executable, str(BENCHMARKS / "study_routes.py"), "--quick", "--models", "cifar", "--reps", "1",
+            "--routes", "spike_linear", "--bf16"]
+    capped = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert capped.returncode == 2 and "no native bf16" in capped.stderr, capped.stderr[-2000:]
+    if not native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every case under CPU bf16 autocast" in proc.stdout, proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| spike_linear | cifar")]
+    assert len(rows) >= 4 and all(float(r[7]) > 0 for r in rows), proc.stdout
 
 
 def test_bench_products_runs_as_a_script():

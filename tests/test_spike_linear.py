@@ -261,6 +261,8 @@ def any_size(monkeypatch):
 
 
 def test_token_linear_takes_the_route_only_for_float32_cpu_outside_autocast(monkeypatch, any_size):
+    """(Under bf16 autocast where the route has a bf16 limit: tests/test_spike_linear_bf16.py.)"""
+    monkeypatch.setattr(routes, "_spike_max_density_bf16", None)
     layer = TokenLinear(32, 48)
     x = _spikes(4 * 2 * 9, 32, 0.2).view(4, 2, 9, 32)
     calls = []
@@ -367,36 +369,6 @@ def test_blocks_pack_their_neurons_spikes(monkeypatch, any_size, name, packed):
     (out0, g0, saved0), (out1, g1, saved1) = results
     assert torch.equal(out0, out1) and all(torch.equal(g0[k], g1[k]) for k in g0)
     assert saved1 < saved0
-
-
-@pytest.mark.parametrize("spikes", [True, False])
-def test_under_autocast_a_token_linear_keeps_its_spikes_as_bits(spikes):
-    """Under CPU autocast (bf16) the token linears stay autocast's dense bf16 product; where the
-    input is a neuron's spikes, autograd keeps them as bits instead of the bf16 copy. Output and
-    every gradient equal plain ``nn.Linear`` under autocast bit for bit."""
-    from conftest import saved_bytes
-
-    torch.manual_seed(0)
-    plain = nn.Linear(384, 1536)
-    ours = TokenLinear(384, 1536)
-    ours.load_state_dict(plain.state_dict())
-    x = (torch.rand(4, 16, 64, 384) < 0.2).to(torch.bfloat16)
-    g = torch.randn(4, 16, 64, 1536).to(torch.bfloat16)
-    results = []
-    for layer, call in ((plain, lambda xi: plain(xi)), (ours, lambda xi: ours(xi, spikes=spikes))):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
-            y, saved = saved_bytes(lambda: call(xi))
-        y.backward(g)
-        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad, saved))
-    (y0, *g0, saved0), (y1, *g1, saved1) = results
-    assert y1.dtype == torch.bfloat16 and torch.equal(y0, y1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-    if spikes:  # the bits (4096 x 6 words) and the bf16 weight instead of the bf16 input and weight
-        assert saved0 - saved1 == x.numel() * 2 - 4096 * 6 * 8
-    else:
-        assert saved1 == saved0
-
 
 
 @pytest.mark.parametrize("spec,autocast", [("none", False), ("+spike_linear", False), ("+token_linear,-spike_linear", False),

@@ -4,7 +4,8 @@
 route choice in :mod:`spikingformer.layers.routes`); :func:`onednn_cap` reads the one setting that
 caps oneDNN below this CPU's ISA. :func:`native_bf16` says whether this CPU computes bfloat16 natively; everything that offers bf16
 asks it (without native support bf16 is emulated and several times slower than float32).
-:func:`native_int8` says whether it has 8-bit matrix tiles (AMX; the ``spike_conv`` route asks it).
+:func:`native_int8` says whether it has 8-bit matrix tiles (AMX; the ``spike_conv`` route asks it),
+:func:`bf16_matrix_tiles` whether its bf16 products run on them (the ``spike_linear`` route asks it).
 :func:`mkl_generic` says whether MKL runs its generic (non-Intel) code here (the ``token_linear``
 route asks it).
 :func:`pin_threads` fixes the CPU thread count, so that two seeded runs compute alike.
@@ -61,6 +62,17 @@ def native_bf16() -> bool:
             return False
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_matrix_tiles() -> bool:
+    """True when this CPU's bfloat16 products run on matrix tiles (AMX; oneDNN not capped below
+    them), not on vector units (AVX512-BF16): the ``spike_linear`` route keeps autocast's dense
+    product there (its accumulation was measured against vector units only)."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
+        return False
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def native_int8() -> bool:

@@ -5,14 +5,17 @@
 // plus the sum of the weight columns of the row's spikes (the paper's accumulate-only synaptic
 // operation, no multiplications). At a firing rate r this is r times the additions of the dense
 // product's multiply-adds; the kernels below do exactly that, with the spikes' indices gathered
-// row by row. Float32 only, row-major, contiguous.
+// row by row. Row-major, contiguous; x of any storage dtype (float32, float16, bfloat16), and W, b, y
+// (and g, dW) all float32 or all of one 16-bit dtype (the dense product's dtype under autocast). The
+// sums are float32 either way: 16-bit operands are widened exactly, and a 16-bit result is each float32
+// sum rounded once (to nearest even), as a 16-bit dense product with float32 accumulation rounds it.
 //
 // * Forward: y[m, :] = b + sum over k ascending with x[m, k] = 1 of Wt[k, :], Wt = W^T (K, N).
 // * Weight gradient: dW^T[k, :] = sum over m ascending with x[m, k] = 1 of g[m, :], g the output
 //   gradient (M, N): again additions only, as many as the forward's.
 // Both sum in that fixed order, starting from b (or 0), so each equals a plain loop of float32
-// additions in the same order bit for bit; against the dense products they differ by the rounding
-// of the summation order only. The input gradient g W is a dense product (PyTorch's).
+// additions in the same order bit for bit (then one rounding to a 16-bit result); against the
+// dense products they differ by the rounding of the summation order only. The input gradient g W is a dense product (PyTorch's).
 //
 // sf_spike_gather first lists each row's spike columns and counts them (and says when an element
 // is neither 0 nor 1); the caller then decides, from the count, between these kernels and the dense
@@ -90,18 +93,30 @@ inline int32_t list_bits(const uint64_t* __restrict words, int64_t K, uint16_t* 
   return n;
 }
 
-// The spike columns of rows [m0, m0 + rows) of x (M, K) into idx (row r's at idx + r * K, count
-// cnt[r]), ascending, and (packed not null) each row's 64-column masks into packed + r * words_of(K).
-// Returns false when an element is neither 0 nor 1.
-bool gather_rows(const float* __restrict x, int64_t K, int64_t m0, int64_t rows, uint16_t* __restrict idx,
+// The floats at p[0:n) (n <= 64) of storage dtype D: p itself for float32, else widened into piece.
+template <int D>
+inline const float* as_floats(const typename StorageOf<D>::type* p, int64_t n, float* piece) {
+  if constexpr (D == kF32) return p;
+  for (int64_t j = 0; j < n; ++j) piece[j] = load<D>(p, j);
+  return piece;
+}
+
+// The spike columns of rows [m0, m0 + rows) of x (M, K), storage dtype D, into idx (row r's at
+// idx + r * K, count cnt[r]), ascending, and (packed not null) each row's 64-column masks into
+// packed + r * words_of(K). Returns false when an element is neither 0 nor 1.
+template <int D>
+bool gather_rows(const void* x, int64_t K, int64_t m0, int64_t rows, uint16_t* __restrict idx,
                  int32_t* __restrict cnt, uint64_t* __restrict packed) {
+  using S = typename StorageOf<D>::type;
   bool binary = true;
+  float piece[64];
   for (int64_t r = 0; r < rows; ++r) {
-    const float* __restrict xr = x + (m0 + r) * K;
+    const S* __restrict xr = (const S*)x + (m0 + r) * K;
     uint16_t* __restrict ir = idx + r * K;
     int32_t n = 0;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
-      uint64_t bits = nonzero_bits(xr + k0, std::min<int64_t>(64, K - k0), binary);
+      const int64_t w = std::min<int64_t>(64, K - k0);
+      uint64_t bits = nonzero_bits(as_floats<D>(xr + k0, w, piece), w, binary);
       if (packed) packed[r * words_of(K) + k0 / 64] = bits;
       for (; bits; bits &= bits - 1) ir[n++] = (uint16_t)(k0 + __builtin_ctzll(bits));
     }
@@ -111,10 +126,13 @@ bool gather_rows(const float* __restrict x, int64_t K, int64_t m0, int64_t rows,
 }
 
 // out[0:width) = (init ? init[0:width) : 0) + sum over j < n of src[ids[j] * stride + 0:width), in
-// j order; a full tile (width == kWidth) accumulates in kVectors independent registers.
-// init may be out itself (it is read before out is written).
+// j order, stored as dtype D (rounded once where 16-bit); a full tile (width == kWidth) accumulates
+// in kVectors independent registers. init may be out itself (float32: it is read before out is
+// written).
+template <int D = kF32>
 inline void sum_rows(const float* __restrict src, int64_t stride, const uint16_t* __restrict ids, int64_t n,
-                     const float* init, float* out, int64_t width) {
+                     const float* init, typename StorageOf<D>::type* out, int64_t width) {
+  alignas(64) float acc[kWidth];
   if (width == kWidth) {
     Vec a[kVectors];
     for (int v = 0; v < kVectors; ++v) a[v] = init ? vload(init + v * kLanes) : Vec{};
@@ -122,16 +140,19 @@ inline void sum_rows(const float* __restrict src, int64_t stride, const uint16_t
       const float* __restrict s = src + (int64_t)ids[j] * stride;
       for (int v = 0; v < kVectors; ++v) a[v] += vload(s + v * kLanes);
     }
-    for (int v = 0; v < kVectors; ++v) vstore(out + v * kLanes, a[v]);
-    return;
+    if constexpr (D == kF32) {
+      for (int v = 0; v < kVectors; ++v) vstore(out + v * kLanes, a[v]);
+      return;
+    }
+    for (int v = 0; v < kVectors; ++v) vstore(acc + v * kLanes, a[v]);
+  } else {
+    for (int64_t c = 0; c < width; ++c) acc[c] = init ? init[c] : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* __restrict s = src + (int64_t)ids[j] * stride;
+      for (int64_t c = 0; c < width; ++c) acc[c] += s[c];
+    }
   }
-  float acc[kWidth];
-  for (int64_t c = 0; c < width; ++c) acc[c] = init ? init[c] : 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float* __restrict s = src + (int64_t)ids[j] * stride;
-    for (int64_t c = 0; c < width; ++c) acc[c] += s[c];
-  }
-  for (int64_t c = 0; c < width; ++c) out[c] = acc[c];
+  for (int64_t c = 0; c < width; ++c) store<D>(out, c, acc[c]);
 }
 
 inline int threads_for_rows(int64_t M, int nthreads) { return M >= 2 * kRowBlock ? std::max(1, nthreads) : 1; }
@@ -146,13 +167,10 @@ int pack_rows(const void* x, int64_t M, int64_t K, uint64_t* __restrict packed, 
   for (int64_t m = 0; m < M; ++m) {
     const S* __restrict xr = (const S*)x + m * K;
     bool binary = true;
+    float piece[64];
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int64_t n = std::min<int64_t>(64, K - k0);
-      float piece[64];
-      const float* p = piece;
-      if constexpr (D == kF32) p = (const float*)(xr + k0);
-      else for (int64_t j = 0; j < n; ++j) piece[j] = load<D>(xr + k0, j);
-      packed[m * words_of(K) + k0 / 64] = nonzero_bits(p, n, binary);
+      packed[m * words_of(K) + k0 / 64] = nonzero_bits(as_floats<D>(xr + k0, n, piece), n, binary);
     }
     ok &= binary ? 1 : 0;
   }
@@ -171,18 +189,118 @@ void unpack_rows(const uint64_t* packed, int64_t M, int64_t K, void* x, int nthr
   }
 }
 
+// y (M, N) = bias + x W^T from sf_spike_gather's lists (sf_spike_linear_forward), W, bias and y of
+// storage dtype D.
+template <int D>
+void linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* W_, const void* bias_,
+                    int64_t N, void* y_, float* tiles, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const S* W = (const S*)W_;
+  S* y = (S*)y_;
+  const int64_t ntiles = (N + kWidth - 1) / kWidth, blocks = (M + kRowBlock - 1) / kRowBlock;
+  std::vector<float> widened(bias_ && D != kF32 ? N : 0);  // a 16-bit bias, widened once
+  for (int64_t j = 0; j < (int64_t)widened.size(); ++j) widened[j] = load<D>((const S*)bias_, j);
+  const float* bias = D == kF32 ? (const float*)bias_ : bias_ ? widened.data() : nullptr;
+  const int nt = threads_for_rows(M, nthreads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    // row by row of a slice, each row's kWidth columns from kWidth rows of W: those rows' cache lines
+    // hold 16 consecutive k, so they stay in L1 for the next 15 rows of the slice. (Column by column,
+    // each column's K writes fell on K different lines of the slice, which left L1 before the next
+    // column came: for N x K = 1536 x 384 the copy took 1.42 ms instead of 0.50, one thread.)
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t width = std::min(kWidth, N - t * kWidth);
+      const S* __restrict w = W + t * kWidth * K;
+      float* __restrict slice = tiles + t * K * kWidth;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < width; ++j) slice[k * kWidth + j] = load<D>(w, j * K + k);
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t n0 = t * kWidth, width = std::min(kWidth, N - n0);
+        for (int64_t m = m0; m < m0 + rows; ++m)
+          sum_rows<D>(tiles + t * K * kWidth, kWidth, idx + m * K, cnt[m], bias ? bias + n0 : nullptr, y + m * N + n0,
+                      width);
+      }
+    }
+  }
+}
+
+// dW (N, K) = g^T x (sf_spike_linear_weight_grad), g and dW of storage dtype D.
+template <int D>
+void linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* g_, int64_t N,
+                        void* dW_, uint16_t* cols, int64_t* starts, int nthreads) {
+  using S = typename StorageOf<D>::type;
+  const S* g = (const S*)g_;
+  S* dW = (S*)dW_;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const int nt = std::max(1, nthreads);
+  // the chunks' column lists; chunk c's at cols + (spikes before row c * kChunk), offsets in starts + c * (K + 1)
+  std::vector<int64_t> before(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t n = 0;
+    for (int64_t m = c * kChunk; m < std::min(M, (c + 1) * kChunk); ++m) n += cnt[m];
+    before[c + 1] = before[c] + n;
+  }
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t m0 = c * kChunk, m1 = std::min(M, m0 + kChunk);
+    int64_t* st = starts + c * (K + 1);
+    std::fill(st, st + K + 1, (int64_t)0);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int32_t j = 0; j < cnt[m]; ++j) ++st[idx[m * K + j] + 1];
+    for (int64_t k = 0; k < K; ++k) st[k + 1] += st[k];
+    std::vector<int64_t> fill(st, st + K);
+    uint16_t* out = cols + before[c];
+    for (int64_t m = m0; m < m1; ++m)
+      for (int32_t j = 0; j < cnt[m]; ++j) out[fill[idx[m * K + j]]++] = (uint16_t)(m - m0);
+  }
+  const int64_t tiles = (N + kWidth - 1) / kWidth;
+  const int64_t parts = std::min<int64_t>(K, std::max<int64_t>(1, (4 * nt + tiles - 1) / tiles));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> sums(K * kWidth), slice(kChunk * kWidth);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * parts; ++item) {
+      const int64_t n0 = (item / parts) * kWidth, width = std::min(kWidth, N - n0);
+      const int64_t k0 = (item % parts) * K / parts, k1 = (item % parts + 1) * K / parts;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t rows = std::min(kChunk, M - c * kChunk);
+        const S* gc = g + c * kChunk * N + n0;
+        for (int64_t r = 0; r < rows; ++r) {
+          if constexpr (D == kF32) std::memcpy(slice.data() + r * kWidth, gc + r * N, width * sizeof(float));
+          else for (int64_t j = 0; j < width; ++j) slice[r * kWidth + j] = load<D>(gc, r * N + j);
+        }
+        const int64_t* st = starts + c * (K + 1);
+        const uint16_t* list = cols + before[c];
+        for (int64_t k = k0; k < k1; ++k) {
+          float* out = sums.data() + (k - k0) * kWidth;
+          sum_rows(slice.data(), kWidth, list + st[k], st[k + 1] - st[k], c ? out : nullptr, out, width);
+        }
+      }
+      for (int64_t j = 0; j < width; ++j)
+        for (int64_t k = k0; k < k1; ++k) store<D>(dW, (n0 + j) * K + k, sums[(k - k0) * kWidth + j]);
+    }
+  }
+}
+
 }  // namespace
 
 #if SF_IN_PART(0)
 extern "C" {
 
-// The spike columns of every row of x (M, K), ascending, into idx (M * K uint16: row m's at
-// idx + m * K) and their number into cnt (M); with packed (M * ceil(K / 64) uint64) not null, also
-// the spikes as bits: bit j of word w of row m is x[m, 64 w + j] != 0. Returns the number of
-// spikes; -1 if an element is neither 0 nor 1; -2 if K > 65536 (the indices are 16-bit).
-int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int32_t* cnt, uint64_t* packed,
+// The spike columns of every row of x (M, K; storage dtype dtype: 0 float32, 1 float16, 2
+// bfloat16), ascending, into idx (M * K uint16: row m's at idx + m * K) and their number into cnt
+// (M); with packed (M * ceil(K / 64) uint64) not null, also the spikes as bits: bit j of word w of
+// row m is x[m, 64 w + j] != 0. Returns the number of spikes; -1 if an element is neither 0 nor 1;
+// -2 if K > 65536 (the indices are 16-bit); -3 for an unknown dtype.
+int64_t sf_spike_gather(const void* x, int64_t M, int64_t K, int dtype, uint16_t* idx, int32_t* cnt, uint64_t* packed,
                         int nthreads) {
   if (K > 65536) return -2;
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) return -3;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   int64_t total = 0;
   int ok = 1;
@@ -190,7 +308,11 @@ int64_t sf_spike_gather(const float* x, int64_t M, int64_t K, uint16_t* idx, int
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(+ : total) reduction(& : ok)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
-    ok &= gather_rows(x, K, m0, rows, idx + m0 * K, cnt + m0, packed ? packed + m0 * words_of(K) : nullptr) ? 1 : 0;
+    uint64_t* pk = packed ? packed + m0 * words_of(K) : nullptr;
+    const bool binary = dtype == kF32    ? gather_rows<kF32>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk)
+                        : dtype == kF16 ? gather_rows<kF16>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk)
+                                        : gather_rows<kBF16>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk);
+    ok &= binary ? 1 : 0;
     for (int64_t r = 0; r < rows; ++r) total += cnt[m0 + r];
   }
   return ok ? total : -1;
@@ -236,153 +358,39 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
   return -2;
 }
 
-// x (n floats, in memory order) as uint8 into out, each element an integer from 0 to 255 (spikes are
-// 0 or 1): the input of the int8 convolutions (kernels/spike_conv.py), in one pass that also checks
-// it. Returns 0; -1 if an element is anything else (NaN, a fraction, negative, above 255).
-int sf_spike_to_u8(const float* x, int64_t n, uint8_t* out, int nthreads) {
-  constexpr int64_t kPiece = 1 << 16;
-  const int64_t pieces = (n + kPiece - 1) / kPiece;
-  const int nt = pieces >= 4 ? std::max(1, nthreads) : 1;
-  int ok = 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(& : ok)
-  for (int64_t p = 0; p < pieces; ++p) {
-    const int64_t i0 = p * kPiece, i1 = std::min(n, i0 + kPiece);
-    uint32_t bad = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const float v = x[i];
-      const float low = select(v > 0.0f, v, 0.0f);  // NaN -> 0, then flagged below
-      const uint8_t u = (uint8_t)(int32_t)select(low < 255.0f, low, 255.0f);
-      out[i] = u;
-      bad |= (uint32_t)((float)u != v);
-    }
-    ok &= bad == 0 ? 1 : 0;
-  }
-  return ok ? 0 : -1;
-}
-
-// The spike lists of 3x3 windows (padding 1) of channels-last spike maps (B, H, W, C), for the
-// forward below: from sf_spike_gather's lists of the maps' pixels (pidx, stride C; pcnt), window
-// row m = (b H + h) W + w, for m in [m0, m0 + rows), lists k = (3 i + j) C + c for every spike c of
-// pixel (h + i - 1, w + j - 1) inside the map, ascending, into idx + (m - m0) * 9C and cnt: the
-// spikes of the window's row of the unfolded maps, taps in row-major order, channels within a tap.
-// Returns 0; -2 if 9C > 65536 (the indices are 16-bit).
-int sf_spike_window_lists(const uint16_t* pidx, const int32_t* pcnt, int64_t B, int64_t H, int64_t W, int64_t C,
-                          int64_t m0, int64_t rows, uint16_t* idx, int32_t* cnt, int nthreads) {
-  if (9 * C > 65536) return -2;
-  const int nt = threads_for_rows(rows, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r, w = m % W, h = (m / W) % H, b = m / (W * H);
-    uint16_t* __restrict out = idx + r * 9 * C;
-    int32_t n = 0;
-    for (int64_t i = 0; i < 3; ++i) {
-      const int64_t hh = h + i - 1;
-      if (hh < 0 || hh >= H) continue;
-      for (int64_t j = 0; j < 3; ++j) {
-        const int64_t ww = w + j - 1;
-        if (ww < 0 || ww >= W) continue;
-        const int64_t p = (b * H + hh) * W + ww;
-        const uint16_t* __restrict src = pidx + p * C;
-        const uint16_t base = (uint16_t)((3 * i + j) * C);
-        for (int32_t q = 0; q < pcnt[p]; ++q) out[n++] = (uint16_t)(base + src[q]);
-      }
-    }
-    cnt[r] = n;
-  }
-  return 0;
-}
-
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: W (N, K) contiguous; bias (N)
-// may be null; tiles: scratch of ceil(N / 64) * 64 * K floats. W is first copied there tile by
+// may be null; W, bias and y of storage dtype dtype (as sf_spike_gather's); tiles: scratch of ceil(N / 64) * 64 * K floats. W is first copied there tile by
 // tile of output columns, each tile's slice of W^T (K x kWidth floats) contiguous, so that it stays
 // in cache (W^T's rows N floats apart would map onto a few cache sets) while a block of rows adds
 // from it.
-void sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* W,
-                             const float* bias, int64_t N, float* y, float* tiles, int nthreads) {
-  const int64_t ntiles = (N + kWidth - 1) / kWidth, blocks = (M + kRowBlock - 1) / kRowBlock;
-  const int nt = threads_for_rows(M, nthreads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    // row by row of a slice, each row's kWidth columns from kWidth rows of W: those rows' cache lines
-    // hold 16 consecutive k, so they stay in L1 for the next 15 rows of the slice. (Column by column,
-    // each column's K writes fell on K different lines of the slice, which left L1 before the next
-    // column came: for N x K = 1536 x 384 the copy took 1.42 ms instead of 0.50, one thread.)
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t width = std::min(kWidth, N - t * kWidth);
-      const float* __restrict w = W + t * kWidth * K;
-      float* __restrict slice = tiles + t * K * kWidth;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < width; ++j) slice[k * kWidth + j] = w[j * K + k];
-    }
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t n0 = t * kWidth, width = std::min(kWidth, N - n0);
-        for (int64_t m = m0; m < m0 + rows; ++m)
-          sum_rows(tiles + t * K * kWidth, kWidth, idx + m * K, cnt[m], bias ? bias + n0 : nullptr, y + m * N + n0,
-                   width);
-      }
-    }
+// Returns 0; -3 for an unknown dtype.
+int sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* W,
+                            const void* bias, int64_t N, void* y, float* tiles, int dtype, int nthreads) {
+  switch (dtype) {
+    case kF32: linear_forward<kF32>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
+    case kF16: linear_forward<kF16>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
+    case kBF16: linear_forward<kBF16>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
   }
+  return -3;
 }
 
-// dW (N, K) = g^T x from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous.
+// dW (N, K) = g^T x from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous; g and
+// dW of storage dtype dtype (as sf_spike_gather's).
 // Rows are taken kChunk at a time: the chunk's spikes are listed per column (rows ascending, as
 // 16-bit offsets into the chunk: cols / starts, scratch of the spike count and M / kChunk + 1
 // blocks of K + 1 offsets). Then each work item (an output tile and a range of k) walks the chunks
 // in order: it copies the chunk's slice of g (kChunk x kWidth floats) contiguous, and every k adds
 // its rows of it to the partial sums of the chunks before, kept as (k, kWidth) rows; the item ends
 // by writing them transposed into dW.
-void sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const float* g,
-                                 int64_t N, float* dW, uint16_t* cols, int64_t* starts, int nthreads) {
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
-  const int nt = std::max(1, nthreads);
-  // the chunks' column lists; chunk c's at cols + (spikes before row c * kChunk), offsets in starts + c * (K + 1)
-  std::vector<int64_t> before(chunks + 1, 0);
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t n = 0;
-    for (int64_t m = c * kChunk; m < std::min(M, (c + 1) * kChunk); ++m) n += cnt[m];
-    before[c + 1] = before[c] + n;
+// Returns 0; -3 for an unknown dtype.
+int sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* g,
+                                int64_t N, void* dW, uint16_t* cols, int64_t* starts, int dtype, int nthreads) {
+  switch (dtype) {
+    case kF32: linear_weight_grad<kF32>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
+    case kF16: linear_weight_grad<kF16>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
+    case kBF16: linear_weight_grad<kBF16>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
   }
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t m0 = c * kChunk, m1 = std::min(M, m0 + kChunk);
-    int64_t* st = starts + c * (K + 1);
-    std::fill(st, st + K + 1, (int64_t)0);
-    for (int64_t m = m0; m < m1; ++m)
-      for (int32_t j = 0; j < cnt[m]; ++j) ++st[idx[m * K + j] + 1];
-    for (int64_t k = 0; k < K; ++k) st[k + 1] += st[k];
-    std::vector<int64_t> fill(st, st + K);
-    uint16_t* out = cols + before[c];
-    for (int64_t m = m0; m < m1; ++m)
-      for (int32_t j = 0; j < cnt[m]; ++j) out[fill[idx[m * K + j]]++] = (uint16_t)(m - m0);
-  }
-  const int64_t tiles = (N + kWidth - 1) / kWidth;
-  const int64_t parts = std::min<int64_t>(K, std::max<int64_t>(1, (4 * nt + tiles - 1) / tiles));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<float> sums(K * kWidth), slice(kChunk * kWidth);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < tiles * parts; ++item) {
-      const int64_t n0 = (item / parts) * kWidth, width = std::min(kWidth, N - n0);
-      const int64_t k0 = (item % parts) * K / parts, k1 = (item % parts + 1) * K / parts;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t rows = std::min(kChunk, M - c * kChunk);
-        const float* gc = g + c * kChunk * N + n0;
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(slice.data() + r * kWidth, gc + r * N, width * sizeof(float));
-        const int64_t* st = starts + c * (K + 1);
-        const uint16_t* list = cols + before[c];
-        for (int64_t k = k0; k < k1; ++k) {
-          float* out = sums.data() + (k - k0) * kWidth;
-          sum_rows(slice.data(), kWidth, list + st[k], st[k + 1] - st[k], c ? out : nullptr, out, width);
-        }
-      }
-      for (int64_t j = 0; j < width; ++j)
-        for (int64_t k = k0; k < k1; ++k) dW[(n0 + j) * K + k] = sums[(k - k0) * kWidth + j];
-    }
-  }
+  return -3;
 }
 
 }  // extern "C"

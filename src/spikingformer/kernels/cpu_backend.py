@@ -44,12 +44,13 @@ from spikingformer.native import NativeLibrary
 SOURCE_FILE = "csrc/lif_cpu.cpp"
 # The library is one source: the LIF kernel, the max-pool's windows, BN's backward sums, then the
 # tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the windows and
-# the sums, then the token linears' spike accumulation. It is compiled as PARTS translation units at
-# once (SF_IN_PART in csrc/lif_cpu.cpp): 0 the LIF kernel, BN's sums and the spike linears, 1 the
-# fused SN -> max-pool's forward, 2 and 3 its backward after a max-pool and without one (the largest
-# parts: about 11 s and 7 s of the compiler's 31 s on a 2-core Xeon).
+# the sums, then the token linears' spike accumulation and the spike convolution's helpers. It is
+# compiled as PARTS translation units at once (SF_IN_PART in csrc/lif_cpu.cpp): 0 the LIF kernel,
+# BN's sums, the spike linears and convolutions, 1 the fused SN -> max-pool's forward, 2 and 3 its
+# backward after a max-pool and without one (the largest parts: about 11 s and 7 s of the
+# compiler's 31 s on a 2-core Xeon).
 SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_pool_cpu.cpp",
-                "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp")
+                "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp", "csrc/spike_conv_cpu.cpp")
 PARTS = 4
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
@@ -99,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_bn_batch_stats.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
-    lib.sf_spike_gather.argtypes = [vp, i64, i64, vp, vp, vp, ci]
+    lib.sf_spike_gather.argtypes = [vp, i64, i64, ci, vp, vp, vp, ci]
     lib.sf_spike_gather.restype = i64
     lib.sf_spike_gather_packed.argtypes = [vp, i64, i64, vp, vp, ci]
     lib.sf_spike_gather_packed.restype = i64
@@ -111,10 +112,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_unpack.restype = ci
     lib.sf_spike_to_u8.argtypes = [vp, i64, vp, ci]
     lib.sf_spike_to_u8.restype = ci
-    lib.sf_spike_linear_forward.argtypes = [vp, vp, i64, i64, vp, vp, i64, vp, vp, ci]
-    lib.sf_spike_linear_forward.restype = None
-    lib.sf_spike_linear_weight_grad.argtypes = [vp, vp, i64, i64, vp, i64, vp, vp, vp, ci]
-    lib.sf_spike_linear_weight_grad.restype = None
+    lib.sf_spike_linear_forward.argtypes = [vp, vp, i64, i64, vp, vp, i64, vp, vp, ci, ci]
+    lib.sf_spike_linear_forward.restype = ci
+    lib.sf_spike_linear_weight_grad.argtypes = [vp, vp, i64, i64, vp, i64, vp, vp, vp, ci, ci]
+    lib.sf_spike_linear_weight_grad.restype = ci
 
 
 def native_library(march: str = "native") -> NativeLibrary:

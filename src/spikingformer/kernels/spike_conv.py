@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikingformer.kernels import spike_linear
+from spikingformer.kernels import cpu_backend, spike_linear
 
 PIECES = 3
 _STRIDE, _PADDING, _DILATION = [1, 1], [1, 1], [1, 1]
@@ -185,7 +185,7 @@ def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, x.shape):
         lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), rows, 9 * c, w2.data_ptr(),
                                     b.data_ptr() if b is not None else None, cout, y[m0].data_ptr(),
-                                    tiles.data_ptr(), torch.get_num_threads())
+                                    tiles.data_ptr(), cpu_backend.DTYPE_CODES[w2.dtype], torch.get_num_threads())
     return y.view(n, h, w, cout).permute(0, 3, 1, 2)
 
 

@@ -59,14 +59,14 @@ def unpack_spikes_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _gather_spikes(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor | None = None):
-    """``(x contiguous, idx, cnt, count)`` of ``sf_spike_gather``: ``count`` spikes, -1 where ``x``
-    is not spikes (an element neither 0 nor 1), -2 for too many columns. With ``packed``
+    """``(x contiguous, idx, cnt, count)`` of ``sf_spike_gather`` for ``x`` of a dtype of
+    :data:`cpu_backend.DTYPE_CODES`: ``count`` spikes, -1 where ``x`` is not spikes (an element neither 0 nor 1), -2 for too many columns. With ``packed``
     (``(M, packed_width(K))`` int64) the spikes' bits are written there too."""
     xk = x.contiguous()
     m, k = xk.shape
     idx = torch.empty(m * k, dtype=torch.int16)
     cnt = torch.empty(m, dtype=torch.int32)
-    count = lib.sf_spike_gather(xk.data_ptr(), m, k, idx.data_ptr(), cnt.data_ptr(),
+    count = lib.sf_spike_gather(xk.data_ptr(), m, k, cpu_backend.DTYPE_CODES[xk.dtype], idx.data_ptr(), cnt.data_ptr(),
                                 packed.data_ptr() if packed is not None else None, torch.get_num_threads())
     return xk, idx, cnt, count
 
@@ -89,11 +89,12 @@ def _sparse(count: int, numel: int, max_density: float) -> bool:
 
 def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 max_density: float, packed: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x W^T + b`` for float32 rows ``x`` ``(M, K)`` of spikes, as accumulations (``csrc/spike_linear_cpu.cpp``);
-    ``None`` (nothing computed) when an element of ``x`` is neither 0 nor 1, or more than
-    ``max_density`` of them are ones, or ``K`` exceeds the kernel's 16-bit indices. With ``packed``
-    (``(M, packed_width(K))`` int64), ``x``'s bits are written there whatever the firing rate, and
-    an ``x`` that is not spikes raises."""
+    """``x W^T + b`` for rows ``x`` ``(M, K)`` of spikes, as accumulations (``csrc/spike_linear_cpu.cpp``):
+    ``x``, ``weight`` and ``bias`` of one dtype of :data:`cpu_backend.DTYPE_CODES`, summed in float32
+    and rounded once to it; ``None`` (nothing computed) when an element of ``x`` is neither 0 nor 1,
+    or more than ``max_density`` of them are ones, or ``K`` exceeds the kernel's 16-bit indices. With
+    ``packed`` (``(M, packed_width(K))`` int64), ``x``'s bits are written there whatever the firing
+    rate, and an ``x`` that is not spikes raises."""
     # the output first, then the kernel's scratch: a scratch block freed in front of the output
     # (which autograd may keep until backward) would leave a hole in the caching allocator's segment
     y = x.new_empty(x.shape[0], weight.shape[0])
@@ -106,9 +107,11 @@ def kernel_spike_linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch
     n = weight.shape[0]
     w = weight.detach().contiguous()
     b = bias.detach().contiguous() if bias is not None else None
-    tiles = xk.new_empty(-(-n // 64) * 64 * k)  # W^T in tiles of output columns (the kernel's scratch)
+    # W^T in tiles of output columns, widened to float32 (the kernel's scratch)
+    tiles = torch.empty(-(-n // 64) * 64 * k, dtype=torch.float32)
     lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), m, k, w.data_ptr(), b.data_ptr() if b is not None else None,
-                                n, y.data_ptr(), tiles.data_ptr(), torch.get_num_threads())
+                                n, y.data_ptr(), tiles.data_ptr(), cpu_backend.DTYPE_CODES[w.dtype],
+                                torch.get_num_threads())
     return y
 
 
@@ -130,14 +133,16 @@ def _accumulate_weight_grad(lib: ctypes.CDLL, idx: torch.Tensor, cnt: torch.Tens
     cols = torch.empty(max(count, 1), dtype=torch.int16)
     starts = torch.empty(chunks * (k + 1), dtype=torch.int64)
     lib.sf_spike_linear_weight_grad(idx.data_ptr(), cnt.data_ptr(), m, k, gk.data_ptr(), n, gw.data_ptr(),
-                                    cols.data_ptr(), starts.data_ptr(), torch.get_num_threads())
+                                    cols.data_ptr(), starts.data_ptr(), cpu_backend.DTYPE_CODES[gk.dtype],
+                                    torch.get_num_threads())
     return gw
 
 
 def kernel_spike_linear_weight_grad(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor,
                                     max_density: float) -> torch.Tensor | None:
-    """``grad^T x`` ``(N, K)`` for float32 rows ``x`` ``(M, K)`` of spikes and the output gradient
-    ``grad`` ``(M, N)``, as accumulations; ``None`` where :func:`kernel_spike_linear_forward` declines."""
+    """``grad^T x`` ``(N, K)`` for rows ``x`` ``(M, K)`` of spikes and the output gradient ``grad``
+    ``(M, N)`` (both of one dtype of :data:`cpu_backend.DTYPE_CODES`), as accumulations in float32
+    rounded once to that dtype; ``None`` where :func:`kernel_spike_linear_forward` declines."""
     gw = grad.new_empty(grad.shape[1], x.shape[1])
     _, idx, cnt, count = _gather_spikes(lib, x)
     sparse = _sparse(count, x.numel(), max_density)
@@ -202,18 +207,27 @@ def check_weight_grad_shapes(m: int, k: int, grad: torch.Tensor, packed: torch.T
         raise _matmul_error(tuple(grad.shape[::-1]), (m, k))
 
 
+def _kernel_dtype(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels take these operands: all (``None`` aside) of one dtype, float32 or 16-bit
+    (:data:`cpu_backend.DTYPE_CODES`). Mixed dtypes go to the dense product, which raises as
+    ``F.linear`` does."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and dtypes <= cpu_backend.DTYPE_CODES.keys()
+
+
 def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
                          pack: bool = False, onednn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, weight, bias), packed)`` for rows ``x`` ``(M, K)``: by accumulation of weight
-    columns (:func:`kernel_spike_linear_forward`) where ``x`` is float32 spikes with a firing rate of
-    at most ``max_density``, else the dense product (with ``onednn``, :func:`products.linear` where it
+    columns (:func:`kernel_spike_linear_forward`) where ``x`` is spikes with a firing rate of at most
+    ``max_density`` (``x``, ``weight`` and ``bias`` of one dtype, float32 or 16-bit: the caller
+    passes that dtype's limit; a limit of 0 or below always takes the dense product), else the dense product (with ``onednn``, :func:`products.linear` where it
     takes it). ``packed``: with ``pack``, ``x`` as bits (``(M, packed_width(K))`` int64; ``x`` must
     be spikes), else an empty tensor."""
     check_shapes(x, weight, bias)
     lib = get_library()
     m, k = x.shape
     packed = torch.empty((m, packed_width(k)) if pack else (0,), dtype=torch.int64)
-    dense = (x.dtype, weight.dtype) != (torch.float32, torch.float32) or (bias is not None and bias.dtype != torch.float32)
+    dense = not _kernel_dtype(x, weight, bias) or max_density <= 0
     product = products.linear if onednn and products.takes(x, weight, bias) else nn.functional.linear
     if lib is None or dense or not x.numel() or k > 65536:
         return product(x, weight, bias), pack_spikes(x) if pack else packed
@@ -223,11 +237,11 @@ def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def spike_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float) -> torch.Tensor:
     """The weight gradient ``grad^T x`` of :func:`spike_linear_forward`: by accumulation
-    (:func:`kernel_spike_linear_weight_grad`) where ``x`` is float32 spikes with a firing rate of at
-    most ``max_density``, else the dense product."""
+    (:func:`kernel_spike_linear_weight_grad`) where ``x`` is spikes with a firing rate of at most
+    ``max_density`` (``x`` and ``grad`` of one dtype, as the forward's), else the dense product."""
     check_weight_grad_shapes(x.shape[0], x.shape[1], grad)
     lib = get_library()
-    dense = (x.dtype, grad.dtype) != (torch.float32, torch.float32)
+    dense = not _kernel_dtype(x, grad) or max_density <= 0
     gw = None if lib is None or dense or not x.numel() else kernel_spike_linear_weight_grad(lib, x, grad, max_density)
     return gw if gw is not None else grad.t() @ x
 
@@ -238,6 +252,6 @@ def spike_linear_weight_grad_packed(packed: torch.Tensor, k: int, grad: torch.Te
     accumulation where it applies, else the dense product of the unpacked spikes."""
     check_weight_grad_shapes(packed.shape[0], k, grad, packed)
     lib = get_library()
-    usable = lib is not None and grad.dtype == torch.float32 and packed.numel() and k <= 65536
+    usable = lib is not None and _kernel_dtype(grad) and max_density > 0 and packed.numel() and k <= 65536
     gw = kernel_spike_linear_weight_grad_packed(lib, packed, k, grad, max_density) if usable else None
     return gw if gw is not None else grad.t() @ unpack_spikes(packed, k, grad.dtype)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import spikingformer.layers.routes as routes
-from spikingformer.layers import spike_conv
+from spikingformer.layers import batch_pieces, spike_conv
 from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
 
@@ -148,7 +148,7 @@ class SpikingTokenizer(nn.Module):
         """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``; in
         inference possibly in pieces of the batch (route ``batch_pieces``)."""
         stem = x.numel() // x.shape[2] * self.stem_channels
-        return routes.in_pieces(self, x, 1, stem, lambda part: self._forward_after_stem(self.stages[0].convolve(part)))
+        return batch_pieces.in_pieces(self, x, 1, stem, lambda part: self._forward_after_stem(self.stages[0].convolve(part)))
 
     def encode_static(self, images: torch.Tensor, time_steps: int) -> torch.Tensor:
         """Tokens for static images ``(B, C, H, W)`` repeated over ``time_steps`` (direct encoding):
@@ -162,7 +162,7 @@ class SpikingTokenizer(nn.Module):
             y = self.stages[0].convolve(part.unsqueeze(0))
             return self._forward_after_stem(routes.repeat_steps(y, time_steps))
 
-        return routes.in_pieces(self, images, 0, stem, encode)
+        return batch_pieces.in_pieces(self, images, 0, stem, encode)
 
     def _forward_after_stem(self, y: torch.Tensor) -> torch.Tensor:
         """Stages 1-4 from the stem's conv output ``y`` (before its BN)."""

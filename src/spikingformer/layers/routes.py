@@ -42,9 +42,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   operations, so the work falls with the firing rate. Another summation order than ``F.linear``'s:
   float32 rounding differs. The weight gradient sums output-gradient rows likewise; the input
   gradient is PyTorch's dense product. Where the blocks pass a neuron's output
-  (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size);
-  under CPU autocast too, where the product stays autocast's dense one in its dtype, bit for bit,
-  and the bits replace the bf16 copy of the input. Takes precedence over ``token_linear``.
+  (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size).
+  Under CPU bf16 autocast, where bf16 products run on vector units (:data:`SPIKE_LINEAR_MAX_DENSITY_BF16`),
+  the same sums of autocast's bf16 weights (and output-gradient rows) in float32, each rounded
+  once to bf16 as the dense product rounds its float32 sums: the same values but for the
+  summation order; elsewhere (and for float16) autocast's dense product, bit for bit, with the
+  bits replacing the 16-bit copy of the input. Takes precedence over ``token_linear``.
 * ``spike_conv``: the tokenizer's 3x3 convolutions of spike maps (stages 1-4, behind a spiking
   neuron) with at least :data:`SPIKE_CONV_MIN_CHANNELS` input channels, two ways
   (:mod:`spikingformer.kernels.spike_conv`). At a firing rate of at most
@@ -60,11 +63,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   to float64 than it), so float32 values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
-  :data:`PIECE_ELEMENTS` elements on the CPU, and joins the pieces' tokens: every map of the
-  tokenizer is that much smaller. Samples are independent there (BatchNorm uses its running statistics); a
-  convolution over fewer images may pick another algorithm, so float32 values may differ by
-  rounding. On a GPU, whose host issues the tokenizer's kernels once per piece (such pieces made
-  event inference 1.9-2.2x as slow on an H200), a piece may fill 1/16 of its memory (:func:`piece_elements`).
+  :data:`~spikingformer.layers.batch_pieces.PIECE_ELEMENTS` elements on the CPU, and joins the
+  pieces' tokens: every map of the tokenizer is that much smaller. Samples are independent there
+  (BatchNorm uses its running statistics); a convolution over fewer images may pick another
+  algorithm, so float32 values may differ by rounding. On a GPU, whose host issues the tokenizer's kernels once per piece (such pieces made
+  event inference 1.9-2.2x as slow on an H200), a piece may fill 1/16 of its memory
+  (:func:`~spikingformer.layers.batch_pieces.piece_elements`).
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
@@ -93,7 +97,7 @@ import torch
 from torch import nn
 
 from spikingformer import kernels
-from spikingformer.cpu_features import mkl_generic, vector_isa
+from spikingformer.cpu_features import bf16_matrix_tiles, mkl_generic, native_bf16, vector_isa
 from spikingformer.kernels import ops
 from spikingformer.neuron import MultiStepLIF, multistep_lif
 
@@ -102,7 +106,6 @@ ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
-PIECE_ELEMENTS = 1 << 24  # batch_pieces: stem outputs of at most 16M elements (64 MB fp32) per piece
 
 
 cpu_isa = vector_isa  # the key of MEASURED_FASTER
@@ -120,8 +123,14 @@ MEASURED_FASTER = {
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear.
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
-# Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster: below
-# it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh what they save.
+# Per ISA, the same under CPU bf16 autocast, against autocast's bf16 dense product where that runs
+# on vector units (AVX512-BF16; measured on an AMD EPYC Zen 4: docs/performance-log.md, "Spike
+# linear in bf16"). Not measured where bf16 products run on matrix tiles (AMX, several times faster;
+# cpu_features.bf16_matrix_tiles) nor where bf16 is not native: the dense product stays there.
+SPIKE_LINEAR_MAX_DENSITY_BF16 = {"avx512": 0.15}
+# Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster (in bf16
+# too): below it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh
+# what they save.
 SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2": {"train": 1 << 24, "infer": 1 << 22}}
 # Per ISA, the least input channels for which spike_conv measured faster than the float32
 # convolution on the zoo's tokenizer shapes, and the firing rates up to which its accumulation did:
@@ -170,6 +179,15 @@ def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
 _active = parse(os.environ.get(ENV, ""), default_routes())
 # spike_linear's limits here (an ISA not measured gets the strictest measured)
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
+
+
+def spike_max_density_bf16() -> float | None:
+    """spike_linear's firing-rate limit under bf16 autocast on this CPU: :data:`SPIKE_LINEAR_MAX_DENSITY_BF16`
+    of its ISA where bf16 is native and its products run on vector units; else None (the dense product)."""
+    return SPIKE_LINEAR_MAX_DENSITY_BF16.get(cpu_isa()) if native_bf16() and not bf16_matrix_tiles() else None
+
+
+_spike_max_density_bf16 = spike_max_density_bf16()
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
@@ -418,32 +436,3 @@ def bn_spike_tokens(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> torch.Ten
         if _kernel_bn(bn, nn.BatchNorm1d):
             return _from_kernel(_bn_lif_kernel(bn, lif, False, _to_kernel(y)), tokens=True)
     return lif(bn(_bn_view(y)).view(y.shape))
-
-
-# ----------------------------------------------------------------------------- batch_pieces
-
-
-def _hooked(module: nn.Module) -> bool:
-    return (bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-            or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
-
-
-def piece_elements(device: torch.device) -> int | None:
-    """The most stem-output elements per piece on ``device``: :data:`PIECE_ELEMENTS` on the CPU; on
-    CUDA (a piece costs a pass of launches) float32 elements for a sixteenth of its memory; else None."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // (16 * 4)
-    return PIECE_ELEMENTS if device.type == "cpu" else None
-
-
-def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: int,
-              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
-    output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
-    the batch joined along the tokens' batch dimension (1), each one's stem output at most
-    :func:`piece_elements` of x's device."""
-    bound = None if not enabled("batch_pieces") or torch.is_grad_enabled() else piece_elements(x.device)
-    pieces = 1 if bound is None else min(x.shape[dim], -(-stem_elements // bound))
-    if pieces < 2 or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer):
-        return fn(x)
-    return torch.cat([fn(part) for part in x.tensor_split(pieces, dim=dim)], dim=1)

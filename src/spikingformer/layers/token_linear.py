@@ -24,7 +24,8 @@ class TokenLinear(nn.Linear):
     (:mod:`spikingformer.kernels.products`), here and inside ``spike_linear`` (its dense forward and
     its input gradient), for layers of at least :data:`~spikingformer.layers.routes.ONEDNN_MIN_WEIGHTS`
     weights. Elsewhere (CUDA, bf16/fp16, autocast, float64, ``torch.compile``) it is ``F.linear``;
-    under CPU autocast a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`).
+    under CPU autocast ``spike_linear`` takes bf16 spikes where bf16 products run on vector units, and
+    a neuron's spikes are kept as bits for backward (:meth:`_autocast_forward`).
     Weights, state dict and hooks are those of ``nn.Linear``.
     """
 
@@ -36,7 +37,7 @@ class TokenLinear(nn.Linear):
             return super().forward(x)
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            return self._autocast_forward(x, spikes and training and routes.enabled("spike_linear"))
+            return self._autocast_forward(x, training, spikes)
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x)
         onednn = routes.enabled("token_linear") and self.weight.numel() >= routes.ONEDNN_MIN_WEIGHTS
@@ -50,15 +51,22 @@ class TokenLinear(nn.Linear):
         rows = products.linear_trainable(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return rows.view(*x.shape[:-1], self.out_features)
 
-    def _autocast_forward(self, x: torch.Tensor, keep_bits: bool) -> torch.Tensor:
+    def _autocast_forward(self, x: torch.Tensor, training: bool, spikes: bool) -> torch.Tensor:
         """Under CPU autocast: ``F.linear`` as autocast runs it (input, weight and bias cast to the
-        autocast dtype, the dense product in it); with ``keep_bits``, through ``spike_linear``'s dense
-        path with the same casts, the same product, and the input kept as bits for backward."""
-        if not keep_bits:
-            return super().forward(x)
+        autocast dtype, the dense product in it). With ``spike_linear`` on, through
+        :func:`~spikingformer.kernels.ops.spike_linear` with the same casts: in bf16 where the route
+        has a limit for it (``routes._spike_max_density_bf16``), spikes by accumulation, as in float32
+        (sums in float32, each rounded once to bf16); else the same dense product. In training, a
+        neuron's output (``spikes``) is kept as bits for backward."""
         dtype = torch.get_autocast_dtype("cpu")
+        on = routes.enabled("spike_linear") and x.dtype in (torch.float32, dtype)  # what autocast casts
+        limit = routes._spike_max_density_bf16 if on and dtype == torch.bfloat16 else None
+        accumulate = limit is not None and x.numel() * self.out_features >= routes._spike_min_work[
+            "train" if training else "infer"]
+        keep_bits = on and spikes and training
+        if not (accumulate or keep_bits):
+            return super().forward(x)
         bias = self.bias.to(dtype) if self.bias is not None else None
         rows, _ = ops.spike_linear(x.reshape(-1, x.shape[-1]).to(dtype), self.weight.to(dtype), bias,
-                                   routes._spike_max_density, True)
+                                   limit if accumulate else 0.0, keep_bits)
         return rows.view(*x.shape[:-1], self.out_features)
-
