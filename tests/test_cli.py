@@ -228,6 +228,14 @@ def test_info_says_what_the_environment_chose(tmp_path):
     assert lines["spikingformer"].startswith(__import__("spikingformer").__version__ + " (torch ")
 
 
+def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
+    from spikingformer.info import _bf16_line
+
+    assert _bf16_line(False, None).startswith("emulated")
+    assert _bf16_line(True, 0.15).endswith("spike_linear sums bf16 spikes up to a firing rate of 0.15")
+    assert "keeps autocast's bf16 products" in _bf16_line(True, None)
+
+
 @pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),
                                                     (True, True, "generic code on this CPU"),
                                                     (True, False, "its own code for this CPU")])
