@@ -1,5 +1,5 @@
 """The ``batch_pieces`` route: in inference the tokenizer runs on pieces of the batch, each piece's
-stem output at most ``batch_pieces.PIECE_ELEMENTS`` elements, and joins their tokens.
+stem output at most ``batch_pieces.PIECE_BYTES``, and joins their tokens.
 
 Samples are independent in inference (BatchNorm with running statistics, the neuron per sample),
 so the pieces must give the tokens of the whole batch: exactly in float64 (PyTorch's own
@@ -26,8 +26,9 @@ def _event_model(dtype=torch.float32):
 
 
 def _tokens(model, x, spec, piece_elements, monkeypatch, grad=False):
-    """The tokenizer's output under ``spec``, and how many stem convolutions ran."""
-    monkeypatch.setattr(batch_pieces, "PIECE_ELEMENTS", piece_elements)
+    """The tokenizer's output under ``spec`` with pieces of at most ``piece_elements`` stem-output
+    elements of x's dtype, and how many stem convolutions ran."""
+    monkeypatch.setattr(batch_pieces, "PIECE_BYTES", piece_elements * x.element_size())
     calls = []
     stem = model.tokenizer.stages[0]
     real = stem.convolve
@@ -75,7 +76,8 @@ def test_pieces_on_a_gpu_only_where_the_batch_would_crowd_its_memory(monkeypatch
     """On a CUDA device (where each piece costs the host a pass of launches) a piece's stem output
     may fill a sixteenth of the device's memory in float32: an 8 GiB GPU takes 2^27 elements a piece,
     so the event model's batch 8 (T = 16, 32 x 128 x 128 stem maps: 2^26 elements) runs whole and a
-    batch of 64 in 4 pieces; on the CPU the fixed PIECE_ELEMENTS; elsewhere no pieces."""
+    batch of 64 in 4 pieces; on the CPU the fixed PIECE_BYTES; elsewhere no pieces. In bf16, twice
+    the elements in the same bytes."""
     class Props:
         total_memory = 8 << 30
 
@@ -84,7 +86,9 @@ def test_pieces_on_a_gpu_only_where_the_batch_would_crowd_its_memory(monkeypatch
     assert bound == 1 << 27
     per_frame_sequence = 16 * 32 * 128 * 128
     assert -(-8 * per_frame_sequence // bound) == 1 and -(-64 * per_frame_sequence // bound) == 4
-    assert batch_pieces.piece_elements(torch.device("cpu")) == batch_pieces.PIECE_ELEMENTS
+    assert batch_pieces.piece_elements(torch.device("cuda", 0), 2) == 1 << 28
+    assert batch_pieces.piece_elements(torch.device("cpu")) == batch_pieces.PIECE_BYTES // 4 == 1 << 24
+    assert batch_pieces.piece_elements(torch.device("cpu"), 2) == 1 << 25
     assert batch_pieces.piece_elements(torch.device("meta")) is None
 
 
@@ -97,7 +101,7 @@ def test_not_on_other_devices(monkeypatch):
     stem = model.tokenizer.stages[0]
     real = stem.convolve
     monkeypatch.setattr(stem, "convolve", lambda part: calls.append(part.shape) or real(part))
-    monkeypatch.setattr(batch_pieces, "PIECE_ELEMENTS", 3 * 32 * 32 * 32)  # pieces on the CPU (as above)
+    monkeypatch.setattr(batch_pieces, "PIECE_BYTES", 3 * 32 * 32 * 32 * 4)  # pieces on the CPU (as above)
     with routes.configured("+batch_pieces"), torch.no_grad():
         tokens = model.tokenizer(x)
     assert len(calls) == 1 and calls[0] == x.shape and tokens.device.type == "meta"
@@ -118,3 +122,24 @@ def test_steps_aside(monkeypatch, case):
         limit = 1 << 40
     _, calls = _tokens(model, x, "+batch_pieces", limit, monkeypatch, grad=case == "autograd")
     assert len(calls) == 1
+
+
+def test_under_bf16_autocast_a_piece_holds_twice_the_elements(monkeypatch):
+    """The bound is in bytes: a float32 input's stem output under bf16 autocast takes 2 bytes an
+    element, so the same bound gives half as many pieces (here 5 images: 5 pieces in float32, 3 in
+    bf16)."""
+    model, x = _event_model()
+    per_image = 3 * 32 * 32 * 32
+    monkeypatch.setattr(batch_pieces, "PIECE_BYTES", per_image * 4)
+    counts = {}
+    for autocast in (False, True):
+        calls = []
+        stem = model.tokenizer.stages[0]
+        real = stem.convolve
+        monkeypatch.setattr(stem, "convolve", lambda part: calls.append(part.shape[1]) or real(part))
+        with routes.configured("+batch_pieces"), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            assert batch_pieces.stem_itemsize(x) == (2 if autocast else 4)
+            model.forward_features(x)
+        monkeypatch.setattr(stem, "convolve", real)
+        counts[autocast] = calls
+    assert counts == {False: [1, 1, 1, 1, 1], True: [2, 2, 1]}

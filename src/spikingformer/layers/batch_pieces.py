@@ -10,7 +10,7 @@ from torch import nn
 
 from spikingformer.layers import routes
 
-PIECE_ELEMENTS = 1 << 24  # stem outputs of at most 16M elements (64 MB fp32) per piece on the CPU
+PIECE_BYTES = 64 << 20  # stem outputs of at most 64 MB per piece on the CPU (2^24 float32 elements, 2^25 bf16)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -18,12 +18,21 @@ def _hooked(module: nn.Module) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
 
 
-def piece_elements(device: torch.device) -> int | None:
-    """The most stem-output elements per piece on ``device``: :data:`PIECE_ELEMENTS` on the CPU; on
-    CUDA (a piece costs a pass of launches) float32 elements for a sixteenth of its memory; else None."""
+def stem_itemsize(x: torch.Tensor) -> int:
+    """Bytes per element of the stem convolution's output for the tokenizer's input ``x``: under
+    autocast on x's device (CPU or CUDA) a float32 input's convolution runs in autocast's dtype."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device).itemsize
+    return x.element_size()
+
+
+def piece_elements(device: torch.device, itemsize: int = 4) -> int | None:
+    """The most stem-output elements of ``itemsize`` bytes per piece on ``device``: :data:`PIECE_BYTES`
+    worth on the CPU; on CUDA (a piece costs a pass of launches) a sixteenth of its memory; else None."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // (16 * 4)
-    return PIECE_ELEMENTS if device.type == "cpu" else None
+        return torch.cuda.get_device_properties(device).total_memory // (16 * itemsize)
+    return PIECE_BYTES // itemsize if device.type == "cpu" else None
 
 
 def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: int,
@@ -31,8 +40,9 @@ def in_pieces(tokenizer: nn.Module, x: torch.Tensor, dim: int, stem_elements: in
     """``fn(x)`` for a tokenizer's input ``x`` whose batch is dimension ``dim`` and whose stem
     output holds ``stem_elements`` elements; with ``batch_pieces`` in inference, ``fn`` of pieces of
     the batch joined along the tokens' batch dimension (1), each one's stem output at most
-    :func:`piece_elements` of x's device."""
-    bound = None if not routes.enabled("batch_pieces") or torch.is_grad_enabled() else piece_elements(x.device)
+    :func:`piece_elements` of x's device (in bytes: a bf16 piece holds twice the elements)."""
+    bound = (None if not routes.enabled("batch_pieces") or torch.is_grad_enabled()
+             else piece_elements(x.device, stem_itemsize(x)))
     pieces = 1 if bound is None else min(x.shape[dim], -(-stem_elements // bound))
     if pieces < 2 or any(m.training for m in tokenizer.modules()) or _hooked(tokenizer):
         return fn(x)

@@ -63,7 +63,7 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   to float64 than it), so float32 values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
-  :data:`~spikingformer.layers.batch_pieces.PIECE_ELEMENTS` elements on the CPU, and joins the
+  :data:`~spikingformer.layers.batch_pieces.PIECE_BYTES` on the CPU, and joins the
   pieces' tokens: every map of the tokenizer is that much smaller. Samples are independent there
   (BatchNorm uses its running statistics); a convolution over fewer images may pick another
   algorithm, so float32 values may differ by rounding. On a GPU, whose host issues the tokenizer's kernels once per piece (such pieces made
