@@ -222,9 +222,38 @@ def test_a_zoo_model_in_bf16_with_and_without_the_sums_agrees_to_rounding(monkey
     torch.testing.assert_close(on_logits, off_logits, rtol=0.05, atol=0.1)
 
 
-def test_operator_takes_bf16(everywhere):
-    """The ``torch.library`` operator's fake (meta) result has the 16-bit output dtype too."""
-    x, w, b, _ = _operands(64, 40, 30, 0.1, torch.bfloat16)
-    y, _ = ops.spike_linear(x, w, b, 1.0)
+def test_operators_pass_opcheck_in_bf16():
+    """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT dispatch) on the
+    forward (with and without packed bits) and both weight-gradient operators, with bf16 operands
+    the kernels sum (a limit of 1.0)."""
+    x, w, b, g = _operands(70, 24, 9, 0.3, torch.bfloat16)
+    torch.library.opcheck(ops.spike_linear, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                             b.clone().requires_grad_(), 1.0))
+    torch.library.opcheck(ops.spike_linear, (x.clone().requires_grad_(), w.clone().requires_grad_(), None, 1.0, True))
+    torch.library.opcheck(ops.spike_linear_weight_grad, (x, g, 1.0))
+    torch.library.opcheck(ops.spike_linear_weight_grad_packed, (sl.pack_spikes(x), 24, g, 1.0))
     fake = ops._spike_linear_fake(x.to("meta"), w.to("meta"), b.to("meta"), 1.0)[0]
-    assert y.dtype == fake.dtype == torch.bfloat16 and y.shape == fake.shape
+    assert fake.dtype == ops.spike_linear(x, w, b, 1.0)[0].dtype == torch.bfloat16
+
+
+def test_compiled_token_linear_in_bf16_equals_eager(monkeypatch, everywhere):
+    """``torch.compile(fullgraph=True)`` (``aot_eager``) of a ``TokenLinear`` summing bf16 spikes under
+    autocast: output and gradients equal eager's bit for bit (the operator stays one call)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = TokenLinear(96, 130)
+    x = (torch.rand(2, 4, 9, 96) < 0.1).float()
+    g = torch.randn(2, 4, 9, 130).to(torch.bfloat16)
+
+    def run(fn):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
+            y = fn(x)
+        y.backward(g)
+        return y, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    eager = run(lambda t: layer(t, spikes=True))
+    calls = _counting(monkeypatch)
+    compiled = run(torch.compile(lambda t: layer(t, spikes=True), fullgraph=True, backend="aot_eager"))
+    assert torch.bfloat16 in calls  # the compiled graph summed bf16 spikes
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
