@@ -78,7 +78,8 @@ def _lifted(run: Callable[[], None]) -> Callable[[], None]:
 
     def go() -> None:
         saved = routes._spike_max_density, routes._spike_max_density_bf16, routes._spike_min_work
-        routes._spike_max_density, routes._spike_max_density_bf16, routes._spike_min_work = 1.0, 1.0, {"train": 0, "infer": 0}
+        routes._spike_max_density = routes._spike_max_density_bf16 = 1.0
+        routes._spike_min_work = {"train": 0, "infer": 0}
         try:
             run()
         finally:
@@ -209,7 +210,7 @@ def measure(run: Callable[[], None], route: str, reps: int, clock: Callable[[], 
     times = {"+": [], "-": []}
     for rep in range(reps + 1):
         for sign in ("+-" if rep % 2 == 0 else "-+"):
-            with routes.configured(sign + route), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with routes.configured(sign + route), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 start = clock()
                 run()
                 if rep:  # the first round warms up

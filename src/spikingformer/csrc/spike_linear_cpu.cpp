@@ -15,7 +15,8 @@
 //   gradient (M, N): again additions only, as many as the forward's.
 // Both sum in that fixed order, starting from b (or 0), so each equals a plain loop of float32
 // additions in the same order bit for bit (then one rounding to a 16-bit result); against the
-// dense products they differ by the rounding of the summation order only. The input gradient g W is a dense product (PyTorch's).
+// dense products they differ by the rounding of the summation order only. The input gradient g W
+// is a dense product (PyTorch's).
 //
 // sf_spike_gather first lists each row's spike columns and counts them (and says when an element
 // is neither 0 nor 1); the caller then decides, from the count, between these kernels and the dense
@@ -359,11 +360,11 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
 }
 
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: W (N, K) contiguous; bias (N)
-// may be null; W, bias and y of storage dtype dtype (as sf_spike_gather's); tiles: scratch of ceil(N / 64) * 64 * K floats. W is first copied there tile by
-// tile of output columns, each tile's slice of W^T (K x kWidth floats) contiguous, so that it stays
-// in cache (W^T's rows N floats apart would map onto a few cache sets) while a block of rows adds
-// from it.
-// Returns 0; -3 for an unknown dtype.
+// may be null; W, bias and y of storage dtype dtype (as sf_spike_gather's); tiles: scratch of
+// ceil(N / 64) * 64 * K floats. W is first copied there (widened to float32) tile by tile of output
+// columns, each tile's slice of W^T (K x kWidth floats) contiguous, so that it stays in cache (W^T's
+// rows N floats apart would map onto a few cache sets) while a block of rows adds from it. Returns
+// 0; -3 for an unknown dtype.
 int sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* W,
                             const void* bias, int64_t N, void* y, float* tiles, int dtype, int nthreads) {
   switch (dtype) {

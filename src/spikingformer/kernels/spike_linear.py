@@ -60,8 +60,9 @@ def unpack_spikes_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def _gather_spikes(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor | None = None):
     """``(x contiguous, idx, cnt, count)`` of ``sf_spike_gather`` for ``x`` of a dtype of
-    :data:`cpu_backend.DTYPE_CODES`: ``count`` spikes, -1 where ``x`` is not spikes (an element neither 0 nor 1), -2 for too many columns. With ``packed``
-    (``(M, packed_width(K))`` int64) the spikes' bits are written there too."""
+    :data:`cpu_backend.DTYPE_CODES`: ``count`` spikes, -1 where ``x`` is not spikes (an element
+    neither 0 nor 1), -2 for too many columns. With ``packed`` (``(M, packed_width(K))`` int64) the
+    spikes' bits are written there too."""
     xk = x.contiguous()
     m, k = xk.shape
     idx = torch.empty(m * k, dtype=torch.int16)
@@ -220,9 +221,10 @@ def spike_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """``(F.linear(x, weight, bias), packed)`` for rows ``x`` ``(M, K)``: by accumulation of weight
     columns (:func:`kernel_spike_linear_forward`) where ``x`` is spikes with a firing rate of at most
     ``max_density`` (``x``, ``weight`` and ``bias`` of one dtype, float32 or 16-bit: the caller
-    passes that dtype's limit; a limit of 0 or below always takes the dense product), else the dense product (with ``onednn``, :func:`products.linear` where it
-    takes it). ``packed``: with ``pack``, ``x`` as bits (``(M, packed_width(K))`` int64; ``x`` must
-    be spikes), else an empty tensor."""
+    passes that dtype's limit; a limit of 0 or below always takes the dense product), else the
+    dense product (with ``onednn``, :func:`products.linear` where it takes it). ``packed``: with
+    ``pack``, ``x`` as bits (``(M, packed_width(K))`` int64; ``x`` must be spikes), else an empty
+    tensor."""
     check_shapes(x, weight, bias)
     lib = get_library()
     m, k = x.shape

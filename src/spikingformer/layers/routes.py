@@ -66,9 +66,9 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   :data:`~spikingformer.layers.batch_pieces.PIECE_BYTES` on the CPU, and joins the
   pieces' tokens: every map of the tokenizer is that much smaller. Samples are independent there
   (BatchNorm uses its running statistics); a convolution over fewer images may pick another
-  algorithm, so float32 values may differ by rounding. On a GPU, whose host issues the tokenizer's kernels once per piece (such pieces made
-  event inference 1.9-2.2x as slow on an H200), a piece may fill 1/16 of its memory
-  (:func:`~spikingformer.layers.batch_pieces.piece_elements`).
+  algorithm, so float32 values may differ by rounding. On a GPU, whose host issues the
+  tokenizer's kernels once per piece (such pieces made event inference 1.9-2.2x as slow on an
+  H200), a piece may fill 1/16 of its memory (:func:`~spikingformer.layers.batch_pieces.piece_elements`).
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
