@@ -234,6 +234,7 @@ def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
     assert _bf16_line(False, None).startswith("emulated")
     assert _bf16_line(True, 0.15).endswith("spike_linear sums bf16 spikes up to a firing rate of 0.15")
     assert "keeps autocast's bf16 products" in _bf16_line(True, None)
+    assert "route is off" in _bf16_line(True, 0.15, spike_linear_on=False)
 
 
 @pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),
