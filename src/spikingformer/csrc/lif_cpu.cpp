@@ -45,6 +45,17 @@ enum Dtype { kF32 = 0, kF16 = 1, kBF16 = 2 };
 template <int D> struct StorageOf { using type = uint16_t; };
 template <> struct StorageOf<kF32> { using type = float; };
 
+// f(std::integral_constant<int, D>{}) for the storage dtype whose code is dtype; false (f not
+// called) for any other code. The one place that turns a code into a kernel's instantiation.
+template <typename F> inline bool with_storage(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(std::integral_constant<int, kF32>{}); return true;
+    case kF16: f(std::integral_constant<int, kF16>{}); return true;
+    case kBF16: f(std::integral_constant<int, kBF16>{}); return true;
+  }
+  return false;
+}
+
 // IEEE half <-> float, round to nearest even, as c10::Half (the FP16 library's bit-level algorithm,
 // written with integer selects so that it vectorises without F16C).
 inline float half_to_float(uint16_t h) {
@@ -275,23 +286,17 @@ int sf_lif_abi_version() { return 3; }
 int sf_lif_forward(const void* x, void* out, int64_t T, int64_t N, float tau, float vth, float vr, int dtype,
                    int nthreads) {
   const Step st{tau, 1.0f / tau, vth, vr};
-  switch (dtype) {
-    case kF32: forward_dispatch<kF32>(x, out, T, N, st, nthreads); return 0;
-    case kF16: forward_dispatch<kF16>(x, out, T, N, st, nthreads); return 0;
-    case kBF16: forward_dispatch<kBF16>(x, out, T, N, st, nthreads); return 0;
-  }
-  return -1;
+  const bool known = with_storage(dtype, [&](auto d) { forward_dispatch<d.value>(x, out, T, N, st, nthreads); });
+  return known ? 0 : -1;
 }
 
 int sf_lif_backward(const void* x, const void* gs, void* gx, int64_t T, int64_t N, float tau, float vth, float vr,
                     float alpha, int detach, int dtype, int nthreads) {
   const Step st{tau, 1.0f / tau, vth, vr};
-  switch (dtype) {
-    case kF32: backward_dispatch<kF32>(x, gs, gx, T, N, st, alpha, detach, nthreads); return 0;
-    case kF16: backward_dispatch<kF16>(x, gs, gx, T, N, st, alpha, detach, nthreads); return 0;
-    case kBF16: backward_dispatch<kBF16>(x, gs, gx, T, N, st, alpha, detach, nthreads); return 0;
-  }
-  return -1;
+  const bool known = with_storage(dtype, [&](auto d) {
+    backward_dispatch<d.value>(x, gs, gx, T, N, st, alpha, detach, nthreads);
+  });
+  return known ? 0 : -1;
 }
 
 }  // extern "C"

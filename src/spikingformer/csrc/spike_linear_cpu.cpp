@@ -301,7 +301,7 @@ extern "C" {
 int64_t sf_spike_gather(const void* x, int64_t M, int64_t K, int dtype, uint16_t* idx, int32_t* cnt, uint64_t* packed,
                         int nthreads) {
   if (K > 65536) return -2;
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) return -3;
+  if (!with_storage(dtype, [](auto) {})) return -3;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   int64_t total = 0;
   int ok = 1;
@@ -310,9 +310,8 @@ int64_t sf_spike_gather(const void* x, int64_t M, int64_t K, int dtype, uint16_t
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t m0 = b * kRowBlock, rows = std::min(kRowBlock, M - m0);
     uint64_t* pk = packed ? packed + m0 * words_of(K) : nullptr;
-    const bool binary = dtype == kF32    ? gather_rows<kF32>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk)
-                        : dtype == kF16 ? gather_rows<kF16>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk)
-                                        : gather_rows<kBF16>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk);
+    bool binary = true;
+    with_storage(dtype, [&](auto d) { binary = gather_rows<d.value>(x, K, m0, rows, idx + m0 * K, cnt + m0, pk); });
     ok &= binary ? 1 : 0;
     for (int64_t r = 0; r < rows; ++r) total += cnt[m0 + r];
   }
@@ -339,24 +338,16 @@ int64_t sf_spike_gather_packed(const uint64_t* packed, int64_t M, int64_t K, uin
 // keeps for backward where sf_spike_gather is not called (16-bit inputs under autocast). Returns
 // 0; -1 if an element is neither 0 nor 1; -2 for an unknown dtype.
 int sf_spike_pack(const void* x, int64_t M, int64_t K, int dtype, uint64_t* packed, int nthreads) {
-  switch (dtype) {
-    case kF32: return pack_rows<kF32>(x, M, K, packed, nthreads);
-    case kF16: return pack_rows<kF16>(x, M, K, packed, nthreads);
-    case kBF16: return pack_rows<kBF16>(x, M, K, packed, nthreads);
-  }
-  return -2;
+  int rc = -2;
+  with_storage(dtype, [&](auto d) { rc = pack_rows<d.value>(x, M, K, packed, nthreads); });
+  return rc;
 }
 
 // The spikes x (M, K) of packed bits, in storage dtype dtype (as sf_spike_pack): the dense
 // products' input where the firing rate is above the sparse kernels' limit, or the input is 16-bit.
 // Returns 0; -2 for an unknown dtype.
 int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int dtype, int nthreads) {
-  switch (dtype) {
-    case kF32: unpack_rows<kF32>(packed, M, K, x, nthreads); return 0;
-    case kF16: unpack_rows<kF16>(packed, M, K, x, nthreads); return 0;
-    case kBF16: unpack_rows<kBF16>(packed, M, K, x, nthreads); return 0;
-  }
-  return -2;
+  return with_storage(dtype, [&](auto d) { unpack_rows<d.value>(packed, M, K, x, nthreads); }) ? 0 : -2;
 }
 
 // y (M, N) = bias + x W^T from sf_spike_gather's idx and cnt of x: W (N, K) contiguous; bias (N)
@@ -367,12 +358,10 @@ int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int d
 // 0; -3 for an unknown dtype.
 int sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* W,
                             const void* bias, int64_t N, void* y, float* tiles, int dtype, int nthreads) {
-  switch (dtype) {
-    case kF32: linear_forward<kF32>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
-    case kF16: linear_forward<kF16>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
-    case kBF16: linear_forward<kBF16>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads); return 0;
-  }
-  return -3;
+  const bool known = with_storage(dtype, [&](auto d) {
+    linear_forward<d.value>(idx, cnt, M, K, W, bias, N, y, tiles, nthreads);
+  });
+  return known ? 0 : -3;
 }
 
 // dW (N, K) = g^T x from sf_spike_gather's idx and cnt of x (M, K), and g (M, N) contiguous; g and
@@ -386,12 +375,10 @@ int sf_spike_linear_forward(const uint16_t* idx, const int32_t* cnt, int64_t M, 
 // Returns 0; -3 for an unknown dtype.
 int sf_spike_linear_weight_grad(const uint16_t* idx, const int32_t* cnt, int64_t M, int64_t K, const void* g,
                                 int64_t N, void* dW, uint16_t* cols, int64_t* starts, int dtype, int nthreads) {
-  switch (dtype) {
-    case kF32: linear_weight_grad<kF32>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
-    case kF16: linear_weight_grad<kF16>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
-    case kBF16: linear_weight_grad<kBF16>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads); return 0;
-  }
-  return -3;
+  const bool known = with_storage(dtype, [&](auto d) {
+    linear_weight_grad<d.value>(idx, cnt, M, K, g, N, dW, cols, starts, nthreads);
+  });
+  return known ? 0 : -3;
 }
 
 }  // extern "C"
