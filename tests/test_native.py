@@ -350,8 +350,9 @@ def test_native_bf16_detection(monkeypatch, avx512_bf16, amx, isa_cap, native):
     ("aarch64", True, True, None, False),
 ], ids=["avx2_only", "vnni", "amx", "capped_at_avx2", "arm"])
 def test_native_int8_detection(monkeypatch, machine, vnni, amx, isa_cap, native):
-    """The spike convolution's int8 way asks this: 8-bit matrix tiles (AMX) that oneDNN may use."""
-    from spikingformer.cpu_features import native_int8
+    """The spike convolution's int8 way asks this: 8-bit matrix tiles (AMX) that oneDNN may use. The
+    spike linear's bf16 rule asks the same tiles (``bf16_matrix_tiles``)."""
+    from spikingformer.cpu_features import bf16_matrix_tiles, native_int8
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     if isa_cap:
@@ -359,6 +360,7 @@ def test_native_int8_detection(monkeypatch, machine, vnni, amx, isa_cap, native)
     _cpu(monkeypatch, machine, avx512_bf16=False, amx=amx)
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
     assert native_int8() is native
+    assert bf16_matrix_tiles() is (machine == "x86_64" and amx and not isa_cap)
 
 
 def test_amp_bf16_on_an_emulating_cpu_warns_once_and_auto_stays_fp32(monkeypatch):

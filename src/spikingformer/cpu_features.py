@@ -64,15 +64,20 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def bf16_matrix_tiles() -> bool:
-    """True when this CPU's bfloat16 products run on matrix tiles (AMX; oneDNN not capped below
-    them), not on vector units (AVX512-BF16): the ``spike_linear`` route keeps autocast's dense
-    product there (its accumulation was measured against vector units only)."""
+def _amx_tiles() -> bool:
+    """x86 matrix tiles (AMX), with oneDNN not capped below them by ``ONEDNN_MAX_CPU_ISA``."""
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
         return False
     return bool(torch.cpu._is_amx_tile_supported())
+
+
+def bf16_matrix_tiles() -> bool:
+    """True when this CPU's bfloat16 products run on matrix tiles (AMX; oneDNN not capped below
+    them), not on vector units (AVX512-BF16): the ``spike_linear`` route keeps autocast's dense
+    product there (its accumulation was measured against vector units only)."""
+    return _amx_tiles()
 
 
 def native_int8() -> bool:
@@ -83,9 +88,7 @@ def native_int8() -> bool:
     shapes, and a CIFAR inference batch 1.43x slower with them (docs/performance-log.md)."""
     import torch
 
-    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
-        return False
-    return bool(hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.cpu._is_amx_tile_supported())
+    return _amx_tiles() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
 def _cpuinfo(field: str) -> str:
