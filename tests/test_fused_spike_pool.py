@@ -90,6 +90,24 @@ def test_backward_equals_max_pool_and_lif_gradients(shape, p):
     torch.testing.assert_close(z.grad, zr.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pool", [True, False])
+def test_forward_special_values_equal_the_module_calls(dtype, pool):
+    """Infinities, NaNs, signed zeros and charges exactly at the threshold in the maps: the kernel's
+    (pooled) spikes equal the module calls' (an infinite charge fires once, then the reference's NaN
+    membrane never fires again)."""
+    p = LIFParams()
+    inf, nan = float("inf"), float("nan")
+    values = torch.tensor([inf, -inf, nan, -0.0, 0.0, 2.0, 5.0, -2.0])
+    g = torch.Generator().manual_seed(5)
+    x = values[torch.randint(0, len(values), (4, 2, 9, 11, 32), generator=g)].to(dtype)
+    expected = lif_reference(x, p)
+    expected = _pool_plain(expected) if pool else expected
+    got = cpu.lif_pool_forward(x, p, pool)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    assert expected.sum() > 0 and (expected == 0).any()
+
+
 def test_ties_go_to_the_first_maximum_of_each_window():
     """Hand-made spikes: a window with no spike routes its gradient to its first position, one with
     two spikes to the earlier of them; overlapping windows add up at their shared position."""

@@ -121,6 +121,34 @@ def test_backend_strided_input(backend, dtype):
     _check_backend(backend, x, p)
 
 
+def _special_currents(dtype: torch.dtype, repeats: int = 70) -> torch.Tensor:
+    """``(T = 4, N)`` currents of infinities, NaNs, signed zeros and charges exactly at the threshold
+    (tau 2, V_th 1: a current of 2 from rest), each column pattern ``repeats`` times, so that the
+    kernels' vector loops and their remainders see them."""
+    inf, nan = float("inf"), float("nan")
+    cols = [[inf, 5.0, 5.0, 5.0], [-inf, 5.0, 5.0, 5.0], [nan, 5.0, 5.0, 5.0], [-0.0, -0.0, 2.0, -0.0],
+            [2.0, -0.0, 2.0, 0.0], [0.0, -0.0, -2.0, 4.0], [5.0, -inf, 2.0, 2.0]]
+    return torch.tensor(cols).t().repeat(1, repeats).to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_special_values_spike_as_the_reference(backend, dtype):
+    """Where the reference's arithmetic meets infinities, NaNs and signed zeros, the kernels spike as
+    it does: an infinite charge fires and leaves the reference's NaN membrane (H * (1 - S) + V_reset S
+    with H infinite), which never fires again; a charge of exactly V_th fires; -0 charges as 0."""
+    skip_unusable(backend)
+    p = LIFParams(tau=2.0, v_threshold=1.0)
+    x = _special_currents(dtype).to(DEVICE)
+    with torch.no_grad():
+        expected = lif_reference(x, p)
+        got = multistep_lif(x, p, backend=backend)
+    assert torch.equal(got, expected)
+    # the reference itself, by hand: columns as in _special_currents
+    hand = [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    assert expected[:, :7].t().tolist() == hand
+
+
 # ---------------------------------------------------------------- CPU-kernel specifics ----------
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu" or INTERPRET, reason="CPU-kernel checks run in the main CPU session")

@@ -42,8 +42,10 @@ inline float select(bool c, float a, float b) {
 
 // ---- storage dtypes (code 0: float32, 1: float16, 2: bfloat16) ----------------------------------
 enum Dtype { kF32 = 0, kF16 = 1, kBF16 = 2 };
+constexpr int kSpikeBytes = 3;  // spikes as bytes (0 or 1) in a kernel's scratch: never a tensor's dtype
 template <int D> struct StorageOf { using type = uint16_t; };
 template <> struct StorageOf<kF32> { using type = float; };
+template <> struct StorageOf<kSpikeBytes> { using type = uint8_t; };
 
 // f(std::integral_constant<int, D>{}) for the storage dtype whose code is dtype; false (f not
 // called) for any other code. The one place that turns a code into a kernel's instantiation.
@@ -112,6 +114,15 @@ template <int D> inline void store(typename StorageOf<D>::type* p, int64_t i, fl
   else p[i] = float_to_bf16(v);
 }
 
+// A spike (fired: 1, else 0) in storage dtype D: 1.0's bits in that dtype, or 0. Spikes are exact in
+// every dtype, so this is store()'s result without its rounding (a dozen vector instructions for
+// bfloat16, more for float16).
+template <int D> inline typename StorageOf<D>::type spike_bits(bool fired) {
+  if constexpr (D == kF32) return select(fired, 1.0f, 0.0f);
+  else if constexpr (D == kSpikeBytes) return (uint8_t)fired;
+  else return (uint16_t)(0u - (uint32_t)fired) & (D == kF16 ? 0x3C00u : 0x3F80u);
+}
+
 // a * b + c: one rounding where the ISA has FMA, two elsewhere (SSE2: std::fma would be a libm call
 // the vectoriser cannot use). Used only on the backward path, whose results need not be bit-exact.
 inline float mul_add(float a, float b, float c) {
@@ -155,8 +166,14 @@ struct Step {
   template <bool POW2> float charge(float v, float x) const {
     return POW2 ? v + (x - (v - vr)) * inv_tau : v + (x - (v - vr)) / tau;
   }
-  float spike(float h) const { return select((h - vth) >= 0.0f, 1.0f, 0.0f); }
-  float reset(float h, float s) const { return h * (1.0f - s) + vr * s; }
+  // The reference's spike, S = (H - V_th) >= 0: the same as H >= V_th for every H (a difference of
+  // two floats is zero only when they are equal), one operation fewer. Stored with spike_bits.
+  bool fires(float h) const { return h >= vth; }
+  // The reference's reset, H * (1 - S) + V_reset * S, as a select on the spike's comparison: where
+  // S = 1 it is H * 0 + V_reset, the same bits (a NaN where H is infinite, as the reference's);
+  // where S = 0 it is H itself, where the reference's H + V_reset * 0 may turn a -0 into +0, which
+  // changes no spike and no gradient (at most the sign of a zero membrane). Two operations fewer.
+  float reset(float h) const { return select(fires(h), h * 0.0f + vr, h); }
   // One step of the reverse recurrence: from the charged membrane h, the spike's gradient gs and
   // dL/dV[t] in gv, returns dL/dX[t] and leaves dL/dV[t-1] in gv.
   template <bool DETACH> float grad(float h, float gs, float& gv, float alpha) const {
@@ -183,9 +200,8 @@ void forward_block(const typename StorageOf<D>::type* __restrict x, typename Sto
     S* __restrict ot = out + t * N + i0;
     for (int64_t i = 0; i < n; ++i) {  // SF_VECTOR_LOOP forward
       const float h = st.charge<POW2>(v[i], load<D>(xt, i));
-      const float s = st.spike(h);
-      v[i] = st.reset(h, s);
-      store<D>(ot, i, s);
+      v[i] = st.reset(h);
+      ot[i] = spike_bits<D>(st.fires(h));
     }
   }
 }
@@ -203,7 +219,7 @@ void backward_block(const typename StorageOf<D>::type* __restrict x, const typen
     float* __restrict ht = hbuf + t * kBlock;
     for (int64_t i = 0; i < n; ++i) {  // SF_VECTOR_LOOP backward recompute
       const float h = st.charge<POW2>(v[i], load<D>(xt, i));
-      v[i] = st.reset(h, st.spike(h));
+      v[i] = st.reset(h);
       ht[i] = h;
     }
   }

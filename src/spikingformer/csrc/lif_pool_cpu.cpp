@@ -59,9 +59,8 @@ void lif_cols(const typename StorageOf<D>::type* __restrict x, typename StorageO
     typename StorageOf<DS>::type* __restrict sw = s + w * C;
     for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool forward
       const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(xw, c), scale[c], shift[c]));
-      const float sp = st.spike(h);
-      vw[c] = st.reset(h, sp);
-      store<DS>(sw, c, sp);
+      vw[c] = st.reset(h);
+      sw[c] = spike_bits<DS>(st.fires(h));
     }
   }
 }
@@ -75,12 +74,12 @@ template <int D> inline int64_t piece_cols(const Maps& m) {
 }
 
 // Output rows [r0, r1) of image b (pooled), or input rows [r0, r1) (not pooled). Scratch: v and s
-// (piece_cols + 1) x C floats, hp piece_cols / 2 x C, edge T x C (each step's spikes of the column
-// left of the piece: the last one of the piece before).
+// (piece_cols + 1) x C (v floats, s spike bytes), hp piece_cols / 2 x C bytes, edge T x C bytes (each
+// step's spikes of the column left of the piece: the last one of the piece before).
 template <bool POW2, int AFFINE, bool POOL, int D>
 void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::type* out, const Maps& m, int64_t b,
-                  int64_t r0, int64_t r1, const float* scale, const float* shift, const Step& st, float* v, float* s,
-                  float* hp, float* edge) {
+                  int64_t r0, int64_t r1, const float* scale, const float* shift, const Step& st, float* v, uint8_t* s,
+                  uint8_t* hp, uint8_t* edge) {
   using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, P = piece_cols<D>(m);
   const int64_t h0 = POOL ? std::max<int64_t>(0, 2 * r0 - 1) : r0;
@@ -103,18 +102,18 @@ void forward_rows(const typename StorageOf<D>::type* x, typename StorageOf<D>::t
                       : w0 + n < m.W     ? x + (b * m.H + h) * WC + (w0 + n) * C
                                          : x + (b * m.H + std::min(h + 1, m.H - 1)) * WC;
         channels_as_constant(C, [&](auto cc) {
-          lif_cols<cc.value, POW2, AFFINE, D, kF32>(xr, s + C, v, n, C, scale, shift, st, nx);
+          lif_cols<cc.value, POW2, AFFINE, D, kSpikeBytes>(xr, s + C, v, n, C, scale, shift, st, nx);
         });
-        float* et = edge + t * C;
-        std::memcpy(s, w0 > 0 ? et : s + C, C * sizeof(float));
-        std::memcpy(et, s + n * C, C * sizeof(float));
+        uint8_t* et = edge + t * C;
+        std::memcpy(s, w0 > 0 ? et : s + C, C);
+        std::memcpy(et, s + n * C, C);
         pool_cols(s, hp, n, C);
         // input row h lies in the windows of output rows h / 2 and, for odd h, (h + 1) / 2
         const int64_t cells = (n + 1) / 2 * C;
         for (int64_t oh = h / 2; oh <= (h + 1) / 2 && oh < r1; ++oh) {
           if (oh < r0) continue;
           S* __restrict o = out + ((t * m.B + b) * Ho + oh) * WoC + w0 / 2 * C;
-          for (int64_t j = 0; j < cells; ++j) store<D>(o, j, max_sel(load<D>(o, j), hp[j]));
+          for (int64_t j = 0; j < cells; ++j) o[j] = spike_max<D>(o[j], hp[j]);
         }
       }
     }
@@ -138,7 +137,8 @@ void pool_forward_impl(const void* x, void* out, const Maps& m, const float* sca
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int64_t P = piece_cols<D>(m);
-    std::vector<float> v(P * m.C), s((P + 1) * m.C), hp(P / 2 * m.C), edge(m.T * m.C);
+    std::vector<float> v(P * m.C);
+    std::vector<uint8_t> s((P + 1) * m.C), hp(P / 2 * m.C), edge(m.T * m.C);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m.B * chunks; ++item) {
       const int64_t b = item / chunks, r0 = (item % chunks) * per;
@@ -169,8 +169,8 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
       float* __restrict hw = hr + t * WC + w * C;
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
         const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(zw, c), scale[c], shift[c]));
-        vw[c] = st.reset(h, st.spike(h));
-        sw[c] = (uint8_t)((h - st.vth) >= 0.0f);  // the spike, from the comparison (no float conversion)
+        vw[c] = st.reset(h);
+        sw[c] = (uint8_t)st.fires(h);  // the spike, from the comparison (no float conversion)
         hw[c] = h;
       }
     }

@@ -16,19 +16,25 @@ struct Maps {
   int64_t WoC() const { return Wo() * C; }
 };
 
-inline float max_sel(float a, float b) { return select(b > a, b, a); }
+// The larger of a pooled spike o (storage D) and a spike s (a byte, 0 or 1), in D: o where s is 0,
+// else 1 (1.0's bits in D, spike_bits).
+template <int D> inline typename StorageOf<D>::type spike_max(typename StorageOf<D>::type o, uint8_t s) {
+  static_assert(D == kF32 || D == kBF16, "the tokenizer kernel stores float32 or bfloat16 maps");
+  if constexpr (D == kF32) return select(s != 0, 1.0f, o);
+  else return o | spike_bits<D>(s != 0);  // o is 0 or 1's bits
+}
 
-// Horizontal 3-wide, stride-2 max of n columns' spikes (C each, from column 1 of s) into hp:
+// Horizontal 3-wide, stride-2 max of n columns' spikes (bytes, C each, from column 1 of s) into hp:
 // window j's columns are s's 2j, 2j + 1 and 2j + 2, the last clamped to 2j + 1 where s has no
 // column 2j + 2 (the map's right edge). Column 0 of s is the column left of the first (at the
-// map's left edge, a copy of column 1: max(a, a, b) = max(a, b)).
-inline void pool_cols(const float* __restrict s, float* __restrict hp, int64_t n, int64_t C) {
+// map's left edge, a copy of column 1: max(a, a, b) = max(a, b)). The max of 0s and 1s is their or.
+inline void pool_cols(const uint8_t* __restrict s, uint8_t* __restrict hp, int64_t n, int64_t C) {
   for (int64_t j = 0; 2 * j < n; ++j) {
-    const float* __restrict l = s + 2 * j * C;
-    const float* __restrict mid = l + C;
-    const float* __restrict r = 2 * j + 2 <= n ? l + 2 * C : mid;
-    float* __restrict o = hp + j * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = max_sel(max_sel(l[c], mid[c]), r[c]);
+    const uint8_t* __restrict l = s + 2 * j * C;
+    const uint8_t* __restrict mid = l + C;
+    const uint8_t* __restrict r = 2 * j + 2 <= n ? l + 2 * C : mid;
+    uint8_t* __restrict o = hp + j * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = l[c] | mid[c] | r[c];
   }
 }
 
