@@ -214,6 +214,7 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
                    typename StorageOf<D>::type* gz, const Maps& m, int64_t b, int64_t h0, int64_t h1,
                    const float* scale, const float* shift, const Step& st, float alpha, uint8_t* spikes, float* hring,
                    float* v, float* gv, float* gs, uint8_t* codes, BNSums& sums) {
+  using S = typename StorageOf<D>::type;
   const int64_t WC = m.WC(), WoC = m.WoC(), Ho = m.Ho(), C = m.C, TWC = m.T * WC;
   auto recur = [&](int64_t k) {
     channels_as_constant(C, [&](auto cc) {
@@ -241,10 +242,12 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
     for (int64_t i = 0; i < WC; ++i) gv[i] = 0.0f;
     for (int64_t t = m.T - 1; t >= 0; --t) {
       // 3. gradient of the spikes of row h: each window's gradient goes to its first maximum
-      for (int64_t i = 0; i < WC; ++i) gs[i] = 0.0f;
-      for (int k = 0; k < n_oh; ++k)
-        route_row<D>(cds[k] + t * WoC, gout + ((t * m.B + b) * Ho + ohs[k]) * WoC, (int)(h - (2 * ohs[k] - 1)), gs,
-                     gs + WoC, m);
+      const S* g0 = gout + ((t * m.B + b) * Ho + ohs[0]) * WoC;
+      const uint8_t* code[2] = {cds[0] + t * WoC, n_oh == 2 ? cds[1] + t * WoC : nullptr};
+      const S* g[2] = {g0, n_oh == 2 ? g0 + WoC : nullptr};
+      const int r[2] = {(int)(h - (2 * ohs[0] - 1)), (int)(h - (2 * ohs[1] - 1))};
+      if (n_oh == 2) route_rows<D, 2>(code, g, r, gs, gs + WoC, m);
+      else route_rows<D, 1>(code, g, r, gs, gs + WoC, m);
       // 4. LIF backward at step t (the LIF kernel's Step::grad)
       const int64_t at = ((t * m.B + b) * m.H + h) * WC;
       channels_as_constant(C, [&](auto cc) {

@@ -100,20 +100,43 @@ inline void window_codes(const uint8_t* spikes, const Maps& m, int64_t oh, int64
                  e[2] + WoC + full - C, e[2] + full, e[2] + full, code + full, WoC - full, oh > 0, true);
 }
 
-// Add window row r's gradients (codes 3 r + j) of an output row to the spike gradient of a row (split
-// columns: even at ge, odd at go), in PyTorch's order: window by window, left to right. Column
-// 2ow + 1 takes window ow's right (j = 2), then window ow + 1's left (j = 0).
-template <int D>
-void route_row(const uint8_t* __restrict code, const typename StorageOf<D>::type* __restrict g, int r,
-               float* __restrict ge, float* __restrict go, const Maps& m) {
+// The spike gradient of one input row (split columns: even at ge, odd at go; every element written)
+// from the windows of the N output rows it lies in (1 or 2, in order): rows[k]'s codes code[k], its
+// gradient g[k], r[k] the input row's window row there. Summed as PyTorch sums them, window by window
+// in raster order: column 2ow (even) takes window ow's centre (code 3 r + 1) of each output row;
+// column 2ow + 1 (odd) window ow's right (3 r + 2), then window ow + 1's left (3 r). Each sum is
+// rounded to the storage dtype as PyTorch's kernel stores it; the first is 0 + a, exact (-0 -> +0).
+template <int D, int N>
+void route_rows(const uint8_t* const* code, const typename StorageOf<D>::type* const* g, const int* r,
+                float* __restrict ge, float* __restrict go, const Maps& m) {
+  using S = typename StorageOf<D>::type;
   const int64_t WoC = m.WoC(), C = m.C, odd = (m.W / 2) * C, left = (m.Wo() - 1) * C;
-  const uint8_t j0 = (uint8_t)(3 * r), j1 = j0 + 1, j2 = j0 + 2;
-  for (int64_t i = 0; i < WoC; ++i)  // SF_VECTOR_LOOP lif_pool route centre
-    ge[i] = round_to<D>(ge[i] + select(code[i] == j1, load<D>(g, i), 0.0f));
-  for (int64_t i = 0; i < odd; ++i)  // SF_VECTOR_LOOP lif_pool route right
-    go[i] = round_to<D>(go[i] + select(code[i] == j2, load<D>(g, i), 0.0f));
-  for (int64_t i = 0; i < left; ++i)  // SF_VECTOR_LOOP lif_pool route left
-    go[i] = round_to<D>(go[i] + select(code[i + C] == j0, load<D>(g, i + C), 0.0f));
+  const uint8_t* __restrict c0 = code[0];
+  const uint8_t* __restrict c1 = code[N - 1];
+  const S* __restrict g0 = g[0];
+  const S* __restrict g1 = g[N - 1];
+  const uint8_t l0 = (uint8_t)(3 * r[0]), l1 = (uint8_t)(3 * r[N - 1]);  // left; centre + 1, right + 2
+  // window contribution: g at i where the code at i is the wanted position
+  auto take = [](uint8_t code, uint8_t want, float g) { return select(code == want, g, 0.0f); };
+  for (int64_t i = 0; i < WoC; ++i) {  // SF_VECTOR_LOOP lif_pool route centre
+    float a = 0.0f + take(c0[i], l0 + 1, load<D>(g0, i));
+    if constexpr (N == 2) a = round_to<D>(a + take(c1[i], l1 + 1, load<D>(g1, i)));
+    ge[i] = a;
+  }
+  for (int64_t i = 0; i < left; ++i) {  // SF_VECTOR_LOOP lif_pool route right and left
+    float a = 0.0f + take(c0[i], l0 + 2, load<D>(g0, i));
+    a = round_to<D>(a + take(c0[i + C], l0, load<D>(g0, i + C)));
+    if constexpr (N == 2) {
+      a = round_to<D>(a + take(c1[i], l1 + 2, load<D>(g1, i)));
+      a = round_to<D>(a + take(c1[i + C], l1, load<D>(g1, i + C)));
+    }
+    go[i] = a;
+  }
+  for (int64_t i = left; i < odd; ++i) {  // SF_VECTOR_LOOP lif_pool route right
+    float a = 0.0f + take(c0[i], l0 + 2, load<D>(g0, i));
+    if constexpr (N == 2) a = round_to<D>(a + take(c1[i], l1 + 2, load<D>(g1, i)));
+    go[i] = a;
+  }
 }
 
 }  // namespace
