@@ -170,7 +170,7 @@ void recur_row(const typename StorageOf<D>::type* z, uint8_t* sr, float* hr, flo
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool spikes
         const float h = st.charge<POW2>(vw[c], bn_apply<AFFINE, D>(load<D>(zw, c), scale[c], shift[c]));
         vw[c] = st.reset(h);
-        sw[c] = (uint8_t)st.fires(h);  // the spike, from the comparison (no float conversion)
+        sw[c] = spike_bits<kSpikeBytes>(st.fires(h));
         hw[c] = h;
       }
     }
