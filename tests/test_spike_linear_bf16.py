@@ -144,6 +144,31 @@ def test_token_linear_sums_bf16_spikes_only_where_the_route_has_a_limit(monkeypa
     assert not calls
 
 
+def test_wide_layers_sum_bf16_spikes_up_to_their_own_limit(monkeypatch):
+    """A layer with at least twice as many outputs as inputs takes the higher bf16 limit (0.20
+    measured, against 0.15); square and narrow layers, and CPUs without a bf16 limit, do not."""
+    monkeypatch.setattr(routes, "_spike_min_work", {"train": 0, "infer": 0})
+    monkeypatch.setattr(routes, "_spike_max_density_bf16", 0.15)
+    monkeypatch.setattr(routes, "_spike_max_density_bf16_wide", 0.20)
+    assert routes.spike_limit_bf16(100, 200) == 0.20
+    assert [routes.spike_limit_bf16(100, out) for out in (199, 100, 25)] == [0.15] * 3
+    x = torch.zeros(3, 50, 100)
+    x[..., :18] = 1.0  # a firing rate of 0.18: between the two limits
+    summed: list[bool] = []  # per call of the kernel: whether it summed the spikes (or declined)
+    real = sl.kernel_spike_linear_forward
+    monkeypatch.setattr(sl, "kernel_spike_linear_forward", lambda *a: summed.append((y := real(*a)) is not None) or y)
+    with routes.configured("+spike_linear"), torch.autocast("cpu", dtype=torch.bfloat16):
+        wide, square = TokenLinear(100, 200), TokenLinear(100, 100)
+        assert torch.equal(square(x), nn.functional.linear(x, square.weight, square.bias))
+        assert summed == [False]
+        y, dense = wide(x), nn.functional.linear(x, wide.weight, wide.bias)
+        assert summed == [False, True]
+        assert (y.float() - dense.float()).abs().max() <= dense.float().abs().max() * 2 ** -7
+        monkeypatch.setattr(routes, "_spike_max_density_bf16", None)  # no bf16 limit on this CPU
+        assert routes.spike_limit_bf16(100, 200) is None
+        assert torch.equal(wide(x), dense) and summed == [False, True]
+
+
 def _plain_and_ours(fan_out: int, x: torch.Tensor, spikes: bool):
     """A training step under bf16 autocast with ``spike_linear`` on, for ``nn.Linear`` and a
     ``TokenLinear`` with its weights: ``(layer, upstream gradient, results)``, the results

@@ -43,7 +43,7 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   float32 rounding differs. The weight gradient sums output-gradient rows likewise; the input
   gradient is PyTorch's dense product. Where the blocks pass a neuron's output
   (``TokenLinear(x, spikes=True)``), autograd keeps the input as bits (1/32 of its float32 size).
-  Under CPU bf16 autocast, where bf16 products run on vector units (:data:`SPIKE_LINEAR_MAX_DENSITY_BF16`),
+  Under CPU bf16 autocast, where bf16 products run on vector units (:func:`spike_limit_bf16`),
   the same sums of autocast's bf16 weights (and output-gradient rows) in float32, each rounded
   once to bf16 as the dense product rounds its float32 sums: the same values but for the
   summation order; elsewhere (and for float16) autocast's dense product, bit for bit, with the
@@ -114,12 +114,9 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # Per ISA, the speed routes that measured faster there: the geometric mean of their on / off time
 # ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
-MEASURED_FASTER = {
-    "avx512": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
-                         "attention_order"}),
-    "avx2": frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
-                       "attention_order"}),
-}
+_FASTER_ON_X86 = frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
+                            "attention_order"})
+MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86}
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear.
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
@@ -128,6 +125,9 @@ SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # linear in bf16"). Not measured where bf16 products run on matrix tiles (AMX, several times faster;
 # cpu_features.bf16_matrix_tiles) nor where bf16 is not native: the dense product stays there.
 SPIKE_LINEAR_MAX_DENSITY_BF16 = {"avx512": 0.15}
+# Per ISA, the bf16 limit of wide layers (out_features >= 2 in_features: the MLPs' fc1), which beat
+# the dense product at 0.20 too (0.77-0.89 of its time; square and narrow ones 0.90-1.13).
+SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE = {"avx512": 0.20}
 # Per ISA and pass, the least work (rows x in x out) for which spike_linear measured faster (in bf16
 # too): below it the kernels' fixed costs (operator call, gathers, the weight's tiled copy) outweigh
 # what they save.
@@ -188,10 +188,21 @@ def spike_max_density_bf16() -> float | None:
 
 
 _spike_max_density_bf16 = spike_max_density_bf16()
+_spike_max_density_bf16_wide = SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(cpu_isa())
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
                                                                    for p in ("train", "infer", "weight_grad")})
+
+
+def spike_limit_bf16(in_features: int, out_features: int) -> float | None:
+    """spike_linear's firing-rate limit under bf16 autocast for a layer of this shape: None where the
+    route has no bf16 limit on this CPU (:func:`spike_max_density_bf16`), else that limit, raised to
+    :data:`SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE` for wide layers (``out_features >= 2 * in_features``)."""
+    base = _spike_max_density_bf16
+    if base is None or _spike_max_density_bf16_wide is None or out_features < 2 * in_features:
+        return base
+    return max(base, _spike_max_density_bf16_wide)
 
 
 def enabled(name: str) -> bool:

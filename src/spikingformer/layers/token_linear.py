@@ -55,12 +55,13 @@ class TokenLinear(nn.Linear):
         """Under CPU autocast: ``F.linear`` as autocast runs it (input, weight and bias cast to the
         autocast dtype, the dense product in it). With ``spike_linear`` on, through
         :func:`~spikingformer.kernels.ops.spike_linear` with the same casts: in bf16 where the route
-        has a limit for it (``routes._spike_max_density_bf16``), spikes by accumulation, as in float32
-        (sums in float32, each rounded once to bf16); else the same dense product. In training, a
-        neuron's output (``spikes``) is kept as bits for backward."""
+        has a limit for it (:func:`~spikingformer.layers.routes.spike_limit_bf16`), spikes by
+        accumulation, as in float32 (sums in float32, each rounded once to bf16); else the same
+        dense product. In training, a neuron's output (``spikes``) is kept as bits for backward."""
         dtype = torch.get_autocast_dtype("cpu")
         on = routes.enabled("spike_linear") and x.dtype in (torch.float32, dtype)  # what autocast casts
-        limit = routes._spike_max_density_bf16 if on and dtype == torch.bfloat16 else None
+        limit = (routes.spike_limit_bf16(self.in_features, self.out_features)
+                 if on and dtype == torch.bfloat16 else None)
         accumulate = limit is not None and x.numel() * self.out_features >= routes._spike_min_work[
             "train" if training else "infer"]
         keep_bits = on and spikes and training
