@@ -27,6 +27,7 @@ Usage::
     python benchmarks/study_routes.py                                # this CPU as it is
     python benchmarks/study_routes.py --models cifar --reps 3 --quick  # a smoke test
     python benchmarks/study_routes.py --routes spike_linear --bf16   # under bf16 autocast (native bf16 only)
+    python benchmarks/study_routes.py --routes spike_linear --bf16 --rates 0.125 0.15 0.175 0.2  # finer rates
 
 As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
 
@@ -98,8 +99,9 @@ def _infer(fn: Callable, inputs: list) -> Callable[[], None]:
     return run
 
 
-def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Callable[[], None]]]:
-    """``(route, model, case, pass, run)`` for every measurement."""
+def cases(models: list[str], quick: bool, rates: tuple[float, ...] = SPIKE_RATES,
+          ) -> list[tuple[str, str, str, str, Callable[[], None]]]:
+    """``(route, model, case, pass, run)`` for every measurement; ``rates``: the spike_linear cases' firing rates."""
     import torch
 
     from spikingformer.layers import TokenConvBN, TokenLinear, spike_attention
@@ -131,7 +133,7 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, str, str, str, Call
             out.append(("token_linear", key, label, "infer", _infer(layer, [x.detach()])))
         for fan_in, fan_out in shapes[-3:]:
             layer = TokenLinear(fan_in, fan_out)
-            for rate in SPIKE_RATES[::3] if quick else SPIKE_RATES:
+            for rate in rates[::3] if quick else rates:
                 x = (torch.rand(t, batch, n, fan_in) < rate).float()
                 label = f"linear {fan_in}x{fan_out}, {rows} rows, firing rate {rate:.2f}"
                 out.append(("spike_linear", key, label, "train",
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: the calling thread's CPU time (needs --threads 1); wall: elapsed time")
     parser.add_argument("--routes", nargs="+", help="only these routes")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the script")
+    parser.add_argument("--rates", nargs="+", type=float, default=list(SPIKE_RATES),
+                        help="input firing rates of the spike_linear cases (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true",
                         help="every case under CPU bf16 autocast (only where this CPU has bf16 natively)")
     args = parser.parse_args(argv)
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
           + ("; every case under CPU bf16 autocast" if args.bf16 else "") + "\n")
     print("| route | model | case | pass | on ms | off ms | on / off |")
     print("|---|---|---|---|---:|---:|---:|")
-    for route, model, label, kind, run in cases(args.models, args.quick):
+    for route, model, label, kind, run in cases(args.models, args.quick, tuple(args.rates)):
         if args.routes and route not in args.routes:
             continue
         on, off = measure(run, route, args.reps, clock, args.bf16)

@@ -15,6 +15,7 @@ import bench_lif
 import bench_model
 import bench_scaling
 import memory_floor
+import study_limits
 from conftest import BENCHMARKS
 from spikingformer import allocator
 
@@ -65,6 +66,21 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
+def test_study_limits_times_both_values_and_names_the_layers_they_move(capsys):
+    """Both values of the limit in one process, step by step: a row with both times and the ratio;
+    with the limit 1 against 0 every token linear that fires at all moves."""
+    study_limits.main(["--limit", "spike_linear", "--values", "1", "0", "--quick", "--processes", "1", "--steps", "2",
+                       "--warmup", "0", "--models", "cifar", "--modes", "infer", "--dtypes", "fp32"])
+    out = capsys.readouterr().out
+    row = next(line.split("|") for line in out.splitlines() if line.startswith("| cifar | infer | fp32 |"))
+    first, second, ratio = (float(row[i].split()[0]) for i in (4, 5, 6))
+    assert first > 0 and second > 0 and ratio > 0
+    moved = next(line for line in out.splitlines() if line.startswith("- cifar infer fp32: "))
+    assert "blocks.0.attn.q.linear" in moved and "blocks.0.mlp.fc2.linear" in moved and ", 1.0 / 0.0" in moved
+    with pytest.raises(SystemExit):
+        study_limits.main(["--limit", "spike_linear", "--values", "1", "none"])
+
+
 def test_benchmark_models_have_the_batchs_statistics_and_fire_in_inference(tmp_path):
     """The calibration worker saves BatchNorm running statistics that are the timed batch's (not
     PyTorch's initial 0 / 1), every build loads the same ones, and with them our model's neurons
@@ -563,7 +579,7 @@ def test_study_routes_bf16_runs_only_where_bf16_is_native():
     from spikingformer.cpu_features import native_bf16
 
     args = [sys.executable, str(BENCHMARKS / "study_routes.py"), "--quick", "--models", "cifar", "--reps", "1",
-            "--routes", "spike_linear", "--bf16"]
+            "--routes", "spike_linear", "--bf16", "--rates", "0.25"]
     capped = subprocess.run(args, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert capped.returncode == 2 and "no native bf16" in capped.stderr, capped.stderr[-2000:]
@@ -574,6 +590,8 @@ def test_study_routes_bf16_runs_only_where_bf16_is_native():
     assert "every case under CPU bf16 autocast" in proc.stdout, proc.stdout
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| spike_linear | cifar")]
     assert len(rows) >= 4 and all(float(r[7]) > 0 for r in rows), proc.stdout
+    rated = [r[3] for r in rows if "firing rate" in r[3]]  # the linear cases, at the rate asked for
+    assert rated and all(c.strip().endswith("firing rate 0.25") for c in rated), proc.stdout
 
 
 def test_bench_products_runs_as_a_script():
