@@ -235,6 +235,9 @@ def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
     assert _bf16_line(True, 0.15).endswith("spike_linear sums bf16 spikes up to a firing rate of 0.15")
     assert "keeps autocast's bf16 products" in _bf16_line(True, None)
     assert "route is off" in _bf16_line(True, 0.15, spike_linear_on=False)
+    assert _bf16_line(True, 0.15, wide_limit=0.2).endswith(
+        "up to a firing rate of 0.15 (0.2 in layers with at least twice as many outputs as inputs)")
+    assert _bf16_line(True, 0.15, wide_limit=None) == _bf16_line(True, 0.15)
 
 
 @pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),

@@ -44,14 +44,18 @@ def _mkl_line() -> str:
     return "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
 
 
-def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = True) -> str:
-    """The bf16 line: native or emulated (``--amp auto``'s choice), and what the spike linear does in it."""
+def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = True,
+               wide_limit: float | None = None) -> str:
+    """The bf16 line: native or emulated (``--amp auto``'s choice), and what the spike linear does in it
+    (``wide_limit``: its limit for wide layers, where higher)."""
     if not native:
         return "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"
     if not spike_linear_on:
         how = "the spike_linear route is off, so the token linears are autocast's bf16 products"
     elif spike_limit is not None:
         how = f"spike_linear sums bf16 spikes up to a firing rate of {spike_limit:g}"
+        if wide_limit is not None and wide_limit > spike_limit:
+            how += f" ({wide_limit:g} in layers with at least twice as many outputs as inputs)"
     else:
         how = "spike_linear keeps autocast's bf16 products (matrix tiles, or no limit measured for this ISA)"
     return f"native: `--amp auto` trains in bf16 on this CPU; {how}"
@@ -79,7 +83,8 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
                                                  ": not measured, so no speed route is on")),
-        ("bf16", _bf16_line(native_bf16(), routes.spike_max_density_bf16(), routes.enabled("spike_linear"))),
+        ("bf16", _bf16_line(native_bf16(), routes.spike_max_density_bf16(), routes.enabled("spike_linear"),
+                            routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()))),
         ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
                                     "(inference, and training's forward)" if native_int8()
                                     else "no: spike maps the accumulation declines take the float32 convolution"),
