@@ -171,8 +171,8 @@ def ours_per_isa() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
     p = LIFParams(tau=TAU, v_threshold=VTH, alpha=ALPHA, detach_reset=True)
     if DEVICE.type == "cuda":
-        return {"ours (operator: Triton)": lambda x: multistep_lif(x, p)}
-    impls = {"ours (operator, -march=native)": lambda x: multistep_lif(x, p, backend="cpu")}
+        return {"ours (MultiStepLIF: Triton)": lambda x: multistep_lif(x, p)}
+    impls = {"ours (MultiStepLIF, -march=native)": lambda x: multistep_lif(x, p, backend="cpu")}
     for march, need, label in (("x86-64-v3", "avx2", "AVX2"), ("x86-64-v4", "avx512", "AVX-512")):
         # the CPUID as PyTorch reads it (an emulator's /proc/cpuinfo lists the host's flags)
         if not getattr(torch.cpu, f"_is_{need}_supported")():

@@ -60,6 +60,32 @@ def test_operator_equals_reference_non_contiguous():
     torch.testing.assert_close(torch.autograd.grad(s, x, g)[0], torch.autograd.grad(ref, xr, g)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("detach_reset", [True, False])
+def test_eager_neuron_skips_the_dispatcher_with_the_operators_results(detach_reset):
+    """In eager a CPU neuron runs the operator's own functions as a plain autograd Function (the
+    dispatcher's per-call cost skipped): the operator's spikes and gradient bit for bit; under
+    ``torch.profiler`` it calls the operator, so that profiles name it."""
+    from spikingformer.kernels import cpu_backend
+    from spikingformer.neuron import MultiStepLIF
+
+    if not cpu_backend.is_available():
+        pytest.skip("the CPU kernel library did not build: the operator runs the torch loop")
+    neuron = MultiStepLIF(tau=1.5, detach_reset=detach_reset, backend="cpu")
+    p = neuron.params
+    x = _current((6, 3, 40), torch.float32).requires_grad_(True)
+    g = _current((6, 3, 40), torch.float32, seed=2)
+    eager = neuron(x)
+    assert type(eager.grad_fn).__name__ == "_EagerLIFBackward"
+    xo = x.detach().clone().requires_grad_(True)
+    operator = lif_operator(xo, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+    assert "spikingformer_lif" in type(operator.grad_fn).__name__
+    assert torch.equal(eager, operator)
+    assert torch.equal(torch.autograd.grad(eager, x, g)[0], torch.autograd.grad(operator, xo, g)[0])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert "spikingformer_lif" in type(neuron(x).grad_fn).__name__
+    assert any(e.name == "spikingformer::lif" for e in prof.events())
+
+
 def _digits_model(dtype=torch.float32):
     torch.manual_seed(0)
     # embed 256: its pointwise layers are large enough for the token_linear route

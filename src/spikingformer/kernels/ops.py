@@ -10,7 +10,8 @@ backward ``spikingformer::lif_backward(x, grad_spikes, ...) -> grad_x`` are regi
 * autograd: forward saves only ``x``; backward calls ``spikingformer::lif_backward``.
 
 To the compiler the operators are opaque calls: ``torch.compile(model, fullgraph=True)`` traces
-through them without a graph break and keeps the fused kernels.
+through them without a graph break and keeps the fused kernels. In eager, CPU calls skip the
+dispatcher and run the same functions (:class:`_EagerLIF`, :func:`eager_or_op`).
 
 Below, the tokenizer's SN -> max-pool (``lif_pool``), BN -> SN [-> max-pool] (``bn_lif_pool``; in
 training with ``bn_batch_stats`` and ``bn_lif_pool_train_backward``, differentiable through
@@ -97,12 +98,30 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.params = params
 
 
-def _backward(ctx, grad_spikes):
+def _backward(ctx, grad_spikes, backward_op=lif_backward_op):
     (x,) = ctx.saved_tensors
-    return lif_backward_op(x, grad_spikes, *ctx.params), None, None, None, None, None
+    return backward_op(x, grad_spikes, *ctx.params), None, None, None, None, None
 
 
 lif.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLIF(torch.autograd.Function):
+    """``spikingformer::lif`` of CPU tensors in eager: its Python function with its registered
+    autograd (:func:`_setup_context`, :func:`_backward`) as a plain autograd ``Function``, without the
+    custom operator's dispatch and autograd wrapper, which cost about 0.06 ms per forward and
+    backward (1.10-1.13x the time of 10^6 elements, 2x of 10^3: docs/performance-log.md, "The LIF
+    operator's per-call cost")."""
+
+    @staticmethod
+    def forward(ctx, x, *params):  # not the setup_context form, whose apply inspects forward's signature each call
+        spikes = lif._init_fn(x, *params)
+        _setup_context(ctx, (x, *params), spikes)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        return _backward(ctx, grad_spikes, eager_or_op(lif_backward_op))
 
 
 def lif_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
@@ -111,14 +130,17 @@ def lif_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
 
 
 def lif_cpu(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
-    """Multi-step LIF with the fused CPU kernel (backend ``"cpu"``).
+    """Multi-step LIF with the fused CPU kernel (backend ``"cpu"``): the operator ``spikingformer::lif``,
+    in eager through :class:`_EagerLIF` (the same functions without the dispatcher).
 
     Non-CPU tensors go to the ``"torch"`` backend; a kernel that cannot be built falls back to the
     torch loop inside the operator, warning once.
     """
-    if x.device.type == "cpu":
-        return lif_op(x, p)
-    return lif_torch_loop(x, p)
+    if x.device.type != "cpu":
+        return lif_torch_loop(x, p)
+    if _in_eager() and hasattr(lif, "_init_fn"):
+        return _EagerLIF.apply(x, p.tau, p.v_threshold, p.v_reset, p.alpha, p.detach_reset)
+    return lif_op(x, p)
 
 
 def lif_triton(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
@@ -282,9 +304,13 @@ def eager_or_op(op):
     0.05 ms a call, measured: docs/performance-log.md, "torch.compile against eager"). (The function is
     ``CustomOpDef``'s ``_init_fn``; a PyTorch without it gets the operator in eager too.) Under
     ``torch.profiler`` the operator too, so that profiles list its time under its name."""
-    if torch.compiler.is_compiling() or getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
-        return op
-    return getattr(op, "_init_fn", op)
+    return getattr(op, "_init_fn", op) if _in_eager() else op
+
+
+def _in_eager() -> bool:
+    """Neither ``torch.compile`` (or ``torch.export``) tracing nor ``torch.profiler`` recording: where
+    :func:`eager_or_op` and :func:`lif_cpu` skip the dispatcher."""
+    return not (torch.compiler.is_compiling() or getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
 
 
 def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
