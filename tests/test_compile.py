@@ -84,6 +84,12 @@ def test_eager_neuron_skips_the_dispatcher_with_the_operators_results(detach_res
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert "spikingformer_lif" in type(neuron(x).grad_fn).__name__
     assert any(e.name == "spikingformer::lif" for e in prof.events())
+    # a second differentiation is refused as the operator refuses it, not passed over as a constant
+    for spikes, inputs in ((neuron(x), x), (lif_operator(xo, p.tau, p.v_threshold, p.v_reset, p.alpha,
+                                                        p.detach_reset), xo)):
+        (first,) = torch.autograd.grad(spikes, inputs, g, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            first.sum().backward()
 
 
 def _digits_model(dtype=torch.float32):

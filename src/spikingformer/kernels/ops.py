@@ -121,7 +121,10 @@ class _EagerLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        return _backward(ctx, grad_spikes, eager_or_op(lif_backward_op))
+        # with create_graph=True the backward operator, whose gradient then refuses a second
+        # differentiation as the operator's does (the plain function's would pass as a constant)
+        backward_op = lif_backward_op if torch.is_grad_enabled() else eager_or_op(lif_backward_op)
+        return _backward(ctx, grad_spikes, backward_op)
 
 
 def lif_op(x: torch.Tensor, p: LIFParams) -> torch.Tensor:
