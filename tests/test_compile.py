@@ -12,6 +12,8 @@ model in float64, where no pre-threshold value can round differently in float32 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_gradients_close
@@ -84,6 +86,12 @@ def test_eager_neuron_skips_the_dispatcher_with_the_operators_results(detach_res
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert "spikingformer_lif" in type(neuron(x).grad_fn).__name__
     assert any(e.name == "spikingformer::lif" for e in prof.events())
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, not gone: a tracer sees the operator
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(neuron, x.detach())
+    assert "spikingformer::lif" in str(traced.graph)
+    assert torch.equal(traced(x.detach() + 0.5), lif_operator(x.detach() + 0.5, p.tau, p.v_threshold, p.v_reset,
+                                                                  p.alpha, p.detach_reset))
     # a second differentiation is refused as the operator refuses it, not passed over as a constant
     for spikes, inputs in ((neuron(x), x), (lif_operator(xo, p.tau, p.v_threshold, p.v_reset, p.alpha,
                                                         p.detach_reset), xo)):

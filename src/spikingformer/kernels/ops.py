@@ -311,9 +311,10 @@ def eager_or_op(op):
 
 
 def _in_eager() -> bool:
-    """Neither ``torch.compile`` (or ``torch.export``) tracing nor ``torch.profiler`` recording: where
-    :func:`eager_or_op` and :func:`lif_cpu` skip the dispatcher."""
-    return not (torch.compiler.is_compiling() or getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+    """Neither ``torch.compile`` (or ``torch.export``) nor ``torch.jit.trace`` tracing, nor ``torch.profiler``
+    recording: where :func:`eager_or_op` and :func:`lif_cpu` skip the dispatcher (a tracer must see the operator)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
 
 
 def _bn_rows(x: torch.Tensor, tokens: bool) -> torch.Tensor:
