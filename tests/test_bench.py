@@ -65,7 +65,6 @@ def test_bench_model_quick_prints_ratios_and_the_valid_limit(capsys):
     assert float(lifted[0][4]) >= float(lifted[0][5])
 
 
-@pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
 def test_study_limits_times_both_values_and_names_the_layers_they_move(capsys):
     """Both values of the limit in one process, step by step: a row with both times and the ratio;
     with the limit 1 against 0 every token linear that fires at all moves."""
@@ -81,6 +80,7 @@ def test_study_limits_times_both_values_and_names_the_layers_they_move(capsys):
         study_limits.main(["--limit", "spike_linear", "--values", "1", "none"])
 
 
+@pytest.mark.skipif(not _has_spikingjelly(), reason="the model benchmark compares against spikingjelly")
 def test_benchmark_models_have_the_batchs_statistics_and_fire_in_inference(tmp_path):
     """The calibration worker saves BatchNorm running statistics that are the timed batch's (not
     PyTorch's initial 0 / 1), every build loads the same ones, and with them our model's neurons
