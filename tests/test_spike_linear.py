@@ -200,6 +200,24 @@ def test_pack_kernel_writes_the_twins_bits_in_every_dtype(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gather_lists_every_rows_spike_columns_in_every_dtype(shape, rate, dtype):
+    """``sf_spike_gather`` (the 16-bit inputs compared as bits, the lists written 32 columns at a time
+    where the CPU compresses vectors) lists each row's spike columns in ascending order, as
+    ``nonzero`` finds them, with ``-0.0`` no spike; a row of all ones fills its whole list."""
+    m, k, _ = shape
+    x = _spikes(m, k, rate, seed=4).to(dtype)
+    x[0, 0] = -0.0
+    xk, idx, cnt, count = sl._gather_spikes(cpu.get_library(), x)
+    assert count == int((x != 0).sum())
+    lists = idx.view(m, k).to(torch.int64) & 0xFFFF  # (indices are uint16 in int16 storage)
+    for r in range(m):
+        want = torch.nonzero(x[r] != 0).flatten()
+        assert int(cnt[r]) == len(want) and torch.equal(lists[r, :len(want)], want), f"row {r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan")])
 def test_pack_kernel_refuses_what_is_not_spikes(dtype, bad):
     x = _spikes(130, 70, 0.3).to(dtype)
