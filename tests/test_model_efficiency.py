@@ -119,6 +119,30 @@ def test_tokenizer_accepts_nchw_and_channels_last_inputs_alike():
         torch.testing.assert_close(tok(x), tokenizer_plain(tok, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16 autocast"])
+@pytest.mark.parametrize("layout", ["channels_last", "-channels_last"])
+def test_conv_maps_is_one_copy_at_most_in_the_convolutions_format_and_dtype(layout, autocast):
+    """A convolution's input maps: event frames as the model passes them (a (B, T) -> (T, B) view, a
+    piece of the batch) come out in one copy, in the route's format and, under autocast, already in
+    autocast's dtype with autocast's rounding (the convolution then casts nothing); maps already so
+    (the spikes of the tokenizer's kernels) come out as a view. Either way the convolution's output
+    is the module call's on the original maps, bit for bit."""
+    from spikingformer.layers.blocks import conv_maps
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    frames = torch.randn(3, 4, 2, 8, 8)  # (B, T, C, H, W)
+    x = frames.transpose(0, 1)[:, 1:3]  # (T, B, ...), a piece of the batch: a strided view
+    conv = nn.Conv2d(2, 5, 3, padding=1, bias=False)
+    with routes.configured(layout), torch.autocast("cpu", torch.bfloat16, enabled=autocast), torch.no_grad():
+        maps = conv_maps(x)
+        assert maps.shape == (8, 2, 8, 8) and maps.is_contiguous(memory_format=fmt)
+        assert maps.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(maps.float(), x.flatten(0, 1).to(maps.dtype).float())
+        assert torch.equal(conv(maps), conv(x.flatten(0, 1).contiguous(memory_format=fmt)))
+        again = maps.view(4, 2, 2, 8, 8)
+        assert conv_maps(again).data_ptr() == maps.data_ptr()  # a view: no copy
+
+
 @pytest.mark.parametrize("name,shape", [
     ("spikingformer_cifar10_4_256", (2, 3, 32, 32)),
     ("spikformer_cifar10_4_256", (2, 3, 32, 32)),

@@ -18,13 +18,18 @@ def _hooked(module: nn.Module) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
 
 
-def stem_itemsize(x: torch.Tensor) -> int:
-    """Bytes per element of the stem convolution's output for the tokenizer's input ``x``: under
-    autocast on x's device (CPU or CUDA) a float32 input's convolution runs in autocast's dtype."""
+def conv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution computes with ``x`` in: under autocast on x's device (CPU or CUDA) a
+    float32 ``x`` is cast to autocast's dtype."""
     device = x.device.type
     if device in ("cpu", "cuda") and x.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device).itemsize
-    return x.element_size()
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def stem_itemsize(x: torch.Tensor) -> int:
+    """Bytes per element of the stem convolution's output for the tokenizer's input ``x``."""
+    return conv_dtype(x).itemsize
 
 
 def piece_elements(device: torch.device, itemsize: int = 4) -> int | None:

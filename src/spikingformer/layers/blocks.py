@@ -50,6 +50,21 @@ def lif_factory(tau: float = 2.0, backend: str = "auto") -> LIFFactory:
     return partial(MultiStepLIF, tau=tau, detach_reset=True, backend=backend)
 
 
+def conv_maps(x: torch.Tensor) -> torch.Tensor:
+    """``(T, B, C, H, W)`` maps as a convolution's input ``(T*B, C, H, W)``, in the tokenizer's memory
+    format (route ``channels_last``) and dtype (:func:`~spikingformer.layers.batch_pieces.conv_dtype`):
+    a view where they are so already, else one copy, which also makes autocast's cast (the same
+    rounding) where the maps are a strided view (event frames, a piece of the batch) instead of a
+    copy to flatten them, one to the format and one to cast."""
+    fmt = torch.channels_last if routes.enabled("channels_last") else torch.contiguous_format
+    dtype = batch_pieces.conv_dtype(x)
+    if dtype == x.dtype and x[0].is_contiguous(memory_format=fmt) and x.stride(0) == x.shape[1] * x.stride(1):
+        return x.flatten(0, 1)  # a view
+    maps = torch.empty(x.shape[0] * x.shape[1], *x.shape[2:], dtype=dtype, device=x.device, memory_format=fmt)
+    maps.view(x.shape).copy_(x)
+    return maps
+
+
 class ConvBN(nn.Module):
     """3x3 convolution (stride 1, pad 1, no bias) + BatchNorm2d on ``(T, B, C, H, W)``."""
 
@@ -62,7 +77,7 @@ class ConvBN(nn.Module):
         """The convolution alone (the BN input), ``(T, B, C, H, W)`` -> ``(T, B, C_out, H, W)``.
         ``spikes``: ``x`` is a spiking neuron's output, which the ``spike_conv`` route may take."""
         t, b = x.shape[:2]
-        maps = routes.maps_layout(x.flatten(0, 1))
+        maps = conv_maps(x)
         y = spike_conv.convolve(self.conv, maps) if spikes else self.conv(maps)
         return y.view(t, b, *y.shape[1:])
 

@@ -232,11 +232,6 @@ def configured(spec: str) -> Iterator[frozenset[str]]:
 # ----------------------------------------------------------------------------- channels_last
 
 
-def maps_layout(x: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` maps in the tokenizer's memory format (no copy if already in it)."""
-    return x.contiguous(memory_format=torch.channels_last) if enabled("channels_last") else x
-
-
 def spike_maps(neuron: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``neuron(x)`` for ``(T, B, C, H, W)`` maps; with ``channels_last``, run on the ``(T, B, H, W, C)``
     permutation (elementwise over all but T, so the same values), which for channels-last maps is
