@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 import common
-from spikingformer.cpu_features import ISA_VARIABLES, isa_variables_set, onednn_cap
+from spikingformer.cpu_features import ISA_VARIABLES, amx_allowed, isa_variables_set, onednn_cap
 
 
 def _int8_conv_flops(qx, x_scale, x_zero_point, qw, *args, out_val=None, **kwargs) -> int:
@@ -250,6 +250,8 @@ def measure_with_dense_model(step: Callable[[], object], device: str = "cpu", re
 # FLOPs per cycle and core of one ISA's fp32 FMA: FMA units x fp32 lanes x 2 (multiply and add)
 FMA_UNITS = 2
 LANES = {"AVX-512": 16, "AVX2": 8, "SSE": 4}
+# Intel's AMX (TMUL) per core: one bf16 tile product (16 x 16 outputs, 32 products each) per 16 cycles
+AMX_BF16_FLOPS_PER_CYCLE = 1024
 _ISA_NAMES = {"sse": "SSE", "avx2": "AVX2", "avx512": "AVX-512"}  # cpu_features.onednn_cap's names
 
 
@@ -271,11 +273,19 @@ def halves_avx512(info: dict | None = None) -> bool:
     return "AMD" in info["model"] and (info["family"] or "").startswith("family 25,") and "avx512f" in info["flags"]
 
 
-def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False, info: dict | None = None) -> dict:
+def fma_peak(threads: int, isa_name: str, ghz: float, bf16: bool = False, info: dict | None = None,
+             env: dict | None = None) -> dict:
     """Theoretical peak of ``threads`` cores at ``ghz``: ``FMA_UNITS`` x lanes x 2 FLOPs per cycle
     (fp32), twice that for bf16 on AVX512-BF16 (``vdpbf16ps``: two products per fp32 lane). The lanes
     are the FMA units' width: AVX-512's 16 only where the units are 512 bits wide
-    (:func:`halves_avx512`; ``info``: :func:`common.cpu_info`'s, this CPU's by default)."""
+    (:func:`halves_avx512`; ``info``: :func:`common.cpu_info`'s, this CPU's by default). bf16 on a
+    CPU with matrix tiles (``amx_bf16``) that oneDNN may use (``env``'s ``ONEDNN_MAX_CPU_ISA``,
+    this process's by default): :data:`AMX_BF16_FLOPS_PER_CYCLE`, where its products run."""
+    info = common.cpu_info() if info is None else info
+    if bf16 and isa_name == "AVX-512" and "amx_bf16" in info["flags"] and amx_allowed(env):
+        return dict(isa="AMX", flops_per_cycle=AMX_BF16_FLOPS_PER_CYCLE, ghz=ghz, cores=threads,
+                    flops=threads * ghz * 1e9 * AMX_BF16_FLOPS_PER_CYCLE,
+                    note="bf16 products on AMX tiles: a 16x32 by 32x16 tile product, 16384 FLOPs, per 16 cycles")
     halved = isa_name == "AVX-512" and halves_avx512(info)
     lanes = LANES["AVX2"] if halved else LANES[isa_name]
     per_cycle = FMA_UNITS * lanes * 2 * (2 if bf16 else 1)

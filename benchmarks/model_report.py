@@ -79,7 +79,7 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
                     f"; /proc/cpuinfo says {mhz / 1000:.2f} GHz" if mhz else "")
             peak = {d: dense_limit.fma_peak(args.threads, isa, ghz or mhz / 1000, bf16=d == "bf16") for d in args.dtypes}
             print("- theoretical FMA peak = cores x clock x FLOPs/cycle, assuming "
-                  f"{dense_limit.FMA_UNITS} FMA units per core: " + "; ".join(
+                  f"{dense_limit.FMA_UNITS} FMA units per core (bf16 on AMX: its tiles' rate): " + "; ".join(
                       f"{d}: {p['cores']} x {p['ghz']:.2f} GHz ({source}) x {p['flops_per_cycle']}"
                       + (f" ({p['note']})" if p["note"] else "") + f" = {p['flops'] / 1e9:.0f} GFLOP/s"
                       for d, p in peak.items()))

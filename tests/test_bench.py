@@ -468,6 +468,15 @@ def test_isa_and_fma_peak():
     assert peak["flops"] == pytest.approx(147.2e9) and "Zen 4" in peak["note"]
     assert dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True, info=zen4)["flops"] == pytest.approx(294.4e9)
     assert not dense_limit.halves_avx512(dict(zen4, flags=["fma", "avx2"]))  # a Zen 3 of family 25
+    # bf16 on AMX tiles: 2 cores x 2.3 GHz x 1024 (16 x 16 x 32 products, 2 FLOPs each, per 16 cycles)
+    amx = dict(intel, flags=avx512 + ["avx512_bf16", "amx_tile", "amx_bf16"])
+    peak = dense_limit.fma_peak(2, "AVX-512", 2.3, bf16=True, info=amx, env={})
+    assert peak["flops"] == pytest.approx(2 * 2.3e9 * 16 * 16 * 32 * 2 / 16) and "AMX" in peak["note"]
+    assert dense_limit.fma_peak(2, "AVX-512", 2.3, info=amx, env={})["flops"] == pytest.approx(294.4e9)  # fp32: vectors
+    for cap in ("AVX512_CORE_BF16", "avx512_core", "AVX2"):  # oneDNN capped below its tiles: the vector units' rate
+        isa = dense_limit.isa(amx["flags"], {"ONEDNN_MAX_CPU_ISA": cap})
+        flops = dense_limit.fma_peak(2, isa, 2.3, bf16=True, info=amx, env={"ONEDNN_MAX_CPU_ISA": cap})["flops"]
+        assert flops == pytest.approx(588.8e9 if isa == "AVX-512" else 294.4e9), cap
 
 
 @pytest.mark.skipif(not _has_spikingjelly(), reason="compares SpikingJelly's neurons")

@@ -347,8 +347,9 @@ def test_native_bf16_detection(monkeypatch, avx512_bf16, amx, isa_cap, native):
     ("x86_64", True, False, None, False),  # dot products without tiles (AVX512-VNNI, e.g. Zen 5): measured slower
     ("x86_64", False, True, None, True),
     ("x86_64", True, True, "avx2", False),  # oneDNN capped below them
+    ("x86_64", True, True, "AVX512_CORE_BF16", False),  # capped at bf16 on vector units: no tiles either
     ("aarch64", True, True, None, False),
-], ids=["avx2_only", "vnni", "amx", "capped_at_avx2", "arm"])
+], ids=["avx2_only", "vnni", "amx", "capped_at_avx2", "capped_at_avx512_bf16", "arm"])
 def test_native_int8_detection(monkeypatch, machine, vnni, amx, isa_cap, native):
     """The spike convolution's int8 way asks this: 8-bit matrix tiles (AMX) that oneDNN may use. The
     spike linear's bf16 rule asks the same tiles (``bf16_matrix_tiles``)."""

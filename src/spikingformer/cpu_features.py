@@ -21,6 +21,8 @@ import platform
 # ISA each still allows
 _ONEDNN_CAPS = {"SSE41": "sse", "AVX": "sse", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
                 "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512"}
+# ONEDNN_MAX_CPU_ISA values that allow native bf16 on vector units but not oneDNN's matrix tiles (AMX)
+_BELOW_AMX = {"AVX512_CORE_BF16", "AVX512_CORE_FP16"}
 
 
 def onednn_cap(environ: dict | None = None) -> str | None:
@@ -64,11 +66,18 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def amx_allowed(environ: dict | None = None) -> bool:
+    """False where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below its matrix tiles (AMX), True otherwise
+    (whether the CPU has them or not)."""
+    env = os.environ if environ is None else environ
+    return onednn_cap(env) is None and env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in _BELOW_AMX
+
+
 def _amx_tiles() -> bool:
     """x86 matrix tiles (AMX), with oneDNN not capped below them by ``ONEDNN_MAX_CPU_ISA``."""
     import torch
 
-    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_cap() is not None:
+    if platform.machine().lower() not in ("x86_64", "amd64") or not amx_allowed():
         return False
     return bool(torch.cpu._is_amx_tile_supported())
 
