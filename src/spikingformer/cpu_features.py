@@ -85,7 +85,8 @@ def _amx_tiles() -> bool:
 def bf16_matrix_tiles() -> bool:
     """True when this CPU's bfloat16 products run on matrix tiles (AMX; oneDNN not capped below
     them), not on vector units (AVX512-BF16): the ``spike_linear`` route keeps autocast's dense
-    product there (its accumulation was measured against vector units only)."""
+    product there (on an Intel Xeon with AMX the tiles' product beat its sums at every firing rate
+    measured, 0.05-0.50)."""
     return _amx_tiles()
 
 

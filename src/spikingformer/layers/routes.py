@@ -122,8 +122,9 @@ MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86}
 SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
 # Per ISA, the same under CPU bf16 autocast, against autocast's bf16 dense product where that runs
 # on vector units (AVX512-BF16; measured on an AMD EPYC Zen 4: docs/performance-log.md, "Spike
-# linear in bf16"). Not measured where bf16 products run on matrix tiles (AMX, several times faster;
-# cpu_features.bf16_matrix_tiles) nor where bf16 is not native: the dense product stays there.
+# linear in bf16"). None where bf16 products run on matrix tiles (AMX: cpu_features.bf16_matrix_tiles),
+# whose dense product beat the sums at every rate measured, 0.05-0.50 (an Intel Xeon with AMX, "Spike
+# linear in bf16 on AMX"), nor where bf16 is not native: the dense product stays there.
 SPIKE_LINEAR_MAX_DENSITY_BF16 = {"avx512": 0.15}
 # Per ISA, the bf16 limit of wide layers (out_features >= 2 in_features: the MLPs' fc1), which beat
 # the dense product at 0.20 too (0.77-0.89 of its time; square and narrow ones 0.90-1.13).
