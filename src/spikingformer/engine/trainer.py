@@ -26,7 +26,6 @@ from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset, check_batch, collate
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
-from spikingformer.engine.optimizer import build_optimizer
 from spikingformer.engine.resume import restore, resume_path, rng_state
 from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
@@ -271,6 +270,7 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
 
 
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from tqdm import tqdm
 
@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         net = torch.compile(net)
 
     o, s = cfg.optim, cfg.schedule
-    optimizer = build_optimizer(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
+    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, cooldown_epochs=s.cooldown_epochs,
         warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=True,
