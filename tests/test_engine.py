@@ -231,3 +231,38 @@ def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, co
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not on, not on)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_trainers_optimizer_steps_every_parameter_as_the_plain_loop():
+    """The digits recipe's model and optimizer, with this CPU's routes (channels-last convolution
+    weights among them), against a per-parameter AdamW twin: the same update to float32 rounding.
+    PyTorch 2.14.1's fused CPU AdamW fails this (it updates the wrong elements where a parameter's
+    gradient has another memory layout), which is why the trainer does not ask for it."""
+    from spikingformer.engine.trainer import build_model, build_optimizer
+
+    cfg = load_config("digits")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(cfg, 10).train())
+    model, twin_model = models
+    built = build_optimizer(model, cfg)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    twin_params = list(twin_model.parameters())
+    twin = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+                               "params": [twin_params[index[id(p)]] for p in g["params"]]} for g in built.param_groups],
+                             foreach=False)
+    c = model.config
+    x = torch.rand(8, c.in_channels, c.img_size, c.img_size)
+    y = torch.arange(8) % 10
+    for _ in range(3):
+        for m, o in ((model, built), (twin_model, twin)):
+            o.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    torch.manual_seed(0)
+    start = build_model(cfg, 10)
+    assert not all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), start.parameters()))  # it stepped
+    for (name, p), q in zip(model.named_parameters(), twin_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    assert type(built) is torch.optim.AdamW and sorted({g["weight_decay"] for g in built.param_groups}) == [0.0, 0.01]

@@ -269,8 +269,18 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     return sums
 
 
-def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer ``cfg.optim.opt`` for ``model`` (no weight decay on biases and norms), as
+    timm builds it: on the CPU PyTorch's per-parameter loop. Not ``fused=True``: PyTorch 2.14.1's
+    fused CPU AdamW updates the wrong elements of a parameter whose gradient has another memory
+    layout (the channels-last convolution weights; docs/performance-log.md, "The optimizer step")."""
     from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    return create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     from timm.scheduler import create_scheduler_v2
     from tqdm import tqdm
 
@@ -291,7 +301,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         net = torch.compile(net)
 
     o, s = cfg.optim, cfg.schedule
-    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, eps=o.opt_eps, momentum=o.momentum)
+    optimizer = build_optimizer(model, cfg)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, cooldown_epochs=s.cooldown_epochs,
         warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=True,
