@@ -13,14 +13,12 @@
 // * Forward: y[m, :] = b + sum over k ascending with x[m, k] = 1 of Wt[k, :], Wt = W^T (K, N).
 // * Weight gradient: dW^T[k, :] = sum over m ascending with x[m, k] = 1 of g[m, :], g the output
 //   gradient (M, N): again additions only, as many as the forward's.
-// Both sum in that fixed order, starting from b (or 0), so each equals a plain loop of float32
-// additions in the same order bit for bit (then one rounding to a 16-bit result); against the
-// dense products they differ by the rounding of the summation order only. The input gradient g W
-// is a dense product (PyTorch's).
+// Both sum in that fixed order, from b (or 0): a plain loop of float32 additions in that order bit for
+// bit (then one rounding to a 16-bit result); the dense products differ by the summation order's
+// rounding only. The input gradient g W is PyTorch's dense product.
 //
-// sf_spike_gather first lists each row's spike columns and counts them (and says when an element
-// is neither 0 nor 1); the caller then decides, from the count, between these kernels and the dense
-// products (faster above a firing rate measured per ISA).
+// sf_spike_gather first lists and counts each row's spike columns (and says when an element is neither
+// 0 nor 1); from the count the caller picks these kernels or the dense products (per ISA's limit).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -236,16 +234,27 @@ int pack_rows(const void* x, int64_t M, int64_t K, uint64_t* __restrict packed, 
   return ok ? 0 : -1;
 }
 
+// Packed bits as spikes of dtype D, a word at a time (AVX-512: masked moves of 1.0's bits; else spike_bits).
 template <int D>
 void unpack_rows(const uint64_t* packed, int64_t M, int64_t K, void* x, int nthreads) {
   using S = typename StorageOf<D>::type;
   const int nt = threads_for_rows(M, nthreads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t m = 0; m < M; ++m) {
-    const uint64_t* __restrict words = packed + m * words_of(K);
-    S* __restrict xr = (S*)x + m * K;
-    for (int64_t k = 0; k < K; ++k) store<D>(xr, k, (float)((words[k / 64] >> (k % 64)) & 1u));
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t w = 0; w < words_of(K); ++w) {
+      const uint64_t bits = packed[m * words_of(K) + w];
+      S* __restrict out = (S*)x + m * K + w * 64;
+      const int64_t n = std::min<int64_t>(64, K - w * 64);
+      int64_t j = 0;
+#if defined(__AVX512BW__)
+      if constexpr (D == kF32)
+        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(out + j, _mm512_maskz_mov_ps((__mmask16)(bits >> j), _mm512_set1_ps(1.0f)));
+      else
+        for (; j + 32 <= n; j += 32)
+          _mm512_storeu_si512(out + j, _mm512_maskz_mov_epi16((__mmask32)(bits >> j), _mm512_set1_epi16((short)spike_bits<D>(true))));
+#endif
+      for (; j < n; ++j) out[j] = spike_bits<D>((bits >> j) & 1u);
+    }
 }
 
 // y (M, N) = bias + x W^T from sf_spike_gather's lists (sf_spike_linear_forward), W, bias and y of
@@ -391,19 +400,17 @@ int64_t sf_spike_gather_packed(const uint64_t* packed, int64_t M, int64_t K, uin
   return total;
 }
 
-// x (M, K) as bits into packed (M * ceil(K / 64) words; bit j of word w of row m is x[m, 64 w + j]
-// != 0) for x of any storage dtype (0 float32, 1 float16, 2 bfloat16): the input a dense product
-// keeps for backward where sf_spike_gather is not called (16-bit inputs under autocast). Returns
-// 0; -1 if an element is neither 0 nor 1; -2 for an unknown dtype.
+// x (M, K) as bits into packed (M * ceil(K / 64) words; bit j of word w of row m is x[m, 64 w + j] != 0),
+// x of any storage dtype (0 float32, 1 float16, 2 bfloat16): what a dense product keeps for backward
+// where sf_spike_gather is not called. Returns 0; -1 if an element is neither 0 nor 1; -2 for an unknown dtype.
 int sf_spike_pack(const void* x, int64_t M, int64_t K, int dtype, uint64_t* packed, int nthreads) {
   int rc = -2;
   with_storage(dtype, [&](auto d) { rc = pack_rows<d.value>(x, M, K, packed, nthreads); });
   return rc;
 }
 
-// The spikes x (M, K) of packed bits, in storage dtype dtype (as sf_spike_pack): the dense
-// products' input where the firing rate is above the sparse kernels' limit, or the input is 16-bit.
-// Returns 0; -2 for an unknown dtype.
+// The spikes x (M, K) of packed bits in storage dtype dtype (as sf_spike_pack), for the dense products
+// (above the sparse kernels' limit, or 16-bit inputs). Returns 0; -2 for an unknown dtype.
 int sf_spike_unpack(const uint64_t* packed, int64_t M, int64_t K, void* x, int dtype, int nthreads) {
   return with_storage(dtype, [&](auto d) { unpack_rows<d.value>(packed, M, K, x, nthreads); }) ? 0 : -2;
 }
