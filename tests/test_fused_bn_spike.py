@@ -4,15 +4,20 @@ output and the membrane again in backward, against the module calls it replaces.
 
 The twins are PyTorch's: ``nn.functional.batch_norm`` in training, the fused LIF kernel's autograd
 (itself held to the paper's equations in tests/test_neuron.py) and, for the ground truth of the
-gradient, the LIF reference loop. Where PyTorch's BN kernel is its x86 FMA build the kernel rounds
-BN's output as it does, so spikes, gradients and running statistics equal the module calls bit
-for bit; a build that cannot (no FMA beside FMA kernels) steps aside.
+gradient, the LIF reference loop. The kernel rounds BN's output as PyTorch's BN kernel in use does
+(once per multiply-add in its x86 FMA and AArch64 builds, twice elsewhere: a probe of PyTorch asks
+which), so spikes, gradients and running statistics equal the module calls bit for bit; a build
+that cannot (no FMA beside FMA kernels) steps aside.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,7 +124,10 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
             assert torch.equal(mean2, mean) and all(torch.equal(a, b) for a, b in zip(running, running2))
             assert torch.equal(cpu.bn_invstd(var, 1e-5, batch=True), invstd)
             assert (cpu.bn_invstd(var, 1e-5, batch=False) != invstd).sum() > c // 40
-        if dtype == torch.float32 and cpu.kernel_reproduces_bn() and cpu.bn_fuses_multiply_add():
+        # the library's passes sum as PyTorch's x86 kernels do; PyTorch 2.10's AArch64 kernel sums in
+        # another order, where the probe leaves the statistics to PyTorch (the equalities above hold either way)
+        x86_fma = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        if dtype == torch.float32 and cpu.kernel_reproduces_bn() and x86_fma:
             assert batch_stats._stats_fma(cpu.get_library()) == 1
     finally:
         torch.set_num_threads(before)
@@ -362,3 +370,58 @@ def test_compiled_training_keeps_the_fused_operators_and_equals_eager():
         assert 0 < results[0][0].sum() < results[0][0].numel()
     if cpu.kernel_reproduces_bn():
         assert {"spikingformer.bn_batch_stats.default", "spikingformer.bn_lif_pool.default"} <= set(traced)
+
+
+def _fake_batch_norms(rounding: str):
+    """``F.batch_norm`` (inference) and ``torch.native_batch_norm`` (training) computing
+    ``x * scale + shift`` with one rounding per multiply-add (``"fused"``: in float64, then rounded),
+    two (``"unfused"``), or the fused result one ulp up where it is positive (``"neither"``)."""
+    def apply(x, mean, invstd, weight, bias):
+        view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        scale = (invstd * weight).view(view)
+        m, b = mean.view(view), bias.view(view)
+        if rounding == "unfused":
+            return x * scale + (b - m * scale)
+        s = scale.double()
+        out = (x.double() * s + (b.double() - m.double() * s).float().double()).float()
+        return torch.where(out > 0, torch.nextafter(out, torch.tensor(float("inf"))), out) if rounding == "neither" else out
+
+    def inference(x, mean, var, weight, bias, training, momentum, eps):
+        return apply(x, mean, cpu.bn_invstd(var, eps, batch=False), weight, bias)
+
+    def training(x, weight, bias, running_mean, running_var, training, momentum, eps):
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dims)
+        invstd = cpu.bn_invstd(x.var(dims, unbiased=False), eps, batch=True)
+        return apply(x, mean, invstd, weight, bias), mean, invstd
+
+    return inference, training
+
+
+@pytest.mark.parametrize("rounding", ["fused", "unfused", "neither"])
+def test_the_probe_tells_how_pytorchs_batch_norm_rounds(monkeypatch, rounding):
+    """bn_rounding classifies a BatchNorm kernel by its outputs: one rounding per multiply-add, two,
+    or neither (then no kernel computes BN: it cannot reproduce it)."""
+    inference, training = _fake_batch_norms(rounding)
+    monkeypatch.setattr(nn.functional, "batch_norm", inference)
+    monkeypatch.setattr(torch, "native_batch_norm", training)
+    cpu.bn_rounding.cache_clear()
+    try:
+        assert cpu.bn_rounding() == (None if rounding == "neither" else rounding)
+        assert cpu.bn_fuses_multiply_add() == (rounding == "fused")
+        if rounding == "neither":
+            assert not cpu.kernel_reproduces_bn()
+    finally:
+        cpu.bn_rounding.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="PyTorch's x86 builds: AVX2 / AVX512 and DEFAULT kernels")
+def test_pytorchs_x86_batch_norm_fuses_its_multiply_adds_where_vectorised():
+    """PyTorch's AVX2 and AVX512 BatchNorm kernels contract to FMA, its DEFAULT kernel does not (a
+    fresh process: ATen's capability is fixed at its first use)."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert cpu.bn_rounding() == "fused"
+    code = "from spikingformer.kernels import cpu_backend as c; print(c.bn_rounding())"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "unfused"

@@ -153,7 +153,7 @@ extern "C" {
 int sf_bn_batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, int fma, float m, float* mean,
                       float* var, float* running_mean, float* running_var, int nthreads) {
   if (rows < 2 || C < 1 || runs < 1) return -1;
-#if defined(__FMA__) || defined(__AVX512F__)
+#if SF_FMA
   constexpr bool kHasFma = true;
 #else
   constexpr bool kHasFma = false;

@@ -25,6 +25,15 @@
 #define SF_IN_PART(k) 1
 #endif
 
+// SF_FMA: std::fma is one instruction here and vectorises: x86 with FMA (AVX2 builds, AVX-512), and
+// every AArch64 CPU (fmadd, fmla). Elsewhere (x86-64 baseline, SSE2) it would be a libm call per
+// element, so the kernels offer no fused rounding there.
+#if defined(__FMA__) || defined(__AVX512F__) || defined(__ARM_FEATURE_FMA)
+#define SF_FMA 1
+#else
+#define SF_FMA 0
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // elements per block: membrane + T-step scratch stay in L1/L2
@@ -123,10 +132,10 @@ template <int D> inline typename StorageOf<D>::type spike_bits(bool fired) {
   else return (uint16_t)(0u - (uint32_t)fired) & (D == kF16 ? 0x3C00u : 0x3F80u);
 }
 
-// a * b + c: one rounding where the ISA has FMA, two elsewhere (SSE2: std::fma would be a libm call
-// the vectoriser cannot use). Used only on the backward path, whose results need not be bit-exact.
+// a * b + c: one rounding where the ISA has FMA (SF_FMA), two elsewhere. Used only on the backward
+// path, whose results need not be bit-exact.
 inline float mul_add(float a, float b, float c) {
-#if defined(__FMA__) || defined(__AVX512F__)
+#if SF_FMA
   return std::fma(a, b, c);
 #else
   return a * b + c;

@@ -333,7 +333,7 @@ void pool_backward_impl(const void* z_, const void* gout_, void* gz_, const Maps
   }
 }
 
-#if defined(__FMA__) || defined(__AVX512F__)
+#if SF_FMA
 constexpr bool kFma = true;  // std::fma is one instruction, and vectorises
 #else
 constexpr bool kFma = false;  // std::fma would be a libm call per element: not offered

@@ -30,6 +30,7 @@ the kernel through the ``spikingformer::lif`` operator (:mod:`spikingformer.kern
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 from importlib import resources
 from pathlib import Path
@@ -227,10 +228,36 @@ def pooled_shape(x: torch.Tensor) -> tuple[int, ...]:
     return t, b, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c
 
 
+@functools.cache
+def bn_rounding() -> str | None:
+    """How PyTorch's CPU BatchNorm kernel in use rounds ``shift = bias - mean * scale`` and its output
+    ``x * scale + shift`` (``scale = invstd * weight``): ``"fused"``, once each (its builds for x86
+    with FMA, and for AArch64), ``"unfused"``, twice each, or ``None`` where a probe matches neither
+    (then the fused kernels leave BatchNorm to PyTorch). Asked of PyTorch once per process, on small
+    channels-last maps and token rows, in inference and in training."""
+    g = torch.Generator().manual_seed(0)
+    found = set()
+    for shape in ((6, 8, 5, 7), (40, 8)):
+        x = (torch.randn(shape, generator=g) * 3 + 0.5).contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+        c, view = shape[1], (1, shape[1]) + (1,) * (len(shape) - 2)
+        weight, bias = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) - 0.5
+        mean, var = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            inference = nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
+            training = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)
+        for out, m, invstd in ((inference, mean, bn_invstd(var, 1e-5, batch=False)), training):
+            scale = (invstd * weight).view(view)
+            m, b, s = m.view(view).double(), bias.view(view).double(), scale.double()
+            fused = torch.equal(out, (x.double() * s + (b - m * s).float().double()).float())
+            unfused = torch.equal(out, x * scale + (bias.view(view) - m.float() * scale))
+            found.add("fused" if fused and not unfused else "unfused" if unfused and not fused else None)
+    return found.pop() if len(found) == 1 else None
+
+
 def bn_fuses_multiply_add() -> bool:
-    """Whether PyTorch's CPU BatchNorm kernel in use rounds ``x * scale + shift`` once (its
-    vectorised builds for x86 with FMA, ``AVX2`` / ``AVX512``, are compiled with contraction)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    """Whether PyTorch's CPU BatchNorm kernel in use rounds ``x * scale + shift`` once (:func:`bn_rounding`)."""
+    return bn_rounding() == "fused"
 
 
 @torch.compiler.assume_constant_result  # fixed for the process: the compiler evaluates it once
@@ -238,8 +265,8 @@ def kernel_reproduces_bn() -> bool:
     """Whether the library is built and computes BatchNorm's output with the rounding of PyTorch's
     CPU kernel in use: a build without FMA (e.g. ``SPIKINGFORMER_NATIVE_ARCH=x86-64``) cannot where
     PyTorch's kernel fuses its multiply-adds (:func:`bn_fuses_multiply_add`)."""
-    lib = get_library()
-    return lib is not None and (not bn_fuses_multiply_add() or bool(lib.sf_lif_pool_has_fma()))
+    lib, rounding = get_library(), bn_rounding()
+    return lib is not None and rounding is not None and (rounding == "unfused" or bool(lib.sf_lif_pool_has_fma()))
 
 
 def bn_invstd(var: torch.Tensor, eps: float, batch: bool) -> torch.Tensor:
