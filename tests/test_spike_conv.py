@@ -19,6 +19,8 @@ convolutions (oneDNN), against independent expectations.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -181,7 +183,11 @@ def test_weights_changed_in_place_are_packed_again(int8_cpu):
                            sc.spike_conv_reference(x.flatten(0, 1), stage.conv.weight).view(first.shape))
         assert torch.equal(stage.convolve(x, spikes=True), -2.0 * first)  # exact: scales by a power of two
         stage.conv.weight[0, 0, 0, 0] = float("nan")
-        assert torch.isnan(stage.convolve(x, spikes=True)[:, :, 0]).any()  # the plain convolution, NaN and all
+        # the plain convolution, NaN and all (where this PyTorch's own convolution keeps it: on x86, not
+        # in PyTorch 2.10's for AArch64, whose products of 0 and NaN gave 0 under QEMU)
+        plain = stage.conv(x.flatten(0, 1)).view(first.shape)
+        torch.testing.assert_close(stage.convolve(x, spikes=True), plain, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(plain[:, :, 0]).any() or platform.machine() not in ("x86_64", "AMD64")
 
 
 def test_a_fused_model_takes_the_route_with_its_bias(int8_cpu, monkeypatch):
@@ -499,8 +505,12 @@ def test_zoo_model_trains_with_the_route_to_rounding(monkeypatch):
     loss_off, grads_off = step("-spike_conv")
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-3, atol=1e-3)
     assert grads_on.keys() == grads_off.keys()
+    # a linear's bias ahead of a BatchNorm has no gradient in exact arithmetic (BN takes the batch mean
+    # away): its values (1e-7 to 1e-6 here) are rounding noise, which the two routes' float32 sums in
+    # another order change (they did on AArch64), so each gradient's scale is at least 1e-3 of the largest
+    largest = max(float(g.abs().max()) for g in grads_off.values())
     for name in grads_on:
-        scale = float(grads_off[name].abs().max()) + 1e-6
+        scale = max(float(grads_off[name].abs().max()), 1e-3 * largest)
         assert float((grads_on[name] - grads_off[name]).abs().max()) <= 0.05 * scale, name
 
 
