@@ -246,11 +246,12 @@ def bn_rounding() -> str | None:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             inference = nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
             training = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)
-        for out, m, invstd in ((inference, mean, bn_invstd(var, 1e-5, batch=False)), training):
-            scale = (invstd * weight).view(view)
-            m, b, s = m.view(view).double(), bias.view(view).double(), scale.double()
-            fused = torch.equal(out, (x.double() * s + (b - m * s).float().double()).float())
-            unfused = torch.equal(out, x * scale + (bias.view(view) - m.float() * scale))
+        for out, centre, invstd in ((inference, mean, bn_invstd(var, 1e-5, batch=False)), training):
+            scale, centre, b = (invstd * weight).view(view), centre.view(view), bias.view(view)
+            s = scale.double()  # float32 products are exact in float64: one rounding each below
+            shift = (b.double() - centre.double() * s).float()
+            fused = torch.equal(out, (x.double() * s + shift.double()).float())
+            unfused = torch.equal(out, x * scale + (b - centre * scale))
             found.add("fused" if fused and not unfused else "unfused" if unfused and not fused else None)
     return found.pop() if len(found) == 1 else None
 
