@@ -288,31 +288,48 @@ def _gxx() -> str:
     return gxx
 
 
+# per compiler: the flags of its vectoriser report, and how the report says a loop was / was not vectorised
+VECTORISER_REPORTS = {
+    "g++": (("-fopt-info-vec-optimized-missed",), "optimized: loop vectorized", ("couldn't vectorize loop",
+                                                                                 "not vectorized")),
+    "clang++": (("-Rpass=loop-vectorize", "-Rpass-missed=loop-vectorize"), "remark: vectorized loop",
+                ("loop not vectorized",)),
+}
+
+
 @pytest.mark.slow
 @cpu_only
+@pytest.mark.filterwarnings("ignore:spikingformer.*OpenMP:RuntimeWarning")  # clang's runtime beside PyTorch's
+@pytest.mark.parametrize("cxx", list(VECTORISER_REPORTS))
 @pytest.mark.parametrize("march", ISAS)
-def test_cpu_element_loops_vectorised(march, tmp_path):
-    """g++'s vectoriser report for a build of the kernel for ``march``: every element loop of the
-    forward and backward and of the fused SN -> max-pool (marked ``SF_VECTOR_LOOP`` in csrc/lif_cpu.cpp,
-    csrc/pool_windows_cpu.cpp, csrc/bn_cpu.cpp and csrc/lif_pool_cpu.cpp, one library
-    source) is vectorised, in every instantiation (no "couldn't vectorize loop" at its line)."""
-    _gxx()
+def test_cpu_element_loops_vectorised(march, cxx, tmp_path, monkeypatch):
+    """The compiler's vectoriser report for a build of the kernel for ``march``: every element loop of
+    the forward and backward and of the fused SN -> max-pool (marked ``SF_VECTOR_LOOP`` in
+    csrc/lif_cpu.cpp, csrc/pool_windows_cpu.cpp, csrc/bn_cpu.cpp and csrc/lif_pool_cpu.cpp, one
+    library source) is vectorised, in every instantiation (no "not vectorized" at its line), by g++
+    and by clang (which ignores g++'s loop pragmas: the library's ``SF_IVDEP`` gives it its own)."""
+    path = shutil.which(cxx)
+    if path is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"needs {cxx} on an x86-64 machine")
+    monkeypatch.setenv("CXX", path)
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)  # (restored: the OpenMP probe may set it for clang)
+    flags, done, missed_says = VECTORISER_REPORTS[cxx]
     marked = [i for i, line in enumerate(cpu_kernel.source().splitlines(), 1)
               if VECTOR_LOOP_MARK in line and "for (" in line]
     assert len(marked) == 14, ("expected the LIF forward, backward-recompute and backward loops, the max-pool "
                                "windows' four, BN's batch sums (two) and backward apply, and the four of "
                                "lif_pool_cpu.cpp")
     # the library's own build (its parts at once), with the vectoriser's report
-    _, stderr = cpu_kernel.native_library(march).compile(tmp_path, ("-fopt-info-vec-optimized-missed",))
+    _, stderr = cpu_kernel.native_library(march).compile(tmp_path, flags)
     report = stderr.splitlines()
     for line in marked:
         at = [(int(m[1]), r) for r in report if (m := re.match(rf".*lif_cpu\.cpp:{line}:(\d+): ", r))]
-        # g++ places a loop's messages at one column of its line; messages at another column of the
+        # a loop's messages stand at one column of its line; messages at another column of the
         # line are about an enclosing loop (outer-loop vectorisation), not this one
-        loop = {col for col, r in at if "optimized: loop vectorized" in r}
-        assert loop, f"{march}: loop at line {line} not vectorised"
-        missed = [r for col, r in at if col in loop and ("couldn't vectorize loop" in r or "not vectorized" in r)]
-        assert not missed, f"{march}: loop at line {line}: " + "; ".join(missed[:3])
+        loop = {col for col, r in at if done in r}
+        assert loop, f"{cxx} {march}: loop at line {line} not vectorised"
+        missed = [r for col, r in at if col in loop and any(says in r for says in missed_says)]
+        assert not missed, f"{cxx} {march}: loop at line {line}: " + "; ".join(missed[:3])
 
 
 BF16_ROUND_CHECK = r"""

@@ -40,7 +40,7 @@ void batch_stats(const float* x, int64_t rows, int64_t C_, int64_t runs, float m
     float* __restrict b = buf.data() + k * C;
     for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
       const float* __restrict xr = x + r * C;
-#pragma GCC ivdep  // b and xr never alias: no run-time alias check per row
+SF_IVDEP  // b and xr never alias: no run-time alias check per row
       for (int64_t c = 0; c < C; ++c) b[c] = xr[c] + b[c];  // SF_VECTOR_LOOP bn batch sum
     }
   }
@@ -52,7 +52,7 @@ void batch_stats(const float* x, int64_t rows, int64_t C_, int64_t runs, float m
     const float* __restrict mu = mean;
     for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
       const float* __restrict xr = x + r * C;
-#pragma GCC ivdep
+SF_IVDEP
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn batch squares
         const float d = xr[c] - mu[c];
         if constexpr (FMA) b[c] = std::fma(d, d, b[c]);
@@ -111,7 +111,7 @@ void bn_apply_rows(const typename StorageOf<D>::type* x, const typename StorageO
     const S* __restrict xr = x + r * C;
     const S* gr = gy + r * C;  // gx may be gy (in place): each element is read before it is written
     S* o = gx + r * C;
-#pragma GCC ivdep
+SF_IVDEP
     for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn backward apply
       const float dx = (load<D>(xr, c) - mean[c]) * k[c];
       store<D>(o, c, (load<D>(gr, c) - mean_g[c] - dx) * a[c]);

@@ -34,6 +34,15 @@
 #define SF_FMA 0
 #endif
 
+// SF_IVDEP, before a loop: its arrays never alias, so the vectorised loop needs no run-time alias
+// checks (and, with many arrays, gets vectorised at all). g++'s "ivdep"; clang ignores GCC's loop
+// pragmas and left the fused backward's loops scalar without its own (5x slower).
+#if defined(__clang__)
+#define SF_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define SF_IVDEP _Pragma("GCC ivdep")
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // elements per block: membrane + T-step scratch stay in L1/L2

@@ -194,7 +194,7 @@ void reverse_cols(const float* __restrict ht, const float* __restrict gs, const 
     const S* __restrict zw = zt + w * C;
     float* __restrict gvw = gv + w * C;
     S* __restrict gzw = gzt + w * C;
-#pragma GCC ivdep  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
+SF_IVDEP  // eight arrays, none aliasing: more than g++'s ten run-time alias checks
     for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP lif_pool backward
       const float g = st.grad<DETACH>(hw[c], gw[c], gvw[c], alpha);
       store<D>(gzw, c, g);
@@ -280,7 +280,7 @@ void lif_backward_rows(const typename StorageOf<D>::type* z, const typename Stor
       S* __restrict gzt = gz + at;
       for (int64_t w = 0; w < m.W; ++w) {
         const int64_t o = w * m.C;
-#pragma GCC ivdep  // as in backward_rows
+SF_IVDEP  // as in backward_rows
         for (int64_t c = 0; c < m.C; ++c) {  // SF_VECTOR_LOOP lif_pool backward without pool
           const float g = st.grad<DETACH>(ht[o + c], load<D>(gt, o + c), gv[o + c], alpha);
           store<D>(gzt, o + c, g);
