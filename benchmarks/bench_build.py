@@ -34,7 +34,7 @@ from spikingformer.native import NativeLibrary  # noqa: E402
 def build_seconds(parts: int, march: str) -> tuple[float, set[str]]:
     """Wall time of one build with ``parts`` translation units, and the ``sf_`` functions it exports."""
     template = cpu_backend.native_library(march)
-    lib = NativeLibrary(template.name, cpu_backend.source, template.flags, parts=parts)
+    lib = NativeLibrary(template.name, cpu_backend.source, template.flags, parts=parts, openmp=template.openmp)
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = lib.compile(Path(tmp))
         symbols = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True).stdout

@@ -81,7 +81,7 @@ def base_library(rev: str):
     text = "\n".join(_show(rev, name) for name in _source_files(rev))
     parts = cb.PARTS if "SF_IN_PART" in text else 1
     lib = NativeLibrary("spikingformer_lif_cpu_base", lambda: text, cb.CXX_FLAGS, key=cb._cpu_signature,
-                        declare=cb._declare, parts=parts).get()
+                        declare=cb._declare, parts=parts, openmp=True).get()
     if lib is None:
         raise SystemExit(f"the library of {rev} did not build")
     return lib

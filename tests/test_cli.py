@@ -261,6 +261,7 @@ def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, expect
 def test_info_build_builds_the_kernel_library(tmp_path):
     lines = _info(tmp_path, "--build")
     assert "loaded in" in lines["kernel library"], lines
+    assert lines["kernel library"].startswith("-march=native, ") and ", OpenMP: loaded in" in lines["kernel library"]
     path = lines["kernel library"].rsplit(" from ", 1)[1]
     assert path.startswith(str(tmp_path / "ext")) and os.path.exists(path)
     assert lines["LIF backends"].endswith("'auto' picks cpu")

@@ -215,6 +215,111 @@ def test_unsafe_target_arch_is_refused_with_one_warning(cache, monkeypatch):
     assert loaded is None and len(caught) == 1 and native.ARCH_ENV in caught[0]
 
 
+# -- compilers without a working OpenMP ------------------------------------------------------
+
+OPENMP_SOURCE = r"""
+extern "C" int sf_test_answer() {
+  int s = 0;
+#pragma omp parallel for reduction(+ : s)
+  for (int i = 0; i < 8; ++i) s += i;
+  return s + 14;
+}
+"""
+# a compiler that refuses -fopenmp, as Apple's clang does
+REFUSES_OPENMP = """#!/bin/sh
+for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; }; done
+exec g++ "$@"
+"""
+# a compiler whose OpenMP builds need a runtime this machine lacks (clang without libomp): they
+# compile, and the loader refuses them for an undefined symbol
+LACKS_OPENMP_RUNTIME = """#!/bin/sh
+for a in "$@"; do [ "$a" = "-fopenmp" ] && exec g++ -include "$(dirname "$0")/missing.h" "$@"; done
+exec g++ "$@"
+"""
+MISSING_RUNTIME = """extern "C" void __kmpc_sf_missing_runtime();
+static void* const sf_keep __attribute__((used)) = (void*)&__kmpc_sf_missing_runtime;
+"""
+
+
+def fake_compiler(folder: Path, script: str) -> str:
+    folder.mkdir(mode=0o700)
+    (folder / "missing.h").write_text(MISSING_RUNTIME)
+    cxx = folder / "c++"
+    cxx.write_text(script)
+    cxx.chmod(0o700)
+    return str(cxx)
+
+
+def with_openmp() -> NativeLibrary:
+    return NativeLibrary("sf_native_openmp", lambda: OPENMP_SOURCE, ["-O1", "-fPIC", "-shared"], declare=_declare,
+                         openmp=True)
+
+
+@needs_cxx
+def test_openmp_where_the_compiler_has_it(cache, monkeypatch):
+    monkeypatch.setattr(native, "_openmp_flags", {})
+    lib = with_openmp()
+    loaded, caught = get_with_warnings(lib)
+    assert caught == [] and loaded.sf_test_answer() == 42
+    assert "-fopenmp" in lib.compile_flags() and "-fopenmp" not in tiny().compile_flags()  # only where asked for
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None or not native._openmp_runtimes(),
+                    reason="needs clang++ and an OpenMP runtime loaded (PyTorch's, on Linux)")
+def test_a_second_openmp_runtime_is_said_and_told_not_to_spin(cache, monkeypatch):
+    """clang's OpenMP code runs on LLVM's libomp; PyTorch's Linux wheels load GNU libgomp. Where the
+    probe brings a runtime of its own, one warning names both, and KMP_BLOCKTIME=0 is set (the
+    environment unset) before that runtime starts."""
+    monkeypatch.setattr(native, "_openmp_flags", {})
+    monkeypatch.setenv("CXX", shutil.which("clang++"))
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    loaded = native._openmp_runtimes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flags = native.openmp_flags()
+    said = [str(w.message) for w in caught]
+    if not flags:
+        pytest.skip(f"clang++ builds no working OpenMP code here: {said}")
+    added = native._openmp_runtimes() - loaded
+    if not added:
+        pytest.skip("clang++'s OpenMP code runs on the runtime already loaded")
+    assert len(said) == 1 and "compete for the cores" in said[0] and all(r in said[0] for r in added | loaded)
+    assert os.environ["KMP_BLOCKTIME"] == "0" and "KMP_BLOCKTIME=0" in said[0]
+
+
+@needs_cxx
+@pytest.mark.parametrize("script,reason", [(REFUSES_OPENMP, "unsupported option '-fopenmp'"),
+                                           (LACKS_OPENMP_RUNTIME, "undefined symbol: __kmpc_sf_missing_runtime")],
+                         ids=["refused", "no-runtime"])
+def test_without_a_working_openmp_the_library_runs_on_one_thread(cache, monkeypatch, tmp_path, script, reason):
+    monkeypatch.setattr(native, "_openmp_flags", {})
+    cxx = fake_compiler(tmp_path / "bin", script)
+    monkeypatch.setenv("CXX", cxx)
+    lib = with_openmp()
+    loaded, caught = get_with_warnings(lib)
+    assert loaded.sf_test_answer() == 42  # built without OpenMP: the pragma's loop runs on one thread
+    assert "-fopenmp" not in lib.compile_flags()
+    assert len(caught) == 1 and "no working OpenMP" in caught[0] and "one thread" in caught[0] and reason in caught[0]
+    assert get_with_warnings(with_openmp())[1] == []  # said once per compiler and process
+    one_thread = lib.path()
+    with monkeypatch.context() as m:  # the one-thread build has a cache entry of its own
+        m.setitem(native._openmp_flags, cxx, ["-fopenmp"])
+        assert with_openmp().path() != one_thread
+    monkeypatch.setattr(native, "_openmp_flags", {})  # a new process: the probe's failure is not cached on disk
+    assert get_with_warnings(with_openmp())[0].sf_test_answer() == 42
+
+
+@needs_cxx
+def test_a_fresh_build_that_does_not_load_is_the_compilers_fault_not_the_caches(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", fake_compiler(tmp_path / "bin", LACKS_OPENMP_RUNTIME))
+    lib = NativeLibrary("sf_native_test", lambda: SOURCE, ["-O0", "-fopenmp", "-fPIC", "-shared"], declare=_declare)
+    loaded, caught = get_with_warnings(lib)
+    assert loaded is None and len(caught) == 1
+    assert "does not load: undefined symbol: __kmpc_sf_missing_runtime" in lib.error
+    assert "unusable" not in lib.error and "private temporary" not in lib.error  # not blamed on the cache,
+    # and not built a second time elsewhere
+
+
 # -- the LIF kernel under a small model's CPU forward -----------------------------------------
 
 

@@ -21,8 +21,10 @@ def _kernel_library(build: bool) -> tuple[str, bool]:
     from spikingformer import native
     from spikingformer.kernels import cpu_backend
 
-    target = f"-march={native.target_arch()}"
     path = cpu_backend.library_path()
+    cxx = os.path.basename(native._compiler_name()) or "no compiler"
+    threads = "OpenMP" if "-fopenmp" in cpu_backend.LIBRARY.compile_flags() else "one thread a kernel (no OpenMP)"
+    target = f"-march={native.target_arch()}, {cxx}, {threads}"
     if not build and not path.exists():
         return f"{target}: not built yet (compiled on first use, 15-25 s; `spikingformer info --build` builds it now)", False
     start = time.perf_counter()

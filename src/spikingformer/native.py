@@ -29,6 +29,8 @@ Cache policy (nothing here can take the library down):
 * When the cache cannot be used (unwritable, a file in the way, not private, a file system that
   does not allow loading), the library is built in a fresh private temporary directory for this
   process instead, with one warning per cache directory.
+* A library whose loops are OpenMP's (``openmp=True``) is built with ``-fopenmp`` only where the
+  compiler's OpenMP code loads and runs here (:func:`openmp_flags`), else to run on one thread.
 * When it cannot be built or loaded at all (no compiler, a bad target), :meth:`NativeLibrary.get`
   returns ``None`` with one warning and the reason in :attr:`NativeLibrary.error`, and the caller
   uses plain PyTorch. Nothing of this is remembered across processes.
@@ -80,11 +82,77 @@ def target_arch() -> str:
     return os.environ.get(ARCH_ENV, "").strip() or "native"
 
 
+def _compiler_name() -> str:
+    """The compiler :func:`compiler` would run ("" where there is none)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or ""
+
+
 def compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = _compiler_name()
     if not cxx:
         raise _CompileError("no C++ compiler found (set CXX or install g++)")
     return cxx
+
+
+_OPENMP_PROBE = r"""
+extern "C" int sf_openmp_probe(int n) {
+  int s = 0;
+#pragma omp parallel for reduction(+ : s) num_threads(2)
+  for (int i = 0; i < n; ++i) s += i;
+  return s;
+}
+"""
+_openmp_flags: dict[str, list[str]] = {}  # compiler -> the flags that give working OpenMP code ([]: none do)
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (GNU libgomp, LLVM's libomp, Intel's libiomp5;
+    empty where ``/proc/self/maps`` cannot tell)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in lines if re.search(r"/lib[gi]?omp[^/]*\.so", line)}
+
+
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` where the compiler builds OpenMP code that loads and runs here, else ``[]``
+    with one warning per compiler and process: Apple's clang refuses ``-fopenmp``, and a clang
+    without its OpenMP runtime (libomp) builds libraries that do not load. Found once per process
+    and compiler by a probe library, cached on disk like the others. Without a compiler that runs:
+    ``[]``, silently (the library's own build says so). Where the probe brings an OpenMP runtime
+    besides the one already loaded (PyTorch's), one warning too: the two runtimes' threads compete
+    for the cores (clang's libomp beside the GNU libgomp of PyTorch's Linux wheels). Unless the
+    environment says otherwise, ``KMP_BLOCKTIME=0`` is set for it before it starts, so that its idle
+    threads sleep at once instead of spinning for 200 ms (LLVM's and Intel's runtimes read it)."""
+    cxx = _compiler_name()
+    if not shutil.which(cxx):
+        return []
+    if cxx not in _openmp_flags:
+        probe = NativeLibrary("spikingformer_openmp_probe", lambda: _OPENMP_PROBE, ["-O1", "-fopenmp", "-fPIC", "-shared"],
+                              declare=lambda lib: setattr(lib.sf_openmp_probe, "restype", ctypes.c_int))
+        loaded, added = _openmp_runtimes(), set()
+        try:
+            lib = probe._load()
+            added = _openmp_runtimes() - loaded if loaded else set()
+            if added:  # before that runtime starts (its first parallel region): its idle threads sleep at once
+                os.environ.setdefault("KMP_BLOCKTIME", "0")
+            works = lib.sf_openmp_probe(100) == 4950
+            reason = "its probe summed wrongly"
+        except Exception as exc:  # the probe must never take the library down
+            works, reason = False, _first_line(str(exc) or type(exc).__name__)
+        _openmp_flags[cxx] = ["-fopenmp"] if works else []
+        if not works:
+            warnings.warn(f"spikingformer: {cxx} builds no working OpenMP code here ({reason}); the native CPU "
+                          "kernels are built without it and run on one thread each (install the compiler's OpenMP "
+                          "runtime, e.g. libomp for clang, or set CXX=g++)", RuntimeWarning, stacklevel=2)
+        elif added:
+            warnings.warn(f"spikingformer: {cxx}'s OpenMP code runs on {', '.join(sorted(added))}, beside the OpenMP "
+                          f"runtime already loaded ({', '.join(sorted(loaded))}); their threads compete for the "
+                          f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}), so the native CPU kernels and "
+                          "PyTorch's run slower than with one runtime: set CXX=g++ where PyTorch's runtime is GNU "
+                          "libgomp (docs/reliability.md, \"Compilers\")", RuntimeWarning, stacklevel=2)
+    return _openmp_flags[cxx]
 
 
 def check_private(path: Path) -> None:
@@ -168,14 +236,17 @@ class NativeLibrary:
             linked. 1: one compiler call on the source as it is.
         declare: sets ``argtypes``/``restype`` on the loaded :class:`ctypes.CDLL` (a missing symbol
             raises ``AttributeError``: the file is not this library).
+        openmp: the source's ``#pragma omp`` loops run on several threads where the compiler
+            builds working OpenMP code (:func:`openmp_flags`); elsewhere on one.
     """
 
     def __init__(self, name: str, source: Callable[[], str], flags: list[str], link_flags: list[str] | None = None,
                  key: Callable[[], str] = lambda: "", declare: Callable[[ctypes.CDLL], None] = lambda lib: None,
-                 parts: int = 1) -> None:
+                 parts: int = 1, openmp: bool = False) -> None:
         self.name = name
         self._source = source
         self.flags = flags
+        self.openmp = openmp
         self.link_flags = link_flags or []
         self._key = key
         self._declare = declare
@@ -186,14 +257,16 @@ class NativeLibrary:
         self.build_seconds: float | None = None  # wall time of a compile in this process (None: cached / not built)
 
     def compile_flags(self) -> list[str]:
-        """The flags with ``-march=native`` replaced by the :func:`target_arch`."""
+        """The flags with ``-march=native`` replaced by the :func:`target_arch`, and OpenMP's where
+        the library uses it and the compiler has it."""
         arch = target_arch()
-        return [f"-march={arch}" if flag == "-march=native" else flag for flag in self.flags]
+        flags = [f"-march={arch}" if flag == "-march=native" else flag for flag in self.flags]
+        return [*flags, *openmp_flags()] if self.openmp else flags
 
     def path(self) -> Path:
-        """Where the compiled library for this source, these flags and this key lives (or will)."""
-        text = "\0".join([_CACHE_LAYOUT, self._source(), *self.compile_flags(), *self.link_flags, self._key(),
-                          f"parts={self.parts}"])
+        """Where the compiled library for this source, this compiler and its flags and this key lives (or will)."""
+        text = "\0".join([_CACHE_LAYOUT, self._source(), _compiler_name(), *self.compile_flags(), *self.link_flags,
+                          self._key(), f"parts={self.parts}"])
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         return cache_dir() / f"{self.name}_{digest}" / f"{self.name}.so"
 
@@ -223,8 +296,8 @@ class NativeLibrary:
     def _open(self, path: Path) -> ctypes.CDLL:
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeBuildError(f"loading {path} failed: {exc}") from exc
+        except OSError as exc:  # the loader's reason first (it names the path again)
+            raise NativeBuildError(f"{str(exc).replace(f'{path}: ', '')} (loading {path})") from exc
         try:
             self._declare(lib)
         except AttributeError as exc:
@@ -250,7 +323,10 @@ class NativeLibrary:
                     pass  # a corrupt or foreign file: replaced below
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 obj, _ = self.compile(Path(tmp))
-                lib = self._open(obj)  # loaded under its unique temporary name, so never a stale handle
+                try:
+                    lib = self._open(obj)  # loaded under its unique temporary name, so never a stale handle
+                except NativeBuildError as exc:  # a fresh build that does not load: the cache is not at fault
+                    raise _CompileError(f"{compiler()} built {self.name}, but it does not load: {exc}") from exc
                 os.replace(obj, target)  # atomic: other processes see the old file or the whole new one
         return lib
 

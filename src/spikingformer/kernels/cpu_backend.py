@@ -57,7 +57,8 @@ PARTS = 4
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
 # flush denormals); -ffp-contract=off so only the explicit std::fma calls fuse (the forward's
 # rounding must be the reference's); -fno-math-errno lets std::fma/frexp inline.
-CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# OpenMP's flag is added where the compiler has it (NativeLibrary's openmp).
+CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 if platform.machine() in ("x86_64", "AMD64"):
     # g++'s tuning for some AVX-512 CPUs (e.g. -march=native on Cooper Lake) prefers 256-bit vectors,
     # which made the backward about 1.5x slower than the generic x86-64-v4 build; no effect without AVX-512.
@@ -123,7 +124,8 @@ def native_library(march: str = "native") -> NativeLibrary:
     """The kernel library built with ``-march=<march>`` (the package uses ``native``; benchmarks
     and the vectoriser test build other ISAs, e.g. ``x86-64-v3`` for AVX2)."""
     flags = [f if f != "-march=native" else f"-march={march}" for f in CXX_FLAGS]
-    return NativeLibrary("spikingformer_lif_cpu", source, flags, key=_cpu_signature, declare=_declare, parts=PARTS)
+    return NativeLibrary("spikingformer_lif_cpu", source, flags, key=_cpu_signature, declare=_declare, parts=PARTS,
+                         openmp=True)
 
 
 LIBRARY = native_library()
