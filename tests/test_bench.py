@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -643,6 +644,21 @@ def test_bench_compile_runs_as_a_script(tmp_path):
     assert "- CPU: " in proc.stdout, proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| spikingformer_digits")]
     assert len(rows) == 1 and rows[0].count("|") == 9 and "| default |" in rows[0], proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_compilers_quick_runs_as_a_script():
+    """``python benchmarks/bench_compilers.py --quick`` with two contenders of one compiler (g++, and
+    g++ with a variable set): one row per model, pass and dtype, the second contender's ratio in it."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_compilers.py"), "--quick", "--compilers", "g++",
+                           "g++:OMP_WAIT_POLICY=passive", "--steps", "1", "--warmup", "1", "--rounds", "1",
+                           "--modes", "train", "infer"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| event |")]
+    assert len(rows) == 2 and all(re.search(r"\| \d+ ms \| \d+ ms \(\d+\.\d\dx\) \|$", r) for r in rows), proc.stdout
+    assert "`g++:OMP_WAIT_POLICY=passive`: " in proc.stdout and "bench_compilers.py --quick" in proc.stdout
 
 
 @pytest.mark.slow
