@@ -288,6 +288,28 @@ def test_a_second_openmp_runtime_is_said_and_told_not_to_spin(cache, monkeypatch
 
 
 @needs_cxx
+def test_a_second_copy_of_gnu_openmp_is_said(cache, monkeypatch, tmp_path):
+    """A PyTorch wheel whose libgomp is a renamed file (its own soname) is not shared by a g++ build,
+    which maps the system's libgomp.so.1 beside it: one warning names both and says why. In a fresh
+    process without PyTorch (whose libgomp.so.1 would be shared), a library of that name stands for
+    the wheel's copy: the check reads the names of the runtimes mapped, before and after the probe."""
+    if "g++" not in os.path.basename(os.environ.get("CXX") or "g++"):
+        pytest.skip("g++'s OpenMP runtime is GNU libgomp")
+    renamed = tmp_path / "libgomp-0123abcd.so.1"
+    subprocess.run(["g++", "-shared", "-fPIC", "-xc++", "-", "-o", str(renamed), f"-Wl,-soname,{renamed.name}"],
+                   input='extern "C" int renamed_copy() { return 1; }\n', text=True, check=True)
+    code = ("import ctypes, warnings, sys; warnings.simplefilter('always');"
+            f"ctypes.CDLL({str(renamed)!r}, mode=ctypes.RTLD_GLOBAL);"
+            "from spikingformer import native; assert 'torch' not in sys.modules;"
+            "print(native.openmp_flags())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['-fopenmp']"
+    said = [line for line in proc.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(said) == 1 and str(renamed) in said[0] and "renamed file" in said[0], proc.stderr
+
+
+@needs_cxx
 @pytest.mark.parametrize("script,reason", [(REFUSES_OPENMP, "unsupported option '-fopenmp'"),
                                            (LACKS_OPENMP_RUNTIME, "undefined symbol: __kmpc_sf_missing_runtime")],
                          ids=["refused", "no-runtime"])

@@ -147,11 +147,15 @@ def openmp_flags() -> list[str]:
                           "kernels are built without it and run on one thread each (install the compiler's OpenMP "
                           "runtime, e.g. libomp for clang, or set CXX=g++)", RuntimeWarning, stacklevel=2)
         elif added:
+            gnu = all("libgomp" in os.path.basename(r) for r in added | loaded)
+            advice = ("PyTorch's copy of GNU libgomp is a renamed file, which a build cannot share: a PyTorch "
+                      "release that ships libgomp.so.1 shares it" if gnu else
+                      "build with the compiler whose runtime PyTorch uses, g++ for the GNU libgomp of its Linux wheels")
             warnings.warn(f"spikingformer: {cxx}'s OpenMP code runs on {', '.join(sorted(added))}, beside the OpenMP "
                           f"runtime already loaded ({', '.join(sorted(loaded))}); their threads compete for the "
                           f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}), so the native CPU kernels and "
-                          "PyTorch's run slower than with one runtime: set CXX=g++ where PyTorch's runtime is GNU "
-                          "libgomp (docs/reliability.md, \"Compilers\")", RuntimeWarning, stacklevel=2)
+                          f"PyTorch's run slower than with one runtime: {advice} (docs/reliability.md, \"Compilers\")",
+                          RuntimeWarning, stacklevel=2)
     return _openmp_flags[cxx]
 
 
