@@ -257,6 +257,10 @@ def with_openmp() -> NativeLibrary:
 
 @needs_cxx
 def test_openmp_where_the_compiler_has_it(cache, monkeypatch):
+    """g++ builds OpenMP code on the runtime PyTorch loaded (its libgomp.so.1): no warning."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    monkeypatch.setenv("CXX", shutil.which("g++"))  # (whatever compiler the session uses)
     monkeypatch.setattr(native, "_openmp_flags", {})
     lib = with_openmp()
     loaded, caught = get_with_warnings(lib)
@@ -293,10 +297,12 @@ def test_a_second_copy_of_gnu_openmp_is_said(cache, monkeypatch, tmp_path):
     which maps the system's libgomp.so.1 beside it: one warning names both and says why. In a fresh
     process without PyTorch (whose libgomp.so.1 would be shared), a library of that name stands for
     the wheel's copy: the check reads the names of the runtimes mapped, before and after the probe."""
-    if "g++" not in os.path.basename(os.environ.get("CXX") or "g++"):
-        pytest.skip("g++'s OpenMP runtime is GNU libgomp")
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++, whose OpenMP runtime is GNU libgomp")
+    monkeypatch.setenv("CXX", gxx)  # (whatever compiler the session uses)
     renamed = tmp_path / "libgomp-0123abcd.so.1"
-    subprocess.run(["g++", "-shared", "-fPIC", "-xc++", "-", "-o", str(renamed), f"-Wl,-soname,{renamed.name}"],
+    subprocess.run([gxx, "-shared", "-fPIC", "-xc++", "-", "-o", str(renamed), f"-Wl,-soname,{renamed.name}"],
                    input='extern "C" int renamed_copy() { return 1; }\n', text=True, check=True)
     code = ("import ctypes, warnings, sys; warnings.simplefilter('always');"
             f"ctypes.CDLL({str(renamed)!r}, mode=ctypes.RTLD_GLOBAL);"
