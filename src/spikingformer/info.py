@@ -22,7 +22,7 @@ def _kernel_library(build: bool) -> tuple[str, bool]:
     from spikingformer.kernels import cpu_backend
 
     path = cpu_backend.library_path()
-    cxx = os.path.basename(native._compiler_name()) or "no compiler"
+    cxx = os.path.basename(native.compiler_name()) or "no compiler"
     threads = "OpenMP" if "-fopenmp" in cpu_backend.LIBRARY.compile_flags() else "one thread a kernel (no OpenMP)"
     target = f"-march={native.target_arch()}, {cxx}, {threads}"
     if not build and not path.exists():

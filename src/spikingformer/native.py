@@ -82,13 +82,13 @@ def target_arch() -> str:
     return os.environ.get(ARCH_ENV, "").strip() or "native"
 
 
-def _compiler_name() -> str:
+def compiler_name() -> str:
     """The compiler :func:`compiler` would run ("" where there is none)."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or ""
 
 
 def compiler() -> str:
-    cxx = _compiler_name()
+    cxx = compiler_name()
     if not cxx:
         raise _CompileError("no C++ compiler found (set CXX or install g++)")
     return cxx
@@ -125,37 +125,38 @@ def openmp_flags() -> list[str]:
     for the cores (clang's libomp beside the GNU libgomp of PyTorch's Linux wheels). Unless the
     environment says otherwise, ``KMP_BLOCKTIME=0`` is set for it before it starts, so that its idle
     threads sleep at once instead of spinning for 200 ms (LLVM's and Intel's runtimes read it)."""
-    cxx = _compiler_name()
+    cxx = compiler_name()
+    if cxx in _openmp_flags:
+        return _openmp_flags[cxx]
     if not shutil.which(cxx):
         return []
-    if cxx not in _openmp_flags:
-        probe = NativeLibrary("spikingformer_openmp_probe", lambda: _OPENMP_PROBE, ["-O1", "-fopenmp", "-fPIC", "-shared"],
-                              declare=lambda lib: setattr(lib.sf_openmp_probe, "restype", ctypes.c_int))
-        loaded, added = _openmp_runtimes(), set()
-        try:
-            lib = probe._load()
-            added = _openmp_runtimes() - loaded if loaded else set()
-            if added:  # before that runtime starts (its first parallel region): its idle threads sleep at once
-                os.environ.setdefault("KMP_BLOCKTIME", "0")
-            works = lib.sf_openmp_probe(100) == 4950
-            reason = "its probe summed wrongly"
-        except Exception as exc:  # the probe must never take the library down
-            works, reason = False, _first_line(str(exc) or type(exc).__name__)
-        _openmp_flags[cxx] = ["-fopenmp"] if works else []
-        if not works:
-            warnings.warn(f"spikingformer: {cxx} builds no working OpenMP code here ({reason}); the native CPU "
-                          "kernels are built without it and run on one thread each (install the compiler's OpenMP "
-                          "runtime, e.g. libomp for clang, or set CXX=g++)", RuntimeWarning, stacklevel=2)
-        elif added:
-            gnu = all("libgomp" in os.path.basename(r) for r in added | loaded)
-            advice = ("PyTorch's copy of GNU libgomp is a renamed file, which a build cannot share: a PyTorch "
-                      "release that ships libgomp.so.1 shares it" if gnu else
-                      "build with the compiler whose runtime PyTorch uses, g++ for the GNU libgomp of its Linux wheels")
-            warnings.warn(f"spikingformer: {cxx}'s OpenMP code runs on {', '.join(sorted(added))}, beside the OpenMP "
-                          f"runtime already loaded ({', '.join(sorted(loaded))}); their threads compete for the "
-                          f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}), so the native CPU kernels and "
-                          f"PyTorch's run slower than with one runtime: {advice} (docs/reliability.md, \"Compilers\")",
-                          RuntimeWarning, stacklevel=2)
+    probe = NativeLibrary("spikingformer_openmp_probe", lambda: _OPENMP_PROBE, ["-O1", "-fopenmp", "-fPIC", "-shared"],
+                          declare=lambda lib: setattr(lib.sf_openmp_probe, "restype", ctypes.c_int))
+    loaded, added = _openmp_runtimes(), set()
+    try:
+        lib = probe._load()
+        added = _openmp_runtimes() - loaded if loaded else set()
+        if added:  # before that runtime starts (its first parallel region): its idle threads sleep at once
+            os.environ.setdefault("KMP_BLOCKTIME", "0")
+        works = lib.sf_openmp_probe(100) == 4950
+        reason = "its probe summed wrongly"
+    except Exception as exc:  # the probe must never take the library down
+        works, reason = False, _first_line(str(exc) or type(exc).__name__)
+    _openmp_flags[cxx] = ["-fopenmp"] if works else []
+    if not works:
+        warnings.warn(f"spikingformer: {cxx} builds no working OpenMP code here ({reason}); the native CPU "
+                      "kernels are built without it and run on one thread each (install the compiler's OpenMP "
+                      "runtime, e.g. libomp for clang, or set CXX=g++)", RuntimeWarning, stacklevel=2)
+    elif added:
+        gnu = all("libgomp" in os.path.basename(r) for r in added | loaded)
+        advice = ("PyTorch's copy of GNU libgomp is a renamed file, which a build cannot share: a PyTorch "
+                  "release that ships libgomp.so.1 shares it" if gnu else
+                  "build with the compiler whose runtime PyTorch uses, g++ for the GNU libgomp of its Linux wheels")
+        warnings.warn(f"spikingformer: {cxx}'s OpenMP code runs on {', '.join(sorted(added))}, beside the OpenMP "
+                      f"runtime already loaded ({', '.join(sorted(loaded))}); their threads compete for the "
+                      f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}), so the native CPU kernels and "
+                      f"PyTorch's run slower than with one runtime: {advice} (docs/reliability.md, \"Compilers\")",
+                      RuntimeWarning, stacklevel=2)
     return _openmp_flags[cxx]
 
 
@@ -269,7 +270,7 @@ class NativeLibrary:
 
     def path(self) -> Path:
         """Where the compiled library for this source, this compiler and its flags and this key lives (or will)."""
-        text = "\0".join([_CACHE_LAYOUT, self._source(), _compiler_name(), *self.compile_flags(), *self.link_flags,
+        text = "\0".join([_CACHE_LAYOUT, self._source(), compiler_name(), *self.compile_flags(), *self.link_flags,
                           self._key(), f"parts={self.parts}"])
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         return cache_dir() / f"{self.name}_{digest}" / f"{self.name}.so"
