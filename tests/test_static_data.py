@@ -106,7 +106,7 @@ def test_missing_imagenet_root_names_the_layout(tmp_path):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid datasets: digits"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; did you mean 'nmnist'\? valid datasets .*: cifar10, .*digits"):
         build_dataset(DataSection(dataset="mnist"), 32, train=True)
 
 

@@ -7,6 +7,7 @@ without tonic (``pip install 'spikingformer[tonic]'``) or without the data.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -14,12 +15,15 @@ import pytest
 import torch
 
 from conftest import DATA, require
+from spikingformer import checkpoints
+from spikingformer.cli import main
 from spikingformer.config import DataSection
 from spikingformer.data import build_dataset
 from spikingformer.data.event_datasets import NMNIST
 from spikingformer.data.event_files import read_aedat2, read_nmnist
 from spikingformer.data.frames import integrate_frames
 from spikingformer.data.tonic_source import TonicFrames, events_from_tonic
+from spikingformer.engine import trainer
 
 TONIC_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", bool)])  # tonic.io.events_struct
 
@@ -151,18 +155,25 @@ def test_tonic_dataset_gives_the_frames_of_our_nmnist_reader(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _tonic_nmnist_layout(save_to, splits=("Test",)) -> None:
+    """tonic's N-MNIST layout under ``save_to/NMNIST``: each split's folder holds the 100 test
+    recordings linked 100 times each (tonic wants 10,000 files before it reads any), beside the
+    archive tonic looks for."""
+    root = save_to / "NMNIST"
+    root.mkdir()
+    for split in splits:
+        (root / f"{split.lower()}.zip").write_bytes(b"")
+        for sample, label in _test_list():
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(100):
+                (folder / f"{sample}_{k}.bin").symlink_to(NMNIST_SMALL / f"{sample}.bs2")
+
+
 def test_recipe_dataset_tonic_nmnist(tmp_path):
-    """``dataset: tonic:NMNIST`` builds tonic's own NMNIST class from files in its layout (here the
-    100 test recordings linked 100 times each, as tonic wants 10,000 files before it reads any)."""
+    """``dataset: tonic:NMNIST`` builds tonic's own NMNIST class from files in its layout."""
     tonic = pytest.importorskip("tonic")
-    root = tmp_path / "NMNIST"
-    (root / "test.zip").parent.mkdir()
-    (root / "test.zip").write_bytes(b"")
-    for sample, label in _test_list():
-        folder = root / "Test" / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        for k in range(100):
-            (folder / f"{sample}_{k}.bin").symlink_to(NMNIST_SMALL / f"{sample}.bs2")
+    _tonic_nmnist_layout(tmp_path)
     section = DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path), time_steps=8, split_by="number")
     data = build_dataset(section, img_size=48, train=False)
     assert len(data) == 10_000 and data.num_classes == 10 and isinstance(data.dataset, tonic.datasets.NMNIST)
@@ -176,6 +187,31 @@ def test_recipe_dataset_tonic_nmnist(tmp_path):
         build_dataset(DataSection(dataset="tonic:NMNIST", data_dir=str(tmp_path / "empty")), img_size=48, train=True)
     with pytest.raises(ValueError, match="tonic has no data set 'NoSuchSet'"):
         build_dataset(DataSection(dataset="tonic:NoSuchSet", data_dir=str(tmp_path)), img_size=48, train=False)
+
+
+def test_train_command_on_tonic_nmnist(tmp_path, monkeypatch, capsys):
+    """``spikingformer train --config nmnist --dataset tonic:NMNIST --data-dir DIR`` (docs/data.md)
+    trains on tonic's own NMNIST class reading the real recordings, and ends as every run does. Each
+    split is cut to 100 of its 10,000 linked files, spread over the digits (an epoch of all of them
+    would take minutes)."""
+    tonic = pytest.importorskip("tonic")
+    _tonic_nmnist_layout(tmp_path, ("Train", "Test"))
+    build = trainer.build_dataset
+
+    def cut_to_100(section, img_size, train):
+        data = build(section, img_size, train)
+        assert isinstance(data.dataset, tonic.datasets.NMNIST)
+        data.dataset.data, data.dataset.targets = data.dataset.data[::100], data.dataset.targets[::100]
+        return data
+
+    monkeypatch.setattr(trainer, "build_dataset", cut_to_100)
+    argv = ["train", "--config", "nmnist", "--dataset", "tonic:NMNIST", "--data-dir", str(tmp_path), "--epochs", "1",
+            "--output", str(tmp_path / "runs"), "--tensorboard", "false", "--workers", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "final test top-1" in out and "theoretical energy per image" in out
+    checkpoint = re.search(r"^checkpoint: (\S+)", out, re.M).group(1)
+    assert checkpoints.read(checkpoint).train_config["data"]["dataset"] == "tonic:NMNIST"
 
 
 def test_dvs128_aedat2_container_decoding_matches_ours():

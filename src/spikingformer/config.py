@@ -369,12 +369,14 @@ def validate(cfg: TrainConfig, training: bool = False, names: bool = True) -> Tr
 
 
 def _validate_names(cfg: TrainConfig, training: bool) -> None:
-    from spikingformer.data import DATASETS, NEEDS_DIR
+    from spikingformer.data import check_dataset_name, needs_data_dir
     from spikingformer.models import ModelConfig, model_config
 
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{cfg.data.dataset}'; valid: {', '.join(DATASETS)}")
-    if training and cfg.data.dataset in NEEDS_DIR and not cfg.data.data_dir:
+    try:
+        check_dataset_name(cfg.data.dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if training and needs_data_dir(cfg.data.dataset) and not cfg.data.data_dir:
         raise ConfigError(f"dataset '{cfg.data.dataset}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
     if not _DEVICE.fullmatch(cfg.run.device):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.run.device!r}")

@@ -4,12 +4,15 @@ Static images come out as ``(C, H, W)`` tensors, event data as ``(T, 2, H, W)`` 
 by the DataLoader to ``(B, C, H, W)`` and ``(B, T, 2, H, W)``, the models' input convention).
 Every data set carries ``num_classes`` and ``classes``. Load them with :func:`collate` (it leaves
 out images a folder data set could not decode) and check each batch with :func:`check_batch`.
-The names and :func:`is_event_dataset` import no PyTorch (the configuration checks use them).
+The names, :func:`check_dataset_name`, :func:`needs_data_dir` and :func:`is_event_dataset` import
+no PyTorch (the configuration checks use them).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from spikingformer.suggest import unknown_name
 
 if TYPE_CHECKING:
     import torch
@@ -19,10 +22,25 @@ STATIC = ("digits", "cifar10", "cifar100", "imagenet")
 EVENT = ("digits_dvs", "nmnist", "cifar10_dvs", "dvs128_gesture")
 DATASETS = STATIC + EVENT
 NEEDS_DIR = ("cifar10", "cifar100", "imagenet", "nmnist", "cifar10_dvs", "dvs128_gesture")
+TONIC_PREFIX = "tonic:"  # tonic:<Name> is tonic.datasets.<Name> (data/tonic_source.py)
+
+
+def check_dataset_name(name: str) -> None:
+    """A ``ValueError`` naming the closest valid names unless ``name`` is one of :data:`DATASETS`
+    or ``tonic:<Name>``."""
+    if name in DATASETS or (name.startswith(TONIC_PREFIX) and name[len(TONIC_PREFIX):].isidentifier()):
+        return
+    raise ValueError(unknown_name("dataset", name, DATASETS,
+                                  "valid datasets (or tonic:<Name> for tonic.datasets.<Name>)"))
+
+
+def needs_data_dir(name: str) -> bool:
+    """Whether the data set is read from a folder (``--data-dir``); digits and digits_dvs are embedded."""
+    return name in NEEDS_DIR or name.startswith(TONIC_PREFIX)
 
 
 def is_event_dataset(name: str) -> bool:
-    return name in EVENT or name.startswith("tonic:")
+    return name in EVENT or name.startswith(TONIC_PREFIX)
 
 
 def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
@@ -32,12 +50,10 @@ def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     smaller than it (N-MNIST's 34x34) are zero-padded, centred, to it.
     """
     name = data_cfg.dataset
-    if name.startswith("tonic:"):  # a data set of the tonic library, e.g. tonic:NMNIST (data/tonic_source.py)
+    check_dataset_name(name)
+    if name.startswith(TONIC_PREFIX):  # a data set of the tonic library, e.g. tonic:NMNIST
         return _tonic_dataset(data_cfg, img_size, train)
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(DATASETS)}, or tonic:<Name> for "
-                         "tonic.datasets.<Name>")
-    if name in NEEDS_DIR and not data_cfg.data_dir:
+    if needs_data_dir(name) and not data_cfg.data_dir:
         raise ValueError(f"dataset '{name}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
 
     from spikingformer.data import static

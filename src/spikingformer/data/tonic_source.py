@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from spikingformer.data import TONIC_PREFIX
 from spikingformer.data.events import make_events
 from spikingformer.data.frames import check_time_steps, integrate_frames, pad_frames
 
-TONIC_PREFIX = "tonic:"
 
 
 def events_from_tonic(events: np.ndarray, time_unit_us: float = 1.0) -> np.ndarray:
