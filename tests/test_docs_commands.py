@@ -1,0 +1,139 @@
+"""Every command README.md and docs/ show still parses: a renamed option, recipe or model cannot leave
+the docs behind.
+
+The commands are read from the fenced code blocks and the inline code of README.md and docs/*.md
+(not docs/performance-log.md, a dated record of what was run then). ``spikingformer ...`` (also as
+``python -m spikingformer`` or under ``torchrun``) is parsed by the command's own parser, a
+``train`` command's recipe and overrides are validated as ``train`` validates them, and every
+``--model`` named is looked up in the zoo; ``python benchmarks/NAME.py ...`` is parsed by that
+script's parser (the script runs up to its ``parse_args`` and stops there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shlex
+from pathlib import Path
+
+import pytest
+
+from spikingformer.cli import build_parser
+from spikingformer.config import load_config
+from spikingformer.engine.commands import _overrides
+from spikingformer.models import list_models
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "performance-log.md")]
+
+# the words the docs write where a value goes, and the variables of the one documented shell loop
+PLACEHOLDERS = {"N": "16", "PATH": "runs/example/best.pt", "NAME": "spikingformer_8_512", "...": None}
+SHELL_VARIABLES = {"recipe": "digits", "arch": "spikingformer", "seed": "0"}
+
+COMMAND = re.compile(r"^(?:\$\s+)?(?:torchrun\s.*?-m\s+|python3?\s+-m\s+)?(spikingformer\s.*|python3?\s+benchmarks/\S+\.py.*)$")
+
+
+def _code(text: str) -> list[tuple[str, bool]]:
+    """(piece, whole) for the lines of the fenced blocks (continuations joined, a comment's text kept),
+    which are whole commands, and for the inline spans, which may leave out required arguments."""
+    pieces = []
+    fenced = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+    for block in fenced.findall(text):
+        block = re.sub(r"\\\n\s*(#\s*)?", " ", block)
+        pieces += [(line.strip().lstrip("#").strip(), True) for line in block.splitlines()]
+    pieces += [(" ".join(span.split()), False) for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", fenced.sub("", text))]
+    return pieces
+
+
+def _expand(command: str) -> list[str]:
+    command = re.sub(r"\$\{?(\w+)\}?", lambda m: SHELL_VARIABLES.get(m.group(1), m.group(0)), command)
+    words = shlex.split(command, comments=True)
+    unknown = [w for w in words if "$" in w and not w.startswith("$(")]
+    assert not unknown, f"{command!r}: add {unknown} to SHELL_VARIABLES"
+    return [PLACEHOLDERS.get(w, w) for w in words if PLACEHOLDERS.get(w, w) is not None]
+
+
+def documented_commands() -> list[tuple[str, list[str], bool]]:
+    """(where and what, its words, whether it is whole) for each distinct documented command."""
+    found = {}
+    for doc in DOCS:
+        for piece, whole in _code(doc.read_text(encoding="utf-8")):
+            match = COMMAND.match(piece)
+            if match:
+                where, was_whole = found.get(match.group(1), (doc.relative_to(ROOT).as_posix(), False))
+                found[match.group(1)] = where, was_whole or whole
+    return [(f"{where}: {command}", _expand(command), whole) for command, (where, whole) in found.items()]
+
+
+COMMANDS = documented_commands()
+CLI = [(label, words[1:], whole) for label, words, whole in COMMANDS if words[0] == "spikingformer"]
+SCRIPTS = [(label, words[1], words[2:]) for label, words, _ in COMMANDS if words[0] != "spikingformer"]
+
+
+def test_the_docs_show_commands_of_both_kinds():
+    # the reader finds what it is meant to find (a broken pattern would make the tests below vacuous)
+    assert len(CLI) >= 40 and len(SCRIPTS) >= 15, (len(CLI), len(SCRIPTS))
+    subcommands = {argv[0] for _, argv, _ in CLI if argv}
+    assert {"train", "eval", "models", "export", "audit", "energy", "fuse", "info"} <= subcommands
+
+
+def test_the_reader_sees_continuations_comments_placeholders_and_loops():
+    text = (
+        "```bash\nspikingformer train --config digits \\\n    --epochs 2  # two\n"
+        "# runs:\n#   spikingformer energy --checkpoint a.pt \\\n#       --out $recipe\n```\n"
+        "and `spikingformer eval --time-steps N`, `torchrun --nproc_per_node=2 -m spikingformer train ...`"
+    )
+    commands = [_expand(COMMAND.match(p).group(1)) for p, _ in _code(text) if COMMAND.match(p)]
+    assert commands == [
+        ["spikingformer", "train", "--config", "digits", "--epochs", "2"],
+        ["spikingformer", "energy", "--checkpoint", "a.pt", "--out", "digits"],
+        ["spikingformer", "eval", "--time-steps", "16"],
+        ["spikingformer", "train"],
+    ]
+
+
+def _parser(argv: list[str], whole: bool) -> argparse.ArgumentParser:
+    """The command's parser; for a command shown in part (inline, "`spikingformer eval --time-steps N`"),
+    with its sub-command's required options made optional."""
+    parser = build_parser()
+    if not whole and argv and argv[0] in parser.commands.choices:
+        for action in parser.commands.choices[argv[0]]._actions:
+            action.required = False
+    return parser
+
+
+@pytest.mark.parametrize("label, argv, whole", CLI, ids=[label for label, _, _ in CLI])
+def test_documented_command_parses(label, argv, whole, capsys):
+    if "--help" in argv:
+        with pytest.raises(SystemExit) as exit:
+            build_parser().parse_args(argv)
+        assert exit.value.code == 0 and "usage: spikingformer" in capsys.readouterr().out
+        return
+    args = _parser(argv, whole).parse_args(argv)  # an unknown option or choice exits (SystemExit fails the test)
+    model = getattr(args, "model", None)
+    if model is not None:
+        assert model in list_models(), f"{label}: no model {model!r} in the zoo"
+    config = getattr(args, "config", None)
+    if args.command == "train" and not (config or "").endswith((".yaml", ".yml")):
+        load_config(config, _overrides(args))  # the recipe and every override, as train checks them
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("label, script, argv", SCRIPTS, ids=[label for label, _, _ in SCRIPTS])
+def test_documented_benchmark_command_parses(label, script, argv, monkeypatch):
+    path = ROOT / script
+    assert path.is_file(), f"{label}: {script} does not exist"
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(parser, args=None, namespace=None):
+        raise _Parsed(parse_args(parser, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    monkeypatch.syspath_prepend(str(path.parent))  # as python puts the script's folder first
+    monkeypatch.setattr("sys.argv", [str(path), *argv])
+    with pytest.raises(_Parsed):
+        runpy.run_path(str(path), run_name="__main__")
