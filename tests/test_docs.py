@@ -1,17 +1,20 @@
-"""Every command README.md and docs/ show still parses: a renamed option, recipe or model cannot leave
-the docs behind.
+"""Every command README.md and docs/ show still parses, and every test, file and Python name they
+cite still exists: a renamed option, recipe, model, test or function cannot leave the docs behind.
 
 The commands are read from the fenced code blocks and the inline code of README.md and docs/*.md
 (not docs/performance-log.md, a dated record of what was run then). ``spikingformer ...`` (also as
 ``python -m spikingformer`` or under ``torchrun``) is parsed by the command's own parser, a
 ``train`` command's recipe and overrides are validated as ``train`` validates them, and every
 ``--model`` named is looked up in the zoo; ``python benchmarks/NAME.py ...`` is parsed by that
-script's parser (the script runs up to its ``parse_args`` and stops there).
+script's parser (the script runs up to its ``parse_args`` and stops there). The citations are
+``tests/test_x.py::test_name`` (docs/reliability.md's evidence), repository paths (``benchmarks/...``,
+``src/spikingformer/...`` or package-relative as ``csrc/lif_cpu.cpp``, ``.ci/...``) and dotted names (``spikingformer.data.build_dataset``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import runpy
 import shlex
@@ -137,3 +140,47 @@ def test_documented_benchmark_command_parses(label, script, argv, monkeypatch):
     monkeypatch.setattr("sys.argv", [str(path), *argv])
     with pytest.raises(_Parsed):
         runpy.run_path(str(path), run_name="__main__")
+
+
+def _citations(text: str) -> list[str]:
+    tests = [m.group(0) for m in re.finditer(r"tests/test_\w+\.py(?:::\w+)?", text)]
+    paths = re.findall(r"(?<![\w/.])((?:src/spikingformer|benchmarks|\.ci)/[\w./-]*\w)", text)
+    package = re.findall(r"(?<![\w/.])((?:csrc|kernels|layers|engine|data|analysis|models|deploy)/\w+\.(?:py|cpp|h))\b", text)
+    names = re.findall(r"`(spikingformer(?:\.\w+)+)", text)
+    return tests + paths + [f"src/spikingformer/{p}" for p in package] + names
+
+
+CITATIONS = sorted({(doc.relative_to(ROOT).as_posix(), c) for doc in DOCS for c in _citations(doc.read_text(encoding="utf-8"))})
+
+
+def _resolves(citation: str) -> bool:
+    if citation.startswith("tests/"):
+        path, _, test = citation.partition("::")
+        source = ROOT / path
+        return source.is_file() and (not test or re.search(rf"^def {test}\b", source.read_text(), re.M) is not None)
+    if "/" in citation:
+        return (ROOT / citation).exists()
+    parts = citation.split(".")
+    for i in range(len(parts), 0, -1):  # the longest importable module, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_the_docs_cite_tests_files_and_names():
+    kinds = {c.split("/")[0] if "/" in c else "name" for _, c in CITATIONS}
+    assert len(CITATIONS) >= 200 and kinds >= {"tests", "benchmarks", "src", ".ci", "name"}, (len(CITATIONS), kinds)
+    assert _resolves("tests/test_docs.py::test_the_docs_cite_tests_files_and_names")
+    assert not _resolves("tests/test_docs.py::test_no_such_test") and not _resolves("spikingformer.data.no_such_name")
+
+
+@pytest.mark.parametrize("doc, citation", CITATIONS, ids=[f"{d}: {c}" for d, c in CITATIONS])
+def test_cited_test_file_or_name_exists(doc, citation):
+    assert _resolves(citation), f"{doc} cites {citation}, which does not exist (renamed or removed?)"
