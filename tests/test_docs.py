@@ -8,7 +8,9 @@ The commands are read from the fenced code blocks and the inline code of README.
 ``--model`` named is looked up in the zoo; ``python benchmarks/NAME.py ...`` is parsed by that
 script's parser (the script runs up to its ``parse_args`` and stops there). The citations are
 ``tests/test_x.py::test_name`` (docs/reliability.md's evidence), repository paths (``benchmarks/...``,
-``src/spikingformer/...`` or package-relative as ``csrc/lif_cpu.cpp``, ``.ci/...``) and dotted names (``spikingformer.data.build_dataset``).
+``src/spikingformer/...`` or package-relative as ``csrc/lif_cpu.cpp``, ``.ci/...``) and dotted names
+(``spikingformer.data.build_dataset``). docs/recipes.md's table of the recipes' settings is read
+against the recipes themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from spikingformer.cli import build_parser
-from spikingformer.config import load_config
+from spikingformer.config import load_config, recipe_names
 from spikingformer.engine.commands import _overrides
 from spikingformer.models import list_models
 
@@ -184,3 +186,55 @@ def test_the_docs_cite_tests_files_and_names():
 @pytest.mark.parametrize("doc, citation", CITATIONS, ids=[f"{d}: {c}" for d, c in CITATIONS])
 def test_cited_test_file_or_name_exists(doc, citation):
     assert _resolves(citation), f"{doc} cites {citation}, which does not exist (renamed or removed?)"
+
+
+def _recipe_table() -> dict[str, dict[str, str]]:
+    """docs/recipes.md's table of the recipes' settings: {setting: {recipe: cell}}."""
+    text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    rows = [line for line in text.split("## The recipes and the authors' hyperparameters")[1].splitlines() if line.startswith("|")]
+    header = [cell.strip(" `") for cell in rows[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header[1:], cells[1:]))
+            for cells in ([cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:])}
+
+
+def _number(cell: str) -> float:
+    return float(re.match(r"[-+0-9.e]+", cell).group(0))
+
+
+# each row of the table that states a value, as the recipe's configuration gives it
+RECIPE_ROWS = {
+    "model": lambda c: c.model.model,
+    "T (`time_steps`)": lambda c: str(c.data.time_steps),
+    "batch size (per process)": lambda c: c.data.batch_size,
+    "epochs + cooldown": lambda c: f"{c.schedule.epochs}" + (f" + {c.schedule.cooldown_epochs}" if c.schedule.cooldown_epochs else ""),
+    "warm-up epochs": lambda c: str(c.schedule.warmup_epochs),
+    "lr / warm-up lr / min lr": lambda c: (c.optim.lr, c.schedule.warmup_lr, c.schedule.min_lr),
+    "weight decay": lambda c: c.optim.weight_decay,
+    "RandAugment": lambda c: c.data.aa or "-",
+    "random erasing": lambda c: c.data.reprob,
+    "mixup / cutmix (prob)": lambda c: (c.mixup.mixup, c.mixup.cutmix, c.mixup.mixup_prob),
+    "mixup off from epoch": lambda c: str(c.mixup.mixup_off_epoch or ("never" if c.mixup.mixup or c.mixup.cutmix else "-")),
+    "label smoothing": lambda c: c.mixup.smoothing,
+    "mixed precision": lambda c: c.run.amp,
+    "seed": lambda c: str(c.run.seed),
+}
+
+
+def test_the_recipe_table_states_the_recipes():
+    table = _recipe_table()
+    assert set(RECIPE_ROWS) <= set(table), set(RECIPE_ROWS) - set(table)
+    recipes = list(table["model"])
+    assert sorted(recipes) == sorted(recipe_names())
+    for recipe in recipes:
+        cfg = load_config(recipe, {})
+        for row, value in RECIPE_ROWS.items():
+            cell, expected = table[row][recipe], value(cfg)
+            if isinstance(expected, tuple):  # "a / b / c", or "a / b (c)"
+                stated = tuple(float(x) for x in re.findall(r"[0-9.]+(?:e-?[0-9]+)?", cell)) if cell != "-" else (0.0,) * 2
+                assert stated[:len(expected)] == pytest.approx(expected[:len(stated)]), (recipe, row, cell, expected)
+            elif isinstance(expected, float):
+                assert (0.0 if cell == "-" else _number(cell)) == pytest.approx(expected), (recipe, row, cell, expected)
+            elif isinstance(expected, int):
+                assert int(_number(cell)) == expected, (recipe, row, cell, expected)
+            else:
+                assert cell.split(" (")[0] == expected, (recipe, row, cell, expected)
