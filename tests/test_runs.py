@@ -100,6 +100,22 @@ def test_second_training_into_a_locked_folder_fails(tmp_path, capsys):
             run_folder.lock(folder)
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    """A data set not found (here: N-MNIST under an empty folder) ends the run before it writes
+    anything: the run folder and the output folder it created are gone, not left holding a lock file."""
+    output = tmp_path / "new" / "runs"
+    argv = ["train", "--config", "nmnist", "--data-dir", str(tmp_path), "--output", str(output), "--epochs", "1"]
+    assert main(argv) == 2
+    assert "no train recordings found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    # a folder that was there before stays, and so does a run's folder once it holds files
+    output.mkdir(parents=True)
+    assert main(argv) == 2 and list(output.iterdir()) == []
+    assert train(tmp_path, "kept", "--epochs", "1") == 0
+    assert train(tmp_path, "kept", "--epochs", "2", "--resume", "auto", "--model", "spikformer_digits") == 2
+    assert {"last.pt", "best.pt", run_folder.LOCK} <= {p.name for p in (tmp_path / "kept").iterdir()}
+
+
 def test_leftover_temporaries_are_removed_on_start(tmp_path):
     assert train(tmp_path, "t", "--epochs", "1") == 0
     folder = tmp_path / "t"

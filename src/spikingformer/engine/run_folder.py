@@ -15,6 +15,8 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -55,6 +57,28 @@ def lock(folder: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[IO[str]]:
+    """:func:`lock` ``folder`` for the block. A run that ends before writing anything (a data set
+    not found, a wrong class count) leaves no empty folder behind: where the block created the
+    folder (and its parents) and it still holds only the lock file, they are removed, while the
+    lock is held."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    handle = lock(folder)
+    try:
+        yield handle
+    finally:
+        try:
+            if created and [p.name for p in folder.iterdir()] == [LOCK]:
+                (folder / LOCK).unlink()
+                for path in created:
+                    path.rmdir()  # a parent that something else wrote into meanwhile stays (OSError)
+        except OSError:
+            pass
+        finally:
+            handle.close()
 
 
 def remove_temporaries(folder: Path) -> None:

@@ -182,18 +182,16 @@ def train(cfg: TrainConfig) -> dict:
     """
     validate(cfg, training=True)
     runtime = setup(cfg.run.device)
-    held = None
-    try:
-        if runtime.is_main:
-            folder = run_folder(cfg)
-            held = folders.lock(folder)
-            folders.prepare(folder, resume_path(cfg, folder), cfg.run.overwrite)
-        with tf32_switches(cfg.run.tf32):
-            return _train(cfg, runtime)
-    finally:
-        if held is not None:
-            held.close()
-        teardown()
+    with contextlib.ExitStack() as held:
+        try:
+            if runtime.is_main:
+                folder = run_folder(cfg)
+                held.enter_context(folders.locked(folder))
+                folders.prepare(folder, resume_path(cfg, folder), cfg.run.overwrite)
+            with tf32_switches(cfg.run.tf32):
+                return _train(cfg, runtime)
+        finally:
+            teardown()
 
 
 def _criterion(mx, num_classes: int):
