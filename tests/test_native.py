@@ -291,6 +291,67 @@ def test_a_second_openmp_runtime_is_said_and_told_not_to_spin(cache, monkeypatch
     assert os.environ["KMP_BLOCKTIME"] == "0" and "KMP_BLOCKTIME=0" in said[0]
 
 
+def _fake_clang(folder: Path, driver_line: str) -> Path:
+    """A compiler named clang++ whose driver (``-###``) prints ``driver_line``, as clang does, to stderr."""
+    fake = folder / "bin" / "clang++"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{driver_line}' >&2\n")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("runtime, present, expected", [("omp", True, True), ("omp", False, False),
+                                                        ("iomp5", True, True), ("gomp", True, False)])
+def test_a_second_runtime_is_expected_from_the_compiler_driver(monkeypatch, tmp_path, runtime, present, expected):
+    """A clang whose ``-fopenmp`` links a runtime other than GNU libgomp, found in one of its library
+    folders: its kernels will run on a second runtime. g++ never."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    if present:
+        (lib / f"lib{runtime}.so").write_bytes(b"")
+    fake = _fake_clang(tmp_path, f'"/usr/bin/ld" "-shared" "-L/nowhere" "-L{lib}" "-l{runtime}" "-lc"')
+    monkeypatch.setenv("CXX", str(fake))
+    assert native.second_openmp_runtime_expected() is expected
+    monkeypatch.setenv("CXX", "g++")
+    assert native.second_openmp_runtime_expected() is False
+
+
+@pytest.mark.parametrize("environment, before_torch, expected", [
+    ({}, True, native.GOMP_SPINCOUNT), ({"GOMP_SPINCOUNT": "5"}, True, "5"),
+    ({"OMP_WAIT_POLICY": "active"}, True, None), ({}, False, None)])
+def test_pytorchs_gnu_threads_spin_less_beside_a_second_runtime(tmp_path, environment, before_torch, expected):
+    """In a fresh process, before PyTorch loads (as the spikingformer command calls it): with a
+    clang that brings libomp, GOMP_SPINCOUNT is set unless the environment chose the spinning, and
+    not once PyTorch (and its libgomp, which read the environment) is loaded."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "libomp.so").write_bytes(b"")
+    fake = _fake_clang(tmp_path, f'"-L{lib}" "-lomp"')
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import os, sys; " + ("" if before_torch else "import torch; ") +
+            "from spikingformer import native; native.calm_gnu_openmp(); print(os.environ.get('GOMP_SPINCOUNT'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, **environment, "CXX": str(fake)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(expected)
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="needs clang++")
+def test_the_command_calms_pytorchs_threads_for_clangs_libomp(tmp_path):
+    """``spikingformer info`` with CXX=clang++ (where it brings libomp): GOMP_SPINCOUNT was set
+    before PyTorch loaded, and the kernel library's line says so."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(CXX=shutil.which("clang++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    check = subprocess.run([sys.executable, "-c", "from spikingformer import native; print(native.second_openmp_runtime_expected())"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    if check.stdout.strip() != "True":
+        pytest.skip(f"clang++ brings no libomp here ({check.stdout.strip()} {check.stderr[-300:]})")
+    proc = subprocess.run([sys.executable, "-m", "spikingformer", "info"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("kernel library:"))
+    assert f"clang's libomp beside PyTorch's; GOMP_SPINCOUNT={native.GOMP_SPINCOUNT}" in line, line
+
+
 @needs_cxx
 def test_a_second_copy_of_gnu_openmp_is_said(cache, monkeypatch, tmp_path):
     """A PyTorch wheel whose libgomp is a renamed file (its own soname) is not shared by a g++ build,

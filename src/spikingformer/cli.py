@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from spikingformer.allocator import configure_allocator
+    from spikingformer.native import calm_gnu_openmp
+
+    calm_gnu_openmp()  # before PyTorch loads its OpenMP runtime
 
     configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     try:

@@ -31,6 +31,8 @@ Cache policy (nothing here can take the library down):
   process instead, with one warning per cache directory.
 * A library whose loops are OpenMP's (``openmp=True``) is built with ``-fopenmp`` only where the
   compiler's OpenMP code loads and runs here (:func:`openmp_flags`), else to run on one thread.
+  Where that code will run on a second OpenMP runtime beside PyTorch's (clang's libomp),
+  :func:`calm_gnu_openmp` makes PyTorch's threads spin less, when called before PyTorch loads.
 * When it cannot be built or loaded at all (no compiler, a bad target), :meth:`NativeLibrary.get`
   returns ``None`` with one warning and the reason in :attr:`NativeLibrary.error`, and the caller
   uses plain PyTorch. Nothing of this is remembered across processes.
@@ -47,6 +49,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -115,6 +118,42 @@ def _openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in lines if re.search(r"/lib[gi]?omp[^/]*\.so", line)}
 
 
+def second_openmp_runtime_expected() -> bool:
+    """Whether the kernels' compiler is a clang whose ``-fopenmp`` links LLVM's (or Intel's) OpenMP
+    runtime, found in its library folders, so that their OpenMP code will run beside the GNU libgomp
+    of PyTorch's Linux wheels. Asked of the compiler driver (``clang -fopenmp -###``, 30 ms), without
+    building anything or importing PyTorch."""
+    cxx = shutil.which(compiler_name()) if compiler_name() else None
+    if cxx is None or "clang" not in os.path.basename(os.path.realpath(cxx)):
+        return False
+    try:
+        driver = subprocess.run([cxx, "-fopenmp", "-shared", "-###", "-x", "c++", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.SubprocessError):
+        return False
+    words = [w.strip('"') for w in driver.split()]
+    folders = [w[2:] for w in words if w.startswith("-L")]
+    return any(os.path.exists(os.path.join(folder, f"lib{w[2:]}.so"))
+               for w in words if w in ("-lomp", "-liomp5") for folder in folders)
+
+
+GOMP_SPINCOUNT = "1000"  # what libgomp itself spins where it has more threads than cores
+
+
+def calm_gnu_openmp() -> None:
+    """Before PyTorch loads (the ``spikingformer`` command calls it first): where the kernels'
+    OpenMP code will run on a second runtime (:func:`second_openmp_runtime_expected`), set
+    ``GOMP_SPINCOUNT`` so that PyTorch's idle GNU threads stop spinning after 1000 turns instead of
+    300,000, as libgomp does of itself when it has more threads than cores, which two runtimes' thread pools
+    together are. Measured on 2 cores: clang's build 1.27-1.43x g++'s step time as is, 1.05-1.09x
+    with it (docs/reliability.md, "Compilers"). Left alone where ``GOMP_SPINCOUNT`` or
+    ``OMP_WAIT_POLICY`` is set, or PyTorch is already loaded (libgomp reads them when it loads)."""
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return
+    if second_openmp_runtime_expected():
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+
+
 def openmp_flags() -> list[str]:
     """``["-fopenmp"]`` where the compiler builds OpenMP code that loads and runs here, else ``[]``
     with one warning per compiler and process: Apple's clang refuses ``-fopenmp``, and a clang
@@ -152,10 +191,12 @@ def openmp_flags() -> list[str]:
         advice = ("PyTorch's copy of GNU libgomp is a renamed file, which a build cannot share: a PyTorch "
                   "release that ships libgomp.so.1 shares it" if gnu else
                   "build with the compiler whose runtime PyTorch uses, g++ for the GNU libgomp of its Linux wheels")
+        spin = (f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else
+                "GOMP_SPINCOUNT unset: start Python with GOMP_SPINCOUNT=1000, as the spikingformer command does")
         warnings.warn(f"spikingformer: {cxx}'s OpenMP code runs on {', '.join(sorted(added))}, beside the OpenMP "
                       f"runtime already loaded ({', '.join(sorted(loaded))}); their threads compete for the "
-                      f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}), so the native CPU kernels and "
-                      f"PyTorch's run slower than with one runtime: {advice} (docs/reliability.md, \"Compilers\")",
+                      f"cores (KMP_BLOCKTIME={os.environ['KMP_BLOCKTIME']}; {spin}), so the native CPU kernels "
+                      f"and PyTorch's run slower than with one runtime: {advice} (docs/reliability.md, \"Compilers\")",
                       RuntimeWarning, stacklevel=2)
     return _openmp_flags[cxx]
 
