@@ -10,13 +10,17 @@ script's parser (the script runs up to its ``parse_args`` and stops there). The 
 ``tests/test_x.py::test_name`` (docs/reliability.md's evidence), repository paths (``benchmarks/...``,
 ``src/spikingformer/...`` or package-relative as ``csrc/lif_cpu.cpp``, ``.ci/...``) and dotted names
 (``spikingformer.data.build_dataset``). docs/recipes.md's table of the recipes' settings is read
-against the recipes themselves.
+against the recipes themselves, and every inline call of a package function or class
+(``TonicFrames(dataset, time_steps, split_by="number", pad_to=None)``) must fit its signature,
+with the defaults it states where it writes the signature out.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import inspect
 import re
 import runpy
 import shlex
@@ -238,3 +242,70 @@ def test_the_recipe_table_states_the_recipes():
                 assert int(_number(cell)) == expected, (recipe, row, cell, expected)
             else:
                 assert cell.split(" (")[0] == expected, (recipe, row, cell, expected)
+
+
+def _package_callables() -> dict[str, list]:
+    """The public functions and classes of every module of the package, by name."""
+    import pkgutil
+
+    import spikingformer
+
+    found: dict[str, list] = {}
+    for module in pkgutil.walk_packages(spikingformer.__path__, "spikingformer."):
+        if module.name.endswith("__main__"):
+            continue
+        for name, obj in vars(importlib.import_module(module.name)).items():
+            if (not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "").startswith("spikingformer")
+                    and all(obj is not seen for seen in found.get(name, []))):
+                found.setdefault(name, []).append(obj)
+    return found
+
+
+def _documented_calls() -> list[tuple[str, str]]:
+    """(doc, span) for every inline ``name(arguments)`` that parses as a Python call."""
+    calls = []
+    for doc in DOCS:
+        text = re.sub(r"^```.*?^```", "", doc.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for span in re.findall(r"(?<!`)`([A-Za-z_][\w.]*\([^`]*\))`(?!`)", text):
+            try:
+                if isinstance(ast.parse(span, mode="eval").body, ast.Call):
+                    calls.append((doc.relative_to(ROOT).as_posix(), " ".join(span.split())))
+            except SyntaxError:
+                continue
+    return calls
+
+
+def _fits(obj, call: ast.Call) -> str | None:
+    """Why the documented call does not fit ``obj``'s signature (None: it fits). Where the call names
+    every parameter that has a default, as a signature written out does, the defaults must match."""
+    sig = inspect.signature(obj)
+    positional = [None for arg in call.args if not (isinstance(arg, ast.Constant) and arg.value is Ellipsis)]
+    keywords = {k.arg: k.value for k in call.keywords if k.arg is not None}
+    try:
+        sig.bind_partial(*positional, **{k: None for k in keywords})
+    except TypeError as err:
+        return str(err)
+    defaulted = {n for n, p in sig.parameters.items() if p.default is not p.empty}
+    if keywords and set(keywords) == defaulted:
+        for name, value in keywords.items():
+            try:
+                stated = ast.literal_eval(value)
+            except ValueError:
+                continue
+            if stated is not Ellipsis and stated != sig.parameters[name].default:
+                return f"{name}={stated!r}, but the default is {sig.parameters[name].default!r}"
+    return None
+
+
+def test_documented_calls_fit_the_package_signatures():
+    callables, checked, wrong = _package_callables(), 0, []
+    for doc, span in _documented_calls():
+        call = ast.parse(span, mode="eval").body
+        candidates = callables.get(ast.unparse(call.func).split(".")[-1], [])
+        if candidates:  # a peer's name (SpikingJelly's LIFNode, tonic's ToFrame) is not ours to check
+            checked += 1
+            reasons = [_fits(obj, call) for obj in candidates]
+            if all(reasons):
+                wrong.append(f"{doc}: `{span}`: {reasons}")
+    assert checked >= 25, checked
+    assert not wrong, "\n".join(wrong)
