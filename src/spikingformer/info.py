@@ -25,7 +25,7 @@ def _kernel_library(build: bool) -> tuple[str, bool]:
     cxx = os.path.basename(native.compiler_name()) or "no compiler"
     threads = "OpenMP" if "-fopenmp" in cpu_backend.LIBRARY.compile_flags() else "one thread a kernel (no OpenMP)"
     if threads == "OpenMP" and native.second_openmp_runtime_expected():
-        threads += f" (clang's libomp beside PyTorch's; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')})"
+        threads += f" (a second OpenMP runtime beside PyTorch's; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')})"
     target = f"-march={native.target_arch()}, {cxx}, {threads}"
     if not build and not path.exists():
         return f"{target}: not built yet (compiled on first use, 15-25 s; `spikingformer info --build` builds it now)", False

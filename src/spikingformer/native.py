@@ -144,8 +144,8 @@ def calm_gnu_openmp() -> None:
     """Before PyTorch loads (the ``spikingformer`` command calls it first): where the kernels'
     OpenMP code will run on a second runtime (:func:`second_openmp_runtime_expected`), set
     ``GOMP_SPINCOUNT`` so that PyTorch's idle GNU threads stop spinning after 1000 turns instead of
-    300,000, as libgomp does of itself when it has more threads than cores, which two runtimes' thread pools
-    together are. Measured on 2 cores: clang's build 1.27-1.43x g++'s step time as is, 1.05-1.09x
+    300,000, as libgomp does of itself when it has more threads than cores, which two runtimes'
+    thread pools together are. Measured on 2 cores: clang's build 1.27-1.43x g++'s step time as is, 1.05-1.09x
     with it (docs/reliability.md, "Compilers"). Left alone where ``GOMP_SPINCOUNT`` or
     ``OMP_WAIT_POLICY`` is set, or PyTorch is already loaded (libgomp reads them when it loads)."""
     if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
