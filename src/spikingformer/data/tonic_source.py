@@ -38,7 +38,6 @@ from spikingformer.data.events import make_events
 from spikingformer.data.frames import check_time_steps, integrate_frames, pad_frames
 
 
-
 def events_from_tonic(events: np.ndarray, time_unit_us: float = 1.0) -> np.ndarray:
     """Convert tonic events (structured array with fields x, y, t, p) to :data:`~spikingformer.data.events.EVENT_DTYPE`.
 
