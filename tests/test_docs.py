@@ -12,7 +12,8 @@ script's parser (the script runs up to its ``parse_args`` and stops there). The 
 (``spikingformer.data.build_dataset``). docs/recipes.md's table of the recipes' settings is read
 against the recipes themselves, and every inline call of a package function or class
 (``TonicFrames(dataset, time_steps, split_by="number", pad_to=None)``) must fit its signature,
-with the defaults it states where it writes the signature out.
+with the defaults it states where it writes the signature out. The other way round, every
+``docs/X.md, "Section"`` that the package's messages and comments send a reader to must exist.
 """
 
 from __future__ import annotations
@@ -309,3 +310,31 @@ def test_documented_calls_fit_the_package_signatures():
                 wrong.append(f"{doc}: `{span}`: {reasons}")
     assert checked >= 25, checked
     assert not wrong, "\n".join(wrong)
+
+
+def _package_doc_references() -> list[tuple[str, str, str]]:
+    """(source file, doc, section or "") for each ``docs/X.md`` the package's messages and docstrings
+    name, with the section they name (``docs/reliability.md, "Compilers"`` or ``docs/performance.md#gpu``)."""
+    found = set()
+    for source in sorted((ROOT / "src" / "spikingformer").rglob("*")):
+        if source.suffix in (".py", ".cpp", ".yaml"):
+            for doc, section, anchor in re.findall(r'(docs/[\w-]+\.md)(?:, \\?"([^"\\]+)\\?"|#([\w-]+))?', source.read_text()):
+                section = re.sub(r"\s*\n\s*(?:#|//)?\s*", " ", section)  # a name across comment lines
+                found.add((source.relative_to(ROOT).as_posix(), doc, section or anchor))
+    return sorted(found)
+
+
+def test_the_package_sends_users_to_docs_sections_that_exist():
+    references = _package_doc_references()
+    assert len(references) >= 20 and any(section for _, _, section in references), len(references)
+    missing = []
+    for source, doc, section in references:
+        path = ROOT / doc
+        if not path.is_file():
+            missing.append(f"{source}: {doc} does not exist")
+            continue
+        headings = [h.strip() for h in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)]
+        anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+        if section and not (any(h.startswith(section) for h in headings) or section in anchors):
+            missing.append(f"{source}: {doc} has no section {section!r}")
+    assert not missing, "\n".join(missing)
