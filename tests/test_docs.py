@@ -13,7 +13,8 @@ script's parser (the script runs up to its ``parse_args`` and stops there). The 
 against the recipes themselves, and every inline call of a package function or class
 (``TonicFrames(dataset, time_steps, split_by="number", pad_to=None)``) must fit its signature,
 with the defaults it states where it writes the signature out. The other way round, every
-``docs/X.md, "Section"`` that the package's messages and comments send a reader to must exist.
+``docs/X.md, "Section"`` that the package's messages and comments send a reader to must exist,
+and so must every relative link and heading anchor of the Markdown pages.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import inspect
 import re
 import runpy
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -338,3 +340,36 @@ def test_the_package_sends_users_to_docs_sections_that_exist():
         if section and not (any(h.startswith(section) for h in headings) or section in anchors):
             missing.append(f"{source}: {doc} has no section {section!r}")
     assert not missing, "\n".join(missing)
+
+
+def _anchors(markdown: Path) -> Iterator[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces as
+    hyphens, ``-1``, ``-2``... for repeats)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", re.sub(r"^```.*?^```", "", markdown.read_text(encoding="utf-8"),
+                                                          flags=re.S | re.M), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def test_markdown_links_and_anchors_resolve():
+    """Every relative link of README.md and docs/*.md (the dated log too) names a file that exists
+    and, for a Markdown file, a heading it has."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    anchors = {page.resolve(): set(_anchors(page)) for page in pages}
+    broken, links = [], 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            links += 1
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page.resolve()
+            if not resolved.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and resolved in anchors and anchor not in anchors[resolved]:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert links >= 100, links
+    assert not broken, "\n".join(broken)
