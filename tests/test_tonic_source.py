@@ -23,7 +23,7 @@ from spikingformer.data.event_datasets import NMNIST
 from spikingformer.data.event_files import read_aedat2, read_nmnist
 from spikingformer.data.frames import integrate_frames
 from spikingformer.data.tonic_source import TonicFrames, events_from_tonic
-from spikingformer.engine import trainer
+from spikingformer.engine import evaluation, trainer
 
 TONIC_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", bool)])  # tonic.io.events_struct
 
@@ -193,7 +193,7 @@ def test_train_command_on_tonic_nmnist(tmp_path, monkeypatch, capsys):
     """``spikingformer train --config nmnist --dataset tonic:NMNIST --data-dir DIR`` (docs/data.md)
     trains on tonic's own NMNIST class reading the real recordings, and ends as every run does. Each
     split is cut to 100 of its 10,000 linked files, spread over the digits (an epoch of all of them
-    would take minutes)."""
+    would take minutes). ``spikingformer eval`` then reads the data set the checkpoint records."""
     tonic = pytest.importorskip("tonic")
     _tonic_nmnist_layout(tmp_path, ("Train", "Test"))
     build = trainer.build_dataset
@@ -205,6 +205,7 @@ def test_train_command_on_tonic_nmnist(tmp_path, monkeypatch, capsys):
         return data
 
     monkeypatch.setattr(trainer, "build_dataset", cut_to_100)
+    monkeypatch.setattr(evaluation, "build_dataset", cut_to_100)
     argv = ["train", "--config", "nmnist", "--dataset", "tonic:NMNIST", "--data-dir", str(tmp_path), "--epochs", "1",
             "--output", str(tmp_path / "runs"), "--tensorboard", "false", "--workers", "0"]
     assert main(argv) == 0
@@ -212,6 +213,9 @@ def test_train_command_on_tonic_nmnist(tmp_path, monkeypatch, capsys):
     assert "final test top-1" in out and "theoretical energy per image" in out
     checkpoint = re.search(r"^checkpoint: (\S+)", out, re.M).group(1)
     assert checkpoints.read(checkpoint).train_config["data"]["dataset"] == "tonic:NMNIST"
+    # and evaluated on the data set the checkpoint records
+    assert main(["eval", "--checkpoint", checkpoint]) == 0
+    assert re.match(r"spikingformer_nmnist on tonic:NMNIST \(100 images\): top-1 ", capsys.readouterr().out)
 
 
 def test_dvs128_aedat2_container_decoding_matches_ours():
