@@ -43,6 +43,18 @@ DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p
 PLACEHOLDERS = {"N": "16", "PATH": "runs/example/best.pt", "NAME": "spikingformer_8_512", "...": None}
 SHELL_VARIABLES = {"recipe": "digits", "arch": "spikingformer", "seed": "0"}
 
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+
+
+def _prose(markdown: Path) -> str:
+    """A Markdown file's text without its fenced code blocks."""
+    return FENCED.sub("", markdown.read_text(encoding="utf-8"))
+
+
+def _headings(markdown: Path) -> list[str]:
+    return re.findall(r"^#{1,6}\s+(.+?)\s*$", _prose(markdown), re.M)
+
+
 COMMAND = re.compile(r"^(?:\$\s+)?(?:torchrun\s.*?-m\s+|python3?\s+-m\s+)?(spikingformer\s.*|python3?\s+benchmarks/\S+\.py.*)$")
 
 
@@ -50,11 +62,10 @@ def _code(text: str) -> list[tuple[str, bool]]:
     """(piece, whole) for the lines of the fenced blocks (continuations joined, a comment's text kept),
     which are whole commands, and for the inline spans, which may leave out required arguments."""
     pieces = []
-    fenced = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
-    for block in fenced.findall(text):
+    for block in FENCED.findall(text):
         block = re.sub(r"\\\n\s*(#\s*)?", " ", block)
         pieces += [(line.strip().lstrip("#").strip(), True) for line in block.splitlines()]
-    pieces += [(" ".join(span.split()), False) for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", fenced.sub("", text))]
+    pieces += [(" ".join(span.split()), False) for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", FENCED.sub("", text))]
     return pieces
 
 
@@ -268,8 +279,7 @@ def _documented_calls() -> list[tuple[str, str]]:
     """(doc, span) for every inline ``name(arguments)`` that parses as a Python call."""
     calls = []
     for doc in DOCS:
-        text = re.sub(r"^```.*?^```", "", doc.read_text(encoding="utf-8"), flags=re.S | re.M)
-        for span in re.findall(r"(?<!`)`([A-Za-z_][\w.]*\([^`]*\))`(?!`)", text):
+        for span in re.findall(r"(?<!`)`([A-Za-z_][\w.]*\([^`]*\))`(?!`)", _prose(doc)):
             try:
                 if isinstance(ast.parse(span, mode="eval").body, ast.Call):
                     calls.append((doc.relative_to(ROOT).as_posix(), " ".join(span.split())))
@@ -335,9 +345,7 @@ def test_the_package_sends_users_to_docs_sections_that_exist():
         if not path.is_file():
             missing.append(f"{source}: {doc} does not exist")
             continue
-        headings = [h.strip() for h in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)]
-        anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
-        if section and not (any(h.startswith(section) for h in headings) or section in anchors):
+        if section and not (any(h.startswith(section) for h in _headings(path)) or section in set(_anchors(path))):
             missing.append(f"{source}: {doc} has no section {section!r}")
     assert not missing, "\n".join(missing)
 
@@ -346,8 +354,7 @@ def _anchors(markdown: Path) -> Iterator[str]:
     """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces as
     hyphens, ``-1``, ``-2``... for repeats)."""
     seen: dict[str, int] = {}
-    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", re.sub(r"^```.*?^```", "", markdown.read_text(encoding="utf-8"),
-                                                          flags=re.S | re.M), re.M):
+    for heading in _headings(markdown):
         slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
         seen[slug] = seen.get(slug, -1) + 1
         yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
@@ -360,8 +367,7 @@ def test_markdown_links_and_anchors_resolve():
     anchors = {page.resolve(): set(_anchors(page)) for page in pages}
     broken, links = [], 0
     for page in pages:
-        text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(page)):
             if re.match(r"[a-z]+:", target):
                 continue  # https:, mailto:
             links += 1
