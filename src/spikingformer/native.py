@@ -43,6 +43,7 @@ from __future__ import annotations
 import _ctypes
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -122,10 +123,13 @@ def second_openmp_runtime_expected() -> bool:
     """Whether the kernels' compiler links LLVM's (or Intel's) OpenMP runtime for ``-fopenmp``
     (clang, Intel's icpx), found in its library folders, so that their OpenMP code will run beside
     the GNU libgomp of PyTorch's Linux wheels. Asked of the compiler driver (``-fopenmp -###``:
-    3-30 ms, nothing built), without importing PyTorch."""
+    3-30 ms, nothing built, once per process and compiler), without importing PyTorch."""
     cxx = shutil.which(compiler_name()) if compiler_name() else None
-    if cxx is None:
-        return False
+    return cxx is not None and _links_a_second_runtime(cxx)
+
+
+@functools.lru_cache(maxsize=None)
+def _links_a_second_runtime(cxx: str) -> bool:
     try:
         driver = subprocess.run([cxx, "-fopenmp", "-shared", "-###", "-x", "c++", os.devnull, "-o", os.devnull],
                                 capture_output=True, text=True, timeout=30).stderr
