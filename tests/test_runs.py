@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,29 @@ def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path, capsys):
     assert "this run already finished its 2 epochs" in out
     assert f"final test top-1 {last['test_top1']:.2f}%  top-5 {last['test_top5']:.2f}%" in out and "nan" not in out
     assert [r["epoch"] for r in rows(tmp_path / "f")] == [0, 1]
+
+
+def test_the_header_counts_epochs_as_the_epoch_lines_do(tmp_path, capsys):
+    assert train(tmp_path, "c", "--epochs", "1") == 0
+    out = capsys.readouterr().out
+    assert "epochs 1..1 -> " in out and "epoch 1/1  loss" in out
+    # trained longer: the header names the epochs this run adds, numbered as its epoch lines
+    assert train(tmp_path, "c", "--epochs", "3", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "epochs 2..3 -> " in out and "epoch 2/3  loss" in out and "epoch 3/3  loss" in out
+    assert [r["epoch"] for r in rows(tmp_path / "c")] == [0, 1, 2]
+
+
+def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
+    assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
+    err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return
+    found = re.fullmatch(r"spikingformer train: error: training diverged: the loss became (nan|inf|-inf) at epoch "
+                         r"(\d), step (\d) of 3 \(learning rate [0-9.e+]+\); lower --lr or clip the gradient norm "
+                         r"with --clip-grad \(e\.g\. 1\.0\)", err)
+    assert found, err
+    epoch = int(found[2])  # numbered from 1; the epochs finished before it keep their checkpoint
+    last = tmp_path / "d" / "last.pt"
+    assert checkpoints.load_checkpoint(last)["epoch"] == epoch - 2 if epoch > 1 else not last.exists()
 
 
 WRITE_POINTS = ["last.pt", "best.pt", "metrics.jsonl", "metrics.csv"]

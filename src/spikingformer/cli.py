@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         # errors a user can cause carry a message naming the problem and the fix
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
+        print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

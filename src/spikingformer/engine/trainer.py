@@ -248,7 +248,11 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
         meter.detach()
         loss = st.criterion(logits.float(), target)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}; lower --lr or enable --clip-grad")
+            bar.close()  # the error's line starts on a clean line
+            lr = st.optimizer.param_groups[0]["lr"]
+            raise FloatingPointError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step "
+                                     f"{step + 1} of {len(loader)} (learning rate {lr:.3g}); lower --lr or clip the "
+                                     "gradient norm with --clip-grad (e.g. 1.0)")
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
         if st.clip_grad:
@@ -337,7 +341,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         else:
             print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
                   f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
-                  f"amp={amp_dtype or 'off'}, epochs {start_epoch}..{total_epochs - 1} -> {folder}")
+                  f"amp={amp_dtype or 'off'}, epochs {start_epoch + 1}..{total_epochs} -> {folder}")
 
     metrics: dict = restored.metrics if restored is not None else {}
     meter = FiringRateMeter(model)
