@@ -52,7 +52,7 @@ def energy_comparison(runs: Path, recipe: str, seed: int, first: str = "spikingf
     out = runs / "energy" / (f"{recipe}-s{seed}" if first == "spikingformer" else f"{recipe}-{first}-s{seed}")
     sf, kf = (run_dir(runs, recipe, a, seed) / "last.pt" for a in (first, "spikformer"))
     cmd = [sys.executable, "-m", "spikingformer", "energy", "--checkpoint", str(sf), "--compare-checkpoint", str(kf),
-           "--out", str(out)]
+           "--output", str(out)]
     print("$ spikingformer " + " ".join(shlex.quote(c) for c in cmd[3:]), flush=True)
     if not (out / "comparison.json").is_file():
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ)

@@ -364,8 +364,8 @@ def _run(argv: list[str]) -> int:
 
 
 def test_cli_audit_strict(tmp_path, capsys):
-    common = ["--data", "random", "--batches", "1", "--batch-size", "4"]
-    assert _run(["audit", "--model", "spikingformer_digits", "--strict", "--out", str(tmp_path), *common]) == 0
+    common = ["--dataset", "random", "--batches", "1", "--batch-size", "4"]
+    assert _run(["audit", "--model", "spikingformer_digits", "--strict", "--output", str(tmp_path), *common]) == 0
     assert (tmp_path / "audit.json").is_file() and (tmp_path / "block_inputs.png").is_file()
     assert "strict audit: PASS" in capsys.readouterr().out
     assert _run(["audit", "--model", "spikformer_digits", "--strict", *common]) == 1
@@ -374,16 +374,16 @@ def test_cli_audit_strict(tmp_path, capsys):
 
 
 def test_cli_energy_measured_and_compare(tmp_path, capsys):
-    argv = ["energy", "--model", "spikingformer_digits", "--data", "random", "--batches", "1", "--batch-size", "4",
-            "--measured", "--compare", "--out", str(tmp_path)]
+    argv = ["energy", "--model", "spikingformer_digits", "--dataset", "random", "--batches", "1", "--batch-size", "4",
+            "--measured", "--compare", "--output", str(tmp_path)]
     assert _run(argv) == 0
     out = capsys.readouterr().out
     assert "measured" in out and "energy ratio spikingformer_digits (untrained) / spikformer_digits (untrained)" in out
-    assert "inputs: 4 images: synthetic (--data random, seed 0)" in out
+    assert "inputs: 4 images: synthetic (--dataset random, seed 0)" in out
     assert (tmp_path / "energy.json").is_file() and (tmp_path / "comparison.json").is_file()
     assert _run(["energy", "--paper-log", "spikingformer_8_512"]) == 0
     assert "7.4635" in capsys.readouterr().out
-    assert _run(["energy", "--data", "random"]) == 2  # no model: a clear error, exit 2
+    assert _run(["energy", "--dataset", "random"]) == 2  # no model: a clear error, exit 2
     assert "--model" in capsys.readouterr().err
 
 
@@ -398,5 +398,5 @@ def test_cli_fuse(tmp_path, digits_pair):
     expected = fuse_model(model).state_dict()
     assert fused.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in fused.state_dict().items())
-    assert _run(["audit", "--checkpoint", str(out), "--data", "random", "--batches", "1", "--batch-size", "2"]) == 0
+    assert _run(["audit", "--checkpoint", str(out), "--dataset", "random", "--batches", "1", "--batch-size", "2"]) == 0
     assert _run(["fuse", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2

@@ -43,7 +43,7 @@ def one_line_error(capsys) -> str:
 def test_random_bytes_and_pickled_objects_are_one_line(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))
-    assert main(["eval", "--checkpoint", str(junk), "--model", "spikingformer_digits", "--data", "digits"]) == 2
+    assert main(["eval", "--checkpoint", str(junk), "--model", "spikingformer_digits", "--dataset", "digits"]) == 2
     err = one_line_error(capsys)
     assert f"cannot read checkpoint {junk}: it is not a PyTorch checkpoint, or it is damaged or truncated" in err
     assert "weights_only" not in err  # PyTorch's advice to unpickle anything is not relayed
@@ -62,7 +62,7 @@ def test_random_bytes_and_pickled_objects_are_one_line(tmp_path, capsys):
 def test_corrupt_safetensors_is_one_line(tmp_path, capsys):
     path = tmp_path / "model.safetensors"
     path.write_bytes(os.urandom(256))
-    assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--data", "digits"]) == 2
+    assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--dataset", "digits"]) == 2
     assert f"cannot read {path}: not a valid safetensors file (" in one_line_error(capsys)
 
 
@@ -193,7 +193,7 @@ def test_each_command_reads_its_checkpoint_once(tmp_path, monkeypatch, capsys):
     source = str(tmp_path / "best.pt")
     commands = [["eval", "--checkpoint", source, "--device", "cpu"], ["fuse", "--checkpoint", source],
                 ["export", "--checkpoint", source],
-                ["energy", "--checkpoint", source, "--data", "random", "--batches", "1", "--batch-size", "1"]]
+                ["energy", "--checkpoint", source, "--dataset", "random", "--batches", "1", "--batch-size", "1"]]
     for argv in commands:
         reads.clear()
         assert main(argv) == 0, capsys.readouterr().err
@@ -209,5 +209,5 @@ def test_bare_state_dict_of_another_size_is_one_line(tmp_path, capsys):
     message = str(err.value)
     assert message.startswith(f"{path}: its weights do not match this model (shape (file vs model): ")
     assert "tokenizer.stages.0.conv.weight (2, 1, 3, 3) vs (8, 1, 3, 3)" in message and "\n" not in message
-    assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--data", "digits"]) == 2
+    assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--dataset", "digits"]) == 2
     assert "its weights do not match this model" in one_line_error(capsys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -141,6 +142,20 @@ def test_no_command_accepts_an_abbreviated_option(capsys, name):
         assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err, (name, prefix)
         tried += 1
     assert tried, f"spikingformer {name} has no long option to abbreviate"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_names_data_and_outputs_as_train_does(name):
+    shown = {s for a in _command(name)._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+    assert not shown & {"--data", "--out"}, f"spikingformer {name}: train's names are --dataset and --output"
+
+
+@pytest.mark.parametrize("command", [["eval", "--checkpoint", "c.pt"], ["audit"], ["energy"]])
+def test_the_former_names_data_and_out_still_parse(command):
+    parse = build_parser().parse_args
+    assert parse([*command, "--data", "random"]) == parse([*command, "--dataset", "random"])
+    if command[0] != "eval":
+        assert parse([*command, "--out", "d"]) == parse([*command, "--output", "d"])
 
 
 @pytest.mark.parametrize("args, hint", [

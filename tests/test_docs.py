@@ -104,13 +104,13 @@ def test_the_docs_show_commands_of_both_kinds():
 def test_the_reader_sees_continuations_comments_placeholders_and_loops():
     text = (
         "```bash\nspikingformer train --config digits \\\n    --epochs 2  # two\n"
-        "# runs:\n#   spikingformer energy --checkpoint a.pt \\\n#       --out $recipe\n```\n"
+        "# runs:\n#   spikingformer energy --checkpoint a.pt \\\n#       --output $recipe\n```\n"
         "and `spikingformer eval --time-steps N`, `torchrun --nproc_per_node=2 -m spikingformer train ...`"
     )
     commands = [_expand(COMMAND.match(p).group(1)) for p, _ in _code(text) if COMMAND.match(p)]
     assert commands == [
         ["spikingformer", "train", "--config", "digits", "--epochs", "2"],
-        ["spikingformer", "energy", "--checkpoint", "a.pt", "--out", "digits"],
+        ["spikingformer", "energy", "--checkpoint", "a.pt", "--output", "digits"],
         ["spikingformer", "eval", "--time-steps", "16"],
         ["spikingformer", "train"],
     ]

@@ -51,7 +51,7 @@ def test_compare_checkpoint_uses_its_weights_on_the_whole_test_split(tmp_path, c
     a, b = tmp_path / "spikingformer.pt", tmp_path / "spikformer.pt"
     model_a, model_b = _native_checkpoint(a, "spikingformer_digits", 1), _native_checkpoint(b, "spikformer_digits", 2)
     out = tmp_path / "out"
-    assert _run(["energy", "--checkpoint", str(a), "--compare-checkpoint", str(b), "--out", str(out)]) == 0
+    assert _run(["energy", "--checkpoint", str(a), "--compare-checkpoint", str(b), "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"inputs: {DIGITS_TEST_IMAGES} images: the whole digits test split" in text
     assert "spikingformer_digits (trained) / spikformer_digits (trained)" in text
@@ -66,7 +66,7 @@ def test_compare_checkpoint_uses_its_weights_on_the_whole_test_split(tmp_path, c
     got = [t["energy_mj"] for t in result["totals"]]
     assert got == pytest.approx(expected, rel=1e-9)
     # an untrained Spikformer (BN calibrated on the inputs) fires differently: another number, and a warning
-    assert _run(["energy", "--checkpoint", str(a), "--compare", "--batches", "2", "--out", str(out)]) == 0
+    assert _run(["energy", "--checkpoint", str(a), "--compare", "--batches", "2", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "inputs: 32 images: the first 2 batch(es) of 16 of the digits test split" in text
     assert "spikingformer_digits (trained) / spikformer_digits (untrained)" in text
@@ -89,7 +89,7 @@ def test_model_args_parse_errors_are_one_line(capsys):
         _run(["energy", "--model", "spikingformer_digits", "--model-args", "[1, 2]"])
     assert exit_.value.code == 2
     assert "expected a YAML mapping" in capsys.readouterr().err
-    assert _run(["energy", "--model", "spikingformer_digits", "--model-args", "{embed_dims: 64}", "--data", "random"]) == 2
+    assert _run(["energy", "--model", "spikingformer_digits", "--model-args", "{embed_dims: 64}", "--dataset", "random"]) == 2
     assert "unknown model option(s) embed_dims" in capsys.readouterr().err
 
 
@@ -103,7 +103,7 @@ def test_model_args_load_authors_checkpoints_outside_the_zoo(fixture_name, tmp_p
     path = require(FIXTURES / f"{fixture_name}.pt")
     fixture = torch.load(path, weights_only=False)
     zoo_name, model_args = FIXTURE_MODELS[fixture_name], _fixture_model_args(fixture["config"])
-    common = ["energy", "--model", zoo_name, "--checkpoint", str(path), "--data", "random", "--batches", "1",
+    common = ["energy", "--model", zoo_name, "--checkpoint", str(path), "--dataset", "random", "--batches", "1",
               "--batch-size", "1"]
     assert _run(common) == 2  # the tiny model is no zoo size
     assert "shape mismatch" in capsys.readouterr().err
@@ -143,8 +143,8 @@ def test_energy_on_authors_checkpoints_of_every_zoo_size(name, tmp_path, capsys)
     torch.save({"epoch": 1, "state_dict": state}, path)
     # the weights fit the zoo size as it is; a smaller input keeps the forward pass cheap
     small = "{time_steps: 2}" if cfg["family"] == "cifar" else "{img_size: 32, time_steps: 2}"
-    argv = ["energy", "--model", name, "--checkpoint", str(path), "--model-args", small, "--data", "random",
-            "--batches", "1", "--batch-size", "1", "--out", str(tmp_path)]
+    argv = ["energy", "--model", name, "--checkpoint", str(path), "--model-args", small, "--dataset", "random",
+            "--batches", "1", "--batch-size", "1", "--output", str(tmp_path)]
     assert _run(argv) == 0, capsys.readouterr().err
     assert f"{name}, trained weights from {path}; inputs: 1 images" in capsys.readouterr().out
     report = json.loads((tmp_path / "energy.json").read_text())

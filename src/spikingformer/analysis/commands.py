@@ -2,11 +2,11 @@
 
 Examples::
 
-    spikingformer audit --model spikingformer_digits --strict --out runs/audit
-    spikingformer energy --model spikingformer_cifar10_4_256 --data random --batch-size 4 --measured
+    spikingformer audit --model spikingformer_digits --strict --output runs/audit
+    spikingformer energy --model spikingformer_cifar10_4_256 --dataset random --batch-size 4 --measured
     spikingformer energy --model spikingformer_digits --compare
     spikingformer energy --checkpoint runs/a/last.pt --compare-checkpoint runs/b/last.pt
-    spikingformer energy --model spikingformer_8_384 --model-args '{embed_dim: 64, depth: 2}' --checkpoint authors.pth --data random
+    spikingformer energy --model spikingformer_8_384 --model-args '{embed_dim: 64, depth: 2}' --checkpoint authors.pth --dataset random
     spikingformer energy --paper-log spikingformer_8_768 --ssa-heads 12
     spikingformer fuse --checkpoint runs/digits-spikingformer_digits/best.pt   # writes best-fused.pt beside it
 
@@ -38,18 +38,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
                         "authors' checkpoint of a size outside the zoo")
     p.add_argument("--checkpoint", metavar="PATH", help="weights: this project's checkpoint (plain or fused) or the authors' (with --model)")
-    p.add_argument("--data", metavar="NAME",
+    p.add_argument("--dataset", dest="data", metavar="NAME",
                    help="data set name, or 'random' for synthetic inputs (default: the data set the checkpoint was "
                         "trained on; digits for the digits models)")
+    p.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data set on disk")
     p.add_argument("--batches", type=int, default=None, metavar="N",
-                   help="number of input batches (default: the whole test split; 2 with --data random)")
+                   help="number of input batches (default: the whole test split; 2 with --dataset random)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--calibrate-bn", type=int, default=None, metavar="N",
                    help="set BatchNorm statistics from N input batches first (default: all batches for an "
                         "untrained zoo model, 0 with --checkpoint)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --data random and of untrained weights")
-    p.add_argument("--out", metavar="DIR", help="write JSON and PNG outputs into this folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of --dataset random and of untrained weights")
+    p.add_argument("--output", dest="out", metavar="DIR", help="write JSON and PNG outputs into this folder")
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former name
 
 
 def _model_args(text: str) -> dict:
@@ -159,7 +161,7 @@ class Inputs:
 
 
 def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
-    """The inputs of ``--data`` (default: the checkpoint's training data set, else the model family's)."""
+    """The inputs of ``--dataset`` (default: the checkpoint's training data set, else the model family's)."""
     from spikingformer.analysis.inputs import RANDOM, dataset_batches, default_dataset, random_batches
 
     config = loaded.model.config
@@ -167,14 +169,14 @@ def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
         raise ValueError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
     if args.data == RANDOM:
         n = args.batches or 2
-        return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--data random, seed {args.seed})")
+        return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--dataset random, seed {args.seed})")
     from spikingformer.checkpoints import FORMAT
     from spikingformer.engine.evaluation import data_section_for
 
     training = loaded.checkpoint is not None and loaded.checkpoint.kind == FORMAT  # a training checkpoint
     dataset = args.data or (None if training else default_dataset(config))
     if dataset is None and not training:
-        raise ValueError("name the input data with --data (a data set, or 'random' for synthetic inputs); "
+        raise ValueError("name the input data with --dataset (a data set, or 'random' for synthetic inputs); "
                          "only the digits models and this project's checkpoints have a default")
     section = data_section_for(loaded.checkpoint, dataset, args.data_dir, config.time_steps)
     batches = dataset_batches(config, section, args.batches, args.batch_size)

@@ -132,7 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint (this project's or the authors') and print top-1/top-5")
     e.add_argument("--checkpoint", required=True, metavar="PATH", help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
     e.add_argument("--model", default=None, metavar="NAME", help="zoo model name; required for the authors' checkpoints")
-    e.add_argument("--data", default=None, metavar="NAME", help="data set name (default: the one the checkpoint was trained on)")
+    e.add_argument("--dataset", dest="data", default=None, metavar="NAME",
+                   help="data set name (default: the one the checkpoint was trained on)")
+    e.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
     e.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: 64)")
     e.add_argument("--time-steps", type=int, default=None, metavar="T", help="time steps of event data (default: the training run's)")

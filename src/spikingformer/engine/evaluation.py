@@ -22,7 +22,7 @@ def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | N
         for key, value in current_names(recorded).items():
             setattr(data, key, value)
     elif dataset is None:
-        raise ValueError("this checkpoint does not record its data set; pass --data (and --data-dir)")
+        raise ValueError("this checkpoint does not record its data set; pass --dataset (and --data-dir)")
     if dataset is not None:
         data.dataset = dataset
         data.data_dir = data_dir
