@@ -222,7 +222,7 @@ def test_train_compile_option(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     args = ["train", "--output", str(tmp_path), "--name", "run", "--model-args", "{embed_dim: 32, num_heads: 2}",
-            "--batch-size", "64", "--amp", "off", "--tensorboard", "false", "--epochs", "1", "--compile"]
+            "--batch-size", "64", "--amp", "off", "--tensorboard", "false", "--epochs", "1", "--warmup-epochs", "0", "--compile"]
     with pytest.raises(_CompiledCalled):
         main(args)
     assert [type(m).__name__ for m in compiled] == ["SpikingTransformer"]

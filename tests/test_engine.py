@@ -174,7 +174,7 @@ def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path), "--name", "digits", "--epochs", "2", "--resume", "auto",
                  "--model-args", "{embed_dim: 64}", "--batch-size", "64"]) == 2
     assert "cannot resume from" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data", "cifar10", "--data-dir", str(folder)]) == 2
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--dataset", "cifar10", "--data-dir", str(folder)]) == 2
     assert "not found under" in capsys.readouterr().err
 
 
@@ -222,7 +222,7 @@ def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, co
         monkeypatch.setattr(evaluation, "evaluate", stop)
         weights = tmp_path / "weights.pt"
         torch.save(create_model("spikingformer_digits").state_dict(), weights)
-        args = ["eval", "--checkpoint", str(weights), "--model", "spikingformer_digits", "--data", "digits",
+        args = ["eval", "--checkpoint", str(weights), "--model", "spikingformer_digits", "--dataset", "digits",
                 "--device", "cpu"]
     try:
         with pytest.raises(Stop):

@@ -498,8 +498,8 @@ def test_every_command_runs_with_an_unusable_cache(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(blocker)}
-    argv = [sys.executable, "-m", "spikingformer", "audit", "--model", "spikingformer_digits", "--data", "random",
-            "--batches", "1", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    argv = [sys.executable, "-m", "spikingformer", "audit", "--model", "spikingformer_digits", "--dataset", "random",
+            "--batches", "1", "--batch-size", "2", "--output", str(tmp_path / "out")]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("not usable") == 1, done.stderr

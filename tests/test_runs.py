@@ -149,6 +149,18 @@ def test_the_header_counts_epochs_as_the_epoch_lines_do(tmp_path, capsys):
     assert [r["epoch"] for r in rows(tmp_path / "c")] == [0, 1, 2]
 
 
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, recwarn):
+    assert train(tmp_path, "w", "--epochs", "2", "--warmup-epochs", "2") == 0
+    said = [str(w.message) for w in recwarn if "warm-up" in str(w.message)]
+    assert said == ["spikingformer: --warmup-epochs 2 is not below --epochs 2: the learning rate stays in its warm-up "
+                    "from 0.0001 and never reaches --lr 0.003; for a short run pass --warmup-epochs 0 (or fewer than --epochs)"]
+    lrs = [r["lr"] for r in rows(tmp_path / "w")]
+    assert max(lrs) < 0.003  # what it says: the rate never reached --lr
+    recwarn.clear()
+    assert train(tmp_path, "w3", "--epochs", "3", "--warmup-epochs", "2") == 0
+    assert not [w for w in recwarn if "warm-up" in str(w.message)]
+
+
 def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
     assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
     err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return

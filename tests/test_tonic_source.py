@@ -206,7 +206,7 @@ def test_train_command_on_tonic_nmnist(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer, "build_dataset", cut_to_100)
     monkeypatch.setattr(evaluation, "build_dataset", cut_to_100)
-    argv = ["train", "--config", "nmnist", "--dataset", "tonic:NMNIST", "--data-dir", str(tmp_path), "--epochs", "1",
+    argv = ["train", "--config", "nmnist", "--dataset", "tonic:NMNIST", "--data-dir", str(tmp_path), "--epochs", "1", "--warmup-epochs", "0",
             "--output", str(tmp_path / "runs"), "--tensorboard", "false", "--workers", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out

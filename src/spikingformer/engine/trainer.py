@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,6 +321,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         start_epoch, best = restored.epoch + 1, restored.best
     else:
         scheduler.step(0)
+    if runtime.is_main and s.warmup_epochs >= s.epochs:
+        warnings.warn(f"spikingformer: --warmup-epochs {s.warmup_epochs} is not below --epochs {s.epochs}: the learning "
+                      f"rate stays in its warm-up from {s.warmup_lr:g} and never reaches --lr {o.lr:g}; for a short "
+                      "run pass --warmup-epochs 0 (or fewer than --epochs)", UserWarning, stacklevel=2)
 
     train_loader = make_loader(train_set, cfg.data.batch_size, True, runtime, cfg.data.workers, cfg.run.seed)
     eval_loader = make_loader(eval_set, cfg.data.eval_batch_size, False, runtime, cfg.data.workers, cfg.run.seed)
