@@ -43,6 +43,11 @@ BAD_FLAGS = [
     (["--dataset", "nmnist"], "dataset 'nmnist' is read from disk: pass its folder with --data-dir"),
     (["--opt", "adamz"], "unknown optimizer 'adamz'"),
     (["--sched", "cosin"], "config key 'sched' must be one of cosine, tanh"),
+    (["--sched", "plateau"], "config key 'sched' must be one of cosine, tanh, step, multistep, poly, constant, wsd, rsqrt; got 'plateau'"),
+    (["--sched", "rsqrt", "--warmup-epochs", "0"], "--sched rsqrt decays as 1 / sqrt(epoch / --warmup-epochs) after its warm-up"),
+    (["--decay-milestones", "[30, 10]"], "config key 'decay_milestones' must be a rising list of positive whole epochs; got [30, 10]"),
+    (["--decay-rate", "0"], "config key 'decay_rate' must be in (0, 1]; got 0.0"),
+    (["--decay-epochs", "-1"], "config key 'decay_epochs' must be > 0; got -1.0"),
 ]
 
 

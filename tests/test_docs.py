@@ -231,7 +231,7 @@ RECIPE_ROWS = {
     "RandAugment": lambda c: c.data.aa or "-",
     "random erasing": lambda c: c.data.reprob,
     "mixup / cutmix (prob)": lambda c: (c.mixup.mixup, c.mixup.cutmix, c.mixup.mixup_prob),
-    "mixup off from epoch": lambda c: str(c.mixup.mixup_off_epoch or ("never" if c.mixup.mixup or c.mixup.cutmix else "-")),
+    "mixup off after epoch": lambda c: str(c.mixup.mixup_off_epoch or ("never" if c.mixup.mixup or c.mixup.cutmix else "-")),
     "label smoothing": lambda c: c.mixup.smoothing,
     "mixed precision": lambda c: c.run.amp,
     "seed": lambda c: str(c.run.seed),

@@ -161,6 +161,20 @@ def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, recwarn):
     assert not [w for w in recwarn if "warm-up" in str(w.message)]
 
 
+@pytest.mark.parametrize("schedule, rates", [
+    # the rate each epoch trained at, as timm's own logs give it (before the step to the next epoch's)
+    (["--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5"], [3e-3, 1.5e-3, 7.5e-4]),
+    # milestones count epochs from 1, as the epoch lines do: from epoch 3 on, a tenth
+    (["--sched", "multistep", "--decay-milestones", "[3]"], [3e-3, 3e-3, 3e-4]),
+    (["--sched", "constant"], [3e-3, 3e-3, 3e-3]),
+])
+def test_each_epoch_logs_the_rate_it_trained_at(tmp_path, capsys, schedule, rates):
+    assert train(tmp_path, "s", "--epochs", "3", *schedule) == 0
+    assert [r["lr"] for r in rows(tmp_path / "s")] == pytest.approx(rates)
+    out = capsys.readouterr().out
+    assert all(f"epoch {i + 1}/3  loss" in out and f"lr {rate:.2e}" in out for i, rate in enumerate(rates))
+
+
 def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
     assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
     err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return

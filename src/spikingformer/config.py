@@ -86,12 +86,16 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    sched: str = option("cosine", "learning-rate schedule: a timm scheduler name (cosine, step, plateau, ...), stepped once per epoch", synonyms=("scheduler", "lr_scheduler"))
+    sched: str = option("cosine", "learning-rate schedule: a timm scheduler name (cosine, step, multistep, wsd, ...), stepped once per epoch", synonyms=("scheduler", "lr_scheduler"))
     epochs: int = option(30, "epochs of the schedule; the cooldown epochs run after these", synonyms=("num_epochs", "n_epochs", "max_epochs"))
     warmup_epochs: int = option(2, "epochs of linear warm-up from --warmup-lr to --lr", synonyms=("warmup",))
     cooldown_epochs: int = option(0, "epochs at --min-lr after the schedule ends")
     warmup_lr: float = option(1e-5, "learning rate at the start of the warm-up")
     min_lr: float = option(1e-5, "lowest learning rate of the schedule", synonyms=("lr_min", "final_lr"))
+    decay_epochs: float | None = option(None, "step: epochs between decays by --decay-rate; wsd, rsqrt: epochs of the final "
+                                        "decay (below 1: a fraction of the schedule) (unset: timm's 90 for step, 0.2 for wsd and rsqrt)")
+    decay_milestones: list = option([90, 180, 270], "multistep: the epochs (counted from 1, as the epoch lines) from which the rate is multiplied by --decay-rate once more")
+    decay_rate: float = option(0.1, "step, multistep: the factor of each decay", synonyms=("gamma", "lr_decay"))
 
 
 @dataclass
@@ -101,7 +105,7 @@ class MixupSection:
     mixup_prob: float = option(1.0, "probability of applying mixup or CutMix to a batch")
     mixup_switch_prob: float = option(0.5, "probability of CutMix instead of mixup when both are enabled")
     mixup_mode: str = option("batch", "how mixup parameters are drawn: batch, pair or elem")
-    mixup_off_epoch: int = option(0, "stop mixing from this epoch on (0: never)")
+    mixup_off_epoch: int = option(0, "stop mixing after this many epochs, as timm (0: never stop)")
     smoothing: float = option(0.1, "label smoothing (inside the mixup targets when mixup is on)", synonyms=("label_smoothing",))
 
 
@@ -324,9 +328,13 @@ RULES: dict[str, Any] = {
     "opt": None, "lr": _POSITIVE, "weight_decay": _at_least(0), "opt_eps": _POSITIVE, "momentum": _between(0, 1),
     "clip_grad": _POSITIVE,
     # schedule
-    "sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "wsd", "rsqrt"),
+    # (not timm's "plateau": timm deprecates it and does not checkpoint its state, so a resumed run would restart it)
+    "sched": ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "rsqrt"),
     "epochs": _at_least(1), "warmup_epochs": _at_least(0), "cooldown_epochs": _at_least(0),
-    "warmup_lr": _at_least(0), "min_lr": _at_least(0),
+    "warmup_lr": _at_least(0), "min_lr": _at_least(0), "decay_epochs": _POSITIVE,
+    "decay_milestones": ((lambda v: len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+                          and list(v) == sorted(set(v))), "a rising list of positive whole epochs"),
+    "decay_rate": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     # mixup
     "mixup": _at_least(0), "cutmix": _at_least(0), "mixup_prob": _between(0, 1), "mixup_switch_prob": _between(0, 1),
     "mixup_mode": ("batch", "pair", "elem"), "mixup_off_epoch": _at_least(0), "smoothing": _between(0, 1, high_open=True),
@@ -380,6 +388,9 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
         raise ConfigError(f"dataset '{cfg.data.dataset}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
     if not _DEVICE.fullmatch(cfg.run.device):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.run.device!r}")
+    if cfg.schedule.sched == "rsqrt" and cfg.schedule.warmup_epochs == 0:
+        raise ConfigError("--sched rsqrt decays as 1 / sqrt(epoch / --warmup-epochs) after its warm-up: it needs "
+                          "--warmup-epochs 1 or more")
     if cfg.run.overwrite and cfg.run.resume is not None:
         raise ConfigError("--overwrite starts the run afresh and --resume continues one; pass only one of them")
     hints = get_type_hints(ModelConfig)

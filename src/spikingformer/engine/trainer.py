@@ -307,7 +307,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, cooldown_epochs=s.cooldown_epochs,
-        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=True,
+        warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs, decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate, step_on_epochs=True,
     )
     amp_dtype = autocast_dtype(cfg.run.amp, runtime.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and runtime.device.type == "cuda")
@@ -358,8 +359,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         sums = _train_one_epoch(st, train_loader, runtime, meter, epoch, total_epochs, cfg.run.log_interval)
         epoch_time = time.perf_counter() - t0
         sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's, as timm logs it: before the step to the next one's
         scheduler.step(epoch + 1)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0] / sums[2]),
+        row = {"epoch": epoch, "lr": lr, "train_loss": float(sums[0] / sums[2]),
                "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
                "images_per_s": float(sums[2]) / epoch_time}
         if (epoch + 1) % cfg.run.eval_interval == 0 or epoch == total_epochs - 1:
