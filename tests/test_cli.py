@@ -158,6 +158,30 @@ def test_the_former_names_data_and_out_still_parse(command):
         assert parse([*command, "--out", "d"]) == parse([*command, "--output", "d"])
 
 
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_whole_number_option_has_a_lower_bound(name):
+    # counts, sizes and seeds take at_least(n): "--batch-size 0" is an argument error, not a failure later
+    loose = [a.option_strings[0] for a in _command(name)._actions if a.type is int]
+    assert not loose, f"spikingformer {name}: {loose} take any int; use spikingformer.cli.at_least"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--checkpoint", "c.pt", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
+    (["eval", "--checkpoint", "c.pt", "--time-steps", "0"], "argument --time-steps: expected a whole number >= 1, got '0'"),
+    (["audit", "--batches", "0"], "argument --batches: expected a whole number >= 1, got '0'"),
+    (["audit", "--batch-size", "-2"], "argument --batch-size: expected a whole number >= 1, got '-2'"),
+    (["audit", "--max-values", "many"], "argument --max-values: expected a whole number >= 1, got 'many'"),
+    (["energy", "--calibrate-bn", "-1"], "argument --calibrate-bn: expected a whole number >= 0, got '-1'"),
+    (["energy", "--ssa-heads", "0"], "argument --ssa-heads: expected a whole number >= 1, got '0'"),
+    (["energy", "--seed", "1.5"], "argument --seed: expected a whole number >= 0, got '1.5'"),
+])
+def test_a_count_out_of_range_is_an_argument_error(capsys, args, message):
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"spikingformer {args[0]}: error: {message}"
+
+
 @pytest.mark.parametrize("args, hint", [
     (["train", "--epoch", "1"], "did you mean --epochs?"),
     (["train", "--learning-rate", "3e-3"], "did you mean --lr?"),

@@ -87,6 +87,22 @@ class CommandParser(argparse.ArgumentParser):
             raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (counts, sizes, seeds), so that
+    ``--batch-size 0`` is an argument error naming the option, as ``train``'s checks name theirs."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return whole_number
+
+
 def build_parser() -> CommandParser:
     from spikingformer import __version__
 

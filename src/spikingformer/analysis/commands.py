@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spikingformer.cli import at_least
+
 if TYPE_CHECKING:  # torch is imported by the commands that run, not to build the parser
     import torch
     from torch import nn
@@ -43,13 +45,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "trained on; digits for the digits models)")
     p.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data set on disk")
-    p.add_argument("--batches", type=int, default=None, metavar="N",
+    p.add_argument("--batches", type=at_least(1), default=None, metavar="N",
                    help="number of input batches (default: the whole test split; 2 with --dataset random)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
-    p.add_argument("--calibrate-bn", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=at_least(1), default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--calibrate-bn", type=at_least(0), default=None, metavar="N",
                    help="set BatchNorm statistics from N input batches first (default: all batches for an "
                         "untrained zoo model, 0 with --checkpoint)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --dataset random and of untrained weights")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of --dataset random and of untrained weights")
     p.add_argument("--output", dest="out", metavar="DIR", help="write JSON and PNG outputs into this folder")
     p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former name
 
@@ -74,7 +76,7 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 if any layer other than the image conv / real-input head receives non-binary values")
-    p.add_argument("--max-values", type=int, default=64, help="distinct values tracked per layer (default 64)")
+    p.add_argument("--max-values", type=at_least(1), default=64, help="distinct values tracked per layer (default 64)")
     p.set_defaults(func=run_audit)
 
     p = subparsers.add_parser("energy", help="per-layer FLOPs, SOPs and theoretical energy (paper Eq. 18-20)",
@@ -92,7 +94,7 @@ def register(subparsers) -> None:
                    help="run the accumulate-only (event-driven) path and print measured additions beside the estimate")
     p.add_argument("--paper-log", metavar="NAME", choices=("spikingformer_8_512", "spikingformer_8_768"),
                    help="no forward pass: the energy table from the authors' logged firing rates")
-    p.add_argument("--ssa-heads", type=int, metavar="H", help="head count of the SSA term (the 8-768 log used 12)")
+    p.add_argument("--ssa-heads", type=at_least(1), metavar="H", help="head count of the SSA term (the 8-768 log used 12)")
     p.set_defaults(func=run_energy)
 
     p = subparsers.add_parser("fuse", help="fold every BatchNorm into its conv/linear layer and save the fused model",
@@ -165,8 +167,6 @@ def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
     from spikingformer.analysis.inputs import RANDOM, dataset_batches, default_dataset, random_batches
 
     config = loaded.model.config
-    if args.batches is not None and args.batches < 1 or args.batch_size < 1:
-        raise ValueError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
     if args.data == RANDOM:
         n = args.batches or 2
         return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--dataset random, seed {args.seed})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from spikingformer.cli import at_least
 from spikingformer.config import SECTIONS, load_config, recipe_names
 
 # `train --help` groups (key: title), in the order timm's train script shows them. A field goes to
@@ -136,9 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data set name (default: the one the checkpoint was trained on)")
     e.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
-    e.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: 64)")
-    e.add_argument("--time-steps", type=int, default=None, metavar="T", help="time steps of event data (default: the training run's)")
-    e.add_argument("--frames", type=int, dest="time_steps", help=argparse.SUPPRESS)  # the former name
+    e.add_argument("--batch-size", type=at_least(1), default=64, metavar="B", help="images per batch (default: 64)")
+    e.add_argument("--time-steps", type=at_least(1), default=None, metavar="T", help="time steps of event data (default: the training run's)")
+    e.add_argument("--frames", type=at_least(1), dest="time_steps", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
     e.add_argument("--tf32", action="store_true",
