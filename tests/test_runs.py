@@ -175,6 +175,28 @@ def test_each_epoch_logs_the_rate_it_trained_at(tmp_path, capsys, schedule, rate
     assert all(f"epoch {i + 1}/3  loss" in out and f"lr {rate:.2e}" in out for i, rate in enumerate(rates))
 
 
+@pytest.mark.parametrize("at_epoch, said", [
+    (2, "interrupted; {folder}/last.pt holds epoch 1: continue with --resume auto"),
+    (1, "interrupted; no epoch had finished, so nothing was saved"),
+])
+def test_ctrl_c_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatch, at_epoch, said):
+    one_epoch = trainer._train_one_epoch
+
+    def interrupted_in_epoch(st, loader, runtime, meter, epoch, *rest):
+        if epoch + 1 == at_epoch:  # as Ctrl-C does in the middle of a step
+            raise KeyboardInterrupt
+        return one_epoch(st, loader, runtime, meter, epoch, *rest)
+
+    monkeypatch.setattr(trainer, "_train_one_epoch", interrupted_in_epoch)
+    assert train(tmp_path, "i", "--epochs", "3") == 130
+    folder = tmp_path / "i"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "spikingformer train: " + said.format(folder=folder)
+    if at_epoch > 1:  # and the run continues from there
+        monkeypatch.setattr(trainer, "_train_one_epoch", one_epoch)
+        assert train(tmp_path, "i", "--epochs", "3", "--resume", "auto") == 0
+        assert [r["epoch"] for r in rows(folder)] == [0, 1, 2]
+
+
 def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
     assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
     err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: no traceback; train says what it kept
+        print(f"spikingformer {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

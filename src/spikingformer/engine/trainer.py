@@ -231,44 +231,43 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     st.net.train()
     meter.detach()  # attached for the logged steps only (see FiringRateMeter)
     meter.pop()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
-               dynamic_ncols=True, mininterval=0.5)
     sums = torch.zeros(3, dtype=torch.float64)
     t0, seen = time.perf_counter(), 0
-    for step, (images, target) in enumerate(bar):
-        check_batch(images, loader, step)
-        images = images.to(runtime.device, non_blocking=True)
-        hard_target = target = target.to(runtime.device, non_blocking=True)
-        if st.mixup_fn is not None:
-            images, target = st.mixup_fn(images, target)
-        logged = runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1)
-        if logged:
-            meter.attach()
-        with _autocast(runtime.device, st.amp_dtype):
-            logits = st.net(images)
-        meter.detach()
-        loss = st.criterion(logits.float(), target)
-        if not torch.isfinite(loss):
-            bar.close()  # the error's line starts on a clean line
-            lr = st.optimizer.param_groups[0]["lr"]
-            raise FloatingPointError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step "
-                                     f"{step + 1} of {len(loader)} (learning rate {lr:.3g}); lower --lr or clip the "
-                                     "gradient norm with --clip-grad (e.g. 1.0)")
-        st.optimizer.zero_grad(set_to_none=True)
-        st.scaler.scale(loss).backward()
-        if st.clip_grad:
-            st.scaler.unscale_(st.optimizer)
-            nn.utils.clip_grad_norm_(st.model.parameters(), st.clip_grad)
-        st.scaler.step(st.optimizer)
-        st.scaler.update()
-        n = len(hard_target)
-        seen += n
-        sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
-        if logged:  # fr: the firing rate of this step's forward
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
-                            lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
-    bar.close()
+    # closed however the epoch ends, so that an error or an interrupt starts on a clean line
+    with tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for step, (images, target) in enumerate(bar):
+            check_batch(images, loader, step)
+            images = images.to(runtime.device, non_blocking=True)
+            hard_target = target = target.to(runtime.device, non_blocking=True)
+            if st.mixup_fn is not None:
+                images, target = st.mixup_fn(images, target)
+            logged = runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1)
+            if logged:
+                meter.attach()
+            with _autocast(runtime.device, st.amp_dtype):
+                logits = st.net(images)
+            meter.detach()
+            loss = st.criterion(logits.float(), target)
+            if not torch.isfinite(loss):
+                lr = st.optimizer.param_groups[0]["lr"]
+                raise FloatingPointError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step "
+                                         f"{step + 1} of {len(loader)} (learning rate {lr:.3g}); lower --lr or clip the "
+                                         "gradient norm with --clip-grad (e.g. 1.0)")
+            st.optimizer.zero_grad(set_to_none=True)
+            st.scaler.scale(loss).backward()
+            if st.clip_grad:
+                st.scaler.unscale_(st.optimizer)
+                nn.utils.clip_grad_norm_(st.model.parameters(), st.clip_grad)
+            st.scaler.step(st.optimizer)
+            st.scaler.update()
+            n = len(hard_target)
+            seen += n
+            sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
+            if logged:  # fr: the firing rate of this step's forward
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                                lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
     return sums
 
 
@@ -351,40 +350,51 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
     metrics: dict = restored.metrics if restored is not None else {}
     meter = FiringRateMeter(model)
-    for epoch in range(start_epoch, total_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        if mixup_fn is not None and cfg.mixup.mixup_off_epoch and epoch >= cfg.mixup.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False  # targets stay label-smoothed, as in the authors' code
-        t0 = time.perf_counter()
-        sums = _train_one_epoch(st, train_loader, runtime, meter, epoch, total_epochs, cfg.run.log_interval)
-        epoch_time = time.perf_counter() - t0
-        sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
-        lr = optimizer.param_groups[0]["lr"]  # this epoch's, as timm logs it: before the step to the next one's
-        scheduler.step(epoch + 1)
-        row = {"epoch": epoch, "lr": lr, "train_loss": float(sums[0] / sums[2]),
-               "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
-               "images_per_s": float(sums[2]) / epoch_time}
-        if (epoch + 1) % cfg.run.eval_interval == 0 or epoch == total_epochs - 1:
-            empty_cache()  # the CPU blocks cached for training steps do not fit evaluation's sizes
-            ev = evaluate(model, eval_loader, runtime, amp_dtype)
-            empty_cache()
-            row.update({f"test_{k}": v for k, v in ev.items() if k != "samples"})
-            if ev["top1"] > best["top1"]:
-                best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
-        metrics = row
-        if runtime.is_main:  # last.pt, then best.pt (a copy of it), then the log: see engine/run_folder.py
-            state = TrainingState(epoch, row, best, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(),
-                                  rng_state())
-            folders.save_checkpoint(folder, checkpoints.training_checkpoint(model, cfg.model.model, cfg.to_dict(), state),
-                                    best=best["epoch"] == epoch)
-            log.write(row)
-            tqdm.write(_epoch_line(row, total_epochs))
-        barrier(runtime)
+    saved = start_epoch - 1  # the last epoch whose checkpoint is on disk
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            train_loader.sampler.set_epoch(epoch)
+            if mixup_fn is not None and cfg.mixup.mixup_off_epoch and epoch >= cfg.mixup.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False  # targets stay label-smoothed, as in the authors' code
+            t0 = time.perf_counter()
+            sums = _train_one_epoch(st, train_loader, runtime, meter, epoch, total_epochs, cfg.run.log_interval)
+            epoch_time = time.perf_counter() - t0
+            sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
+            lr = optimizer.param_groups[0]["lr"]  # this epoch's, as timm logs it: before the step to the next one's
+            scheduler.step(epoch + 1)
+            row = {"epoch": epoch, "lr": lr, "train_loss": float(sums[0] / sums[2]),
+                   "train_top1": float(100 * sums[1] / sums[2]), "epoch_time_s": epoch_time,
+                   "images_per_s": float(sums[2]) / epoch_time}
+            if (epoch + 1) % cfg.run.eval_interval == 0 or epoch == total_epochs - 1:
+                empty_cache()  # the CPU blocks cached for training steps do not fit evaluation's sizes
+                ev = evaluate(model, eval_loader, runtime, amp_dtype)
+                empty_cache()
+                row.update({f"test_{k}": v for k, v in ev.items() if k != "samples"})
+                if ev["top1"] > best["top1"]:
+                    best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch}
+            metrics = row
+            if runtime.is_main:  # last.pt, then best.pt (a copy of it), then the log: see engine/run_folder.py
+                state = TrainingState(epoch, row, best, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(),
+                                      rng_state())
+                folders.save_checkpoint(folder, checkpoints.training_checkpoint(model, cfg.model.model, cfg.to_dict(), state),
+                                        best=best["epoch"] == epoch)
+                log.write(row)
+                tqdm.write(_epoch_line(row, total_epochs))
+            barrier(runtime)
+            saved = epoch
+    except KeyboardInterrupt:  # Ctrl-C: one line that says what is kept (the CLI prints it)
+        raise KeyboardInterrupt(_interrupted(folder, saved)) from None
     meter.close()
     if log is not None:
         log.close()
     return {"metrics": metrics, "best": best, "folder": str(folder), "checkpoint": str(folder / "best.pt"),
             "last": str(folder / "last.pt"), "is_main": runtime.is_main}
+
+
+def _interrupted(folder: Path, saved: int) -> str:
+    if saved < 0:
+        return "no epoch had finished, so nothing was saved"
+    return f"{folder / 'last.pt'} holds epoch {saved + 1}: continue with --resume auto"
 
 
 def _epoch_line(row: dict, total: int) -> str:
