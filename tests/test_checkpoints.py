@@ -40,6 +40,16 @@ def one_line_error(capsys) -> str:
     return err
 
 
+def test_a_missing_checkpoint_or_a_folder_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "gone.pt")]) == 2
+    assert one_line_error(capsys) == f"spikingformer eval: error: checkpoint not found: {tmp_path / 'gone.pt'}"
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2  # a run folder given for its best.pt
+    assert one_line_error(capsys) == f"spikingformer eval: error: {tmp_path} is a folder, not a checkpoint file"
+    torch.save({}, tmp_path / "best.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert one_line_error(capsys) == f"spikingformer eval: error: {tmp_path} is a folder, not a checkpoint file; pass {tmp_path / 'best.pt'}"
+
+
 def test_random_bytes_and_pickled_objects_are_one_line(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))

@@ -675,8 +675,11 @@ def test_dvs128gesture_tiny_tree(tmp_path: Path) -> None:
                                              (DVS128Gesture, "user01_fluorescent.aedat"),
                                              (NMNIST, r"Train/<digit>/\*\.bin")], ids=["CIFAR10DVS", "DVS128Gesture", "NMNIST"])
 def test_missing_root_names_the_layout(tmp_path: Path, dataset, layout) -> None:
-    with pytest.raises(FileNotFoundError, match=layout):
+    with pytest.raises(FileNotFoundError, match=f"root {tmp_path / 'nope'} does not exist: expected .*{layout}"):
         dataset(tmp_path / "nope")
+    (tmp_path / "a_file").write_text("")  # a file given as the root is said to be one
+    with pytest.raises(FileNotFoundError, match=f"root {tmp_path / 'a_file'} is a file, not a folder: expected .*{layout}"):
+        dataset(tmp_path / "a_file")
 
 
 def test_digits_dvs() -> None:

@@ -271,6 +271,9 @@ def export_safetensors(model: nn.Module, path: str | Path, model_name: str | Non
 def load_checkpoint(path: str | Path) -> Any:
     """Read a checkpoint file as it is stored (``.safetensors`` or ``torch.save``; tensors and plain data only)."""
     path = Path(path)
+    if path.is_dir():  # a run folder, given for its checkpoint
+        best = path / "best.pt"
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file" + (f"; pass {best}" if best.is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

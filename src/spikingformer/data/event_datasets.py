@@ -50,6 +50,13 @@ GESTURE_CLASSES: tuple[str, ...] = ("hand_clapping", "right_hand_wave", "left_ha
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 
+def _check_root(data_set: str, root: Path, layout: str) -> None:
+    """A missing root, or a file given as it, is one error naming the expected layout."""
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"{data_set} root {root} {state}: {layout}")
+
+
 class _FileFrameDataset(Dataset, abc.ABC):
     """Shared machinery of the file-based datasets: lazily integrated, cached frames.
 
@@ -151,8 +158,7 @@ class CIFAR10DVS(_FileFrameDataset):
         layout = (f"expected {root}/airplane/*.aedat, {root}/automobile/*.aedat, ..., {root}/truck/*.aedat "
                   f"(CIFAR10-DVS original AEDAT 2.0 files, one folder per class: {' '.join(self.classes)}); "
                   f"see docs/data.md")
-        if not root.is_dir():
-            raise FileNotFoundError(f"CIFAR10-DVS root {root} does not exist: {layout}")
+        _check_root("CIFAR10-DVS", root, layout)
         per_class = []
         for name in self.classes:
             files = sorted((root / name).glob("*.aedat"), key=lambda p: p.name) if (root / name).is_dir() else []
@@ -215,8 +221,7 @@ class DVS128Gesture(_FileFrameDataset):
         layout = (f"expected {root}/user01_fluorescent.aedat + user01_fluorescent_labels.csv, ... and "
                   f"trials_to_train.txt / trials_to_test.txt (the original DVS128 Gesture 'DvsGesture' folder, "
                   f"AEDAT 3.1); see docs/data.md")
-        if not root.is_dir():
-            raise FileNotFoundError(f"DVS128 Gesture root {root} does not exist: {layout}")
+        _check_root("DVS128 Gesture", root, layout)
         list_file = root / ("trials_to_train.txt" if train else "trials_to_test.txt")
         if list_file.is_file():
             names = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip()]
@@ -308,8 +313,7 @@ class NMNIST(_FileFrameDataset):
         layout = (f"expected the original layout {root}/Train/<digit>/*.bin and {root}/Test/<digit>/*.bin, or the "
                   f"small layout {root}/<id>.bs2 with label lists {root}/train*.txt and {root}/test*.txt "
                   f"('#sample #class' header, then 'id label' lines); see docs/data.md")
-        if not root.is_dir():
-            raise FileNotFoundError(f"N-MNIST root {root} does not exist: {layout}")
+        _check_root("N-MNIST", root, layout)
         if pad_to is not None and pad_to < 34:
             raise ValueError(f"pad_to must be >= 34 (the N-MNIST sensor size), got {pad_to}")
         self.frame_size = (pad_to, pad_to) if pad_to is not None else (34, 34)
