@@ -197,6 +197,24 @@ def test_ctrl_c_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatc
         assert [r["epoch"] for r in rows(folder)] == [0, 1, 2]
 
 
+def test_a_resumed_run_takes_this_runs_schedule_and_says_what_changed(tmp_path, capsys):
+    # trained 2 epochs of a 2-epoch cosine, then longer and at another peak rate: epochs 3-4 train at
+    # the rates a 4-epoch run at that peak trains them at (as timm's resume gives them), not at min_lr
+    assert train(tmp_path, "r", "--epochs", "2") == 0
+    assert train(tmp_path, "straight", "--epochs", "4", "--lr", "1e-2") == 0
+    capsys.readouterr()
+    assert train(tmp_path, "r", "--epochs", "4", "--lr", "1e-2", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "resuming with changed settings (the checkpoint's -> this run's): lr 0.003 -> 0.01, epochs 2 -> 4" in out
+    resumed, straight = rows(tmp_path / "r"), rows(tmp_path / "straight")
+    assert [r["lr"] for r in resumed[2:]] == pytest.approx([r["lr"] for r in straight[2:]])
+    assert max(r["lr"] for r in resumed[2:]) > 3e-3
+    # another optimizer cannot take the saved moments
+    assert train(tmp_path, "r", "--epochs", "5", "--opt", "sgd", "--resume", "auto") == 2
+    assert ("cannot resume from" in (err := capsys.readouterr().err) and "with --opt sgd: its optimizer state is adamw's"
+            in err and "--opt adamw" in err)
+
+
 def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
     assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
     err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return
@@ -247,8 +265,7 @@ def test_kill_at_every_write_point_then_resume_is_consistent(tmp_path, monkeypat
         return real(path, write)
 
     monkeypatch.setattr(checkpoints, "write_atomic", failing)
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path, "killed", *common)
+    assert train(tmp_path, "killed", *common) == 130  # the command's exit code for an interrupt
     monkeypatch.setattr(checkpoints, "write_atomic", real)
     killed = tmp_path / "killed"
     assert not list(killed.glob(".*.tmp"))

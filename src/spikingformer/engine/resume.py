@@ -41,22 +41,49 @@ def resume_path(cfg: TrainConfig, folder: Path) -> str | None:
     return cfg.run.resume
 
 
-def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> checkpoints.TrainingState:
-    """Load a ``last.pt`` into the run's objects; returns its training state (epoch, best, metrics)."""
+def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[checkpoints.TrainingState, str | None]:
+    """Load a ``last.pt`` into the run's objects; returns its training state (epoch, best, metrics) and
+    a line naming the optimizer and schedule settings this run changes (None: none changed).
+
+    The model, the optimizer's moments, the gradient scaler and the random generators continue as saved;
+    the optimizer's settings and the learning-rate schedule are this run's (as timm's resume gives them):
+    raising ``--epochs`` stretches the schedule, a new ``--lr`` applies. Unchanged settings continue
+    exactly (every offered schedule is a function of the epoch alone).
+    """
     ckpt = checkpoints.read(path)
     if ckpt.kind != checkpoints.FORMAT or ckpt.training is None:
         raise ValueError(f"{path} is not a spikingformer training checkpoint; --resume needs a last.pt written by `spikingformer train`")
     _check_resume_config(ckpt, cfg)
     checkpoints.load_matching(model, ckpt.state_dict, ckpt)
     state = ckpt.training
+    chosen = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state.optimizer)
-    scheduler.load_state_dict(state.scheduler)
+    for group, settings in zip(optimizer.param_groups, chosen):
+        group.update(settings)  # this run's lr, weight decay, ...; the saved moments stay
+    scheduler.step(state.epoch + 1)  # this run's schedule, at the epoch that comes next
     scaler.load_state_dict(state.scaler)
     set_rng_state(state.rng)
-    return state
+    return state, _changed_settings(ckpt, cfg)
+
+
+def _changed_settings(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> str | None:
+    """``"epochs 6 -> 8, lr 0.003 -> 0.0001"``: the optimizer and schedule settings that differ from the
+    checkpoint's run (settings it predates are not compared)."""
+    saved, now = ckpt.train_config or {}, cfg.to_dict()
+    changes = [f"{key} {saved[section][key]} -> {value}" for section in ("optim", "schedule")
+               for key, value in now[section].items() if key in saved.get(section, {}) and saved[section][key] != value]
+    return ", ".join(changes) or None
+
+
+def _check_optimizer(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> None:
+    saved = ((ckpt.train_config or {}).get("optim") or {}).get("opt")
+    if saved is not None and saved != cfg.optim.opt:
+        raise ValueError(f"cannot resume from {ckpt.where} with --opt {cfg.optim.opt}: its optimizer state is {saved}'s; "
+                         f"resume with --opt {saved} or start a new run with --name")
 
 
 def _check_resume_config(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> None:
+    _check_optimizer(ckpt, cfg)
     saved, mine = ckpt.model_config, model_config(cfg.model.model, **cfg.model.model_args).to_dict()
     if saved != mine:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}

@@ -314,10 +314,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     criterion, mixup_fn = _criterion(cfg.mixup, train_set.num_classes)
     st = _Step(net, model, optimizer, scaler, criterion, mixup_fn, amp_dtype, o.clip_grad)
 
-    start_epoch, best, restored = 0, {"top1": -1.0, "epoch": -1}, None
+    start_epoch, best, restored, changed = 0, {"top1": -1.0, "epoch": -1}, None, None
     resume = resume_path(cfg, folder)
     if resume:
-        restored = restore(resume, cfg, model, optimizer, scheduler, scaler)
+        restored, changed = restore(resume, cfg, model, optimizer, scheduler, scaler)
         start_epoch, best = restored.epoch + 1, restored.best
     else:
         scheduler.step(0)
@@ -340,6 +340,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             note = folders.repair_best(folder, restored) if own else None
             if note:
                 print(note)
+            if changed:
+                print(f"resuming with changed settings (the checkpoint's -> this run's): {changed}")
         if start_epoch >= total_epochs:
             print(f"{folder}: this run already finished its {total_epochs} epochs; its recorded final metrics follow "
                   "(to train longer, raise --epochs with --resume auto)")
