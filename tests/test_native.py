@@ -585,6 +585,15 @@ def test_amp_auto_is_bf16_on_a_native_bf16_cpu_without_warning(monkeypatch):
         assert autocast_dtype("auto", cpu) is torch.bfloat16
 
 
+def test_amp_fp16_is_for_gpus_and_refused_on_the_cpu():
+    from spikingformer.engine.precision import autocast_dtype
+
+    with pytest.raises(ValueError, match=r"--amp fp16 is for GPUs: on the CPU PyTorch emulates float16 .* --amp bf16 "):
+        autocast_dtype("fp16", torch.device("cpu"))
+    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16  # the device's type only: no GPU needed
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.float16
+
+
 def test_model_benchmark_skips_bf16_rows_on_an_emulating_cpu(monkeypatch, capsys):
     import argparse
 

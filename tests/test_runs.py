@@ -215,6 +215,14 @@ def test_a_resumed_run_takes_this_runs_schedule_and_says_what_changed(tmp_path, 
             in err and "--opt adamw" in err)
 
 
+def test_amp_is_named_as_the_option_names_it_and_fp16_on_the_cpu_is_refused(tmp_path, capsys):
+    assert train(tmp_path, "h", "--amp", "fp16") == 2
+    assert capsys.readouterr().err.strip().startswith("spikingformer train: error: --amp fp16 is for GPUs")
+    assert not (tmp_path / "h").exists()
+    assert train(tmp_path, "h", "--epochs", "1") == 0  # TINY trains with --amp off
+    assert ", amp=off, epochs 1..1 -> " in capsys.readouterr().out
+
+
 def test_a_diverging_run_ends_with_one_line_and_what_to_change(tmp_path, capsys):
     assert train(tmp_path, "d", "--epochs", "4", "--lr", "1e9") == 1
     err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage return

@@ -15,6 +15,10 @@ import torch
 from spikingformer.cpu_features import BF16_EMULATED, native_bf16
 
 
+# --amp's names of the autocast dtypes (None: full float32)
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on this device (None: full fp32).
 
@@ -26,6 +30,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if native_bf16() else None
+    if amp == "fp16" and device.type == "cpu":
+        raise ValueError("--amp fp16 is for GPUs: on the CPU PyTorch emulates float16 (the digits model trained about "
+                         "200x slower than in float32) and runs no gradient scaler; use --amp bf16 where the CPU has it "
+                         "natively (`spikingformer info` says) or --amp off")
     if amp == "bf16" and device.type == "cpu" and not native_bf16():
         warnings.warn(f"spikingformer: --amp bf16: {BF16_EMULATED} (--amp off is faster here)", RuntimeWarning, stacklevel=2)
     if amp in ("bf16", "fp16"):

@@ -33,7 +33,7 @@ from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
 from spikingformer.allocator import empty_cache
 from spikingformer.cpu_features import pin_threads
-from spikingformer.engine.precision import autocast_dtype, tf32_switches
+from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         else:
             print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
                   f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
-                  f"amp={amp_dtype or 'off'}, epochs {start_epoch + 1}..{total_epochs} -> {folder}")
+                  f"amp={AMP_NAMES[amp_dtype]}, epochs {start_epoch + 1}..{total_epochs} -> {folder}")
 
     metrics: dict = restored.metrics if restored is not None else {}
     meter = FiringRateMeter(model)
