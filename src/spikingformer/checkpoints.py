@@ -69,7 +69,7 @@ class TrainingState:
     metrics: dict  # the epoch's row of the metrics log
     best: dict  # {"top1", "top5", "epoch"} of the best evaluation so far ({"top1": -1.0, "epoch": -1}: none)
     optimizer: dict
-    scheduler: dict
+    scheduler: dict  # timm's scheduler state: read by earlier releases' resume; now rebuilt from the settings
     scaler: dict
     rng: dict
 
