@@ -68,6 +68,13 @@ BAD_RECIPES = {
     "zero_interval": ("run:\n  eval_interval: 0\n", "config key 'eval_interval' must be >= 1; got 0"),
     "list_name": ("run:\n  name: [a, b]\n", "config key 'name' expects str or NoneType, got ['a', 'b']"),
     "syntax": ("run: [\n", "cannot parse config"),
+    "misspelt_key": ("schedule:\n  epoch: 3\n", "unknown config key 'epoch' in section 'schedule'; did you mean 'epochs'? "
+                     "valid keys: sched, epochs,"),
+    "key_in_another_section": ("schedule:\n  lr: 0.001\n", "unknown config key 'lr' in section 'schedule'; 'lr' is a key of "
+                               "section 'optim' (in a recipe: indented under 'optim:'); valid keys: sched,"),
+    "flat_key": ("lr: 0.001\n", "unknown config section 'lr'; 'lr' is a key of section 'optim' (in a recipe: indented "
+                 "under 'optim:'); valid sections: model, data, optim"),
+    "misspelt_section": ("optimizer:\n  lr: 0.001\n", "unknown config section 'optimizer'; did you mean 'optim'? valid sections:"),
 }
 
 

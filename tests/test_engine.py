@@ -153,7 +153,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
 
 
 def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="unknown config key 'epoch' ; valid keys: .*epochs"):
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'; did you mean 'epochs'\\? valid keys: .*epochs"):
         load_config("digits", {"epoch": 3})
     with pytest.raises(ConfigError, match="unknown recipe 'cifar11'; did you mean 'cifar10'.* bundled recipes: cifar10, cifar100"):
         load_config("cifar11")

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import re
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from spikingformer.suggest import unknown_name
+from spikingformer.suggest import did_you_mean, unknown_name
 
 
 def option(default: Any, help: str, group: str | None = None, synonyms: tuple[str, ...] = (),
@@ -157,7 +158,8 @@ class TrainConfig:
         name = values.pop("config_name", "custom")
         unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section '{unknown[0]}'{_placed(unknown[0], None, SECTIONS)} valid sections: "
+                              f"{', '.join(SECTIONS)}")
         cfg = cls(config_name=name)
         for section, content in values.items():
             if content is not None and not isinstance(content, dict):
@@ -177,9 +179,9 @@ class TrainConfig:
         owner = section or FIELD_SECTION.get(key)
         valid = FIELDS_BY_SECTION.get(owner, [])
         if owner is None or key not in valid:
-            where = f"in section '{section}' " if section else ""
+            where = f" in section '{section}'" if section else ""
             options = valid if section in FIELDS_BY_SECTION else sorted(FIELD_SECTION)
-            raise ConfigError(f"unknown config key '{key}' {where}; valid keys: {', '.join(options)}")
+            raise ConfigError(f"unknown config key '{key}'{where}{_placed(key, section, options)} valid keys: {', '.join(options)}")
         target = getattr(self, owner)
         setattr(target, key, _convert(value, _field_types(type(target))[key], key))
 
@@ -202,6 +204,16 @@ assert not set(ALIASES) & set(FIELD_SECTION), "a former name may not be a field'
 def current_names(values: dict[str, Any]) -> dict[str, Any]:
     """A recorded config section (a checkpoint's ``train_config``) with former key names renamed to today's."""
     return {ALIASES.get(key, key): value for key, value in values.items()}
+
+
+def _placed(name: str, section: str | None, choices: Iterable[str]) -> str:
+    """``"; 'lr' is a key of section 'optim';"`` where ``name`` is a key of another section (a recipe
+    nests each key under its section), else the closest of ``choices`` (``"; did you mean 'epochs'?"``),
+    else ``";"``."""
+    owner = FIELD_SECTION.get(ALIASES.get(name, name))
+    if owner is not None and owner != section:
+        return f"; '{name}' is a key of section '{owner}' (in a recipe: indented under '{owner}:');"
+    return did_you_mean(name, choices) or ";"
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
