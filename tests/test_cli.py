@@ -182,6 +182,24 @@ def test_a_count_out_of_range_is_an_argument_error(capsys, args, message):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"spikingformer {args[0]}: error: {message}"
 
 
+def test_models_with_a_pattern_that_matches_nothing_says_so(capsys):
+    assert main(["models", "spikingformer_cifar10_4_38"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikingformer models: error: no zoo model matches 'spikingformer_cifar10_4_38'; did you mean "
+                          "'spikingformer_cifar10_4_384'")
+    assert main(["models", "spikingformer_digits"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("spikingformer_digits ")
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    # `spikingformer models | head -1`: the pipe closes before the command writes; no BrokenPipeError traceback
+    proc = subprocess.Popen([sys.executable, "-m", "spikingformer", "models", "spikingformer_digits"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and err == "", err
+
+
 @pytest.mark.parametrize("args, hint", [
     (["train", "--epoch", "1"], "did you mean --epochs?"),
     (["train", "--learning-rate", "3e-3"], "did you mean --lr?"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -141,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a reader that left is seen below, not at exit
+        return status
+    except BrokenPipeError:  # the output's reader left (`spikingformer models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no flush error at exit
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as err:
         # errors a user can cause carry a message naming the problem and the fix
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ import dataclasses
 
 from spikingformer.cli import at_least
 from spikingformer.config import SECTIONS, load_config, recipe_names
+from spikingformer.suggest import did_you_mean
 
 # `train --help` groups (key: title), in the order timm's train script shows them. A field goes to
 # the group named by its metadata (the data section's augmentation options), else to its section's
@@ -107,8 +108,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from spikingformer.models import ZOO, create_model, list_models
 
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no zoo model matches {args.pattern!r}{did_you_mean(args.pattern, ZOO)} "
+                         "(`spikingformer models` lists them all)")
     print(f"{'model':34s} {'params':>12s}  {'T':>3s}  {'input':>11s}  classes")
-    for name in list_models(args.pattern):
+    for name in names:
         cfg = ZOO[name]
         n = sum(p.numel() for p in create_model(name).parameters())
         size = f"{cfg['in_channels']}x{cfg['img_size']}x{cfg['img_size']}"
