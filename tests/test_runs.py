@@ -177,7 +177,7 @@ def test_each_epoch_logs_the_rate_it_trained_at(tmp_path, capsys, schedule, rate
 
 @pytest.mark.parametrize("at_epoch, said", [
     (2, "interrupted; {folder}/last.pt holds epoch 1: continue with --resume auto"),
-    (1, "interrupted; no epoch had finished, so nothing was saved"),
+    (1, "interrupted; no epoch had finished, so no checkpoint was written"),
 ])
 def test_ctrl_c_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatch, at_epoch, said):
     one_epoch = trainer._train_one_epoch

@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
 def _interrupted(folder: Path, saved: int) -> str:
     if saved < 0:
-        return "no epoch had finished, so nothing was saved"
+        return "no epoch had finished, so no checkpoint was written"
     return f"{folder / 'last.pt'} holds epoch {saved + 1}: continue with --resume auto"
 
 
