@@ -200,6 +200,20 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     assert proc.wait() == 1 and err == "", err
 
 
+@pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
+def test_ctrl_c_under_torchrun_is_said_once(capsys, monkeypatch, rank, said):
+    # the terminal interrupts every torchrun process; the first one speaks for all, each exits 130
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("spikingformer.engine.commands.run_models", interrupted)
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == ("spikingformer models: interrupted\n" if said else "")
+
+
 @pytest.mark.parametrize("args, hint", [
     (["train", "--epoch", "1"], "did you mean --epochs?"),
     (["train", "--learning-rate", "3e-3"], "did you mean --lr?"),

@@ -215,6 +215,18 @@ def test_a_resumed_run_takes_this_runs_schedule_and_says_what_changed(tmp_path, 
             in err and "--opt adamw" in err)
 
 
+def test_a_resume_names_every_changed_setting_and_only_those(tmp_path, capsys):
+    assert train(tmp_path, "r", "--epochs", "1") == 0
+    capsys.readouterr()
+    assert train(tmp_path, "r", "--epochs", "1", "--resume", "auto") == 0  # unchanged: nothing to name
+    assert "resuming with changed" not in (out := capsys.readouterr().out) and "already finished its 1 epochs" in out
+    assert train(tmp_path, "r", "--epochs", "2", "--batch-size", "8", "--smoothing", "0", "--seed", "6",
+                 "--tensorboard", "true", "--resume", "auto") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resuming with changed settings"))
+    assert line == ("resuming with changed settings (the checkpoint's -> this run's): batch_size 16 -> 8, "
+                    "epochs 1 -> 2, smoothing 0.1 -> 0, seed 5 -> 6, tensorboard false -> true")
+
+
 def test_amp_is_named_as_the_option_names_it_and_fp16_on_the_cpu_is_refused(tmp_path, capsys):
     assert train(tmp_path, "h", "--amp", "fp16") == 2
     assert capsys.readouterr().err.strip().startswith("spikingformer train: error: --amp fp16 is for GPUs")

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C: no traceback; train says what it kept
-        print(f"spikingformer {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process is interrupted: one line for all
+            print(f"spikingformer {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
         return 130
 
 

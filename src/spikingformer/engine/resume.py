@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from spikingformer import checkpoints
-from spikingformer.config import TrainConfig
+from spikingformer.config import SECTIONS, TrainConfig
 from spikingformer.models import model_config
 
 
@@ -43,7 +44,7 @@ def resume_path(cfg: TrainConfig, folder: Path) -> str | None:
 
 def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[checkpoints.TrainingState, str | None]:
     """Load a ``last.pt`` into the run's objects; returns its training state (epoch, best, metrics) and
-    a line naming the optimizer and schedule settings this run changes (None: none changed).
+    a line naming the settings this run changes (None: none changed).
 
     The model, the optimizer's moments, the gradient scaler and the random generators continue as saved;
     the optimizer's settings and the learning-rate schedule are this run's (as timm's resume gives them):
@@ -67,12 +68,23 @@ def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) ->
 
 
 def _changed_settings(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> str | None:
-    """``"epochs 6 -> 8, lr 0.003 -> 0.0001"``: the optimizer and schedule settings that differ from the
-    checkpoint's run (settings it predates are not compared)."""
+    """``"batch_size 64 -> 32, lr 0.003 -> 0.0001, epochs 6 -> 8"``: the settings that differ from the
+    checkpoint's run, in every section (settings it predates, and --resume / --overwrite, are not compared)."""
     saved, now = ckpt.train_config or {}, cfg.to_dict()
-    changes = [f"{key} {saved[section][key]} -> {value}" for section in ("optim", "schedule")
-               for key, value in now[section].items() if key in saved.get(section, {}) and saved[section][key] != value]
+    changes = [f"{key} {_shown(saved[section][key])} -> {_shown(value)}" for section in SECTIONS
+               for key, value in now[section].items()
+               if key not in _NOT_SETTINGS and key in saved.get(section, {}) and saved[section][key] != value]
     return ", ".join(changes) or None
+
+
+_NOT_SETTINGS = {"resume", "overwrite"}  # how this command continues the run, not how the run trains
+
+
+def _shown(value) -> str:
+    """A setting as a recipe writes it (``{time_steps: 2}``, ``[1.0, 1.0]``, ``true``), numbers as the epoch lines."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
 def _check_optimizer(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> None:
