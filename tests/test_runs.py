@@ -147,6 +147,21 @@ def test_the_header_counts_epochs_as_the_epoch_lines_do(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epochs 2..3 -> " in out and "epoch 2/3  loss" in out and "epoch 3/3  loss" in out
     assert [r["epoch"] for r in rows(tmp_path / "c")] == [0, 1, 2]
+    # cooldown epochs run after --epochs (as timm's): the header says where the extra epochs come from
+    assert train(tmp_path, "cool", "--epochs", "1", "--cooldown-epochs", "1") == 0
+    out = capsys.readouterr().out
+    assert "epochs 1..2 (1 + 1 of cooldown at --min-lr) -> " in out and "epoch 2/2  loss" in out
+
+
+def test_more_workers_than_cpus_load_with_one_per_cpu_and_say_so(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert train(tmp_path, "w", "--epochs", "1", "--workers", "3") == 0
+    said = [str(w.message) for w in recwarn if "worker" in str(w.message)]
+    assert said == ["spikingformer: --workers 3 exceeds the 1 CPU(s) this process may use; loading with 1"]
+    runtime = trainer.Runtime(torch.device("cpu"))
+    assert trainer.make_loader(list(range(8)), 4, True, runtime, 3, 0).num_workers == 1
+    assert trainer.make_loader(list(range(8)), 4, False, runtime, 1, 0).num_workers == 1
 
 
 def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, recwarn):

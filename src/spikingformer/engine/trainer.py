@@ -10,6 +10,7 @@ by accident (:mod:`spikingformer.engine.run_folder`).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 import warnings
@@ -70,11 +71,20 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
         sampler=sampler,
         shuffle=False,
         drop_last=train,
-        num_workers=workers,
+        num_workers=_workers(workers, runtime),
         collate_fn=collate,  # leaves out images a folder data set could not decode (warned, named)
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=workers > 0,
     )
+
+
+def _workers(requested: int, runtime: Runtime) -> int:
+    """``--workers``, at most the CPUs this process may use (where PyTorch warns of slowness or a freeze)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cpus and runtime.is_main:
+        warnings.warn(f"spikingformer: --workers {requested} exceeds the {cpus} CPU(s) this process may use; "
+                      f"loading with {cpus}", UserWarning, stacklevel=2)
+    return min(requested, cpus)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +358,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         else:
             print(f"training {cfg.model.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data.dataset}: "
                   f"{len(train_set)} train / {len(eval_set)} test samples, {runtime.world_size} process(es) on {runtime.device}, "
-                  f"amp={AMP_NAMES[amp_dtype]}, epochs {start_epoch + 1}..{total_epochs} -> {folder}")
+                  f"amp={AMP_NAMES[amp_dtype]}, epochs {start_epoch + 1}..{total_epochs}"
+                  f"{f' ({s.epochs} + {s.cooldown_epochs} of cooldown at --min-lr)' if s.cooldown_epochs else ''} -> {folder}")
 
     metrics: dict = restored.metrics if restored is not None else {}
     meter = FiringRateMeter(model)
