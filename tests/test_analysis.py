@@ -400,3 +400,37 @@ def test_cli_fuse(tmp_path, digits_pair):
     assert all(torch.equal(v, expected[k]) for k, v in fused.state_dict().items())
     assert _run(["audit", "--checkpoint", str(out), "--dataset", "random", "--batches", "1", "--batch-size", "2"]) == 0
     assert _run(["fuse", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2
+
+
+def test_test_batches_are_read_one_at_a_time_on_every_pass():
+    # the analysis commands pass over their inputs two or three times; a whole split (ImageNet's: 30 GB)
+    # is never held: each pass reads the files again, and a batch is freed when the next one comes
+    import gc
+    import weakref
+
+    from spikingformer.analysis.inputs import TestBatches
+
+    reads: list[int] = []
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int):
+            reads.append(i)
+            return torch.full((1, 8, 8), float(i)), 0
+
+    batches = TestBatches(Images(), 16, None, "x")
+    assert (len(batches), batches.images, len(batches.first(2)), batches.first(2).images) == (3, 40, 2, 32)
+    assert len(TestBatches(Images(), 16, 9)) == 3 and len(batches.first(9)) == 3
+    held = []
+    for x in batches:
+        held.append(weakref.ref(x))
+        del x
+        gc.collect()
+        assert sum(ref() is not None for ref in held) <= 1
+    assert reads == list(range(40))
+    assert [x[:, 0, 0, 0].tolist() for x in batches.first(2)] == [list(range(16)), list(range(16, 32))]
+    assert reads == list(range(40)) + list(range(32))
+    with pytest.raises(ValueError, match="the x split gave no samples"):
+        TestBatches(torch.utils.data.TensorDataset(torch.zeros(0)), 4, None, "x")

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not to build th
     import torch
     from torch import nn
 
+    from spikingformer.analysis.inputs import TestBatches
     from spikingformer.checkpoints import Checkpoint
 
 
@@ -151,12 +152,12 @@ def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, mo
 class Inputs:
     """The analysed input batches and a description of them for the printout."""
 
-    batches: list[torch.Tensor]
+    batches: TestBatches  # read on every pass, never all in memory
     description: str  # e.g. "the whole digits test split"
 
     @property
     def images(self) -> int:
-        return sum(x.shape[0] for x in self.batches)
+        return self.batches.images
 
     def __str__(self) -> str:
         return f"{self.images} images: {self.description}"
@@ -164,12 +165,12 @@ class Inputs:
 
 def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
     """The inputs of ``--dataset`` (default: the checkpoint's training data set, else the model family's)."""
-    from spikingformer.analysis.inputs import RANDOM, dataset_batches, default_dataset, random_batches
+    from spikingformer.analysis.inputs import RANDOM, dataset_batches, default_dataset, synthetic_batches
 
     config = loaded.model.config
     if args.data == RANDOM:
-        n = args.batches or 2
-        return Inputs(random_batches(config, n, args.batch_size, args.seed), f"synthetic (--dataset random, seed {args.seed})")
+        batches = synthetic_batches(config, args.batches or 2, args.batch_size, args.seed)
+        return Inputs(batches, f"synthetic (--dataset random, seed {args.seed})")
     from spikingformer.checkpoints import FORMAT
     from spikingformer.engine.evaluation import data_section_for
 
@@ -192,7 +193,7 @@ def _prepare(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     return loaded, inputs
 
 
-def _calibrate_if_needed(loaded: LoadedModel, batches: list[torch.Tensor], n: int | None) -> None:
+def _calibrate_if_needed(loaded: LoadedModel, batches: TestBatches, n: int | None) -> None:
     from spikingformer.analysis.inputs import calibrate_batchnorm
     from spikingformer.deploy.fuse import is_fused
 
@@ -200,9 +201,9 @@ def _calibrate_if_needed(loaded: LoadedModel, batches: list[torch.Tensor], n: in
     if n > 0 and is_fused(loaded.model):
         raise ValueError("a fused model has no BatchNorm to calibrate; drop --calibrate-bn")
     if n > 0:
-        used = batches[:n]
+        used = batches.first(n)
         calibrate_batchnorm(loaded.model, used)
-        loaded.source += f", BatchNorm calibrated on {sum(x.shape[0] for x in used)} images"
+        loaded.source += f", BatchNorm calibrated on {used.images} images"
         print(f"note: {loaded.name}: BatchNorm statistics calibrated on {len(used)} input batch(es)"
               + ("" if loaded.trained else " (untrained weights)"))
 
@@ -273,7 +274,7 @@ def run_energy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_measured(report, model: nn.Module, batches: list[torch.Tensor]) -> None:
+def _attach_measured(report, model: nn.Module, batches: TestBatches) -> None:
     import torch
 
     from spikingformer.deploy.accumulate import run_accumulate

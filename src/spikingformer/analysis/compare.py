@@ -10,6 +10,7 @@ its weights were trained, and warns when one is not.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,7 @@ def counterpart_name(name: str) -> str:
 
 def compare_models(
     models: tuple[nn.Module, nn.Module],
-    batches: list[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     names: tuple[str, str] = ("spikingformer", "spikformer"),
     integer_inputs: str = "ac_count",
     sources: tuple[str, str] = ("", ""),

@@ -8,6 +8,9 @@ and frame) for event models. ``dataset_batches`` reads a data set of
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -36,25 +39,60 @@ def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list
     return [torch.randn(shape, generator=g) for _ in range(batches)]
 
 
-def dataset_batches(config, section, batches: int | None, batch_size: int) -> list[torch.Tensor]:
+class TestBatches:
+    """The first ``count`` batches of a data set's test split (or of synthetic inputs), in order, read again on every pass.
+
+    The analysis commands go over their inputs two or three times (BatchNorm calibration, recording,
+    the accumulate-only run); holding a whole split in memory instead would take 30 GB for
+    ImageNet's 50,000 images at 224 x 224. Each pass shows a progress bar on standard error.
+    """
+
+    def __init__(self, data: torch.utils.data.Dataset, batch_size: int, count: int | None = None, name: str = "test") -> None:
+        if len(data) == 0:
+            raise ValueError(f"the {name} split gave no samples")
+        whole = -(-len(data) // batch_size)
+        self.data, self.batch_size, self.name = data, batch_size, name
+        self.count = whole if count is None else min(count, whole)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def images(self) -> int:
+        """How many images the batches hold (an image a folder could not decode is left out, and warned about)."""
+        return min(len(self.data), self.count * self.batch_size)
+
+    def first(self, count: int) -> "TestBatches":
+        return TestBatches(self.data, self.batch_size, min(count, self.count), self.name)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        from tqdm import tqdm
+
+        from spikingformer.data import collate
+
+        loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        with tqdm(total=self.count, desc=self.name, unit="batch", leave=False, file=sys.stderr) as bar:
+            for _, (x, _labels) in zip(range(self.count), loader):
+                yield x.float()
+                bar.update()
+
+
+def synthetic_batches(config, batches: int, batch_size: int, seed: int = 0) -> TestBatches:
+    """:func:`random_batches` as :class:`TestBatches` (the same tensors, batch for batch)."""
+    x = torch.cat(random_batches(config, batches, batch_size, seed))
+    return TestBatches(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size, batches, "synthetic inputs")
+
+
+def dataset_batches(config, section, batches: int | None, batch_size: int) -> TestBatches:
     """The first ``batches`` batches (``None``: all) of a data set's test split (``section``: a
     :class:`~spikingformer.config.DataSection`), shaped for the model."""
-    from spikingformer.data import build_dataset, collate
+    from spikingformer.data import build_dataset
 
-    data = build_dataset(section, config.img_size, train=False)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    out: list[torch.Tensor] = []
-    for x, _ in loader:
-        out.append(x.float())
-        if len(out) == batches:
-            break
-    if not out:
-        raise ValueError(f"dataset '{section.dataset}' gave no samples")
-    return out
+    return TestBatches(build_dataset(section, config.img_size, train=False), batch_size, batches, f"{section.dataset} test split")
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     """Set every BatchNorm's running statistics to the exact average over ``batches`` (train-mode
     forward passes, no gradient, no weight change), then return the model in eval mode.
 
