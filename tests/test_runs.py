@@ -153,6 +153,16 @@ def test_the_header_counts_epochs_as_the_epoch_lines_do(tmp_path, capsys):
     assert "epochs 1..2 (1 + 1 of cooldown at --min-lr) -> " in out and "epoch 2/2  loss" in out
 
 
+def test_evaluation_shows_its_progress_as_training_does(tmp_path, capsys):
+    # an ImageNet test split on a CPU takes hours: the evaluation after each epoch and `eval` show a bar
+    assert train(tmp_path, "e", "--epochs", "1") == 0
+    assert re.search(r"^test: +\d+%\|.*\| \d/1 \[", capsys.readouterr().err.replace("\r", "\n"), re.M)
+    assert main(["eval", "--checkpoint", str(tmp_path / "e" / "best.pt"), "--batch-size", "10"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^test: +\d+%\|.*\| \d+/36 \[", captured.err.replace("\r", "\n"), re.M)
+    assert "test: " not in captured.out
+
+
 def test_more_workers_than_cpus_load_with_one_per_cpu_and_say_so(tmp_path, monkeypatch, recwarn):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)

@@ -139,19 +139,23 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: torch.dtype | None) -> dict:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over the whole loader, summed across processes."""
+    """Top-1 / top-5 accuracy (%) and cross-entropy over the whole loader, summed across processes
+    (a progress bar on standard error while it runs)."""
+    from tqdm import tqdm
+
     model.eval()
     meter = FiringRateMeter(model)
     sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, count
-    for step, (images, target) in enumerate(loader):
-        check_batch(images, loader, step)
-        images = images.to(runtime.device, non_blocking=True)
-        target = target.to(runtime.device, non_blocking=True)
-        with _autocast(runtime.device, amp_dtype):
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
-        top1, top5 = topk_correct(logits, target)
-        sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64, device=runtime.device)
+    with tqdm(loader, desc="test", unit="batch", disable=not runtime.is_main, leave=False, dynamic_ncols=True) as bar:
+        for step, (images, target) in enumerate(bar):
+            check_batch(images, loader, step)
+            images = images.to(runtime.device, non_blocking=True)
+            target = target.to(runtime.device, non_blocking=True)
+            with _autocast(runtime.device, amp_dtype):
+                logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+            top1, top5 = topk_correct(logits, target)
+            sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64, device=runtime.device)
     rate = meter.pop()
     meter.close()
     sums = all_reduce_sum(sums, runtime)
