@@ -255,3 +255,22 @@ def test_pyproject_asks_for_the_oldest_release_the_package_accepts():
         pytest.skip("no pyproject.toml above the package (an installed wheel, not a checkout)")
     text = pyproject.read_text()
     assert re.search(r'"torch>=(\d+)\.(\d+)"', text).groups() == tuple(map(str, torch_release.OLDEST))
+
+
+def test_every_data_file_of_the_package_ships_in_its_wheel():
+    # a non-editable install (`pip install .`, a wheel) carries only .py files and the package-data
+    # globs; a file they miss (a new recipe, a C++ header the kernels include) is absent there alone
+    import fnmatch
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11 and later")
+    pyproject = PACKAGE.parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("the package is not imported from a source checkout (no pyproject.toml beside src/)")
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["spikingformer"]
+    data = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert len(data) >= 16, data  # the recipes and the kernels' sources
+    missed = [f for f in data if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not missed, f"not in [tool.setuptools.package-data]: {missed}"
