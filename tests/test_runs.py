@@ -252,6 +252,19 @@ def test_a_resume_names_every_changed_setting_and_only_those(tmp_path, capsys):
                     "epochs 1 -> 2, smoothing 0.1 -> 0, seed 5 -> 6, tensorboard false -> true")
 
 
+def test_resume_auto_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, capsys):
+    # `--resume auto` restarts a job with one command, so it starts a run where none is; but a user who
+    # left out --config or --name meant another folder: the line names the runs beside it
+    assert train(tmp_path, "a", "--epochs", "1", "--resume", "auto") == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"--resume auto: {tmp_path / 'a'} holds no last.pt, so this is a new run"
+    assert train(tmp_path, "b", "--epochs", "1", "--resume", "auto") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"--resume auto: {tmp_path / 'b'} holds no last.pt, so this is a new run; to continue another run in "
+        f"{tmp_path} (a), name it with --name (and give its recipe's --config)")
+    assert train(tmp_path, "a", "--epochs", "2", "--resume", "auto") == 0
+    assert "holds no last.pt" not in capsys.readouterr().out
+
+
 def test_amp_is_named_as_the_option_names_it_and_fp16_on_the_cpu_is_refused(tmp_path, capsys):
     assert train(tmp_path, "h", "--amp", "fp16") == 2
     assert capsys.readouterr().err.strip().startswith("spikingformer train: error: --amp fp16 is for GPUs")

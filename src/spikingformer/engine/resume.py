@@ -42,6 +42,20 @@ def resume_path(cfg: TrainConfig, folder: Path) -> str | None:
     return cfg.run.resume
 
 
+def fresh_start_note(cfg: TrainConfig, folder: Path) -> str | None:
+    """What ``--resume auto`` says where the run folder holds no ``last.pt``: a new run starts (as a job
+    that restarts itself with one command wants), and the runs beside it that the user may have meant."""
+    if cfg.run.resume != "auto" or (folder / "last.pt").exists():
+        return None
+    note = f"--resume auto: {folder} holds no last.pt, so this is a new run"
+    others = sorted(p.parent.name for p in folder.parent.glob("*/last.pt") if p.parent.name != folder.name)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        note += (f"; to continue another run in {folder.parent} ({shown}), name it with --name "
+                 "(and give its recipe's --config)")
+    return note
+
+
 def restore(path: str, cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[checkpoints.TrainingState, str | None]:
     """Load a ``last.pt`` into the run's objects; returns its training state (epoch, best, metrics) and
     a line naming the settings this run changes (None: none changed).

@@ -28,7 +28,7 @@ from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset, check_batch, collate
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
-from spikingformer.engine.resume import restore, resume_path, rng_state
+from spikingformer.engine.resume import fresh_start_note, restore, resume_path, rng_state
 from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.neuron import MultiStepLIF
@@ -356,6 +356,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 print(note)
             if changed:
                 print(f"resuming with changed settings (the checkpoint's -> this run's): {changed}")
+        elif note := fresh_start_note(cfg, folder):
+            print(note)
         if start_epoch >= total_epochs:
             print(f"{folder}: this run already finished its {total_epochs} epochs; its recorded final metrics follow "
                   "(to train longer, raise --epochs with --resume auto)")
