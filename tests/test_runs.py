@@ -265,6 +265,19 @@ def test_resume_auto_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, cap
     assert "holds no last.pt" not in capsys.readouterr().out
 
 
+def test_a_resume_with_another_model_names_the_runs_own_configuration(tmp_path, capsys):
+    assert train(tmp_path, "m", "--epochs", "1") == 0
+    capsys.readouterr()
+    own = tmp_path / "m" / "config.yaml"
+    assert main(["train", "--output", str(tmp_path), "--name", "m", "--epochs", "2", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "it holds a different model" in err and f"(or all of the run's own settings: --config {own} --resume auto)" in err
+    # and that command continues the run with everything it was started with
+    assert main(["train", "--config", str(own), "--epochs", "2", "--resume", "auto"]) == 0
+    assert "resuming with changed settings (the checkpoint's -> this run's): epochs 1 -> 2" in capsys.readouterr().out
+    assert [r["epoch"] for r in rows(tmp_path / "m")] == [0, 1]
+
+
 def test_amp_is_named_as_the_option_names_it_and_fp16_on_the_cpu_is_refused(tmp_path, capsys):
     assert train(tmp_path, "h", "--amp", "fp16") == 2
     assert capsys.readouterr().err.strip().startswith("spikingformer train: error: --amp fp16 is for GPUs")

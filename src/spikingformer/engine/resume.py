@@ -113,7 +113,9 @@ def _check_resume_config(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> None
     saved, mine = ckpt.model_config, model_config(cfg.model.model, **cfg.model.model_args).to_dict()
     if saved != mine:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        own = Path(ckpt.where).parent / "config.yaml"  # the run's whole configuration, written beside it
+        same = f" (or all of the run's own settings: --config {own} --resume {cfg.run.resume})" if own.exists() else ""
         raise ValueError(
             f"cannot resume from {ckpt.where}: it holds a different model ({ckpt.model_name}; differing fields "
-            f"(checkpoint, now): {diff}). Use the same --model/--model-args or start a new run with --name"
+            f"(checkpoint, now): {diff}). Use the same --model/--model-args{same} or start a new run with --name"
         )
