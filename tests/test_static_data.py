@@ -77,6 +77,31 @@ def test_cifar_pickle_layout(tmp_path, monkeypatch):
     assert len(train) == 100 and train[0][0].shape == (3, 32, 32)
 
 
+def test_damaged_cifar_pickles_name_each_file_and_download_is_not_offered(tmp_path):
+    # torchvision says "Dataset not found or corrupted. You can use download=True": nothing downloads here
+    write_cifar_pickles(tmp_path)  # synthetic batches: every MD5 differs from the originals'
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").unlink()
+    with pytest.raises(ValueError) as err:
+        build_dataset(DataSection(dataset="cifar10", data_dir=str(tmp_path)), 32, train=False)
+    assert str(err.value) == (
+        f"cifar10 in {tmp_path / 'cifar-10-batches-py'} is incomplete or damaged: data_batch_1 damaged (its MD5 "
+        "differs), data_batch_2 damaged (its MD5 differs), data_batch_3 damaged (its MD5 differs), data_batch_4 "
+        "damaged (its MD5 differs), data_batch_5 missing, test_batch damaged (its MD5 differs), batches.meta damaged "
+        "(its MD5 differs); unpack cifar-10-python.tar.gz there again (nothing is downloaded)")
+
+
+@pytest.mark.parametrize("layout, said", [
+    (["train/cat", "test/cat"], "{root}/train: Found no valid file for the classes cat."),
+    (["train", "test"], "{root}/train: Couldn't find any class folder in {root}/train."),
+])
+def test_an_image_folder_without_images_names_the_folder(tmp_path, layout, said):
+    for folder in layout:
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset(DataSection(dataset="cifar10", data_dir=str(tmp_path)), 32, train=True)
+    assert str(err.value).startswith(said.format(root=tmp_path))
+
+
 def test_cifar_folder_layout_on_the_real_copy():
     root = require(DATA / "cifar10")
     cfg = DataSection(dataset="cifar10", data_dir=str(root), mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])

@@ -98,6 +98,12 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     out of the batch (evaluation then counts one image less, shown in its ``samples``).
     """
 
+    def __init__(self, root: str, **kwargs) -> None:
+        try:
+            super().__init__(root, **kwargs)
+        except FileNotFoundError as err:  # a class folder without images, or none at all
+            raise FileNotFoundError(f"{root}: {err}") from None
+
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
@@ -132,7 +138,10 @@ def cifar(name: str, root: str | Path, train: bool, transform) -> Dataset:
     if root.name == pickle_dir:
         root = root.parent
     if (root / pickle_dir).is_dir():
-        ds = cls(str(root), train=train, transform=transform, download=False)
+        try:
+            ds = cls(str(root), train=train, transform=transform, download=False)
+        except RuntimeError:  # torchvision's "not found or corrupted. You can use download=True"
+            raise ValueError(_damaged_pickles(name, cls, root / pickle_dir)) from None
         return _with_classes(ds, ds.classes)
     split = root / ("train" if train else "test")
     if split.is_dir():
@@ -144,6 +153,17 @@ def cifar(name: str, root: str | Path, train: bool, transform) -> Dataset:
     raise _layout_error(
         name, root, f"{root}/{pickle_dir}/ (torchvision's python version) or {root}/train/<class>/*.png and {root}/test/<class>/*.png"
     )
+
+
+def _damaged_pickles(name: str, cls, folder: Path) -> str:
+    """Which of torchvision's CIFAR files in ``folder`` are missing or fail their MD5 check."""
+    from torchvision.datasets.utils import check_integrity
+
+    files = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+    problems = [f"{file} missing" if not (folder / file).is_file() else f"{file} damaged (its MD5 differs)"
+                for file, md5 in files if not check_integrity(str(folder / file), md5)]
+    return (f"{name} in {folder} is incomplete or damaged: {', '.join(problems) or 'unreadable'}; unpack "
+            f"{cls.filename} there again (nothing is downloaded)")
 
 
 def imagenet(root: str | Path, train: bool, transform) -> Dataset:
