@@ -118,6 +118,12 @@ def test_fuse_keeps_the_data_record_and_writes_beside_its_source(tmp_path, capsy
     again = evaluate_checkpoint(run / "best-fused.pt", device="cpu")
     assert abs(plain["top1"] - again["top1"]) <= 3 * 100 / 360
     assert model.config == model_from_checkpoint(run / "best-fused.pt").config
+    # a fused checkpoint has nothing left to fold: said, and no second copy written
+    capsys.readouterr()
+    assert main(["fuse", "--checkpoint", str(run / "best-fused.pt")]) == 2
+    assert one_line_error(capsys) == (f"spikingformer fuse: error: {run / 'best-fused.pt'} is already fused (it has no "
+                                      "BatchNorm left to fold); use it as it is")
+    assert not (run / "best-fused-fused.pt").exists()
 
 
 def test_export_safetensors_reads_back_to_the_same_logits(tmp_path, capsys):

@@ -349,7 +349,7 @@ def run_fuse(args: argparse.Namespace) -> int:
 
     from spikingformer import checkpoints
     from spikingformer.analysis.inputs import random_batches
-    from spikingformer.deploy.fuse import fuse_model
+    from spikingformer.deploy.fuse import fuse_model, is_fused
     from spikingformer.models import model_from_checkpoint
 
     output = Path(args.output) if args.output is not None else checkpoints.beside(args.checkpoint, "-fused.pt")
@@ -358,6 +358,8 @@ def run_fuse(args: argparse.Namespace) -> int:
                          "state a resumed training needs. Choose another --output (default: <name>-fused.pt beside it)")
     ckpt = checkpoints.read(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.model).eval()
+    if is_fused(model):
+        raise ValueError(f"{args.checkpoint} is already fused (it has no BatchNorm left to fold); use it as it is")
     name = args.model or ckpt.model_name
     fused = fuse_model(model)
     checkpoints.save_fused(fused, output, name, ckpt.train_config)
