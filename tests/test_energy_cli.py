@@ -163,3 +163,19 @@ def test_one_image_batches_of_static_models():
         together = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(alone, together, rtol=0, atol=1e-12)
+
+
+def test_the_energy_line_after_training_names_the_images_its_rates_come_from(tmp_path, capsys):
+    # training ends with the energy of two test batches (not the whole split): the line says how many images
+    from spikingformer.config import load_config
+    from spikingformer.engine.commands import _print_energy
+
+    model = _native_checkpoint(tmp_path / "c.pt", "spikingformer_digits", 3)
+    cfg = load_config("digits", {"eval_batch_size": 100})
+    _print_energy(str(tmp_path / "c.pt"), cfg)
+    line = capsys.readouterr().out.strip()
+    batches = dataset_batches(model.config, cfg.data, 2, 100)
+    assert batches.images == 200
+    report = energy_from_record(record_activity(model, batches))
+    assert line == (f"theoretical energy per image: {report.energy_mj:.3g} mJ  ({report.mac_g * 1e3:.3g} M MACs, "
+                    f"{report.ac_g * 1e3:.3g} M ACs; Eq. 19-20 with firing rates measured on 200 test images)")

@@ -89,8 +89,8 @@ def _print_energy(checkpoint: str, cfg) -> None:
     from spikingformer.analysis.energy import energy_report_for_checkpoint
 
     report = energy_report_for_checkpoint(checkpoint, cfg.data, batches=2)
-    print(f"theoretical energy per image: {report.energy_mj:.3g} mJ  "
-          f"({report.mac_g * 1e3:.3f} M MACs, {report.ac_g * 1e3:.3f} M ACs; Eq. 19-20 with firing rates measured on the test set)")
+    print(f"theoretical energy per image: {report.energy_mj:.3g} mJ  ({report.mac_g * 1e3:.3g} M MACs, "
+          f"{report.ac_g * 1e3:.3g} M ACs; Eq. 19-20 with firing rates measured on {report.images} test images)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
