@@ -61,7 +61,7 @@ def test_compare_checkpoint_uses_its_weights_on_the_whole_test_split(tmp_path, c
     assert result["sources"] == [f"trained weights from {a}", f"trained weights from {b}"]
     # the same numbers as recording each checkpoint's weights directly on all 360 test images
     batches = dataset_batches(model_a.config, DataSection(dataset="digits"), None, 16)  # the command's batches
-    assert sum(x.shape[0] for x in batches) == DIGITS_TEST_IMAGES
+    assert batches.images == sum(x.shape[0] for x in batches) == DIGITS_TEST_IMAGES
     expected = [_energy_mj(model_a, batches), _energy_mj(model_b, batches)]
     got = [t["energy_mj"] for t in result["totals"]]
     assert got == pytest.approx(expected, rel=1e-9)
@@ -74,7 +74,7 @@ def test_compare_checkpoint_uses_its_weights_on_the_whole_test_split(tmp_path, c
     result = json.loads((out / "comparison.json").read_text())
     assert result["trained"] == [True, False] and result["images"] == 32
     assert result["sources"][1] == "untrained: random weights (seed 0), BatchNorm calibrated on 32 images"
-    assert result["totals"][1]["energy_mj"] != pytest.approx(_energy_mj(model_b, batches[:2]), rel=1e-3)
+    assert result["totals"][1]["energy_mj"] != pytest.approx(_energy_mj(model_b, batches.first(2)), rel=1e-3)
 
 
 def test_compare_needs_a_counterpart_or_a_checkpoint(tmp_path, capsys):
