@@ -191,6 +191,16 @@ def test_models_with_a_pattern_that_matches_nothing_says_so(capsys):
     assert capsys.readouterr().out.splitlines()[1].startswith("spikingformer_digits ")
 
 
+def test_models_prints_the_papers_parameter_counts(capsys):
+    # counted on PyTorch's meta device (no weights allocated); the paper's Table 1/3 figures, our exact counts
+    assert main(["models", "spikingformer_8_768"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["spikingformer_8_768", "66,338,632"]
+    assert main(["models", "spikingformer_cifar10_*"]) == 0
+    counts = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert counts == {"spikingformer_cifar10_2_384": "5,762,746", "spikingformer_cifar10_4_256": "4,152,106",
+                      "spikingformer_cifar10_4_384": "9,320,122"}
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
     # `spikingformer models | head -1`: the pipe closes before the command writes; no BrokenPipeError traceback
     proc = subprocess.Popen([sys.executable, "-m", "spikingformer", "models", "spikingformer_digits"],

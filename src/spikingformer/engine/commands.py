@@ -106,6 +106,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    import torch
+
     from spikingformer.models import ZOO, create_model, list_models
 
     names = list_models(args.pattern)
@@ -115,7 +117,8 @@ def run_models(args: argparse.Namespace) -> int:
     print(f"{'model':34s} {'params':>12s}  {'T':>3s}  {'input':>11s}  classes")
     for name in names:
         cfg = ZOO[name]
-        n = sum(p.numel() for p in create_model(name).parameters())
+        with torch.device("meta"):  # shapes only: counted without allocating or initialising the weights
+            n = sum(p.numel() for p in create_model(name).parameters())
         size = f"{cfg['in_channels']}x{cfg['img_size']}x{cfg['img_size']}"
         print(f"{name:34s} {n:>12,d}  {cfg['time_steps']:>3d}  {size:>11s}  {cfg['num_classes']}")
     return 0
