@@ -278,6 +278,37 @@ def test_a_resume_with_another_model_names_the_runs_own_configuration(tmp_path, 
     assert [r["epoch"] for r in rows(tmp_path / "m")] == [0, 1]
 
 
+def test_a_run_starts_from_another_runs_weights_and_resumes_from_its_own(tmp_path, capsys):
+    assert train(tmp_path, "base", "--epochs", "1") == 0
+    base = tmp_path / "base" / "best.pt"
+    capsys.readouterr()
+    assert train(tmp_path, "ft", "--epochs", "1", "--initial-checkpoint", str(tmp_path / "base")) == 2
+    assert capsys.readouterr().err.strip().endswith("a folder; pass the checkpoint file in it (e.g. best.pt)")
+    assert not (tmp_path / "ft").exists()  # refused before anything was read or written
+    calls = []
+    import spikingformer.models.initial as initial
+
+    load = initial.load_initial_weights
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(initial, "load_initial_weights", lambda model, path: calls.append(path) or load(model, path))
+        assert train(tmp_path, "ft", "--epochs", "1", "--initial-checkpoint", str(base)) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"initial weights from {base}"
+        # its first epoch started from base's weights: steps at lr 1e-12 leave them within 1e-9 of them
+        assert train(tmp_path, "still", "--epochs", "1", "--initial-checkpoint", str(base), "--lr", "1e-12",
+                     "--min-lr", "1e-12", "--weight-decay", "0") == 0
+        mine = checkpoints.load_checkpoint(tmp_path / "still" / "last.pt")["model"]
+        theirs = checkpoints.load_checkpoint(base)["model"]
+        weights = [k for k in theirs if "running" not in k and "num_batches" not in k]
+        assert len(weights) > 20 and all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-9) for k in weights)
+        assert not all(torch.equal(mine[k], theirs[k]) for k in weights)  # they did train
+        capsys.readouterr()
+        # resumed, the run takes its own last.pt: the initial checkpoint is not read again, nor named as changed
+        assert train(tmp_path, "ft", "--epochs", "2", "--initial-checkpoint", str(base), "--resume", "auto") == 0
+        out = capsys.readouterr().out
+    assert calls == [str(base), str(base)]
+    assert "initial weights" not in out and "initial_checkpoint" not in out
+
+
 def test_amp_is_named_as_the_option_names_it_and_fp16_on_the_cpu_is_refused(tmp_path, capsys):
     assert train(tmp_path, "h", "--amp", "fp16") == 2
     assert capsys.readouterr().err.strip().startswith("spikingformer train: error: --amp fp16 is for GPUs")

@@ -47,6 +47,10 @@ class ModelSection:
     model: str = option("spikingformer_digits", "zoo model name (`spikingformer models` lists them)", synonyms=("arch",))
     model_args: dict = option({}, "overrides of the model's fields as a YAML mapping, e.g. \"{time_steps: 8, head: sn_fc_avgpool}\"")
     sync_bn: bool = option(False, "convert BatchNorm to SyncBatchNorm under torchrun")
+    initial_checkpoint: str | None = option(None, "start from these weights (a checkpoint or .safetensors export of this "
+                                            "project, or the authors'): fine-tuning; a head with another number of "
+                                            "classes starts afresh; not read when resuming",
+                                            synonyms=("pretrained_path", "finetune", "init_checkpoint"))
 
 
 @dataclass
@@ -326,7 +330,7 @@ _NUMBERS = ((lambda v: v is None or (len(v) > 0 and all(isinstance(x, (int, floa
 # Range (or allowed values) of every field; None: any value of the field's type is valid.
 RULES: dict[str, Any] = {
     # model (model and model_args are checked against the zoo and ModelConfig)
-    "model": None, "model_args": None, "sync_bn": None,
+    "model": None, "model_args": None, "sync_bn": None, "initial_checkpoint": None,
     # data
     "dataset": None, "data_dir": None, "batch_size": _at_least(1), "eval_batch_size": _at_least(1),
     "workers": _at_least(0), "aa": None, "reprob": _between(0, 1), "remode": ("const", "rand", "pixel"),
@@ -403,6 +407,10 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
     if cfg.schedule.sched == "rsqrt" and cfg.schedule.warmup_epochs == 0:
         raise ConfigError("--sched rsqrt decays as 1 / sqrt(epoch / --warmup-epochs) after its warm-up: it needs "
                           "--warmup-epochs 1 or more")
+    start = cfg.model.initial_checkpoint
+    if training and start and not Path(start).is_file():
+        raise ConfigError(f"--initial-checkpoint {start}: " + ("a folder; pass the checkpoint file in it (e.g. best.pt)"
+                                                               if Path(start).is_dir() else "no such file"))
     if cfg.run.overwrite and cfg.run.resume is not None:
         raise ConfigError("--overwrite starts the run afresh and --resume continues one; pass only one of them")
     hints = get_type_hints(ModelConfig)

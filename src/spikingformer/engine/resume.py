@@ -91,7 +91,8 @@ def _changed_settings(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> str | N
     return ", ".join(changes) or None
 
 
-_NOT_SETTINGS = {"resume", "overwrite"}  # how this command continues the run, not how the run trains
+# how this command continues the run, not how the run trains (a resumed run's weights are its last.pt's)
+_NOT_SETTINGS = {"resume", "overwrite", "initial_checkpoint"}
 
 
 def _shown(value) -> str:

@@ -305,7 +305,14 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
     train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
     eval_set = build_dataset(cfg.data, model_cfg.img_size, train=False)
-    model = build_model(cfg, train_set.num_classes).to(runtime.device)
+    model = build_model(cfg, train_set.num_classes)
+    if cfg.model.initial_checkpoint and not resume_path(cfg, folder):  # a resumed run has its own weights
+        from spikingformer.models.initial import load_initial_weights
+
+        taken = load_initial_weights(model, cfg.model.initial_checkpoint)
+        if runtime.is_main:
+            print(taken)
+    model = model.to(runtime.device)
     if runtime.distributed and cfg.model.sync_bn:
         if runtime.device.type != "cuda":
             raise ValueError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); drop it for CPU runs")
