@@ -408,7 +408,7 @@ def test_test_batches_are_read_one_at_a_time_on_every_pass():
     import gc
     import weakref
 
-    from spikingformer.analysis.inputs import TestBatches
+    from spikingformer.analysis.inputs import InputBatches
 
     reads: list[int] = []
 
@@ -420,9 +420,9 @@ def test_test_batches_are_read_one_at_a_time_on_every_pass():
             reads.append(i)
             return torch.full((1, 8, 8), float(i)), 0
 
-    batches = TestBatches(Images(), 16, None, "x")
+    batches = InputBatches(Images(), 16, None, "x")
     assert (len(batches), batches.images, len(batches.first(2)), batches.first(2).images) == (3, 40, 2, 32)
-    assert len(TestBatches(Images(), 16, 9)) == 3 and len(batches.first(9)) == 3
+    assert len(InputBatches(Images(), 16, 9)) == 3 and len(batches.first(9)) == 3
     held = []
     for x in batches:
         held.append(weakref.ref(x))
@@ -433,4 +433,4 @@ def test_test_batches_are_read_one_at_a_time_on_every_pass():
     assert [x[:, 0, 0, 0].tolist() for x in batches.first(2)] == [list(range(16)), list(range(16, 32))]
     assert reads == list(range(40)) + list(range(32))
     with pytest.raises(ValueError, match="the x split gave no samples"):
-        TestBatches(torch.utils.data.TensorDataset(torch.zeros(0)), 4, None, "x")
+        InputBatches(torch.utils.data.TensorDataset(torch.zeros(0)), 4, None, "x")

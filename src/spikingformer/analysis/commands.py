@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not to build th
     import torch
     from torch import nn
 
-    from spikingformer.analysis.inputs import TestBatches
+    from spikingformer.analysis.inputs import InputBatches
     from spikingformer.checkpoints import Checkpoint
 
 
@@ -152,7 +152,7 @@ def load_model(model_name: str | None, checkpoint: str | None, seed: int = 0, mo
 class Inputs:
     """The analysed input batches and a description of them for the printout."""
 
-    batches: TestBatches  # read on every pass, never all in memory
+    batches: InputBatches  # read on every pass, never all in memory
     description: str  # e.g. "the whole digits test split"
 
     @property
@@ -193,7 +193,7 @@ def _prepare(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     return loaded, inputs
 
 
-def _calibrate_if_needed(loaded: LoadedModel, batches: TestBatches, n: int | None) -> None:
+def _calibrate_if_needed(loaded: LoadedModel, batches: InputBatches, n: int | None) -> None:
     from spikingformer.analysis.inputs import calibrate_batchnorm
     from spikingformer.deploy.fuse import is_fused
 
@@ -274,7 +274,7 @@ def run_energy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_measured(report, model: nn.Module, batches: TestBatches) -> None:
+def _attach_measured(report, model: nn.Module, batches: InputBatches) -> None:
     import torch
 
     from spikingformer.deploy.accumulate import run_accumulate

@@ -39,8 +39,8 @@ def random_batches(config, batches: int, batch_size: int, seed: int = 0) -> list
     return [torch.randn(shape, generator=g) for _ in range(batches)]
 
 
-class TestBatches:
-    """The first ``count`` batches of a data set's test split (or of synthetic inputs), in order, read again on every pass.
+class InputBatches:
+    """The first ``count`` batches of a data set's test split (or of synthetic inputs), in order, read again on each pass.
 
     The analysis commands go over their inputs two or three times (BatchNorm calibration, recording,
     the accumulate-only run); holding a whole split in memory instead would take 30 GB for
@@ -62,8 +62,8 @@ class TestBatches:
         """How many images the batches hold (an image a folder could not decode is left out, and warned about)."""
         return min(len(self.data), self.count * self.batch_size)
 
-    def first(self, count: int) -> "TestBatches":
-        return TestBatches(self.data, self.batch_size, min(count, self.count), self.name)
+    def first(self, count: int) -> "InputBatches":
+        return InputBatches(self.data, self.batch_size, min(count, self.count), self.name)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         from tqdm import tqdm
@@ -77,18 +77,18 @@ class TestBatches:
                 bar.update()
 
 
-def synthetic_batches(config, batches: int, batch_size: int, seed: int = 0) -> TestBatches:
-    """:func:`random_batches` as :class:`TestBatches` (the same tensors, batch for batch)."""
+def synthetic_batches(config, batches: int, batch_size: int, seed: int = 0) -> InputBatches:
+    """:func:`random_batches` as :class:`InputBatches` (the same tensors, batch for batch)."""
     x = torch.cat(random_batches(config, batches, batch_size, seed))
-    return TestBatches(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size, batches, "synthetic inputs")
+    return InputBatches(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size, batches, "synthetic inputs")
 
 
-def dataset_batches(config, section, batches: int | None, batch_size: int) -> TestBatches:
+def dataset_batches(config, section, batches: int | None, batch_size: int) -> InputBatches:
     """The first ``batches`` batches (``None``: all) of a data set's test split (``section``: a
     :class:`~spikingformer.config.DataSection`), shaped for the model."""
     from spikingformer.data import build_dataset
 
-    return TestBatches(build_dataset(section, config.img_size, train=False), batch_size, batches, f"{section.dataset} test split")
+    return InputBatches(build_dataset(section, config.img_size, train=False), batch_size, batches, f"{section.dataset} test split")
 
 
 @torch.no_grad()
