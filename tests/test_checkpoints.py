@@ -227,3 +227,56 @@ def test_bare_state_dict_of_another_size_is_one_line(tmp_path, capsys):
     assert "tokenizer.stages.0.conv.weight (2, 1, 3, 3) vs (8, 1, 3, 3)" in message and "\n" not in message
     assert main(["eval", "--checkpoint", str(path), "--model", "spikingformer_digits", "--dataset", "digits"]) == 2
     assert "its weights do not match this model" in one_line_error(capsys)
+
+
+def _digits_scores(model: torch.nn.Module) -> tuple[float, float]:
+    """Top-1 (%) and mean cross-entropy of ``model`` on the digits test split, computed here in one batch."""
+    from spikingformer.config import DataSection
+    from spikingformer.data import build_dataset
+
+    data = build_dataset(DataSection(dataset="digits"), model.config.img_size, train=False)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        logits = model.eval()(x.to(next(model.parameters()).dtype)).double()
+    return 100 * float((logits.argmax(1) == y).double().mean()), float(torch.nn.functional.cross_entropy(logits, y))
+
+
+def _eval_scores(capsys, *argv: str) -> tuple[float, float]:
+    assert main(["eval", *argv, "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
+    return float(line.split("top-1 ")[1].split("%")[0]), float(line.split("loss ")[1].split()[0])
+
+
+def test_eval_at_other_time_steps_evaluates_the_model_at_them(tmp_path, capsys):
+    # `--time-steps` was read for event frames only: a static model kept its own T, silently
+    from spikingformer.analysis.inputs import calibrate_batchnorm, dataset_batches
+    from spikingformer.config import DataSection
+
+    model = training_checkpoint(tmp_path / "best.pt")
+    calibrate_batchnorm(model, dataset_batches(model.config, DataSection(dataset="digits"), 2, 64))  # so that it fires
+    state = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    checkpoints.save_atomic({**state, "model": model.state_dict()}, tmp_path / "best.pt")
+    expected = {}
+    for steps in (1, 2, 8):  # the checkpoint's own T is 2
+        at_steps = sf.create_model("spikingformer_digits", **{**SMALL, "time_steps": steps})
+        at_steps.load_state_dict(model.state_dict())
+        expected[steps] = _digits_scores(at_steps.double())
+    for steps in (1, 8):
+        top1, loss = _eval_scores(capsys, "--checkpoint", str(tmp_path / "best.pt"), "--time-steps", str(steps))
+        assert abs(top1 - expected[steps][0]) <= 2 * 100 / 360 and loss == pytest.approx(expected[steps][1], abs=1e-3)
+    assert abs(expected[1][1] - expected[2][1]) > 3e-3  # T changes what the model computes: ignoring it fails above
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--time-steps", "2", "--model-args", "{time_steps: 3}"]) == 2
+    assert "--time-steps 2 and --model-args time_steps 3 differ" in one_line_error(capsys)
+
+
+def test_eval_takes_model_args_for_weights_of_a_size_outside_the_zoo(tmp_path, capsys):
+    torch.manual_seed(3)
+    model = sf.create_model("spikingformer_digits", embed_dim=32)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "plain.pth.tar")  # no model description
+    argv = ["--checkpoint", str(tmp_path / "plain.pth.tar"), "--model", "spikingformer_digits", "--dataset", "digits"]
+    assert main(["eval", *argv]) == 2
+    assert "do not match this model" in one_line_error(capsys)
+    top1, loss = _eval_scores(capsys, *argv, "--model-args", "{embed_dim: 32}")
+    expected_top1, expected_loss = _digits_scores(model.double())
+    assert abs(top1 - expected_top1) <= 2 * 100 / 360 and loss == pytest.approx(expected_loss, abs=0.01)

@@ -104,6 +104,19 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return whole_number
 
 
+def yaml_mapping(text: str) -> dict:
+    """The argparse type of ``--model-args``: a YAML mapping, such as ``{embed_dim: 64, depth: 2}``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{embed_dim: 64, depth: 2}}', got {text!r}")
+    return value
+
+
 def build_parser() -> CommandParser:
     from spikingformer import __version__
 

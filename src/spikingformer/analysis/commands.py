@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spikingformer.cli import at_least
+from spikingformer.cli import at_least, yaml_mapping
 
 if TYPE_CHECKING:  # torch is imported by the commands that run, not to build the parser
     import torch
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not to build th
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", help="zoo model name (spikingformer.list_models())")
-    p.add_argument("--model-args", metavar="YAML", type=_model_args,
+    p.add_argument("--model-args", metavar="YAML", type=yaml_mapping,
                    help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
                         "authors' checkpoint of a size outside the zoo")
     p.add_argument("--checkpoint", metavar="PATH", help="weights: this project's checkpoint (plain or fused) or the authors' (with --model)")
@@ -55,19 +55,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of --dataset random and of untrained weights")
     p.add_argument("--output", dest="out", metavar="DIR", help="write JSON and PNG outputs into this folder")
     p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former name
-
-
-def _model_args(text: str) -> dict:
-    """``--model-args``: a YAML mapping of ModelConfig fields."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{embed_dim: 64, depth: 2}}', got {text!r}")
-    return value
 
 
 def register(subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from spikingformer.cli import at_least
+from spikingformer.cli import at_least, yaml_mapping
 from spikingformer.config import SECTIONS, load_config, recipe_names
 from spikingformer.suggest import did_you_mean
 
@@ -98,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
-        device=args.device, amp=args.amp, time_steps=args.time_steps, tf32=args.tf32,
+        device=args.device, amp=args.amp, time_steps=args.time_steps, tf32=args.tf32, model_args=args.model_args,
     )
     print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
           f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
@@ -141,12 +141,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint (this project's or the authors') and print top-1/top-5")
     e.add_argument("--checkpoint", required=True, metavar="PATH", help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
     e.add_argument("--model", default=None, metavar="NAME", help="zoo model name; required for the authors' checkpoints")
+    e.add_argument("--model-args", metavar="YAML", type=yaml_mapping, default=None,
+                   help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
+                        "authors' checkpoint of a size outside the zoo")
     e.add_argument("--dataset", dest="data", default=None, metavar="NAME",
                    help="data set name (default: the one the checkpoint was trained on)")
     e.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
     e.add_argument("--batch-size", type=at_least(1), default=64, metavar="B", help="images per batch (default: 64)")
-    e.add_argument("--time-steps", type=at_least(1), default=None, metavar="T", help="time steps of event data (default: the training run's)")
+    e.add_argument("--time-steps", type=at_least(1), default=None, metavar="T",
+                   help="evaluate at T time steps: static images repeated T times, events integrated into T frames "
+                        "(default: the training run's)")
     e.add_argument("--frames", type=at_least(1), dest="time_steps", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")

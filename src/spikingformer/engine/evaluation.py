@@ -35,16 +35,22 @@ def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | N
 
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
-                        time_steps: int | None = None, tf32: bool = False) -> dict:
+                        time_steps: int | None = None, tf32: bool = False, model_args: dict | None = None) -> dict:
     """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names.
 
-    ``tf32``: on NVIDIA GPUs, float32 products and convolutions on TF32 tensor cores (as training's
-    ``--tf32``); off, both in full float32."""
+    ``time_steps``: evaluate at T time steps (static images repeated T times, events integrated into T
+    frames) instead of the training run's. ``model_args``: overrides of the model's configuration
+    (an authors' checkpoint of a size outside the zoo). ``tf32``: on NVIDIA GPUs, float32 products and
+    convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32."""
+    overrides = dict(model_args or {})
+    if time_steps is not None:
+        if overrides.get("time_steps", time_steps) != time_steps:
+            raise ValueError(f"--time-steps {time_steps} and --model-args time_steps {overrides['time_steps']} differ; "
+                             "give the number of time steps once, with --time-steps")
+        overrides["time_steps"] = time_steps
     ckpt = checkpoints.read(path)
-    data = data_section_for(ckpt, dataset, data_dir, time_steps)
-    model = model_from_checkpoint(ckpt, model_name)
-    if data.time_steps is None:  # a checkpoint without a training configuration: the model's
-        data.time_steps = model.config.time_steps
+    model = model_from_checkpoint(ckpt, model_name, **overrides)
+    data = data_section_for(ckpt, dataset, data_dir, model.config.time_steps)
     runtime = setup(device)
     try:
         model = model.to(runtime.device)
