@@ -149,3 +149,30 @@ def test_frames_flag_is_read_as_time_steps_and_synonyms_are_suggested(capsys):
         build_parser().parse_args(["train", "--config", "digits_dvs", "--help"])
     shown = capsys.readouterr().out
     assert "--time-steps TIME_STEPS" in shown and "[digits_dvs recipe: 8]" in shown and "--frames" not in shown
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_no_bundled_recipe_sets_what_its_data_set_does_not_read(recipe):
+    from spikingformer.data import unread_settings
+
+    assert unread_settings(load_config(recipe).data) is None
+
+
+@pytest.mark.parametrize("recipe, overrides, said", [
+    ("digits_dvs", {"aa": "rand-m9-n1-mstd0.4-inc1", "reprob": 0.25, "cache_dir": "/tmp/x"},
+     "digits_dvs does not read --aa, --reprob (for cifar10, cifar100, imagenet) or --cache-dir (for nmnist, "
+     "cifar10_dvs, dvs128_gesture); they have no effect in this run"),
+    ("cifar10", {"augment": True},
+     "cifar10 does not read --augment (for digits, digits_dvs, nmnist, cifar10_dvs, dvs128_gesture, tonic:<Name>); "
+     "it has no effect in this run"),
+    ("cifar10", {"dataset": "digits"},  # the CIFAR recipe's image transform, for the digits
+     "digits does not read --aa, --reprob, --mean, --std (for cifar10, cifar100, imagenet); they "
+     "have no effect in this run"),
+    ("nmnist", {"split_by": "time", "cache_dir": "/tmp/x", "hflip": 0.0},
+     "nmnist does not read --hflip (for cifar10, cifar100, imagenet); it has no effect in this run"),
+])
+def test_settings_a_data_set_does_not_read_are_named(recipe, overrides, said):
+    # valid settings that cannot do what they say in this run: one warning line (the run goes on)
+    from spikingformer.data import unread_settings
+
+    assert unread_settings(load_config(recipe, overrides).data) == "spikingformer: " + said

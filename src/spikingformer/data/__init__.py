@@ -25,6 +25,34 @@ NEEDS_DIR = ("cifar10", "cifar100", "imagenet", "nmnist", "cifar10_dvs", "dvs128
 TONIC_PREFIX = "tonic:"  # tonic:<Name> is tonic.datasets.<Name> (data/tonic_source.py)
 
 
+_IMAGE_TRANSFORM = ("aa", "reprob", "remode", "hflip", "scale", "ratio", "interpolation", "crop_pct", "mean", "std")
+_EVENT_FILES = ("augment", "split_by", "cache_dir")
+READS = {  # the data settings each data set reads, beyond its name, folder, batch sizes, workers and time steps
+    "digits": ("augment",), "cifar10": _IMAGE_TRANSFORM, "cifar100": _IMAGE_TRANSFORM, "imagenet": _IMAGE_TRANSFORM,
+    "digits_dvs": ("augment", "split_by"), "nmnist": _EVENT_FILES, "cifar10_dvs": _EVENT_FILES,
+    "dvs128_gesture": _EVENT_FILES, TONIC_PREFIX: ("augment", "split_by"),
+}
+
+
+def unread_settings(data_cfg) -> str | None:
+    """A line naming the data settings given (different from their defaults) that ``data_cfg.dataset``
+    does not read, e.g. ``--aa`` for event data; ``None`` when there are none."""
+    from spikingformer.config import DataSection
+
+    name = data_cfg.dataset
+    reads = READS[TONIC_PREFIX if name.startswith(TONIC_PREFIX) else name]
+    default = DataSection()
+    unread = [k for k in dict.fromkeys(sum(READS.values(), ())) if k not in reads and getattr(data_cfg, k) != getattr(default, k)]
+    if not unread:
+        return None
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key in unread:
+        readers = tuple(n.replace(TONIC_PREFIX, "tonic:<Name>") for n, keys in READS.items() if key in keys)
+        groups.setdefault(readers, []).append(f"--{key.replace('_', '-')}")
+    parts = " or ".join(f"{', '.join(flags)} (for {', '.join(readers)})" for readers, flags in groups.items())
+    return f"spikingformer: {name} does not read {parts}; {'it has' if len(unread) == 1 else 'they have'} no effect in this run"
+
+
 def check_dataset_name(name: str) -> None:
     """A ``ValueError`` naming the closest valid names unless ``name`` is one of :data:`DATASETS`
     or ``tonic:<Name>``."""

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from spikingformer import checkpoints
 from spikingformer.checkpoints import TrainingState
 from spikingformer.config import TrainConfig, validate
-from spikingformer.data import build_dataset, check_batch, collate
+from spikingformer.data import build_dataset, check_batch, collate, unread_settings
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.engine.resume import fresh_start_note, restore, resume_path, rng_state
@@ -342,6 +342,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         start_epoch, best = restored.epoch + 1, restored.best
     else:
         scheduler.step(0)
+    if runtime.is_main and (unread := unread_settings(cfg.data)):
+        warnings.warn(unread, UserWarning, stacklevel=2)
     if runtime.is_main and s.warmup_epochs >= s.epochs:
         warnings.warn(f"spikingformer: --warmup-epochs {s.warmup_epochs} is not below --epochs {s.epochs}: the learning "
                       f"rate stays in its warm-up from {s.warmup_lr:g} and never reaches --lr {o.lr:g}; for a short "
