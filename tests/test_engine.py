@@ -197,7 +197,7 @@ def test_every_recipe_loads_with_valid_names():
 
 @pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("flags, on", [((), False), (("--tf32",), True)])
-def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, command, flags, on):
+def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, recwarn, command, flags, on):
     """``--tf32`` lets a GPU's float32 products and convolutions both use TF32 tensor cores while the
     run computes; without it both are full float32 (PyTorch's own default differs between the two).
     Afterwards the caller's switches are back: ``train`` and ``evaluate_checkpoint`` are library calls."""
@@ -217,7 +217,7 @@ def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, co
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not on, not on)
     if command == "train":
         monkeypatch.setattr(trainer, "build_dataset", stop)
-        args = ["train", "--output", str(tmp_path), *TINY]
+        args = ["train", "--output", str(tmp_path), *TINY, "--device", "cpu"]
     else:
         monkeypatch.setattr(evaluation, "evaluate", stop)
         weights = tmp_path / "weights.pt"
@@ -229,6 +229,10 @@ def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, co
             main([*args, *flags])
         assert seen == [(on, on)]
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not on, not on)
+        # on the CPU it does nothing, and says so once
+        said = [str(w.message) for w in recwarn if "--tf32" in str(w.message)]
+        assert said == (["spikingformer: --tf32 is for NVIDIA GPUs; on the cpu float32 products stay in full float32 "
+                         "(it has no effect in this run)"] if on else [])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 

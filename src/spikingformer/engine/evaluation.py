@@ -61,7 +61,7 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
                 "is this the right checkpoint for this data set?"
             )
         loader = make_loader(eval_set, batch_size, False, runtime, data.workers, 0)
-        with tf32_switches(tf32):
+        with tf32_switches(tf32, runtime.device):
             metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
     finally:
         teardown()

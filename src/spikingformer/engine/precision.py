@@ -52,9 +52,13 @@ def set_tf32(enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def tf32_switches(enabled: bool) -> Iterator[None]:
+def tf32_switches(enabled: bool, device: torch.device | None = None) -> Iterator[None]:
     """:func:`set_tf32` within the ``with`` block; the caller's switches again after it (training and
-    evaluation are library calls too, and must not change the precision of the process around them)."""
+    evaluation are library calls too, and must not change the precision of the process around them).
+    Asked for on another ``device`` than a GPU, it says in one warning that it does nothing there."""
+    if enabled and device is not None and device.type != "cuda":
+        warnings.warn(f"spikingformer: --tf32 is for NVIDIA GPUs; on the {device.type} float32 products stay in full "
+                      "float32 (it has no effect in this run)", UserWarning, stacklevel=3)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     set_tf32(enabled)
     try:

@@ -203,7 +203,7 @@ def train(cfg: TrainConfig) -> dict:
                 folder = run_folder(cfg)
                 held.enter_context(folders.locked(folder))
                 folders.prepare(folder, resume_path(cfg, folder), cfg.run.overwrite)
-            with tf32_switches(cfg.run.tf32):
+            with tf32_switches(cfg.run.tf32, runtime.device if runtime.is_main else None):
                 return _train(cfg, runtime)
         finally:
             teardown()
