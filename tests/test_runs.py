@@ -174,10 +174,14 @@ def test_more_workers_than_cpus_load_with_one_per_cpu_and_say_so(tmp_path, monke
     assert trainer.make_loader(list(range(8)), 4, False, runtime, 1, 0).num_workers == 1
 
 
-def test_a_setting_the_data_set_does_not_read_is_said_once(tmp_path, recwarn):
+def test_a_setting_without_effect_in_this_run_is_said_once(tmp_path, recwarn):
     assert train(tmp_path, "u", "--epochs", "1", "--aa", "rand-m9-n1-mstd0.4-inc1") == 0
     said = [str(w.message) for w in recwarn if "does not read" in str(w.message)]
     assert said == ["spikingformer: digits does not read --aa (for cifar10, cifar100, imagenet); it has no effect in this run"]
+    assert train(tmp_path, "s", "--epochs", "1", "--sync-bn", "true") == 0  # a world of one process
+    said = [str(w.message) for w in recwarn if "--sync-bn" in str(w.message)]
+    assert said == ["spikingformer: --sync-bn shares BatchNorm's statistics between torchrun's processes; this run "
+                    "has one process (it has no effect)"]
 
 
 def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, recwarn):

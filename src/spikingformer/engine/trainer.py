@@ -317,6 +317,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         if runtime.device.type != "cuda":
             raise ValueError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); drop it for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.model.sync_bn:
+        warnings.warn("spikingformer: --sync-bn shares BatchNorm's statistics between torchrun's processes; this run "
+                      "has one process (it has no effect)", UserWarning, stacklevel=2)
     net: nn.Module = model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
