@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -146,6 +147,16 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     loss_single, loss_ddp = metrics(single)[0]["train_loss"], metrics(ddp)[0]["train_loss"]
     assert loss_ddp == pytest.approx(loss_single, rel=0.03)
     assert metrics(ddp)[1]["train_loss"] < metrics(ddp)[0]["train_loss"]  # it learns
+    # evaluated by two processes: one line, the whole test split's figures, as one process gives them
+    one = subprocess.run([sys.executable, "-m", "spikingformer", "eval", "--checkpoint", str(ddp / "best.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "spikingformer", "eval", "--checkpoint",
+                          str(ddp / "best.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+    lines = one.stdout.splitlines(), two.stdout.splitlines()
+    assert len(lines[1]) == 1 and "(360 images)" in lines[1][0], two.stdout
+    rate = [float(x[0].split("firing rate ")[1]) for x in lines]
+    assert lines[1][0].split("loss")[0] == lines[0][0].split("loss")[0] and rate[1] == pytest.approx(rate[0], abs=2e-4)
     # the two-process run's checkpoint resumes in a single process (a different world size)
     resumed = train(tmp_path, "ddp", *args, "--batch-size", "64", "--epochs", "3", "--resume", "auto")
     assert [r["epoch"] for r in metrics(resumed)] == [0, 1, 2]
@@ -270,3 +281,25 @@ def test_the_trainers_optimizer_steps_every_parameter_as_the_plain_loop():
     for (name, p), q in zip(model.named_parameters(), twin_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
     assert type(built) is torch.optim.AdamW and sorted({g["weight_decay"] for g in built.param_groups}) == [0.0, 0.01]
+
+
+def test_the_firing_rate_is_each_layers_spikes_over_its_outputs_averaged_and_sums_across_processes():
+    """Hand counts: layer a fires 1 of 4 outputs then 3 of 4 (rate 0.5), layer b 2 of 8 (0.25): 0.375.
+    Two processes' counts summed give what one process counting everything gives."""
+    from spikingformer.engine.firing import FiringRateMeter, rate_of
+    from spikingformer.neuron import MultiStepLIF
+
+    model = torch.nn.Sequential(MultiStepLIF(), MultiStepLIF())
+    a, b = model[0], model[1]
+    meter = FiringRateMeter(model)
+    meter._hook(a, (), torch.tensor([1.0, 0, 0, 0]))
+    meter._hook(a, (), torch.tensor([1.0, 1, 1, 0]))
+    meter._hook(b, (), torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 1]))
+    counts = meter.take()
+    assert counts.tolist() == [[4.0, 8.0], [2.0, 8.0]] and rate_of(counts) == 0.375
+    meter._hook(a, (), torch.tensor([1.0, 0, 0, 0]))  # one process ...
+    first = meter.take()
+    meter._hook(a, (), torch.tensor([1.0, 1, 1, 0]))  # ... and another; layer b fired on neither
+    assert rate_of(first + meter.take()) == 0.5 and meter.take().sum() == 0
+    assert math.isnan(rate_of(meter.take()))
+    meter.close()

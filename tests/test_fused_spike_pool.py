@@ -387,7 +387,7 @@ def test_neuron_hooks_still_see_the_spikes():
 def test_training_meter_is_attached_only_when_asked():
     """The trainer's firing-rate meter hooks the neurons only between attach() and detach(), so the
     steps it does not log keep the fused route; while attached it measures the spikes."""
-    from spikingformer.engine.trainer import FiringRateMeter
+    from spikingformer.engine.firing import FiringRateMeter
 
     torch.manual_seed(0)
     model = create_model("spikingformer_cifar10dvs_2_256", depth=1, time_steps=2).eval()
@@ -399,12 +399,12 @@ def test_training_meter_is_attached_only_when_asked():
     with torch.inference_mode():
         model(x)
     rate = meter.pop()
-    assert 0.0 < rate < 1.0 and meter.calls == 0
+    assert 0.0 < rate < 1.0 and meter.counts is None
     meter.detach()
     assert not lif._forward_hooks
     with torch.inference_mode():
         model(x)
-    assert meter.calls == 0 and meter.total is None
+    assert meter.counts is None
     meter.close()
 
 

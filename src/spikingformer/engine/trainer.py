@@ -28,10 +28,10 @@ from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset, check_batch, collate, unread_settings
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
+from spikingformer.engine.firing import FiringRateMeter, rate_of
 from spikingformer.engine.resume import fresh_start_note, restore, resume_path, rng_state
 from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
-from spikingformer.neuron import MultiStepLIF
 from spikingformer.allocator import empty_cache
 from spikingformer.cpu_features import pin_threads
 from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
@@ -91,45 +91,6 @@ def _workers(requested: int, runtime: Runtime) -> int:
 # metrics
 
 
-class FiringRateMeter:
-    """Mean firing rate over all LIF layers (each layer's spikes/elements, averaged over layers).
-
-    It reads the spikes through forward hooks on the neurons, attached from construction until
-    :meth:`close` (or between :meth:`attach` and :meth:`detach`). A neuron with a hook makes the
-    tokenizer take its module calls instead of the fused SN -> max-pool kernel, which never holds
-    the spike map; training therefore attaches the meter only for the steps it logs.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.total = None
-        self.calls = 0
-        self.neurons = [m for m in model.modules() if isinstance(m, MultiStepLIF)]
-        self.handles = []
-        self.attach()
-
-    def attach(self) -> None:
-        if not self.handles:
-            self.handles = [m.register_forward_hook(self._hook) for m in self.neurons]
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _hook(self, module, inputs, output) -> None:
-        rate = output.detach().float().mean()
-        self.total = rate if self.total is None else self.total + rate
-        self.calls += 1
-
-    def pop(self) -> float:
-        value = float(self.total) / self.calls if self.calls else float("nan")
-        self.total, self.calls = None, 0
-        return value
-
-    def close(self) -> None:
-        self.detach()
-
-
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
     k_max = min(max(ks), logits.shape[1])
     pred = logits.topk(k_max, dim=1).indices
@@ -139,7 +100,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: torch.dtype | None) -> dict:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over the whole loader, summed across processes
+    """Top-1 / top-5 accuracy (%), cross-entropy and firing rate over the whole loader, summed across processes
     (a progress bar on standard error while it runs)."""
     from tqdm import tqdm
 
@@ -156,12 +117,12 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: 
             loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
             top1, top5 = topk_correct(logits, target)
             sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64, device=runtime.device)
-    rate = meter.pop()
+    counts = all_reduce_sum(meter.take().to(runtime.device), runtime)  # every process's spikes, as its sums
     meter.close()
     sums = all_reduce_sum(sums, runtime)
     n = max(float(sums[3]), 1.0)
     return {"top1": 100 * float(sums[1]) / n, "top5": 100 * float(sums[2]) / n, "loss": float(sums[0]) / n,
-            "firing_rate": rate, "samples": int(sums[3])}
+            "firing_rate": rate_of(counts), "samples": int(sums[3])}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
