@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from importlib import resources
 
 import pytest
@@ -346,3 +347,21 @@ def test_info_build_builds_the_kernel_library(tmp_path):
     path = lines["kernel library"].rsplit(" from ", 1)[1]
     assert path.startswith(str(tmp_path / "ext")) and os.path.exists(path)
     assert lines["LIF backends"].endswith("'auto' picks cpu")
+
+
+def test_progress_bars_redraw_twice_a_second_on_a_terminal_and_once_a_minute_into_a_log(capsys, monkeypatch):
+    import io
+
+    from spikingformer.progress import progress
+
+    with progress(range(3), desc="x") as bar:  # pytest's captured stderr: not a terminal
+        assert bar.mininterval == 60 and list(bar) == [0, 1, 2]
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress(range(150), desc="epoch 1/1") as bar:
+        for _ in bar:
+            time.sleep(0.01)  # 1.5 s: three redraws at a terminal's rate
+    assert log.getvalue().count("\r") <= 3  # drawn when it starts and cleared when it ends, nothing between
+    monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
+    with progress(range(3), desc="x") as bar:
+        assert bar.mininterval == 0.5

@@ -8,7 +8,6 @@ and frame) for event models. ``dataset_batches`` reads a data set of
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -66,12 +65,11 @@ class InputBatches:
         return InputBatches(self.data, self.batch_size, min(count, self.count), self.name)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        from tqdm import tqdm
-
         from spikingformer.data import collate
+        from spikingformer.progress import progress
 
         loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
-        with tqdm(total=self.count, desc=self.name, unit="batch", leave=False, file=sys.stderr) as bar:
+        with progress(total=self.count, desc=self.name, unit="batch") as bar:
             for _, (x, _labels) in zip(range(self.count), loader):
                 yield x.float()
                 bar.update()

@@ -34,6 +34,7 @@ from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.allocator import empty_cache
 from spikingformer.cpu_features import pin_threads
+from spikingformer.progress import progress
 from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
 
 
@@ -102,12 +103,10 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: torch.dtype | None) -> dict:
     """Top-1 / top-5 accuracy (%), cross-entropy and firing rate over the whole loader, summed across processes
     (a progress bar on standard error while it runs)."""
-    from tqdm import tqdm
-
     model.eval()
     meter = FiringRateMeter(model)
     sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, count
-    with tqdm(loader, desc="test", unit="batch", disable=not runtime.is_main, leave=False, dynamic_ncols=True) as bar:
+    with progress(loader, desc="test", unit="batch", disable=not runtime.is_main) as bar:
         for step, (images, target) in enumerate(bar):
             check_batch(images, loader, step)
             images = images.to(runtime.device, non_blocking=True)
@@ -201,16 +200,13 @@ class _Step:
 def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: FiringRateMeter, epoch: int,
                      total_epochs: int, log_interval: int) -> torch.Tensor:
     """One pass over ``loader`` with a progress bar; returns this process's (loss sum, correct, count)."""
-    from tqdm import tqdm
-
     st.net.train()
     meter.detach()  # attached for the logged steps only (see FiringRateMeter)
     meter.pop()
     sums = torch.zeros(3, dtype=torch.float64)
     t0, seen = time.perf_counter(), 0
     # closed however the epoch ends, so that an error or an interrupt starts on a clean line
-    with tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main, leave=False,
-              dynamic_ncols=True, mininterval=0.5) as bar:
+    with progress(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not runtime.is_main) as bar:
         for step, (images, target) in enumerate(bar):
             check_batch(images, loader, step)
             images = images.to(runtime.device, non_blocking=True)
