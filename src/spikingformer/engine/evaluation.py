@@ -50,7 +50,9 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
         overrides["time_steps"] = time_steps
     ckpt = checkpoints.read(path)
     model = model_from_checkpoint(ckpt, model_name, **overrides)
-    data = data_section_for(ckpt, dataset, data_dir, model.config.time_steps)
+    data = data_section_for(ckpt, dataset, data_dir, overrides.get("time_steps"))
+    if data.time_steps is None:  # a checkpoint without a training configuration: the model's
+        data.time_steps = model.config.time_steps
     runtime = setup(device)
     try:
         model = model.to(runtime.device)
