@@ -212,6 +212,16 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
 
 
 @pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
+def test_a_configuration_error_under_torchrun_is_said_once(tmp_path, capsys, monkeypatch, rank, said):
+    # every process torchrun starts reads the same options and meets the same error: the first one says it
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--epochs", "0", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("spikingformer train: error: config key 'epochs' must be >= 1; got 0\n" if said else "")
+
+
+@pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
 def test_ctrl_c_under_torchrun_is_said_once(capsys, monkeypatch, rank, said):
     # the terminal interrupts every torchrun process; the first one speaks for all, each exits 130
     def interrupted(args):

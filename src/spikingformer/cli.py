@@ -162,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no flush error at exit
         return 1
     except (ValueError, FileNotFoundError, KeyError) as err:
-        # errors a user can cause carry a message naming the problem and the fix
-        print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
+        # errors a user can cause carry a message naming the problem and the fix; a configuration error is
+        # the same in every process torchrun starts, so the first one says it for all
+        from spikingformer.config import ConfigError
+
+        if not isinstance(err, ConfigError) or os.environ.get("RANK", "0") == "0":
+            print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
