@@ -4,6 +4,7 @@ create_model, timm and eval."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -266,6 +267,14 @@ def test_eval_at_other_time_steps_evaluates_the_model_at_them(tmp_path, capsys):
         top1, loss = _eval_scores(capsys, "--checkpoint", str(tmp_path / "best.pt"), "--time-steps", str(steps))
         assert abs(top1 - expected[steps][0]) <= 2 * 100 / 360 and loss == pytest.approx(expected[steps][1], abs=1e-3)
     assert abs(expected[1][1] - expected[2][1]) > 3e-3  # T changes what the model computes: ignoring it fails above
+    # a sweep over T, each result kept as JSON
+    out = tmp_path / "sweep" / "T8.json"
+    out.parent.mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--time-steps", "8", "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}")
+    record = json.loads(out.read_text())
+    assert (record["time_steps"], record["samples"], record["checkpoint"], record["dataset"]) == (8, 360, str(tmp_path / "best.pt"), "digits")
+    assert record["loss"] == pytest.approx(expected[8][1], abs=1e-3) and set(record) >= {"top1", "top5", "firing_rate", "model"}
     assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--time-steps", "2", "--model-args", "{time_steps: 3}"]) == 2
     assert "--time-steps 2 and --model-args time_steps 3 differ" in one_line_error(capsys)
 

@@ -104,6 +104,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process holds the summed result: one prints it
         print(f"{result['model']} on {result['dataset']} ({result['samples']} images): top-1 {result['top1']:.2f}%  "
               f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
+        if args.output:
+            import json
+
+            from spikingformer.checkpoints import write_atomic
+
+            record = {**result, "checkpoint": str(args.checkpoint)}
+            write_atomic(args.output, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+            print(f"wrote {args.output}")
     return 0
 
 
@@ -157,6 +165,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--frames", type=at_least(1), dest="time_steps", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
+    e.add_argument("--output", default=None, metavar="FILE",
+                   help="also write the results as JSON into this file (top-1, top-5, loss, firing rate, images, "
+                        "time steps, model, data set, checkpoint)")
     e.add_argument("--tf32", action="store_true",
                    help="on NVIDIA GPUs: float32 products and convolutions on TF32 tensor cores (default: full float32)")
     e.set_defaults(func=run_eval)

@@ -68,4 +68,4 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     finally:
         teardown()
     name = ckpt.model_name or model_name
-    return {**metrics, "model": name, "dataset": data.dataset}
+    return {**metrics, "model": name, "dataset": data.dataset, "time_steps": data.time_steps}
