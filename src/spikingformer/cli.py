@@ -104,6 +104,13 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return whole_number
 
 
+def first_process() -> bool:
+    """Whether this is the process that speaks for all: RANK 0 under torchrun, or the only one. Every
+    process torchrun starts meets the same configuration errors and interrupts, and holds the same
+    summed results; the first one prints them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def yaml_mapping(text: str) -> dict:
     """The argparse type of ``--model-args``: a YAML mapping, such as ``{embed_dim: 64, depth: 2}``."""
     import yaml
@@ -162,18 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no flush error at exit
         return 1
     except (ValueError, FileNotFoundError, KeyError) as err:
-        # errors a user can cause carry a message naming the problem and the fix; a configuration error is
-        # the same in every process torchrun starts, so the first one says it for all
+        # errors a user can cause carry a message naming the problem and the fix (a configuration error once)
         from spikingformer.config import ConfigError
 
-        if not isinstance(err, ConfigError) or os.environ.get("RANK", "0") == "0":
+        if not isinstance(err, ConfigError) or first_process():
             print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C: no traceback; train says what it kept
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process is interrupted: one line for all
+        if first_process():  # under torchrun every process is interrupted: one line for all
             print(f"spikingformer {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
         return 130
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
-from spikingformer.cli import at_least, yaml_mapping
+from spikingformer.cli import at_least, first_process, yaml_mapping
 from spikingformer.config import SECTIONS, load_config, recipe_names
 from spikingformer.suggest import did_you_mean
 
@@ -101,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
         device=args.device, amp=args.amp, time_steps=args.time_steps, tf32=args.tf32, model_args=args.model_args,
     )
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process holds the summed result: one prints it
+    if first_process():  # under torchrun every process holds the summed result
         print(f"{result['model']} on {result['dataset']} ({result['samples']} images): top-1 {result['top1']:.2f}%  "
               f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
         if args.output:
