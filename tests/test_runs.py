@@ -8,6 +8,7 @@ trainer), so each epoch takes well under a second; the behaviour tested does not
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -161,6 +162,15 @@ def test_evaluation_shows_its_progress_as_training_does(tmp_path, capsys):
     captured = capsys.readouterr()
     assert re.search(r"^test: +\d+%\|.*\| \d+/36 \[", captured.err.replace("\r", "\n"), re.M)
     assert "test: " not in captured.out
+
+
+def test_a_log_gets_no_redraw_for_each_logged_step(tmp_path, capsys):
+    # into a file or pipe the epoch bar redraws at most once a minute: the loss/accuracy shown every
+    # --log-interval steps waits for that redraw instead of forcing one (here 3 steps: 4 draws before)
+    assert train(tmp_path, "l", "--epochs", "1", "--log-interval", "1") == 0
+    err = capsys.readouterr().err
+    epoch = [draw for draw in err.split("\r") if draw.startswith("epoch 1/1:")]
+    assert len(epoch) == 1, epoch  # drawn when it starts; the run takes seconds, not a minute
 
 
 def test_more_workers_than_cpus_load_with_one_per_cpu_and_say_so(tmp_path, monkeypatch, recwarn):
@@ -419,15 +429,22 @@ def test_full_disk_is_one_line_and_keeps_previous_checkpoints(tmp_path, monkeypa
     assert train(tmp_path, "d", "--epochs", "1") == 0
     folder = tmp_path / "d"
     before = {name: (folder / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
-    real_save = torch.save
 
-    def full(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FillingDisk(io.FileIO):
+        """A file on a disk with 4 KiB free: a short write, then ENOSPC, as the OS does. torch.save
+        turns that into a RuntimeError of its own ("unexpected pos"), which must still read as a full disk."""
+        room = 4096
 
-    monkeypatch.setattr(torch, "save", full)
+        def write(self, data):
+            n = min(len(data), self.room)
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= n
+            return super().write(memoryview(data)[:n])
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FillingDisk(fd, mode)))
     assert train(tmp_path, "d", "--epochs", "2", "--resume", "auto") == 2
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert err == (f"spikingformer train: error: no space left on device while writing {folder / 'last.pt'}; the previous "
                    "file there (if any) is intact: free some space and run the command again (training: add --resume auto)")

@@ -195,7 +195,9 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
     A reader (or a crash) never sees a half-written file: either the old one or the new one. On any
     failure the temporary file is removed; a full disk or an unwritable folder raises
-    :class:`CheckpointError` (the previous file at ``path`` is untouched).
+    :class:`CheckpointError` (the previous file at ``path`` is untouched), also where ``write``
+    turned the file's error into one of its own (``torch.save`` reports a full disk as a
+    ``RuntimeError`` about a zip position).
     """
     path = Path(path)
     try:
@@ -203,19 +205,40 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise _write_error(err, path) from err
+    out = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            out = _ErrorKeepingFile(f)
+            write(out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise _write_error(err, path) from err
+        cause = out.error if out is not None and out.error is not None else err
+        if isinstance(cause, OSError):
+            raise _write_error(cause, path) from err
         raise
     return path
+
+
+class _ErrorKeepingFile:
+    """A binary file whose ``write`` keeps the first ``OSError`` it raised (``error``), for
+    :func:`write_atomic` to report where a library's own error hid it; everything else is the file's."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def _write_error(err: OSError, path: Path) -> CheckpointError:

@@ -126,7 +126,8 @@ class RunSection:
     resume: str | None = option(None, "a last.pt checkpoint to resume from, or auto for <output>/<name>/last.pt")
     overwrite: bool = option(False, "replace the run already in <output>/<name>/ (without it, training there is refused)")
     eval_interval: int = option(1, "evaluate every N epochs (and after the last)")
-    log_interval: int = option(10, "progress-bar refresh, in steps", synonyms=("print_freq",))
+    log_interval: int = option(10, "update the progress bar's loss, accuracy and firing rate every N steps",
+                               synonyms=("print_freq",))
     deterministic: bool = option(True, "deterministic algorithms (CPU); cudnn.benchmark when false")
     tensorboard: bool = option(True, "also log to <output>/<name>/tensorboard/ (needs the tensorboard package)")
     compile: bool = option(False, "torch.compile the training forward (the project's kernels stay in the graph); on the "
