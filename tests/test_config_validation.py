@@ -41,6 +41,21 @@ BAD_FLAGS = [
     (["--dataset", "tonic:"], "unknown dataset 'tonic:'; valid datasets (or tonic:<Name> for tonic.datasets.<Name>): cifar10"),
     (["--dataset", "tonic:NMNIST"], "dataset 'tonic:NMNIST' is read from disk: pass its folder with --data-dir"),
     (["--dataset", "nmnist"], "dataset 'nmnist' is read from disk: pass its folder with --data-dir"),
+    # a data set the model cannot take (the default recipe's model is the digits', 1-channel, 16x16): before
+    # reading 50,000 images, not at the first batch
+    (["--dataset", "cifar10", "--data-dir", "cifar"],
+     "--dataset cifar10 gives 3-channel images, but the model spikingformer_digits takes 1-channel inputs; train with the "
+     "data set's recipe, --config cifar10, or name a model for it with --model (`spikingformer models` lists them)"),
+    (["--dataset", "digits_dvs"], "--dataset digits_dvs gives 2-channel event frames (ON and OFF polarities), but the model "
+                                  "spikingformer_digits takes 1-channel inputs; train with the data set's recipe, --config digits_dvs"),
+    (["--config", "cifar100", "--dataset", "digits"], "--dataset digits gives 1-channel images, but the model "
+                                                      "spikingformer_cifar100_4_384 takes 3-channel inputs"),
+    (["--dataset", "tonic:NMNIST", "--data-dir", "t"], "--dataset tonic:NMNIST gives 2-channel event frames (ON and OFF "
+                                                       "polarities), but the model spikingformer_digits takes 1-channel "
+                                                       "inputs; name a model for it with --model"),
+    (["--dataset", "nmnist", "--data-dir", "n", "--model", "spikingformer_digits_dvs"],
+     "--dataset nmnist gives 34x34 frames, larger than the 32x32 input of the model spikingformer_digits_dvs; train with "
+     "the data set's recipe, --config nmnist, or set the model's input side: --model-args '{img_size: 48}'"),
     (["--opt", "adamz"], "unknown optimizer 'adamz'"),
     (["--sched", "cosin"], "config key 'sched' must be one of cosine, tanh"),
     (["--sched", "plateau"], "config key 'sched' must be one of cosine, tanh, step, multistep, poly, constant, wsd, rsqrt; got 'plateau'"),
@@ -153,9 +168,13 @@ def test_frames_flag_is_read_as_time_steps_and_synonyms_are_suggested(capsys):
 
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_no_bundled_recipe_sets_what_its_data_set_does_not_read(recipe):
-    from spikingformer.data import unread_settings
+    from spikingformer.data import model_mismatch, unread_settings
+    from spikingformer.models import model_config
 
-    assert unread_settings(load_config(recipe).data) is None
+    cfg = load_config(recipe)
+    assert unread_settings(cfg.data) is None
+    m = model_config(cfg.model.model, **cfg.model.model_args)
+    assert model_mismatch(cfg.data.dataset, cfg.model.model, m.in_channels, m.img_size) is None  # and its model takes its data
 
 
 @pytest.mark.parametrize("recipe, overrides, said", [

@@ -394,7 +394,7 @@ def validate(cfg: TrainConfig, training: bool = False, names: bool = True) -> Tr
 
 
 def _validate_names(cfg: TrainConfig, training: bool) -> None:
-    from spikingformer.data import check_dataset_name, needs_data_dir
+    from spikingformer.data import check_dataset_name, model_mismatch, needs_data_dir
     from spikingformer.models import ModelConfig, model_config
 
     try:
@@ -438,6 +438,8 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
     cfg.data.time_steps = mcfg.time_steps
     if mcfg.embed_dim % mcfg.num_heads:
         raise ConfigError(f"model_args: embed_dim {mcfg.embed_dim} is not divisible by num_heads {mcfg.num_heads}")
+    if training and (mismatch := model_mismatch(cfg.data.dataset, cfg.model.model, mcfg.in_channels, mcfg.img_size)):
+        raise ConfigError(mismatch)
     from timm.optim import list_optimizers
 
     opt = cfg.optim.opt.lower().removeprefix("lookahead_")
