@@ -38,20 +38,24 @@ CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}  # event da
 NMNIST_SIDE = 34  # N-MNIST's sensor is 34 x 34; its frames are zero-padded up to the model's input side
 
 
-def model_mismatch(name: str, model: str, in_channels: int, img_size: int) -> str | None:
+def model_mismatch(name: str, model: str, in_channels: int, img_size: int, fix: str | None = None) -> str | None:
     """Why the model ``model`` (``in_channels``, ``img_size``) cannot take data set ``name``'s inputs,
-    with the fix, or ``None``: a data set with another number of channels (the digits' model, the
-    default, given CIFAR-10), or N-MNIST's frames larger than the model's input side."""
+    with ``fix`` (default: how to train a model that can), or ``None``: a data set with another
+    number of channels (the digits' model, the default, given CIFAR-10), or N-MNIST's frames larger
+    than the model's input side."""
     channels = CHANNELS.get(name, 2)
     recipe = f"train with the data set's recipe, --config {name}, or " if name in DATASETS else ""
     if in_channels != channels:
         kind = "images" if name in CHANNELS else "event frames (ON and OFF polarities)"
-        return (f"--dataset {name} gives {channels}-channel {kind}, but the model {model} takes {in_channels}-channel "
-                f"inputs; {recipe}name a model for it with --model (`spikingformer models` lists them)")
-    if name == "nmnist" and img_size < NMNIST_SIDE:
-        return (f"--dataset {name} gives {NMNIST_SIDE}x{NMNIST_SIDE} frames, larger than the {img_size}x{img_size} input "
-                f"of the model {model}; {recipe}set the model's input side: --model-args '{{img_size: 48}}'")
-    return None
+        problem = f"--dataset {name} gives {channels}-channel {kind}, but the model {model} takes {in_channels}-channel inputs"
+        training_fix = f"{recipe}name a model for it with --model (`spikingformer models` lists them)"
+    elif name == "nmnist" and img_size < NMNIST_SIDE:
+        problem = (f"--dataset {name} gives {NMNIST_SIDE}x{NMNIST_SIDE} frames, larger than the {img_size}x{img_size} "
+                   f"input of the model {model}")
+        training_fix = f"{recipe}set the model's input side: --model-args '{{img_size: 48}}'"
+    else:
+        return None
+    return f"{problem}; {fix or training_fix}"
 
 
 def unread_settings(data_cfg) -> str | None:
