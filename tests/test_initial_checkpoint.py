@@ -50,7 +50,32 @@ def test_another_architecture_or_a_fused_model_is_one_line(tmp_path):
     with pytest.raises(ValueError) as err:
         load_initial_weights(sf.create_model("spikingformer_digits"), tmp_path / "small.safetensors")
     assert str(err.value).startswith(f"--initial-checkpoint {tmp_path / 'small.safetensors'} holds another architecture (")
-    assert str(err.value).endswith("its model and --model-args must match the run's, except the number of classes")
+    assert str(err.value).endswith("the model and its arguments (--model-args) must match the file's, except the number of classes")
     save_fused(fuse_model(sf.create_model("spikingformer_digits").eval()), tmp_path / "fused.pt", "spikingformer_digits")
     with pytest.raises(ValueError, match="holds a fused model .*; start from the checkpoint it was fused from"):
         load_initial_weights(sf.create_model("spikingformer_digits"), tmp_path / "fused.pt")
+
+
+def test_timm_pretrained_with_a_local_file_fine_tunes_as_initial_checkpoint_does(tmp_path):
+    # timm's way to give local pretrained weights: pretrained=True, pretrained_cfg_overlay=dict(file=PATH);
+    # with num_classes=N the head starts afresh, as timm does for fine-tuning
+    import timm
+
+    torch.manual_seed(3)
+    trained = sf.create_model("spikingformer_digits")
+    export_safetensors(trained, tmp_path / "m.safetensors", "spikingformer_digits")
+    file = dict(file=str(tmp_path / "m.safetensors"))
+    same = timm.create_model("spikingformer_digits", pretrained=True, pretrained_cfg_overlay=file)
+    assert _equal_except_head(same, trained) == []
+    torch.manual_seed(4)
+    four = timm.create_model("spikingformer_digits", pretrained=True, num_classes=4, pretrained_cfg_overlay=file)
+    torch.manual_seed(4)
+    fresh = sf.create_model("spikingformer_digits", num_classes=4)
+    assert _equal_except_head(four.head, fresh.head) == []  # the head: its own initialisation
+    body = {k: v for k, v in four.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in body.items()) and len(body) > 50
+    with pytest.raises(ValueError, match=r"^the pretrained file .*m\.safetensors holds another architecture \("):
+        timm.create_model("spikingformer_digits", pretrained=True, embed_dim=32, pretrained_cfg_overlay=file)
+    with pytest.raises(RuntimeError, match=r"no pretrained weights are bundled for spikingformer_digits .*"
+                                           r"pretrained_cfg_overlay=dict\(file=PATH\)"):
+        timm.create_model("spikingformer_digits", pretrained=True)

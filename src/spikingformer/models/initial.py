@@ -20,11 +20,12 @@ from spikingformer.models.zoo import load_weights, model_from_checkpoint
 HEAD = "head."  # the classifier's parameters (``head.fc.weight``, ``head.fc.bias``)
 
 
-def load_initial_weights(model: SpikingTransformer, checkpoint: str | Path) -> str:
-    """Copy a checkpoint's weights and BatchNorm statistics into ``model``; returns a line saying what was taken."""
+def load_initial_weights(model: SpikingTransformer, checkpoint: str | Path, what: str = "--initial-checkpoint") -> str:
+    """Copy a checkpoint's weights and BatchNorm statistics into ``model``; returns a line saying what
+    was taken. ``what``: how the caller named the file, for errors."""
     ckpt = checkpoints.read(checkpoint)
     if ckpt.fused:
-        raise ValueError(f"--initial-checkpoint {ckpt.where} holds a fused model (its BatchNorm folded away); "
+        raise ValueError(f"{what} {ckpt.where} holds a fused model (its BatchNorm folded away); "
                          "start from the checkpoint it was fused from")
     source = model_from_checkpoint(ckpt) if ckpt.describes_model else _authors_or_plain(ckpt, model)
     mine, theirs = model.state_dict(), source.state_dict()
@@ -34,9 +35,9 @@ def load_initial_weights(model: SpikingTransformer, checkpoint: str | Path) -> s
     if body:
         shapes = "; ".join(f"{k} {tuple(theirs[k].shape) if k in theirs else 'absent'} in the file, {tuple(mine[k].shape)} here"
                            for k in body[:3])
-        raise ValueError(f"--initial-checkpoint {ckpt.where} holds another architecture ({shapes}"
-                         f"{f'; {len(body) - 3} more' if len(body) > 3 else ''}); its model and --model-args must "
-                         "match the run's, except the number of classes")
+        raise ValueError(f"{what} {ckpt.where} holds another architecture ({shapes}"
+                         f"{f'; {len(body) - 3} more' if len(body) > 3 else ''}); the model and its arguments (--model-args) must "
+                         "match the file's, except the number of classes")
     model.load_state_dict({**mine, **taken})
     said = f"initial weights from {ckpt.where}"
     if source.config.arch != model.config.arch:  # same tensors, other wiring (where the neurons sit)

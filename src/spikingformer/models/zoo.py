@@ -191,26 +191,41 @@ def model_from_checkpoint(checkpoint: str | Path | checkpoints.Checkpoint, model
     return checkpoints.load_matching(model, ckpt.state_dict, ckpt)
 
 
-_TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
 def _timm_entrypoint(name: str):
     def entrypoint(pretrained: bool = False, **kwargs) -> SpikingTransformer:
-        for key in _TIMM_ARGS:
-            kwargs.pop(key, None)
-        if pretrained:
+        file = _pretrained_file(kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+        kwargs.pop("cache_dir", None)
+        if not pretrained:
+            return create_model(name, **kwargs)
+        if file is None:
             raise RuntimeError(
                 f"no pretrained weights are bundled for {name} (the authors' checkpoints are not "
-                "redistributable); train one with `spikingformer train` or load a file with "
-                f"timm.create_model({name!r}, checkpoint_path=PATH)"
+                "redistributable); train one with `spikingformer train`, then start from its file with "
+                f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) (its head "
+                "may have another number of classes: num_classes=N starts a fresh one) or load it whole with "
+                "checkpoint_path=PATH"
             )
-        return create_model(name, **kwargs)
+        from spikingformer.models.initial import load_initial_weights
+
+        model = create_model(name, **kwargs)
+        load_initial_weights(model, file, what="the pretrained file")
+        return model
 
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{name}: {ZOO[name]}"
     return entrypoint
+
+
+def _pretrained_file(cfg, overlay) -> str | None:
+    """The ``file`` of timm's pretrained configuration (``pretrained_cfg_overlay=dict(file=PATH)``, timm's
+    way to give local weights, or a ``pretrained_cfg`` dict or ``PretrainedCfg`` holding one)."""
+    for source in (overlay, cfg):
+        file = source.get("file") if isinstance(source, dict) else getattr(source, "file", None)
+        if file:
+            return str(file)
+    return None
 
 
 def register_with_timm() -> None:
