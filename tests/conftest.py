@@ -42,6 +42,28 @@ def require(path: Path) -> Path:
 
 
 
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Makes every file opened with ``os.fdopen`` (the package's atomic writes) sit on a disk that
+    fills after ``room`` bytes: a short write, then ``ENOSPC``, as the OS does. Call it with ``room``."""
+    import errno
+    import io
+
+    def fill(room: int) -> None:
+        class FillingDisk(io.FileIO):
+            def write(self, data):
+                nonlocal room
+                n = min(len(data), room)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                room -= n
+                return super().write(memoryview(data)[:n])
+
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FillingDisk(fd, mode)))
+
+    return fill
+
+
 def saved_bytes(fn):
     """``(fn(), bytes)``: the output of ``fn()`` and the bytes of the distinct storages autograd
     keeps for backward while it runs."""

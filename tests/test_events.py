@@ -590,6 +590,25 @@ def test_nmnist_cache_created_reused_and_rebuilt(tmp_path: Path, monkeypatch: py
     assert (root / ".spikingformer_cache" / "frames_number_T2" / "bs2" / "1.npz").is_file()
 
 
+def test_a_full_disk_under_the_cache_is_one_warning_and_the_frames_still_come(tmp_path: Path, full_disk) -> None:
+    # the cache only saves time: a failed write (here the disk fills after 100 bytes, under numpy's
+    # zip writer) warns once, leaves no file behind, and the frames are those built without a cache
+    root = tmp_path / "nm"
+    _small_nmnist(root, ["1", "2", "3"])
+    expected = [NMNIST(root, train=True, time_steps=4, cache_dir=tmp_path / "ok")[i][0] for i in range(3)]
+    full_disk(100)
+    ds = NMNIST(root, train=True, time_steps=4, cache_dir=tmp_path / "full")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frames = [ds[i][0] for i in range(3)]
+    assert all(f.equal(e) for f, e in zip(frames, expected))
+    assert [str(w.message) for w in caught] == [
+        f"spikingformer: cannot write the frame cache {tmp_path / 'full' / 'frames_number_T4' / 'bs2' / '1.npz'}: No space "
+        "left on device; going on without it (each epoch integrates the frames from the recordings again, which is "
+        "slower): free space there or give another folder (--cache-dir, or cache_dir= of the data set)"]
+    assert [p.name for p in (tmp_path / "full").rglob("*") if p.is_file()] == []  # no partial file, no temporary
+
+
 def test_cache_falls_back_to_home_for_read_only_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "ro"
     _small_nmnist(root, ["1"])

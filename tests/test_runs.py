@@ -8,7 +8,6 @@ trainer), so each epoch takes well under a second; the behaviour tested does not
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import re
@@ -425,24 +424,11 @@ def test_stale_best_is_repaired_from_last_on_resume(tmp_path, capsys):
     assert (folder / "best.pt").read_bytes() == (folder / "last.pt").read_bytes()
 
 
-def test_full_disk_is_one_line_and_keeps_previous_checkpoints(tmp_path, monkeypatch, capsys):
+def test_full_disk_is_one_line_and_keeps_previous_checkpoints(tmp_path, monkeypatch, capsys, full_disk):
     assert train(tmp_path, "d", "--epochs", "1") == 0
     folder = tmp_path / "d"
     before = {name: (folder / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
-
-    class FillingDisk(io.FileIO):
-        """A file on a disk with 4 KiB free: a short write, then ENOSPC, as the OS does. torch.save
-        turns that into a RuntimeError of its own ("unexpected pos"), which must still read as a full disk."""
-        room = 4096
-
-        def write(self, data):
-            n = min(len(data), self.room)
-            if n == 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.room -= n
-            return super().write(memoryview(data)[:n])
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FillingDisk(fd, mode)))
+    full_disk(4096)  # torch.save turns the failed write into a RuntimeError of its own ("unexpected pos")
     assert train(tmp_path, "d", "--epochs", "2", "--resume", "auto") == 2
     monkeypatch.undo()
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar

@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ class FrameCache:
         self.directory = Path(directory)
         self.split_by = split_by
         self.time_steps = time_steps
+        self.unwritable: str | None = None  # why a write failed; then this process writes no more
 
     def path(self, key: str) -> Path:
         """Cache file of sample ``key`` (a relative, '/'-separated name)."""
@@ -100,26 +102,32 @@ class FrameCache:
             return None  # unreadable or partial file: rebuild it
 
     def save(self, key: str, sources: Sequence[Path], frames: np.ndarray) -> None:
-        """Atomically write the frames (T, 2, H, W) of ``key`` with the stamp of ``sources``."""
+        """Atomically write the frames (T, 2, H, W) of ``key`` with the stamp of ``sources``.
+
+        The cache only saves time: where it cannot be written (a full disk, a folder without write
+        permission) one warning says so and this process goes on without writing it (the frames are
+        integrated from the recordings each time they are read)."""
+        if self.unwritable is not None:
+            return
         path = self.path(key)
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        except OSError as e:
-            raise OSError(f"cannot write the frame cache {path}: {e}; pass a writable cache_dir= to the "
-                          f"dataset") from e
-        try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez_compressed(fh, frames=compact_counts(frames), stamp=_stamp(sources),
                                     split_by=np.array(self.split_by), T=np.array(self.time_steps),
                                     version=np.array(_CACHE_VERSION))
             os.replace(tmp, path)
-        except BaseException:
-            try:
+        except OSError as err:
+            self.unwritable = err.strerror or str(err)
+            warnings.warn(f"spikingformer: cannot write the frame cache {path}: {self.unwritable}; going on without it "
+                          "(each epoch integrates the frames from the recordings again, which is slower): free space "
+                          "there or give another folder (--cache-dir, or cache_dir= of the data set)", UserWarning,
+                          stacklevel=2)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
 
 __all__ = ["FrameCache", "compact_counts", "default_cache_dir"]
