@@ -363,6 +363,19 @@ def _run(argv: list[str]) -> int:
     return main(argv)
 
 
+def test_a_full_disk_under_the_analysis_outputs_is_one_line(tmp_path, capsys, full_disk):
+    # audit's and energy's JSON and plots are written as checkpoints are (atomically, one line on a full disk)
+    full_disk(100)
+    for command in ("audit", "energy"):
+        argv = [command, "--model", "spikingformer_digits", "--dataset", "random", "--batches", "1", "--batch-size", "2"]
+        assert _run([*argv, "--output", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (f"spikingformer {command}: error: no space left on device while writing "
+                       f"{tmp_path / command / (command + '.json')}; the previous file there (if any) is intact: free "
+                       "some space and run the command again (training: add --resume auto)")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_cli_audit_strict(tmp_path, capsys):
     common = ["--dataset", "random", "--batches", "1", "--batch-size", "4"]
     assert _run(["audit", "--model", "spikingformer_digits", "--strict", "--output", str(tmp_path), *common]) == 0

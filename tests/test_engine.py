@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -125,6 +126,17 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         checkpoints.save_atomic({"epoch": 1, "bad": Unpicklable()}, path)
     assert checkpoints.load_checkpoint(path) == {"epoch": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
+    # the temporary file of an atomic write is mkstemp's (0600): the file renamed into place gets the
+    # mode open() gives under the process's umask (0644 under 022), so colleagues can read a shared run
+    written = checkpoints.write_json(tmp_path / "a.json", {"x": 1})
+    with open(tmp_path / "plain", "w"):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
 
 
 @pytest.mark.slow

@@ -190,8 +190,18 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], chec
 # writing
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over ``path``.
+def _new_file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()  # read once, at import: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync (``durable``: what a power cut
+    must not lose; a cache skips it), then rename it over ``path``.
 
     A reader (or a crash) never sees a half-written file: either the old one or the new one. On any
     failure the temporary file is removed; a full disk or an unwritable folder raises
@@ -211,7 +221,10 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             out = _ErrorKeepingFile(f)
             write(out)
             f.flush()
-            os.fsync(f.fileno())
+            if hasattr(os, "fchmod"):  # not on Windows
+                os.fchmod(f.fileno(), _NEW_FILE_MODE)  # mkstemp's 0600: the mode a plain open() would give
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
@@ -247,6 +260,11 @@ def _write_error(err: OSError, path: Path) -> CheckpointError:
                                "intact: free some space and run the command again (training: add --resume auto)")
     reason = err.strerror or str(err)
     return CheckpointError(f"cannot write {path}: {reason}; choose a writable folder (training: --output)")
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

@@ -21,7 +21,6 @@ rates, which is the same number for equal batches).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from spikingformer.checkpoints import write_json
 from spikingformer.layers import SpikingSelfAttention
 
 SYNAPTIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -147,8 +147,7 @@ class SpikeRecord:
         }
 
     def to_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        write_json(path, self.to_dict())
 
 
 def group_of(name: str) -> str:

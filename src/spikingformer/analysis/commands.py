@@ -294,10 +294,9 @@ def _compare(args: argparse.Namespace, loaded: LoadedModel, inputs: Inputs, out:
     print()
     print(comparison.table())
     if out:
-        import json
+        from spikingformer.checkpoints import write_json
 
-        with open(out / "comparison.json", "w") as f:
-            json.dump(comparison.to_dict(), f, indent=1)
+        write_json(out / "comparison.json", comparison.to_dict())
         print(f"wrote {out / 'comparison.json'}")
 
 

@@ -42,12 +42,12 @@ from :mod:`spikingformer.deploy.accumulate` and are shown beside it when attache
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from spikingformer.analysis.audit import ATTENTION_OPERANDS, InputStats, SpikeRecord
 from spikingformer.analysis.geometry import AttentionSpec, LayerSpec, attention_spec, layer_spec, record_shapes
+from spikingformer.checkpoints import write_json
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -178,8 +178,7 @@ class EnergyReport:
         }
 
     def to_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        write_json(path, self.to_dict())
 
     def table(self, measured: bool | None = None) -> str:
         """The per-layer table and the totals as text (per image)."""

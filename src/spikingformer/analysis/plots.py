@@ -24,13 +24,15 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from spikingformer.analysis.audit import SpikeRecord, block_inputs  # noqa: E402
 from spikingformer.analysis.energy import EnergyReport  # noqa: E402
+from spikingformer.checkpoints import write_atomic  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

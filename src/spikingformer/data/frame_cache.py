@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spikingformer.checkpoints import CheckpointError, write_atomic
 from spikingformer.data.events import PathLike
 
 _CACHE_VERSION = 1
@@ -110,24 +110,17 @@ class FrameCache:
         if self.unwritable is not None:
             return
         path = self.path(key)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, frames=compact_counts(frames), stamp=_stamp(sources),
-                                    split_by=np.array(self.split_by), T=np.array(self.time_steps),
-                                    version=np.array(_CACHE_VERSION))
-            os.replace(tmp, path)
-        except OSError as err:
-            self.unwritable = err.strerror or str(err)
+            write_atomic(path, lambda fh: np.savez_compressed(
+                fh, frames=compact_counts(frames), stamp=_stamp(sources), split_by=np.array(self.split_by),
+                T=np.array(self.time_steps), version=np.array(_CACHE_VERSION)), durable=False)
+        except CheckpointError as err:
+            cause = err.__cause__
+            self.unwritable = getattr(cause, "strerror", None) or str(cause or err)
             warnings.warn(f"spikingformer: cannot write the frame cache {path}: {self.unwritable}; going on without it "
                           "(each epoch integrates the frames from the recordings again, which is slower): free space "
                           "there or give another folder (--cache-dir, or cache_dir= of the data set)", UserWarning,
                           stacklevel=2)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 __all__ = ["FrameCache", "compact_counts", "default_cache_dir"]

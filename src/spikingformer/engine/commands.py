@@ -104,12 +104,9 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"{result['model']} on {result['dataset']} ({result['samples']} images): top-1 {result['top1']:.2f}%  "
               f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
         if args.output:
-            import json
+            from spikingformer.checkpoints import write_json
 
-            from spikingformer.checkpoints import write_atomic
-
-            record = {**result, "checkpoint": str(args.checkpoint)}
-            write_atomic(args.output, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+            write_json(args.output, {**result, "checkpoint": str(args.checkpoint)})
             print(f"wrote {args.output}")
     return 0
 
