@@ -87,6 +87,35 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert metrics(resumed)[-1]["train_loss"] == metrics(straight)[-1]["train_loss"]
 
 
+def test_sigterm_to_the_whole_job_says_what_was_kept_and_exits_143(tmp_path):
+    # a batch scheduler's time limit sends SIGTERM to every process of the job, DataLoader workers
+    # included: one line naming the checkpoint kept, the signal's exit status, no traceback after it
+    proc = subprocess.Popen([sys.executable, "-m", "spikingformer", "train", "--output", str(tmp_path), "--name", "t",
+                             *TINY, "--epochs", "50", "--workers", "2"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_epoch(tmp_path / "t" / "last.pt", 0, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    kept = checkpoints.load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] + 1
+    assert proc.returncode == 143, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == (f"spikingformer train: terminated (SIGTERM); {tmp_path / 't' / 'last.pt'} holds "
+                                             f"epoch {kept}: continue with --resume auto")
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
+def test_sigterm_restores_the_handler_it_replaced(capsys, monkeypatch):
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr("spikingformer.engine.commands.run_models", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["models"]) == 143
+    assert capsys.readouterr().err == "spikingformer models: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 WRITER = """
 import sys, torch
 from spikingformer.checkpoints import save_atomic

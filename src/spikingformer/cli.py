@@ -10,9 +10,12 @@ so ``--help`` and argument errors answer without the seconds an ``import torch``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
     try:
-        status = int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            status = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a reader that left is seen below, not at exit
         return status
     except BrokenPipeError:  # the output's reader left (`spikingformer models | head`): stop quietly
@@ -178,10 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
         print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C: no traceback; train says what it kept
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: no traceback; train says what it kept
         if first_process():  # under torchrun every process is interrupted: one line for all
-            print(f"spikingformer {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
-        return 130
+            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            print(f"spikingformer {args.command}: {how}{f'; {err}' if str(err) else ''}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM: a batch scheduler's time limit, torchrun stopping the other processes, ``kill``.
+    Handled as Ctrl-C is (train says what it kept), with the exit status of the signal, 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` in the main thread for the block (Python's default ends
+    the process at once: no line in a job's log, no word about the checkpoint kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

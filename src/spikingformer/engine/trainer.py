@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -76,7 +77,15 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
         collate_fn=collate,  # leaves out images a folder data set could not decode (warned, named)
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=workers > 0,
+        worker_init_fn=_leave_sigterm_to_the_main_process,
     )
+
+
+def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM, which a batch scheduler sends to every process of the job:
+    the main process says what it kept and shuts its workers down (a worker that died of it first
+    made PyTorch print a traceback after that line). PyTorch's workers leave Ctrl-C to it the same way."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _workers(requested: int, runtime: Runtime) -> int:
@@ -370,8 +379,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 tqdm.write(_epoch_line(row, total_epochs))
             barrier(runtime)
             saved = epoch
-    except KeyboardInterrupt:  # Ctrl-C: one line that says what is kept (the CLI prints it)
-        raise KeyboardInterrupt(_interrupted(folder, saved)) from None
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (cli.Terminated): one line that says what is kept
+        raise type(err)(_interrupted(folder, saved)) from None
     meter.close()
     if log is not None:
         log.close()
