@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +102,27 @@ def test_an_image_folder_without_images_names_the_folder(tmp_path, layout, said)
     with pytest.raises(FileNotFoundError) as err:
         build_dataset(DataSection(dataset="cifar10", data_dir=str(tmp_path)), 32, train=True)
     assert str(err.value).startswith(said.format(root=tmp_path))
+
+
+def test_hidden_files_and_folders_in_an_image_folder_are_left_out(tmp_path, recwarn):
+    # what Jupyter and macOS leave in a data folder: a hidden folder would be class 0 and shift every
+    # label; an AppleDouble "._NAME.png" is no image (one warning per file, every epoch)
+    for split in ("train", "test"):
+        for c, name in enumerate(("cat", "dog")):
+            folder = tmp_path / split / name
+            (folder / ".ipynb_checkpoints").mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 40 * c, np.uint8)).save(folder / "a.png")
+            Image.fromarray(np.full((32, 32, 3), 40 * c, np.uint8)).save(folder / ".ipynb_checkpoints" / "b.png")
+            (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / split / ".ipynb_checkpoints" / "c.png")
+    ds = ImageFolder(str(tmp_path / "train"))
+    assert ds.classes == ["cat", "dog"] and ds.class_to_idx == {"cat": 0, "dog": 1}
+    assert [(Path(p).relative_to(tmp_path).as_posix(), y) for p, y in ds.samples] == [("train/cat/a.png", 0), ("train/dog/a.png", 1)]
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1] and len(recwarn) == 0
+    hidden_root = tmp_path / ".cache" / "data"  # a data folder may itself lie under a hidden folder
+    shutil.copytree(tmp_path / "train", hidden_root / "train")
+    assert len(ImageFolder(str(hidden_root / "train"))) == 2
 
 
 def test_cifar_folder_layout_on_the_real_copy():

@@ -8,6 +8,7 @@ crop and normalisation constants).
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -91,18 +92,36 @@ class UnreadableImageWarning(UserWarning):
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ``ImageFolder`` that skips a file it cannot decode instead of failing mid-epoch.
+    """torchvision's ``ImageFolder`` that skips a file it cannot decode instead of failing mid-epoch,
+    and hidden files and folders (names starting with ``.``).
 
     Such a file (not an image, truncated, unreadable) gives one :class:`UnreadableImageWarning`
     naming it, and the item comes back as ``None``, which :func:`spikingformer.data.collate` leaves
-    out of the batch (evaluation then counts one image less, shown in its ``samples``).
+    out of the batch (evaluation then counts one image less, shown in its ``samples``). Hidden
+    entries are what other tools leave in a data folder (Jupyter's ``.ipynb_checkpoints/``, macOS's
+    ``._NAME.jpg`` copies of metadata): torchvision counts a hidden folder as a class, which shifts
+    every label after it, and reads each ``._NAME.jpg`` as a broken image.
     """
 
     def __init__(self, root: str, **kwargs) -> None:
+        start = len(os.path.join(os.path.expanduser(root), ""))  # torchvision joins root, class and file names
+
+        def visible_image(path: str) -> bool:
+            inside = os.sep + path[start:]  # the part below root: a hidden entry shows as "/."
+            return os.sep + "." not in inside and path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+
         try:
-            super().__init__(root, **kwargs)
+            super().__init__(root, is_valid_file=visible_image, **kwargs)
         except FileNotFoundError as err:  # a class folder without images, or none at all
             raise FileNotFoundError(f"{root}: {err}") from None
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class folders of ``directory``, hidden ones left out, sorted (torchvision's order)."""
+        classes, _ = super().find_classes(directory)
+        classes = [c for c in classes if not c.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
