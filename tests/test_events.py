@@ -552,6 +552,7 @@ def test_nmnist_original_layout(tmp_path: Path) -> None:
                                        ("Test", 9, "00001.bin", [(33, 33, 1, 3)])]:
         (root / split / str(digit)).mkdir(parents=True, exist_ok=True)
         write_nmnist(root / split / str(digit) / name, events)
+    (root / "Train" / "3" / "._00002.bin").write_bytes(b"\x00\x05\x16\x07 Mac OS X")  # not a recording
     tr = NMNIST(root, train=True, time_steps=2, cache_dir=tmp_path / "c")
     assert tr.targets == [0, 3]
     frames = tr[1][0]  # events (x1, y1, p1, t5) in frame 0 and (x2, y2, p0, t9) in frame 1
@@ -647,6 +648,13 @@ def test_cifar10dvs_tiny_tree(tmp_path: Path) -> None:
     assert len(tr) == 100 and len(te) == 10
     assert te.targets == list(range(10)) and tr.targets == [c for c in range(10) for _ in range(10)]
     assert te._keys[3] == "cat/cifar10_cat_9"
+    # macOS's "._NAME.aedat" metadata copies (and Jupyter's folders) are no recordings: the same split
+    for name in CIFAR10DVS.classes:
+        for k in range(11):
+            (root / name / f"._cifar10_{name}_{k}.aedat").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+        (root / name / ".ipynb_checkpoints").mkdir()
+    again = CIFAR10DVS(root, train=False, time_steps=4, cache_dir=tmp_path / "cache")
+    assert again._keys == te._keys and again.targets == te.targets
     frames, label = te[3]
     assert label == 3 and frames.shape == (4, 2, 128, 128)
     ev = written["cat/cifar10_cat_9.aedat"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,12 @@ def _check_root(data_set: str, root: Path, layout: str) -> None:
     if not root.is_dir():
         state = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"{data_set} root {root} {state}: {layout}")
+
+
+def _visible(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without hidden files: pathlib's ``glob("*.aedat")`` also matches macOS's ``._NAME.aedat``
+    metadata copies, which would count as recordings (and move CIFAR10-DVS's train/test split)."""
+    return [p for p in paths if not p.name.startswith(".")]
 
 
 class _FileFrameDataset(Dataset, abc.ABC):
@@ -161,7 +167,7 @@ class CIFAR10DVS(_FileFrameDataset):
         _check_root("CIFAR10-DVS", root, layout)
         per_class = []
         for name in self.classes:
-            files = sorted((root / name).glob("*.aedat"), key=lambda p: p.name) if (root / name).is_dir() else []
+            files = sorted(_visible((root / name).glob("*.aedat")), key=lambda p: p.name) if (root / name).is_dir() else []
             if not files:
                 raise FileNotFoundError(f"CIFAR10-DVS: no {root / name}/*.aedat files: {layout}")
             per_class.append(files)
@@ -321,7 +327,7 @@ class NMNIST(_FileFrameDataset):
         entries: list[tuple[str, Path, int]] = []
         if split_dir.is_dir():
             for d in range(10):
-                for f in sorted((split_dir / str(d)).glob("*.bin"), key=_natural_key):
+                for f in sorted(_visible((split_dir / str(d)).glob("*.bin")), key=_natural_key):
                     entries.append((f"{split_dir.name}/{d}/{f.stem}", f, d))
         else:
             lists = sorted(root.glob(("train" if train else "test") + "*.txt"))
