@@ -202,6 +202,30 @@ def test_every_format_reads_into_one_view(tmp_path):
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict.items())
 
 
+def test_a_checkpoint_of_a_later_format_version_asks_for_an_upgrade(tmp_path, capsys):
+    # a file written by a later release may change the layout: refused in one line, not misread
+    model = sf.create_model("spikingformer_digits", **SMALL)
+    state = checkpoints.TrainingState(epoch=0, metrics={}, best={"top1": -1.0, "epoch": -1}, optimizer={}, scheduler={},
+                                      scaler={}, rng={})
+    written = checkpoints.training_checkpoint(model, "spikingformer_digits", TrainConfig().to_dict(), state)
+    assert written["version"] == checkpoints.VERSION == 1
+    checkpoints.save_atomic({**written, "version": 2}, tmp_path / "later.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "later.pt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"spikingformer eval: error: {tmp_path / 'later.pt'} was written by a later spikingformer (spikingformer-checkpoint "
+        "version 2; this release reads version 1): upgrade spikingformer to read it")
+    checkpoints.export_safetensors(model, tmp_path / "m.safetensors", "spikingformer_digits")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert metadata["version"] == "1" and checkpoints.read(tmp_path / "m.safetensors").kind == checkpoints.EXPORT_FORMAT
+    save_file(tensors, str(tmp_path / "later.safetensors"), metadata={**metadata, "version": "2"})
+    with pytest.raises(checkpoints.CheckpointError, match="was written by a later spikingformer .spikingformer-safetensors version 2"):
+        checkpoints.read(tmp_path / "later.safetensors")
+
+
 def test_each_command_reads_its_checkpoint_once(tmp_path, monkeypatch, capsys):
     training_checkpoint(tmp_path / "best.pt")
     reads = []

@@ -44,6 +44,7 @@ from spikingformer.deploy.fuse import is_fused
 FORMAT = "spikingformer-checkpoint"
 FUSED_FORMAT = "spikingformer-fused-checkpoint"
 EXPORT_FORMAT = "spikingformer-safetensors"
+VERSION = 1  # of the three formats; a file of a later version is refused with a word to upgrade
 WEIGHTS = "weights"  # the kind of a file that holds weights alone (the authors', timm's, a bare state dict)
 
 
@@ -78,7 +79,7 @@ def _described(fmt: str, model: nn.Module, model_name: str | None, train_config:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("only SpikingTransformer models (with a .config) can be saved as spikingformer checkpoints")
-    return {"format": fmt, "version": 1, "model": model.state_dict(), "model_name": model_name,
+    return {"format": fmt, "version": VERSION, "model": model.state_dict(), "model_name": model_name,
             "model_config": config.to_dict(), "train_config": train_config}
 
 
@@ -126,6 +127,9 @@ def _parse(raw: object, where: str) -> Checkpoint:
     """Dispatch the contents of a checkpoint file (:func:`load_checkpoint`) on their format."""
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if fmt == FORMAT or (fmt == FUSED_FORMAT and raw.get("fused") is True) or fmt == EXPORT_FORMAT:
+        if int(raw.get("version", 1)) > VERSION:
+            raise CheckpointError(f"{where} was written by a later spikingformer ({fmt} version {raw['version']}; this "
+                                  f"release reads version {VERSION}): upgrade spikingformer to read it")
         names = [f.name for f in fields(TrainingState)]
         training = TrainingState(**{k: raw[k] for k in names}) if fmt == FORMAT and all(k in raw for k in names) else None
         return Checkpoint(where, fmt, raw["model"], raw.get("model_name"), raw["model_config"], bool(raw.get("fused")),
@@ -297,7 +301,7 @@ def export_safetensors(model: nn.Module, path: str | Path, model_name: str | Non
     from safetensors.torch import save
 
     described = _described(EXPORT_FORMAT, model, model_name, train_config)
-    metadata = {"format": EXPORT_FORMAT, "model_name": model_name or "", "model_config": json.dumps(described["model_config"]),
+    metadata = {"format": EXPORT_FORMAT, "version": str(VERSION), "model_name": model_name or "", "model_config": json.dumps(described["model_config"]),
                 "fused": "true" if is_fused(model) else "false"}
     if train_config is not None:
         metadata["train_config"] = json.dumps(train_config)
@@ -353,8 +357,8 @@ def _read_safetensors(path: Path) -> dict:
     if metadata.get("format") != EXPORT_FORMAT:
         return tensors  # a bare state dict
     try:
-        return {"format": EXPORT_FORMAT, "model": tensors, "model_name": metadata.get("model_name") or None,
-                "model_config": json.loads(metadata["model_config"]), "fused": metadata.get("fused") == "true",
-                "train_config": json.loads(metadata.get("train_config", "null"))}
-    except (KeyError, json.JSONDecodeError) as err:
+        return {"format": EXPORT_FORMAT, "version": int(metadata.get("version", "1")), "model": tensors,
+                "model_name": metadata.get("model_name") or None, "model_config": json.loads(metadata["model_config"]),
+                "fused": metadata.get("fused") == "true", "train_config": json.loads(metadata.get("train_config", "null"))}
+    except (KeyError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: its spikingformer metadata is damaged ({err}); export it again") from err
