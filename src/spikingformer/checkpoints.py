@@ -301,8 +301,8 @@ def export_safetensors(model: nn.Module, path: str | Path, model_name: str | Non
     from safetensors.torch import save
 
     described = _described(EXPORT_FORMAT, model, model_name, train_config)
-    metadata = {"format": EXPORT_FORMAT, "version": str(VERSION), "model_name": model_name or "", "model_config": json.dumps(described["model_config"]),
-                "fused": "true" if is_fused(model) else "false"}
+    metadata = {"format": EXPORT_FORMAT, "version": str(VERSION), "model_name": model_name or "",
+                "model_config": json.dumps(described["model_config"]), "fused": "true" if is_fused(model) else "false"}
     if train_config is not None:
         metadata["train_config"] = json.dumps(train_config)
     tensors = {k: v.detach().cpu().contiguous() for k, v in described["model"].items()}
