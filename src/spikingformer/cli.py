@@ -159,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from spikingformer.allocator import configure_allocator
+    from spikingformer.cpu_features import fit_threads_to_quota
     from spikingformer.native import calm_gnu_openmp
 
     calm_gnu_openmp()  # before PyTorch loads its OpenMP runtime
 
     configure_allocator()  # cache large CPU blocks across steps instead of faulting them in (docs/performance.md)
+    fit_threads_to_quota()  # a container's CPU limit, which PyTorch's default thread count does not read
     try:
         with _sigterm_as_interrupt():
             status = int(args.func(args) or 0)

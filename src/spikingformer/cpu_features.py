@@ -9,13 +9,17 @@ asks it (without native support bf16 is emulated and several times slower than f
 :func:`mkl_generic` says whether MKL runs its generic (non-Intel) code here (the ``token_linear``
 route asks it).
 :func:`pin_threads` fixes the CPU thread count, so that two seeded runs compute alike.
+:func:`usable_cpus` counts the CPUs this process may use: its affinity and its cgroup's CPU quota
+(a container's ``--cpus``), which PyTorch's default thread count does not read.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
+from pathlib import Path
 
 # ONEDNN_MAX_CPU_ISA values that cap oneDNN below native bf16 (AVX512_CORE_BF16), with the vector
 # ISA each still allows
@@ -164,3 +168,69 @@ def pin_threads() -> int:
     except (OSError, AttributeError):
         pass  # another OpenMP runtime: its teams keep the size torch.set_num_threads gave
     return threads
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cpus(cgroup: Path | None = None) -> int:
+    """The CPUs this process may use: those of its affinity (``taskset``, a cpuset), at most its
+    cgroup's CPU quota rounded up (Docker's ``--cpus``, a Kubernetes CPU limit: cgroup v2's
+    ``cpu.max`` of its cgroup and every parent, or v1's ``cpu.cfs_quota_us``). A container limited to
+    2 CPUs on a 64-core host sees 64 cores, and PyTorch's default threads would contend for the 2."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quotas = _cgroup_quotas(CGROUP if cgroup is None else cgroup)
+    return max(1, min([cpus, *(math.ceil(q) for q in quotas)]))
+
+
+def _cgroup_quotas(root: Path, own: str | None = None) -> list[float]:
+    """The CPU quotas (in CPUs) that bind this process: for each CPU controller of ``own`` (the text
+    of ``/proc/self/cgroup``), cgroup v2's ``cpu.max`` or v1's ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``, in its cgroup's folder and every parent's up to the mount."""
+    if own is None:
+        try:
+            own = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            own = ""
+    pairs = []  # (quota, period) in microseconds, as read
+    for line in own.splitlines():
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:  # v2: "0::/path"
+            base, files = root, ("cpu.max",)  # "max 100000" or "200000 100000"
+        elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/path"
+            base, files = root / "cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us")  # -1 for none
+        else:
+            continue
+        folder = base / path.strip("/")
+        for d in [folder, *folder.parents]:
+            pairs.append([field for name in files for field in _read_fields(d / name)])
+            if d == base:
+                break
+    quotas = []
+    for pair in pairs:
+        try:
+            quota, period = int(pair[0]), int(pair[1])  # "max" (v2) or -1 (v1): no quota
+        except (IndexError, ValueError):
+            continue
+        if quota > 0 and period > 0:
+            quotas.append(quota / period)
+    return quotas
+
+
+def fit_threads_to_quota() -> int | None:
+    """Lower PyTorch's CPU threads to :func:`usable_cpus` where they exceed it and the user set no
+    ``OMP_NUM_THREADS``; returns the new count, or ``None`` where nothing changed."""
+    import torch
+
+    usable = usable_cpus()
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() <= usable:
+        return None
+    torch.set_num_threads(usable)
+    return usable
+
+
+def _read_fields(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except (OSError, ValueError):
+        return []

@@ -71,7 +71,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
 
     from spikingformer import __version__, kernels
     from spikingformer.allocator import allocator_state
-    from spikingformer.cpu_features import cpu_name, isa_variables_set, native_bf16, native_int8
+    from spikingformer.cpu_features import cpu_name, isa_variables_set, native_bf16, native_int8, usable_cpus
     from spikingformer.layers import routes
 
     on = routes.active()
@@ -83,7 +83,9 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
     return [
         ("spikingformer", f"{__version__} (torch {torch.__version__}, python {platform.python_version()}, "
                           f"{platform.system()} {platform.machine()})"),
-        ("CPU", f"{cpu_name()}; {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}"),
+        ("CPU", f"{cpu_name()}; {os.cpu_count()} logical cores" + (
+            f", {usable_cpus()} usable (affinity and cgroup CPU quota)" if usable_cpus() < (os.cpu_count() or 1) else "")
+         + f"; torch threads {torch.get_num_threads()}"),
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
                                                  ": not measured, so no speed route is on")),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spikingformer.cpu_features import usable_cpus
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -56,7 +58,7 @@ def setup(device: str = "auto") -> Runtime:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cpu" and world_size > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cpus() // local_world))
     return Runtime(dev, rank, world_size, local_rank)
 
 

@@ -10,7 +10,6 @@ by accident (:mod:`spikingformer.engine.run_folder`).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import time
@@ -34,7 +33,7 @@ from spikingformer.engine.resume import fresh_start_note, restore, resume_path, 
 from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.allocator import empty_cache
-from spikingformer.cpu_features import pin_threads
+from spikingformer.cpu_features import pin_threads, usable_cpus
 from spikingformer.progress import progress
 from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
 
@@ -90,7 +89,7 @@ def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
 
 def _workers(requested: int, runtime: Runtime) -> int:
     """``--workers``, at most the CPUs this process may use (where PyTorch warns of slowness or a freeze)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if requested > cpus and runtime.is_main:
         warnings.warn(f"spikingformer: --workers {requested} exceeds the {cpus} CPU(s) this process may use; "
                       f"loading with {cpus}", UserWarning, stacklevel=2)
