@@ -115,6 +115,11 @@ BAD_SHAPES = [
     ("static", (0, 1, 16, 16), r"empty input of shape \(0, 1, 16, 16\).*B >= 1"),
     ("event", (2, 0, 2, 32, 32), r"empty input.*T >= 1"),
     ("static", (1, 16, 16), r"static images \(B, 1, H, W\).*got shape \(1, 16, 16\).*unsqueeze\(0\)"),
+    # grey images without their channel dimension, as the digits come (B, H, W), or one alone (H, W)
+    ("static", (2, 16, 16), r"got shape \(2, 16, 16\) \(add the channel dimension with x.unsqueeze\(1\) for a batch of "
+                            r"grey images, or the batch dimension with x.unsqueeze\(0\) for a single sample\)"),
+    ("static", (16, 16), r"got shape \(16, 16\) \(add the batch and channel dimensions with x\[None, None\] for a single grey"),
+    ("event", (2, 32, 32), r"got shape \(2, 32, 32\) \(add the batch dimension with x.unsqueeze\(0\) for a single sample\)"),
     ("static", (2, 3, 16, 16), r"1 input channels, got 3"),
     ("event", (2, 2, 32, 32, 3), r"2 input channels, got 32 .*read as event frames \(B, T, C, H, W\)"),
     ("event", (2, 2, 8, 32, 32), r"2 input channels, got 8 .*event frames \(B, T, 2, H, W\)"),

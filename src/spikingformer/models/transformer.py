@@ -177,8 +177,12 @@ class SpikingTransformer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"expected a tensor of {layouts}, got {type(x).__name__}")
         if x.dim() not in (4, 5):
-            raise ValueError(f"expected {layouts}; got shape {tuple(x.shape)} (add the batch dimension with "
-                             f"x.unsqueeze(0) for a single sample)")
+            hint = "add the batch dimension with x.unsqueeze(0) for a single sample"
+            if c.in_channels == 1 and x.dim() == 2:  # one grey image (H, W)
+                hint = "add the batch and channel dimensions with x[None, None] for a single grey image"
+            elif c.in_channels == 1 and x.dim() == 3 and x.shape[0] != 1:  # most likely grey images (B, H, W)
+                hint = f"add the channel dimension with x.unsqueeze(1) for a batch of grey images, or {hint[4:]}"
+            raise ValueError(f"expected {layouts}; got shape {tuple(x.shape)} ({hint})")
         if x.shape[0] == 0 or (x.dim() == 5 and x.shape[1] == 0):
             raise ValueError(f"empty input of shape {tuple(x.shape)}: expected {layouts} with B >= 1 (and T >= 1)")
         channels, h, w = x.shape[-3:]
