@@ -235,7 +235,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], durable: b
             os.unlink(tmp)
         cause = out.error if out is not None and out.error is not None else err
         if isinstance(cause, OSError):
-            raise _write_error(cause, path) from err
+            raise _write_error(cause, path) from cause  # the OS's error, whatever wrapped it
         raise
     return path
 

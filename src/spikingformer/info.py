@@ -79,12 +79,13 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
     isa = routes.cpu_isa()
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     library, ready = _kernel_library(build)
+    usable = usable_cpus()
     auto = kernels.select_backend(torch.zeros(1)) if ready else "cpu once the library is built (torch if it cannot be)"
     return [
         ("spikingformer", f"{__version__} (torch {torch.__version__}, python {platform.python_version()}, "
                           f"{platform.system()} {platform.machine()})"),
         ("CPU", f"{cpu_name()}; {os.cpu_count()} logical cores" + (
-            f", {usable_cpus()} usable (affinity and cgroup CPU quota)" if usable_cpus() < (os.cpu_count() or 1) else "")
+            f", {usable} usable (affinity and cgroup CPU quota)" if usable < (os.cpu_count() or 1) else "")
          + f"; torch threads {torch.get_num_threads()}"),
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
