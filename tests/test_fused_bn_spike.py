@@ -124,6 +124,9 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
             assert torch.equal(mean2, mean) and all(torch.equal(a, b) for a, b in zip(running, running2))
             assert torch.equal(cpu.bn_invstd(var, 1e-5, batch=True), invstd)
             assert (cpu.bn_invstd(var, 1e-5, batch=False) != invstd).sum() > c // 40
+            # PyTorch's own inference terms (asked of its kernel): within 2 ulp of the float64 quotient
+            ulps = cpu.bn_invstd(var, 1e-5, batch=False).view(torch.int32) - invstd.view(torch.int32)
+            assert ulps.abs().max() <= 2
         # the library's passes sum as PyTorch's x86 kernels do; PyTorch 2.10's AArch64 kernel sums in
         # another order, where the probe leaves the statistics to PyTorch (the equalities above hold either way)
         x86_fma = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
