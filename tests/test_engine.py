@@ -103,6 +103,29 @@ def test_sigterm_to_the_whole_job_says_what_was_kept_and_exits_143(tmp_path):
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
 
 
+CRASH_IN_AN_EPOCH = """
+import sys
+from spikingformer.cli import main
+from spikingformer.engine import trainer
+
+def check_batch(images, loader, step):
+    if step == 1:
+        raise RuntimeError("an error the command does not handle")
+
+trainer.check_batch = check_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_uncaught_error_with_workers_ends_the_process(tmp_path):
+    # Python stops the DataLoader workers of an interpreter that exits on an uncaught error with
+    # SIGTERM and waits for them: a worker that ignored it hung the process for ever
+    proc = subprocess.run([sys.executable, "-c", CRASH_IN_AN_EPOCH, "train", "--output", str(tmp_path), "--name", "c",
+                           *TINY, "--epochs", "2", "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().endswith("RuntimeError: an error the command does not handle")
+
+
 def test_sigterm_restores_the_handler_it_replaced(capsys, monkeypatch):
     def terminated(args):
         os.kill(os.getpid(), signal.SIGTERM)

@@ -10,6 +10,7 @@ by accident (:mod:`spikingformer.engine.run_folder`).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import time
@@ -81,10 +82,16 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
 
 
 def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM, which a batch scheduler sends to every process of the job:
-    the main process says what it kept and shuts its workers down (a worker that died of it first
-    made PyTorch print a traceback after that line). PyTorch's workers leave Ctrl-C to it the same way."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker ends quietly on SIGTERM, which a batch scheduler sends to every process of
+    the job: the main process says what it kept. Killed by the signal instead, it made PyTorch's
+    main process print a traceback after that line; ignoring it hung an interpreter that exited on
+    an uncaught error, whose workers Python's multiprocessing stops with SIGTERM and then waits for.
+    PyTorch's workers leave Ctrl-C to the main process too."""
+    signal.signal(signal.SIGTERM, _end_worker)
+
+
+def _end_worker(signum, frame) -> None:
+    os._exit(0)  # at once, with the success status PyTorch does not report as a worker's failure
 
 
 def _workers(requested: int, runtime: Runtime) -> int:
