@@ -375,3 +375,26 @@ def test_progress_bars_redraw_twice_a_second_on_a_terminal_and_once_a_minute_int
     monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
     with progress(range(3), desc="x") as bar:
         assert bar.mininterval == 0.5
+
+
+def test_a_warning_beside_a_progress_bar_stands_on_its_own_line(monkeypatch):
+    import io
+
+    from spikingformer.cli import _one_line_warning
+    from spikingformer.progress import progress
+
+    def said() -> str:
+        return _one_line_warning(UserWarning("spikingformer: x"), UserWarning, "f.py", 3)
+
+    assert said() == "spikingformer: x\n"
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress(range(3), desc="epoch 1/1"):
+        assert said() == "\nspikingformer: x\n"  # a log: the bar's line ends first
+        monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
+        with progress(range(3), desc="test"):
+            assert said() == "\r\033[Kspikingformer: x\n"  # a terminal: the bar's line is cleared, then redrawn
+        assert said().startswith("\n")
+    with progress(range(3), desc="not drawn", disable=True):
+        assert said() == "spikingformer: x\n"
+    assert said() == "spikingformer: x\n"

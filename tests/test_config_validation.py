@@ -56,6 +56,8 @@ BAD_FLAGS = [
     (["--dataset", "nmnist", "--data-dir", "n", "--model", "spikingformer_digits_dvs"],
      "--dataset nmnist gives 34x34 frames, larger than the 32x32 input of the model spikingformer_digits_dvs; train with "
      "the data set's recipe, --config nmnist, or set the model's input side: --model-args '{img_size: 48}'"),
+    (["--mixup", "0.8", "--batch-size", "5"], "--batch-size 5 is odd, and mixup and CutMix pair a batch's images: pass "
+                                              "an even --batch-size, or --mixup 0 --cutmix 0"),
     (["--opt", "adamz"], "unknown optimizer 'adamz'"),
     (["--sched", "cosin"], "config key 'sched' must be one of cosine, tanh"),
     (["--sched", "plateau"], "config key 'sched' must be one of cosine, tanh, step, multistep, poly, constant, wsd, rsqrt; got 'plateau'"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +194,24 @@ def test_unreadable_files_in_an_image_folder_are_named_and_skipped(tmp_path):
     model = sf.create_model("spikingformer_cifar10_4_256", embed_dim=32, depth=1, num_heads=2, time_steps=1)
     with pytest.warns(UnreadableImageWarning):
         assert evaluate(model, loader, runtime, None)["samples"] == 20
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_on_a_folder_with_an_unreadable_image_warns_on_its_own_line(tmp_path, workers):
+    """The command trains on (mixup pairs the images of a batch: one left at an odd size leaves out
+    one more) and names the file in one line of its own beside the progress bar, also from a worker."""
+    write_cifar_folders(tmp_path / "cifar")
+    broken = tmp_path / "cifar" / "train" / "cat" / "notes.png"
+    broken.write_text("this is not an image")
+    run = subprocess.run([sys.executable, "-m", "spikingformer", "train", "--config", "cifar10", "--data-dir",
+                          str(tmp_path / "cifar"), "--output", str(tmp_path / "runs"), "--model-args",
+                          "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}", "--epochs", "1", "--cooldown-epochs", "0",
+                          "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--workers", str(workers),
+                          "--tensorboard", "false"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [line for line in run.stderr.split("\n") if str(broken) in line]
+    assert said and said[0].startswith(f"skipping {broken}: not a readable image (UnidentifiedImageError"), run.stderr
+    assert "checkpoint:" in run.stdout
 
 
 def _poisoned_folder(root):

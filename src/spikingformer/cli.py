@@ -142,10 +142,12 @@ def build_parser() -> CommandParser:
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """The package's own warnings (they start with ``spikingformer:``) as their message alone, one line."""
-    if str(message).startswith("spikingformer"):
-        return f"{message}\n"
-    return _default_formatwarning(message, category, filename, lineno, line)
+    """The package's own warnings (they start with ``spikingformer:`` or are of its own categories) as
+    their message alone, one line; any warning on a line of its own beside a progress bar."""
+    from spikingformer.progress import line_start
+
+    own = str(message).startswith("spikingformer") or category.__module__.startswith("spikingformer.")
+    return line_start() + (f"{message}\n" if own else _default_formatwarning(message, category, filename, lineno, line))
 
 
 _default_formatwarning = warnings.formatwarning

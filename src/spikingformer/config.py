@@ -412,6 +412,9 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
     if training and start and not Path(start).is_file():
         raise ConfigError(f"--initial-checkpoint {start}: " + ("a folder; pass the checkpoint file in it (e.g. best.pt)"
                                                                if Path(start).is_dir() else "no such file"))
+    if training and (cfg.mixup.mixup > 0 or cfg.mixup.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"--batch-size {cfg.data.batch_size} is odd, and mixup and CutMix pair a batch's images: "
+                          "pass an even --batch-size, or --mixup 0 --cutmix 0")
     if cfg.run.overwrite and cfg.run.resume is not None:
         raise ConfigError("--overwrite starts the run afresh and --resume continues one; pass only one of them")
     hints = get_type_hints(ModelConfig)

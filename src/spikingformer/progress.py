@@ -4,19 +4,38 @@ a long run stays small (a CIFAR epoch on a CPU takes about half an hour: 3,600 r
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable
 
 TERMINAL_REFRESH_S = 0.5
 LOG_REFRESH_S = 60.0
+_drawn: list[bool] = []  # the bars drawn in this process (a DataLoader worker inherits its parent's): on a terminal?
 
 
+@contextlib.contextmanager
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it",
              disable: bool = False):
-    """A ``tqdm`` bar over ``iterable`` (or updated by hand up to ``total``); use it in a ``with`` block,
-    so that it is closed however the loop ends."""
+    """A ``tqdm`` bar over ``iterable`` (or updated by hand up to ``total``) for a ``with`` block, closed
+    however the block ends."""
     from tqdm import tqdm
 
     terminal = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True,
-                file=sys.stderr, mininterval=TERMINAL_REFRESH_S if terminal else LOG_REFRESH_S)
+    with tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True,
+              file=sys.stderr, mininterval=TERMINAL_REFRESH_S if terminal else LOG_REFRESH_S) as bar:
+        if not disable:
+            _drawn.append(terminal)
+        try:
+            yield bar
+        finally:
+            if not disable:
+                _drawn.pop()
+
+
+def line_start() -> str:
+    """What a line written to standard error starts with so that it stands on a line of its own while a
+    bar is drawn there: on a terminal it replaces the bar (redrawn at its next update), in a log it
+    ends the bar's line; nothing while no bar is drawn."""
+    if not _drawn:
+        return ""
+    return "\r\033[K" if _drawn[-1] else "\n"

@@ -227,7 +227,8 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
             images = images.to(runtime.device, non_blocking=True)
             hard_target = target = target.to(runtime.device, non_blocking=True)
             if st.mixup_fn is not None:
-                images, target = st.mixup_fn(images, target)
+                images, hard_target = _paired(images, hard_target)
+                images, target = st.mixup_fn(images, hard_target)
             logged = runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1)
             if logged:
                 meter.attach()
@@ -255,6 +256,16 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
                                 lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
     return sums
+
+
+def _paired(images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch for mixup and CutMix, which pair its images: one that an unreadable image (named in
+    a warning) left at an odd size leaves out one more."""
+    if len(images) == 1:
+        raise ValueError("only one image of a training batch could be read (the warnings above name the files), "
+                         "and mixup and CutMix pair a batch's images; check the data folder")
+    keep = len(images) - len(images) % 2
+    return images[:keep], target[:keep]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
