@@ -214,6 +214,28 @@ def test_training_on_a_folder_with_an_unreadable_image_warns_on_its_own_line(tmp
     assert "checkpoint:" in run.stdout
 
 
+def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(tmp_path, monkeypatch, capsys):
+    """A relative --data-dir is recorded as the absolute folder it named, so the checkpoint evaluates
+    from another working folder; ``~`` (a recipe's ``data_dir: ~/cifar``) is the home folder."""
+    from spikingformer.checkpoints import load_checkpoint
+    from spikingformer.cli import main
+
+    write_cifar_folders(tmp_path / "home" / "cifar")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "home")
+    tiny = ["--model-args", "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}", "--epochs", "1", "--cooldown-epochs", "0",
+            "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--tensorboard", "false", "--config", "cifar10"]
+    assert main(["train", "--data-dir", "cifar", "--output", "runs", "--name", "r", *tiny]) == 0
+    best = tmp_path / "home" / "runs" / "r" / "best.pt"
+    assert load_checkpoint(best)["train_config"]["data"]["data_dir"] == str(tmp_path / "home" / "cifar")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(best)]) == 0
+    assert "on cifar10 (20 images)" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(best), "--data-dir", "~/cifar"]) == 0
+    assert "on cifar10 (20 images)" in capsys.readouterr().out
+
+
 def _poisoned_folder(root):
     """A class-folder tree whose image ``train/frog/1.png`` turns into NaN through its transform."""
     write_cifar_folders(root, per_class=3)

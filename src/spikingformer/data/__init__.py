@@ -95,6 +95,19 @@ def is_event_dataset(name: str) -> bool:
     return name in EVENT or name.startswith(TONIC_PREFIX)
 
 
+def with_local_folders(data_cfg):
+    """``data_cfg`` with its data and cache folders as absolute paths, ``~`` expanded (a recipe's
+    ``data_dir: ~/data/cifar10``); a run's checkpoint records them so, whatever folder it is evaluated
+    or resumed from."""
+    import dataclasses
+    import os
+
+    def local(path: str | None) -> str | None:
+        return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+    return dataclasses.replace(data_cfg, data_dir=local(data_cfg.data_dir), cache_dir=local(data_cfg.cache_dir))
+
+
 def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     """The data set named by ``data_cfg.dataset`` (a :class:`~spikingformer.config.DataSection`).
 
@@ -103,6 +116,7 @@ def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:
     """
     name = data_cfg.dataset
     check_dataset_name(name)
+    data_cfg = with_local_folders(data_cfg)
     if name.startswith(TONIC_PREFIX):  # a data set of the tonic library, e.g. tonic:NMNIST
         return _tonic_dataset(data_cfg, img_size, train)
     if needs_data_dir(name) and not data_cfg.data_dir:

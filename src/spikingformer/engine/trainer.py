@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from spikingformer import checkpoints
 from spikingformer.checkpoints import TrainingState
 from spikingformer.config import TrainConfig, validate
-from spikingformer.data import build_dataset, check_batch, collate, unread_settings
+from spikingformer.data import build_dataset, check_batch, collate, unread_settings, with_local_folders
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.engine.firing import FiringRateMeter, rate_of
@@ -171,6 +171,7 @@ def train(cfg: TrainConfig) -> dict:
     lock for the whole run and applies the overwrite policy (:mod:`spikingformer.engine.run_folder`).
     """
     validate(cfg, training=True)
+    cfg.data = with_local_folders(cfg.data)  # the checkpoints' record holds for any working folder
     runtime = setup(cfg.run.device)
     with contextlib.ExitStack() as held:
         try:
