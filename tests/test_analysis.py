@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from spikingformer import create_model
+from spikingformer import checkpoints, create_model
 from spikingformer.analysis.audit import non_spike_layers, record_activity, silent_layers
 from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, energy_from_record
 from spikingformer.analysis.geometry import layer_specs
@@ -413,6 +413,23 @@ def test_cli_fuse(tmp_path, digits_pair):
     assert all(torch.equal(v, expected[k]) for k, v in fused.state_dict().items())
     assert _run(["audit", "--checkpoint", str(out), "--dataset", "random", "--batches", "1", "--batch-size", "2"]) == 0
     assert _run(["fuse", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2
+
+
+@pytest.mark.parametrize("saved", ["fuse", "export"])
+def test_fused_and_exported_files_analyse_their_training_data_as_eval_does(tmp_path, capsys, saved):
+    # a file that records its training data set (not the digits) is analysed on it without --dataset
+    from test_static_data import write_cifar_folders
+
+    write_cifar_folders(tmp_path / "cifar", per_class=1)
+    model = create_model("spikingformer_cifar10_4_256", embed_dim=16, depth=1, num_heads=2, time_steps=1)
+    config = {"data": {"dataset": "cifar10", "data_dir": str(tmp_path / "cifar")}}
+    if saved == "fuse":
+        path = checkpoints.save_fused(fuse_model(model), tmp_path / "m.pt", "spikingformer_cifar10_4_256", config)
+    else:
+        path = checkpoints.export_safetensors(model, tmp_path / "m.safetensors", "spikingformer_cifar10_4_256", config)
+    capsys.readouterr()
+    assert _run(["energy", "--checkpoint", str(path), "--output", str(tmp_path / "e")]) == 0, capsys.readouterr().err
+    assert "inputs: 10 images: the whole cifar10 test split" in capsys.readouterr().out
 
 
 def test_test_batches_are_read_one_at_a_time_on_every_pass():

@@ -158,12 +158,12 @@ def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
     if args.data == RANDOM:
         batches = synthetic_batches(config, args.batches or 2, args.batch_size, args.seed)
         return Inputs(batches, f"synthetic (--dataset random, seed {args.seed})")
-    from spikingformer.checkpoints import FORMAT
     from spikingformer.engine.evaluation import data_section_for
 
-    training = loaded.checkpoint is not None and loaded.checkpoint.kind == FORMAT  # a training checkpoint
-    dataset = args.data or (None if training else default_dataset(config))
-    if dataset is None and not training:
+    # a file of this project's that records its training data (training, fused, exported), as eval reads it
+    recorded = loaded.checkpoint is not None and loaded.checkpoint.recorded_data is not None
+    dataset = args.data or (None if recorded else default_dataset(config))
+    if dataset is None and not recorded:
         raise ValueError("name the input data with --dataset (a data set, or 'random' for synthetic inputs); "
                          "only the digits models and this project's checkpoints have a default")
     section = data_section_for(loaded.checkpoint, dataset, args.data_dir, config.time_steps)
