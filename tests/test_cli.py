@@ -332,6 +332,23 @@ def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
     assert _bf16_line(True, 0.15, wide_limit=None) == _bf16_line(True, 0.15)
 
 
+@pytest.mark.parametrize("rounding,reproduces,ready,expected", [
+    ("fused", True, True, "computed in the fused kernels as PyTorch's kernel computes it (one rounding per multiply-add)"),
+    ("unfused", True, True, "computed in the fused kernels as PyTorch's kernel computes it (two roundings per"),
+    (None, False, True, "left to PyTorch's kernel (a rounding the probe does not recognise), which the fused kernels "
+                        "cannot reproduce here"),
+    ("fused", False, False, "PyTorch's kernel: one rounding per multiply-add; whether the fused kernels reproduce it")])
+def test_info_says_whether_the_fused_kernels_compute_batch_norm(monkeypatch, rounding, reproduces, ready, expected):
+    """A CPU whose BatchNorm the probe does not recognise (an AMD EPYC, Zen 5, until the inference terms
+    were asked of PyTorch) runs the fused routes with BatchNorm as a separate call: info says so."""
+    from spikingformer import info
+    from spikingformer.kernels import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "bn_rounding", lambda: rounding)
+    monkeypatch.setattr(cpu_backend, "kernel_reproduces_bn", lambda: reproduces)
+    assert info._batch_norm_line(ready).startswith(expected)
+
+
 @pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),
                                                     (True, True, "generic code on this CPU"),
                                                     (True, False, "its own code for this CPU")])

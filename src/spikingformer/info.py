@@ -65,6 +65,21 @@ def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = 
     return f"native: `--amp auto` trains in bf16 on this CPU; {how}"
 
 
+def _batch_norm_line(ready: bool) -> str:
+    """Whether the fused kernels compute BatchNorm here: only with the rounding of PyTorch's kernel in
+    use (``kernels.cpu_backend.bn_rounding``), which a build without FMA cannot give where it fuses."""
+    from spikingformer.kernels import cpu_backend
+
+    how = {"fused": "one rounding per multiply-add", "unfused": "two roundings per multiply-add",
+           None: "a rounding the probe does not recognise"}[cpu_backend.bn_rounding()]
+    if not ready:
+        return f"PyTorch's kernel: {how}; whether the fused kernels reproduce it is known once the library is built"
+    if cpu_backend.kernel_reproduces_bn():
+        return f"computed in the fused kernels as PyTorch's kernel computes it ({how})"
+    return (f"left to PyTorch's kernel ({how}), which the fused kernels cannot reproduce here: "
+            "fused_bn_spike and fused_spike_pool run BatchNorm as a separate call")
+
+
 def describe(build: bool = False) -> list[tuple[str, str]]:
     """``(label, value)`` lines: versions, the CPU, the choices made for it, the kernels, the devices."""
     import torch
@@ -100,6 +115,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("routes off", ", ".join(off) or "none"),
         ("SPIKINGFORMER_ROUTES", os.environ.get(routes.ENV) or "unset (the defaults for this CPU)"),
         ("kernel library", library),
+        ("BatchNorm", _batch_norm_line(ready)),
         ("LIF backends", f"{', '.join(kernels.available_backends())}, reference; on CPU tensors 'auto' picks {auto}"),
         ("CPU allocator", allocator_state()),
         ("CUDA", ", ".join(cuda) if cuda else "no device visible"),
