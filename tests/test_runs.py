@@ -271,6 +271,21 @@ def test_a_resume_names_every_changed_setting_and_only_those(tmp_path, capsys):
                     "epochs 1 -> 2, smoothing 0.1 -> 0, seed 5 -> 6, tensorboard false -> true")
 
 
+def test_a_run_that_recorded_a_relative_folder_resumes_without_a_changed_setting(tmp_path, capsys, monkeypatch):
+    # runs before 2026-12-06 recorded --data-dir / --cache-dir as given; they are now made absolute
+    monkeypatch.chdir(tmp_path)
+    assert train(tmp_path, "f", "--epochs", "1", "--cache-dir", "frames") == 0
+    last = tmp_path / "f" / "last.pt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["train_config"]["data"]["cache_dir"] == str(tmp_path / "frames")
+    saved["train_config"]["data"]["cache_dir"] = "frames"
+    torch.save(saved, last)
+    capsys.readouterr()
+    assert train(tmp_path, "f", "--epochs", "2", "--cache-dir", "frames", "--resume", "auto") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resuming with changed settings"))
+    assert line == "resuming with changed settings (the checkpoint's -> this run's): epochs 1 -> 2"
+
+
 def test_resume_auto_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, capsys):
     # `--resume auto` restarts a job with one command, so it starts a run where none is; but a user who
     # left out --config or --name meant another folder: the line names the runs beside it

@@ -95,17 +95,22 @@ def is_event_dataset(name: str) -> bool:
     return name in EVENT or name.startswith(TONIC_PREFIX)
 
 
-def with_local_folders(data_cfg):
-    """``data_cfg`` with its data and cache folders as absolute paths, ``~`` expanded (a recipe's
-    ``data_dir: ~/data/cifar10``); a run's checkpoint records them so, whatever folder it is evaluated
-    or resumed from."""
-    import dataclasses
+FOLDERS = ("data_dir", "cache_dir")  # the data settings that name folders
+
+
+def local_folder(path: str | None) -> str | None:
+    """``path`` as an absolute path, ``~`` expanded (a recipe's ``data_dir: ~/data/cifar10``)."""
     import os
 
-    def local(path: str | None) -> str | None:
-        return None if path is None else os.path.abspath(os.path.expanduser(path))
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
-    return dataclasses.replace(data_cfg, data_dir=local(data_cfg.data_dir), cache_dir=local(data_cfg.cache_dir))
+
+def with_local_folders(data_cfg):
+    """``data_cfg`` with its :data:`FOLDERS` as :func:`local_folder` gives them; a run's checkpoint
+    records them so, whatever folder it is evaluated or resumed from."""
+    import dataclasses
+
+    return dataclasses.replace(data_cfg, **{key: local_folder(getattr(data_cfg, key)) for key in FOLDERS})
 
 
 def build_dataset(data_cfg, img_size: int, train: bool) -> Dataset:

@@ -13,6 +13,7 @@ import yaml
 
 from spikingformer import checkpoints
 from spikingformer.config import SECTIONS, TrainConfig
+from spikingformer.data import FOLDERS, local_folder
 from spikingformer.models import model_config
 
 
@@ -85,6 +86,8 @@ def _changed_settings(ckpt: checkpoints.Checkpoint, cfg: TrainConfig) -> str | N
     """``"batch_size 64 -> 32, lr 0.003 -> 0.0001, epochs 6 -> 8"``: the settings that differ from the
     checkpoint's run, in every section (settings it predates, and --resume / --overwrite, are not compared)."""
     saved, now = ckpt.train_config or {}, cfg.to_dict()
+    data = saved.get("data", {})  # a run recorded before folders were made absolute (2026-12-06) named them as given
+    saved = {**saved, "data": {**data, **{key: local_folder(data[key]) for key in FOLDERS if isinstance(data.get(key), str)}}}
     changes = [f"{key} {_shown(saved[section][key])} -> {_shown(value)}" for section in SECTIONS
                for key, value in now[section].items()
                if key not in _NOT_SETTINGS and key in saved.get(section, {}) and saved[section][key] != value]
