@@ -271,6 +271,7 @@ def test_a_resume_names_every_changed_setting_and_only_those(tmp_path, capsys):
                     "epochs 1 -> 2, smoothing 0.1 -> 0, seed 5 -> 6, tensorboard false -> true")
 
 
+@pytest.mark.filterwarnings("ignore:spikingformer. digits does not read --cache-dir")  # recorded all the same
 def test_a_run_that_recorded_a_relative_folder_resumes_without_a_changed_setting(tmp_path, capsys, monkeypatch):
     # runs before 2026-12-06 recorded --data-dir / --cache-dir as given; they are now made absolute
     monkeypatch.chdir(tmp_path)

@@ -224,7 +224,8 @@ def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(t
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path / "home")
     tiny = ["--model-args", "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}", "--epochs", "1", "--cooldown-epochs", "0",
-            "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--tensorboard", "false", "--config", "cifar10"]
+            "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--tensorboard", "false", "--config", "cifar10",
+            "--workers", "0"]
     assert main(["train", "--data-dir", "cifar", "--output", "runs", "--name", "r", *tiny]) == 0
     best = tmp_path / "home" / "runs" / "r" / "best.pt"
     assert load_checkpoint(best)["train_config"]["data"]["data_dir"] == str(tmp_path / "home" / "cifar")
