@@ -42,6 +42,21 @@ def require(path: Path) -> Path:
 
 
 
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+def write_cifar_folders(root: Path, per_class: int = 2) -> None:
+    """A CIFAR-10 class-folder tree of tiny PNGs (grey level = class * 20 + index)."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, name in enumerate(CIFAR_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((32, 32, 3), c * 20 + i, np.uint8)).save(root / split / name / f"{i}.png")
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Makes every file opened with ``os.fdopen`` (the package's atomic writes) sit on a disk that

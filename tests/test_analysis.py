@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import write_cifar_folders
 from spikingformer import checkpoints, create_model
 from spikingformer.analysis.audit import non_spike_layers, record_activity, silent_layers
 from spikingformer.analysis.energy import E_AC_PJ, E_MAC_PJ, energy_from_rates, energy_from_record
@@ -418,13 +419,11 @@ def test_cli_fuse(tmp_path, digits_pair):
 @pytest.mark.parametrize("saved", ["fuse", "export"])
 def test_fused_and_exported_files_analyse_their_training_data_as_eval_does(tmp_path, capsys, saved):
     # a file that records its training data set (not the digits) is analysed on it without --dataset
-    from test_static_data import write_cifar_folders
-
     write_cifar_folders(tmp_path / "cifar", per_class=1)
     model = create_model("spikingformer_cifar10_4_256", embed_dim=16, depth=1, num_heads=2, time_steps=1)
     config = {"data": {"dataset": "cifar10", "data_dir": str(tmp_path / "cifar")}}
     if saved == "fuse":
-        path = checkpoints.save_fused(fuse_model(model), tmp_path / "m.pt", "spikingformer_cifar10_4_256", config)
+        path = save_fused(fuse_model(model), tmp_path / "m.pt", "spikingformer_cifar10_4_256", config)
     else:
         path = checkpoints.export_safetensors(model, tmp_path / "m.safetensors", "spikingformer_cifar10_4_256", config)
     capsys.readouterr()

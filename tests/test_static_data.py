@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import spikingformer as sf
-from conftest import DATA, require
+from conftest import DATA, require, write_cifar_folders
 from spikingformer.config import DataSection, load_config
 from spikingformer.data import build_dataset, check_batch
 from spikingformer.data.static import ImageFolder, UnreadableImageWarning, digits_split
@@ -160,16 +160,10 @@ def test_unknown_dataset_lists_the_valid_ones():
         build_dataset(DataSection(dataset="mnist"), 32, train=True)
 
 
-CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
-
-
-def write_cifar_folders(root, per_class=2):
-    """A CIFAR-10 class-folder tree of tiny PNGs (grey level = class * 20 + index)."""
-    for split in ("train", "test"):
-        for c, name in enumerate(CIFAR_CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(np.full((32, 32, 3), c * 20 + i, np.uint8)).save(root / split / name / f"{i}.png")
+# a tiny CIFAR-10 run of the command: one block of width 16, T = 1, one epoch of 5 batches
+TINY_CIFAR_RUN = ["--config", "cifar10", "--model-args", "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}",
+                  "--epochs", "1", "--cooldown-epochs", "0", "--warmup-epochs", "0", "--batch-size", "4",
+                  "--eval-batch-size", "8", "--tensorboard", "false"]
 
 
 def test_unreadable_files_in_an_image_folder_are_named_and_skipped(tmp_path):
@@ -203,11 +197,9 @@ def test_training_on_a_folder_with_an_unreadable_image_warns_on_its_own_line(tmp
     write_cifar_folders(tmp_path / "cifar")
     broken = tmp_path / "cifar" / "train" / "cat" / "notes.png"
     broken.write_text("this is not an image")
-    run = subprocess.run([sys.executable, "-m", "spikingformer", "train", "--config", "cifar10", "--data-dir",
-                          str(tmp_path / "cifar"), "--output", str(tmp_path / "runs"), "--model-args",
-                          "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}", "--epochs", "1", "--cooldown-epochs", "0",
-                          "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--workers", str(workers),
-                          "--tensorboard", "false"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "spikingformer", "train", *TINY_CIFAR_RUN, "--data-dir", str(tmp_path / "cifar"),
+                          "--output", str(tmp_path / "runs"), "--workers", str(workers)],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     said = [line for line in run.stderr.split("\n") if str(broken) in line]
     assert said and said[0].startswith(f"skipping {broken}: not a readable image (UnidentifiedImageError"), run.stderr
@@ -223,10 +215,7 @@ def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(t
     write_cifar_folders(tmp_path / "home" / "cifar")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path / "home")
-    tiny = ["--model-args", "{embed_dim: 16, num_heads: 2, time_steps: 1, depth: 1}", "--epochs", "1", "--cooldown-epochs", "0",
-            "--warmup-epochs", "0", "--batch-size", "4", "--eval-batch-size", "8", "--tensorboard", "false", "--config", "cifar10",
-            "--workers", "0"]
-    assert main(["train", "--data-dir", "cifar", "--output", "runs", "--name", "r", *tiny]) == 0
+    assert main(["train", *TINY_CIFAR_RUN, "--data-dir", "cifar", "--output", "runs", "--name", "r", "--workers", "0"]) == 0
     best = tmp_path / "home" / "runs" / "r" / "best.pt"
     assert load_checkpoint(best)["train_config"]["data"]["data_dir"] == str(tmp_path / "home" / "cifar")
     monkeypatch.chdir(tmp_path)
