@@ -11,8 +11,8 @@ backward after the kernel's LIF backward. Two ways, on the zoo models' real shap
   for bit), then ``cpu_backend.bn_lif_pool_backward``: the LIF backward pass also sums BN's two
   reductions, and one more pass gives the input gradient.
 
-Each case runs both alternately (one warm-up each); the table gives each one's best wall time and
-the ratio. Usage::
+Each case runs both alternately (one warm-up each), on float32 maps and on bfloat16 ones (BN's
+input under CPU bf16 autocast); the table gives each one's best wall time and the ratio. Usage::
 
     python benchmarks/bench_bn_segment.py --threads 2 --reps 7
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
@@ -22,6 +22,7 @@ the ratio. Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -40,8 +41,9 @@ QUICK = [("small maps: T=2, B=2, 16x16x32, pool", (2, 2, 16, 16, 32), True),
          ("small tokens: 64 rows x 64", (2, 2, 16, 1, 64), False)]
 
 
-def segment_pair(shape, pool: bool):
-    """``(pytorchs, ours)``: callables running the segment's BN work each way on random maps."""
+def segment_pair(shape, pool: bool, dtype: str = "fp32"):
+    """``(pytorchs, ours)``: callables running the segment's BN work each way on random maps of
+    ``dtype`` (``"fp32"`` or ``"bf16"``)."""
     import torch
 
     from spikingformer.kernels import batch_stats
@@ -50,8 +52,9 @@ def segment_pair(shape, pool: bool):
 
     p = LIFParams()
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(shape, generator=g) * 1.5 + 0.3
-    grad = torch.randn(cb.pooled_shape(z) if pool else shape, generator=g)
+    storage = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    z = (torch.randn(shape, generator=g) * 1.5 + 0.3).to(storage)
+    grad = torch.randn(cb.pooled_shape(z) if pool else shape, generator=g).to(storage)
     images = z.permute(0, 1, 4, 2, 3).flatten(0, 1)  # (T x B, C, H, W) channels-last, as BN sees it
     channels = shape[-1]
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.1
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7, help="timed calls of each way per case (best reported)")
+    ap.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     ap.add_argument("--quick", action="store_true", help="two small cases (a smoke test)")
     args = ap.parse_args(argv)
     from spikingformer import allocator
@@ -88,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Command: `{common.command(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(common.machine_lines(args.threads)))
     print(f"- best of {args.reps} alternating calls each, wall clock\n")
-    print("| case | PyTorch's ms | library's ms | speed-up |")
-    print("|---|---:|---:|---:|")
-    for name, shape, pool in QUICK if args.quick else CASES:
-        pair = segment_pair(shape, pool)
+    print("| case | dtype | PyTorch's ms | library's ms | speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for (name, shape, pool), dtype in itertools.product(QUICK if args.quick else CASES, args.dtypes):
+        pair = segment_pair(shape, pool, dtype)
         best = [float("inf"), float("inf")]
         for rep in range(args.reps + 1):
             for i, fn in enumerate(pair):
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                 fn()
                 if rep:  # the first call of each is the warm-up
                     best[i] = min(best[i], time.perf_counter() - t0)
-        print(f"| {name} | {best[0] * 1e3:.1f} | {best[1] * 1e3:.1f} | {best[0] / best[1]:.2f}x |", flush=True)
+        print(f"| {name} | {dtype} | {best[0] * 1e3:.1f} | {best[1] * 1e3:.1f} | {best[0] / best[1]:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

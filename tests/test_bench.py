@@ -515,12 +515,13 @@ def test_bench_scaling_quick_runs(capsys):
 
 def test_bench_bn_segment_quick_runs_as_a_script():
     """``python benchmarks/bench_bn_segment.py --quick`` in a clean process (it installs our
-    allocator): one row per case, with both ways' times and their ratio."""
+    allocator): one row per case and dtype (float32, bfloat16), with both ways' times and their ratio."""
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bn_segment.py"), "--quick", "--reps", "1",
                            "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
-    assert len(rows) == 2 and all(line.endswith("x |") and line.count("|") == 5 for line in rows), proc.stdout
+    assert len(rows) == 4 and all(line.endswith("x |") and line.count("|") == 6 for line in rows), proc.stdout
+    assert sorted(line.split("|")[2].strip() for line in rows) == ["bf16", "bf16", "fp32", "fp32"]
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -99,13 +99,14 @@ def test_token_segment_equals_the_module_calls_and_keeps_less(momentum):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threads):
     """The route's forward finds the batch statistics with ``batch_stats.batch_norm_update_stats``
-    (for float32, the library's two passes, which sum the rows in the runs and order of PyTorch's
-    kernel, one run per thread) and forms ``1 / sqrt(var + eps)`` as PyTorch's training BN does (in
+    (the library's two passes, which sum the rows in the runs and order of PyTorch's kernel, one run
+    per thread, and add the runs in its accumulation type: float64 for float32, float for bfloat16) and forms ``1 / sqrt(var + eps)`` as PyTorch's training BN does (in
     float64, then rounded): mean, invstd and running estimates equal ``native_batch_norm``'s bit
     for bit, over 4096 (and 32, 64) channels of varied scale and running estimates, for channels-last maps and
     token rows, on 1-3 threads, with two momentums. Forming invstd in float32 (the inference terms)
-    differs in many channels. Where PyTorch's vectorised kernels run, the library's passes are
-    taken for float32."""
+    differs in many channels. Where PyTorch's vectorised x86 kernels run, the library's passes are
+    taken for both dtypes: float32's with both sums rounding once, bfloat16's (PyTorch's
+    mixed-precision kernel) with the squares' sum only."""
     g = torch.Generator().manual_seed(4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -130,8 +131,8 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
         # the library's passes sum as PyTorch's x86 kernels do; PyTorch 2.10's AArch64 kernel sums in
         # another order, where the probe leaves the statistics to PyTorch (the equalities above hold either way)
         x86_fma = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        if dtype == torch.float32 and cpu.kernel_reproduces_bn() and x86_fma:
-            assert batch_stats._stats_fma(cpu.get_library()) == 1
+        if cpu.kernel_reproduces_bn() and x86_fma:
+            assert batch_stats._stats_fma(cpu.get_library(), dtype) == (3 if dtype == torch.float32 else 1)
     finally:
         torch.set_num_threads(before)
 

@@ -1,7 +1,7 @@
 // BatchNorm in training behind the tokenizer's fused SN -> max-pool (lif_pool_cpu.cpp, which follows
 // in the one library source): the batch statistics, bit for bit as PyTorch's CPU kernel finds them
-// for float32 rows of channels, the sums the fused LIF backward pass accumulates, and BN's input
-// gradient from them in one more pass over the maps.
+// for float32 or bfloat16 rows of channels, the sums the fused LIF backward pass accumulates, and
+// BN's input gradient from them in one more pass over the maps.
 namespace {
 
 // Loops over rows of C channels are instantiated with C as a constant CC for the widths of the
@@ -15,22 +15,25 @@ template <typename F> inline void channels_as_constant(int64_t C, F&& f) {
   else f(std::integral_constant<int64_t, 0>{});
 }
 
-// Batch statistics of x (rows x C, float32) as PyTorch's CPU kernel (channels last) finds them:
+// Batch statistics of x (rows x C, storage D) as PyTorch's CPU kernel (channels last) finds them:
 // the rows split into `runs` runs of ceil(rows / runs) rows (its threads' shares); per run and
-// channel, a float sum row after row; the runs' sums added in float64 in run order. mean = that /
-// rows, rounded to float; then var_sum the same way over (x - mean)^2; var = var_sum / rows. The
-// running estimates are updated in float: m * mean + (1 - m) * running_mean, and m * var_sum /
-// (rows - 1) + (1 - m) * running_var. FMA: where PyTorch's kernel contracts to fused multiply-adds
-// (its FMA builds), the squares' sum and the running variance's sum round once.
-template <int64_t CC, bool FMA>
-void batch_stats(const float* x, int64_t rows, int64_t C_, int64_t runs, float m, float* mean, float* var,
-                 float* running_mean, float* running_var, int nthreads) {
+// channel, a float sum row after row; the runs' sums added in run order, in its accumulation type
+// Acc (float64 for float32 maps; float for bfloat16 maps, which its mixed-precision kernel reads as
+// float). mean = that / rows in Acc, rounded to float; then var_sum the same way over
+// (x - mean)^2; var = var_sum / rows. The running estimates are updated in float: m * mean +
+// (1 - m) * running_mean, and m * var_sum / (rows - 1) + (1 - m) * running_var. Where PyTorch's
+// kernel contracts to fused multiply-adds, the squares' sum (FMA) and the running variance's sum
+// (fma_running) round once.
+template <int64_t CC, bool FMA, int D>
+void batch_stats(const typename StorageOf<D>::type* x, int64_t rows, int64_t C_, int64_t runs, bool fma_running,
+                 float m, float* mean, float* var, float* running_mean, float* running_var, int nthreads) {
+  using Acc = std::conditional_t<D == kF32, double, float>;
   const int64_t C = CC != 0 ? CC : C_;
   const int64_t per = (rows + runs - 1) / runs;
   std::vector<float> buf((size_t)(runs * C));
   const int nt = threads_for(rows * C, (int)std::min<int64_t>(nthreads, runs));
   auto total = [&](int64_t c) {
-    double s = 0.0;
+    Acc s = 0;
     for (int64_t k = 0; k < runs; ++k) s += buf[k * C + c];
     return s;
   };
@@ -39,22 +42,22 @@ void batch_stats(const float* x, int64_t rows, int64_t C_, int64_t runs, float m
   for (int64_t k = 0; k < runs; ++k) {
     float* __restrict b = buf.data() + k * C;
     for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
-      const float* __restrict xr = x + r * C;
+      const typename StorageOf<D>::type* __restrict xr = x + r * C;
 SF_IVDEP  // b and xr never alias: no run-time alias check per row
-      for (int64_t c = 0; c < C; ++c) b[c] = xr[c] + b[c];  // SF_VECTOR_LOOP bn batch sum
+      for (int64_t c = 0; c < C; ++c) b[c] = load<D>(xr, c) + b[c];  // SF_VECTOR_LOOP bn batch sum
     }
   }
-  for (int64_t c = 0; c < C; ++c) mean[c] = (float)(total(c) / (double)rows);
+  for (int64_t c = 0; c < C; ++c) mean[c] = (float)(total(c) / (Acc)rows);
   std::fill(buf.begin(), buf.end(), 0.0f);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t k = 0; k < runs; ++k) {
     float* __restrict b = buf.data() + k * C;
     const float* __restrict mu = mean;
     for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
-      const float* __restrict xr = x + r * C;
+      const typename StorageOf<D>::type* __restrict xr = x + r * C;
 SF_IVDEP
       for (int64_t c = 0; c < C; ++c) {  // SF_VECTOR_LOOP bn batch squares
-        const float d = xr[c] - mu[c];
+        const float d = load<D>(xr, c) - mu[c];
         if constexpr (FMA) b[c] = std::fma(d, d, b[c]);
         else b[c] = b[c] + d * d;
       }
@@ -62,12 +65,12 @@ SF_IVDEP
   }
   for (int64_t c = 0; c < C; ++c) {
     const float var_sum = (float)total(c);
-    var[c] = (float)((double)var_sum / (double)rows);
+    var[c] = (float)((Acc)var_sum / (Acc)rows);
     if (running_mean != nullptr) running_mean[c] = m * mean[c] + (1.0f - m) * running_mean[c];
     if (running_var != nullptr) {
       const float unbiased = var_sum / (float)(rows - 1);
       const float kept = (1.0f - m) * running_var[c];
-      running_var[c] = FMA ? std::fma(m, unbiased, kept) : m * unbiased + kept;
+      running_var[c] = fma_running ? std::fma(m, unbiased, kept) : m * unbiased + kept;
     }
   }
 }
@@ -146,24 +149,35 @@ void bn_apply_backward(const void* x_, const void* gy_, void* gx_, int64_t rows,
 #if SF_IN_PART(0)
 extern "C" {
 
-// x: rows x C float32; runs: PyTorch's thread count (the runs its kernel sums); fma: whether its
-// kernel contracts to fused multiply-adds; momentum m. Writes mean and var (C each), updates
-// running_mean and running_var (each may be null) in place. Returns 0, -1 for a bad shape, -2 for
-// fma = 1 on a build without FMA.
-int sf_bn_batch_stats(const float* x, int64_t rows, int64_t C, int64_t runs, int fma, float m, float* mean,
-                      float* var, float* running_mean, float* running_var, int nthreads) {
+// x: rows x C, storage dtype dtype (float32 or bfloat16); runs: PyTorch's thread count (the runs its
+// kernel sums); fma: where its kernel contracts to fused multiply-adds, bit 0 for the squares' sum,
+// bit 1 for the running variance's; momentum m. Writes mean and var (C each, float32), updates
+// running_mean and running_var (each may be null; float32) in place. Returns 0, -1 for a bad shape,
+// -2 for fma on a build without FMA, -3 for another dtype.
+int sf_bn_batch_stats(const void* x, int64_t rows, int64_t C, int64_t runs, int fma, float m, float* mean,
+                      float* var, float* running_mean, float* running_var, int dtype, int nthreads) {
   if (rows < 2 || C < 1 || runs < 1) return -1;
+  if (dtype != kF32 && dtype != kBF16) return -3;
 #if SF_FMA
   constexpr bool kHasFma = true;
 #else
   constexpr bool kHasFma = false;
   if (fma) return -2;  // std::fma would be a libm call per element
 #endif
-  channels_as_constant(C, [&](auto cc) {
-    if (kHasFma && fma) batch_stats<cc.value, kHasFma>(x, rows, C, runs, m, mean, var, running_mean, running_var,
-                                                       nthreads);
-    else batch_stats<cc.value, false>(x, rows, C, runs, m, mean, var, running_mean, running_var, nthreads);
-  });
+  const bool fma_running = kHasFma && (fma & 2);
+  auto run = [&](auto d) {
+    using S = typename StorageOf<d.value>::type;
+    channels_as_constant(C, [&](auto cc) {
+      if (kHasFma && (fma & 1))
+        batch_stats<cc.value, kHasFma, d.value>((const S*)x, rows, C, runs, fma_running, m, mean, var, running_mean,
+                                                running_var, nthreads);
+      else
+        batch_stats<cc.value, false, d.value>((const S*)x, rows, C, runs, fma_running, m, mean, var, running_mean,
+                                              running_var, nthreads);
+    });
+  };
+  if (dtype == kBF16) run(std::integral_constant<int, kBF16>{});
+  else run(std::integral_constant<int, kF32>{});
   return 0;
 }
 

@@ -98,7 +98,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_lif_pool_backward.restype = ci
     lib.sf_bn_backward_apply.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, ci, ci]
     lib.sf_bn_backward_apply.restype = ci
-    lib.sf_bn_batch_stats.argtypes = [vp, i64, i64, i64, ci, f32, vp, vp, vp, vp, ci]
+    lib.sf_bn_batch_stats.argtypes = [vp, i64, i64, i64, ci, f32, vp, vp, vp, vp, ci, ci]
     lib.sf_bn_batch_stats.restype = ci
     lib.sf_lif_pool_has_fma.argtypes = []
     lib.sf_lif_pool_has_fma.restype = ci
