@@ -29,7 +29,9 @@ Each configuration -- model x contender x {training step, inference batch} x {fp
 on CUDA also tf32} -- runs ``--warmup`` untimed steps, then ``--steps`` timed ones; ``--rounds``
 repeats the whole set, contenders interleaved, and the median of all timed steps is reported.
 
-* training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step;
+* training step = forward, cross-entropy, ``zero_grad(set_to_none=True)``, backward, AdamW step
+  (ours: PyTorch's fused AdamW, as ``spikingformer train`` builds it; the authors' code: PyTorch's
+  per-parameter loop, as its ``train.py`` builds it through timm);
 * inference batch = ``model.eval()`` forward under ``torch.inference_mode()``;
 * peak memory = the process's peak resident set (``getrusage().ru_maxrss``) minus its resident set
   just before the first step (model and input already allocated; gradients and the AdamW state,
@@ -210,7 +212,7 @@ def _calibrate_worker(job: dict) -> dict:
 
 def step_function(model, x, y, mode: str, dtype: str, authors: bool):
     """One training step (``mode="train"``: forward, cross-entropy, ``zero_grad``, backward, AdamW
-    step) or inference batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model``
+    step: fused for ours, as the trainer's, the per-parameter loop for the ``authors``) or inference batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model``
     on ``x`` (labels ``y``), under bf16 autocast on x's device if ``dtype == "bf16"``; SpikingJelly's
     neurons reset after it (``authors``).
 
@@ -227,7 +229,7 @@ def step_function(model, x, y, mode: str, dtype: str, authors: bool):
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     if mode == "train":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not authors)
 
         def step():
             with autocast:

@@ -316,10 +316,10 @@ def test_tf32_flag_sets_both_switches_for_the_run_only(tmp_path, monkeypatch, re
 
 
 def test_the_trainers_optimizer_steps_every_parameter_as_the_plain_loop():
-    """The digits recipe's model and optimizer, with this CPU's routes (channels-last convolution
-    weights among them), against a per-parameter AdamW twin: the same update to float32 rounding.
-    PyTorch 2.14.1's fused CPU AdamW fails this (it updates the wrong elements where a parameter's
-    gradient has another memory layout), which is why the trainer does not ask for it."""
+    """The digits recipe's model and optimizer (PyTorch's fused AdamW), with this CPU's routes,
+    against a per-parameter AdamW twin given the same gradients: the same updates to float32
+    rounding (a bias before a BatchNorm has a gradient of rounding noise, which Adam scales to
+    steps of lr either way, so each model's own gradients would part them)."""
     from spikingformer.engine.trainer import build_model, build_optimizer
 
     cfg = load_config("digits")
@@ -338,16 +338,37 @@ def test_the_trainers_optimizer_steps_every_parameter_as_the_plain_loop():
     x = torch.rand(8, c.in_channels, c.img_size, c.img_size)
     y = torch.arange(8) % 10
     for _ in range(3):
-        for m, o in ((model, built), (twin_model, twin)):
-            o.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
+        built.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for p, q in zip(model.parameters(), twin_params):
+            q.grad = p.grad.clone()
+        built.step()
+        twin.step()
     torch.manual_seed(0)
     start = build_model(cfg, 10)
     assert not all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), start.parameters()))  # it stepped
     for (name, p), q in zip(model.named_parameters(), twin_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
     assert type(built) is torch.optim.AdamW and sorted({g["weight_decay"] for g in built.param_groups}) == [0.0, 0.01]
+    assert all(g["fused"] for g in built.param_groups)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adam", "sgd", "momentum", "lamb", "lookahead_adamw"])
+def test_the_trainer_fuses_pytorchs_optimizers_and_keeps_timms_as_they_are(opt):
+    """PyTorch's Adam, AdamW and SGD (timm's sgd: Nesterov's; momentum: plain) are built fused,
+    with timm's groups and settings; timm's own (LAMB, Lookahead around AdamW) as timm builds them."""
+    from spikingformer.engine.trainer import FUSED_OPTIMIZERS, build_optimizer
+
+    cfg = load_config("digits", {"opt": opt})
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8))
+    built = build_optimizer(model, cfg)
+    groups = built.param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, cfg.optim.weight_decay]
+    assert all(g["lr"] == cfg.optim.lr for g in groups)
+    if opt in ("sgd", "momentum"):
+        assert all(g["nesterov"] == (opt == "sgd") and g["momentum"] == cfg.optim.momentum for g in groups)
+    assert (type(built) in FUSED_OPTIMIZERS) == (opt in ("adamw", "adam", "sgd", "momentum"))
+    assert all(g.get("fused") is True for g in groups) == (type(built) in FUSED_OPTIMIZERS)
 
 
 def test_the_firing_rate_is_each_layers_spikes_over_its_outputs_averaged_and_sums_across_processes():
