@@ -269,8 +269,9 @@ def _paired(images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, t
     return images[:keep], target[:keep]
 
 
-# PyTorch's optimizers with a fused kernel for CPU and CUDA parameters (timm's own, LAMB, Lookahead, ... have none)
-FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+# PyTorch's optimizers with a fused kernel for CPU, CUDA and MPS parameters (Adagrad's is the CPU's only;
+# timm's own, LAMB, Lookahead, ... have none)
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
