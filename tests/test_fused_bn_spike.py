@@ -106,7 +106,8 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
     token rows, on 1-3 threads, with two momentums. Forming invstd in float32 (the inference terms)
     differs in many channels. Where PyTorch's vectorised x86 kernels run, the library's passes are
     taken for both dtypes: float32's with both sums rounding once, bfloat16's (PyTorch's
-    mixed-precision kernel) with the squares' sum only."""
+    mixed-precision kernel) with the squares' sum only. With as many rows as threads or fewer
+    PyTorch's kernel sums another way, and the statistics are PyTorch's own."""
     g = torch.Generator().manual_seed(4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -128,6 +129,16 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
             # PyTorch's own inference terms (asked of its kernel): within 2 ulp of the float64 quotient
             ulps = cpu.bn_invstd(var, 1e-5, batch=False).view(torch.int32) - invstd.view(torch.int32)
             assert ulps.abs().max() <= 2
+        # as many rows as threads or fewer: PyTorch's kernel sums each channel in one sum (the library
+        # steps aside; its runs of one row each had given other means)
+        for rows in range(2, threads + 1):
+            for _ in range(20):
+                x = (torch.randn(rows, 3, generator=g) * 3 + 1).to(dtype)
+                running = [torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5]
+                running2 = [t.clone() for t in running]
+                want = torch.batch_norm_update_stats(x, *running, 0.1)
+                got = batch_stats.batch_norm_update_stats(x, *running2, 0.1)
+                assert all(torch.equal(a, b) for a, b in zip((*got, *running2), (*want, *running)))
         # the library's passes sum as PyTorch's x86 kernels do; PyTorch 2.10's AArch64 kernel sums in
         # another order, where the probe leaves the statistics to PyTorch (the equalities above hold either way)
         x86_fma = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -73,14 +73,15 @@ def batch_norm_update_stats(x: torch.Tensor, running_mean: torch.Tensor | None, 
                             momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.batch_norm_update_stats(x, running_mean, running_var, momentum)`` for BN's input ``x``
     (``(N, C)``, or ``(N, C, H, W)`` channels-last): the batch mean and biased variance, the running
-    estimates updated in place, bit for bit. For float32 or bfloat16 ``x`` the library's two passes
-    over the rows where they reproduce PyTorch's kernel on this machine and thread count
-    (:func:`_stats_fma`), else PyTorch's."""
+    estimates updated in place, bit for bit. For float32 or bfloat16 ``x`` of more rows than threads
+    the library's two passes over the rows where they reproduce PyTorch's kernel on this machine and
+    thread count (:func:`_stats_fma`), else PyTorch's (with as many rows as threads or fewer, its
+    kernel sums each channel's values in one sum, in another order)."""
     lib = get_library()
     c = x.shape[1]
     flat = x.movedim(1, -1).reshape(-1, c) if x.dim() in (2, 4) else None
     usable = (lib is not None and x.dtype in DTYPES and flat is not None and flat.is_contiguous()
-              and flat.data_ptr() == x.data_ptr() and flat.shape[0] > 1
+              and flat.data_ptr() == x.data_ptr() and flat.shape[0] > torch.get_num_threads()
               and all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                       for t in (running_mean, running_var)))
     fma = _stats_fma(lib, x.dtype) if usable else None
