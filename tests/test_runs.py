@@ -259,6 +259,36 @@ def test_a_resumed_run_takes_this_runs_schedule_and_says_what_changed(tmp_path, 
             in err and "--opt adamw" in err)
 
 
+def test_a_run_saved_with_the_per_parameter_optimizer_resumes_fused_and_as_it_would_have_gone_on(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Runs saved before the trainer built PyTorch's fused AdamW (2026-12-06) hold the per-parameter
+    loop's state: a resume takes its moments and step counts into the fused optimizer, names no
+    optimizer setting as changed, and trains epoch 2 as the loop would have, to rounding."""
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer, "FUSED_OPTIMIZERS", ())  # as the trainer built it before
+        assert train(tmp_path, "old", "--epochs", "1") == 0
+        assert train(tmp_path, "loop", "--epochs", "2") == 0
+    saved = torch.load(tmp_path / "old" / "last.pt", weights_only=False)["optimizer"]
+    assert not any(g.get("fused") for g in saved["param_groups"])
+    capsys.readouterr()
+    assert train(tmp_path, "old", "--epochs", "2", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "changed settings" in line] == [
+        "resuming with changed settings (the checkpoint's -> this run's): epochs 1 -> 2"]  # the optimizer's not among them
+    resumed = torch.load(tmp_path / "old" / "last.pt", weights_only=False)
+    assert all(g["fused"] for g in resumed["optimizer"]["param_groups"])
+    assert {float(s["step"]) for s in resumed["optimizer"]["state"].values()} == {float(s["step"]) * 2 for s in
+                                                                                   saved["state"].values()}
+    loop = torch.load(tmp_path / "loop" / "last.pt", weights_only=False)["model"]
+    # a linear's bias before a BatchNorm changes nothing downstream and its gradient is rounding noise,
+    # which Adam scales to steps of lr either way: those alone are not compared
+    before_bn = {n for n in loop if n.endswith(".linear.bias") and n.replace(".linear.bias", ".bn.weight") in loop}
+    assert before_bn and len(before_bn) < len(loop) // 4
+    for name, value in loop.items():
+        if name not in before_bn:
+            torch.testing.assert_close(resumed["model"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_a_resume_names_every_changed_setting_and_only_those(tmp_path, capsys):
     assert train(tmp_path, "r", "--epochs", "1") == 0
     capsys.readouterr()
