@@ -106,8 +106,9 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
     token rows, on 1-3 threads, with two momentums. Forming invstd in float32 (the inference terms)
     differs in many channels. Where PyTorch's vectorised x86 kernels run, the library's passes are
     taken for both dtypes: float32's with both sums rounding once, bfloat16's (PyTorch's
-    mixed-precision kernel) with the squares' sum only. With as many rows as threads or fewer
-    PyTorch's kernel sums another way, and the statistics are PyTorch's own."""
+    mixed-precision kernel) with the squares' sum only. With as many rows as threads or fewer, and
+    for one channel of more than one pixel (maps NCHW-contiguous as well), PyTorch's kernel sums
+    another way, and the statistics are PyTorch's own."""
     g = torch.Generator().manual_seed(4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -139,6 +140,15 @@ def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threa
                 want = torch.batch_norm_update_stats(x, *running, 0.1)
                 got = batch_stats.batch_norm_update_stats(x, *running2, 0.1)
                 assert all(torch.equal(a, b) for a, b in zip((*got, *running2), (*want, *running)))
+        # one channel of more than one pixel: channels-last maps that are NCHW-contiguous too, which
+        # PyTorch's kernel sums per channel in one sum (the library steps aside)
+        for _ in range(5):
+            x = (torch.randn(16, 1, 9, 11, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+            running = [torch.randn(1, generator=g), torch.rand(1, generator=g) + 0.5]
+            running2 = [t.clone() for t in running]
+            want = torch.batch_norm_update_stats(x, *running, 0.1)
+            got = batch_stats.batch_norm_update_stats(x, *running2, 0.1)
+            assert all(torch.equal(a, b) for a, b in zip((*got, *running2), (*want, *running)))
         # the library's passes sum as PyTorch's x86 kernels do; PyTorch 2.10's AArch64 kernel sums in
         # another order, where the probe leaves the statistics to PyTorch (the equalities above hold either way)
         x86_fma = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -75,12 +75,15 @@ def batch_norm_update_stats(x: torch.Tensor, running_mean: torch.Tensor | None, 
     (``(N, C)``, or ``(N, C, H, W)`` channels-last): the batch mean and biased variance, the running
     estimates updated in place, bit for bit. For float32 or bfloat16 ``x`` of more rows than threads
     the library's two passes over the rows where they reproduce PyTorch's kernel on this machine and
-    thread count (:func:`_stats_fma`), else PyTorch's (with as many rows as threads or fewer, its
-    kernel sums each channel's values in one sum, in another order)."""
+    thread count (:func:`_stats_fma`), else PyTorch's (with as many rows as threads or fewer, or maps
+    that are NCHW-contiguous as well, one channel of more than one pixel, its kernel sums each
+    channel's values in one sum, in another order)."""
     lib = get_library()
     c = x.shape[1]
     flat = x.movedim(1, -1).reshape(-1, c) if x.dim() in (2, 4) else None
-    usable = (lib is not None and x.dtype in DTYPES and flat is not None and flat.is_contiguous()
+    # PyTorch's kernel for channels-last rows; maps that are also NCHW-contiguous (one channel) take its other
+    nchw = x.dim() == 4 and x.is_contiguous() and x.shape[2] * x.shape[3] > 1
+    usable = (lib is not None and x.dtype in DTYPES and flat is not None and flat.is_contiguous() and not nchw
               and flat.data_ptr() == x.data_ptr() and flat.shape[0] > torch.get_num_threads()
               and all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                       for t in (running_mean, running_var)))
