@@ -51,7 +51,9 @@ class _Weight:
 
     def __init__(self, weight: torch.Tensor, key: tuple[int, int]) -> None:
         self.key, self.values = key, weight.detach().clone()
-        self.finite, self.pieces = bool(torch.isfinite(self.values).all()), None
+        # a NaN or an infinity makes the sum NaN or infinite; so may finite weights near float32's
+        # largest, which PyTorch's convolution then takes too (one pass, 30x torch.isfinite(w).all())
+        self.finite, self.pieces = bool(torch.isfinite(self.values.sum())), None
 
 
 def _weight(weight: torch.Tensor) -> _Weight:
