@@ -157,6 +157,24 @@ def test_check_finite_names_what_it_checks():
         check_finite(bad, "my batch")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_check_finite_checks_by_a_sum_and_passes_finite_values_whose_sum_overflows(dtype):
+    """The check sums the values (one pass; a NaN or an infinity makes the sum so) and looks at them
+    one by one only when the sum is not finite: finite values whose sum overflows pass, 16-bit
+    inputs are summed in float32 (65504 ones in float16 would overflow), and a single NaN or
+    infinity anywhere, or infinities of both signs, are found."""
+    top = torch.finfo(dtype).max
+    check_finite(torch.full((4, 3), top / 2, dtype=dtype))  # the sum overflows; every value is finite
+    check_finite(torch.ones(70000, dtype=dtype).view(7, 10000))
+    for values in ([float("nan")], [float("inf")], [float("inf"), -float("inf")]):
+        bad = torch.zeros(5, 7, dtype=dtype)
+        for i, v in enumerate(values):
+            bad[2 + i, 3] = v
+        rows = ", ".join(str(2 + i) for i in range(len(values)))
+        with pytest.raises(NonFiniteInputError, match=rf"\(samples {rows} of the batch\)"):
+            check_finite(bad)
+
+
 def test_forward_alone_reads_a_nan_image_as_all_zero():
     """What forward without ``check_input`` does with NaN (documented)."""
     model = sf.create_model("spikingformer_digits", **TINY).eval()

@@ -192,7 +192,7 @@ def check_batch(images: torch.Tensor, loader: DataLoader, step: int) -> None:
     """Stop with :class:`~spikingformer.models.transformer.NonFiniteInputError` if batch ``step`` of
     ``loader`` holds NaN or infinite values, naming the batch and the files of the bad samples.
 
-    One ``torch.isfinite(images).all()`` per batch; the files are looked up only on failure, by
+    One sum of the batch (``check_finite``) per batch; the files are looked up only on failure, by
     replaying the loader's (deterministic) batch sampler. Call it before mixing samples (mixup).
     """
     from spikingformer.models.transformer import check_finite
