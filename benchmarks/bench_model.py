@@ -212,9 +212,10 @@ def _calibrate_worker(job: dict) -> dict:
 
 def step_function(model, x, y, mode: str, dtype: str, authors: bool):
     """One training step (``mode="train"``: forward, cross-entropy, ``zero_grad``, backward, AdamW
-    step: fused for ours, as the trainer's, the per-parameter loop for the ``authors``) or inference batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model``
-    on ``x`` (labels ``y``), under bf16 autocast on x's device if ``dtype == "bf16"``; SpikingJelly's
-    neurons reset after it (``authors``).
+    step: fused for ours, as the trainer's, the per-parameter loop for the ``authors``) or inference
+    batch (``"infer"``: ``eval()`` forward under ``inference_mode``) of ``model`` on ``x`` (labels
+    ``y``), under bf16 autocast on x's device if ``dtype == "bf16"``; SpikingJelly's neurons reset
+    after it (``authors``).
 
     Also sets the process's TF32 switches for ``dtype`` (on for ``"tf32"``, off otherwise, for
     products and convolutions alike: :func:`spikingformer.engine.precision.set_tf32`), so that every

@@ -100,7 +100,8 @@ def test_token_segment_equals_the_module_calls_and_keeps_less(momentum):
 def test_batch_statistics_are_those_of_pytorchs_training_batch_norm(dtype, threads):
     """The route's forward finds the batch statistics with ``batch_stats.batch_norm_update_stats``
     (the library's two passes, which sum the rows in the runs and order of PyTorch's kernel, one run
-    per thread, and add the runs in its accumulation type: float64 for float32, float for bfloat16) and forms ``1 / sqrt(var + eps)`` as PyTorch's training BN does (in
+    per thread, and add the runs in its accumulation type: float64 for float32, float for bfloat16)
+    and forms ``1 / sqrt(var + eps)`` as PyTorch's training BN does (in
     float64, then rounded): mean, invstd and running estimates equal ``native_batch_norm``'s bit
     for bit, over 4096 (and 32, 64) channels of varied scale and running estimates, for channels-last maps and
     token rows, on 1-3 threads, with two momentums. Forming invstd in float32 (the inference terms)

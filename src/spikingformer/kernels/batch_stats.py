@@ -30,9 +30,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 def _kernel_batch_stats(lib: ctypes.CDLL, flat: torch.Tensor, running_mean: torch.Tensor | None,
                         running_var: torch.Tensor | None, momentum: float, fma: int,
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean, var)`` (float32) of float32 or bfloat16 rows ``flat`` ``(N, C)`` (contiguous) by ``sf_bn_batch_stats``,
-    which updates the running estimates (contiguous float32, or ``None``) in place; ``None`` if it
-    refuses (fma on a build without FMA)."""
+    """``(mean, var)`` (float32) of float32 or bfloat16 rows ``flat`` ``(N, C)`` (contiguous) by
+    ``sf_bn_batch_stats``, which updates the running estimates (contiguous float32, or ``None``) in
+    place; ``None`` if it refuses (fma on a build without FMA)."""
     mean, var = torch.empty(flat.shape[1]), torch.empty(flat.shape[1])
     running = [t.data_ptr() if t is not None else None for t in (running_mean, running_var)]
     threads = torch.get_num_threads()
@@ -44,13 +44,16 @@ def _kernel_batch_stats(lib: ctypes.CDLL, flat: torch.Tensor, running_mean: torc
 def _stats_fma(lib: ctypes.CDLL, dtype: torch.dtype) -> int | None:
     """The ``fma`` setting with which the kernel's statistics of ``dtype`` maps equal PyTorch's bit
     for bit at this thread count (mean, variance and running estimates of a channels-last 4-D and a
-    2-D probe, two momentums, rows enough for every thread), or ``None``: then
+    2-D probe, two momentums, more rows than threads), or ``None``: then
     :func:`batch_norm_update_stats` stays PyTorch's."""
-    key = (torch.get_num_threads(), dtype)
+    threads = torch.get_num_threads()
+    key = (threads, dtype)
     if key not in _STATS_FMA:
         g = torch.Generator().manual_seed(0)
-        probes = [(torch.randn(3, 24, 5, 7, generator=g) * 2 + 0.5).to(dtype).contiguous(memory_format=torch.channels_last),
-                  (torch.randn(131, 20, generator=g) * 3 - 1).to(dtype)]
+        images = 3 + threads // 35  # 35 rows an image
+        probes = [(torch.randn(images, 24, 5, 7, generator=g) * 2 + 0.5).to(dtype),
+                  (torch.randn(131 + threads, 20, generator=g) * 3 - 1).to(dtype)]
+        probes[0] = probes[0].contiguous(memory_format=torch.channels_last)
         runnings = [(torch.rand(x.shape[1], generator=g) * 2 - 1, torch.rand(x.shape[1], generator=g) + 0.5)
                     for x in probes]
         _STATS_FMA[key] = next((fma for fma in _FMA_SETTINGS if _reproduces(lib, probes, runnings, fma)), None)
@@ -81,7 +84,7 @@ def batch_norm_update_stats(x: torch.Tensor, running_mean: torch.Tensor | None, 
     lib = get_library()
     c = x.shape[1]
     flat = x.movedim(1, -1).reshape(-1, c) if x.dim() in (2, 4) else None
-    # PyTorch's kernel for channels-last rows; maps that are also NCHW-contiguous (one channel) take its other
+    # maps that are NCHW-contiguous too (one channel) take PyTorch's NCHW kernel, not the channels-last one
     nchw = x.dim() == 4 and x.is_contiguous() and x.shape[2] * x.shape[3] > 1
     usable = (lib is not None and x.dtype in DTYPES and flat is not None and flat.is_contiguous() and not nchw
               and flat.data_ptr() == x.data_ptr() and flat.shape[0] > torch.get_num_threads()

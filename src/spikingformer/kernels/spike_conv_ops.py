@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
+from spikingformer.kernels.finite import all_finite
 from spikingformer.kernels.ops import eager_or_op
 from spikingformer.kernels.spike_linear import pack_spikes, packed_width, unpack_spikes
 
@@ -51,9 +52,7 @@ class _Weight:
 
     def __init__(self, weight: torch.Tensor, key: tuple[int, int]) -> None:
         self.key, self.values = key, weight.detach().clone()
-        # a NaN or an infinity makes the sum NaN or infinite; so may finite weights near float32's
-        # largest, which PyTorch's convolution then takes too (one pass, 30x torch.isfinite(w).all())
-        self.finite, self.pieces = bool(torch.isfinite(self.values.sum())), None
+        self.finite, self.pieces = all_finite(self.values), None
 
 
 def _weight(weight: torch.Tensor) -> _Weight:
