@@ -394,24 +394,52 @@ def test_progress_bars_redraw_twice_a_second_on_a_terminal_and_once_a_minute_int
         assert bar.mininterval == 0.5
 
 
-def test_a_warning_beside_a_progress_bar_stands_on_its_own_line(monkeypatch):
+@pytest.mark.parametrize("caller", ["command", "script"])
+def test_a_warning_beside_a_progress_bar_stands_on_its_own_line(caller, monkeypatch):
+    """Under the command (its one-line format of the package's warnings) and in a script of one's own
+    (Python's format): while a bar is drawn, a warning starts a line of its own; the format is
+    restored when the outermost bar closes."""
     import io
+    import warnings
 
-    from spikingformer.cli import _one_line_warning
+    from spikingformer.cli import _default_formatwarning, _one_line_warning
     from spikingformer.progress import progress
 
-    def said() -> str:
-        return _one_line_warning(UserWarning("spikingformer: x"), UserWarning, "f.py", 3)
+    # (the command's main() leaves its format in place: the tests that call it in this process set it)
+    monkeypatch.setattr(warnings, "formatwarning", _one_line_warning if caller == "command" else _default_formatwarning)
+    plain = warnings.formatwarning
 
-    assert said() == "spikingformer: x\n"
+    def said() -> str:
+        return warnings.formatwarning(UserWarning("spikingformer: x"), UserWarning, "f.py", 3)
+
+    alone = said()
+    assert alone == ("spikingformer: x\n" if caller == "command" else "f.py:3: UserWarning: spikingformer: x\n")
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
     with progress(range(3), desc="epoch 1/1"):
-        assert said() == "\nspikingformer: x\n"  # a log: the bar's line ends first
+        assert said() == "\n" + alone  # a log: the bar's line ends first
         monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
         with progress(range(3), desc="test"):
-            assert said() == "\r\033[Kspikingformer: x\n"  # a terminal: the bar's line is cleared, then redrawn
-        assert said().startswith("\n")
+            assert said() == "\r\033[K" + alone  # a terminal: the bar's line is cleared, then redrawn
+        assert said() == "\n" + alone
+    assert warnings.formatwarning is plain and said() == alone
     with progress(range(3), desc="not drawn", disable=True):
-        assert said() == "spikingformer: x\n"
-    assert said() == "spikingformer: x\n"
+        assert said() == alone
+    with pytest.raises(RuntimeError), progress(range(3), desc="epoch 1/1"):
+        raise RuntimeError("the block failed")
+    assert warnings.formatwarning is plain
+
+
+def test_a_warning_format_set_beside_a_progress_bar_is_kept(monkeypatch):
+    import warnings
+
+    from spikingformer.progress import progress
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+
+    def own(message, category, filename, lineno, line=None):
+        return f"mine: {message}\n"
+
+    with progress(range(3), desc="epoch 1/1"):
+        warnings.formatwarning = own
+    assert warnings.formatwarning is own

@@ -143,11 +143,9 @@ def build_parser() -> CommandParser:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """The package's own warnings (they start with ``spikingformer:`` or are of its own categories) as
-    their message alone, one line; any warning on a line of its own beside a progress bar."""
-    from spikingformer.progress import line_start
-
+    their message alone, one line (:mod:`spikingformer.progress` sets them apart from a bar)."""
     own = str(message).startswith("spikingformer") or category.__module__.startswith("spikingformer.")
-    return line_start() + (f"{message}\n" if own else _default_formatwarning(message, category, filename, lineno, line))
+    return f"{message}\n" if own else _default_formatwarning(message, category, filename, lineno, line)
 
 
 _default_formatwarning = warnings.formatwarning
