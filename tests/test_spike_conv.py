@@ -190,6 +190,26 @@ def test_weights_changed_in_place_are_packed_again(int8_cpu):
         assert torch.isnan(plain[:, :, 0]).any() or platform.machine() not in ("x86_64", "AMD64")
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["accumulation", "int8 pieces"])
+def test_a_model_built_under_inference_mode_takes_the_route(int8, monkeypatch):
+    """Weights made under ``torch.inference_mode`` are inference tensors, which have no version
+    counter: the weight cache compares their values (reading the version raised a RuntimeError)."""
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: int8)
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.0 if int8 else 1.0,
+                                                            "weight_grad": 0.1})
+    with torch.inference_mode():
+        stage = ConvBN(16, 8)
+        x = _spikes((6, 16, 5, 5), 0.3).view(2, 3, 16, 5, 5)
+        with routes.configured("+spike_conv"):
+            first = stage.convolve(x, spikes=True)
+            stage.conv.weight.mul_(-2.0)  # in place, as a load_state_dict there would: no version to say so
+            second = stage.convolve(x, spikes=True)
+    twin = sc.spike_conv_reference if int8 else sc.accumulate_conv_reference
+    assert torch.equal(second, twin(x.flatten(0, 1), stage.conv.weight).view(first.shape))
+    assert torch.equal(second, -2.0 * first)
+
+
 @pytest.mark.parametrize("change", ["fused AdamW step", ".data in place", "NaN through .data"])
 def test_weights_changed_without_a_new_version_are_packed_again(int8_cpu, change):
     """PyTorch 2.14.1's fused optimizers (``torch.optim.AdamW(..., fused=True)``) and writes through

@@ -60,8 +60,9 @@ def _weight(weight: torch.Tensor) -> _Weight:
     says so at once, and where neither is new the values are compared in full, since not every
     change makes a new version of the tensor (PyTorch's fused optimizers step in place without one,
     as do writes through ``.data``); about 0.1 ms for CIFAR 4-384's widest weight, where its pieces
-    take 11 ms to make."""
-    key = (weight._version, weight.data_ptr())
+    take 11 ms to make. An inference tensor (made under ``torch.inference_mode``: a model built
+    there, autocast's cast of a weight there) has no version: its values are always compared."""
+    key = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
     held = _held.get(weight)
     if held is None or held.key != key or not _same(held.values, weight):
         held = _held[weight] = _Weight(weight, key)
