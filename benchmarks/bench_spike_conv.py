@@ -20,6 +20,7 @@ gradients, at the rates the benchmark models' neurons give each stage in trainin
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
     python benchmarks/bench_spike_conv.py --threads 2 --whole --reps 11   # the int8 pieces in whole models
     python benchmarks/bench_spike_conv.py --threads 2 --whole --train --reps 10   # int8 pieces, weight gradient
+    python benchmarks/bench_spike_conv.py --threads 2 --bf16 --train --rates 0.05 0.1 0.15 0.2   # the bf16 limits
 
 With ``--whole``, the benchmark models' inference batches (``bench_model.py``'s models, weights,
 batches and BatchNorm statistics), the route as it is, once with the int8 pieces for the maps above
@@ -150,6 +151,62 @@ def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
                       f"{e['fp32']:.1e} | {e['sum']:.1e} |", flush=True)
 
 
+def run_bf16_case(shape: tuple[int, int, int, int], rate: float, reps: int, train: bool) -> dict:
+    """Under CPU bf16 autocast, the route's layer call (``layers.spike_conv.convolve``, its bf16 limits
+    lifted) against autocast's bf16 convolution, alternately on the same bf16 spike maps: inference
+    (``train`` False), or forward and backward, summed throughout ("sum") and with only the weight
+    gradient summed ("wgrad")."""
+    import torch
+    from torch import nn
+
+    from spikingformer.layers import routes
+    from spikingformer.layers import spike_conv as route
+
+    n, cin, hw, cout = shape
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, cin, hw, hw, generator=gen) < rate).bfloat16().contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    g = torch.randn(n, cout, hw, hw, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    every = {"min_channels": 1, "train": 1.0, "infer": 1.0, "weight_grad": 1.0}
+    ways = {"bf16": None, "sum": every, **({"wgrad": dict(every, train=-1.0)} if train else {})}
+
+    def call(limits):
+        kept = routes._spike_conv_bf16
+        routes._spike_conv_bf16 = limits
+        try:
+            with routes.configured("+spike_conv" if limits else "-spike_conv"), torch.autocast("cpu", dtype=torch.bfloat16):
+                if not train:
+                    with torch.no_grad():
+                        return route.convolve(conv, x)
+                y = route.convolve(conv, x.detach().requires_grad_())
+            y.backward(g)
+        finally:
+            routes._spike_conv_bf16 = kept
+
+    times = {k: [] for k in ways}
+    for r in range(reps + 1):  # round 0: warm-up
+        for k, limits in ways.items():
+            conv.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            call(limits)
+            if r:
+                times[k].append(time.perf_counter() - t)
+    ratios = {k: statistics.median(a / b for a, b in zip(times["bf16"], times[k])) for k in list(ways)[1:]}
+    return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios)
+
+
+def _bf16_table(cases: dict, rates: list[float] | None, reps: int, train: bool) -> None:
+    print("| case | rate | bf16 convolution ms | sum ms | sum ratio |" + (" weight gradient summed ms | its ratio |" if train else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|" if train else ""))
+    for model, rows in cases.items():
+        for name, shape, model_rate in rows:
+            for rate in rates or [model_rate]:
+                r = run_bf16_case(shape, rate, reps, train)
+                b, q = r["best"], r["ratios"]
+                extra = f" {b['wgrad']:.2f} | {q['wgrad']:.2f}x |" if train else ""
+                print(f"| {model} {name} | {rate:.3f} | {b['bf16']:.2f} | {b['sum']:.2f} | {q['sum']:.2f}x |{extra}", flush=True)
+
+
 def whole_models(models: list[str], reps: int, quick: bool) -> None:
     """The benchmark models' inference batches (``quick``: its tiny ones) with the int8 pieces against
     the float32 convolution for the maps the accumulation declines, alternating; and whether both
@@ -245,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
     ap.add_argument("--train", action="store_true",
                     help="forward and backward: autograd's float32 convolution against the accumulation")
+    ap.add_argument("--bf16", action="store_true",
+                    help="under CPU bf16 autocast: autocast's bf16 convolution against the route's bf16 sums (with "
+                         "--train: forward and backward)")
     ap.add_argument("--whole", action="store_true",
                     help="whole inference batches of the benchmark models: int8 pieces against float32 where dense; "
                          "with --train, whole training steps: the route as it is against the int8 pieces off, and "
@@ -259,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else {m: (TRAIN_CASES if args.train else CASES)[m] for m in args.models}
-    what = ("whole training steps, the route as it is against the int8 pieces off and against the float32 "
+    what = ("under bf16 autocast, the bf16 convolution against the route's sums" + (", forward and backward" if args.train else "")
+            if args.bf16 else
+            "whole training steps, the route as it is against the int8 pieces off and against the float32 "
             "convolution above the training limit (medians of rotating steps, wall clock)" if args.train and args.whole
             else "forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
             else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
@@ -269,12 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     for line in common.machine_lines(torch.get_num_threads()):
         print(line)
     print(f"- 8-bit matrix tiles (AMX) usable by oneDNN, where the route takes the int8 pieces: {native_int8()}")
-    ratio = "that way's time / the route's" if args.whole and args.train else "float32 / that way"
+    ratio = ("that way's time / the route's" if args.whole and args.train
+             else "bf16 convolution / that way" if args.bf16 else "float32 / that way")
     print(f"- {args.reps} rounds of alternating calls, wall clock; ratio: median over rounds of {ratio}"
-          + ("\n" if args.whole else
+          + ("\n" if args.whole or args.bf16 else
              f"; error: largest difference from the float64 {'weight gradient' if args.train else 'convolution'}\n"))
     if args.whole:
         (whole_training if args.train else whole_models)(args.models, args.reps, args.quick)
+        return 0
+    if args.bf16:
+        from spikingformer.cpu_features import native_bf16
+
+        if not native_bf16():
+            print("bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16, AMX, Arm BF16): it would emulate them")
+            return 0
+        _bf16_table(cases, args.rates, args.reps, args.train)
         return 0
     if args.train:
         _train_table(cases, args.rates, args.reps)

@@ -544,6 +544,26 @@ def test_bench_spike_conv_quick_runs_as_a_script(train):
     assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_bench_spike_conv_bf16_quick_runs_as_a_script(train):
+    """``python benchmarks/bench_spike_conv.py --bf16 --quick``: under bf16 autocast, one row with
+    autocast's convolution and the route's sums (with ``--train`` also only the weight gradient
+    summed) and their ratios; on a CPU without native bf16, one line saying the rows were skipped."""
+    from spikingformer.cpu_features import native_bf16
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--bf16", "--quick", "--reps", "1",
+                           "--threads", "1"] + (["--train"] if train else []), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| small")]
+    if not native_bf16():
+        assert not rows and "bf16 rows skipped" in proc.stdout, proc.stdout
+        return
+    ratios = 2 if train else 1
+    assert len(rows) == 1 and len(rows[0]) == 5 + 2 * ratios, proc.stdout
+    assert all(float(v.strip().rstrip("x")) > 0 for v in rows[0][3:-1]), proc.stdout
+
+
 def test_bench_spike_conv_whole_quick_runs_as_a_script():
     """``python benchmarks/bench_spike_conv.py --whole --quick``: per model, the inference batch's
     times both ways, their ratio, and that both classify alike (True for these spike maps: the int8

@@ -23,7 +23,9 @@ order, channels within a tap) and the spike linear's forward adds those weight c
 first, in that order: float32 additions, as many as the window's spikes times ``C_out``, so the
 work falls with the firing rate. Its twin (:func:`accumulate_conv_reference`) unfolds the maps
 and runs :func:`~spikingformer.kernels.spike_linear.spike_linear_reference`; the two agree bit for
-bit. :mod:`spikingformer.kernels.spike_conv_ops` decides where each runs.
+bit. In bf16 (maps, weights and bias all bf16, as CPU autocast casts them) the sums run in float32
+and each is rounded once: the float32 twin of the widened operands, rounded once.
+:mod:`spikingformer.kernels.spike_conv_ops` decides where each runs.
 """
 
 from __future__ import annotations
@@ -161,8 +163,9 @@ def _window_passes(lib, pidx: torch.Tensor, pcnt: torch.Tensor, shape: torch.Siz
 
 def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_density: float,
                       packed: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``conv2d(x, weight, bias, padding=1)`` (stride 1) for float32 spike maps ``x`` ``(N, C_in, H, W)``
-    by accumulation (see the module's description), its output channels-last; ``None`` (nothing
+    """``conv2d(x, weight, bias, padding=1)`` (stride 1) for spike maps ``x`` ``(N, C_in, H, W)`` by
+    accumulation (see the module's description), its output channels-last: ``x``, ``weight`` and
+    ``bias`` float32, or all 16-bit (the sums in float32, each rounded once to that dtype); ``None`` (nothing
     computed) where more than ``max_density`` of ``x`` are ones, where ``9 C_in`` exceeds the
     kernels' 16-bit indices, or without the kernel library. Raises a ``ValueError`` if ``x`` holds
     anything but 0 and 1. With ``packed`` (``(N H W, packed_width(C_in))`` int64), the spikes of
@@ -181,7 +184,7 @@ def accumulate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return None
     w2 = window_weight(weight.detach())
     b = bias.detach().contiguous() if bias is not None else None
-    tiles = x.new_empty(-(-cout // 64) * 64 * 9 * c)
+    tiles = x.new_empty(-(-cout // 64) * 64 * 9 * c, dtype=torch.float32)  # the weight widened (the kernel's scratch)
     for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, x.shape):
         lib.sf_spike_linear_forward(idx.data_ptr(), cnt.data_ptr(), rows, 9 * c, w2.data_ptr(),
                                     b.data_ptr() if b is not None else None, cout, y[m0].data_ptr(),

@@ -104,8 +104,8 @@ def _output_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("spikingformer::spike_conv", mutates_args=(), device_types="cpu")
 def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
                rate: float = -1.0) -> torch.Tensor:
-    """Inference: ``conv2d(x, weight, bias, padding=1)`` of float32 spike maps ``x`` ``(N, C_in, H, W)``,
-    channels-last; ``rate``: the first map's firing rate where the caller has counted it (negative:
+    """Inference: ``conv2d(x, weight, bias, padding=1)`` of spike maps ``x`` ``(N, C_in, H, W)`` (``x``,
+    ``weight`` and ``bias`` float32, or all bf16), channels-last; ``rate``: the first map's firing rate where the caller has counted it (negative:
     count it here)."""
     if _rate(x, rate) <= max_density and _weight(weight).finite:
         y = kernels.accumulate_conv2d(x, weight, bias, max_density)
@@ -115,10 +115,10 @@ def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The maps the accumulation does not take: on a CPU with 8-bit matrix tiles (AMX) the int8
-    pieces (made once for each value of the weight), else, and for a weight that is not finite,
-    PyTorch's float32 convolution."""
-    held = _weight(weight) if native_int8() else None
+    """The maps the accumulation does not take: float32 maps on a CPU with 8-bit matrix tiles (AMX)
+    by the int8 pieces (made once for each value of the weight), else, and for a weight that is not
+    finite, PyTorch's convolution."""
+    held = _weight(weight) if native_int8() and weight.dtype == torch.float32 else None
     if held is None or not held.finite:
         return _conv(x, weight, bias)
     if held.pieces is None:
@@ -129,8 +129,8 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 @torch.library.custom_op("spikingformer::spike_conv_train", mutates_args=(), device_types="cpu")
 def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], limit: float,
                      grad_limit: float, rate: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training: ``(conv2d(x, weight, bias, padding=1), packed)`` for float32 spike maps ``x``
-    ``(N, C_in, H, W)``, the output channels-last, ``packed`` the spikes as bits
+    """Training: ``(conv2d(x, weight, bias, padding=1), packed)`` for spike maps ``x`` ``(N, C_in, H, W)``
+    (dtypes as for ``spike_conv``), the output channels-last, ``packed`` the spikes as bits
     (``(N H W, packed_width(C_in))``, what autograd keeps); ``rate`` as for ``spike_conv``;
     ``grad_limit`` is the backward's."""
     n, c, h, w = x.shape
@@ -159,18 +159,19 @@ def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: 
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(x, weight, bias)`` of ``spike_conv_train`` for the output gradient ``grad``, each
     empty unless ``needs`` asks for it; the input's gradient in its layout (``channels_last``), the
-    others contiguous."""
+    others contiguous. A bf16 weight gradient is summed in float32 and rounded once."""
     layout = _layout(channels_last)
     gx, gw, gb = (grad.new_empty(0) for _ in range(3))  # distinct: an operator's outputs may not alias
     if needs[0]:  # the input's values are not read: an empty one of its layout
-        x = torch.empty(shape, memory_format=layout)
+        x = torch.empty(shape, dtype=weight.dtype, memory_format=layout)
         gx = _convolution_backward(grad, x, weight, (True, False, False))[0].contiguous(memory_format=layout)
     if needs[1]:
-        gw = kernels.accumulate_conv_weight_grad(packed, torch.Size(shape), grad, grad_limit)
+        gw = kernels.accumulate_conv_weight_grad(packed, torch.Size(shape), grad.float(), grad_limit)
         if gw is None:
             n, c, h, w = shape
-            x = unpack_spikes(packed, c).view(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-            gw = _convolution_backward(grad, x, weight, (False, True, False))[1].contiguous()
+            x = unpack_spikes(packed, c, weight.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+            gw = _convolution_backward(grad, x.contiguous(memory_format=layout), weight, (False, True, False))[1]
+        gw = gw.to(weight.dtype).contiguous()
     if needs[2]:
         gb = grad.sum((0, 2, 3))
     return gx, gw, gb

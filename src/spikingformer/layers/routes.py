@@ -55,12 +55,12 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   (the spike linear's kernel). In training, up to its ``weight_grad`` rate (on a CPU with AMX at
   any rate), autograd keeps the spikes as bits, the input gradient is PyTorch's and the weight
   gradient adds the output gradient at every window's spike (above that rate PyTorch's, of the
-  unpacked bits). Else, on a CPU with 8-bit matrix tiles (AMX), in inference and in training's
-  forward, three int8 convolutions of oneDNN: spikes are exact as integers, each weight is three
-  8-bit pieces per output channel (to 2^-24 of the channel's largest; cut again for each version
-  of the weight, so once per optimizer step in training), sums are exact in int32; elsewhere the
-  float32 convolution. Each rounds otherwise than the float32 convolution (the int8 pieces closer
-  to float64 than it), so float32 values differ by rounding.
+  unpacked bits). Else, on a CPU with AMX, in inference and in training's forward, three int8
+  convolutions of oneDNN (each weight three 8-bit pieces per output channel, to 2^-24 of the
+  channel's largest, cut again for each version of the weight; sums exact in int32); elsewhere
+  the float32 convolution. Under CPU bf16 autocast, where :data:`SPIKE_CONV_BF16` has limits, the
+  sums of autocast's bf16 weights in float32, each rounded once to bf16 (the weight gradient's
+  too). Each way rounds otherwise than the dense convolution, so values differ by rounding.
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`~spikingformer.layers.batch_pieces.PIECE_BYTES` on the CPU, and joins the
@@ -141,6 +141,9 @@ SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2":
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
 SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
                           "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
+# Per ISA, the same under CPU bf16 autocast where bf16 runs on vector units, with its least input channels
+# (an AMD EPYC Zen 5: docs/performance-log.md, "Spike convolution in bf16"); elsewhere the dense convolution.
+SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10, "weight_grad": 0.10}}
 # On x86 CPUs that are not Intel's, where MKL's float32 products run its generic code (at most
 # AVX2): oneDNN's matmul measured 1.2-2.3x faster on the token linears' forward and input
 # gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance-log.md,
@@ -194,6 +197,8 @@ _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["av
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
                                                                    for p in ("train", "infer", "weight_grad")})
+# spike_conv's limits under bf16 autocast (SPIKE_CONV_BF16) where bf16 is native and not on matrix tiles, else None
+_spike_conv_bf16 = SPIKE_CONV_BF16.get(cpu_isa()) if native_bf16() and not bf16_matrix_tiles() else None
 
 
 def spike_limit_bf16(in_features: int, out_features: int) -> float | None:

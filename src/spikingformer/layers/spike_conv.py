@@ -27,20 +27,33 @@ def _plain_3x3(conv: nn.Module) -> bool:
             and conv.weight.device.type == "cpu" and not (conv._forward_hooks or conv._forward_pre_hooks))
 
 
+def _limits(x: torch.Tensor) -> dict | None:
+    """The route's limits for maps ``x`` (``min_channels``, and the firing rates of
+    :data:`~spikingformer.layers.routes.SPIKE_CONV_MAX_DENSITY`'s passes): float32 maps outside
+    autocast, this ISA's; float32 or bf16 maps under CPU bf16 autocast, its bf16 limits where it has
+    them (:data:`~spikingformer.layers.routes.SPIKE_CONV_BF16`); else None (the module call)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return ({"min_channels": routes._spike_conv_min_channels, **routes._spike_conv_max_density}
+                if x.dtype == torch.float32 else None)
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    return routes._spike_conv_bf16 if bf16 else None
+
+
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``spike_conv`` computes ``conv(x)`` for spike maps ``x`` ``(N, C_in, H, W)``: the route
-    on, not under CPU autocast, a plain 3x3 convolution (:func:`_plain_3x3`) of non-empty float32
-    CPU maps with at least ``SPIKE_CONV_MIN_CHANNELS`` input channels, and no global module hooks
-    (which would miss the call). :func:`convolve` then picks the operator."""
-    return (routes.enabled("spike_conv") and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.numel() > 0 and x.shape[1] >= routes._spike_conv_min_channels
-            and not torch.is_autocast_enabled("cpu") and _plain_3x3(conv)
+    on, limits for x's dtype and autocast (:func:`_limits`), a plain 3x3 convolution
+    (:func:`_plain_3x3`) of non-empty CPU maps with at least the limits' ``min_channels`` input
+    channels, and no global module hooks (which would miss the call). :func:`convolve` then picks
+    the operator."""
+    limits = _limits(x) if routes.enabled("spike_conv") and x.device.type == "cpu" else None
+    return (limits is not None and x.dim() == 4 and x.numel() > 0 and x.shape[1] >= limits["min_channels"]
+            and _plain_3x3(conv)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per
-    ``SPIKE_CONV_MAX_DENSITY`` and the first map's firing rate: in inference,
+    """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per the
+    limits of :func:`_limits` and the first map's firing rate: in inference,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
     rate, else in integer arithmetic on a CPU with 8-bit matrix tiles); in training,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the first map fires at
@@ -48,14 +61,19 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     CPU with 8-bit matrix tiles, at any rate (the forward in integer arithmetic above the
     ``"train"`` rate), else the module call. Under ``torch.compile``, which cannot read the rate
     ahead, training always takes the operator, which reads it inside (above the ``"weight_grad"``
-    rate its backward unpacks the bits for PyTorch's weight gradient). Float32 values differ from
-    the float32 convolution's by rounding."""
+    rate its backward unpacks the bits for PyTorch's weight gradient). Under CPU bf16 autocast the
+    operators take autocast's casts of the maps, weight and bias (bf16). Values differ from the
+    dense convolution's by rounding."""
     if not takes(conv, x):
         return conv(x)
-    limits = routes._spike_conv_max_density
+    limits = _limits(x)
+    weight, bias = conv.weight, conv.bias
+    if torch.is_autocast_enabled("cpu"):  # what autocast hands the convolution
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        bias = bias.to(torch.bfloat16) if bias is not None else None
     rate = -1.0 if torch.compiler.is_compiling() else ops.first_map_rate(x)  # -1: the operator counts it
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
         if rate <= limits["weight_grad"] or ops.native_int8():
-            return ops.convolve_train(x, conv.weight, conv.bias, limits["train"], limits["weight_grad"], rate)
+            return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate)
         return conv(x)
-    return ops.convolve(x, conv.weight, conv.bias, limits["infer"], rate)
+    return ops.convolve(x, weight, bias, limits["infer"], rate)
