@@ -432,22 +432,48 @@ def test_training_form_refuses_second_order_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])
-def test_training_above_the_limit_after_a_sparse_first_map(layout, monkeypatch):
-    """The first map sparse, the whole denser than the limit, on a CPU without 8-bit matrix tiles: the
-    float32 convolution, its gradients those of autograd's bit for bit (the weight's from the unpacked bits)."""
+def test_training_above_the_limit_after_a_sparse_sample(layout, monkeypatch):
+    """The sampled maps sparse (every second of 16: ``sampled_rate``), the whole denser than the limit,
+    on a CPU without 8-bit matrix tiles: the float32 convolution, its gradients those of autograd's bit
+    for bit (the weight's from the unpacked bits)."""
     monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
     monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
     stage = ConvBN(16, 8)
-    x = torch.cat([_spikes((1, 16, 6, 6), 0.02), _spikes((5, 16, 6, 6), 0.6)]).view(2, 3, 16, 6, 6)
-    if layout == "+channels_last":  # (else NCHW, as torch.cat made it)
+    sparse, dense = _spikes((8, 16, 6, 6), 0.02), _spikes((8, 16, 6, 6), 0.6, seed=1)
+    x = torch.stack([sparse, dense], 1).contiguous().view(4, 4, 16, 6, 6)  # maps 0, 2, 4, ... sparse
+    if layout == "+channels_last":  # (else NCHW, as .contiguous() made it)
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    assert conv_ops.sampled_rate(x.flatten(0, 1)) <= 0.1 < float(x.mean())
     taken = []
     real = conv_ops.convolve_train
     monkeypatch.setattr(conv_ops, "convolve_train", lambda *a: taken.append(1) or real(*a))
-    g = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(4, 4, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     on, off = _train_stage(stage, x, g, f"+spike_conv,{layout}"), _train_stage(stage, x, g, f"-spike_conv,{layout}")
     assert taken and all(torch.equal(a, b) for a, b in zip(on[:3], off[:3]))
+
+
+def test_the_rate_that_decides_samples_every_time_step(monkeypatch):
+    """The maps are time-major (``T B`` flattened) and a neuron's first step fires least (every membrane
+    at rest): the CIFAR model's tokenizer maps fired at 0.000-0.002 at t = 0 and 0.05-0.26 in all. A
+    silent first map among dense ones leaves the convolution to the module call at once, instead of
+    listing every spike before declining (the rate was the first map's until 2026-12-06)."""
+    monkeypatch.setattr(routes, "_spike_conv_min_channels", 16)
+    monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": 0.1, "infer": 0.1, "weight_grad": 0.1})
+    monkeypatch.setattr(conv_ops, "native_int8", lambda: False)
+    monkeypatch.setattr(conv_ops, "convolve_train", lambda *a: pytest.fail("the dense maps went to the operator"))
+    monkeypatch.setattr(conv_ops, "convolve", lambda *a: pytest.fail("the dense maps went to the operator"))
+    x = _spikes((8, 16, 6, 6), 0.3)
+    x[0] = 0  # t = 0 of the first image
+    maps = x.view(4, 2, 16, 6, 6)
+    assert conv_ops.sampled_rate(x) == pytest.approx(float(x.mean()))  # 8 maps: every one sampled
+    many = torch.cat([x] * 4)  # 32 maps: every fourth sampled, the first of them silent
+    assert conv_ops.sampled_rate(many) == pytest.approx(float(many[::4].mean()))
+    stage = ConvBN(16, 8)
+    with routes.configured("+spike_conv"):
+        stage.convolve(maps.detach().requires_grad_(), spikes=True)
+        with torch.no_grad():
+            stage.convolve(maps, spikes=True)
 
 
 @pytest.mark.parametrize("layout", ["+channels_last", "-channels_last"])

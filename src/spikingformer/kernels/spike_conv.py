@@ -222,7 +222,8 @@ def accumulate_conv_weight_grad(packed: torch.Tensor, shape: torch.Size, grad: t
     spike maps of ``shape`` ``(N, C_in, H, W)`` kept as ``packed`` bits (``(N H W, packed_width(C_in))``,
     channels in order, as :func:`accumulate_conv2d` or
     :func:`~spikingformer.kernels.spike_linear.pack_spikes` of the channels-last rows write them), for
-    the float32 output gradient ``grad`` ``(N, C_out, H, W)``: for every window's spike, the output
+    the output gradient ``grad`` ``(N, C_out, H, W)`` (float32, or 16-bit, widened after the rate is
+    known: the gradient is float32 whatever its dtype): for every window's spike, the output
     gradient of its pixel added to the weight's (the spike linear's weight-gradient kernel) per pass
     of :data:`ROWS_PER_PASS` pixels, the passes' sums added in order (shorter running sums than one
     over every pixel: the event model's 2^19 pixels per map summed in one ran 4x further from
@@ -236,7 +237,7 @@ def accumulate_conv_weight_grad(packed: torch.Tensor, shape: torch.Size, grad: t
     pidx, pcnt, count = spike_linear._gather_packed(lib, packed, c)
     if count > max_density * packed.shape[0] * c:
         return None
-    g = _grad_rows(grad)
+    g = _grad_rows(grad).float()
     gw, part = None, g.new_empty(g.shape[1], 9 * c)
     for m0, rows, idx, cnt in _window_passes(lib, pidx, pcnt, shape):
         spike_linear._accumulate_weight_grad(lib, idx, cnt, int(cnt[:rows].sum()), 9 * c, g[m0:m0 + rows], part)

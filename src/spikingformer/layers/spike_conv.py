@@ -53,10 +53,10 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per the
-    limits of :func:`_limits` and the first map's firing rate: in inference,
+    limits of :func:`_limits` and the maps' sampled firing rate (:func:`~spikingformer.kernels.spike_conv_ops.sampled_rate`): in inference,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
-    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles); in training,
-    :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the first map fires at
+    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles), else the module call; in training,
+    :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the sample fires at
     most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate) and, on a
     CPU with 8-bit matrix tiles, at any rate (the forward in integer arithmetic above the
     ``"train"`` rate), else the module call. Under ``torch.compile``, which cannot read the rate
@@ -66,14 +66,16 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dense convolution's by rounding."""
     if not takes(conv, x):
         return conv(x)
-    limits = _limits(x)
+    limits, autocast = _limits(x), torch.is_autocast_enabled("cpu")
+    rate = -1.0 if torch.compiler.is_compiling() else ops.sampled_rate(x)  # -1: the operator counts it
+    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
+    # above the limit the module call, but for the int8 pieces (float32 on a CPU with AMX) in the operators
+    if rate > limits["weight_grad" if training else "infer"] and (autocast or not ops.native_int8()):
+        return conv(x)
     weight, bias = conv.weight, conv.bias
-    if torch.is_autocast_enabled("cpu"):  # what autocast hands the convolution
+    if autocast:  # what autocast hands the convolution
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = bias.to(torch.bfloat16) if bias is not None else None
-    rate = -1.0 if torch.compiler.is_compiling() else ops.first_map_rate(x)  # -1: the operator counts it
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
-        if rate <= limits["weight_grad"] or ops.native_int8():
-            return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate)
-        return conv(x)
+    if training:
+        return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate)
     return ops.convolve(x, weight, bias, limits["infer"], rate)
