@@ -4,9 +4,9 @@ so that autograd and ``torch.compile`` see it (the route ``spike_conv``,
 
 Each operator decides inside, from its inputs' values, how it computes
 ``conv2d(x, weight, bias, padding=1)``: by the firing rate of a sample of the maps
-(:func:`sampled_rate`, which the caller passes where it has counted it, else the operator counts it) and whether the weights are finite
-(a non-finite weight takes PyTorch's convolution, which propagates NaN and inf as the module
-does). To the compiler they are opaque calls with fixed output layouts (channels-last maps,
+(:func:`sampled_rate`, which the caller passes where it has counted it, else the operator counts
+it) and whether the weights are finite (a non-finite weight takes PyTorch's convolution, which
+propagates NaN and inf as the module does). To the compiler they are opaque calls with fixed output layouts (channels-last maps,
 whatever the way), so a compiled model keeps the data-dependent choice; eager calls their Python
 functions (:func:`~spikingformer.kernels.ops.eager_or_op`). :func:`convolve` and
 :func:`convolve_train` (differentiable) are what the route calls.

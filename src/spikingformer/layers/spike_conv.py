@@ -53,11 +53,12 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for spike maps ``x``. With ``spike_conv`` where :func:`takes` says so, per the
-    limits of :func:`_limits` and the maps' sampled firing rate (:func:`~spikingformer.kernels.spike_conv_ops.sampled_rate`): in inference,
+    limits of :func:`_limits` and the maps' sampled firing rate
+    (:func:`~spikingformer.kernels.spike_conv_ops.sampled_rate`): in inference,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
-    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles), else the module call; in training,
-    :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the sample fires at
-    most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate) and, on a
+    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles), else the module call; in
+    training, :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the sample fires
+    at most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate) and, on a
     CPU with 8-bit matrix tiles, at any rate (the forward in integer arithmetic above the
     ``"train"`` rate), else the module call. Under ``torch.compile``, which cannot read the rate
     ahead, training always takes the operator, which reads it inside (above the ``"weight_grad"``
