@@ -9,7 +9,7 @@ float32 from autocast's bf16 weights, each sum rounded once to bf16.
 * Where the route takes bf16 maps (its bf16 limits: vector units, not AMX tiles; not float16, not
   narrow layers) and what a stage gives there: the forward of the twin, PyTorch's bf16 input
   gradient bit for bit, the weight gradient summed in float32 and rounded once; a zoo model's
-  training step against the route off.
+  training step against the route off; compiled as eager.
 """
 
 from __future__ import annotations
@@ -209,3 +209,26 @@ def test_the_operators_keep_bf16_under_torch_compiles_fake_tensors():
     assert (fy.dtype, fy.shape, fy.stride()) == (y.dtype, y.shape, y.stride())
     for f, e in zip(fgrads[:2], grads[:2]):
         assert (f.dtype, f.shape, f.stride()) == (e.dtype, e.shape, e.stride()) == (BF16, e.shape, e.stride())
+
+
+def test_compiled_under_bf16_autocast_equals_eager(summed):
+    """``torch.compile(fullgraph=True)`` (``aot_eager``: eager's kernels) of a stage's convolution under
+    bf16 autocast: the training operator in the graph on autocast's bf16 casts, output and gradients
+    equal to eager's bit for bit."""
+    torch._dynamo.reset()
+    stage = ConvBN(32, 24)
+    x = _spikes((6, 32, 5, 5), 0.1).view(2, 3, 32, 5, 5)
+    g = torch.randn(2, 3, 24, 5, 5, generator=torch.Generator().manual_seed(8)).to(BF16)
+
+    def run(fn):
+        xi = x.detach().requires_grad_()
+        stage.zero_grad()
+        with routes.configured("+spike_conv"), torch.autocast("cpu", dtype=BF16):
+            y = fn(xi)
+        y.backward(g)
+        return y.detach(), xi.grad, stage.conv.weight.grad.clone()
+
+    eager = run(lambda xi: stage.convolve(xi, spikes=True))
+    compiled = run(torch.compile(lambda xi: stage.convolve(xi, spikes=True), fullgraph=True, backend="aot_eager"))
+    assert len(summed) == 2  # summed in both runs (the compiled one through the operator in its graph)
+    assert eager[0].dtype == BF16 and all(torch.equal(a, b) for a, b in zip(eager, compiled))
