@@ -121,8 +121,13 @@ def test_a_stage_under_bf16_autocast_sums_its_spikes(layout, summed):
     assert len(summed) == 2 and torch.equal(y, twin) and torch.equal(gx, pgx) and gx.dtype == torch.float32
     want = sc.accumulate_conv_weight_grad_reference(x.flatten(0, 1), g.flatten(0, 1).float()).to(BF16).float()
     assert torch.equal(gw, want)
-    apart = _steps_apart(gw.to(BF16), pgw.to(BF16))  # autograd's: the same sums, in another order
-    assert int(apart.max()) <= 1 and float((apart > 0).float().mean()) < 0.02
+    # ours one rounding from float64's; autograd's (the dense convolution's backward in bf16) as close,
+    # or up to 4 bf16 steps off where oneDNN, capped at AVX2, emulates bf16
+    exact = torch.ops.aten.convolution_backward(g.flatten(0, 1).double(), x.flatten(0, 1).double(),
+                                                wb.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [False, True, False])[1]
+    ours, theirs = (float((v.double() - exact).abs().max()) / float(exact.abs().max()) for v in (gw, pgw))
+    assert ours <= 2.0 ** -8 and theirs <= 2.0 ** -6
 
 
 def test_between_the_limits_a_stage_sums_only_its_weight_gradient(monkeypatch):
