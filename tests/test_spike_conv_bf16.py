@@ -237,3 +237,22 @@ def test_compiled_under_bf16_autocast_equals_eager(summed):
     compiled = run(torch.compile(lambda xi: stage.convolve(xi, spikes=True), fullgraph=True, backend="aot_eager"))
     assert len(summed) == 2  # summed in both runs (the compiled one through the operator in its graph)
     assert eager[0].dtype == BF16 and all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def test_a_non_finite_weight_leaves_autocasts_convolution(summed):
+    """A NaN in the weight (its bf16 cast checked at each call): autocast's convolution, NaN and all,
+    in inference and training, never the sums."""
+    stage = ConvBN(32, 24)
+    with torch.no_grad():
+        stage.conv.weight[0, 0, 0, 0] = float("nan")
+    x = _spikes((6, 32, 5, 5), 0.1).view(2, 3, 32, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        with routes.configured("+spike_conv"):
+            on = stage.convolve(x, spikes=True)
+        with routes.configured("-spike_conv"):
+            off = stage.convolve(x, spikes=True)
+    torch.testing.assert_close(on, off, rtol=0, atol=0, equal_nan=True)
+    g = torch.ones(2, 3, 24, 5, 5, dtype=BF16)
+    y, _, _ = _train_stage(stage, x, g, "+spike_conv")
+    torch.testing.assert_close(y, off, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(off).any() and not summed

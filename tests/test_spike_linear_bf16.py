@@ -105,7 +105,7 @@ def test_the_bf16_limit_holds_only_where_it_was_measured(monkeypatch, native, ti
     monkeypatch.setattr(routes, "native_bf16", lambda: native)
     monkeypatch.setattr(routes, "bf16_matrix_tiles", lambda: tiles)
     monkeypatch.setattr(routes, "cpu_isa", lambda: isa)
-    assert routes.spike_max_density_bf16() == expected
+    assert routes.bf16_limit() == expected
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
                                                  ": not measured, so no speed route is on")),
-        ("bf16", _bf16_line(native_bf16(), routes.spike_max_density_bf16(), routes.enabled("spike_linear"),
+        ("bf16", _bf16_line(native_bf16(), routes.bf16_limit(), routes.enabled("spike_linear"),
                             routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()))),
         ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
                                     "(inference, and training's forward)" if native_int8()

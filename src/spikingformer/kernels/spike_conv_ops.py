@@ -6,10 +6,11 @@ Each operator decides inside, from its inputs' values, how it computes
 ``conv2d(x, weight, bias, padding=1)``: by the firing rate of a sample of the maps
 (:func:`sampled_rate`, which the caller passes where it has counted it, else the operator counts
 it) and whether the weights are finite (a non-finite weight takes PyTorch's convolution, which
-propagates NaN and inf as the module does). To the compiler they are opaque calls with fixed output layouts (channels-last maps,
-whatever the way), so a compiled model keeps the data-dependent choice; eager calls their Python
-functions (:func:`~spikingformer.kernels.ops.eager_or_op`). :func:`convolve` and
-:func:`convolve_train` (differentiable) are what the route calls.
+propagates NaN and inf as the module does). To the compiler they are opaque calls with fixed
+output layouts (channels-last maps, whatever the way), so a compiled model keeps the
+data-dependent choice; eager calls their Python functions
+(:func:`~spikingformer.kernels.ops.eager_or_op`). :func:`convolve` and :func:`convolve_train`
+(differentiable) are what the route calls.
 
 * ``spikingformer::spike_conv`` (inference): by accumulation of the windows' spikes' weights up to
   ``max_density``; else on a CPU with 8-bit matrix tiles (AMX) in integer arithmetic (the weight's
@@ -60,13 +61,19 @@ def _weight(weight: torch.Tensor) -> _Weight:
     says so at once, and where neither is new the values are compared in full, since not every
     change makes a new version of the tensor (PyTorch's fused optimizers step in place without one,
     as do writes through ``.data``); about 0.1 ms for CIFAR 4-384's widest weight, where its pieces
-    take 11 ms to make. An inference tensor (made under ``torch.inference_mode``: a model built
-    there, autocast's cast of a weight there) has no version: its values are always compared."""
+    take 11 ms to make. An inference tensor (a weight made under ``torch.inference_mode``, e.g. a
+    model built there) has no version: its values are always compared."""
     key = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
     held = _held.get(weight)
     if held is None or held.key != key or not _same(held.values, weight):
         held = _held[weight] = _Weight(weight, key)
     return held
+
+
+def _finite(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is finite: held by :func:`_weight` for a float32 weight (whose int8 pieces it
+    may hold too); a bf16 weight is autocast's cast, a new tensor at each call, checked at once."""
+    return _weight(weight).finite if weight.dtype == torch.float32 else all_finite(weight)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -113,7 +120,7 @@ def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """Inference: ``conv2d(x, weight, bias, padding=1)`` of spike maps ``x`` ``(N, C_in, H, W)`` (``x``,
     ``weight`` and ``bias`` float32, or all bf16), channels-last; ``rate``: the maps'
     :func:`sampled_rate` where the caller has counted it (negative: count it here)."""
-    if _rate(x, rate) <= max_density and _weight(weight).finite:
+    if _rate(x, rate) <= max_density and _finite(weight):
         y = kernels.accumulate_conv2d(x, weight, bias, max_density)
         if y is not None:
             return y
@@ -141,7 +148,7 @@ def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ``grad_limit`` is the backward's."""
     n, c, h, w = x.shape
     y = None
-    if _rate(x, rate) <= limit and _weight(weight).finite:
+    if _rate(x, rate) <= limit and _finite(weight):
         packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
         y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
     if y is None:  # (the accumulation, where it declined, may not have written the bits)

@@ -185,25 +185,24 @@ _active = parse(os.environ.get(ENV, ""), default_routes())
 _spike_max_density = SPIKE_LINEAR_MAX_DENSITY.get(cpu_isa(), min(SPIKE_LINEAR_MAX_DENSITY.values()))
 
 
-def spike_max_density_bf16() -> float | None:
-    """spike_linear's firing-rate limit under bf16 autocast on this CPU: :data:`SPIKE_LINEAR_MAX_DENSITY_BF16`
-    of its ISA where bf16 is native and its products run on vector units; else None (the dense product)."""
-    return SPIKE_LINEAR_MAX_DENSITY_BF16.get(cpu_isa()) if native_bf16() and not bf16_matrix_tiles() else None
+def bf16_limit(table: dict = SPIKE_LINEAR_MAX_DENSITY_BF16):
+    """A route's limit under bf16 autocast on this CPU (default: spike_linear's firing rate): ``table``'s
+    entry for its ISA where bf16 is native and its products run on vector units; else None (autocast's ops)."""
+    return table.get(cpu_isa()) if native_bf16() and not bf16_matrix_tiles() else None
 
 
-_spike_max_density_bf16 = spike_max_density_bf16()
+_spike_max_density_bf16 = bf16_limit()
 _spike_max_density_bf16_wide = SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(cpu_isa())
 _spike_min_work = SPIKE_LINEAR_MIN_WORK.get(cpu_isa(), SPIKE_LINEAR_MIN_WORK["avx512"])
 _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV_MIN_CHANNELS.values()))
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
                                                                    for p in ("train", "infer", "weight_grad")})
-# spike_conv's limits under bf16 autocast (SPIKE_CONV_BF16) where bf16 is native and not on matrix tiles, else None
-_spike_conv_bf16 = SPIKE_CONV_BF16.get(cpu_isa()) if native_bf16() and not bf16_matrix_tiles() else None
+_spike_conv_bf16 = bf16_limit(SPIKE_CONV_BF16)
 
 
 def spike_limit_bf16(in_features: int, out_features: int) -> float | None:
     """spike_linear's firing-rate limit under bf16 autocast for a layer of this shape: None where the
-    route has no bf16 limit on this CPU (:func:`spike_max_density_bf16`), else that limit, raised to
+    route has no bf16 limit on this CPU (:func:`bf16_limit`), else that limit, raised to
     :data:`SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE` for wide layers (``out_features >= 2 * in_features``)."""
     base = _spike_max_density_bf16
     if base is None or _spike_max_density_bf16_wide is None or out_features < 2 * in_features:
