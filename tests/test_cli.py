@@ -324,12 +324,38 @@ def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
     from spikingformer.info import _bf16_line
 
     assert _bf16_line(False, None).startswith("emulated")
-    assert _bf16_line(True, 0.15).endswith("spike_linear sums bf16 spikes up to a firing rate of 0.15")
+    assert "; spike_linear sums bf16 spikes up to a firing rate of 0.15;" in _bf16_line(True, 0.15)
     assert "keeps autocast's bf16 products" in _bf16_line(True, None)
     assert "route is off" in _bf16_line(True, 0.15, spike_linear_on=False)
-    assert _bf16_line(True, 0.15, wide_limit=0.2).endswith(
-        "up to a firing rate of 0.15 (0.2 in layers with at least twice as many outputs as inputs)")
+    assert ("up to a firing rate of 0.15 (0.2 in layers with at least twice as many outputs as inputs);"
+            in _bf16_line(True, 0.15, wide_limit=0.2))
     assert _bf16_line(True, 0.15, wide_limit=None) == _bf16_line(True, 0.15)
+
+
+def test_info_bf16_line_says_what_the_spike_convolution_does_in_bf16():
+    from spikingformer.info import _bf16_line
+
+    conv = {"min_channels": 128, "train": 0.1, "infer": 0.12, "weight_grad": 0.1}
+    assert _bf16_line(True, 0.15, conv=conv).endswith(
+        "; spike_conv sums bf16 spike maps of 128 input channels or more up to 0.12 (training 0.1)")
+    assert _bf16_line(True, 0.15).endswith("; spike_conv keeps autocast's bf16 convolutions")
+    assert _bf16_line(True, 0.15, conv=conv, spike_conv_on=False).endswith("; the spike_conv route is off")
+
+
+def test_info_bf16_line_names_this_cpus_spike_convolution_limits():
+    from spikingformer.info import describe
+    from spikingformer.layers import routes
+
+    line = dict(describe())["bf16"]
+    conv = routes.bf16_limit(routes.SPIKE_CONV_BF16)
+    if not line.startswith("native"):
+        assert "spike_conv" not in line
+    elif not routes.enabled("spike_conv"):
+        assert line.endswith("the spike_conv route is off")
+    elif conv is None:
+        assert line.endswith("spike_conv keeps autocast's bf16 convolutions")
+    else:
+        assert line.endswith(f"up to {conv['infer']:g} (training {conv['train']:g})")
 
 
 @pytest.mark.parametrize("rounding,reproduces,ready,expected", [

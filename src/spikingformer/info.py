@@ -49,9 +49,10 @@ def _mkl_line() -> str:
 
 
 def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = True,
-               wide_limit: float | None = None) -> str:
+               wide_limit: float | None = None, conv: dict | None = None, spike_conv_on: bool = True) -> str:
     """The bf16 line: native or emulated (``--amp auto``'s choice), and what the spike linear does in it
-    (``wide_limit``: its limit for wide layers, where higher)."""
+    (``wide_limit``: its limit for wide layers, where higher) and the spike convolution (``conv``: its
+    :data:`routes.SPIKE_CONV_BF16` entry for this CPU, None where it has none)."""
     if not native:
         return "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"
     if not spike_linear_on:
@@ -62,6 +63,13 @@ def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = 
             how += f" ({wide_limit:g} in layers with at least twice as many outputs as inputs)"
     else:
         how = "spike_linear keeps autocast's bf16 products (matrix tiles, or no limit measured for this ISA)"
+    if not spike_conv_on:
+        how += "; the spike_conv route is off"
+    elif conv is not None:
+        how += (f"; spike_conv sums bf16 spike maps of {conv['min_channels']} input channels or more up to "
+                f"{conv['infer']:g} (training {conv['train']:g})")
+    else:
+        how += "; spike_conv keeps autocast's bf16 convolutions"
     return f"native: `--amp auto` trains in bf16 on this CPU; {how}"
 
 
@@ -106,7 +114,8 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
                                                  ": not measured, so no speed route is on")),
         ("bf16", _bf16_line(native_bf16(), routes.bf16_limit(), routes.enabled("spike_linear"),
-                            routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()))),
+                            routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()),
+                            routes.bf16_limit(routes.SPIKE_CONV_BF16), routes.enabled("spike_conv"))),
         ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
                                     "(inference, and training's forward)" if native_int8()
                                     else "no: spike maps the accumulation declines take the float32 convolution"),
