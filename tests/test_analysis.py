@@ -7,6 +7,7 @@ logged energy totals (REFERENCE.md s.6), dense PyTorch results, and hand counts 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -463,3 +464,48 @@ def test_test_batches_are_read_one_at_a_time_on_every_pass():
     assert reads == list(range(40)) + list(range(32))
     with pytest.raises(ValueError, match="the x split gave no samples"):
         InputBatches(torch.utils.data.TensorDataset(torch.zeros(0)), 4, None, "x")
+
+
+class _Pids(torch.utils.data.Dataset):
+    """Image i: the value i, and the process that read it."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        import os
+
+        return torch.tensor([[[float(i), float(os.getpid())]]]), 0
+
+
+def test_test_batches_are_read_by_the_workers_asked_for_in_order():
+    import os
+
+    from spikingformer.analysis.inputs import InputBatches
+
+    for workers, main_process in ((0, True), (2, False)):
+        batches = InputBatches(_Pids(), 4, None, "x", workers)
+        for _ in range(2):  # every pass (calibration, recording, the accumulate-only run) reads again
+            got = list(batches)
+            assert [x[:, 0, 0, 0].tolist() for x in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+            pids = {int(p) for x in got for p in x[:, 0, 0, 1].tolist()}
+            assert (pids == {os.getpid()}) == main_process, (workers, pids)
+        assert [x[:, 0, 0, 0].tolist() for x in batches.first(1)] == [[0, 1, 2, 3]]
+
+
+def test_more_workers_than_cpus_read_the_test_batches_with_one_per_cpu(monkeypatch):
+    from spikingformer.analysis.inputs import InputBatches
+    from spikingformer.data import workers
+
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
+    with pytest.warns(UserWarning, match="--workers 3 exceeds the 1 CPU"):
+        assert [x.shape[0] for x in InputBatches(_Pids(), 4, 2, "x", 3)] == [4, 4]
+
+
+def test_cli_energy_reads_the_data_set_with_workers_and_counts_alike(tmp_path, capsys):
+    argv = ["energy", "--model", "spikingformer_digits", "--batches", "2", "--batch-size", "8", "--output"]
+    assert _run([*argv, str(tmp_path / "w0"), "--workers", "0"]) == 0
+    assert _run([*argv, str(tmp_path / "w2"), "--workers", "2"]) == 0
+    assert "inputs: 16 images: the first 2 batch(es) of 8 of the digits test split" in capsys.readouterr().out
+    read = [json.loads((tmp_path / w / "energy.json").read_text()) for w in ("w0", "w2")]
+    assert read[0] == read[1] and read[0]["images"] == 16

@@ -313,3 +313,24 @@ def test_eval_takes_model_args_for_weights_of_a_size_outside_the_zoo(tmp_path, c
     top1, loss = _eval_scores(capsys, *argv, "--model-args", "{embed_dim: 32}")
     expected_top1, expected_loss = _digits_scores(model.double())
     assert abs(top1 - expected_top1) <= 2 * 100 / 360 and loss == pytest.approx(expected_loss, abs=0.01)
+
+
+def test_eval_reads_with_the_workers_asked_for_else_the_training_runs(tmp_path, capsys, monkeypatch):
+    from spikingformer.engine import evaluation
+
+    training_checkpoint(tmp_path / "best.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    state["train_config"]["data"]["workers"] = 2  # as the training run recorded it
+    checkpoints.save_atomic(state, tmp_path / "best.pt")
+    results = {}
+    for argv in ([], ["--workers", "0"]):
+        out = tmp_path / f"eval{len(argv)}.json"
+        assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--output", str(out), *argv]) == 0
+        results[len(argv)] = json.loads(out.read_text())
+    assert results[0] == results[2]  # two workers and none score alike
+    asked = []
+    real = evaluation.make_loader
+    monkeypatch.setattr(evaluation, "make_loader", lambda *a: asked.append(a[4]) or real(*a))
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--workers", "1"]) == 0
+    assert asked == [2, 1]

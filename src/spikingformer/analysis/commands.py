@@ -49,6 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=at_least(1), default=None, metavar="N",
                    help="number of input batches (default: the whole test split; 2 with --dataset random)")
     p.add_argument("--batch-size", type=at_least(1), default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--workers", type=at_least(0), default=None, metavar="N",
+                   help="DataLoader worker processes reading the data set (default: the training run's, else 0)")
     p.add_argument("--calibrate-bn", type=at_least(0), default=None, metavar="N",
                    help="set BatchNorm statistics from N input batches first (default: all batches for an "
                         "untrained zoo model, 0 with --checkpoint)")
@@ -167,6 +169,8 @@ def load_inputs(args: argparse.Namespace, loaded: LoadedModel) -> Inputs:
         raise ValueError("name the input data with --dataset (a data set, or 'random' for synthetic inputs); "
                          "only the digits models and this project's checkpoints have a default")
     section = data_section_for(loaded.checkpoint, dataset, args.data_dir, config.time_steps)
+    if args.workers is not None:
+        section.workers = args.workers
     batches = dataset_batches(config, section, args.batches, args.batch_size)
     whole = args.batches is None or len(batches) < args.batches
     what = "the whole" if whole else f"the first {len(batches)} batch(es) of {args.batch_size} of the"

@@ -46,11 +46,12 @@ class InputBatches:
     ImageNet's 50,000 images at 224 x 224. Each pass shows a progress bar on standard error.
     """
 
-    def __init__(self, data: torch.utils.data.Dataset, batch_size: int, count: int | None = None, name: str = "test") -> None:
+    def __init__(self, data: torch.utils.data.Dataset, batch_size: int, count: int | None = None, name: str = "test",
+                 workers: int = 0) -> None:
         if len(data) == 0:
             raise ValueError(f"the {name} split gave no samples")
         whole = -(-len(data) // batch_size)
-        self.data, self.batch_size, self.name = data, batch_size, name
+        self.data, self.batch_size, self.name, self.workers = data, batch_size, name, workers
         self.count = whole if count is None else min(count, whole)
 
     def __len__(self) -> int:
@@ -62,13 +63,18 @@ class InputBatches:
         return min(len(self.data), self.count * self.batch_size)
 
     def first(self, count: int) -> "InputBatches":
-        return InputBatches(self.data, self.batch_size, min(count, self.count), self.name)
+        return InputBatches(self.data, self.batch_size, min(count, self.count), self.name, self.workers)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         from spikingformer.data import collate
+        from spikingformer.data.workers import leave_sigterm_to_the_main_process, loader_workers
         from spikingformer.progress import progress
 
-        loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        # only the batches used: a worker reads ahead at most two batches (prefetch_factor) beyond them
+        used = torch.utils.data.Subset(self.data, range(self.images))
+        loader = torch.utils.data.DataLoader(used, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
+                                             num_workers=loader_workers(self.workers),
+                                             worker_init_fn=leave_sigterm_to_the_main_process)
         with progress(total=self.count, desc=self.name, unit="batch") as bar:
             for _, (x, _labels) in zip(range(self.count), loader):
                 yield x.float()
@@ -83,10 +89,11 @@ def synthetic_batches(config, batches: int, batch_size: int, seed: int = 0) -> I
 
 def dataset_batches(config, section, batches: int | None, batch_size: int) -> InputBatches:
     """The first ``batches`` batches (``None``: all) of a data set's test split (``section``: a
-    :class:`~spikingformer.config.DataSection`), shaped for the model."""
+    :class:`~spikingformer.config.DataSection`; its ``workers`` read them), shaped for the model."""
     from spikingformer.data import build_dataset
 
-    return InputBatches(build_dataset(section, config.img_size, train=False), batch_size, batches, f"{section.dataset} test split")
+    return InputBatches(build_dataset(section, config.img_size, train=False), batch_size, batches,
+                        f"{section.dataset} test split", section.workers)
 
 
 @torch.no_grad()

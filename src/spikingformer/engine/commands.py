@@ -99,6 +99,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, model_name=args.model, dataset=args.data, data_dir=args.data_dir, batch_size=args.batch_size,
         device=args.device, amp=args.amp, time_steps=args.time_steps, tf32=args.tf32, model_args=args.model_args,
+        workers=args.workers,
     )
     if first_process():  # under torchrun every process holds the summed result
         print(f"{result['model']} on {result['dataset']} ({result['samples']} images): top-1 {result['top1']:.2f}%  "
@@ -155,6 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", dest="data", help=argparse.SUPPRESS)  # the former name
     e.add_argument("--data-dir", default=None, metavar="DIR", help="data set folder (default: the training run's)")
     e.add_argument("--batch-size", type=at_least(1), default=64, metavar="B", help="images per batch (default: 64)")
+    e.add_argument("--workers", type=at_least(0), default=None, metavar="N",
+                   help="DataLoader worker processes (default: the training run's, else 0)")
     e.add_argument("--time-steps", type=at_least(1), default=None, metavar="T",
                    help="evaluate at T time steps: static images repeated T times, events integrated into T frames "
                         "(default: the training run's)")

@@ -35,13 +35,15 @@ def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | N
 
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
-                        time_steps: int | None = None, tf32: bool = False, model_args: dict | None = None) -> dict:
+                        time_steps: int | None = None, tf32: bool = False, model_args: dict | None = None,
+                        workers: int | None = None) -> dict:
     """Top-1/top-5 of a checkpoint on its test split; returns the metrics with the model and data names.
 
     ``time_steps``: evaluate at T time steps (static images repeated T times, events integrated into T
     frames) instead of the training run's. ``model_args``: overrides of the model's configuration
     (an authors' checkpoint of a size outside the zoo). ``tf32``: on NVIDIA GPUs, float32 products and
-    convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32."""
+    convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32. ``workers``:
+    DataLoader worker processes (default: the training run's, else 0)."""
     overrides = dict(model_args or {})
     if time_steps is not None:
         if overrides.get("time_steps", time_steps) != time_steps:
@@ -51,6 +53,8 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     ckpt = checkpoints.read(path)
     model = model_from_checkpoint(ckpt, model_name, **overrides)
     data = data_section_for(ckpt, dataset, data_dir, overrides.get("time_steps"))
+    if workers is not None:
+        data.workers = workers
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
     runtime = setup(device)

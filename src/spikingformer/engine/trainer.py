@@ -10,9 +10,7 @@ by accident (:mod:`spikingformer.engine.run_folder`).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from spikingformer import checkpoints
 from spikingformer.checkpoints import TrainingState
 from spikingformer.config import TrainConfig, validate
 from spikingformer.data import build_dataset, check_batch, collate, unread_settings, with_local_folders
+from spikingformer.data.workers import leave_sigterm_to_the_main_process, loader_workers
 from spikingformer.engine import run_folder as folders
 from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
 from spikingformer.engine.firing import FiringRateMeter, rate_of
@@ -34,7 +33,7 @@ from spikingformer.engine.resume import fresh_start_note, restore, resume_path, 
 from spikingformer.engine.run_folder import RunLog
 from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.allocator import empty_cache
-from spikingformer.cpu_features import pin_threads, usable_cpus
+from spikingformer.cpu_features import pin_threads
 from spikingformer.progress import progress
 from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
 
@@ -73,34 +72,12 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, runtime: Runtime
         sampler=sampler,
         shuffle=False,
         drop_last=train,
-        num_workers=_workers(workers, runtime),
+        num_workers=loader_workers(workers, warn=runtime.is_main),
         collate_fn=collate,  # leaves out images a folder data set could not decode (warned, named)
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=workers > 0,
-        worker_init_fn=_leave_sigterm_to_the_main_process,
+        worker_init_fn=leave_sigterm_to_the_main_process,
     )
-
-
-def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ends quietly on SIGTERM, which a batch scheduler sends to every process of
-    the job: the main process says what it kept. Killed by the signal instead, it made PyTorch's
-    main process print a traceback after that line; ignoring it hung an interpreter that exited on
-    an uncaught error, whose workers Python's multiprocessing stops with SIGTERM and then waits for.
-    PyTorch's workers leave Ctrl-C to the main process too."""
-    signal.signal(signal.SIGTERM, _end_worker)
-
-
-def _end_worker(signum, frame) -> None:
-    os._exit(0)  # at once, with the success status PyTorch does not report as a worker's failure
-
-
-def _workers(requested: int, runtime: Runtime) -> int:
-    """``--workers``, at most the CPUs this process may use (where PyTorch warns of slowness or a freeze)."""
-    cpus = usable_cpus()
-    if requested > cpus and runtime.is_main:
-        warnings.warn(f"spikingformer: --workers {requested} exceeds the {cpus} CPU(s) this process may use; "
-                      f"loading with {cpus}", UserWarning, stacklevel=2)
-    return min(requested, cpus)
 
 
 # ----------------------------------------------------------------------------------------------
