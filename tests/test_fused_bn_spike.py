@@ -27,7 +27,7 @@ from torch import nn
 from spikingformer.kernels import batch_stats
 from spikingformer.kernels import cpu_backend as cpu
 from spikingformer.kernels import ops
-from spikingformer.layers import ConvBN, TokenConvBN, routes
+from spikingformer.layers import ConvBN, TokenConvBN, bn_spike, routes
 from spikingformer.models.zoo import create_model
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_reference
 
@@ -175,7 +175,7 @@ def test_what_training_batch_norm_refuses_the_fused_routes_refuse(case):
     layers = [("fused_bn_spike", TokenConvBN(8, 8, bias=False).train(),
                lambda m: m.spikes(lif, tokens.clone().requires_grad_())),
               ("fused_spike_pool", ConvBN(3, 8).train(),
-               lambda m: routes.bn_spike_pool(m, lif, True, maps.clone().requires_grad_()))]
+               lambda m: bn_spike.bn_spike_pool(m, lif, True, maps.clone().requires_grad_()))]
     message = "more than 1 value per channel" if one else batch_norm_eps_error(0.0, training=True)
     for route, layer, call in layers:
         if not one:
@@ -372,7 +372,7 @@ def test_compiled_training_keeps_the_fused_operators_and_equals_eager():
     tokens, maps = TokenConvBN(24, 32, bias=True), ConvBN(3, 16)
     def stage(m, x):  # x (T, B, C, H, W); the stage's conv output channels-last, as the tokenizer's
         y = m.conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)).unflatten(0, x.shape[:2])
-        return routes.bn_spike_pool(m, lif, True, y)
+        return bn_spike.bn_spike_pool(m, lif, True, y)
 
     calls = [(tokens, lambda m, x: m.spikes(lif, x), (4, 3, 10, 24)), (maps, stage, (2, 3, 3, 12, 10))]
     for layer, call, shape in calls:

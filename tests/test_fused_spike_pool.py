@@ -22,7 +22,7 @@ from torch import nn
 
 from spikingformer.kernels import cpu_backend as cpu
 from spikingformer.kernels import ops
-from spikingformer.layers import ConvBN, routes
+from spikingformer.layers import ConvBN, bn_spike, routes
 from spikingformer.models.zoo import create_model
 from spikingformer.neuron import LIFParams, MultiStepLIF, lif_membrane_reference, lif_reference
 
@@ -252,13 +252,13 @@ def test_inference_takes_or_refuses_eps_as_the_module_calls_do(spec, eps):
     message = batch_norm_eps_error(eps, training=False)
     if message is not None:
         with routes.configured(spec), torch.no_grad(), pytest.raises(ValueError, match=message):
-            routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
+            bn_spike.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone())
         return
     with torch.no_grad():
         want = MultiStepLIF()(stage.bn(y.flatten(0, 1)).unflatten(0, y.shape[:2]))
         want = nn.functional.max_pool2d(want.flatten(0, 1), 3, 2, 1).unflatten(0, y.shape[:2])
     with routes.configured(spec), torch.no_grad():
-        assert torch.equal(routes.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone()), want)
+        assert torch.equal(bn_spike.bn_spike_pool_plain(stage, MultiStepLIF(), True, y.clone()), want)
 
 
 def test_operators_refuse_inputs_the_kernel_would_read_past():
@@ -440,7 +440,7 @@ def test_16bit_maps_equal_the_module_calls_in_their_dtype(shape, pool):
 
 def test_the_library_refuses_float16_maps():
     """float16 maps, rare on CPUs, are left to the module calls (fewer instantiations to build)."""
-    assert not routes._kernel_takes(MultiStepLIF(), _maps((2, 1, 6, 6, 4)).half())
+    assert not bn_spike._kernel_takes(MultiStepLIF(), _maps((2, 1, 6, 6, 4)).half())
     with pytest.raises(RuntimeError, match="code -3"):
         cpu.kernel_lif_pool_forward(cpu.get_library(), _maps((2, 1, 6, 6, 4)).half(), PARAMS[0], True)
 

@@ -1,8 +1,9 @@
 """Building blocks shared by Spikingformer and Spikformer.
 
 :mod:`~spikingformer.layers.blocks` holds the paper's blocks; :mod:`~spikingformer.layers.routes`
-the faster or leaner computations of the same blocks and the switch that selects them
-(``SPIKINGFORMER_ROUTES``); :mod:`~spikingformer.layers.token_linear` the token linears, whose
+the faster or leaner computations of the same blocks, the switch that selects them
+(``SPIKINGFORMER_ROUTES``) and their per-ISA limits; :mod:`~spikingformer.layers.bn_spike` the
+blocks' BN -> SN [-> max-pool] by those routes; :mod:`~spikingformer.layers.token_linear` the token linears, whose
 routes are ``token_linear`` and ``spike_linear``; :mod:`~spikingformer.layers.spike_conv` the tokenizer's
 convolutions of spikes (route ``spike_conv``).
 """
@@ -22,17 +23,14 @@ from spikingformer.layers.blocks import (
     lif_factory,
     spike_attention,
 )
-from spikingformer.layers.routes import (
-    ONEDNN_MIN_WEIGHTS,
-    RECOMPUTE_MIN_ELEMENTS,
-    bn_spike_pool,
-)
+from spikingformer.layers.bn_spike import bn_spike_pool
+from spikingformer.layers.routes import ONEDNN_MIN_WEIGHTS, RECOMPUTE_MIN_ELEMENTS
 from spikingformer.layers.token_linear import TokenLinear
 
 # the names these helpers had when the routes lived in this module
-from spikingformer.layers.routes import bn_spike_pool_plain as _bn_spike_pool  # noqa: E402
-from spikingformer.layers.routes import max_pool as _max_pool  # noqa: E402
-from spikingformer.layers.routes import spike_maps as _spike_channels_last  # noqa: E402
+from spikingformer.layers.bn_spike import bn_spike_pool_plain as _bn_spike_pool  # noqa: E402
+from spikingformer.layers.bn_spike import max_pool as _max_pool  # noqa: E402
+from spikingformer.layers.bn_spike import spike_maps as _spike_channels_last  # noqa: E402
 
 __all__ = [
     "HEAD_KINDS", "ONEDNN_MIN_WEIGHTS", "RECOMPUTE_MIN_ELEMENTS", "ClassificationHead", "ConvBN", "LIFFactory",

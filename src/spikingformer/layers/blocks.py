@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import spikingformer.layers.routes as routes
-from spikingformer.layers import batch_pieces, spike_conv
+from spikingformer.layers import batch_pieces, bn_spike, spike_conv
 from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
 
@@ -109,12 +109,12 @@ class TokenConvBN(nn.Module):
 
     def spikes(self, lif: nn.Module, x: torch.Tensor, spikes_in: bool = False) -> torch.Tensor:
         """``lif(self(x))``: the layer followed by a neuron (or ``nn.Identity``), through
-        :func:`routes.bn_spike_tokens`. ``spikes_in``: ``x`` is a spiking neuron's output, which a
+        :func:`bn_spike.bn_spike_tokens`. ``spikes_in``: ``x`` is a spiking neuron's output, which a
         :class:`TokenLinear` may then keep as bits (a module that replaced it, e.g.
         deployment's counting linear, is called as ``nn.Linear``)."""
         packable = spikes_in and isinstance(self.linear, TokenLinear)
         y = self.linear(x, spikes=True) if packable else self.linear(x)
-        return routes.bn_spike_tokens(self.bn, lif, y)
+        return bn_spike.bn_spike_tokens(self.bn, lif, y)
 
 
 def fires(neuron: nn.Module) -> bool:
@@ -157,7 +157,7 @@ class SpikingTokenizer(nn.Module):
 
     def _spikes_for(self, stage: int, y: torch.Tensor) -> torch.Tensor:
         """The input of ``stages[stage]``: BN of the previous stage's conv output ``y``, SN, [MP]."""
-        return routes.bn_spike_pool(self.stages[stage - 1], self.lifs[stage - 1], self._pool_before(stage), y)
+        return bn_spike.bn_spike_pool(self.stages[stage - 1], self.lifs[stage - 1], self._pool_before(stage), y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, B, C_in, H, W)`` (images repeated over T, or event frames) -> ``(T, B, N, D)``; in
@@ -175,7 +175,7 @@ class SpikingTokenizer(nn.Module):
 
         def encode(part: torch.Tensor) -> torch.Tensor:
             y = self.stages[0].convolve(part.unsqueeze(0))
-            return self._forward_after_stem(routes.repeat_steps(y, time_steps))
+            return self._forward_after_stem(bn_spike.repeat_steps(y, time_steps))
 
         return batch_pieces.in_pieces(self, images, 0, stem, encode)
 
@@ -188,7 +188,7 @@ class SpikingTokenizer(nn.Module):
         if self.style is ResidualStyle.SPIKE_DRIVEN:
             x = self.stages[4](x, spikes=fires(self.lifs[3]))
         else:
-            x = x + routes.spike_maps(self.lifs[4], self.stages[4](x, spikes=fires(self.lifs[3])))
+            x = x + bn_spike.spike_maps(self.lifs[4], self.stages[4](x, spikes=fires(self.lifs[3])))
         return x.flatten(3).transpose(2, 3)  # (T, B, D, H, W) -> (T, B, N, D); contiguous for channels-last maps
 
 
