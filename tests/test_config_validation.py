@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spikingformer.cli import main
-from spikingformer.config import FIELD_SECTION, RULES, ConfigError, TrainConfig, load_config, recipe_names
+from spikingformer.config import FIELD_SECTION, ConfigError, TrainConfig, load_config, recipe_names
+from spikingformer.config_rules import RULES
 from spikingformer.engine import trainer
 
 

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from spikingformer import checkpoints
 from spikingformer.checkpoints import TrainingState
-from spikingformer.config import TrainConfig, validate
+from spikingformer.config import TrainConfig
+from spikingformer.config_rules import validate
 from spikingformer.data import build_dataset, check_batch, collate, unread_settings, with_local_folders
 from spikingformer.data.workers import leave_sigterm_to_the_main_process, loader_workers
 from spikingformer.engine import run_folder as folders
