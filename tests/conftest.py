@@ -123,3 +123,21 @@ def batch_norm_eps_error(eps: float, training: bool) -> str | None:
     except ValueError as refused:
         return re.escape(str(refused))
     return None
+
+
+def active_model(name: str, batch: int = 8, **overrides) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A zoo model in eval mode with BatchNorm calibrated on a batch of synthetic inputs (returned with
+    it) and livelier q/k/v neurons, so that every layer sees spikes."""
+    from spikingformer import create_model
+    from spikingformer.analysis.inputs import calibrate_batchnorm, random_batches
+
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    batches = random_batches(model.config, 1, batch, seed=1)
+    calibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(f".attn.{o}" in n for o in "qkv"):
+                m.weight.fill_(2.0)
+                m.bias.fill_(0.5)
+    return model.eval(), batches

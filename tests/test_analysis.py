@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import active_model as _active
 from conftest import write_cifar_folders
 from spikingformer import checkpoints, create_model
 from spikingformer.analysis.audit import non_spike_layers, record_activity, silent_layers
@@ -49,20 +50,6 @@ TINY_FLOPS = {
     "blocks.0.mlp.fc2.linear": 64 * 16 * 8 + 16 * 8,  # 8320
     "head.fc": 16 * 3 + 3,  # 51 (avgpool_fc: one row per image)
 }
-
-
-def _active(name: str, batch: int = 8, **overrides) -> tuple[nn.Module, list[torch.Tensor]]:
-    """A zoo model with calibrated BN and livelier q/k/v neurons, so every layer sees spikes."""
-    torch.manual_seed(0)
-    model = create_model(name, **overrides)
-    batches = random_batches(model.config, 1, batch, seed=1)
-    calibrate_batchnorm(model, batches)
-    with torch.no_grad():
-        for n, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(f".attn.{o}" in n for o in "qkv"):
-                m.weight.fill_(2.0)
-                m.bias.fill_(0.5)
-    return model.eval(), batches
 
 
 @pytest.fixture(scope="module")

@@ -334,3 +334,17 @@ def test_eval_reads_with_the_workers_asked_for_else_the_training_runs(tmp_path, 
     assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"]) == 0
     assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--workers", "1"]) == 0
     assert asked == [2, 1]
+
+
+def test_onnx_export_without_its_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "spikingformer export: error: ONNX export needs the onnxscript package: pip install 'spikingformer[onnx]' "
+        "(onnx, onnxscript and onnxruntime, which checks the file)")
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.pb")]) == 2
+    assert "must end in .safetensors (weights) or .onnx (the model's graph)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -180,14 +180,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser(
-        "export", help="write a checkpoint's weights as .safetensors, with the model description in its metadata",
-        description="Export weights to safetensors; create_model(name, checkpoint_path=...) and timm.create_model read "
-        "them back, and eval/energy/fuse take the file like any checkpoint.",
+        "export", help="write a checkpoint's weights as .safetensors (with the model description) or the model as .onnx",
+        description="Export weights to safetensors (create_model(name, checkpoint_path=...) and timm.create_model read "
+        "them back, and eval/energy/fuse take the file like any checkpoint), or the whole model as an ONNX graph for "
+        "inference runtimes (--output NAME.onnx; needs pip install 'spikingformer[onnx]'). The format follows "
+        "--output's suffix.",
     )
     x.add_argument("--checkpoint", required=True, help="this project's checkpoint (plain or fused) or the authors' (with --model)")
-    x.add_argument("--output", default=None, help="the .safetensors file to write (default: <name>.safetensors beside --checkpoint)")
+    x.add_argument("--output", default=None,
+                   help="the .safetensors or .onnx file to write (default: <name>.safetensors beside --checkpoint)")
     x.add_argument("--model", default=None, help="zoo model name; required for the authors' checkpoints")
     x.set_defaults(func=run_export)
+
+
+EXPORT_SUFFIXES = (".safetensors", ".onnx")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -197,10 +203,22 @@ def run_export(args: argparse.Namespace) -> int:
     from spikingformer.models import model_from_checkpoint
 
     output = Path(args.output) if args.output is not None else checkpoints.beside(args.checkpoint, ".safetensors")
-    if output.suffix != ".safetensors":
-        raise ValueError(f"--output {output} must end in .safetensors (the format is chosen by the name when read back)")
+    if output.suffix not in EXPORT_SUFFIXES:
+        raise ValueError(f"--output {output} must end in .safetensors (weights) or .onnx (the model's graph): the "
+                         "format is chosen by the name")
+    if output.suffix == ".onnx":
+        from spikingformer.deploy.onnx_export import require_packages
+
+        require_packages()  # before the checkpoint is read
     ckpt = checkpoints.read(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.model)
+    if output.suffix == ".onnx":
+        from spikingformer.deploy.onnx_export import export_onnx
+
+        check = export_onnx(model, output)
+        print(f"wrote {output} (the model's inference graph, batch size free, T = {model.config.time_steps} unrolled)")
+        print(check if check is not None else "onnxruntime is not installed: the file was not run")
+        return 0
     path = checkpoints.export_safetensors(model, output, args.model or ckpt.model_name, ckpt.train_config)
     print(f"wrote {path} (weights and model description; load with spikingformer.create_model(name, checkpoint_path=...))")
     return 0

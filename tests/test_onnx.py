@@ -1,0 +1,107 @@
+"""ONNX export (spikingformer.deploy.onnx_export, `spikingformer export --output NAME.onnx`): the graph
+ONNX Runtime runs computes the model's spikes and logits, at any batch size, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import active_model
+from spikingformer import checkpoints, create_model
+from spikingformer.cli import main
+from spikingformer.deploy.fuse import fuse_model
+from spikingformer.deploy.onnx_export import example_input, export_onnx, plain_graph
+from spikingformer.layers import routes
+from spikingformer.neuron import MultiStepLIF
+
+pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript: pip install 'spikingformer[onnx]'")
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx: pip install 'spikingformer[onnx]'")
+onnxruntime = pytest.importorskip("onnxruntime", reason="the exported graphs run on onnxruntime: pip install 'spikingformer[onnx]'")
+
+EVENT_SMALL = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32, "time_steps": 2}
+
+
+class WithSpikes(nn.Module):
+    """The model's logits and every neuron's spikes, in call order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        spikes = []
+        hooks = [m.register_forward_hook(lambda m, i, out: spikes.append(out))
+                 for m in self.model.modules() if isinstance(m, MultiStepLIF)]
+        try:
+            logits = self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return (logits, *spikes)
+
+
+def run_onnx(path, x: torch.Tensor) -> list[torch.Tensor]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(a) for a in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+
+
+def model_under_test(kind: str) -> nn.Module:
+    if kind == "event":
+        model, _ = active_model("spikingformer_cifar10dvs_2_256", 4, **EVENT_SMALL)
+    else:
+        model, _ = active_model("spikformer_digits" if kind == "spikformer" else "spikingformer_digits")
+    return fuse_model(model) if kind == "fused" else model
+
+
+@pytest.mark.parametrize("kind", ["spikingformer", "fused", pytest.param("spikformer", marks=pytest.mark.slow),
+                                  pytest.param("event", marks=pytest.mark.slow)])
+def test_the_onnx_graph_computes_the_models_spikes_and_logits(tmp_path, kind):
+    model = model_under_test(kind)
+    x = example_input(model, batch_size=4, seed=3)
+    export_onnx(WithSpikes(model), tmp_path / "m.onnx", example=x, check=False)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    for batch in (4, 3):  # the batch dimension is free
+        with plain_graph(model):  # the module calls, whose neurons' outputs the hooks see in their layout
+            expected = WithSpikes(model)(x[:batch])
+        got = run_onnx(tmp_path / "m.onnx", x[:batch])
+        assert len(got) == len(expected) > 5
+        spikes, want = torch.cat([g.flatten() for g in got[1:]]), torch.cat([e.flatten() for e in expected[1:]])
+        assert set(spikes.unique().tolist()) <= {0.0, 1.0} and 0.01 < float(want.mean()) < 0.9
+        flips = int((spikes != want).sum())  # a membrane within float32 rounding of the threshold
+        assert flips <= max(2, 1e-4 * want.numel()), (kind, batch, flips, want.numel())
+        if flips == 0:  # the same spikes: the same logits but for rounding
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-6)
+        assert float(expected[0].abs().max()) > 1e-3
+
+
+def test_export_leaves_the_model_its_mode_backends_and_routes(tmp_path):
+    model = create_model("spikingformer_digits", lif_backend="torch", depth=1, embed_dim=32, num_heads=2).train()
+    before = routes.active()
+    check = export_onnx(model, tmp_path / "m.onnx")
+    assert model.training and routes.active() == before
+    assert {m.backend for m in model.modules() if isinstance(m, MultiStepLIF)} == {"torch"}
+    assert check.batch == 2 and check.same_predictions == 2 and check.max_abs_difference <= 1e-3 * check.output_scale
+    one = example_input(model, batch_size=1)  # a batch of one traces too, and the batch stays free
+    assert export_onnx(model, tmp_path / "one.onnx", example=one).batch == 2
+    x = example_input(model, batch_size=3, seed=5)
+    with plain_graph(model):
+        torch.testing.assert_close(run_onnx(tmp_path / "one.onnx", x)[0], model(x), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"export a float32 model on the CPU \(model.float\(\).cpu\(\)\)"):
+        export_onnx(model.double(), tmp_path / "d.onnx")
+    with pytest.raises(ValueError, match="pass an example input"):
+        export_onnx(nn.Linear(2, 2), tmp_path / "l.onnx")
+
+
+def test_export_command_writes_an_onnx_file_of_a_checkpoint(tmp_path, capsys):
+    model, _ = active_model("spikingformer_digits")
+    source = checkpoints.export_safetensors(model, tmp_path / "m.safetensors", "spikingformer_digits")
+    assert main(["export", "--checkpoint", str(source), "--output", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"wrote {tmp_path / 'm.onnx'} (the model's inference graph, batch size free, T = 4 unrolled)"
+    assert out[1].startswith("ONNX Runtime on 2 example input(s): max |logit difference| ")
+    x = example_input(model, batch_size=5, seed=7)
+    with torch.no_grad():
+        expected = model(x)
+    assert run_onnx(tmp_path / "m.onnx", x)[0].argmax(1).tolist() == expected.argmax(1).tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]  # no temporary file left
