@@ -313,6 +313,10 @@ def test_eval_takes_model_args_for_weights_of_a_size_outside_the_zoo(tmp_path, c
     top1, loss = _eval_scores(capsys, *argv, "--model-args", "{embed_dim: 32}")
     expected_top1, expected_loss = _digits_scores(model.double())
     assert abs(top1 - expected_top1) <= 2 * 100 / 360 and loss == pytest.approx(expected_loss, abs=0.01)
+    # export takes them too: the weights and the size they were built for, described in the file
+    out = tmp_path / "plain.safetensors"
+    assert main(["export", *argv[:4], "--output", str(out), "--model-args", "{embed_dim: 32}"]) == 0
+    assert model_from_checkpoint(out).config.embed_dim == 32
 
 
 def test_eval_reads_with_the_workers_asked_for_else_the_training_runs(tmp_path, capsys, monkeypatch):
@@ -336,7 +340,7 @@ def test_eval_reads_with_the_workers_asked_for_else_the_training_runs(tmp_path, 
     assert asked == [2, 1]
 
 
-def test_onnx_export_without_its_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+def test_onnx_export_without_its_packages_and_bad_export_options_say_what_to_do(tmp_path, capsys, monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
@@ -347,4 +351,7 @@ def test_onnx_export_without_its_packages_says_what_to_install(tmp_path, capsys,
         "(onnx, onnxscript and onnxruntime, which checks the file)")
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.pb")]) == 2
     assert "must end in .safetensors (weights) or .onnx (the model's graph)" in capsys.readouterr().err
+    argv = ["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.safetensors")]
+    assert main([*argv, "--time-steps", "2"]) == 2
+    assert "--time-steps sets the T an .onnx graph unrolls; the weights do not depend on it" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -105,3 +105,13 @@ def test_export_command_writes_an_onnx_file_of_a_checkpoint(tmp_path, capsys):
         expected = model(x)
     assert run_onnx(tmp_path / "m.onnx", x)[0].argmax(1).tolist() == expected.argmax(1).tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]  # no temporary file left
+    # at another number of time steps: the graph unrolls T = 2, as the model built for T = 2 computes
+    assert main(["export", "--checkpoint", str(source), "--output", str(tmp_path / "t2.onnx"), "--time-steps", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 't2.onnx'} (the model's inference graph, batch size "
+                                              "free, T = 2 unrolled)")
+    at_two = create_model("spikingformer_digits", time_steps=2)
+    at_two.load_state_dict(model.state_dict())
+    with plain_graph(at_two):
+        two, four = at_two(x), model(x)
+    assert float((two - four).abs().max()) > 1e-3  # T changes what the model computes
+    torch.testing.assert_close(run_onnx(tmp_path / "t2.onnx", x)[0], two, rtol=1e-4, atol=1e-6)

@@ -190,6 +190,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--output", default=None,
                    help="the .safetensors or .onnx file to write (default: <name>.safetensors beside --checkpoint)")
     x.add_argument("--model", default=None, help="zoo model name; required for the authors' checkpoints")
+    x.add_argument("--model-args", metavar="YAML", type=yaml_mapping, default=None,
+                   help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
+                        "authors' checkpoint of a size outside the zoo")
+    x.add_argument("--time-steps", type=at_least(1), default=None, metavar="T",
+                   help=".onnx only: the number of time steps the graph unrolls (default: the model's)")
     x.set_defaults(func=run_export)
 
 
@@ -200,6 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spikingformer import checkpoints
+    from spikingformer.engine.evaluation import model_overrides
     from spikingformer.models import model_from_checkpoint
 
     output = Path(args.output) if args.output is not None else checkpoints.beside(args.checkpoint, ".safetensors")
@@ -210,8 +216,11 @@ def run_export(args: argparse.Namespace) -> int:
         from spikingformer.deploy.onnx_export import require_packages
 
         require_packages()  # before the checkpoint is read
+    elif args.time_steps is not None:
+        raise ValueError("--time-steps sets the T an .onnx graph unrolls; the weights do not depend on it (evaluate "
+                         "at another T with eval --time-steps)")
     ckpt = checkpoints.read(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.model)
+    model = model_from_checkpoint(ckpt, args.model, **model_overrides(args.model_args, args.time_steps))
     if output.suffix == ".onnx":
         from spikingformer.deploy.onnx_export import export_onnx
 

@@ -33,6 +33,17 @@ def data_section_for(checkpoint: checkpoints.Checkpoint | None, dataset: str | N
     return data
 
 
+def model_overrides(model_args: dict | None, time_steps: int | None) -> dict:
+    """``--model-args`` with ``--time-steps`` (the model's T) in them; the two may not disagree."""
+    overrides = dict(model_args or {})
+    if time_steps is not None:
+        if overrides.get("time_steps", time_steps) != time_steps:
+            raise ValueError(f"--time-steps {time_steps} and --model-args time_steps {overrides['time_steps']} differ; "
+                             "give the number of time steps once, with --time-steps")
+        overrides["time_steps"] = time_steps
+    return overrides
+
+
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
                         time_steps: int | None = None, tf32: bool = False, model_args: dict | None = None,
@@ -44,12 +55,7 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     (an authors' checkpoint of a size outside the zoo). ``tf32``: on NVIDIA GPUs, float32 products and
     convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32. ``workers``:
     DataLoader worker processes (default: the training run's, else 0)."""
-    overrides = dict(model_args or {})
-    if time_steps is not None:
-        if overrides.get("time_steps", time_steps) != time_steps:
-            raise ValueError(f"--time-steps {time_steps} and --model-args time_steps {overrides['time_steps']} differ; "
-                             "give the number of time steps once, with --time-steps")
-        overrides["time_steps"] = time_steps
+    overrides = model_overrides(model_args, time_steps)
     ckpt = checkpoints.read(path)
     model = model_from_checkpoint(ckpt, model_name, **overrides)
     data = data_section_for(ckpt, dataset, data_dir, overrides.get("time_steps"))
