@@ -77,9 +77,12 @@ def test_the_onnx_graph_computes_the_models_spikes_and_logits(tmp_path, kind):
 
 def test_export_leaves_the_model_its_mode_backends_and_routes(tmp_path):
     model = create_model("spikingformer_digits", lif_backend="torch", depth=1, embed_dim=32, num_heads=2).train()
+    model.tokenizer.stages[0].bn.eval()  # a frozen BatchNorm
+    modes = {name: m.training for name, m in model.named_modules()}
     before = routes.active()
     check = export_onnx(model, tmp_path / "m.onnx")
-    assert model.training and routes.active() == before
+    assert {name: m.training for name, m in model.named_modules()} == modes and routes.active() == before
+    assert model.training and not model.tokenizer.stages[0].bn.training
     assert {m.backend for m in model.modules() if isinstance(m, MultiStepLIF)} == {"torch"}
     assert check.batch == 2 and check.same_predictions == 2 and check.max_abs_difference <= 1e-3 * check.output_scale
     one = example_input(model, batch_size=1)  # a batch of one traces too, and the batch stays free

@@ -54,12 +54,12 @@ def require_packages() -> None:
 @contextlib.contextmanager
 def plain_graph(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` in eval mode computes with plain PyTorch operations only (see the
-    module doc); its training flag and its neurons' backends are put back after."""
+    module doc); its modules' training flags and its neurons' backends are put back after."""
     from spikingformer.layers import routes
     from spikingformer.neuron import MultiStepLIF
 
     neurons = [m for m in model.modules() if isinstance(m, MultiStepLIF)]
-    backends, training = [m.backend for m in neurons], model.training
+    backends, modes = [m.backend for m in neurons], [(m, m.training) for m in model.modules()]
     try:
         for m in neurons:
             m.backend = "reference"
@@ -68,7 +68,8 @@ def plain_graph(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, backend in zip(neurons, backends):
             m.backend = backend
-        model.train(training)
+        for m, training in modes:  # each module's own (a frozen BatchNorm in eval mode stays so)
+            m.training = training
 
 
 def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
