@@ -496,3 +496,14 @@ def test_cli_energy_reads_the_data_set_with_workers_and_counts_alike(tmp_path, c
     assert "inputs: 16 images: the first 2 batch(es) of 8 of the digits test split" in capsys.readouterr().out
     read = [json.loads((tmp_path / w / "energy.json").read_text()) for w in ("w0", "w2")]
     assert read[0] == read[1] and read[0]["images"] == 16
+
+
+def test_recording_leaves_every_modules_training_flag_as_it_was():
+    # a training model with a frozen (eval-mode) BatchNorm keeps it frozen after an audit's recording
+    torch.manual_seed(0)
+    model = SpikingTransformer(ModelConfig(**TINY)).train()
+    model.tokenizer.stages[0].bn.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    record_activity(model, [torch.randn(3, 1, 8, 8)])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert model.training and not model.tokenizer.stages[0].bn.training

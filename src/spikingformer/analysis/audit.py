@@ -30,6 +30,7 @@ from torch import nn
 
 from spikingformer.checkpoints import write_json
 from spikingformer.layers import SpikingSelfAttention
+from spikingformer.modes import evaluating
 
 SYNAPTIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 ATTENTION_OPERANDS = ("q", "k", "v")
@@ -329,14 +330,9 @@ def record_activity(
 ) -> SpikeRecord:
     """Run ``model`` in eval mode over ``batches`` (model inputs, e.g. ``(B, C, H, W)`` images or
     ``(B, T, C, H, W)`` event frames) and return what each layer received."""
-    was_training = model.training
-    model.eval()
-    try:
-        with SpikeRecorder(model, max_values) as rec:
-            for x in batches:
-                model(x)
-    finally:
-        model.train(was_training)
+    with evaluating(model), SpikeRecorder(model, max_values) as rec:
+        for x in batches:
+            model(x)
     if rec.images == 0:
         raise ValueError("no input batches were given: nothing to record")
     return rec.record(model_name)

@@ -56,20 +56,19 @@ def plain_graph(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` in eval mode computes with plain PyTorch operations only (see the
     module doc); its modules' training flags and its neurons' backends are put back after."""
     from spikingformer.layers import routes
+    from spikingformer.modes import evaluating
     from spikingformer.neuron import MultiStepLIF
 
     neurons = [m for m in model.modules() if isinstance(m, MultiStepLIF)]
-    backends, modes = [m.backend for m in neurons], [(m, m.training) for m in model.modules()]
+    backends = [m.backend for m in neurons]
     try:
         for m in neurons:
             m.backend = "reference"
-        with routes.configured(PLAIN_ROUTES), torch.no_grad():
-            yield model.eval()
+        with routes.configured(PLAIN_ROUTES), torch.no_grad(), evaluating(model):
+            yield model
     finally:
         for m, backend in zip(neurons, backends):
             m.backend = backend
-        for m, training in modes:  # each module's own (a frozen BatchNorm in eval mode stays so)
-            m.training = training
 
 
 def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
