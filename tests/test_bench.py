@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -1147,3 +1148,18 @@ def test_a_baseline_worker_needs_no_training_dependencies():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent / "src")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bench_onnx_runs_as_a_script():
+    """``python benchmarks/bench_onnx.py`` on the digits model: its machine lines and one row with the
+    three contenders' times, the ratios to ours and ONNX Runtime's logit difference."""
+    pytest.importorskip("onnxruntime", reason="the benchmark runs ONNX Runtime: pip install 'spikingformer[onnx]'")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_onnx.py"), "--models", "spikingformer_digits",
+                           "--steps", "1", "--warmup", "0", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- CPU: " in proc.stdout and "- onnxruntime " in proc.stdout, proc.stdout
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| spikingformer_digits")]
+    assert len(rows) == 1 and len(rows[0]) == 10, proc.stdout
+    assert all(float(v) > 0 for v in rows[0][3:6]) and all(float(v.strip().rstrip("x")) > 0 for v in rows[0][6:8])
+    assert 0 < float(rows[0][2]) < 1 and math.isfinite(float(rows[0][8])), proc.stdout
