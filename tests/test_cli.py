@@ -320,6 +320,26 @@ def test_info_says_what_the_environment_chose(tmp_path):
     assert lines["spikingformer"].startswith(__import__("spikingformer").__version__ + " (torch ")
 
 
+def test_info_says_whether_onnx_export_can_run(monkeypatch):
+    from importlib import metadata
+
+    from spikingformer.info import _onnx_line
+
+    def versions(missing):
+        def version(name):
+            if name in missing:
+                raise metadata.PackageNotFoundError(name)
+            return "9.9"
+        return version
+
+    monkeypatch.setattr(metadata, "version", versions(()))
+    assert _onnx_line() == "available (onnx 9.9, onnxscript 9.9, onnxruntime 9.9); the written file is run once on ONNX Runtime to check it"
+    monkeypatch.setattr(metadata, "version", versions(("onnxruntime",)))
+    assert _onnx_line() == "available (onnx 9.9, onnxscript 9.9); onnxruntime missing, so the written file is not run to check it"
+    monkeypatch.setattr(metadata, "version", versions(("onnxscript", "onnxruntime")))
+    assert _onnx_line() == "not available (onnxscript, onnxruntime missing): pip install 'spikingformer[onnx]'"
+
+
 def test_info_bf16_line_says_what_the_spike_linear_does_in_bf16():
     from spikingformer.info import _bf16_line
 

@@ -88,6 +88,26 @@ def _batch_norm_line(ready: bool) -> str:
             "fused_bn_spike and fused_spike_pool run BatchNorm as a separate call")
 
 
+def _onnx_line() -> str:
+    """Whether ``export --output NAME.onnx`` can run here: the exporter's packages, and ONNX Runtime for its check."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    have = {name: version(name) for name in ("onnx", "onnxscript", "onnxruntime")}
+    missing = [name for name, v in have.items() if v is None]
+    found = ", ".join(f"{name} {v}" for name, v in have.items() if v is not None)
+    if "onnx" in missing or "onnxscript" in missing:
+        return f"not available ({', '.join(missing)} missing): pip install 'spikingformer[onnx]'"
+    if missing:
+        return f"available ({found}); onnxruntime missing, so the written file is not run to check it"
+    return f"available ({found}); the written file is run once on ONNX Runtime to check it"
+
+
 def describe(build: bool = False) -> list[tuple[str, str]]:
     """``(label, value)`` lines: versions, the CPU, the choices made for it, the kernels, the devices."""
     import torch
@@ -128,6 +148,7 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("LIF backends", f"{', '.join(kernels.available_backends())}, reference; on CPU tensors 'auto' picks {auto}"),
         ("CPU allocator", allocator_state()),
         ("CUDA", ", ".join(cuda) if cuda else "no device visible"),
+        ("ONNX export", _onnx_line()),
     ]
 
 
