@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import active_model
+from conftest import FIXTURES, active_model, require
 from spikingformer import checkpoints, create_model
 from spikingformer.cli import main
 from spikingformer.deploy.fuse import fuse_model
@@ -118,3 +118,29 @@ def test_export_command_writes_an_onnx_file_of_a_checkpoint(tmp_path, capsys):
         two, four = at_two(x), model(x)
     assert float((two - four).abs().max()) > 1e-3  # T changes what the model computes
     torch.testing.assert_close(run_onnx(tmp_path / "t2.onnx", x)[0], two, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture_name", [
+    "spikingformer_dvs_tiny",
+    *(pytest.param(name, marks=pytest.mark.slow) for name in ("spikingformer_cifar_tiny", "spikformer_cifar_tiny",
+                                                               "spikingformer_imagenet_tiny", "spikformer_imagenet_tiny"))])
+def test_onnx_runtime_gives_the_authors_golden_logits(tmp_path, fixture_name):
+    """The authors' tiny models (their weights, inputs and logits, from their own code): the exported graph
+    on ONNX Runtime in float32 gives their logits, its spikes those of the PyTorch model in float64."""
+    from test_authors_keys import FIXTURE_MODELS, fixture_model
+
+    from spikingformer import load_weights
+
+    fixture = torch.load(require(FIXTURES / f"{fixture_name}.pt"), weights_only=False)
+    container = {"model": fixture["state_dict"]} if "dvs" in fixture_name else {"state_dict": fixture["state_dict"]}
+    model = load_weights(fixture_model(fixture, FIXTURE_MODELS[fixture_name]), container).eval()
+    x = fixture["input"].float()
+    export_onnx(WithSpikes(model), tmp_path / "m.onnx", example=x, check=False)
+    got = run_onnx(tmp_path / "m.onnx", x)
+    with plain_graph(model.double()):  # float64: no membrane on the other side of the threshold by rounding
+        want = WithSpikes(model)(x.double())
+    flips = sum(int((g != w.float()).sum()) for g, w in zip(got[1:], want[1:]))
+    assert flips <= max(2, 1e-4 * sum(w.numel() for w in want[1:])), flips
+    if flips == 0:
+        torch.testing.assert_close(got[0].double(), fixture["logits"].double(), atol=1e-4, rtol=0)
+    assert got[0].argmax(1).tolist() == fixture["logits"].argmax(1).tolist()
