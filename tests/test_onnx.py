@@ -144,3 +144,46 @@ def test_onnx_runtime_gives_the_authors_golden_logits(tmp_path, fixture_name):
     if flips == 0:
         torch.testing.assert_close(got[0].double(), fixture["logits"].double(), atol=1e-4, rtol=0)
     assert got[0].argmax(1).tolist() == fixture["logits"].argmax(1).tolist()
+
+
+def test_eval_runs_an_exported_onnx_file_on_its_training_data(tmp_path, capsys):
+    """``eval --checkpoint NAME.onnx``: the file records its model and training data, so eval finds the
+    data set and scores the graph on ONNX Runtime as the checkpoint scores on PyTorch."""
+    import json
+
+    from conftest import write_cifar_folders
+
+    write_cifar_folders(tmp_path / "cifar", per_class=2)
+    model, _ = active_model("spikingformer_cifar10_4_256", 4, embed_dim=16, depth=1, num_heads=2, time_steps=2)
+    config = {"data": {"dataset": "cifar10", "data_dir": str(tmp_path / "cifar")}}
+    source = checkpoints.export_safetensors(model, tmp_path / "m.safetensors", "spikingformer_cifar10_4_256", config)
+    assert main(["export", "--checkpoint", str(source), "--output", str(tmp_path / "m.onnx")]) == 0
+    scores = {}
+    for name in ("m.safetensors", "m.onnx"):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(tmp_path / name), "--output", str(tmp_path / f"{name}.json")]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        assert line.startswith("spikingformer_cifar10_4_256 on cifar10 (20 images): top-1 ")
+        assert line.endswith("(ONNX Runtime)") == (name == "m.onnx"), line
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    plain, graph = scores["m.safetensors"], scores["m.onnx"]
+    assert graph["firing_rate"] is None and 0 < plain["firing_rate"] < 1
+    assert (graph["samples"], graph["time_steps"], graph["dataset"]) == (20, 2, "cifar10")
+    assert abs(graph["top1"] - plain["top1"]) <= 100 / 20 and graph["loss"] == pytest.approx(plain["loss"], abs=0.02)
+
+
+def test_eval_of_an_onnx_file_refuses_what_the_graph_cannot_follow(tmp_path, capsys):
+    model = create_model("spikingformer_digits", depth=1, embed_dim=32, num_heads=2)
+    export_onnx(model, tmp_path / "m.onnx", model_name="spikingformer_digits", check=False)
+    for extra, message in ((["--amp", "bf16"], "an ONNX file is evaluated in float32 on ONNX Runtime's CPU provider"),
+                           (["--time-steps", "2"], f"{tmp_path / 'm.onnx'} holds the graph of T = 4 and its model's "
+                                                   "configuration: export the checkpoint again with --time-steps")):
+        assert main(["eval", "--checkpoint", str(tmp_path / "m.onnx"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    torch.onnx.export(nn.Linear(2, 2).eval(), (torch.zeros(1, 2),), str(tmp_path / "other.onnx"), dynamo=True, verbose=False)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    for name, message in (("other.onnx", "was not written by spikingformer export (it does not record its model)"),
+                          ("junk.onnx", "is not a readable ONNX file"), ("gone.onnx", "ONNX file not found")):
+        assert main(["eval", "--checkpoint", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -79,15 +79,19 @@ def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None,
-                opset: int | None = None, check: bool = True) -> OnnxCheck | None:
+                opset: int | None = None, check: bool = True, model_name: str | None = None,
+                train_config: dict | None = None) -> OnnxCheck | None:
     """Write ``model`` (a float32 CPU model of the zoo, plain or fused) as an ONNX file at ``path``
-    (atomically: the previous file stays on any failure), with a free batch dimension.
+    (atomically: the previous file stays on any failure), with a free batch dimension, recording
+    the model (``model_name``, its configuration) and ``train_config`` in the file's metadata
+    (:mod:`~spikingformer.deploy.onnx_runtime`).
 
     ``example``: an input to trace with (default: :func:`example_input`); ``opset``: the ONNX opset
     (default: the exporter's). Returns ONNX Runtime's comparison on ``example`` where ``check`` and
     ``onnxruntime`` is installed, else None.
     """
     from spikingformer.checkpoints import write_atomic
+    from spikingformer.deploy.onnx_runtime import onnx_metadata
 
     require_packages()
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
@@ -102,7 +106,11 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
         expected = model(x)
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
-    written = write_atomic(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    proto = program.model_proto
+    for key, value in onnx_metadata(model, model_name, train_config).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    written = write_atomic(path, lambda f: f.write(proto.SerializeToString()))
     if not check or importlib.util.find_spec("onnxruntime") is None:
         return None
     return compare_with_onnxruntime(written, x, expected)

@@ -102,12 +102,15 @@ def run_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     if first_process():  # under torchrun every process holds the summed result
+        rate = result["firing_rate"]  # NaN for an ONNX file: its graph's spikes are not seen
         print(f"{result['model']} on {result['dataset']} ({result['samples']} images): top-1 {result['top1']:.2f}%  "
-              f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  firing rate {result['firing_rate']:.4f}")
+              f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              + ("(ONNX Runtime)" if rate != rate else f"firing rate {rate:.4f}"))
         if args.output:
             from spikingformer.checkpoints import write_json
 
-            write_json(args.output, {**result, "checkpoint": str(args.checkpoint)})
+            rate = result["firing_rate"]
+            write_json(args.output, {**result, "firing_rate": None if rate != rate else rate, "checkpoint": str(args.checkpoint)})
             print(f"wrote {args.output}")
     return 0
 
@@ -146,7 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (this project's or the authors') and print top-1/top-5")
-    e.add_argument("--checkpoint", required=True, metavar="PATH", help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors)")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="path to a checkpoint (.pt/.pth/.pth.tar/.safetensors), or an .onnx file of spikingformer export "
+                        "(run on ONNX Runtime)")
     e.add_argument("--model", default=None, metavar="NAME", help="zoo model name; required for the authors' checkpoints")
     e.add_argument("--model-args", metavar="YAML", type=yaml_mapping, default=None,
                    help="overrides of the model's ModelConfig fields, e.g. '{embed_dim: 64, depth: 2}' for an "
@@ -224,7 +229,7 @@ def run_export(args: argparse.Namespace) -> int:
     if output.suffix == ".onnx":
         from spikingformer.deploy.onnx_export import export_onnx
 
-        check = export_onnx(model, output)
+        check = export_onnx(model, output, model_name=args.model or ckpt.model_name, train_config=ckpt.train_config)
         print(f"wrote {output} (the model's inference graph, batch size free, T = {model.config.time_steps} unrolled)")
         print(check if check is not None else "onnxruntime is not installed: the file was not run")
         return 0

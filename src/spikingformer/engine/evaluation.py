@@ -44,6 +44,23 @@ def model_overrides(model_args: dict | None, time_steps: int | None) -> dict:
     return overrides
 
 
+def _onnx_model(path: str | Path, device: str, amp: str, overrides: dict):
+    """An exported ONNX file's description and :class:`~spikingformer.deploy.onnx_runtime.OnnxRuntimeModel`;
+    the options a graph cannot follow are refused, naming what to do instead."""
+    from spikingformer.deploy.onnx_export import require_packages
+    from spikingformer.deploy.onnx_runtime import OnnxRuntimeModel
+
+    require_packages()
+    if device not in ("auto", "cpu") or amp != "off":
+        raise ValueError("an ONNX file is evaluated in float32 on ONNX Runtime's CPU provider: drop --device and --amp")
+    model = OnnxRuntimeModel(path)
+    graph_steps = model.config.time_steps
+    if overrides.get("time_steps", graph_steps) != graph_steps or set(overrides) - {"time_steps"}:
+        raise ValueError(f"{path} holds the graph of T = {graph_steps} and its model's configuration: export the checkpoint "
+                         "again with --time-steps or --model-args to evaluate another")
+    return model.description, model
+
+
 def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset: str | None = None,
                         data_dir: str | None = None, batch_size: int = 64, device: str = "auto", amp: str = "off",
                         time_steps: int | None = None, tf32: bool = False, model_args: dict | None = None,
@@ -56,14 +73,18 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32. ``workers``:
     DataLoader worker processes (default: the training run's, else 0)."""
     overrides = model_overrides(model_args, time_steps)
-    ckpt = checkpoints.read(path)
-    model = model_from_checkpoint(ckpt, model_name, **overrides)
+    if Path(path).suffix == ".onnx":
+        ckpt, model = _onnx_model(path, device, amp, overrides)
+        overrides["time_steps"] = model.config.time_steps  # the graph's, also for the data
+    else:
+        ckpt = checkpoints.read(path)
+        model = model_from_checkpoint(ckpt, model_name, **overrides)
     data = data_section_for(ckpt, dataset, data_dir, overrides.get("time_steps"))
     if workers is not None:
         data.workers = workers
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
-    runtime = setup(device)
+    runtime = setup("cpu" if Path(path).suffix == ".onnx" else device)
     try:
         model = model.to(runtime.device)
         c = model.config
