@@ -355,3 +355,15 @@ def test_onnx_export_without_its_packages_and_bad_export_options_say_what_to_do(
     assert main([*argv, "--time-steps", "2"]) == 2
     assert "--time-steps sets the T an .onnx graph unrolls; the weights do not depend on it" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_file_given_as_a_checkpoint_says_what_it_is(tmp_path, capsys):
+    # eval runs an exported graph; the commands that need weights say so, not "damaged, download again"
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    for command in (["energy"], ["fuse"], ["export"], ["audit"]):
+        assert main([*command, "--checkpoint", str(tmp_path / "m.onnx")]) == 2
+        assert one_line_error(capsys).endswith(
+            f"{tmp_path / 'm.onnx'} is an ONNX graph (spikingformer export), not a checkpoint: `spikingformer eval` runs "
+            "it on ONNX Runtime; the other commands and create_model need the checkpoint it was exported from")
+    with pytest.raises(checkpoints.CheckpointError, match="is an ONNX graph"):
+        sf.create_model("spikingformer_digits", checkpoint_path=str(tmp_path / "m.onnx"))

@@ -323,6 +323,10 @@ def load_checkpoint(path: str | Path) -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    if path.suffix == ".onnx":
+        raise CheckpointError(f"{path} is an ONNX graph (spikingformer export), not a checkpoint: `spikingformer eval` "
+                              "runs it on ONNX Runtime; the other commands and create_model need the checkpoint it was "
+                              "exported from")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
