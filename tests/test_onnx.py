@@ -107,6 +107,9 @@ def test_export_command_writes_an_onnx_file_of_a_checkpoint(tmp_path, capsys):
     with torch.no_grad():
         expected = model(x)
     assert run_onnx(tmp_path / "m.onnx", x)[0].argmax(1).tolist() == expected.argmax(1).tolist()
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape[1:]) for i in session.get_inputs()] == [("input", [1, 16, 16])]
+    assert [(o.name, o.shape[1:]) for o in session.get_outputs()] == [("logits", [10])]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]  # no temporary file left
     # at another number of time steps: the graph unrolls T = 2, as the model built for T = 2 computes
     assert main(["export", "--checkpoint", str(source), "--output", str(tmp_path / "t2.onnx"), "--time-steps", "2"]) == 0

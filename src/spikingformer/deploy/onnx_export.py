@@ -104,8 +104,9 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
         x = torch.cat([x, x])
     with plain_graph(model):
         expected = model(x)
+        names = {"input_names": ["input"]} | ({"output_names": ["logits"]} if isinstance(expected, torch.Tensor) else {})
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
     proto = program.model_proto
     for key, value in onnx_metadata(model, model_name, train_config).items():
         entry = proto.metadata_props.add()
