@@ -1,4 +1,4 @@
-"""ONNX export of a model (plain or fused) for inference runtimes: ONNX Runtime, TensorRT, OpenVINO.
+"""ONNX export of a model (plain or fused) for inference runtimes (ONNX Runtime is the one tested).
 
 The graph is traced from the plain PyTorch computation the routes stand in for (``SPIKINGFORMER_ROUTES``
 ``none`` but ``stem_once`` and ``attention_order``, which are plain PyTorch too) with every
