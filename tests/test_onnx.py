@@ -180,7 +180,9 @@ def test_eval_of_an_onnx_file_refuses_what_the_graph_cannot_follow(tmp_path, cap
     export_onnx(model, tmp_path / "m.onnx", model_name="spikingformer_digits", check=False)
     for extra, message in ((["--amp", "bf16"], "an ONNX file is evaluated in float32 on ONNX Runtime's CPU provider"),
                            (["--time-steps", "2"], f"{tmp_path / 'm.onnx'} holds the graph of T = 4 and its model's "
-                                                   "configuration: export the checkpoint again with --time-steps")):
+                                                   "configuration: export the checkpoint again with --time-steps"),
+                           (["--model", "spikformer_digits"], f"{tmp_path / 'm.onnx'} holds the graph of a spikingformer_digits "
+                                                             "model, not spikformer_digits; drop --model")):
         assert main(["eval", "--checkpoint", str(tmp_path / "m.onnx"), *extra]) == 2
         assert message in capsys.readouterr().err
     torch.onnx.export(nn.Linear(2, 2).eval(), (torch.zeros(1, 2),), str(tmp_path / "other.onnx"), dynamo=True, verbose=False)

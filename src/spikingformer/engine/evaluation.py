@@ -44,7 +44,7 @@ def model_overrides(model_args: dict | None, time_steps: int | None) -> dict:
     return overrides
 
 
-def _onnx_model(path: str | Path, device: str, amp: str, overrides: dict):
+def _onnx_model(path: str | Path, model_name: str | None, device: str, amp: str, overrides: dict):
     """An exported ONNX file's description and :class:`~spikingformer.deploy.onnx_runtime.OnnxRuntimeModel`;
     the options a graph cannot follow are refused, naming what to do instead."""
     from spikingformer.deploy.onnx_export import require_packages
@@ -54,6 +54,9 @@ def _onnx_model(path: str | Path, device: str, amp: str, overrides: dict):
     if device not in ("auto", "cpu") or amp != "off":
         raise ValueError("an ONNX file is evaluated in float32 on ONNX Runtime's CPU provider: drop --device and --amp")
     model = OnnxRuntimeModel(path)
+    recorded = model.description.model_name
+    if model_name and recorded and model_name != recorded:
+        raise ValueError(f"{path} holds the graph of a {recorded} model, not {model_name}; drop --model or pick the matching file")
     graph_steps = model.config.time_steps
     if overrides.get("time_steps", graph_steps) != graph_steps or set(overrides) - {"time_steps"}:
         raise ValueError(f"{path} holds the graph of T = {graph_steps} and its model's configuration: export the checkpoint "
@@ -74,7 +77,7 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     DataLoader worker processes (default: the training run's, else 0)."""
     overrides = model_overrides(model_args, time_steps)
     if Path(path).suffix == ".onnx":
-        ckpt, model = _onnx_model(path, device, amp, overrides)
+        ckpt, model = _onnx_model(path, model_name, device, amp, overrides)
         overrides["time_steps"] = model.config.time_steps  # the graph's, also for the data
     else:
         ckpt = checkpoints.read(path)
