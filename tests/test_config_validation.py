@@ -198,3 +198,13 @@ def test_settings_a_data_set_does_not_read_are_named(recipe, overrides, said):
     from spikingformer.data import unread_settings
 
     assert unread_settings(load_config(recipe, overrides).data) == "spikingformer: " + said
+
+
+def test_validate_and_rules_are_still_read_from_config():
+    # their home before config_rules.py: scripts that import them from there keep working
+    import spikingformer.config as config
+    import spikingformer.config_rules as config_rules
+
+    assert config.validate is config_rules.validate and config.RULES is config_rules.RULES
+    with pytest.raises(AttributeError, match="has no attribute 'validat'"):
+        config.validat  # noqa: B018

@@ -280,7 +280,7 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
     _ignore_frames_of_static_data(cfg, [values.get("data") or {}, overrides or {}])
-    from spikingformer.config_rules import validate  # (it reads this module's sections)
+    from spikingformer.config_rules import validate
 
     validate(cfg, names=check_names)
     return cfg
@@ -306,3 +306,14 @@ def parse_yaml(text: str, what: str) -> Any:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         hint = "; only plain YAML is read (no !!python tags)" if "tag" in problem else ""
         raise ConfigError(f"cannot parse {what}: {problem}{where}{hint}") from None
+
+
+
+def __getattr__(name: str) -> Any:
+    """``validate`` and ``RULES`` where they lived before :mod:`spikingformer.config_rules` (which reads
+    this module's sections, so it is imported when first asked for)."""
+    if name in ("validate", "RULES"):
+        from spikingformer import config_rules
+
+        return getattr(config_rules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
