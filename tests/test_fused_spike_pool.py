@@ -513,3 +513,12 @@ def test_under_autocast_the_memory_routes_keep_less_and_change_nothing(name, sha
     assert_gradients_close([g1[k] for k in g0], [g0[k] for k in g0], rel=1e-2)
     # a build without FMA beside PyTorch's FMA kernels leaves BN -> SN to the module calls: bits only
     assert saved1 < (saved0 / 2 if cpu.kernel_reproduces_bn() else saved0)
+
+
+def test_the_map_routes_are_still_read_from_routes():
+    # their home before layers/bn_spike.py: scripts that call them there keep working
+    for name in ("spike_maps", "repeat_steps", "max_pool", "spike_pool", "bn_spike_pool_plain", "bn_spike_pool",
+                 "bn_spike_tokens"):
+        assert getattr(routes, name) is getattr(bn_spike, name)
+    with pytest.raises(AttributeError, match="has no attribute '_kernel_takes'"):
+        routes._kernel_takes  # noqa: B018 (a private name is not carried over)

@@ -225,3 +225,16 @@ def configured(spec: str) -> Iterator[frozenset[str]]:
         yield _active
     finally:
         _active = saved
+
+
+_MOVED_TO_BN_SPIKE = frozenset({"spike_maps", "repeat_steps", "max_pool", "spike_pool", "bn_spike_pool_plain",
+                                "bn_spike_pool", "bn_spike_tokens"})
+
+
+def __getattr__(name: str):
+    """The BN -> SN [-> max-pool] routes where they lived before :mod:`spikingformer.layers.bn_spike`."""
+    if name in _MOVED_TO_BN_SPIKE:
+        from spikingformer.layers import bn_spike
+
+        return getattr(bn_spike, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
