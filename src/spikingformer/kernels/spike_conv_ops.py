@@ -95,7 +95,9 @@ def sampled_rate(x: torch.Tensor) -> float:
     every time step: the first map alone (t = 0, every membrane at rest) fired at 0.000-0.002 in the
     CIFAR model's tokenizer where its maps fired at 0.05-0.26, and sent dense maps in."""
     maps = x[::-(-x.shape[0] // RATE_SAMPLES)]
-    return int(maps.count_nonzero()) / maps.numel()
+    # spikes are 0 or 1: their float32 sum counts them (exact up to 2^24), 5-12x as fast as
+    # count_nonzero on these strided maps (0.6 ms a call in the event model's bf16 inference)
+    return float(maps.detach().sum(dtype=torch.float32)) / maps.numel()
 
 
 def _rate(x: torch.Tensor, rate: float) -> float:
