@@ -37,8 +37,9 @@ import common
 from spikingformer import allocator
 from spikingformer.analysis.inputs import calibrate_batchnorm
 from spikingformer.deploy.onnx_export import export_onnx, plain_graph
+from spikingformer.deploy.onnx_runtime import onnx_session, run_session
+from spikingformer.engine.firing import FiringRateMeter
 from spikingformer.models.zoo import create_model
-from spikingformer.neuron import MultiStepLIF
 
 BATCH = {"spikingformer_digits": 64, "spikingformer_cifar10_4_256": 16, "spikingformer_cifar10dvs_2_256": 8}
 
@@ -53,25 +54,17 @@ def batch_for(model: torch.nn.Module, batch: int) -> torch.Tensor:
 
 
 def firing_rate(model: torch.nn.Module, x: torch.Tensor) -> float:
-    counts = [0.0, 0]
-
-    def count(module, inputs, out):
-        counts[0] += float(out.sum())
-        counts[1] += out.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, MultiStepLIF)]
+    """The model's firing rate on ``x`` as training and eval report it (each neuron's rate, averaged)."""
+    meter = FiringRateMeter(model)
     try:
         with plain_graph(model):  # module calls, so that every neuron's hook sees its spikes
             model(x)
+        return meter.pop()
     finally:
-        for h in hooks:
-            h.remove()
-    return counts[0] / counts[1]
+        meter.close()
 
 
 def bench(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict:
-    import onnxruntime
-
     torch.manual_seed(0)
     model = create_model(name)
     x = batch_for(model, batch)
@@ -80,12 +73,7 @@ def bench(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict
     t0 = time.perf_counter()
     export_onnx(model, folder / f"{name}.onnx", example=x, check=False)
     export_s = time.perf_counter() - t0
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = onnxruntime.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    session = onnx_session(folder / f"{name}.onnx", args.threads)
 
     def ours():
         with torch.no_grad():
@@ -95,7 +83,7 @@ def bench(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict
         with plain_graph(model):
             return model(x)
 
-    runs = {"ours": ours, "onnxruntime": lambda: torch.from_numpy(session.run(None, feed)[0]), "plain PyTorch": plain}
+    runs = {"ours": ours, "onnxruntime": lambda: run_session(session, x), "plain PyTorch": plain}
     difference = float((runs["onnxruntime"]() - ours()).abs().max())
     names, times = list(runs), {k: [] for k in runs}
     for i in range(args.warmup + args.steps):

@@ -321,22 +321,22 @@ def test_info_says_what_the_environment_chose(tmp_path):
 
 
 def test_info_says_whether_onnx_export_can_run(monkeypatch):
+    import importlib.util
     from importlib import metadata
 
     from spikingformer.info import _onnx_line
 
-    def versions(missing):
-        def version(name):
-            if name in missing:
-                raise metadata.PackageNotFoundError(name)
-            return "9.9"
-        return version
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(metadata, "version", lambda name: "9.9")
 
-    monkeypatch.setattr(metadata, "version", versions(()))
+    def without(*missing):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+
+    without()
     assert _onnx_line() == "available (onnx 9.9, onnxscript 9.9, onnxruntime 9.9); the written file is run once on ONNX Runtime to check it"
-    monkeypatch.setattr(metadata, "version", versions(("onnxruntime",)))
+    without("onnxruntime")
     assert _onnx_line() == "available (onnx 9.9, onnxscript 9.9); onnxruntime missing, so the written file is not run to check it"
-    monkeypatch.setattr(metadata, "version", versions(("onnxscript", "onnxruntime")))
+    without("onnxscript", "onnxruntime")
     assert _onnx_line() == "not available (onnxscript, onnxruntime missing): pip install 'spikingformer[onnx]'"
 
 

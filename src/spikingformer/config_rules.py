@@ -12,8 +12,6 @@ from typing import Any, get_type_hints
 from spikingformer.config import FIELD_SECTION, SECTIONS, ConfigError, TrainConfig, convert_value, field_types
 
 
-
-
 def _at_least(low: float) -> tuple[Any, str]:
     return (lambda v: v >= low), f">= {low}"
 

@@ -92,15 +92,11 @@ def _onnx_line() -> str:
     """Whether ``export --output NAME.onnx`` can run here: the exporter's packages, and ONNX Runtime for its check."""
     from importlib import metadata
 
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
+    from spikingformer.deploy.onnx_export import missing_packages
 
-    have = {name: version(name) for name in ("onnx", "onnxscript", "onnxruntime")}
-    missing = [name for name, v in have.items() if v is None]
-    found = ", ".join(f"{name} {v}" for name, v in have.items() if v is not None)
+    names = ("onnx", "onnxscript", "onnxruntime")
+    missing = missing_packages(names)
+    found = ", ".join(f"{name} {metadata.version(name)}" for name in names if name not in missing)
     if "onnx" in missing or "onnxscript" in missing:
         return f"not available ({', '.join(missing)} missing): pip install 'spikingformer[onnx]'"
     if missing:

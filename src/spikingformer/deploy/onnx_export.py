@@ -43,10 +43,14 @@ class OnnxCheck:
                 f"(logits up to {self.output_scale:.3g}), top-1 alike in {self.same_predictions}/{self.batch}")
 
 
+def missing_packages(names: tuple[str, ...] = ("onnx", "onnxscript")) -> list[str]:
+    """Which of ``names`` (default: the packages the export needs) are not installed."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def require_packages() -> None:
     """Raise a ValueError naming the packages ONNX export needs that are not installed, and how to install them."""
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
+    if missing := missing_packages():
         raise ValueError(f"ONNX export needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: "
                          "pip install 'spikingformer[onnx]' (onnx, onnxscript and onnxruntime, which checks the file)")
 
@@ -112,7 +116,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     written = write_atomic(path, lambda f: f.write(proto.SerializeToString()))
-    if not check or importlib.util.find_spec("onnxruntime") is None:
+    if not check or missing_packages(("onnxruntime",)):
         return None
     return compare_with_onnxruntime(written, x, expected)
 
@@ -120,10 +124,9 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
 def compare_with_onnxruntime(path: str | Path, x: torch.Tensor, expected: torch.Tensor) -> OnnxCheck:
     """Run the ONNX file at ``path`` on ``x`` with ONNX Runtime and compare its first output with
     ``expected`` (the model's output, or the first of its outputs)."""
-    import onnxruntime
+    from spikingformer.deploy.onnx_runtime import onnx_session, run_session
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    got = run_session(onnx_session(path), x)
     expected = expected[0] if isinstance(expected, (tuple, list)) else expected  # the logits come first
     return OnnxCheck(batch=x.shape[0], max_abs_difference=float((got - expected).abs().max()),
                      output_scale=float(expected.abs().max()),

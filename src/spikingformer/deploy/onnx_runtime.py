@@ -51,6 +51,23 @@ def describe_onnx(path: str | Path) -> Checkpoint:
                       train_config=train)
 
 
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime session of the file at ``path`` on the CPU provider, all graph optimisations,
+    ``threads`` intra-op threads (default: torch's)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, x: torch.Tensor) -> torch.Tensor:
+    """The first output of ``session`` on the CPU float32 copy of ``x``, as a tensor."""
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.detach().cpu().float().numpy()})[0])
+
+
 class OnnxRuntimeModel(nn.Module):
     """The ONNX file at ``path`` on ONNX Runtime's CPU provider (``threads`` intra-op threads,
     default: torch's), called like the model it was exported from: CPU float32 inputs, logits back
@@ -58,17 +75,11 @@ class OnnxRuntimeModel(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime
-
         from spikingformer.models import ModelConfig
 
         self.description = describe_onnx(path)
         self.config = ModelConfig.from_dict(self.description.model_config)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.session = onnx_session(path, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
+        return run_session(self.session, x).to(x.device)

@@ -76,7 +76,8 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     convolutions on TF32 tensor cores (as training's ``--tf32``); off, both in full float32. ``workers``:
     DataLoader worker processes (default: the training run's, else 0)."""
     overrides = model_overrides(model_args, time_steps)
-    if Path(path).suffix == ".onnx":
+    onnx = Path(path).suffix == ".onnx"
+    if onnx:
         ckpt, model = _onnx_model(path, model_name, device, amp, overrides)
         overrides["time_steps"] = model.config.time_steps  # the graph's, also for the data
     else:
@@ -87,7 +88,7 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
         data.workers = workers
     if data.time_steps is None:  # a checkpoint without a training configuration: the model's
         data.time_steps = model.config.time_steps
-    runtime = setup("cpu" if Path(path).suffix == ".onnx" else device)
+    runtime = setup("cpu" if onnx else device)
     try:
         model = model.to(runtime.device)
         c = model.config
