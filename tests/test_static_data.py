@@ -192,8 +192,9 @@ def test_unreadable_files_in_an_image_folder_are_named_and_skipped(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_on_a_folder_with_an_unreadable_image_warns_on_its_own_line(tmp_path, workers):
-    """The command trains on (mixup pairs the images of a batch: one left at an odd size leaves out
-    one more) and names the file in one line of its own beside the progress bar, also from a worker."""
+    """The command trains on (a batch left at an odd size trains its last image unmixed:
+    :func:`test_a_batch_left_at_an_odd_size_trains_its_last_image_unmixed`) and names the file in
+    one line of its own beside the progress bar, also from a worker."""
     write_cifar_folders(tmp_path / "cifar")
     broken = tmp_path / "cifar" / "train" / "cat" / "notes.png"
     broken.write_text("this is not an image")
@@ -204,6 +205,46 @@ def test_training_on_a_folder_with_an_unreadable_image_warns_on_its_own_line(tmp
     said = [line for line in run.stderr.split("\n") if str(broken) in line]
     assert said and said[0].startswith(f"skipping {broken}: not a readable image (UnidentifiedImageError"), run.stderr
     assert "checkpoint:" in run.stdout
+
+
+def _mixup(**kwargs):
+    from timm.data import Mixup
+
+    return Mixup(num_classes=4, label_smoothing=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [dict(mixup_alpha=0.8), dict(mixup_alpha=0.0, cutmix_alpha=1.0)])
+def test_a_batch_left_at_an_odd_size_trains_its_last_image_unmixed(kind):
+    """timm's Mixup pairs image i with image n-1-i and refuses an odd batch, which an unreadable image
+    leaves: the pairs are mixed and the last image trains as Mixup trains an image it does not mix,
+    its target one-hot with label smoothing 0.1 over 4 classes (0.925 and 0.025 each, by hand)."""
+    from spikingformer.engine.trainer import mix_batch
+
+    images = torch.arange(5 * 3 * 4 * 4, dtype=torch.float32).view(5, 3, 4, 4)
+    target = torch.tensor([0, 1, 2, 3, 1])
+    mixed, soft = mix_batch(_mixup(**kind), images.clone(), target)
+    assert mixed.shape == images.shape and soft.shape == (5, 4)
+    assert torch.equal(mixed[4], images[4])
+    assert torch.equal(soft[4], torch.tensor([0.025, 0.925, 0.025, 0.025]))
+    # the first four as a mix of each image i with image 3 - i, by the weight their targets carry
+    lam = (soft[0, 0] - 0.025) / 0.9  # image 0's class 0 is not image 3's class
+    head = images[:4]
+    if not kind.get("cutmix_alpha"):
+        torch.testing.assert_close(mixed[:4], lam * head + (1 - lam) * head.flip(0), rtol=1e-5, atol=1e-4)
+    else:  # CutMix: each pixel is the image's own or its partner's, the partner's on a 1 - lam share
+        own = (mixed[:4] == head).all(1)
+        assert ((mixed[:4] == head) | (mixed[:4] == head.flip(0))).all()
+        assert own.float().mean().item() == pytest.approx(float(lam), abs=1e-5)
+    torch.testing.assert_close(soft[:4].sum(1), torch.ones(4))
+
+
+def test_a_batch_of_one_image_trains_it_unmixed():
+    from spikingformer.engine.trainer import mix_batch
+
+    images = torch.rand(1, 3, 4, 4)
+    mixed, soft = mix_batch(_mixup(mixup_alpha=0.8), images, torch.tensor([2]))
+    assert torch.equal(mixed, images)
+    assert torch.equal(soft, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
 
 
 def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(tmp_path, monkeypatch, capsys):

@@ -206,8 +206,7 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
             images = images.to(runtime.device, non_blocking=True)
             hard_target = target = target.to(runtime.device, non_blocking=True)
             if st.mixup_fn is not None:
-                images, hard_target = _paired(images, hard_target)
-                images, target = st.mixup_fn(images, hard_target)
+                images, target = mix_batch(st.mixup_fn, images, hard_target)
             logged = runtime.is_main and (step % log_interval == 0 or step == len(loader) - 1)
             if logged:
                 meter.attach()
@@ -237,14 +236,21 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     return sums
 
 
-def _paired(images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch for mixup and CutMix, which pair its images: one that an unreadable image (named in
-    a warning) left at an odd size leaves out one more."""
-    if len(images) == 1:
-        raise ValueError("only one image of a training batch could be read (the warnings above name the files), "
-                         "and mixup and CutMix pair a batch's images; check the data folder")
-    keep = len(images) - len(images) % 2
-    return images[:keep], target[:keep]
+def mix_batch(mixup_fn, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's ``Mixup`` of a training batch ``(images, soft targets)``. Mixup and CutMix pair the
+    batch's images, so timm refuses an odd batch; a batch that an unreadable image (named in a
+    warning) left at an odd size trains its last image unmixed, with the target ``Mixup`` gives an
+    image it does not mix (one-hot, label-smoothed), instead of leaving it out."""
+    from timm.data.mixup import mixup_target
+
+    paired = len(images) - len(images) % 2
+    if paired == len(images):
+        return mixup_fn(images, target)
+    last = mixup_target(target[paired:], mixup_fn.num_classes, smoothing=mixup_fn.label_smoothing)
+    if paired == 0:
+        return images, last
+    mixed, soft = mixup_fn(images[:paired].clone(), target[:paired])
+    return torch.cat([mixed, images[paired:]]), torch.cat([soft, last])
 
 
 # PyTorch's optimizers with a fused kernel for CPU, CUDA and MPS parameters (Adagrad's is the CPU's only;
