@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,52 @@ def test_a_batch_of_one_image_trains_it_unmixed():
     mixed, soft = mix_batch(_mixup(mixup_alpha=0.8), images, torch.tensor([2]))
     assert torch.equal(mixed, images)
     assert torch.equal(soft, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
+
+
+def _recipe_transform(aa: str):
+    from spikingformer.data.static import image_transform
+
+    return image_transform(load_config("cifar10").data.__class__(aa=aa), 32, True, (0.5,) * 3, (0.5,) * 3)
+
+
+def _rgb(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def test_randaugment_keeping_zero_bits_gives_a_black_image_as_pillow_before_13():
+    """The CIFAR and ImageNet recipes' RandAugment (rand-m9-n1-mstd0.4-inc1) draws magnitudes around
+    9 with a spread of 0.4 and asks its posterize for 4 - int(m / 10 * 4) bits: 0 bits at m = 10,
+    which Pillow 13 refuses (a ValueError that stopped CIFAR training in its first epoch). 0 bits
+    is the black image (Pillow before 13, TensorFlow); other bit counts are Pillow's as before."""
+    from timm.data.auto_augment import AugmentOp
+
+    from spikingformer.data.static import augment_ops
+
+    op = next(o for o in augment_ops(_recipe_transform(load_config("cifar10").data.aa)) if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude_std = 1.0, 0.0
+    pixels = np.asarray(_rgb())
+    op.magnitude = 10
+    assert not np.asarray(op(_rgb())).any()
+    op.magnitude = 5  # 4 - int(2.0) = 2 bits: the two high bits of every channel
+    assert np.array_equal(np.asarray(op(_rgb())), pixels & 0b11000000)
+    if int(Image.__version__.split(".")[0]) >= 13:  # what timm's own op does there
+        with pytest.raises(ValueError, match="bits must be between"):
+            AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(_rgb())
+
+
+@pytest.mark.parametrize("aa", ["rand-m10-n1-inc1", "rand-m1-n2", "v0", "augmix-m5-w4-d2"])
+def test_every_policys_posterize_takes_zero_bits(aa):
+    """RandAugment at magnitude 10 with increasing ops, and below 2.5 without (int(m / 10 * 4) = 0
+    bits), AutoAugment's v0 policy (Posterize at magnitude 0-2) and AugMix: the training transform
+    runs through 300 draws (posterize among 13-15 ops each) and their posterize ops are ours."""
+    from spikingformer.data.static import augment_ops, posterize
+
+    transform = _recipe_transform(aa)
+    ops = [o for o in augment_ops(transform) if "Posterize" in o.name]
+    assert ops and all(o.aug_fn is posterize for o in ops)
+    random.seed(0)
+    for k in range(300):
+        assert transform(_rgb(k)).shape == (3, 32, 32)
 
 
 def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(tmp_path, monkeypatch, capsys):

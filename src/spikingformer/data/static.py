@@ -199,7 +199,7 @@ def image_transform(data_cfg, img_size: int, train: bool, mean, std):
     """timm's transform with the recipe's augmentation (train) or resize + centre crop (eval)."""
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=img_size,
         is_training=train,
         scale=tuple(data_cfg.scale),
@@ -214,3 +214,37 @@ def image_transform(data_cfg, img_size: int, train: bool, mean, std):
         re_mode=data_cfg.remode,
         crop_pct=data_cfg.crop_pct,
     )
+    for op in augment_ops(transform):
+        if op.aug_fn is _timm_posterize():
+            op.aug_fn = posterize
+    return transform
+
+
+def _timm_posterize():
+    from timm.data import auto_augment
+
+    return auto_augment.posterize
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, where keeping 0 bits gives the black image that Pillow before 13 (and
+    TensorFlow's RandAugment) gave: Pillow 13 refuses ``ImageOps.posterize(img, 0)`` with a
+    ValueError, which stopped training in a DataLoader worker. timm asks for 0 bits at magnitude 10
+    of the ``inc1`` policies (the CIFAR and ImageNet recipes' ``rand-m9-n1-mstd0.4-inc1`` draws
+    magnitudes around 9 that reach it: several times an epoch of CIFAR-10), below 2.5 of the others,
+    and in AutoAugment's ``v0`` policy."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return _timm_posterize()(img, bits_to_keep, **kwargs)
+
+
+def augment_ops(transform) -> list:
+    """timm's ``AugmentOp`` instances inside ``transform``: in a ``Compose``, RandAugment's and AugMix's
+    ``ops`` and AutoAugment's ``policy`` (lists of sub-policies)."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(transform, AugmentOp):
+        return [transform]
+    children = transform if isinstance(transform, (list, tuple)) else [
+        child for name in ("transforms", "ops", "policy") for child in (getattr(transform, name, None) or ())]
+    return [op for child in children for op in augment_ops(child)]
