@@ -101,6 +101,53 @@ def test_second_training_into_a_locked_folder_fails(tmp_path, capsys):
             run_folder.lock(folder)
 
 
+# A Python without fcntl, as on Windows, whose msvcrt.locking (a byte range from the file's position,
+# EACCES where another process holds it) stands in through POSIX record locks. The stand-in is seen
+# by the run folder's module alone: the standard library takes msvcrt's presence for Windows.
+WITHOUT_FCNTL = textwrap.dedent("""
+    import errno, fcntl, os, sys, types
+    import spikingformer.checkpoints  # PyTorch and what it imports, before the stand-in
+    msvcrt = types.ModuleType("msvcrt")
+    msvcrt.LK_NBLCK = 2
+    def locking(fd, mode, nbytes, _fcntl=fcntl):
+        assert mode == msvcrt.LK_NBLCK
+        at = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            _fcntl.lockf(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB, nbytes, at)
+        except OSError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+        print(f"msvcrt.locking at byte {at}", file=sys.stderr, flush=True)
+    msvcrt.locking = locking
+    sys.modules["msvcrt"], sys.modules["fcntl"] = msvcrt, None
+    from spikingformer.engine import run_folder
+    assert run_folder.fcntl is None and run_folder.msvcrt is msvcrt
+    del sys.modules["msvcrt"]
+""")
+
+
+def test_the_run_folder_lock_where_python_has_no_fcntl(tmp_path):
+    """Windows' Python has no fcntl (until 2026-12-06 ``spikingformer train`` stopped there at an
+    import): the run folder is locked with msvcrt's byte-range lock instead, past the holder's
+    process id, which a second training names. Windows itself not run: msvcrt is a stand-in here."""
+    folder = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", WITHOUT_FCNTL + HOLD_LOCK, str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    argv = ["train", "--output", str(tmp_path), "--name", "busy", "--epochs", "1"]
+    run = [sys.executable, "-c", WITHOUT_FCNTL + "from spikingformer.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(run, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"run folder {folder} is in use by another training (process {holder.pid})" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.stderr.read().strip() == f"msvcrt.locking at byte {run_folder.LOCKED_BYTE}"
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (folder / "best.pt").is_file() and "checkpoint:" in done.stdout
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     """A data set not found (here: N-MNIST under an empty folder) ends the run before it writes
     anything: the run folder and the output folder it created are gone, not left holding a lock file."""

@@ -10,7 +10,7 @@ between two writes leaves the files consistent, or repairable from ``last.pt`` a
 from __future__ import annotations
 
 import csv
-import fcntl
+import errno
 import io
 import json
 import os
@@ -23,6 +23,14 @@ from typing import IO
 
 from spikingformer import checkpoints
 
+try:
+    import fcntl
+
+    msvcrt = None
+except ImportError:  # Windows: msvcrt's byte-range lock instead (_lock_file)
+    fcntl = None
+    import msvcrt
+
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "config.yaml")  # plus tensorboard/
 HOLDS_RUN = ("last.pt", "best.pt", "metrics.jsonl")  # a folder with any of these holds a run
 LOCK = ".lock"
@@ -32,19 +40,41 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked (taken, in use, or not writable)."""
 
 
+# Windows locks a byte range, and no other process may read a locked range there: the lock takes a
+# byte past the holder's process id, which the lock file holds for the message of a second training.
+LOCKED_BYTE = 4096
+
+
+def _lock_file(handle: IO[str]) -> None:
+    """Take the exclusive lock on ``handle``'s file without waiting, or raise ``BlockingIOError``
+    where another process (or another open of the file here) holds it. ``flock`` where there is
+    ``fcntl``; on Windows ``msvcrt.locking`` of :data:`LOCKED_BYTE`. Either is dropped with the
+    process, however it ends."""
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    handle.seek(LOCKED_BYTE)
+    try:
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EDEADLK):
+            raise BlockingIOError(err.errno, "locked by another process") from err
+        raise
+
+
 def lock(folder: Path) -> IO[str]:
     """Create ``folder`` and hold an exclusive lock on its lock file until the returned file is
-    closed or the process ends (also by SIGKILL: the kernel drops ``flock`` locks with the process)."""
+    closed or the process ends (also by SIGKILL: the kernel drops the lock with the process)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK, "a+")
     except OSError as err:
         raise RunFolderError(f"cannot create the run folder {folder}: {err.strerror or err}; choose a writable --output") from err
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_file(handle)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+        holder = handle.read(LOCKED_BYTE).strip() or "unknown"
         handle.close()
         raise RunFolderError(f"run folder {folder} is in use by another training (process {holder}); wait for it "
                              "to finish, or train into another folder with --name") from None
