@@ -121,12 +121,12 @@ def test_tokenizer_accepts_nchw_and_channels_last_inputs_alike():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16 autocast"])
 @pytest.mark.parametrize("layout", ["channels_last", "-channels_last"])
-def test_conv_maps_is_one_copy_at_most_in_the_convolutions_format_and_dtype(layout, autocast):
+def test_conv_maps_come_in_the_convolutions_format_and_dtype(layout, autocast):
     """A convolution's input maps: event frames as the model passes them (a (B, T) -> (T, B) view, a
-    piece of the batch) come out in one copy, in the route's format and, under autocast, already in
-    autocast's dtype with autocast's rounding (the convolution then casts nothing); maps already so
-    (the spikes of the tokenizer's kernels) come out as a view. Either way the convolution's output
-    is the module call's on the original maps, bit for bit."""
+    piece of the batch) come out in the route's format and, under autocast, already in autocast's
+    dtype with autocast's rounding (the convolution then casts nothing); maps already so (the spikes
+    of the tokenizer's kernels) come out as a view. Either way the convolution's output is the
+    module call's on the original maps, bit for bit."""
     from spikingformer.layers.blocks import conv_maps
 
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
