@@ -55,14 +55,14 @@ def conv_maps(x: torch.Tensor) -> torch.Tensor:
     format (route ``channels_last``) and dtype (:func:`~spikingformer.layers.batch_pieces.conv_dtype`):
     a view where they are so already, else one copy where the dtype stays, which flattens a strided
     view (event frames, a piece of the batch) into the format. Where autocast's cast is due too (the
-    same rounding), two: the cast into time-major maps in the default format, then the format.
-    PyTorch's one copy that casts into a permuted layout takes its slow path: for event frames
-    (2 channels, 128 x 128, T = 16) 2.2-2.4x the two copies' time (2 threads, an AMD Zen 5)."""
+    same rounding), on the CPU two: the cast into time-major maps in the default format, then the
+    format. PyTorch's CPU copy that casts into a permuted layout takes its slow path: for event
+    frames (2 channels, 128 x 128, T = 16) 2.2-2.4x the two copies' time (2 threads, an AMD Zen 5)."""
     fmt = torch.channels_last if routes.enabled("channels_last") else torch.contiguous_format
     dtype = batch_pieces.conv_dtype(x)
     if dtype == x.dtype and x[0].is_contiguous(memory_format=fmt) and x.stride(0) == x.shape[1] * x.stride(1):
         return x.flatten(0, 1)  # a view
-    if dtype != x.dtype:
+    if dtype != x.dtype and x.device.type == "cpu":
         cast = torch.empty(x.shape, dtype=dtype, device=x.device)
         cast.copy_(x)
         return cast.flatten(0, 1).contiguous(memory_format=fmt)
