@@ -294,6 +294,25 @@ def test_every_policys_posterize_takes_zero_bits(aa):
         assert transform(_rgb(k)).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("recipe", ["cifar10", "cifar100", "imagenet"])
+def test_every_augment_op_of_a_recipe_runs_at_its_magnitude_extremes(recipe):
+    """Each op of the recipe's RandAugment, applied at magnitude 0, 5 and 10 (the policy's range;
+    its magnitude spread is clipped to it), gives an image of the input's size and mode: an op that a
+    new Pillow or timm release refuses at some magnitude (Pillow 13's posterize at 0 bits stopped
+    CIFAR training in 2026) shows here, not hours into a run."""
+    from spikingformer.data.static import augment_ops
+
+    ops = augment_ops(_recipe_transform(load_config(recipe).data.aa))
+    assert len(ops) >= 14
+    image = _rgb()
+    for op in ops:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        for magnitude in (0, 5, 10):
+            op.magnitude = magnitude
+            out = op(image)
+            assert (out.size, out.mode) == (image.size, image.mode), (op.name, magnitude)
+
+
 def test_a_runs_data_folder_holds_from_any_working_folder_and_home_is_expanded(tmp_path, monkeypatch, capsys):
     """A relative --data-dir is recorded as the absolute folder it named, so the checkpoint evaluates
     from another working folder; ``~`` (a recipe's ``data_dir: ~/cifar``) is the home folder."""
