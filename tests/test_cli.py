@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -219,6 +220,33 @@ def test_a_configuration_error_under_torchrun_is_said_once(tmp_path, capsys, mon
         monkeypatch.setenv("RANK", rank)
     assert main(["train", "--epochs", "0", "--output", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("spikingformer train: error: config key 'epochs' must be >= 1; got 0\n" if said else "")
+
+
+@pytest.mark.parametrize("local_rank, said", [(None, True), ("0", True), ("1", False)])
+def test_a_data_set_error_is_said_once_per_machine(tmp_path, capsys, monkeypatch, local_rank, said):
+    # the processes of one machine read the same folder: its first one (LOCAL_RANK 0) says what is
+    # missing; on another machine of the job, which may lack the files, its own first one. An error
+    # one process alone may meet (here: a checkpoint to evaluate not found) is said by each.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "1")  # not the job's first process either
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    argv = ["train", "--config", "cifar10", "--data-dir", str(tmp_path), "--output", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spikingformer train: error: cifar10 not found under {tmp_path}.") if said else err == ""
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "spikingformer eval: error: checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_a_data_set_error_under_torchrun_is_one_line(tmp_path):
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "spikingformer", "train", "--config",
+                           "cifar10", "--data-dir", str(tmp_path), "--output", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("spikingformer train: error:")]
+    assert len(said) == 1 and "cifar10 not found under" in said[0], done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])

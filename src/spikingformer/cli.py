@@ -114,6 +114,20 @@ def first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def says(err: Exception) -> bool:
+    """Whether this process prints ``err``. Under torchrun every process meets a configuration error
+    alike (RANK 0 says it), and the processes of one machine meet its files alike (LOCAL_RANK 0 says
+    an error marked :func:`~spikingformer.engine.distributed.alike_on_this_machine`: another machine
+    may lack them); any other error, each process that meets it (a bad batch is in one's share)."""
+    from spikingformer.config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return first_process()
+    if getattr(err, "alike_on_this_machine", False):
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+    return True
+
+
 def yaml_mapping(text: str) -> dict:
     """The argparse type of ``--model-args``: a YAML mapping, such as ``{embed_dim: 64, depth: 2}``."""
     import yaml
@@ -175,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no flush error at exit
         return 1
     except (ValueError, FileNotFoundError, KeyError) as err:
-        # errors a user can cause carry a message naming the problem and the fix (a configuration error once)
-        from spikingformer.config import ConfigError
-
-        if not isinstance(err, ConfigError) or first_process():
+        # errors a user can cause carry a message naming the problem and the fix (said once where every process meets it)
+        if says(err):
             print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps

@@ -6,6 +6,7 @@ the environment variables it sets (RANK, WORLD_SIZE, LOCAL_RANK, ...) turn on da
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -60,6 +61,19 @@ def setup(device: str = "auto") -> Runtime:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, usable_cpus() // local_world))
     return Runtime(dev, rank, world_size, local_rank)
+
+
+@contextlib.contextmanager
+def alike_on_this_machine():
+    """Marks the errors the block raises (``err.alike_on_this_machine``) as ones that every process
+    of this machine meets alike, since they read the same options and files (a data set not found,
+    its layout, a model of another class count): the command prints them once per machine, by
+    LOCAL_RANK 0 (another machine of the job may have other files)."""
+    try:
+        yield
+    except Exception as err:
+        err.alike_on_this_machine = True
+        raise
 
 
 def teardown() -> None:

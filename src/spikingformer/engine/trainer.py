@@ -28,7 +28,7 @@ from spikingformer.config_rules import validate
 from spikingformer.data import build_dataset, check_batch, collate, unread_settings, with_local_folders
 from spikingformer.data.workers import leave_sigterm_to_the_main_process, loader_workers
 from spikingformer.engine import run_folder as folders
-from spikingformer.engine.distributed import Runtime, all_reduce_sum, barrier, setup, teardown
+from spikingformer.engine.distributed import Runtime, alike_on_this_machine, all_reduce_sum, barrier, setup, teardown
 from spikingformer.engine.firing import FiringRateMeter, rate_of
 from spikingformer.engine.resume import fresh_start_note, restore, resume_path, rng_state
 from spikingformer.engine.run_folder import RunLog
@@ -278,9 +278,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     folder = run_folder(cfg)
     model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
-    train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
-    eval_set = build_dataset(cfg.data, model_cfg.img_size, train=False)
-    model = build_model(cfg, train_set.num_classes)
+    with alike_on_this_machine():
+        train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
+        eval_set = build_dataset(cfg.data, model_cfg.img_size, train=False)
+        model = build_model(cfg, train_set.num_classes)
     if cfg.model.initial_checkpoint and not resume_path(cfg, folder):  # a resumed run has its own weights
         from spikingformer.models.initial import load_initial_weights
 
