@@ -17,6 +17,7 @@ import yaml
 
 from spikingformer.cli import build_parser, main
 from spikingformer.config import SECTIONS, ConfigError, load_config
+from test_checkpoints import training_checkpoint
 
 HEAVY = ("torch", "timm", "torchvision", "matplotlib", "sklearn", "numpy")
 
@@ -235,6 +236,10 @@ def test_a_data_set_error_is_said_once_per_machine(tmp_path, capsys, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"spikingformer train: error: cifar10 not found under {tmp_path}.") if said else err == ""
+    training_checkpoint(tmp_path / "digits.pt")  # evaluated on a data set of other images: alike too
+    assert main(["eval", "--checkpoint", str(tmp_path / "digits.pt"), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spikingformer eval: error: --dataset cifar10 gives 3-channel images") if said else err == ""
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "spikingformer eval: error: checkpoint not found" in capsys.readouterr().err
 

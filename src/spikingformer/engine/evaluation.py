@@ -7,7 +7,7 @@ from pathlib import Path
 from spikingformer import checkpoints
 from spikingformer.config import DataSection, current_names
 from spikingformer.data import build_dataset, model_mismatch
-from spikingformer.engine.distributed import setup, teardown
+from spikingformer.engine.distributed import alike_on_this_machine, setup, teardown
 from spikingformer.engine.precision import autocast_dtype, tf32_switches
 from spikingformer.engine.trainer import evaluate, make_loader
 from spikingformer.models import model_from_checkpoint
@@ -92,15 +92,16 @@ def evaluate_checkpoint(path: str | Path, model_name: str | None = None, dataset
     try:
         model = model.to(runtime.device)
         c = model.config
-        if mismatch := model_mismatch(data.dataset, ckpt.model_name or model_name or "of the checkpoint", c.in_channels,
-                                      c.img_size, fix="is this the right checkpoint for this data set?"):
-            raise ValueError(mismatch)
-        eval_set = build_dataset(data, c.img_size, train=False)
-        if eval_set.num_classes != model.config.num_classes:
-            raise ValueError(
-                f"the model has {model.config.num_classes} classes but {data.dataset} has {eval_set.num_classes}; "
-                "is this the right checkpoint for this data set?"
-            )
+        with alike_on_this_machine():
+            if mismatch := model_mismatch(data.dataset, ckpt.model_name or model_name or "of the checkpoint",
+                                          c.in_channels, c.img_size, fix="is this the right checkpoint for this data set?"):
+                raise ValueError(mismatch)
+            eval_set = build_dataset(data, c.img_size, train=False)
+            if eval_set.num_classes != model.config.num_classes:
+                raise ValueError(
+                    f"the model has {model.config.num_classes} classes but {data.dataset} has {eval_set.num_classes}; "
+                    "is this the right checkpoint for this data set?"
+                )
         loader = make_loader(eval_set, batch_size, False, runtime, data.workers, 0)
         with tf32_switches(tf32, runtime.device):
             metrics = evaluate(model, loader, runtime, autocast_dtype(amp, runtime.device))
