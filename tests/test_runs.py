@@ -132,7 +132,7 @@ def test_the_run_folder_lock_where_python_has_no_fcntl(tmp_path):
     folder = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", WITHOUT_FCNTL + HOLD_LOCK, str(folder)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    argv = ["train", "--output", str(tmp_path), "--name", "busy", "--epochs", "1"]
+    argv = ["train", "--output", str(tmp_path), "--name", "busy", "--epochs", "1", *TINY]
     run = [sys.executable, "-c", WITHOUT_FCNTL + "from spikingformer.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
     try:
         assert holder.stdout.readline().strip() == "locked"
