@@ -240,6 +240,11 @@ def test_a_data_set_error_is_said_once_per_machine(tmp_path, capsys, monkeypatch
     assert main(["eval", "--checkpoint", str(tmp_path / "digits.pt"), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spikingformer eval: error: --dataset cifar10 gives 3-channel images") if said else err == ""
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")  # the checkpoint to start from, or to resume
+    for start in (["--initial-checkpoint", str(tmp_path / "garbage.pt")], ["--resume", str(tmp_path / "garbage.pt")]):
+        assert main(["train", "--output", str(tmp_path / "runs"), *start]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("spikingformer train: error: ") and "garbage.pt" in err if said else err == ""
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "spikingformer eval: error: checkpoint not found" in capsys.readouterr().err
 

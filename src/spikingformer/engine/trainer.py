@@ -278,16 +278,16 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     folder = run_folder(cfg)
     model_cfg: ModelConfig = model_config(cfg.model.model, **cfg.model.model_args)
-    with alike_on_this_machine():
+    with alike_on_this_machine():  # the data set's files and the checkpoint to start from
         train_set = build_dataset(cfg.data, model_cfg.img_size, train=True)
         eval_set = build_dataset(cfg.data, model_cfg.img_size, train=False)
         model = build_model(cfg, train_set.num_classes)
-    if cfg.model.initial_checkpoint and not resume_path(cfg, folder):  # a resumed run has its own weights
-        from spikingformer.models.initial import load_initial_weights
+        if cfg.model.initial_checkpoint and not resume_path(cfg, folder):  # a resumed run has its own weights
+            from spikingformer.models.initial import load_initial_weights
 
-        taken = load_initial_weights(model, cfg.model.initial_checkpoint)
-        if runtime.is_main:
-            print(taken)
+            taken = load_initial_weights(model, cfg.model.initial_checkpoint)
+            if runtime.is_main:
+                print(taken)
     model = model.to(runtime.device)
     if runtime.distributed and cfg.model.sync_bn:
         if runtime.device.type != "cuda":
@@ -317,7 +317,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     start_epoch, best, restored, changed = 0, {"top1": -1.0, "epoch": -1}, None, None
     resume = resume_path(cfg, folder)
     if resume:
-        restored, changed = restore(resume, cfg, model, optimizer, scheduler, scaler)
+        with alike_on_this_machine():
+            restored, changed = restore(resume, cfg, model, optimizer, scheduler, scaler)
         start_epoch, best = restored.epoch + 1, restored.best
     else:
         scheduler.step(0)
