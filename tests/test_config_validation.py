@@ -37,7 +37,7 @@ BAD_FLAGS = [
     (["--split-by", "count"], "config key 'split_by' must be one of number, time; got 'count'"),
     (["--batch-size", "0"], "config key 'batch_size' must be >= 1; got 0"),
     (["--workers", "-1"], "config key 'workers' must be >= 0; got -1"),
-    (["--device", "gpu"], "config key 'device' must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    (["--device", "gpu"], "config key 'device' must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
     (["--dataset", "cifar11"], "unknown dataset 'cifar11'; did you mean 'cifar10' or 'cifar100'"),
     (["--dataset", "tonic:"], "unknown dataset 'tonic:'; valid datasets (or tonic:<Name> for tonic.datasets.<Name>): cifar10"),
     (["--dataset", "tonic:NMNIST"], "dataset 'tonic:NMNIST' is read from disk: pass its folder with --data-dir"),

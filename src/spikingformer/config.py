@@ -115,7 +115,7 @@ class MixupSection:
 @dataclass
 class RunSection:
     seed: int = option(42, "random seed (weights, data order, augmentation)")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps (an Apple GPU)")
     amp: str = option("auto", "mixed precision: auto (bf16 on capable CPUs, fp16 on CUDA), off, bf16 or fp16", synonyms=("precision",))
     tf32: bool = option(False, "on NVIDIA GPUs (Ampere and newer): float32 products and convolutions on TF32 tensor "
                                "cores, as the authors' Conv1d layers ran under PyTorch's defaults; off: full float32")

@@ -104,7 +104,7 @@ def _validate_names(cfg: TrainConfig, training: bool) -> None:
     if training and needs_data_dir(cfg.data.dataset) and not cfg.data.data_dir:
         raise ConfigError(f"dataset '{cfg.data.dataset}' is read from disk: pass its folder with --data-dir (layouts in docs/data.md)")
     if not _DEVICE.fullmatch(cfg.run.device):
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.run.device!r}")
+        raise ConfigError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N; got {cfg.run.device!r}")
     if cfg.schedule.sched == "rsqrt" and cfg.schedule.warmup_epochs == 0:
         raise ConfigError("--sched rsqrt decays as 1 / sqrt(epoch / --warmup-epochs) after its warm-up: it needs "
                           "--warmup-epochs 1 or more")

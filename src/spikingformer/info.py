@@ -144,6 +144,8 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
         ("LIF backends", f"{', '.join(kernels.available_backends())}, reference; on CPU tensors 'auto' picks {auto}"),
         ("CPU allocator", allocator_state()),
         ("CUDA", ", ".join(cuda) if cuda else "no device visible"),
+        ("Apple GPU (MPS)", "available: --device mps (the neuron runs PyTorch's loop there)"
+                            if torch.backends.mps.is_available() else "not available"),
         ("ONNX export", _onnx_line()),
     ]
 

@@ -167,7 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate at T time steps: static images repeated T times, events integrated into T frames "
                         "(default: the training run's)")
     e.add_argument("--frames", type=at_least(1), dest="time_steps", help=argparse.SUPPRESS)  # the former name
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU; default: auto)")
     e.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16 or fp16 (default: off)")
     e.add_argument("--output", default=None, metavar="FILE",
                    help="also write the results as JSON into this file (top-1, top-5, loss, firing rate, images, "

@@ -35,15 +35,22 @@ class Runtime:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without an index takes the local rank's GPU."""
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without an index takes the local
+    rank's GPU. An Apple GPU (``mps``) is used only when named: the neuron has no fused kernel there
+    (it runs PyTorch's loop), so the CPU's kernels are not passed over unasked."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps was requested but PyTorch finds no Apple GPU here (MPS needs macOS on "
+                             "Apple silicon and a PyTorch built with MPS); use --device cpu or auto")
+        return torch.device("mps")
     if name != "cpu":
-        raise ValueError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N")
+        raise ValueError(f"unknown device '{name}'; valid: auto, cpu, mps, cuda, cuda:N")
     return torch.device("cpu")
 
 
@@ -52,7 +59,11 @@ def setup(device: str = "auto") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    with alike_on_this_machine():  # every process reads the same option and sees this machine's devices
+        dev = resolve_device(device, local_rank)
+        if dev.type == "mps" and world_size > 1:
+            raise ValueError("--device mps under torchrun: PyTorch's process groups (gloo, nccl) do not carry MPS "
+                             "tensors; train in one process on the Apple GPU, or use --device cpu under torchrun")
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -82,10 +93,13 @@ def teardown() -> None:
 
 
 def all_reduce_sum(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Sum a tensor over all processes (identity in a world of one)."""
+    """Sum a tensor over all processes, returned on the tensor's own device (identity in a world of
+    one). It travels through the run's device, as NCCL carries CUDA tensors only; in a world of one
+    it stays where it is (float64 sums kept on the CPU never meet an Apple GPU, which has no float64)."""
     if runtime.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        summed = values.to(runtime.device, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        values = summed.to(values.device)
     return values
 
 

@@ -22,7 +22,7 @@ class FiringRateMeter:
     def __init__(self, model: nn.Module) -> None:
         self.neurons = [m for m in model.modules() if isinstance(m, MultiStepLIF)]
         self.index = {id(m): i for i, m in enumerate(self.neurons)}
-        self.counts: torch.Tensor | None = None  # (layers, 2): spikes and outputs, float64, on the outputs' device
+        self.counts: torch.Tensor | None = None  # (layers, 2): spikes and outputs, int64, on the outputs' device
         self.handles = []
         self.attach()
 
@@ -37,17 +37,18 @@ class FiringRateMeter:
 
     def _hook(self, module, inputs, output) -> None:
         if self.counts is None:
-            self.counts = torch.zeros(len(self.neurons), 2, dtype=torch.float64, device=output.device)
+            self.counts = torch.zeros(len(self.neurons), 2, dtype=torch.int64, device=output.device)
         row = self.counts[self.index[id(module)]]
-        # summed in float32 (a float64 sum took 13x as long on a CPU); the counts are whole numbers, exact
-        # below 2^24 spikes per call; no host sync: the sums stay on the device
-        row[0] += output.detach().sum(dtype=torch.float32)
+        # summed in float32 (a float64 sum took 13x as long on a CPU; an Apple GPU has no float64), exact
+        # below 2^24 spikes per call, and kept in int64, exact on every device; no host sync: the sums
+        # stay on the device
+        row[0] += output.detach().sum(dtype=torch.float32).to(torch.int64)
         row[1] += output.numel()
 
     def take(self) -> torch.Tensor:
         """The spike and output counts per layer since the last take (zeros if none), then zeroed;
         processes sum theirs before :func:`rate_of` reads them."""
-        counts = self.counts if self.counts is not None else torch.zeros(len(self.neurons), 2, dtype=torch.float64)
+        counts = self.counts if self.counts is not None else torch.zeros(len(self.neurons), 2, dtype=torch.int64)
         self.counts = None
         return counts
 
@@ -60,5 +61,6 @@ class FiringRateMeter:
 
 def rate_of(counts: torch.Tensor) -> float:
     """The mean over layers of spikes / outputs, from :meth:`FiringRateMeter.take`'s counts (NaN: no outputs)."""
+    counts = counts.cpu().double()
     seen = counts[:, 1] > 0
     return float((counts[seen, 0] / counts[seen, 1]).mean()) if bool(seen.any()) else float("nan")

@@ -22,14 +22,15 @@ AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on this device (None: full fp32).
 
-    ``auto`` means bf16 on CPUs with native bf16 support (AVX512-BF16 / AMX), fp16 on CUDA.
+    ``auto`` means bf16 on CPUs with native bf16 support (AVX512-BF16 / AMX), fp16 on CUDA and full
+    float32 on an Apple GPU (MPS), where the half-precision routes have not been measured.
     """
     if amp == "off":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if native_bf16() else None
+        return torch.bfloat16 if device.type == "cpu" and native_bf16() else None
     if amp == "fp16" and device.type == "cpu":
         raise ValueError("--amp fp16 is for GPUs: on the CPU PyTorch emulates float16 (the digits model trained about "
                          "200x slower than in float32) and runs no gradient scaler; use --amp bf16 where the CPU has it "
@@ -39,6 +40,12 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp in ("bf16", "fp16"):
         return torch.bfloat16 if amp == "bf16" else torch.float16
     raise ValueError(f"unknown amp mode '{amp}'; valid: auto, off, bf16, fp16")
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of a training run: on for float16 on a GPU (CUDA or MPS), where small gradients
+    would underflow unscaled; off (it passes the loss through) otherwise. bf16 has float32's range."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type in ("cuda", "mps"))
 
 
 def set_tf32(enabled: bool) -> None:

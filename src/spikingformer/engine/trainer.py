@@ -36,7 +36,7 @@ from spikingformer.models import ModelConfig, SpikingTransformer, model_config
 from spikingformer.allocator import empty_cache
 from spikingformer.cpu_features import pin_threads
 from spikingformer.progress import progress
-from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, tf32_switches
+from spikingformer.engine.precision import AMP_NAMES, autocast_dtype, grad_scaler, tf32_switches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: 
     (a progress bar on standard error while it runs)."""
     model.eval()
     meter = FiringRateMeter(model)
-    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, count
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count: host numbers, summed on the host
     with progress(loader, desc="test", unit="batch", disable=not runtime.is_main) as bar:
         for step, (images, target) in enumerate(bar):
             check_batch(images, loader, step)
@@ -108,8 +108,8 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, amp_dtype: 
                 logits = model(images)
             loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
             top1, top5 = topk_correct(logits, target)
-            sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64, device=runtime.device)
-    counts = all_reduce_sum(meter.take().to(runtime.device), runtime)  # every process's spikes, as its sums
+            sums += torch.tensor([float(loss), top1, top5, len(target)], dtype=torch.float64)
+    counts = all_reduce_sum(meter.take(), runtime)  # every process's spikes, as its sums
     meter.close()
     sums = all_reduce_sum(sums, runtime)
     n = max(float(sums[3]), 1.0)
@@ -310,7 +310,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         decay_rate=s.decay_rate, step_on_epochs=True,
     )
     amp_dtype = autocast_dtype(cfg.run.amp, runtime.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and runtime.device.type == "cuda")
+    scaler = grad_scaler(amp_dtype, runtime.device)
     criterion, mixup_fn = _criterion(cfg.mixup, train_set.num_classes)
     st = _Step(net, model, optimizer, scaler, criterion, mixup_fn, amp_dtype, o.clip_grad)
 
@@ -367,7 +367,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             t0 = time.perf_counter()
             sums = _train_one_epoch(st, train_loader, runtime, meter, epoch, total_epochs, cfg.run.log_interval)
             epoch_time = time.perf_counter() - t0
-            sums = all_reduce_sum(sums.to(runtime.device), runtime).cpu()
+            sums = all_reduce_sum(sums, runtime)
             lr = optimizer.param_groups[0]["lr"]  # this epoch's, as timm logs it: before the step to the next one's
             scheduler.step(epoch + 1)
             row = {"epoch": epoch, "lr": lr, "train_loss": float(sums[0] / sums[2]),
