@@ -240,6 +240,12 @@ def test_a_data_set_error_is_said_once_per_machine(tmp_path, capsys, monkeypatch
     assert main(["eval", "--checkpoint", str(tmp_path / "digits.pt"), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spikingformer eval: error: --dataset cifar10 gives 3-channel images") if said else err == ""
+    monkeypatch.setenv("RANK", "0")  # a world of one's sampler takes rank 0 only; LOCAL_RANK decides below
+    assert main(["train", "--output", str(tmp_path / "runs"), "--batch-size", "2048"]) == 2  # all the digits and more
+    err = capsys.readouterr().err
+    assert err == ("spikingformer train: error: batch size 2048 x 1 processes exceeds the 1437 training samples\n"
+                   if said else "")
+    monkeypatch.setenv("RANK", "1")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")  # the checkpoint to start from, or to resume
     for start in (["--initial-checkpoint", str(tmp_path / "garbage.pt")], ["--resume", str(tmp_path / "garbage.pt")]):
         assert main(["train", "--output", str(tmp_path / "runs"), *start]) == 2

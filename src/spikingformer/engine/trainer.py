@@ -332,7 +332,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     train_loader = make_loader(train_set, cfg.data.batch_size, True, runtime, cfg.data.workers, cfg.run.seed)
     eval_loader = make_loader(eval_set, cfg.data.eval_batch_size, False, runtime, cfg.data.workers, cfg.run.seed)
     if len(train_loader) == 0:
-        raise ValueError(f"batch size {cfg.data.batch_size} x {runtime.world_size} processes exceeds the {len(train_set)} training samples")
+        with alike_on_this_machine():  # the same count on every process that reads these files
+            raise ValueError(f"batch size {cfg.data.batch_size} x {runtime.world_size} processes exceeds the {len(train_set)} "
+                             "training samples")
     log = None
     if runtime.is_main:
         checkpoints.write_atomic(folder / "config.yaml", lambda f: f.write(_yaml(cfg.to_dict()).encode()))
