@@ -108,6 +108,45 @@ def test_forward_special_values_equal_the_module_calls(dtype, pool):
     assert expected.sum() > 0 and (expected == 0).any()
 
 
+def _bn_by_hand(x, mean, invstd, weight, bias, rounding):
+    """BN's output in float32 with one rounding per multiply-add (float64 products, exact, rounded
+    once) or two."""
+    scale = invstd * weight
+    if rounding == "unfused":
+        return x.float() * scale + (bias - mean * scale)
+    shift = (bias.double() - mean.double() * scale.double()).float()
+    return (x.double() * scale.double() + shift.double()).float()
+
+
+@pytest.mark.parametrize("rounding", ["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels", [32, 48, 20])
+def test_the_kernels_batch_norm_rounds_as_the_kernel_it_reproduces(monkeypatch, rounding, dtype, channels):
+    """The forward's BatchNorm in both roundings of PyTorch's CPU kernels, whichever runs here: once
+    per multiply-add (its FMA builds) or twice (its DEFAULT kernel). The spikes equal those of BN's
+    output formed by hand in that rounding, stored in the maps' dtype, through the reference neuron,
+    pooled or not. The threshold lies between the two roundings of one output at the first step
+    (there the charge is half the output, exactly), so that the other rounding fires otherwise
+    (float32 maps; bfloat16's rounding to storage leaves such an output at times only).
+    Channel counts of whole 16-lane vectors (an AVX-512 build's own path) and not."""
+    monkeypatch.setattr(cpu, "bn_rounding", lambda: rounding)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 2, 9, 11, channels, generator=g) * 2 + 0.4).to(dtype)
+    mean, var = torch.randn(channels, generator=g) * 0.3, torch.rand(channels, generator=g) + 0.5
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.3
+    invstd = cpu.bn_invstd(var, 1e-5, batch=False)
+    ys = {r: _bn_by_hand(x, mean, invstd, weight, bias, r).to(dtype) for r in ("fused", "unfused")}
+    first = ys["fused"][0] != ys["unfused"][0]  # outputs at the first step that the two roundings give apart
+    apart = float(torch.maximum(ys["fused"][0], ys["unfused"][0])[first][0]) if first.any() else None
+    p = LIFParams(v_threshold=apart / 2) if apart is not None else LIFParams()
+    spikes = {r: lif_reference(y, p) for r, y in ys.items()}
+    # float32 maps keep the roundings apart; bfloat16's storage rounds most differences away
+    assert not torch.equal(spikes["fused"], spikes["unfused"]) or dtype == torch.bfloat16
+    for pool in (True, False):
+        got = cpu.lif_pool_forward(x, p, pool, (mean, var, weight, bias, 1e-5))
+        assert got.dtype == dtype and torch.equal(got, _pool_plain(spikes[rounding]) if pool else spikes[rounding])
+
+
 def test_ties_go_to_the_first_maximum_of_each_window():
     """Hand-made spikes: a window with no spike routes its gradient to its first position, one with
     two spikes to the earlier of them; overlapping windows add up at their shared position."""

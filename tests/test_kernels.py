@@ -341,6 +341,17 @@ int main() {  // bf16_round against the two conversions it replaces, on every fl
     bad += to_bits(bf16_round(f)) != to_bits(bf16_to_float(float_to_bf16(f)));
   }
   std::printf("%lld\n", bad);
+#if SF_LIF16  // and the AVX-512 forward's 16 lanes at once against bf16_round
+  long long bad16 = 0;
+  for (unsigned long long u = 0; u < (1ull << 32); u += 16) {
+    alignas(64) uint32_t in[16], out[16];
+    for (int i = 0; i < 16; ++i) in[i] = (uint32_t)(u + i);
+    _mm512_store_si512(out, _mm512_castps_si512(bf16_round16(_mm512_castsi512_ps(_mm512_load_si512(in)))));
+    for (int i = 0; i < 16; ++i) bad16 += out[i] != to_bits(bf16_round(from_bits(in[i])));
+  }
+  std::printf("lanes16 %lld\n", bad16);
+  bad += bad16;
+#endif
   return bad != 0;
 }
 """
@@ -350,8 +361,9 @@ int main() {  // bf16_round against the two conversions it replaces, on every fl
 def test_bf16_round_equals_the_two_conversions_on_every_float(tmp_path):
     """The bf16 kernels round to bfloat16 and back with ``bf16_round`` (32-bit arithmetic), which
     must give the bits of ``bf16_to_float(float_to_bf16(x))`` (round to nearest even, NaN to
-    0x7FC0, as c10::BFloat16) for all 2^32 inputs: NaNs, infinities, denormals and ties included.
-    The library's own source with a ``main`` appended, built with its flags, checks them all."""
+    0x7FC0, as c10::BFloat16) for all 2^32 inputs: NaNs, infinities, denormals and ties included;
+    so must the AVX-512 forward's 16-lane ``bf16_round16`` where the CPU builds it. The library's
+    own source with a ``main`` appended, built with its flags, checks them all."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("needs g++")
@@ -362,7 +374,11 @@ def test_bf16_round_equals_the_two_conversions_on_every_float(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip() == "0", f"mismatches: {run.stdout.strip()}"
+    said = run.stdout.split("\n")
+    assert run.returncode == 0 and said[0] == "0", f"mismatches: {run.stdout.strip()}"
+    capabilities = torch.cpu.get_capabilities() if platform.machine() in ("x86_64", "AMD64") else {}
+    if all(capabilities.get(f"avx512_{isa}") for isa in ("f", "bw", "vl")):  # a -march=native build has the lanes
+        assert said[1] == "lanes16 0", f"mismatches: {run.stdout.strip()}"
 
 
 def _cpu_has(isa: str) -> bool:
