@@ -341,16 +341,19 @@ int main() {  // bf16_round against the two conversions it replaces, on every fl
     bad += to_bits(bf16_round(f)) != to_bits(bf16_to_float(float_to_bf16(f)));
   }
   std::printf("%lld\n", bad);
-#if SF_LIF16  // and the AVX-512 forward's 16 lanes at once against bf16_round
-  long long bad16 = 0;
-  for (unsigned long long u = 0; u < (1ull << 32); u += 16) {
-    alignas(64) uint32_t in[16], out[16];
-    for (int i = 0; i < 16; ++i) in[i] = (uint32_t)(u + i);
-    _mm512_store_si512(out, _mm512_castps_si512(bf16_round16(_mm512_castsi512_ps(_mm512_load_si512(in)))));
-    for (int i = 0; i < 16; ++i) bad16 += out[i] != to_bits(bf16_round(from_bits(in[i])));
+#if SF_LANES  // and the vector form of the BN -> SN step (Lanes), SF_LANES floats at once
+  long long bad_lanes = 0;
+  for (unsigned long long u = 0; u < (1ull << 32); u += SF_LANES) {
+    uint32_t in[SF_LANES], out[SF_LANES];
+    for (int i = 0; i < SF_LANES; ++i) in[i] = (uint32_t)(u + i);
+    Lanes::F f;
+    std::memcpy(&f, in, sizeof f);
+    f = Lanes::bf16_round(f);
+    std::memcpy(out, &f, sizeof f);
+    for (int i = 0; i < SF_LANES; ++i) bad_lanes += out[i] != to_bits(bf16_round(from_bits(in[i])));
   }
-  std::printf("lanes16 %lld\n", bad16);
-  bad += bad16;
+  std::printf("lanes%d %lld\n", SF_LANES, bad_lanes);
+  bad += bad_lanes;
 #endif
   return bad != 0;
 }
@@ -362,23 +365,30 @@ def test_bf16_round_equals_the_two_conversions_on_every_float(tmp_path):
     """The bf16 kernels round to bfloat16 and back with ``bf16_round`` (32-bit arithmetic), which
     must give the bits of ``bf16_to_float(float_to_bf16(x))`` (round to nearest even, NaN to
     0x7FC0, as c10::BFloat16) for all 2^32 inputs: NaNs, infinities, denormals and ties included;
-    so must the AVX-512 forward's 16-lane ``bf16_round16`` where the CPU builds it. The library's
-    own source with a ``main`` appended, built with its flags, checks them all."""
+    so must the vector form of the tokenizer kernel's forward (``Lanes::bf16_round``), 16 lanes in
+    an AVX-512 build and 8 in an AVX2 build, each checked where this CPU runs it. The library's own
+    source with a ``main`` appended, built with its flags, checks them all."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("needs g++")
     src = tmp_path / "bf16_round_check.cpp"
     src.write_text(cpu_kernel.source() + BF16_ROUND_CHECK)
-    flags = [f for f in cpu_kernel.CXX_FLAGS if f not in ("-shared", "-fPIC", "-O3")]
-    build = subprocess.run([gxx, "-O2", *flags, "-o", str(tmp_path / "check"), str(src)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=600)
-    said = run.stdout.split("\n")
-    assert run.returncode == 0 and said[0] == "0", f"mismatches: {run.stdout.strip()}"
     capabilities = torch.cpu.get_capabilities() if platform.machine() in ("x86_64", "AMD64") else {}
-    if all(capabilities.get(f"avx512_{isa}") for isa in ("f", "bw", "vl")):  # a -march=native build has the lanes
-        assert said[1] == "lanes16 0", f"mismatches: {run.stdout.strip()}"
+    builds = {"native": None}  # -march value: the vector form's line it must print
+    if all(capabilities.get(isa) for isa in ("avx2", "fma3", "bmi2")):
+        builds["x86-64-v3"] = "lanes8 0"
+    if all(capabilities.get(f"avx512_{isa}") for isa in ("f", "bw", "vl")):
+        builds["x86-64-v4"] = "lanes16 0"
+    for march, lanes in builds.items():
+        flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.CXX_FLAGS
+                 if f not in ("-shared", "-fPIC", "-O3")]
+        build = subprocess.run([gxx, "-O2", *flags, "-o", str(tmp_path / "check"), str(src)],
+                               capture_output=True, text=True, timeout=600)
+        assert build.returncode == 0, build.stderr[-3000:]
+        run = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=600)
+        said = run.stdout.split("\n")
+        assert run.returncode == 0 and said[0] == "0", f"{march}: mismatches: {run.stdout.strip()}"
+        assert lanes is None or said[1] == lanes, f"{march}: {run.stdout.strip()}"
 
 
 def _cpu_has(isa: str) -> bool:
