@@ -50,8 +50,8 @@ SOURCE_FILE = "csrc/lif_cpu.cpp"
 # BN's sums, the spike linears and convolutions, 1 the fused SN -> max-pool's forward, 2 and 3 its
 # backward after a max-pool and without one (the largest parts: about 11 s and 7 s of the
 # compiler's 31 s on a 2-core Xeon).
-SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_pool_cpu.cpp",
-                "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp", "csrc/spike_conv_cpu.cpp")
+SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_lanes_cpu.cpp",
+                "csrc/lif_pool_cpu.cpp", "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp", "csrc/spike_conv_cpu.cpp")
 PARTS = 4
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
