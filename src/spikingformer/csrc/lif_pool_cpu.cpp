@@ -277,6 +277,8 @@ void backward_rows(const typename StorageOf<D>::type* z, const typename StorageO
       const S* g0 = gout + ((t * m.B + b) * Ho + ohs[0]) * WoC;
       const uint8_t* code[2] = {cds[0] + t * WoC, n_oh == 2 ? cds[1] + t * WoC : nullptr};
       const S* g[2] = {g0, n_oh == 2 ? g0 + WoC : nullptr};
+      // the next step's gradient rows, a map before these (1.00-1.06x on an AMD Zen 5)
+      if (t > 0) prefetch_lines(g0 - m.B * Ho * WoC, n_oh * WoC);
       const int r[2] = {(int)(h - (2 * ohs[0] - 1)), (int)(h - (2 * ohs[1] - 1))};
       if (n_oh == 2) route_rows<D, 2>(code, g, r, gs, gs + WoC, m);
       else route_rows<D, 1>(code, g, r, gs, gs + WoC, m);
