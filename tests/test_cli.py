@@ -265,6 +265,40 @@ def test_a_data_set_error_under_torchrun_is_one_line(tmp_path):
     assert len(said) == 1 and "cifar10 not found under" in said[0], done.stderr[-3000:]
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_a_diverging_run_under_torchrun_stops_every_process_with_one_line(tmp_path):
+    # each process learns whether any process's loss failed: all stop at that step, the first says it
+    from test_runs import TINY
+
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "spikingformer", "train", "--output",
+                           str(tmp_path), "--name", "d", *TINY, "--epochs", "4", "--lr", "1e9", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    lines = [line.split("\r")[-1] for line in done.stderr.splitlines()]
+    said = [line for line in lines if line.startswith("spikingformer train: error:")]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert re.fullmatch(r"spikingformer train: error: training diverged: the loss became (nan|inf|-inf) on [12] of 2 "
+                        r"processes at epoch \d+, step \d+ of \d+ \(learning rate [0-9.e+]+\); lower --lr or clip the "
+                        r"gradient norm with --clip-grad \(e\.g\. 1\.0\)", said[0]), said[0]
+
+
+def test_a_process_whose_own_loss_is_finite_stops_when_another_diverges(monkeypatch):
+    import torch
+
+    from spikingformer.engine import trainer
+    from spikingformer.engine.distributed import Runtime
+
+    peer = torch.tensor([float("inf"), 1.0], dtype=torch.float64)  # the other process: its loss failed
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda state, runtime: state + peer)
+    two = Runtime(torch.device("cpu"), rank=1, world_size=2)
+    with pytest.raises(FloatingPointError, match=r"^training diverged: the loss became inf on 1 of 2 processes at step 3;"
+                                                 r" lower --lr") as raised:
+        trainer.stop_if_diverged(torch.tensor(0.5), two, "at step 3")
+    assert raised.value.alike_everywhere
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda state, runtime: state + torch.zeros_like(state))
+    trainer.stop_if_diverged(torch.tensor(0.5), two, "at step 3")  # every loss finite: no error
+
+
 @pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
 def test_ctrl_c_under_torchrun_is_said_once(capsys, monkeypatch, rank, said):
     # the terminal interrupts every torchrun process; the first one speaks for all, each exits 130

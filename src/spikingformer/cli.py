@@ -116,12 +116,13 @@ def first_process() -> bool:
 
 def says(err: Exception) -> bool:
     """Whether this process prints ``err``. Under torchrun every process meets a configuration error
-    alike (RANK 0 says it), and the processes of one machine meet its files alike (LOCAL_RANK 0 says
-    an error marked :func:`~spikingformer.engine.distributed.alike_on_this_machine`: another machine
-    may lack them); any other error, each process that meets it (a bad batch is in one's share)."""
+    alike, and one marked :func:`~spikingformer.engine.distributed.alike_everywhere` (RANK 0 says
+    them); the processes of one machine meet its files alike (LOCAL_RANK 0 says an error marked
+    :func:`~spikingformer.engine.distributed.alike_on_this_machine`: another machine may lack them);
+    any other error, each process that meets it (a bad batch is in one's share)."""
     from spikingformer.config import ConfigError
 
-    if isinstance(err, ConfigError):
+    if isinstance(err, ConfigError) or getattr(err, "alike_everywhere", False):
         return first_process()
     if getattr(err, "alike_on_this_machine", False):
         return os.environ.get("LOCAL_RANK", "0") == "0"
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a run that diverged: not a usage error, and no traceback helps
-        print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
+        if says(err):
+            print(f"spikingformer {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: no traceback; train says what it kept
         if first_process():  # under torchrun every process is interrupted: one line for all

@@ -87,6 +87,14 @@ def alike_on_this_machine():
         raise
 
 
+def alike_everywhere(err: Exception) -> Exception:
+    """Marks ``err`` (``err.alike_everywhere``) as one that every process of the job raises alike, at
+    the same point, having agreed on it through a collective (a diverged loss, see
+    ``trainer.stop_if_diverged``): the command prints it once, by RANK 0. Returns ``err``."""
+    err.alike_everywhere = True
+    return err
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

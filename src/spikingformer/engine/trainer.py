@@ -10,6 +10,7 @@ by accident (:mod:`spikingformer.engine.run_folder`).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 import warnings
@@ -28,7 +29,8 @@ from spikingformer.config_rules import validate
 from spikingformer.data import build_dataset, check_batch, collate, unread_settings, with_local_folders
 from spikingformer.data.workers import leave_sigterm_to_the_main_process, loader_workers
 from spikingformer.engine import run_folder as folders
-from spikingformer.engine.distributed import Runtime, alike_on_this_machine, all_reduce_sum, barrier, setup, teardown
+from spikingformer.engine.distributed import (Runtime, alike_everywhere, alike_on_this_machine, all_reduce_sum, barrier,
+                                              setup, teardown)
 from spikingformer.engine.firing import FiringRateMeter, rate_of
 from spikingformer.engine.resume import fresh_start_note, restore, resume_path, rng_state
 from spikingformer.engine.run_folder import RunLog
@@ -214,11 +216,8 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
                 logits = st.net(images)
             meter.detach()
             loss = st.criterion(logits.float(), target)
-            if not torch.isfinite(loss):
-                lr = st.optimizer.param_groups[0]["lr"]
-                raise FloatingPointError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step "
-                                         f"{step + 1} of {len(loader)} (learning rate {lr:.3g}); lower --lr or clip the "
-                                         "gradient norm with --clip-grad (e.g. 1.0)")
+            stop_if_diverged(loss, runtime, f"at epoch {epoch + 1}, step {step + 1} of {len(loader)} (learning rate "
+                             f"{st.optimizer.param_groups[0]['lr']:.3g})")
             st.optimizer.zero_grad(set_to_none=True)
             st.scaler.scale(loss).backward()
             if st.clip_grad:
@@ -234,6 +233,23 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
                                 lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{seen * runtime.world_size / (time.perf_counter() - t0):.0f}", fr=f"{meter.pop():.3f}")
     return sums
+
+
+def stop_if_diverged(loss: torch.Tensor, runtime: Runtime, where: str) -> None:
+    """Raises ``FloatingPointError`` where this step's loss is not finite, in any process: under
+    torchrun each process learns whether any process's loss is (one all-reduce of two numbers a
+    step), so that all stop at this step and the first says it once (marked
+    :func:`~spikingformer.engine.distributed.alike_everywhere`). A process stopping alone would leave
+    the others waiting in the gradients' all-reduce until torchrun ends them, and a loss that fails
+    in every process would be said once by each."""
+    value = loss.item()
+    state = all_reduce_sum(torch.tensor([value, 0.0 if math.isfinite(value) else 1.0], dtype=torch.float64), runtime)
+    failed = int(state[1])
+    if failed:
+        on = f" on {failed} of {runtime.world_size} processes" if runtime.distributed else ""
+        raise alike_everywhere(FloatingPointError(
+            f"training diverged: the loss became {state[0].item()}{on} {where}; lower --lr or clip the gradient norm "
+            "with --clip-grad (e.g. 1.0)"))
 
 
 def mix_batch(mixup_fn, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
