@@ -11,6 +11,7 @@ file + ``os.replace``), so concurrent DataLoader workers are safe.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import warnings
@@ -110,10 +111,14 @@ class FrameCache:
         if self.unwritable is not None:
             return
         path = self.path(key)
+        # the archive is made in memory first, so a write that fails (a full disk) fails in our write,
+        # not inside NumPy's zip file (NumPy 1.x leaves that open, to be closed at garbage collection)
+        archive = io.BytesIO()
+        np.savez_compressed(archive, frames=compact_counts(frames), stamp=_stamp(sources),
+                            split_by=np.array(self.split_by), T=np.array(self.time_steps),
+                            version=np.array(_CACHE_VERSION))
         try:
-            write_atomic(path, lambda fh: np.savez_compressed(
-                fh, frames=compact_counts(frames), stamp=_stamp(sources), split_by=np.array(self.split_by),
-                T=np.array(self.time_steps), version=np.array(_CACHE_VERSION)), durable=False)
+            write_atomic(path, lambda fh: fh.write(archive.getbuffer()), durable=False)
         except CheckpointError as err:
             cause = err.__cause__
             self.unwritable = getattr(cause, "strerror", None) or str(cause or err)
