@@ -115,14 +115,12 @@ def first_process() -> bool:
 
 
 def says(err: Exception) -> bool:
-    """Whether this process prints ``err``. Under torchrun every process meets a configuration error
-    alike, and one marked :func:`~spikingformer.engine.distributed.alike_everywhere` (RANK 0 says
-    them); the processes of one machine meet its files alike (LOCAL_RANK 0 says an error marked
-    :func:`~spikingformer.engine.distributed.alike_on_this_machine`: another machine may lack them);
-    any other error, each process that meets it (a bad batch is in one's share)."""
-    from spikingformer.config import ConfigError
-
-    if isinstance(err, ConfigError) or getattr(err, "alike_everywhere", False):
+    """Whether this process prints ``err``. Under torchrun every process meets alike an error marked
+    :func:`~spikingformer.engine.distributed.alike_everywhere` (a configuration error, a diverged
+    loss: RANK 0 says it); the processes of one machine meet its files alike (LOCAL_RANK 0 says an
+    error marked :func:`~spikingformer.engine.distributed.alike_on_this_machine`: another machine may
+    lack them); any other error, each process that meets it (a bad batch is in one's share)."""
+    if getattr(err, "alike_everywhere", False):
         return first_process()
     if getattr(err, "alike_on_this_machine", False):
         return os.environ.get("LOCAL_RANK", "0") == "0"

@@ -192,6 +192,9 @@ class TrainConfig:
 class ConfigError(ValueError):
     """A recipe or command-line option that does not exist or has the wrong type."""
 
+    # every process torchrun starts reads the same options: said once (see distributed.alike_everywhere)
+    alike_everywhere = True
+
 
 def field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)

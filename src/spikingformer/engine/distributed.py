@@ -90,7 +90,8 @@ def alike_on_this_machine():
 def alike_everywhere(err: Exception) -> Exception:
     """Marks ``err`` (``err.alike_everywhere``) as one that every process of the job raises alike, at
     the same point, having agreed on it through a collective (a diverged loss, see
-    ``trainer.stop_if_diverged``): the command prints it once, by RANK 0. Returns ``err``."""
+    ``trainer.stop_if_diverged``): the command prints it once, by RANK 0. Returns ``err``. (Every
+    ``ConfigError`` carries the mark: each process reads the same options.)"""
     err.alike_everywhere = True
     return err
 

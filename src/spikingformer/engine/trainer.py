@@ -216,8 +216,8 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
                 logits = st.net(images)
             meter.detach()
             loss = st.criterion(logits.float(), target)
-            stop_if_diverged(loss, runtime, f"at epoch {epoch + 1}, step {step + 1} of {len(loader)} (learning rate "
-                             f"{st.optimizer.param_groups[0]['lr']:.3g})")
+            where = f"at epoch {epoch + 1}, step {step + 1} of {len(loader)}"
+            loss_value = stop_if_diverged(loss, runtime, f"{where} (learning rate {st.optimizer.param_groups[0]['lr']:.3g})")
             st.optimizer.zero_grad(set_to_none=True)
             st.scaler.scale(loss).backward()
             if st.clip_grad:
@@ -227,7 +227,7 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
             st.scaler.update()
             n = len(hard_target)
             seen += n
-            sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
+            sums += torch.tensor([loss_value * n, float((logits.argmax(1) == hard_target).sum()), n], dtype=torch.float64)
             if logged:  # fr: the firing rate of this step's forward
                 bar.set_postfix(refresh=False, loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
                                 lr=f"{st.optimizer.param_groups[0]['lr']:.2e}",
@@ -235,10 +235,10 @@ def _train_one_epoch(st: _Step, loader: DataLoader, runtime: Runtime, meter: Fir
     return sums
 
 
-def stop_if_diverged(loss: torch.Tensor, runtime: Runtime, where: str) -> None:
-    """Raises ``FloatingPointError`` where this step's loss is not finite, in any process: under
-    torchrun each process learns whether any process's loss is (one all-reduce of two numbers a
-    step), so that all stop at this step and the first says it once (marked
+def stop_if_diverged(loss: torch.Tensor, runtime: Runtime, where: str) -> float:
+    """This process's loss as a number; raises ``FloatingPointError`` where it is not finite in any
+    process: under torchrun each process learns whether any process's loss is (one all-reduce of two
+    numbers a step), so that all stop at this step and the first says it once (marked
     :func:`~spikingformer.engine.distributed.alike_everywhere`). A process stopping alone would leave
     the others waiting in the gradients' all-reduce until torchrun ends them, and a loss that fails
     in every process would be said once by each."""
@@ -250,6 +250,7 @@ def stop_if_diverged(loss: torch.Tensor, runtime: Runtime, where: str) -> None:
         raise alike_everywhere(FloatingPointError(
             f"training diverged: the loss became {state[0].item()}{on} {where}; lower --lr or clip the gradient norm "
             "with --clip-grad (e.g. 1.0)"))
+    return value
 
 
 def mix_batch(mixup_fn, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
