@@ -5,13 +5,13 @@ convolution and matrix product one real step dispatches, forward and backward (a
 ``TorchDispatchMode`` over the step: the ops ``torch.utils.flop_counter`` counts, with their exact
 shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask; also those our
 own operators run inside them, such as the spike linear's dense product under autocast, which
-``FlopCounterMode`` does not see, and the ``spike_conv`` route's int8 convolutions, with their
-packed weights); :func:`replay` runs each distinct one in isolation on fresh
-tensors of the same layout and keeps its best time. The sum over all recorded ops (best time x how
-often the step calls it) is the time the step's dense arithmetic needs at the rate this machine
-reaches on exactly those shapes, and ``that sum / step time`` is an efficiency that cannot exceed
-100% except by timing noise (the isolated op has its inputs' cache and the machine to itself at
-least as much as inside the step).
+``FlopCounterMode`` does not see, the ``spike_conv`` route's int8 convolutions, with their
+packed weights, and the ``fused_attention`` route's products); :func:`replay` runs each distinct
+one in isolation on fresh tensors of the same layout and keeps its best time. The sum over all
+recorded ops (best time x how often the step calls it) is the time the step's dense arithmetic
+needs at the rate this machine reaches on exactly those shapes, and ``that sum / step time`` is an
+efficiency that cannot exceed 100% except by timing noise (the isolated op has its inputs' cache
+and the machine to itself at least as much as inside the step).
 
 :func:`fma_peak` gives the theoretical FMA peak beside it: cores x clock (measured by
 ``clock_probe.py``: a virtual machine's ``/proc/cpuinfo`` gives the nominal one) x FLOPs per cycle
@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 import common
+import spikingformer.kernels.attention  # noqa: F401  (registers spikingformer::spike_attention, counted below)
 from spikingformer.cpu_features import ISA_VARIABLES, amx_allowed, isa_variables_set, onednn_cap
 
 
@@ -51,9 +52,17 @@ def _onednn_linear_flops(x, weight, *args, out_val=None, **kwargs) -> int:
     return 2 * out_val.numel() * weight.shape[1]
 
 
+def _attention_flops(q, k, v, heads, scale, out_val=None) -> int:
+    """FLOPs of the ``fused_attention`` route's products: ``K^T V`` and ``Q (K^T V)`` per head, two per
+    multiply-add each (those of the two batched products it replaces)."""
+    r, n, c = q.shape
+    return 2 * 2 * r * n * c * (c // heads)
+
+
 # dense ops flop_counter does not know: the spike_conv route's int8 convolutions, the token_linear
-# route's oneDNN products
+# route's oneDNN products, the fused_attention route's kernel
 EXTRA_FLOPS = {torch.ops.onednn.qconv2d_pointwise: _int8_conv_flops} if hasattr(torch.ops, "onednn") else {}
+EXTRA_FLOPS[torch.ops.spikingformer.spike_attention] = _attention_flops
 if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     EXTRA_FLOPS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 
@@ -116,9 +125,10 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func._overloadpacket
         count = flop_registry.get(packet) or EXTRA_FLOPS.get(packet)
-        impl = _custom_op_function(func, _device_type(args))
+        impl = _custom_op_function(func, _device_type(args)) if count is None else None
         if impl is not None:
-            # one of our operators (torch.library.custom_op): its function runs under this mode, so
+            # one of our operators (torch.library.custom_op) that is not itself a product (those are
+            # recorded as ops, as the attention's): its function runs under this mode, so
             # that the dense products it falls back to (the spike linear under autocast without a bf16
             # limit, or above its firing-rate limit: F.linear, mm) are recorded; its kernels' additions are not products
             with self:

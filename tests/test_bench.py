@@ -142,9 +142,10 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
 
     # (spike_conv off: FlopCounterMode's module hooks turn the route aside, and the recorder would
     # see the route's ways instead of the convolution; test_dense_limits_record_the_spike_convolutions;
-    # token_linear off: FlopCounterMode does not count oneDNN's matmul, see the test below)
+    # token_linear and fused_attention off: FlopCounterMode counts neither oneDNN's matmul nor our
+    # attention operator, see the tests below)
     for step in (train, infer):
-        with routes.configured("-spike_conv,-token_linear"):
+        with routes.configured("-spike_conv,-token_linear,-fused_attention"):
             ops = dense_limit.dense_ops(step)
             counter = FlopCounterMode(display=False)
             with counter:
@@ -205,6 +206,34 @@ def test_dense_ops_count_the_onednn_products(monkeypatch):
         names = {o["name"].rsplit(".", 1)[0] for o in ops}
         assert ("mkldnn._linear_pointwise" in names) == spec.startswith("+")
     assert totals["+token_linear,-spike_linear"] == totals["-token_linear,-spike_linear"] == 3 * 2 * 150 * 48 * 80
+
+
+def test_dense_ops_count_the_attention_kernels_products():
+    """The fused_attention route's operator is recorded as a dense op with the FLOPs of the two batched
+    products it replaces (the same total as with the route off), and replays on fresh tensors."""
+    import torch
+
+    import dense_limit
+    from spikingformer.layers import routes, spike_attention
+
+    q, k, v = ((torch.rand(4, 2, 50, 64) < 0.3).float().view(4, 2, 50, 4, 16).transpose(2, 3) for _ in range(3))
+
+    def step():
+        with torch.no_grad():
+            spike_attention(q, k, v, 0.125)
+
+    totals = {}
+    for spec in ("+fused_attention,+attention_order", "-fused_attention,+attention_order"):
+        with routes.configured(spec):
+            ops = dense_limit.dense_ops(step)
+        totals[spec] = sum(o["flops"] * o["count"] for o in ops)
+        names = {o["name"] for o in ops}
+        assert ("spikingformer.spike_attention.default" in names) == spec.startswith("+"), names
+    on, off = totals.values()
+    assert on == off == 2 * 2 * (4 * 2 * 4) * 50 * 16 * 16  # two products per head of 50 x 16 by 16 x 16
+    with routes.configured("+fused_attention,+attention_order"):
+        timed = dense_limit.replay(dense_limit.dense_ops(step), reps=1)
+    assert [o["seconds"] > 0 for o in timed] == [True]
 
 
 def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatch):

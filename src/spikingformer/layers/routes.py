@@ -72,6 +72,11 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
+* ``fused_attention``: with ``attention_order``'s ``Q (K^T V)``, without autograd, on the CPU, for
+  float32 or bf16 heads of 16, 32, 48 or 64 channels, the C++ kernel of
+  :mod:`spikingformer.kernels.attention` computes the heads' products from and into token rows: no
+  copies into head-major layouts. The products' values bit for bit for spikes (in bf16 too: each
+  product's sums rounded once, as PyTorch's).
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
 is on only where it measured faster (``token_linear`` by the CPU's vendor: where MKL runs its
@@ -95,7 +100,7 @@ from collections.abc import Iterable, Iterator
 from spikingformer.cpu_features import bf16_matrix_tiles, mkl_generic, native_bf16, vector_isa
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
-          "token_linear", "spike_linear", "spike_conv", "attention_order", "batch_pieces")
+          "token_linear", "spike_linear", "spike_conv", "attention_order", "fused_attention", "batch_pieces")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -108,7 +113,7 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # ratios over the zoo models' cases of benchmarks/study_routes.py below 1 (docs/performance.md,
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 _FASTER_ON_X86 = frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
-                            "attention_order"})
+                            "attention_order", "fused_attention"})
 MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86}
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear.
