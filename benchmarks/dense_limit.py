@@ -6,7 +6,7 @@ convolution and matrix product one real step dispatches, forward and backward (a
 shapes, strides, dtypes and parameters, e.g. ``convolution_backward``'s output mask; also those our
 own operators run inside them, such as the spike linear's dense product under autocast, which
 ``FlopCounterMode`` does not see, the ``spike_conv`` route's int8 convolutions, with their
-packed weights, and the ``fused_attention`` route's products); :func:`replay` runs each distinct
+packed weights, and the ``fused_attention`` route's products, forward and backward); :func:`replay` runs each distinct
 one in isolation on fresh tensors of the same layout and keeps its best time. The sum over all
 recorded ops (best time x how often the step calls it) is the time the step's dense arithmetic
 needs at the rate this machine reaches on exactly those shapes, and ``that sum / step time`` is an
@@ -52,17 +52,24 @@ def _onednn_linear_flops(x, weight, *args, out_val=None, **kwargs) -> int:
     return 2 * out_val.numel() * weight.shape[1]
 
 
-def _attention_flops(q, k, v, heads, scale, out_val=None) -> int:
-    """FLOPs of the ``fused_attention`` route's products: ``K^T V`` and ``Q (K^T V)`` per head, two per
+def _attention_flops(q, k, v, heads, scale, out_val=None, products: int = 2) -> int:
+    """FLOPs of the ``fused_attention`` route's forward: ``K^T V`` and ``Q (K^T V)`` per head, two per
     multiply-add each (those of the two batched products it replaces)."""
     r, n, c = q.shape
-    return 2 * 2 * r * n * c * (c // heads)
+    return 2 * products * r * n * c * (c // heads)
+
+
+def _attention_backward_flops(q, k, v, grad, heads, scale, out_val=None) -> int:
+    """FLOPs of its backward: the four products of the batched products' backward (it also sums ``K^T V``
+    again, which the products' autograd keeps: not counted)."""
+    return _attention_flops(q, k, v, heads, scale, products=4)
 
 
 # dense ops flop_counter does not know: the spike_conv route's int8 convolutions, the token_linear
 # route's oneDNN products, the fused_attention route's kernel
 EXTRA_FLOPS = {torch.ops.onednn.qconv2d_pointwise: _int8_conv_flops} if hasattr(torch.ops, "onednn") else {}
 EXTRA_FLOPS[torch.ops.spikingformer.spike_attention] = _attention_flops
+EXTRA_FLOPS[torch.ops.spikingformer.spike_attention_backward] = _attention_backward_flops
 if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     EXTRA_FLOPS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 

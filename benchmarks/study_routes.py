@@ -12,7 +12,7 @@ linears on spikes at firing rates of 5-50% (``spike_linear``, to place
 :data:`~spikingformer.layers.routes.SPIKE_LINEAR_MAX_DENSITY`), and the whole models of
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
 heads (``attention_order``; ``fused_attention`` on heads that are views of token rows, and the
-whole models in inference); the MLP's first ConvBN -> SN and the whole models in training
+whole models); the MLP's first ConvBN -> SN and the whole models in training
 (``fused_bn_spike``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
 ``inplace_bn``, ``batch_pieces``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
@@ -181,9 +181,15 @@ def cases(models: list[str], quick: bool, rates: tuple[float, ...] = SPIKE_RATES
         heads = [(torch.rand(t, batch, n, d) < 0.2).float().view(t, batch, n, h, d // h).transpose(2, 3)
                  for _ in range(3)]
         label = f"Q (K^T V) from and to token rows, {h} heads, N={n}, d={d // h}"
+        def attend(q, k, v):
+            return spike_attention(q, k, v, 0.125).transpose(2, 3).flatten(3)
+
+        out.append(("fused_attention", key, label, "train", _train(attend, [], [x.requires_grad_() for x in heads])))
+        out.append(("fused_attention", key, label, "infer", _infer(attend, [x.detach() for x in heads])))
+        label = f"whole model, batch {batch}"
+        out.append(("fused_attention", key, label, "train",
+                    lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("fused_attention", key, label, "infer",
-                    _infer(lambda q, k, v: spike_attention(q, k, v, 0.125).transpose(2, 3).flatten(3), heads)))
-        out.append(("fused_attention", key, f"whole model, batch {batch}", "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
 
         tok = model.tokenizer

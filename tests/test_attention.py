@@ -114,25 +114,75 @@ def test_the_route_computes_the_plain_path_as_a_view_of_rows(dtype, autocast):
     assert fused.transpose(2, 3).is_contiguous()  # the block's hand-over to its rows is a view
 
 
-def test_the_route_steps_aside_for_autograd_and_mixed_dtypes():
+def test_the_route_steps_aside_for_mixed_dtypes():
     q, k, v = (x.view(4, 2, 50, 64) for x in _rows(8, 50, 64, torch.float32))
-    qg = q.clone().requires_grad_()
     called = []
     with routes.configured("+fused_attention,+attention_order"):
         original = attention.spike_attention
         try:
             attention.spike_attention = lambda *a: called.append(1) or original(*a)
-            out = spike_attention(_heads(qg, 4), _heads(k, 4), _heads(v, 4), 0.125)
-            out.sum().backward()
-            assert not called and qg.grad is not None
             with pytest.raises(RuntimeError):  # the product's own dtype error, as with the route off
                 spike_attention(_heads(q, 4), _heads(k.bfloat16(), 4), _heads(v, 4), 0.125)
             assert not called
-            with torch.no_grad():
-                spike_attention(_heads(q, 4), _heads(k, 4), _heads(v, 4), 0.125)
+            spike_attention(_heads(q, 4), _heads(k, 4), _heads(v, 4), 0.125)
             assert called
         finally:
             attention.spike_attention = original
+
+
+def _integer_grad(shape, seed=5):
+    return torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", attention.HEAD_DIMS)
+def test_backward_kernel_equals_its_twin_for_integer_gradients(dtype, d):
+    """Spikes and an integer upstream gradient times a power-of-two scale: every float32 sum of the
+    backward is exact, so the kernel and the batched products agree bit for bit (in bf16 too, each
+    rounding the same exact sum once)."""
+    q, k, v = _rows(3, 37, 2 * d, dtype)
+    g = _integer_grad(q.shape).to(dtype)
+    got = attention.spike_attention_backward(q, k, v, g, 2, 0.125)
+    want = attention.attention_backward_reference(q, k, v, g, 2, 0.125)
+    assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(got, want))
+    if dtype == torch.float32:
+        ref64 = attention.attention_backward_reference(q.double(), k.double(), v.double(), g.double(), 2, 0.125)
+        assert all(torch.equal(a.double(), b) for a, b in zip(got, ref64))
+
+
+def test_backward_kernel_with_real_gradients_is_the_twin_but_for_summation_order():
+    q, k, v = _rows(4, 50, 96, torch.float32)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    got = attention.spike_attention_backward(q, k, v, g, 3, 0.3)
+    ref64 = attention.attention_backward_reference(q.double(), k.double(), v.double(), g.double(), 3, 0.3)
+    for a, b in zip(got, ref64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_with_autograd(dtype):
+    q, k, v = (x.requires_grad_() for x in _rows(3, 40, 64, dtype))
+    torch.library.opcheck(attention.spike_attention, (q, k, v, 4, 0.125))
+    g = _integer_grad(q.shape).to(dtype)
+    torch.library.opcheck(attention.spike_attention_backward, (q.detach(), k.detach(), v.detach(), g, 4, 0.125))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "float32-autocast"])
+def test_the_route_in_training_gives_the_products_gradients(autocast):
+    """Through the block's function with autograd, route on and off: the same output and, for an
+    integer upstream gradient, the same gradients bit for bit (float32 inputs; under bf16 autocast
+    the gradients come back through autocast's casts)."""
+    rows = [x.view(4, 2, 50, 64) for x in _rows(8, 50, 64, torch.float32)]
+    g = _integer_grad((4, 2, 50, 64))
+    results = []
+    for spec in ("-fused_attention", "+fused_attention,+attention_order"):
+        leaves = [x.clone().requires_grad_() for x in rows]
+        out = _attend(spec, *leaves, 4, autocast).transpose(2, 3).flatten(3)
+        out.backward(g.to(out.dtype))
+        results.append((out, [x.grad for x in leaves]))
+    (out0, grads0), (out1, grads1) = results
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert all(x.abs().sum() > 0 for x in grads1)
 
 
 def test_an_event_model_gives_the_same_logits_with_the_route():
@@ -153,8 +203,10 @@ def test_an_event_model_gives_the_same_logits_with_the_route():
 
 
 @pytest.mark.slow
-def test_compiled_inference_keeps_the_operator_and_equals_eager():
-    """Dynamo and AOTAutograd (the operator's fake) trace the whole model; its graph calls the operator."""
+def test_compiled_model_keeps_the_operators_and_equals_eager():
+    """Dynamo and AOTAutograd (the operators' fakes, the registered autograd) trace the whole model in
+    inference and the attention forward and backward in training; the graphs call the operators."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     torch._dynamo.reset()
@@ -165,10 +217,23 @@ def test_compiled_inference_keeps_the_operator_and_equals_eager():
 
     def keep_targets(gm, example_inputs):
         targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm
+        return make_boxed_func(gm.forward)
 
-    with routes.configured("+fused_attention,+attention_order"), torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep_targets))(x)
-    assert "spikingformer.spike_attention.default" in targets
-    assert torch.equal(compiled, eager)
+    backend = aot_autograd(fw_compiler=keep_targets, bw_compiler=keep_targets)
+    with routes.configured("+fused_attention,+attention_order"):
+        with torch.no_grad():
+            eager = model(x)
+            compiled = torch.compile(model, fullgraph=True, backend=backend)(x)
+        assert "spikingformer.spike_attention.default" in targets
+        assert torch.equal(compiled, eager)
+
+        rows = [x.view(4, 2, 50, 64) for x in _rows(8, 50, 64, torch.float32)]
+        g = _integer_grad((4, 2, 50, 64))
+        grads = []
+        for fn in (lambda *a: _attend("+fused_attention", *a, 4),
+                   torch.compile(lambda *a: _attend("+fused_attention", *a, 4), fullgraph=True, backend=backend)):
+            leaves = [r.clone().requires_grad_() for r in rows]
+            fn(*leaves).transpose(2, 3).flatten(3).backward(g)
+            grads.append([r.grad for r in leaves])
+        assert "spikingformer.spike_attention_backward.default" in targets
+        assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -209,31 +209,38 @@ def test_dense_ops_count_the_onednn_products(monkeypatch):
 
 
 def test_dense_ops_count_the_attention_kernels_products():
-    """The fused_attention route's operator is recorded as a dense op with the FLOPs of the two batched
-    products it replaces (the same total as with the route off), and replays on fresh tensors."""
+    """The fused_attention route's operators are recorded as dense ops with the FLOPs of the batched
+    products they replace, forward and backward (the same totals as with the route off), and replay
+    on fresh tensors."""
     import torch
 
     import dense_limit
     from spikingformer.layers import routes, spike_attention
 
-    q, k, v = ((torch.rand(4, 2, 50, 64) < 0.3).float().view(4, 2, 50, 4, 16).transpose(2, 3) for _ in range(3))
+    rows = [(torch.rand(4, 2, 50, 64) < 0.3).float() for _ in range(3)]
 
-    def step():
+    def infer():
         with torch.no_grad():
-            spike_attention(q, k, v, 0.125)
+            spike_attention(*(x.view(4, 2, 50, 4, 16).transpose(2, 3) for x in rows), 0.125)
 
-    totals = {}
-    for spec in ("+fused_attention,+attention_order", "-fused_attention,+attention_order"):
-        with routes.configured(spec):
-            ops = dense_limit.dense_ops(step)
-        totals[spec] = sum(o["flops"] * o["count"] for o in ops)
-        names = {o["name"] for o in ops}
-        assert ("spikingformer.spike_attention.default" in names) == spec.startswith("+"), names
-    on, off = totals.values()
-    assert on == off == 2 * 2 * (4 * 2 * 4) * 50 * 16 * 16  # two products per head of 50 x 16 by 16 x 16
+    def train():
+        leaves = [x.clone().requires_grad_() for x in rows]
+        spike_attention(*(x.view(4, 2, 50, 4, 16).transpose(2, 3) for x in leaves), 0.125).sum().backward()
+
+    head_product = 2 * (4 * 2 * 4) * 50 * 16 * 16  # FLOPs of one product over every head: 50 x 16 by 16 x 16
+    for step, products in ((infer, 2), (train, 6)):
+        totals = {}
+        for spec in ("+fused_attention,+attention_order", "-fused_attention,+attention_order"):
+            with routes.configured(spec):
+                ops = dense_limit.dense_ops(step)
+            totals[spec] = sum(o["flops"] * o["count"] for o in ops)
+            names = {o["name"].split(".")[1] for o in ops}
+            wanted = {"spike_attention"} | ({"spike_attention_backward"} if step is train else set())
+            assert (names >= wanted) == spec.startswith("+"), names
+        assert list(totals.values()) == [products * head_product] * 2
     with routes.configured("+fused_attention,+attention_order"):
-        timed = dense_limit.replay(dense_limit.dense_ops(step), reps=1)
-    assert [o["seconds"] > 0 for o in timed] == [True]
+        timed = dense_limit.replay(dense_limit.dense_ops(train), reps=1)
+    assert len(timed) == 2 and all(o["seconds"] > 0 for o in timed)
 
 
 def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatch):

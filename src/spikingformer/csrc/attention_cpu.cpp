@@ -6,8 +6,9 @@
 // then each token's row of Q K^T V, so nothing is copied but a head's q and k as float32 (for the
 // broadcasts). Sums in float32 (exact for spikes: integers below 2^24); K^T V, then Q K^T V rounded
 // to the storage dtype as PyTorch's products store them, then times the scale, rounded again: the
-// plain path's values, bit for bit for spikes (tests/test_attention.py). Appended after
-// spike_conv_cpu.cpp (one library source, lif_cpu.cpp's helpers).
+// plain path's values, bit for bit for spikes (tests/test_attention.py). The backward does the
+// batched products' backward the same way (four products of d x d matrices with token rows, each
+// rounded to the dtype). Appended after spike_conv_cpu.cpp (one library source, lif_cpu.cpp's helpers).
 //
 // GCC's vector extensions (clang has them too): one register of floats per VecF, 16 lanes with
 // AVX-512, 8 with AVX2, 4 elsewhere; the accumulators of a block are kAccRegs registers, half the
@@ -97,75 +98,130 @@ template <int D, int M> struct HeadProducts {
   static constexpr int IB = divisor_up_to(d, kAccRegs / DV > 0 ? kAccRegs / DV : 1);  // rows of K^T V per block
   static constexpr int NB = kAccRegs / DV > 0 ? kAccRegs / DV : 1;                    // tokens per block of Q K^T V
 
-  // kv = K^T V of one head, rounded to D; kf: the head's k rows as float32 (N, d)
-  static void key_values(const float* kf, const S* v, int64_t N, int64_t C, VecF (*kv)[DV]) {
+  // sums = A^T B over the head's N tokens (d x d), rounded to D: a as float32 rows (N, d), b rows
+  // of dtype DB with stride sb; IB rows of the sums at a time in registers
+  template <int DB> static void outer_sums(const float* a, const typename StorageOf<DB>::type* b, int64_t sb,
+                                           int64_t N, VecF (*sums)[DV]) {
     for (int i0 = 0; i0 < d; i0 += IB) {
       VecF acc[IB][DV] = {};
       for (int64_t n = 0; n < N; ++n) {
-        VecF vv[DV];
-        for (int b = 0; b < DV; ++b) vv[b] = load_vec<D>(v + n * C + b * kLanes);
-        const float* kn = kf + n * d + i0;
+        VecF bn[DV];
+        for (int c = 0; c < DV; ++c) bn[c] = load_vec<DB>(b + n * sb + c * kLanes);
+        const float* an = a + n * d + i0;
         for (int i = 0; i < IB; ++i)
-          for (int b = 0; b < DV; ++b) acc[i][b] = mul_add_vec(kn[i], vv[b], acc[i][b]);
+          for (int c = 0; c < DV; ++c) acc[i][c] = mul_add_vec(an[i], bn[c], acc[i][c]);
       }
       for (int i = 0; i < IB; ++i)
-        for (int b = 0; b < DV; ++b) kv[i0 + i][b] = round_vec<D>(acc[i][b]);
+        for (int c = 0; c < DV; ++c) sums[i0 + i][c] = round_vec<D>(acc[i][c]);
     }
   }
 
-  // y rows [n0, n0 + NT) of the head: (q K^T V) * scale; qf: the head's q rows as float32 (N, d)
-  template <int NT> static void outputs(const float* qf, const VecF (*kv)[DV], int64_t n0, int64_t C, float scale,
-                                        S* y) {
+  // rows [n0, n0 + NT) of y = (A m) * scale, each product rounded to D, then the scale's product;
+  // a: float32 rows (N, d), y: rows of stride C
+  template <int NT> static void product_rows(const float* a, const VecF (*m)[DV], int64_t n0, int64_t C, float scale,
+                                             S* y) {
     VecF acc[NT][DV] = {};
     for (int i = 0; i < d; ++i)
       for (int t = 0; t < NT; ++t) {
-        const float qv = qf[(n0 + t) * d + i];
-        for (int b = 0; b < DV; ++b) acc[t][b] = mul_add_vec(qv, kv[i][b], acc[t][b]);
+        const float an = a[(n0 + t) * d + i];
+        for (int c = 0; c < DV; ++c) acc[t][c] = mul_add_vec(an, m[i][c], acc[t][c]);
       }
     for (int t = 0; t < NT; ++t)
-      for (int b = 0; b < DV; ++b)
-        store_vec<D>(y + (n0 + t) * C + b * kLanes, round_vec<D>(round_vec<D>(acc[t][b]) * scale));
+      for (int c = 0; c < DV; ++c)
+        store_vec<D>(y + (n0 + t) * C + c * kLanes, round_vec<D>(round_vec<D>(acc[t][c]) * scale));
   }
 
-  static void run(const S* q, const S* k, const S* v, S* y, int64_t R, int64_t N, int64_t C, float scale, int nthreads) {
+  static void products(const float* a, const VecF (*m)[DV], int64_t N, int64_t C, float scale, S* y) {
+    int64_t n0 = 0;
+    for (; n0 + NB <= N; n0 += NB) product_rows<NB>(a, m, n0, C, scale, y);
+    for (; n0 < N; ++n0) product_rows<1>(a, m, n0, C, scale, y);
+  }
+
+  // the head's rows of x (stride C) as float32 rows (N, d), each times scale rounded to D (scale 1: as they are)
+  static void head_rows(const S* x, int64_t N, int64_t C, float scale, float* out) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int c = 0; c < DV; ++c) {
+        const VecF xn = scale == 1.0f ? load_vec<D>(x + n * C + c * kLanes)
+                                      : round_vec<D>(load_vec<D>(x + n * C + c * kLanes) * scale);
+        std::memcpy(out + n * d + c * kLanes, &xn, sizeof xn);
+      }
+  }
+
+  static void transpose(const VecF (*m)[DV], VecF (*t)[DV]) {
+    float a[d][d], b[d][d];
+    std::memcpy(a, m, sizeof a);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) b[j][i] = a[i][j];
+    std::memcpy(t, b, sizeof b);
+  }
+
+  // body(rh, scratch) for every head rh = r H + h of the R rows, in parallel; scratch: `arrays`
+  // float32 (N, d) arrays of this thread
+  template <typename F> static void each_head(int64_t R, int64_t N, int64_t C, int arrays, int nthreads, F&& body) {
     const int64_t H = C / d;
     const int nt = R * H >= 2 ? std::max(1, nthreads) : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      std::vector<float> rows(2 * N * d);
-      float* kf = rows.data();
-      float* qf = kf + N * d;
-      VecF kv[d][DV];
+      std::vector<float> scratch(arrays * N * d);
 #pragma omp for schedule(static)
-      for (int64_t rh = 0; rh < R * H; ++rh) {
-        const int64_t at = (rh / H) * N * C + (rh % H) * d;  // the head's first channel in its first token row
-        for (int64_t n = 0; n < N; ++n)
-          for (int b = 0; b < DV; ++b) {
-            const VecF kn = load_vec<D>(k + at + n * C + b * kLanes), qn = load_vec<D>(q + at + n * C + b * kLanes);
-            std::memcpy(kf + n * d + b * kLanes, &kn, sizeof kn);
-            std::memcpy(qf + n * d + b * kLanes, &qn, sizeof qn);
-          }
-        key_values(kf, v + at, N, C, kv);
-        int64_t n0 = 0;
-        for (; n0 + NB <= N; n0 += NB) outputs<NB>(qf, kv, n0, C, scale, y + at);
-        for (; n0 < N; ++n0) outputs<1>(qf, kv, n0, C, scale, y + at);
-      }
+      for (int64_t rh = 0; rh < R * H; ++rh) body((rh / H) * N * C + (rh % H) * d, scratch.data());
     }
+  }
+
+  // y = (Q (K^T V)) * scale
+  static void forward(const S* q, const S* k, const S* v, S* y, int64_t R, int64_t N, int64_t C, float scale,
+                      int nthreads) {
+    each_head(R, N, C, 2, nthreads, [&](int64_t at, float* scratch) {
+      float *kf = scratch, *qf = scratch + N * d;
+      VecF kv[d][DV];
+      head_rows(k + at, N, C, 1.0f, kf);
+      head_rows(q + at, N, C, 1.0f, qf);
+      outer_sums<D>(kf, v + at, C, N, kv);
+      products(qf, kv, N, C, scale, y + at);
+    });
+  }
+
+  // the gradients of forward's y: with G = gy * scale and M = K^T V (each rounded to D),
+  // gq = G M^T, gM = Q^T G, gk = V gM^T, gv = K gM (each rounded to D), as the products' backward
+  static void backward(const S* q, const S* k, const S* v, const S* gy, S* gq, S* gk, S* gv, int64_t R, int64_t N,
+                       int64_t C, float scale, int nthreads) {
+    each_head(R, N, C, 4, nthreads, [&](int64_t at, float* scratch) {
+      float *kf = scratch, *qf = scratch + N * d, *vf = scratch + 2 * N * d, *gf = scratch + 3 * N * d;
+      VecF m[d][DV], gm[d][DV], t[d][DV];
+      head_rows(k + at, N, C, 1.0f, kf);
+      head_rows(q + at, N, C, 1.0f, qf);
+      head_rows(v + at, N, C, 1.0f, vf);
+      head_rows(gy + at, N, C, scale, gf);
+      outer_sums<kF32>(kf, vf, d, N, m);
+      outer_sums<kF32>(qf, gf, d, N, gm);
+      products(kf, gm, N, C, 1.0f, gv + at);
+      transpose(m, t);
+      products(gf, t, N, C, 1.0f, gq + at);
+      transpose(gm, t);
+      products(vf, t, N, C, 1.0f, gk + at);
+    });
   }
 };
 
-template <int D> int attention_of(const void* q, const void* k, const void* v, void* y, int64_t R, int64_t N,
-                                  int64_t C, int64_t d, float scale, int nthreads) {
-  using S = typename StorageOf<D>::type;
-  const S *qs = static_cast<const S*>(q), *ks = static_cast<const S*>(k), *vs = static_cast<const S*>(v);
-  S* ys = static_cast<S*>(y);
+// HeadProducts<D, d / 16>::f(args...) for head dimension d; false (nothing called) for any other d
+template <int D, typename F> bool with_head_dim(int64_t d, F&& f) {
   switch (d) {
-    case 16: HeadProducts<D, 1>::run(qs, ks, vs, ys, R, N, C, scale, nthreads); return 0;
-    case 32: HeadProducts<D, 2>::run(qs, ks, vs, ys, R, N, C, scale, nthreads); return 0;
-    case 48: HeadProducts<D, 3>::run(qs, ks, vs, ys, R, N, C, scale, nthreads); return 0;
-    case 64: HeadProducts<D, 4>::run(qs, ks, vs, ys, R, N, C, scale, nthreads); return 0;
+    case 16: f(HeadProducts<D, 1>{}); return true;
+    case 32: f(HeadProducts<D, 2>{}); return true;
+    case 48: f(HeadProducts<D, 3>{}); return true;
+    case 64: f(HeadProducts<D, 4>{}); return true;
   }
-  return -2;
+  return false;
+}
+
+// f(HeadProducts<D, d / 16>{}, the pointers as D's storage type) for a dtype code and head dimension the
+// kernels take; -2 (nothing called) for others, else 0
+template <typename F> int with_kernel(int dtype, int64_t C, int64_t d, F&& f) {
+  if (d <= 0 || C % d) return -2;
+  bool done = false;
+  if (dtype == kF32) done = with_head_dim<kF32>(d, f);
+  if (dtype == kBF16) done = with_head_dim<kBF16>(d, f);
+  return done ? 0 : -2;
 }
 
 }  // namespace attention
@@ -179,10 +235,24 @@ extern "C" {
 // dimension other than 16, 32, 48 or 64 or another dtype, computing nothing.
 int sf_spike_attention(const void* q, const void* k, const void* v, void* y, int64_t R, int64_t N, int64_t C,
                        int64_t d, int dtype, float scale, int nthreads) {
-  if (d <= 0 || C % d) return -2;
-  if (dtype == kF32) return attention::attention_of<kF32>(q, k, v, y, R, N, C, d, scale, nthreads);
-  if (dtype == kBF16) return attention::attention_of<kBF16>(q, k, v, y, R, N, C, d, scale, nthreads);
-  return -2;
+  return attention::with_kernel(dtype, C, d, [&](auto heads) {
+    using S = typename decltype(heads)::S;
+    heads.forward(static_cast<const S*>(q), static_cast<const S*>(k), static_cast<const S*>(v), static_cast<S*>(y),
+                  R, N, C, scale, nthreads);
+  });
+}
+
+// The gradients gq, gk, gv (R, N, C, contiguous, the dtype of q) of sf_spike_attention's y for its
+// gradient gy, as the batched products' backward computes them. Returns as sf_spike_attention.
+int sf_spike_attention_backward(const void* q, const void* k, const void* v, const void* gy, void* gq, void* gk,
+                                void* gv, int64_t R, int64_t N, int64_t C, int64_t d, int dtype, float scale,
+                                int nthreads) {
+  return attention::with_kernel(dtype, C, d, [&](auto heads) {
+    using S = typename decltype(heads)::S;
+    heads.backward(static_cast<const S*>(q), static_cast<const S*>(k), static_cast<const S*>(v),
+                   static_cast<const S*>(gy), static_cast<S*>(gq), static_cast<S*>(gk), static_cast<S*>(gv), R, N, C,
+                   scale, nthreads);
+  });
 }
 
 }  // extern "C"

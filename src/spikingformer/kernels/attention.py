@@ -10,8 +10,12 @@ for ``N > d``, without the copies into head-major layouts that PyTorch's batched
 product with ``Q`` rounded to the storage dtype (float32 or bfloat16) as PyTorch's products store
 them, then the scale: for spikes (sums of integers, exact) the plain path's values bit for bit.
 
-The operator is not differentiable (the route takes it only without autograd) and is registered
-with a fake implementation, so ``torch.compile`` and ``torch.export`` keep it as one opaque call.
+Its backward, ``spikingformer::spike_attention_backward``, computes the gradients of ``q``, ``k``
+and ``v`` likewise from and into rows (``G = grad * scale`` and ``K^T V`` again; ``G (K^T V)^T``,
+``Q^T G``, and that product's with ``V`` and ``K``, each rounded to the dtype as the batched
+products' backward rounds them): the same arithmetic but for the order of the sums. Both are
+registered with fake implementations, and the forward with its autograd, so ``torch.compile``
+and ``torch.export`` keep each as one opaque call.
 """
 
 from __future__ import annotations
@@ -52,26 +56,89 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> Non
         raise ValueError(f"spike_attention: {q.shape[-1]} channels do not split into {heads} heads")
 
 
+def attention_backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, heads: int,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the backward kernel computes, in plain PyTorch: the gradients of :func:`attention_reference`'s
+    rows for ``grad``, as its batched products' backward computes them (``G = grad * scale``,
+    ``M = K^T V``; ``G M^T``, ``gM = Q^T G``, ``V gM^T``, ``K gM``, each in the inputs' dtype)."""
+    r, n, c = q.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(r, n, heads, c // heads).transpose(1, 2)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(r, n, c)
+
+    qh, kh, vh, g = split(q), split(k), split(v), split(grad * scale)
+    m, gm = kh.transpose(-2, -1) @ vh, qh.transpose(-2, -1) @ g
+    return rows(g @ m.transpose(-2, -1)), rows(vh @ gm.transpose(-2, -1)), rows(kh @ gm)
+
+
+def _takes(q: torch.Tensor, heads: int):
+    """The kernel library where it takes rows like ``q`` with ``heads`` heads, else None."""
+    lib = cpu_backend.get_library()
+    return lib if lib is not None and kernel_takes(q, heads) else None
+
+
+def _call(entry, tensors: list[torch.Tensor], outputs: int, heads: int, scale: float) -> list[torch.Tensor]:
+    """``outputs`` new tensors shaped like ``tensors[0]``, filled by the library's ``entry`` from ``tensors``."""
+    r, n, c = tensors[0].shape
+    tensors = [x.contiguous() for x in tensors]  # held until the call returns
+    outs = [torch.empty(tensors[0].shape, dtype=tensors[0].dtype) for _ in range(outputs)]
+    if tensors[0].numel():
+        ptrs = [x.data_ptr() for x in tensors] + [o.data_ptr() for o in outs]
+        rc = entry(*ptrs, r, n, c, c // heads, cpu_backend.DTYPE_CODES[tensors[0].dtype], scale, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"{entry.__name__} failed with code {rc}")
+    return outs
+
+
 @torch.library.custom_op("spikingformer::spike_attention", mutates_args=(), device_types="cpu")
 def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """The rows of ``(Q_h (K_h^T V_h)) * scale`` (see the module docstring); :func:`attention_reference`
     where the kernel does not take the rows (dtype, head dimension) or the library cannot be built."""
     _check(q, k, v, heads)
-    lib = cpu_backend.get_library()
-    if lib is None or not kernel_takes(q, heads):
+    lib = _takes(q, heads)
+    if lib is None:
         return attention_reference(q, k, v, heads, scale)
-    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-    y = torch.empty(q.shape, dtype=q.dtype)
-    r, n, c = q.shape
-    if q.numel():
-        rc = lib.sf_spike_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), y.data_ptr(), r, n, c, c // heads,
-                                    cpu_backend.DTYPE_CODES[q.dtype], scale, torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"sf_spike_attention failed with code {rc}")
-    return y
+    return _call(lib.sf_spike_attention, [q, k, v], 1, heads, scale)[0]
+
+
+@torch.library.custom_op("spikingformer::spike_attention_backward", mutates_args=(), device_types="cpu")
+def spike_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``spike_attention``'s rows with respect to ``q``, ``k``, ``v`` for its output's
+    gradient ``grad``; :func:`attention_backward_reference` where the kernel does not take them."""
+    _check(q, k, v, heads)
+    grad = grad.to(q.dtype)
+    lib = _takes(q, heads)
+    if lib is None:
+        return attention_backward_reference(q, k, v, grad, heads, scale)
+    gq, gk, gv = _call(lib.sf_spike_attention_backward, [q, k, v, grad], 3, heads, scale)
+    return gq, gk, gv
 
 
 @spike_attention.register_fake
 def _spike_attention_fake(q, k, v, heads, scale):
     _check(q, k, v, heads)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@spike_attention_backward.register_fake
+def _spike_attention_backward_fake(q, k, v, grad, heads, scale):
+    _check(q, k, v, heads)
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, heads, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    return *spike_attention_backward(q, k, v, grad, ctx.heads, ctx.scale), None, None
+
+
+spike_attention.register_autograd(_backward, setup_context=_setup_context)

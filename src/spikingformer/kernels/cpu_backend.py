@@ -121,6 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_linear_weight_grad.restype = ci
     lib.sf_spike_attention.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, ci, f32, ci]
     lib.sf_spike_attention.restype = ci
+    lib.sf_spike_attention_backward.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, ci, f32, ci]
+    lib.sf_spike_attention_backward.restype = ci
 
 
 def native_library(march: str = "native") -> NativeLibrary:

@@ -204,8 +204,8 @@ def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     With the ``attention_order`` route and N > d it computes ``Q (K^T V)`` (``2 N d^2`` multiply-adds
     instead of ``2 N^2 d``): the same numbers for spikes, whose partial sums are small integers, and
     a power-of-two ``s``. With the ``fused_attention`` route too, heads that are views of token rows
-    (:meth:`SpikingSelfAttention._heads`) go to the CPU kernel :mod:`spikingformer.kernels.attention`
-    without autograd: a view of its rows, with the same values for spikes.
+    (:meth:`SpikingSelfAttention._heads`) go to the CPU kernels of :mod:`spikingformer.kernels.attention`
+    (forward and backward): a view of its rows, with the same values for spikes.
     """
     n, d = q.shape[-2:]
     if n > d and routes.enabled("attention_order"):
@@ -217,13 +217,13 @@ def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
     """``Q (K^T V) * s`` of heads ``(..., h, N, d)`` by ``spikingformer::spike_attention`` on their token rows
     ``(..., N, h d)``, as a view of its output in the heads' shape; None where it does not apply: not CPU
-    tensors, autograd, heads that are not views of contiguous rows, or a dtype or head dimension
+    tensors, heads that are not views of contiguous rows, or a dtype or head dimension
     (:func:`~spikingformer.kernels.attention.kernel_takes`) the kernel does not take. Under CPU
     autocast it computes in autocast's dtype, as the product would."""
     from spikingformer.kernels import attention
 
     heads = (q, k, v)
-    if (q.device.type != "cpu" or q.dim() < 3 or torch.is_grad_enabled() and any(x.requires_grad for x in heads)
+    if (q.device.type != "cpu" or q.dim() < 3
             or any(x.shape != q.shape or not x.transpose(-3, -2).is_contiguous() for x in heads)):
         return None
     autocast = torch.is_autocast_enabled("cpu") and q.dtype != torch.float64  # autocast leaves float64 alone

@@ -72,11 +72,11 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``attention_order``: spike attention computes ``Q (K^T V)`` instead of ``(Q K^T) V`` when that
   is cheaper (N > d); the same numbers in float32 for spikes and a power-of-two scale (under bf16
   autocast each order rounds its products' sums above 256, differently).
-* ``fused_attention``: with ``attention_order``'s ``Q (K^T V)``, without autograd, on the CPU, for
-  float32 or bf16 heads of 16, 32, 48 or 64 channels, the C++ kernel of
-  :mod:`spikingformer.kernels.attention` computes the heads' products from and into token rows: no
-  copies into head-major layouts. The products' values bit for bit for spikes (in bf16 too: each
-  product's sums rounded once, as PyTorch's).
+* ``fused_attention``: with ``attention_order``'s ``Q (K^T V)``, on the CPU, for float32 or bf16
+  heads of 16, 32, 48 or 64 channels, the C++ kernels of :mod:`spikingformer.kernels.attention`
+  compute the heads' products and their gradients from and into token rows: no copies into
+  head-major layouts. The products' values bit for bit for spikes (in bf16 too: each product's
+  sums rounded once, as PyTorch's); gradients the same arithmetic in another summation order.
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
 is on only where it measured faster (``token_linear`` by the CPU's vendor: where MKL runs its
