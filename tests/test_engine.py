@@ -103,6 +103,33 @@ def test_sigterm_to_the_whole_job_says_what_was_kept_and_exits_143(tmp_path):
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
 
 
+def test_a_worker_says_nothing_of_a_hand_over_the_main_process_dropped():
+    """The worker's excepthook drops a connection error raised in multiprocessing's resource sharer
+    (the main process left mid-transfer: its traceback came after the line above, once in about ten
+    terminations) and passes every other error on."""
+    import multiprocessing.resource_sharer
+
+    from spikingformer.data import workers
+
+    def raised_in(filename: str, exc_type: type) -> tuple:
+        """sys.exc_info() of an error caught where it was raised, in a function of ``filename`` (as the
+        resource sharer's thread catches and reports its errors)."""
+        namespace = {"E": exc_type, "sys": sys}
+        source = "def serve():\n    try:\n        raise E()\n    except E:\n        return sys.exc_info()\n"
+        exec(compile(source, filename, "exec"), namespace)
+        return namespace["serve"]()
+
+    printed = []
+    hook = workers._quiet_hand_over(lambda exc_type, exc, tb: printed.append(exc_type))
+    sharer = multiprocessing.resource_sharer.__file__
+    hook(*raised_in(sharer, ConnectionResetError))
+    hook(*raised_in(sharer, EOFError))
+    assert printed == []
+    hook(*raised_in(sharer, ValueError))
+    hook(*raised_in(__file__, ConnectionResetError))
+    assert printed == [ValueError, ConnectionResetError]
+
+
 CRASH_IN_AN_EPOCH = """
 import sys
 from spikingformer.cli import main

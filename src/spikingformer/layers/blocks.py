@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import spikingformer.layers.routes as routes
+from spikingformer.kernels import attention
 from spikingformer.layers import batch_pieces, bn_spike, spike_conv
 from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
@@ -220,8 +221,6 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     tensors, heads that are not views of contiguous rows, or a dtype or head dimension
     (:func:`~spikingformer.kernels.attention.kernel_takes`) the kernel does not take. Under CPU
     autocast it computes in autocast's dtype, as the product would."""
-    from spikingformer.kernels import attention
-
     heads = (q, k, v)
     if (q.device.type != "cpu" or q.dim() < 3
             or any(x.shape != q.shape or not x.transpose(-3, -2).is_contiguous() for x in heads)):
