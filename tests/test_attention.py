@@ -114,7 +114,7 @@ def test_the_route_computes_the_plain_path_as_a_view_of_rows(dtype, autocast):
     assert fused.transpose(2, 3).is_contiguous()  # the block's hand-over to its rows is a view
 
 
-def test_the_route_steps_aside_for_mixed_dtypes():
+def test_the_route_steps_aside_for_mixed_dtypes_and_float64():
     q, k, v = (x.view(4, 2, 50, 64) for x in _rows(8, 50, 64, torch.float32))
     called = []
     with routes.configured("+fused_attention,+attention_order"):
@@ -124,6 +124,9 @@ def test_the_route_steps_aside_for_mixed_dtypes():
             with pytest.raises(RuntimeError):  # the product's own dtype error, as with the route off
                 spike_attention(_heads(q, 4), _heads(k.bfloat16(), 4), _heads(v, 4), 0.125)
             assert not called
+            with torch.autocast("cpu", torch.bfloat16):  # autocast leaves float64 to the product
+                out = spike_attention(*(_heads(x.double(), 4) for x in (q, k, v)), 0.125)
+            assert not called and out.dtype == torch.float64
             spike_attention(_heads(q, 4), _heads(k, 4), _heads(v, 4), 0.125)
             assert called
         finally:

@@ -28,16 +28,23 @@ HEAD_DIMS = (16, 32, 48, 64)  # those the kernel is built for
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows ``(R, N, C)`` as heads ``(R, heads, N, C / heads)`` (a view)."""
+    r, n, c = x.shape
+    return x.view(r, n, heads, c // heads).transpose(1, 2)
+
+
+def _join(x: torch.Tensor) -> torch.Tensor:
+    """Heads ``(R, h, N, d)`` as rows ``(R, N, h d)`` (contiguous)."""
+    r, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(r, n, h * d)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """What the kernel computes, in plain PyTorch: the heads of the rows ``(R, N, C)`` as
     ``(R, heads, N, d)``, ``q @ (k^T @ v) * scale``, back to rows (contiguous)."""
-    r, n, c = q.shape
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(r, n, heads, c // heads).transpose(1, 2)
-
-    y = split(q) @ (split(k).transpose(-2, -1) @ split(v)) * scale
-    return y.transpose(1, 2).reshape(r, n, c)
+    qh, kh, vh = (_split(x, heads) for x in (q, k, v))
+    return _join(qh @ (kh.transpose(-2, -1) @ vh) * scale)
 
 
 def kernel_takes(q: torch.Tensor, heads: int) -> bool:
@@ -61,17 +68,9 @@ def attention_backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """What the backward kernel computes, in plain PyTorch: the gradients of :func:`attention_reference`'s
     rows for ``grad``, as its batched products' backward computes them (``G = grad * scale``,
     ``M = K^T V``; ``G M^T``, ``gM = Q^T G``, ``V gM^T``, ``K gM``, each in the inputs' dtype)."""
-    r, n, c = q.shape
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(r, n, heads, c // heads).transpose(1, 2)
-
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).reshape(r, n, c)
-
-    qh, kh, vh, g = split(q), split(k), split(v), split(grad * scale)
+    qh, kh, vh, g = (_split(x, heads) for x in (q, k, v, grad * scale))
     m, gm = kh.transpose(-2, -1) @ vh, qh.transpose(-2, -1) @ g
-    return rows(g @ m.transpose(-2, -1)), rows(vh @ gm.transpose(-2, -1)), rows(kh @ gm)
+    return _join(g @ m.transpose(-2, -1)), _join(vh @ gm.transpose(-2, -1)), _join(kh @ gm)
 
 
 def _takes(q: torch.Tensor, heads: int):

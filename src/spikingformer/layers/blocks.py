@@ -225,10 +225,12 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if (q.device.type != "cpu" or q.dim() < 3
             or any(x.shape != q.shape or not x.transpose(-3, -2).is_contiguous() for x in heads)):
         return None
-    autocast = torch.is_autocast_enabled("cpu") and q.dtype != torch.float64  # autocast leaves float64 alone
+    # autocast casts floats but float64 (and leaves the rest); mixed dtypes: the product's error, not ours to hide
+    autocast = torch.is_autocast_enabled("cpu") and all(x.is_floating_point() and x.dtype != torch.float64
+                                                         for x in heads)
     dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
     *lead, h, n, d = q.shape
-    mixed = not autocast and any(x.dtype != dtype for x in heads)  # the product's error, not ours to hide
+    mixed = not autocast and any(x.dtype != dtype for x in heads)
     if dtype not in attention.DTYPES or d not in attention.HEAD_DIMS or mixed:
         return None
     rows = [x.transpose(-3, -2).reshape(-1, n, h * d).to(dtype) for x in heads]
