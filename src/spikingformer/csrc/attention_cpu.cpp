@@ -10,9 +10,10 @@
 // batched products' backward the same way (four products of d x d matrices with token rows, each
 // rounded to the dtype). Appended after spike_conv_cpu.cpp (one library source, lif_cpu.cpp's helpers).
 //
-// GCC's vector extensions (clang has them too): one register of floats per VecF, 16 lanes with
-// AVX-512, 8 with AVX2, 4 elsewhere; the accumulators of a block are kAccRegs registers, half the
-// ISA's, so that nothing spills (an AVX2 build with AVX-512's blocks spilled and ran 10x slower).
+// GCC's vector extensions (clang has them too): one register of floats per Vec, kLanes wide (16
+// with AVX-512, 8 with AVX2, 4 elsewhere: spike_linear_cpu.cpp's, earlier in the library source);
+// the accumulators of a block are kAccRegs registers, half the ISA's, so that nothing spills (an
+// AVX2 build with AVX-512's blocks spilled and ran 10x slower).
 // Multiply-adds contract to FMA here only (the library is built with -ffp-contract=off): each
 // product of spikes is exact, so the rounding is the same.
 #if defined(__clang__)
@@ -24,16 +25,10 @@
 #endif
 
 namespace {
-namespace attention {  // its names apart from the other parts' (kLanes, ...)
+namespace attention {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kAccRegs = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kAccRegs = 8;
-#else
-constexpr int kLanes = 4, kAccRegs = 8;
-#endif
-typedef float VecF __attribute__((vector_size(4 * kLanes)));
+constexpr int kAccRegs = kLanes == 16 ? 16 : 8;  // AVX-512 has 32 vector registers, AVX2 and SSE 16
+using VecF = Vec;
 typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t VecH __attribute__((vector_size(2 * kLanes)));
 
@@ -203,7 +198,7 @@ template <int D, int M> struct HeadProducts {
   }
 };
 
-// HeadProducts<D, d / 16>::f(args...) for head dimension d; false (nothing called) for any other d
+// f(HeadProducts<D, d / 16>{}) for head dimension d; false (nothing called) for any other d
 template <int D, typename F> bool with_head_dim(int64_t d, F&& f) {
   switch (d) {
     case 16: f(HeadProducts<D, 1>{}); return true;
@@ -214,8 +209,8 @@ template <int D, typename F> bool with_head_dim(int64_t d, F&& f) {
   return false;
 }
 
-// f(HeadProducts<D, d / 16>{}, the pointers as D's storage type) for a dtype code and head dimension the
-// kernels take; -2 (nothing called) for others, else 0
+// f(HeadProducts<D, d / 16>{}) for a dtype code (D) and head dimension d the kernels take: 0; -2
+// (nothing called) for others
 template <typename F> int with_kernel(int dtype, int64_t C, int64_t d, F&& f) {
   if (d <= 0 || C % d) return -2;
   bool done = false;
