@@ -473,21 +473,25 @@ def test_info_says_whether_the_fused_kernels_compute_batch_norm(monkeypatch, rou
     assert info._batch_norm_line(ready).startswith(expected)
 
 
-@pytest.mark.parametrize("mkl,generic,expected", [(False, False, "not in this PyTorch build"),
-                                                    (True, True, "generic code on this CPU"),
-                                                    (True, False, "its own code for this CPU")])
-def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, expected):
+@pytest.mark.parametrize("mkl,generic,isa,expected,route", [
+    (False, False, "avx512", "not in this PyTorch build", False),
+    (True, True, "avx512", "generic code on this CPU, so", True),
+    (True, True, "avx2", "generic code on this CPU, but", False),  # measured no faster on an AVX2-only Zen 3
+    (True, False, "avx512", "its own code for this CPU", False)])
+def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, isa, expected, route):
     """The MKL line of ``info``: a PyTorch without MKL (Arm's builds) is said to have none, not MKL's
-    "own code"; with MKL, generic code (non-Intel x86) or its own."""
+    "own code"; with MKL, generic code (non-Intel x86: token_linear on with AVX-512 only) or its own."""
     import torch
 
     from spikingformer import cpu_features, info
+    from spikingformer.layers import routes
 
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
     monkeypatch.setattr(cpu_features, "mkl_generic", lambda: generic)
+    monkeypatch.setattr(routes, "cpu_isa", lambda: isa)
     line = info._mkl_line()
     assert line.startswith(expected)
-    assert ("is a default route" in line) == generic
+    assert ("is a default route" in line) == route
 
 
 @pytest.mark.slow

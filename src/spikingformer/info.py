@@ -40,12 +40,17 @@ def _mkl_line() -> str:
     import torch
 
     from spikingformer.cpu_features import mkl_generic
+    from spikingformer.layers import routes
 
     if not torch.backends.mkl.is_available():
         return "not in this PyTorch build (e.g. on Arm), so token_linear (oneDNN's products) is not a default route"
-    if mkl_generic():
+    if not mkl_generic():
+        return "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
+    isa = routes.cpu_isa()
+    if "token_linear" in routes.ON_WHERE_MKL_IS_GENERIC.get(isa, ()):
         return "generic code on this CPU, so token_linear (oneDNN's products) is a default route"
-    return "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
+    return (f"generic code on this CPU, but token_linear (oneDNN's products) is not a default route with {isa}: "
+            "it measured no faster than MKL there")
 
 
 def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = True,

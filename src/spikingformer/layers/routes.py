@@ -79,8 +79,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   sums rounded once, as PyTorch's); gradients the same arithmetic in another summation order.
 
 Which are on by default depends on the CPU's vector ISA (:func:`default_routes`): a speed route
-is on only where it measured faster (``token_linear`` by the CPU's vendor: where MKL runs its
-generic code, :func:`~spikingformer.cpu_features.mkl_generic`); ``recompute``, ``fused_bn_spike``
+is on only where it measured faster (``token_linear`` by the CPU's vendor and ISA: with AVX-512
+where MKL runs its generic code, :func:`~spikingformer.cpu_features.mkl_generic`); ``recompute``, ``fused_bn_spike``
 and ``batch_pieces`` (memory) and ``stem_once`` (less work) are on everywhere. The choice is fixed
 per ISA and vendor, so seeded runs on one machine stay reproducible.
 
@@ -116,8 +116,10 @@ _FASTER_ON_X86 = frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "
                             "attention_order", "fused_attention"})
 MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86}
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
-# zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear.
-SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.45}
+# zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear. AVX2's is
+# the AVX2-only AMD EPYC Zen 3's (geometric mean 0.95 at 0.40, 1.03 at 0.45), lower than what AVX-512
+# CPUs capped at AVX2 allowed (0.50).
+SPIKE_LINEAR_MAX_DENSITY = {"avx512": 0.30, "avx2": 0.40}
 # Per ISA, the same under CPU bf16 autocast, against autocast's bf16 dense product where that runs
 # on vector units (AVX512-BF16; measured on an AMD EPYC Zen 4: docs/performance-log.md, "Spike
 # linear in bf16"). None where bf16 products run on matrix tiles (AMX: cpu_features.bf16_matrix_tiles),
@@ -147,8 +149,10 @@ SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10,
 # gradient there with AVX-512 (AMD EPYC, Zen 5) and 1.09-1.21x capped at AVX2 (docs/performance-log.md,
 # "Products through oneDNN"); on Intel CPUs MKL measured as fast or faster (an Intel Xeon with AMX:
 # MKL's time / oneDNN's 0.83-1.16 on their forward and input gradient, whole models 1.00-1.03x as
-# long with the route on, on AVX-512 and capped at AVX2).
-ON_WHERE_MKL_IS_GENERIC = frozenset({"token_linear"})
+# long with the route on, on AVX-512 and capped at AVX2). Per ISA: on an AVX2-only AMD EPYC (Zen 3)
+# MKL's generic code was as fast or faster (oneDNN's time 0.90-1.28x MKL's on the forward and input
+# gradient, whole models 1.03-1.09x as long in training with the route), so AVX-512 only.
+ON_WHERE_MKL_IS_GENERIC = {"avx512": frozenset({"token_linear"})}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
@@ -157,10 +161,10 @@ ALWAYS_ON = frozenset({"recompute", "fused_bn_spike", "batch_pieces", "stem_once
 
 def default_routes() -> frozenset[str]:
     """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
-    CPU's ISA (:func:`cpu_isa`), :data:`ON_WHERE_MKL_IS_GENERIC` where MKL runs its generic code,
-    and :data:`ALWAYS_ON`."""
+    CPU's ISA (:func:`cpu_isa`), the ISA's :data:`ON_WHERE_MKL_IS_GENERIC` where MKL runs its generic
+    code, and :data:`ALWAYS_ON`."""
     on = MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
-    return on | ON_WHERE_MKL_IS_GENERIC if mkl_generic() else on
+    return on | ON_WHERE_MKL_IS_GENERIC.get(cpu_isa(), frozenset()) if mkl_generic() else on
 
 
 def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
