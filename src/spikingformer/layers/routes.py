@@ -163,8 +163,9 @@ def default_routes() -> frozenset[str]:
     """The routes on when ``SPIKINGFORMER_ROUTES`` says nothing: those measured faster on this
     CPU's ISA (:func:`cpu_isa`), the ISA's :data:`ON_WHERE_MKL_IS_GENERIC` where MKL runs its generic
     code, and :data:`ALWAYS_ON`."""
-    on = MEASURED_FASTER.get(cpu_isa(), frozenset()) | ALWAYS_ON
-    return on | ON_WHERE_MKL_IS_GENERIC.get(cpu_isa(), frozenset()) if mkl_generic() else on
+    isa = cpu_isa()
+    on = MEASURED_FASTER.get(isa, frozenset()) | ALWAYS_ON
+    return on | ON_WHERE_MKL_IS_GENERIC.get(isa, frozenset()) if mkl_generic() else on
 
 
 def parse(spec: str, start: Iterable[str]) -> frozenset[str]:
