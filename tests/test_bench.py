@@ -18,6 +18,7 @@ import bench_model
 import bench_scaling
 import memory_floor
 import study_limits
+import study_winograd
 from conftest import BENCHMARKS
 from spikingformer import allocator
 
@@ -675,6 +676,36 @@ def test_bench_products_runs_as_a_script():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 18 and {r[4].strip() for r in rows} == {"forward", "input gradient", "weight gradient"}
     assert all(float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows), proc.stdout
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 7, 5), (3, 16, 4, 6)])
+def test_winograd_f2_equals_the_convolution(shape, channels_last):
+    """The study's F(2x2, 3x3) is the 3x3 convolution with padding 1: in float64 to rounding, for even
+    and odd map sizes, in either layout (and its output keeps the input's layout)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn((4, shape[1], 3, 3), generator=g, dtype=torch.float64)
+    y = study_winograd.winograd_f2(x, w)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_study_winograd_runs_as_a_script():
+    """``python benchmarks/study_winograd.py --quick``: a row per case with the three times, both
+    ratios and both rounding errors (Winograd's at float32's rounding)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "study_winograd.py"), "--quick", "--reps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| quick |")]
+    assert len(rows) == 2 and {r[4].strip() for r in rows} == {"NCHW", "channels last"}, proc.stdout
+    assert all(float(r[k]) > 0 for r in rows for k in (6, 7, 8, 9, 10)), proc.stdout
+    assert all(float(r[12]) < 1e-5 for r in rows), proc.stdout
 
 
 def torch_has_onednn() -> bool:
