@@ -19,11 +19,13 @@ installed as the models run with it, this times alternately on the same tensors:
   into a (16, tiles, C) array), 16 products of (tiles x C) by (C x K) in one ``bmm``, the output
   transform (additions into the output in the input's layout); the weights' transform is left out
   (it changes only with the weights: once per inference model, once per training step);
+* ``fused``: the same with each transform one C++ pass over the maps (:data:`TRANSFORMS_CPP`,
+  built like the package's kernels; the same additions in the same order, so the same bits);
 * ``products``: the 16 products alone, the ceiling of a Winograd convolution whose transforms were
-  free (a fused kernel's aim).
+  free.
 
-and prints each one's median, the ratio direct / Winograd and direct / products (above 1: faster than
-the direct convolution), and Winograd's rounding error against the float64 convolution beside the
+and prints each one's median, the ratio of the direct convolution's to each other's (above 1: faster
+than the direct convolution), and Winograd's rounding error against the float64 convolution beside the
 direct one's (largest difference over the largest output).
 
 Usage::
@@ -35,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -108,6 +111,121 @@ def winograd_f2(x, w, u=None):
     return output_transform(m, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]), channels_last)
 
 
+# The two transforms as one pass each over channels-last maps (OpenMP over tiles, the channels in
+# vector lanes), in the additions' order of input_transform / output_transform, so the same bits.
+TRANSFORMS_CPP = r"""
+#include <algorithm>
+#include <cstdint>
+namespace { constexpr int64_t kChunk = 64; }
+extern "C" {
+// x (N, H, W, C) -> v (16, tiles, C): V = B^T d B of each 4x4 tile d (stride 2, padding 1)
+int wino_input(const float* x, float* v, int64_t n, int64_t h, int64_t w, int64_t c) {
+  const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, tiles = n * th * tw;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < tiles; ++p) {
+    const int64_t b = p / (th * tw), ty = p / tw % th, tx = p % tw;
+    const float* at[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t y = 2 * ty - 1 + i, xx = 2 * tx - 1 + j;
+        at[i][j] = y >= 0 && y < h && xx >= 0 && xx < w ? x + ((b * h + y) * w + xx) * c : nullptr;
+      }
+    for (int64_t c0 = 0; c0 < c; c0 += kChunk) {
+      const int64_t cn = std::min(kChunk, c - c0);
+      float d[4][4][kChunk], t[4][4][kChunk];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          for (int64_t e = 0; e < cn; ++e) d[i][j][e] = at[i][j] ? at[i][j][c0 + e] : 0.0f;
+      for (int j = 0; j < 4; ++j)
+        for (int64_t e = 0; e < cn; ++e) {
+          t[0][j][e] = d[0][j][e] - d[2][j][e];
+          t[1][j][e] = d[1][j][e] + d[2][j][e];
+          t[2][j][e] = d[2][j][e] - d[1][j][e];
+          t[3][j][e] = d[1][j][e] - d[3][j][e];
+        }
+      for (int i = 0; i < 4; ++i) {
+        float* out[4];
+        for (int j = 0; j < 4; ++j) out[j] = v + ((int64_t)(4 * i + j) * tiles + p) * c + c0;
+        for (int64_t e = 0; e < cn; ++e) {
+          out[0][e] = t[i][0][e] - t[i][2][e];
+          out[1][e] = t[i][1][e] + t[i][2][e];
+          out[2][e] = t[i][2][e] - t[i][1][e];
+          out[3][e] = t[i][1][e] - t[i][3][e];
+        }
+      }
+    }
+  }
+  return 0;
+}
+// m (16, tiles, K) -> y (N, H, W, K): Y = A^T M A of each tile's 4x4 sums
+int wino_output(const float* m, float* y, int64_t n, int64_t h, int64_t w, int64_t k) {
+  const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, tiles = n * th * tw;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < tiles; ++p) {
+    const int64_t b = p / (th * tw), ty = p / tw % th, tx = p % tw;
+    for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, k - k0);
+      const float* in[16];
+      for (int q = 0; q < 16; ++q) in[q] = m + ((int64_t)q * tiles + p) * k + k0;
+      float s[2][4][kChunk];
+      for (int j = 0; j < 4; ++j)
+        for (int64_t e = 0; e < kn; ++e) {
+          s[0][j][e] = in[j][e] + in[4 + j][e] + in[8 + j][e];
+          s[1][j][e] = in[4 + j][e] - in[8 + j][e] - in[12 + j][e];
+        }
+      for (int a = 0; a < 2; ++a) {
+        const int64_t yy = 2 * ty + a;
+        if (yy >= h) continue;
+        float* row = y + ((b * h + yy) * w + 2 * tx) * k + k0;
+        for (int64_t e = 0; e < kn; ++e) row[e] = s[a][0][e] + s[a][1][e] + s[a][2][e];
+        if (2 * tx + 1 < w)
+          for (int64_t e = 0; e < kn; ++e) row[k + e] = s[a][1][e] - s[a][2][e] - s[a][3][e];
+      }
+    }
+  }
+  return 0;
+}
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def transforms_library():
+    """The C++ transforms (:data:`TRANSFORMS_CPP`), built and cached like the package's kernels."""
+    import ctypes
+
+    from spikingformer.kernels.cpu_backend import _cpu_signature
+    from spikingformer.native import NativeLibrary
+
+    def declare(lib):
+        for fn in (lib.wino_input, lib.wino_output):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+            fn.restype = ctypes.c_int
+
+    lib = NativeLibrary("study_winograd_transforms", lambda: TRANSFORMS_CPP,
+                        ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"],
+                        key=_cpu_signature, declare=declare, openmp=True).get()
+    if lib is None:
+        raise RuntimeError("the C++ transforms could not be built (a C++ compiler is needed)")
+    return lib
+
+
+def winograd_f2_fused(x, u, k: int):
+    """:func:`winograd_f2` for a float32 channels-last x with the transforms in C++ (one pass each)."""
+    import torch
+
+    n, c, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    xl = x.permute(0, 2, 3, 1).contiguous()  # a view's copy-free contiguous() where x is channels last
+    v = torch.empty((16, n * th * tw, c))
+    lib = transforms_library()
+    lib.wino_input(xl.data_ptr(), v.data_ptr(), n, h, w, c)
+    m = torch.bmm(v, u)
+    y = torch.empty((n, h, w, k))
+    lib.wino_output(m.data_ptr(), y.data_ptr(), n, h, w, k)
+    return y.permute(0, 3, 1, 2)  # (N, K, H, W), channels last
+
+
 def tokenizer_convolutions(key: str) -> list[tuple]:
     """The 3x3 stride-1 convolutions an inference batch of ``bench_model.py``'s model ``key`` runs:
     one (input, weight) per distinct shape, the input in the layout the model gives it."""
@@ -159,6 +277,7 @@ def measure(x, w, reps: int) -> dict:
     calls = {
         "direct": lambda: F.conv2d(x, w, padding=1),
         "Winograd": lambda: winograd_f2(x, w, u),
+        "fused": lambda: winograd_f2_fused(x, u, w.shape[0]),
         "products": lambda: torch.bmm(v, u, out=m),
     }
     times = {k: [] for k in calls}
@@ -197,18 +316,19 @@ def main(argv: list[str] | None = None) -> None:
                  for xs, ws, cl in QUICK]
     else:
         cases = [(key, x, w) for key in args.models for x, w in tokenizer_convolutions(key)]
-    print("| model | input (N, C, H, W) | K | layout | GFLOP (direct) | direct ms | Winograd ms | products ms "
-          "| direct / Winograd | direct / products | error: direct | error: Winograd |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | input (N, C, H, W) | K | layout | GFLOP (direct) | direct ms | Winograd ms | fused ms | products ms "
+          "| direct / Winograd | direct / fused | direct / products | error: direct | error: Winograd |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, x, w in cases:
         n, c, h, wd = x.shape
         gflop = 2 * n * h * wd * c * w.shape[0] * 9 / 1e9
         t = measure(x, w, args.reps)
         e_direct, e_wino = relative_errors(x, w)
         layout = "channels last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "NCHW"
-        print(f"| {key} | {n}, {c}, {h}, {wd} | {w.shape[0]} | {layout} | {gflop:.2f} | {1e3 * t['direct']:.2f} "
-              f"| {1e3 * t['Winograd']:.2f} | {1e3 * t['products']:.2f} | {t['direct'] / t['Winograd']:.2f} "
-              f"| {t['direct'] / t['products']:.2f} | {e_direct:.1e} | {e_wino:.1e} |")
+        ms = " | ".join(f"{1e3 * t[k]:.2f}" for k in ("direct", "Winograd", "fused", "products"))
+        ratios = " | ".join(f"{t['direct'] / t[k]:.2f}" for k in ("Winograd", "fused", "products"))
+        print(f"| {key} | {n}, {c}, {h}, {wd} | {w.shape[0]} | {layout} | {gflop:.2f} | {ms} | {ratios} "
+              f"| {e_direct:.1e} | {e_wino:.1e} |")
 
 
 if __name__ == "__main__":
