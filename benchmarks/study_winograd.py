@@ -48,21 +48,13 @@ MODELS = {"cifar": ("spikingformer_cifar10_4_384", 16), "event": ("spikingformer
 QUICK = [((2, 8, 8, 8), (16, 8, 3, 3), False), ((1, 3, 7, 5), (4, 3, 3, 3), True)]  # (input, weight, channels last)
 
 
-def _transform_matrices(dtype):
-    """F(2x2, 3x3)'s B^T (input), G (weights), A^T (output), as Lavin and Gray give them."""
-    import torch
-
-    bt = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=dtype)
-    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=dtype)
-    at = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=dtype)
-    return bt, g, at
-
-
 def weight_transform(w):
-    """U = G w G^T for each (output, input) channel pair: (16, C, K), the products' right operands."""
+    """U = G w G^T for each (output, input) channel pair, G as Lavin and Gray give it: (16, C, K), the
+    products' right operands. (B^T and A^T, whose entries are 0 and +-1, are the additions of
+    :func:`input_transform` and :func:`output_transform`.)"""
     import torch
 
-    _, g, _ = _transform_matrices(w.dtype)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=w.dtype)
     return torch.einsum("ij,kcjl,ml->imck", g, w, g).reshape(16, w.shape[1], w.shape[0]).contiguous()
 
 
@@ -100,6 +92,13 @@ def output_transform(m, shape, channels_last: bool):
     return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _channels_last(x) -> bool:
+    """x is laid out channels last (and not also contiguous, as maps of one pixel are)."""
+    import torch
+
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def winograd_f2(x, w, u=None):
     """The 3x3 convolution of x (N, C, H, W) with w (K, C, 3, 3), stride 1, padding 1, by F(2x2, 3x3);
     ``u``: the weights' transform (:func:`weight_transform`), computed here when not given."""
@@ -107,8 +106,7 @@ def winograd_f2(x, w, u=None):
 
     u = weight_transform(w) if u is None else u
     m = torch.bmm(input_transform(x), u)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return output_transform(m, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]), channels_last)
+    return output_transform(m, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]), _channels_last(x))
 
 
 # The two transforms as one pass each over channels-last maps (OpenMP over tiles, the channels in
@@ -191,10 +189,11 @@ int wino_output(const float* m, float* y, int64_t n, int64_t h, int64_t w, int64
 
 @functools.lru_cache(maxsize=None)
 def transforms_library():
-    """The C++ transforms (:data:`TRANSFORMS_CPP`), built and cached like the package's kernels."""
+    """The C++ transforms (:data:`TRANSFORMS_CPP`), built and cached as the package's kernels are, with
+    their flags."""
     import ctypes
 
-    from spikingformer.kernels.cpu_backend import _cpu_signature
+    from spikingformer.kernels.cpu_backend import CXX_FLAGS, _cpu_signature
     from spikingformer.native import NativeLibrary
 
     def declare(lib):
@@ -202,9 +201,8 @@ def transforms_library():
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
             fn.restype = ctypes.c_int
 
-    lib = NativeLibrary("study_winograd_transforms", lambda: TRANSFORMS_CPP,
-                        ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"],
-                        key=_cpu_signature, declare=declare, openmp=True).get()
+    lib = NativeLibrary("study_winograd_transforms", lambda: TRANSFORMS_CPP, CXX_FLAGS, key=_cpu_signature,
+                        declare=declare, openmp=True).get()
     if lib is None:
         raise RuntimeError("the C++ transforms could not be built (a C++ compiler is needed)")
     return lib
@@ -324,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         gflop = 2 * n * h * wd * c * w.shape[0] * 9 / 1e9
         t = measure(x, w, args.reps)
         e_direct, e_wino = relative_errors(x, w)
-        layout = "channels last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "NCHW"
+        layout = "channels last" if _channels_last(x) else "NCHW"
         ms = " | ".join(f"{1e3 * t[k]:.2f}" for k in ("direct", "Winograd", "fused", "products"))
         ratios = " | ".join(f"{t['direct'] / t[k]:.2f}" for k in ("Winograd", "fused", "products"))
         print(f"| {key} | {n}, {c}, {h}, {wd} | {w.shape[0]} | {layout} | {gflop:.2f} | {ms} | {ratios} "

@@ -697,7 +697,7 @@ def test_winograd_f2_equals_the_convolution(shape, channels_last):
 
 
 def test_study_winograd_runs_as_a_script():
-    """``python benchmarks/study_winograd.py --quick``: a row per case with the three times, both
+    """``python benchmarks/study_winograd.py --quick``: a row per case with the four times, the three
     ratios and both rounding errors (Winograd's at float32's rounding)."""
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "study_winograd.py"), "--quick", "--reps", "1",
                            "--threads", "1"], capture_output=True, text=True, timeout=300)
