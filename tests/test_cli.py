@@ -384,7 +384,8 @@ def test_info_says_what_the_environment_chose(tmp_path):
     ``--amp auto`` stays float32), no int8 tiles, exactly the routes the setting leaves on, and a
     kernel library not built yet (``info`` alone does not build it)."""
     every = {"stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
-             "token_linear", "spike_linear", "spike_conv", "attention_order", "fused_attention", "batch_pieces"}
+             "token_linear", "spike_linear", "spike_conv", "attention_order", "fused_attention", "batch_pieces",
+             "winograd"}
     lines = _info(tmp_path, SPIKINGFORMER_ROUTES="none,+spike_linear,+attention_order", ONEDNN_MAX_CPU_ISA="AVX2",
                   ATEN_CPU_CAPABILITY="avx2")
     assert lines["vector ISA"].startswith("avx2 (") and "ONEDNN_MAX_CPU_ISA=AVX2" in lines["vector ISA"]

@@ -43,16 +43,15 @@ from spikingformer.kernels.torch_backend import lif_backward, lif_forward, lif_t
 from spikingformer.native import NativeLibrary
 
 SOURCE_FILE = "csrc/lif_cpu.cpp"
-# The library is one source: the LIF kernel, the max-pool's windows, BN's backward sums, then the
-# tokenizer's fused SN -> max-pool, which uses the LIF kernel's step and surrogate, the windows and
-# the sums, then the token linears' spike accumulation, the spike convolution's helpers and the
-# spike attention's products. It is compiled as PARTS translation units at once (SF_IN_PART in
-# csrc/lif_cpu.cpp): 0 the LIF kernel, BN's sums, the spike linears, convolutions and attention, 1
-# the fused SN -> max-pool's forward, 2 and 3 its backward after a max-pool and without one (the
-# largest parts: about 11 s and 7 s of the compiler's 31 s on a 2-core Xeon).
+# The library is one source: the LIF kernel, the max-pool's windows, BN's backward sums, the tokenizer's
+# fused SN -> max-pool (using the LIF step and surrogate, the windows and the sums), the spike linears,
+# the spike convolution's helpers, spike attention and Winograd's transforms, compiled as PARTS
+# translation units at once (SF_IN_PART in csrc/lif_cpu.cpp): 0 the LIF kernel, BN's sums, the spike
+# linears, convolutions and attention, 1 the fused SN -> max-pool's forward and Winograd's transforms,
+# 2 and 3 its backward after a max-pool and without one (about 11 s and 7 s of 31 s on a 2-core Xeon).
 SOURCE_FILES = (SOURCE_FILE, "csrc/pool_windows_cpu.cpp", "csrc/bn_cpu.cpp", "csrc/lif_lanes_cpu.cpp",
                 "csrc/lif_pool_cpu.cpp", "csrc/lif_pool_api_cpu.cpp", "csrc/spike_linear_cpu.cpp",
-                "csrc/spike_conv_cpu.cpp", "csrc/attention_cpu.cpp")
+                "csrc/spike_conv_cpu.cpp", "csrc/attention_cpu.cpp", "csrc/winograd_cpu.cpp")
 PARTS = 4
 
 # -O3 vectorises the element loops; no -ffast-math (it would change the forward's rounding and
@@ -123,6 +122,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_attention.restype = ci
     lib.sf_spike_attention_backward.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, ci, f32, ci]
     lib.sf_spike_attention_backward.restype = ci
+    lib.sf_winograd_input.argtypes = [vp, vp, i64, i64, i64, i64, ci]
+    lib.sf_winograd_input.restype = ci
+    lib.sf_winograd_output.argtypes = [vp, vp, vp, i64, i64, i64, i64, ci]
+    lib.sf_winograd_output.restype = ci
 
 
 def native_library(march: str = "native") -> NativeLibrary:

@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from spikingformer.cpu_features import native_int8
 from spikingformer.kernels import spike_conv as kernels
+from spikingformer.kernels import winograd as winograd_kernels
 from spikingformer.kernels.finite import all_finite
 from spikingformer.kernels.ops import eager_or_op
 from spikingformer.kernels.spike_linear import pack_spikes, packed_width, unpack_spikes
@@ -105,8 +106,11 @@ def _rate(x: torch.Tensor, rate: float) -> float:
     return sampled_rate(x) if rate < 0 else rate
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """PyTorch's convolution, its output channels-last (as the other ways write it)."""
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], winograd: bool) -> torch.Tensor:
+    """PyTorch's convolution, its output channels-last (as the other ways write it); by F(2x2, 3x3)
+    where ``winograd`` (the route's choice: float32 maps) and the weight is finite."""
+    if winograd and _finite(weight):
+        return winograd_kernels.conv2d(x, weight, bias)
     y = torch.nn.functional.conv2d(x, weight, bias, padding=1)
     return y.contiguous(memory_format=torch.channels_last)
 
@@ -118,24 +122,25 @@ def _output_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("spikingformer::spike_conv", mutates_args=(), device_types="cpu")
 def spike_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
-               rate: float = -1.0) -> torch.Tensor:
+               rate: float = -1.0, winograd: bool = False) -> torch.Tensor:
     """Inference: ``conv2d(x, weight, bias, padding=1)`` of spike maps ``x`` ``(N, C_in, H, W)`` (``x``,
     ``weight`` and ``bias`` float32, or all bf16), channels-last; ``rate``: the maps'
-    :func:`sampled_rate` where the caller has counted it (negative: count it here)."""
+    :func:`sampled_rate` where the caller has counted it (negative: count it here); ``winograd``:
+    PyTorch's convolution, where it runs, by F(2x2, 3x3) (the route ``winograd``'s choice)."""
     if _rate(x, rate) <= max_density and _finite(weight):
         y = kernels.accumulate_conv2d(x, weight, bias, max_density)
         if y is not None:
             return y
-    return _dense(x, weight, bias)
+    return _dense(x, weight, bias, winograd)
 
 
-def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], winograd: bool) -> torch.Tensor:
     """The maps the accumulation does not take: float32 maps on a CPU with 8-bit matrix tiles (AMX)
     by the int8 pieces (made once for each value of the weight), else, and for a weight that is not
-    finite, PyTorch's convolution."""
+    finite, PyTorch's convolution (by F(2x2, 3x3) where ``winograd``: :func:`_conv`)."""
     held = _weight(weight) if native_int8() and weight.dtype == torch.float32 else None
     if held is None or not held.finite:
-        return _conv(x, weight, bias)
+        return _conv(x, weight, bias, winograd)
     if held.pieces is None:
         held.pieces = kernels.PackedPieces(weight)
     return kernels.spike_conv2d(x, held.pieces, bias)
@@ -143,18 +148,18 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 @torch.library.custom_op("spikingformer::spike_conv_train", mutates_args=(), device_types="cpu")
 def spike_conv_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], limit: float,
-                     grad_limit: float, rate: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     grad_limit: float, rate: float = -1.0, winograd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Training: ``(conv2d(x, weight, bias, padding=1), packed)`` for spike maps ``x`` ``(N, C_in, H, W)``
     (dtypes as for ``spike_conv``), the output channels-last, ``packed`` the spikes as bits
     (``(N H W, packed_width(C_in))``, what autograd keeps); ``rate`` as for ``spike_conv``;
-    ``grad_limit`` is the backward's."""
+    ``grad_limit`` is the backward's; ``winograd`` as for ``spike_conv``."""
     n, c, h, w = x.shape
     y = None
     if _rate(x, rate) <= limit and _finite(weight):
         packed = torch.empty(n * h * w, packed_width(c), dtype=torch.int64)
         y = kernels.accumulate_conv2d(x, weight, bias, limit, packed)
     if y is None:  # (the accumulation, where it declined, may not have written the bits)
-        y = _dense(x, weight, bias)
+        y = _dense(x, weight, bias, winograd)
         packed = pack_spikes(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
     return y, packed
 
@@ -170,14 +175,18 @@ def _layout(channels_last: bool) -> torch.memory_format:
 
 @torch.library.custom_op("spikingformer::spike_conv_train_backward", mutates_args=(), device_types="cpu")
 def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, shape: list[int],
-                              channels_last: bool, grad_limit: float, needs: list[bool],
+                              channels_last: bool, grad_limit: float, needs: list[bool], winograd: bool = False,
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(x, weight, bias)`` of ``spike_conv_train`` for the output gradient ``grad``, each
     empty unless ``needs`` asks for it; the input's gradient in its layout (``channels_last``), the
-    others contiguous. A bf16 weight gradient is summed in float32 and rounded once."""
+    others contiguous. A bf16 weight gradient is summed in float32 and rounded once. ``winograd``: the
+    input gradient by F(2x2, 3x3) (the convolution of ``grad`` with the flipped weight) where the
+    weight is finite."""
     layout = _layout(channels_last)
     gx, gw, gb = (grad.new_empty(0) for _ in range(3))  # distinct: an operator's outputs may not alias
-    if needs[0]:  # the input's values are not read: an empty one of its layout
+    if needs[0] and winograd and _finite(weight):
+        gx = winograd_kernels.input_grad(grad, weight).contiguous(memory_format=layout)
+    elif needs[0]:  # the input's values are not read: an empty one of its layout
         x = torch.empty(shape, dtype=weight.dtype, memory_format=layout)
         gx = _convolution_backward(grad, x, weight, (True, False, False))[0].contiguous(memory_format=layout)
     if needs[1]:
@@ -193,18 +202,18 @@ def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: 
 
 
 @spike_conv.register_fake
-def _spike_conv_fake(x, weight, bias, max_density, rate=-1.0):
+def _spike_conv_fake(x, weight, bias, max_density, rate=-1.0, winograd=False):
     return _output_like(x, weight)
 
 
 @spike_conv_train.register_fake
-def _spike_conv_train_fake(x, weight, bias, limit, grad_limit, rate=-1.0):
+def _spike_conv_train_fake(x, weight, bias, limit, grad_limit, rate=-1.0, winograd=False):
     n, c, h, w = x.shape
     return _output_like(x, weight), x.new_empty(n * h * w, packed_width(c), dtype=torch.int64)
 
 
 @spike_conv_train_backward.register_fake
-def _spike_conv_train_backward_fake(packed, grad, weight, shape, channels_last, grad_limit, needs):
+def _spike_conv_train_backward_fake(packed, grad, weight, shape, channels_last, grad_limit, needs, winograd=False):
     return (torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=_layout(channels_last))
             if needs[0] else grad.new_empty(0),
             weight.new_empty(weight.shape) if needs[1] else grad.new_empty(0),
@@ -215,10 +224,10 @@ class _SpikeConvTrain(torch.autograd.Function):
     """:func:`convolve_train`: autograd keeps the spikes as bits."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, limit, grad_limit, rate):
-        y, packed = eager_or_op(spike_conv_train)(x, weight, bias, limit, grad_limit, rate)
+    def forward(ctx, x, weight, bias, limit, grad_limit, rate, winograd):
+        y, packed = eager_or_op(spike_conv_train)(x, weight, bias, limit, grad_limit, rate, winograd)
         ctx.save_for_backward(packed, weight)
-        ctx.shape, ctx.has_bias, ctx.grad_limit = list(x.shape), bias is not None, grad_limit
+        ctx.shape, ctx.has_bias, ctx.grad_limit, ctx.winograd = list(x.shape), bias is not None, grad_limit, winograd
         ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
         return y
 
@@ -229,18 +238,18 @@ class _SpikeConvTrain(torch.autograd.Function):
         packed, weight = ctx.saved_tensors
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grads = eager_or_op(spike_conv_train_backward)(packed, grad, weight, ctx.shape, ctx.channels_last,
-                                                       ctx.grad_limit, needs)
-        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+                                                       ctx.grad_limit, needs, ctx.winograd)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 def convolve_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], limit: float,
-                   grad_limit: float, rate: float = -1.0) -> torch.Tensor:
+                   grad_limit: float, rate: float = -1.0, winograd: bool = False) -> torch.Tensor:
     """``spike_conv_train``'s output, differentiable (once) in ``x``, ``weight`` and ``bias``; backward
     ``spike_conv_train_backward`` of the bits it kept."""
-    return _SpikeConvTrain.apply(x, weight, bias, limit, grad_limit, rate)
+    return _SpikeConvTrain.apply(x, weight, bias, limit, grad_limit, rate, winograd)
 
 
 def convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], max_density: float,
-             rate: float = -1.0) -> torch.Tensor:
+             rate: float = -1.0, winograd: bool = False) -> torch.Tensor:
     """``spike_conv`` (inference: no autograd)."""
-    return eager_or_op(spike_conv)(x, weight, bias, max_density, rate)
+    return eager_or_op(spike_conv)(x, weight, bias, max_density, rate, winograd)

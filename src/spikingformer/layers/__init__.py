@@ -5,7 +5,8 @@ the faster or leaner computations of the same blocks, the switch that selects th
 (``SPIKINGFORMER_ROUTES``) and their per-ISA limits; :mod:`~spikingformer.layers.bn_spike` the
 blocks' BN -> SN [-> max-pool] by those routes; :mod:`~spikingformer.layers.token_linear` the token linears, whose
 routes are ``token_linear`` and ``spike_linear``; :mod:`~spikingformer.layers.spike_conv` the tokenizer's
-convolutions of spikes (route ``spike_conv``).
+convolutions of spikes (route ``spike_conv``); :mod:`~spikingformer.layers.winograd` its dense 3x3
+convolutions by Winograd's F(2x2, 3x3) (route ``winograd``).
 """
 
 from spikingformer.layers import routes

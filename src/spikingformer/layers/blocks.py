@@ -29,7 +29,7 @@ from torch import nn
 
 import spikingformer.layers.routes as routes
 from spikingformer.kernels import attention
-from spikingformer.layers import batch_pieces, bn_spike, spike_conv
+from spikingformer.layers import batch_pieces, bn_spike, spike_conv, winograd
 from spikingformer.layers.token_linear import TokenLinear
 from spikingformer.neuron import MultiStepLIF
 
@@ -85,7 +85,7 @@ class ConvBN(nn.Module):
         ``spikes``: ``x`` is a spiking neuron's output, which the ``spike_conv`` route may take."""
         t, b = x.shape[:2]
         maps = conv_maps(x)
-        y = spike_conv.convolve(self.conv, maps) if spikes else self.conv(maps)
+        y = spike_conv.convolve(self.conv, maps) if spikes else winograd.convolve(self.conv, maps)
         return y.view(t, b, *y.shape[1:])
 
     def normalize(self, y: torch.Tensor) -> torch.Tensor:

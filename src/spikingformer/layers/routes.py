@@ -61,6 +61,15 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
   the float32 convolution. Under CPU bf16 autocast, where :data:`SPIKE_CONV_BF16` has limits, the
   sums of autocast's bf16 weights in float32, each rounded once to bf16 (the weight gradient's
   too). Each way rounds otherwise than the dense convolution, so values differ by rounding.
+* ``winograd``: the tokenizer's float32 3x3 convolutions that the spike routes leave dense (the maps
+  above ``spike_conv``'s firing-rate limits, the stage-0 convolution where it is wide enough, the
+  dense convolutions inside ``spike_conv``'s operators), with at least
+  :data:`WINOGRAD_MIN_CHANNELS` input and output channels (per ISA), outside autocast and
+  ``torch.compile``: by Winograd's F(2x2, 3x3) (:mod:`spikingformer.kernels.winograd`: 16 products
+  per tile of 2x2 outputs where the direct convolution takes 36, the transforms in C++), the
+  forward and, in training, the input gradient (the weight gradient stays PyTorch's). The
+  transforms add and subtract before and after the products: float32 rounding differs from the
+  direct convolution's (no larger against float64, measured).
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`~spikingformer.layers.batch_pieces.PIECE_BYTES` on the CPU, and joins the
@@ -100,7 +109,7 @@ from collections.abc import Iterable, Iterator
 from spikingformer.cpu_features import bf16_matrix_tiles, mkl_generic, native_bf16, vector_isa
 
 ROUTES = ("stem_once", "channels_last", "inplace_bn", "recompute", "fused_spike_pool", "fused_bn_spike",
-          "token_linear", "spike_linear", "spike_conv", "attention_order", "fused_attention", "batch_pieces")
+          "token_linear", "spike_linear", "spike_conv", "attention_order", "fused_attention", "batch_pieces", "winograd")
 ENV = "SPIKINGFORMER_ROUTES"
 ONEDNN_MIN_WEIGHTS = 1 << 16  # with token_linear on, smaller layers keep F.linear
 RECOMPUTE_MIN_ELEMENTS = 1 << 24  # maps of 64 MB (fp32) and up: event and ImageNet resolutions
@@ -114,7 +123,9 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 _FASTER_ON_X86 = frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
                             "attention_order", "fused_attention"})
-MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86}
+# winograd on AVX2 alone: an AVX2-only AMD EPYC (Zen 3) measured it 0.95 over its cases, the whole
+# event model 0.85 (inference) and 0.95 (training); AVX-512 CPUs have not measured it.
+MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86 | {"winograd"}}
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear. AVX2's is
 # the AVX2-only AMD EPYC Zen 3's (geometric mean 0.95 at 0.40, 1.03 at 0.45), lower than what AVX-512
@@ -141,6 +152,11 @@ SPIKE_LINEAR_MIN_WORK = {"avx512": {"train": 1 << 27, "infer": 1 << 23}, "avx2":
 SPIKE_CONV_MIN_CHANNELS = {"avx512": 64, "avx2": 64}
 SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad": 0.20},
                           "avx2": {"train": 0.30, "infer": 0.30, "weight_grad": 0.45}}
+# Per ISA, the least input and output channels for which winograd's F(2x2, 3x3) measured faster than
+# oneDNN's direct 3x3 convolution on the zoo's tokenizer shapes (benchmarks/study_winograd.py; an
+# AVX2-only AMD EPYC Zen 3: 1.06-1.71x from 64 input channels, the 32-48-channel layers slower or
+# level). An ISA not measured has none: the route does not run there.
+WINOGRAD_MIN_CHANNELS = {"avx2": 64}
 # Per ISA, the same under CPU bf16 autocast where bf16 runs on vector units, with its least input channels
 # (an AMD EPYC Zen 5: docs/performance-log.md, "Spike convolution in bf16"); elsewhere the dense convolution.
 SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10, "weight_grad": 0.10}}
@@ -201,6 +217,7 @@ _spike_conv_min_channels = SPIKE_CONV_MIN_CHANNELS.get(cpu_isa(), max(SPIKE_CONV
 _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for d in SPIKE_CONV_MAX_DENSITY.values())
                                                                    for p in ("train", "infer", "weight_grad")})
 _spike_conv_bf16 = bf16_limit(SPIKE_CONV_BF16)
+_winograd_min_channels = WINOGRAD_MIN_CHANNELS.get(cpu_isa())
 
 
 def spike_limit_bf16(in_features: int, out_features: int) -> float | None:

@@ -13,18 +13,7 @@ import torch
 from torch import nn
 
 from spikingformer.kernels import spike_conv_ops as ops
-from spikingformer.layers import routes
-
-
-def _plain_3x3(conv: nn.Module) -> bool:
-    """A plain ``nn.Conv2d`` as :class:`~spikingformer.layers.blocks.ConvBN` makes it (3x3, stride 1,
-    padding 1, no groups or dilation; a bias after ConvBN fusion), float32 on the CPU, with no hooks
-    of its own."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and (conv.bias is None or conv.bias.dtype == torch.float32)
-            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and conv.weight.device.type == "cpu" and not (conv._forward_hooks or conv._forward_pre_hooks))
+from spikingformer.layers import routes, winograd
 
 
 def _limits(x: torch.Tensor) -> dict | None:
@@ -42,13 +31,11 @@ def _limits(x: torch.Tensor) -> dict | None:
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``spike_conv`` computes ``conv(x)`` for spike maps ``x`` ``(N, C_in, H, W)``: the route
     on, limits for x's dtype and autocast (:func:`_limits`), a plain 3x3 convolution
-    (:func:`_plain_3x3`) of non-empty CPU maps with at least the limits' ``min_channels`` input
-    channels, and no global module hooks (which would miss the call). :func:`convolve` then picks
-    the operator."""
+    (:func:`~spikingformer.layers.winograd.plain_3x3`) of non-empty CPU maps with at least the
+    limits' ``min_channels`` input channels. :func:`convolve` then picks the operator."""
     limits = _limits(x) if routes.enabled("spike_conv") and x.device.type == "cpu" else None
     return (limits is not None and x.dim() == 4 and x.numel() > 0 and x.shape[1] >= limits["min_channels"]
-            and _plain_3x3(conv)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+            and winograd.plain_3x3(conv))
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,27 +43,30 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     limits of :func:`_limits` and the maps' sampled firing rate
     (:func:`~spikingformer.kernels.spike_conv_ops.sampled_rate`): in inference,
     :func:`~spikingformer.kernels.spike_conv_ops.convolve` (by accumulation up to its ``"infer"``
-    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles), else the module call; in
-    training, :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the sample fires
+    rate, else in integer arithmetic on a CPU with 8-bit matrix tiles), else the module call
+    (here and below: by F(2x2, 3x3) where the ``winograd`` route takes it,
+    :func:`~spikingformer.layers.winograd.convolve`); in training, :func:`~spikingformer.kernels.spike_conv_ops.convolve_train` where the sample fires
     at most at the ``"weight_grad"`` rate (the forward summed up to its ``"train"`` rate) and, on a
     CPU with 8-bit matrix tiles, at any rate (the forward in integer arithmetic above the
     ``"train"`` rate), else the module call. Under ``torch.compile``, which cannot read the rate
     ahead, training always takes the operator, which reads it inside (above the ``"weight_grad"``
     rate its backward unpacks the bits for PyTorch's weight gradient). Under CPU bf16 autocast the
-    operators take autocast's casts of the maps, weight and bias (bf16). Values differ from the
-    dense convolution's by rounding."""
+    operators take autocast's casts of the maps, weight and bias (bf16). Where ``winograd`` takes
+    the maps (:func:`~spikingformer.layers.winograd.takes`), the operators' dense convolutions run
+    by F(2x2, 3x3): their float32 forward, and in training the input gradient. Values differ from
+    the dense convolution's by rounding."""
     if not takes(conv, x):
-        return conv(x)
+        return winograd.convolve(conv, x)
     limits, autocast = _limits(x), torch.is_autocast_enabled("cpu")
     rate = -1.0 if torch.compiler.is_compiling() else ops.sampled_rate(x)  # -1: the operator counts it
     training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
-    # above the limit the module call, but for the int8 pieces (float32 on a CPU with AMX) in the operators
+    # above the limit the module call (or winograd's), but for the int8 pieces (float32 on a CPU with AMX) in the operators
     if rate > limits["weight_grad" if training else "infer"] and (autocast or not ops.native_int8()):
-        return conv(x)
-    weight, bias = conv.weight, conv.bias
+        return winograd.convolve(conv, x)
+    weight, bias, wino = conv.weight, conv.bias, winograd.takes(conv, x)
     if autocast:  # what autocast hands the convolution
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = bias.to(torch.bfloat16) if bias is not None else None
     if training:
-        return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate)
-    return ops.convolve(x, weight, bias, limits["infer"], rate)
+        return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate, wino)
+    return ops.convolve(x, weight, bias, limits["infer"], rate, wino)
