@@ -18,10 +18,12 @@ and the machine to itself at least as much as inside the step).
 of the ISA the convolutions run with (``ONEDNN_MAX_CPU_ISA`` caps it).
 
 :func:`measure_with_dense_model` gives a second, lifted limit beside it: the same step with the token linears as
-dense products and the tokenizer's convolutions of spikes in float32 (the ``spike_linear`` and
-``spike_conv`` routes off), i.e. the dense model's arithmetic at this machine's rates. A step whose
-spike linears add only the spikes' weights, or whose spike convolutions sum integers, does less
-or cheaper arithmetic than that and can beat it: efficiency against it may exceed 100%.
+dense products and the tokenizer's convolutions direct float32 ones (the ``spike_linear``,
+``spike_conv`` and ``winograd`` routes off), i.e. the dense model's arithmetic at this machine's
+rates. A step whose spike linears add only the spikes' weights, whose spike convolutions sum
+integers, or whose convolutions take Winograd's 16 products per tile for the direct algorithm's
+36, does less or cheaper arithmetic than that and can beat it: efficiency against it may exceed
+100%.
 """
 
 from __future__ import annotations
@@ -229,14 +231,14 @@ def measure(step: Callable[[], object], device: str = "cpu", reps: int = 5) -> d
 
 
 def dense_model_ops(step: Callable[[], object]) -> list[dict]:
-    """:func:`dense_ops` of ``step`` with the ``spike_linear`` and ``spike_conv`` routes off: the
-    model's convolutions and products as float arithmetic, the token linears' forward (and in
-    training their weight gradients) as the dense products the first route replaces by additions
-    of the spikes' weights, the tokenizer's convolutions of spikes as the float convolutions the
-    second replaces by int8 ones."""
+    """:func:`dense_ops` of ``step`` with the ``spike_linear``, ``spike_conv`` and ``winograd`` routes
+    off: the model's convolutions and products as float arithmetic, the token linears' forward (and
+    in training their weight gradients) as the dense products the first route replaces by additions
+    of the spikes' weights, the tokenizer's convolutions as the direct float convolutions the
+    second replaces by sums or int8 ones and the third by Winograd's fewer products."""
     from spikingformer.layers import routes
 
-    with routes.configured("-spike_linear,-spike_conv"):
+    with routes.configured("-spike_linear,-spike_conv,-winograd"):
         return dense_ops(step)
 
 

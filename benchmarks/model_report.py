@@ -144,11 +144,12 @@ def print_report(args, command: str, releases: list[dict], contenders: list[dict
                   f"{ours} | {eff} |")
 
     print("\nDense-model limit: the same step with the token linears as dense products and the tokenizer's "
-          "convolutions of spikes in float (the spike_linear and spike_conv routes off), its convolutions and "
-          "products each timed alone as above: the time the model's dense arithmetic needs at this machine's "
-          "rates. The spike linears add only the weights of the spikes, less arithmetic than those products, and "
-          "the spike convolutions sum integers, cheaper arithmetic (three int8 pieces count three times the FLOPs), "
-          "so our step can beat this limit (efficiency above 100%):\n")
+          "convolutions as direct float convolutions (the spike_linear, spike_conv and winograd routes off), its "
+          "convolutions and products each timed alone as above: the time the model's dense arithmetic needs at "
+          "this machine's rates. The spike linears add only the weights of the spikes, less arithmetic than those "
+          "products, the spike convolutions sum integers, cheaper arithmetic (three int8 pieces count three times "
+          "the FLOPs), and Winograd's convolutions take 16 products per tile for 36, so our step can beat this "
+          "limit (efficiency above 100%):\n")
     print("| model | pass | dtype | dense-model GFLOP | our step's dense GFLOP | dense-model ms at measured rates "
           "| ours ms | efficiency vs the dense model |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

@@ -13,7 +13,8 @@ linears on spikes at firing rates of 5-50% (``spike_linear``, to place
 ``benchmarks/bench_model.py`` with that limit in force; spike attention with each model's
 heads (``attention_order``; ``fused_attention`` on heads that are views of token rows, and the
 whole models); the MLP's first ConvBN -> SN and the whole models in training
-(``fused_bn_spike``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
+(``fused_bn_spike``); the whole models and the whole Spiking Tokenizer (``spike_conv``,
+``winograd``); the whole Spiking Tokenizer (``channels_last``, ``stem_once``,
 ``inplace_bn``, ``batch_pieces``, and ``recompute`` on every map, to place
 :data:`~spikingformer.layers.routes.RECOMPUTE_MIN_ELEMENTS`). ``train`` = forward and backward
 (gradients of the input and the weights), ``infer`` = forward under ``torch.inference_mode``.
@@ -154,7 +155,7 @@ def cases(models: list[str], quick: bool, rates: tuple[float, ...] = SPIKE_RATES
                     lambda whole=whole, images=images: (whole.train(), _train(whole, list(whole.parameters()), [images])())))
         out.append(("fused_bn_spike", key, label, "infer",
                     lambda whole=whole, images=images: (whole.eval(), _infer(whole, [images])())))
-        for route in ("spike_conv", "token_linear"):
+        for route in ("spike_conv", "token_linear", "winograd"):
             out.append((route, key, label, "train",
                         lambda whole=whole, images=images: (whole.train(),
                                                             _train(whole, list(whole.parameters()), [images])())))
@@ -207,7 +208,8 @@ def cases(models: list[str], quick: bool, rates: tuple[float, ...] = SPIKE_RATES
         def eval_mode(run, tok=tok):
             return lambda: (tok.eval(), run())
 
-        routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces", "spike_conv"]
+        routes_here = (["channels_last", "recompute", "inplace_bn", "fused_spike_pool", "batch_pieces", "spike_conv",
+                        "winograd"]
                        + ([] if steps else ["stem_once"]))
         for route in routes_here:
             if route not in ("inplace_bn", "batch_pieces"):  # inference-only routes

@@ -18,7 +18,6 @@ import bench_model
 import bench_scaling
 import memory_floor
 import study_limits
-import study_winograd
 from conftest import BENCHMARKS
 from spikingformer import allocator
 
@@ -141,12 +140,12 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
         with torch.inference_mode():
             model.eval()(x)
 
-    # (spike_conv off: FlopCounterMode's module hooks turn the route aside, and the recorder would
-    # see the route's ways instead of the convolution; test_dense_limits_record_the_spike_convolutions;
+    # (spike_conv and winograd off: FlopCounterMode's module hooks turn the routes aside, and the
+    # recorder would see their ways instead of the convolution; test_dense_limits_record_the_spike_convolutions;
     # token_linear and fused_attention off: FlopCounterMode counts neither oneDNN's matmul nor our
     # attention operator, see the tests below)
     for step in (train, infer):
-        with routes.configured("-spike_conv,-token_linear,-fused_attention"):
+        with routes.configured("-spike_conv,-winograd,-token_linear,-fused_attention"):
             ops = dense_limit.dense_ops(step)
             counter = FlopCounterMode(display=False)
             with counter:
@@ -155,6 +154,37 @@ def test_dense_ops_are_the_steps_flops_in_training_and_inference():
         assert sum(o["flops"] * o["count"] for o in ops) == counter.get_total_flops()
         names = {o["name"].rsplit(".", 1)[0] for o in ops}
         assert "aten.convolution" in names and ("aten.convolution_backward" in names) == (step is train)
+
+
+def test_dense_model_limit_counts_direct_convolutions_where_winograd_runs(monkeypatch):
+    """With the ``winograd`` route on, the step's own dense ops are its 16 products per tile (``bmm``)
+    where the dense model's are the direct convolutions (36 per tile): its limit has more FLOPs,
+    by the convolutions' FLOPs times (1 - 16/36) at most (the tiles' padding adds products)."""
+    import torch
+
+    import dense_limit
+    from spikingformer.layers import routes
+    from spikingformer.models.zoo import create_model
+
+    monkeypatch.setattr(routes, "_winograd_min_channels", 1)  # every ConvBN past the stem, on any ISA
+    model = create_model("spikingformer_cifar10_4_384", **{k: v for k, v in bench_model.QUICK["cifar"].items()
+                                                            if k != "batch"})
+    x = torch.randn(2, 3, 32, 32)
+
+    def infer():
+        with torch.inference_mode():
+            model.eval()(x)
+
+    with routes.configured("+winograd,-spike_conv,-batch_pieces"):
+        own, dense = dense_limit.dense_ops(infer), dense_limit.dense_model_ops(infer)
+    flops = {}
+    for name, ops in (("own", own), ("dense", dense)):
+        for o in ops:
+            key = (name, o["name"].rsplit(".", 1)[0])
+            flops[key] = flops.get(key, 0) + o["flops"] * o["count"]
+    assert flops.get(("own", "aten.bmm"), 0) > 0 and ("dense", "aten.bmm") not in flops
+    saved = flops[("dense", "aten.convolution")] - flops.get(("own", "aten.convolution"), 0)
+    assert 0 < flops[("own", "aten.bmm")] < saved
 
 
 def test_dense_ops_run_our_operators_with_the_kernel_of_the_tensors_device():
@@ -280,7 +310,7 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
             model.eval()(x)
 
     for step, passes in ((train, 2), (infer, 1)):
-        with routes.configured("+spike_linear,-spike_conv"):  # (the convolutions the same in both limits)
+        with routes.configured("+spike_linear,-spike_conv,-winograd"):  # (the convolutions the same in both limits)
             products.clear()
             own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(step))
             linears = sum(products)
@@ -678,24 +708,6 @@ def test_bench_products_runs_as_a_script():
     assert all(float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows), proc.stdout
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 7, 5), (3, 16, 4, 6)])
-def test_winograd_f2_equals_the_convolution(shape, channels_last):
-    """The study's F(2x2, 3x3) is the 3x3 convolution with padding 1: in float64 to rounding, for even
-    and odd map sizes, in either layout (and its output keeps the input's layout)."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn((4, shape[1], 3, 3), generator=g, dtype=torch.float64)
-    y = study_winograd.winograd_f2(x, w)
-    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 def test_study_winograd_runs_as_a_script():
     """``python benchmarks/study_winograd.py --quick``: a row per case with the four times, the three
     ratios and both rounding errors (Winograd's at float32's rounding)."""
@@ -706,23 +718,6 @@ def test_study_winograd_runs_as_a_script():
     assert len(rows) == 2 and {r[4].strip() for r in rows} == {"NCHW", "channels last"}, proc.stdout
     assert all(float(r[k]) > 0 for r in rows for k in range(6, 13)), proc.stdout
     assert all(float(r[14]) < 1e-5 for r in rows), proc.stdout
-
-
-@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 7, 5), (3, 70, 4, 6)])
-def test_winograd_fused_transforms_equal_their_pytorch_twin(shape):
-    """The study's C++ transforms give the plain-PyTorch F(2x2, 3x3)'s float32 bits (same additions,
-    same order), odd sizes and a channel count past one 64-lane chunk included."""
-    import torch
-
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
-    w = torch.randn((67, shape[1], 3, 3), generator=g)
-    u = study_winograd.weight_transform(w)
-    try:
-        fused = study_winograd.winograd_f2_fused(x, u, w.shape[0])
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    assert torch.equal(fused, study_winograd.winograd_f2(x, w, u))
 
 
 def torch_has_onednn() -> bool:
