@@ -194,6 +194,25 @@ def test_spike_conv_above_its_limit_and_its_operators_take_the_route(on_here, mo
     assert _relative(xg.grad, xg2.grad.double()) < 2e-6
 
 
+@needs_library
+def test_a_traced_graph_keeps_the_convolution(on_here):
+    """``torch.jit.trace`` cannot see the C++ transforms, so the route declines under it: the traced
+    graph convolves new inputs correctly."""
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return route.convolve(self.conv, x)
+
+    layer = Layer()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, _maps((2, 64, 6, 6), seed=1))
+        x = _maps((2, 64, 6, 6), seed=2)
+        assert _relative(traced(x), F.conv2d(x.double(), layer.conv.weight.double(), padding=1)) < 2e-6
+
+
 def test_opcheck_operators_with_the_route():
     x = (torch.rand(2, 64, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.5).float()
     x = x.contiguous(memory_format=torch.channels_last)

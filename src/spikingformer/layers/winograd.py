@@ -34,13 +34,14 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``winograd`` computes ``conv(x)`` for maps ``x`` ``(N, C_in, H, W)``: the route on, a
     plain 3x3 convolution (:func:`plain_3x3`) with a finite weight and at least
     :data:`~spikingformer.layers.routes.WINOGRAD_MIN_CHANNELS` input and output channels (this ISA's),
-    non-empty float32 channels-last CPU maps, outside CPU autocast and ``torch.compile`` (whose
-    compiler picks its own convolution)."""
+    non-empty float32 channels-last CPU maps, outside CPU autocast, ``torch.compile`` (whose
+    compiler picks its own convolution) and ``torch.jit.trace`` (which cannot see the C++ passes)."""
     least = routes._winograd_min_channels
     return (routes.enabled("winograd") and least is not None and plain_3x3(conv) and x.device.type == "cpu"
             and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0 and winograd.channels_last(x)
             and min(x.shape[1], conv.out_channels) >= least
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and all_finite(conv.weight.detach()))
 
 
