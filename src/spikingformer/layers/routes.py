@@ -64,8 +64,8 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``winograd``: the tokenizer's float32 3x3 convolutions that the spike routes leave dense (the maps
   above ``spike_conv``'s firing-rate limits, the stage-0 convolution where it is wide enough, the
   dense convolutions inside ``spike_conv``'s operators), with at least
-  :data:`WINOGRAD_MIN_CHANNELS` input and output channels (per ISA), outside autocast and
-  ``torch.compile``: by Winograd's F(2x2, 3x3) (:mod:`spikingformer.kernels.winograd`: 16 products
+  :data:`WINOGRAD_MIN_CHANNELS` input and output channels (per ISA), outside autocast,
+  ``torch.compile`` and ``torch.jit.trace``: by Winograd's F(2x2, 3x3) (:mod:`spikingformer.kernels.winograd`: 16 products
   per tile of 2x2 outputs where the direct convolution takes 36, the transforms in C++), the
   forward and, in training, the input gradient (the weight gradient stays PyTorch's). The
   transforms add and subtract before and after the products: float32 rounding differs from the
