@@ -1,6 +1,8 @@
 """The tokenizer's convolutions of spike maps: float32 (oneDNN, as the model runs them) against the
 ``spike_conv`` route's two ways, side by side on the zoo models' shapes: three int8 convolutions,
-and the accumulation of each window's spikes' weights (in training too).
+and the accumulation of each window's spikes' weights (in training too); in inference also the
+``winograd`` route's F(2x2, 3x3), the dense alternative where that route runs, and the
+accumulation's time against it.
 
 For each case all three run alternately on the same spike maps (channels-last, as the tokenizer
 hands them over, at the firing rate the benchmark models' neurons give that stage in inference,
@@ -67,7 +69,7 @@ QUICK = {"small": [("8 -> 16 at 8x8", (2, 8, 8, 16), 0.1)]}
 def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     import torch
 
-    from spikingformer.kernels import spike_conv
+    from spikingformer.kernels import spike_conv, winograd
 
     n, cin, hw, cout = shape
     gen = torch.Generator().manual_seed(0)
@@ -76,7 +78,8 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     pieces = spike_conv.PackedPieces(w)
     calls = {"fp32": lambda: torch.nn.functional.conv2d(x, w, padding=1),
              "int8": lambda: spike_conv.spike_conv2d(x, pieces),
-             "sum": lambda: spike_conv.accumulate_conv2d(x, w, None, 1.0)}
+             "sum": lambda: spike_conv.accumulate_conv2d(x, w, None, 1.0),
+             "winograd": lambda: winograd.winograd_conv2d(x, w)}
     exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
     errors = {k: float((f().double() - exact).abs().max()) for k, f in calls.items()}
     times = {k: [] for k in calls}
@@ -85,7 +88,8 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    ratios = {k: statistics.median(a / b for a, b in zip(times["fp32"], times[k])) for k in ("int8", "sum")}
+    ratios = {k: statistics.median(a / b for a, b in zip(times["fp32"], times[k])) for k in ("int8", "sum", "winograd")}
+    ratios["sum_vs_winograd"] = statistics.median(a / b for a, b in zip(times["winograd"], times["sum"]))
     return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
@@ -350,15 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         _train_table(cases, args.rates, args.reps)
         return 0
-    print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | error: float32 | int8 | sum |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | Winograd ms | Winograd ratio "
+          "| Winograd / sum | error: float32 | int8 | sum | Winograd |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, rows in cases.items():
         for name, shape, model_rate in rows:
             for rate in args.rates or [model_rate]:
                 r = run_case(shape, rate, args.reps)
                 b, q, e = r["best"], r["ratios"], r["errors"]
                 print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['int8']:.2f} | {q['int8']:.2f}x | "
-                      f"{b['sum']:.2f} | {q['sum']:.2f}x | {e['fp32']:.1e} | {e['int8']:.1e} | {e['sum']:.1e} |", flush=True)
+                      f"{b['sum']:.2f} | {q['sum']:.2f}x | {b['winograd']:.2f} | {q['winograd']:.2f}x | "
+                      f"{q['sum_vs_winograd']:.2f}x | {e['fp32']:.1e} | {e['int8']:.1e} | {e['sum']:.1e} | "
+                      f"{e['winograd']:.1e} |", flush=True)
     return 0
 
 

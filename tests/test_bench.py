@@ -596,8 +596,8 @@ def test_bench_bn_segment_quick_runs_as_a_script():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_bench_spike_conv_quick_runs_as_a_script(train):
-    """``python benchmarks/bench_spike_conv.py --quick``: one row with the three ways' times, two
-    ratios and three errors against float64; with ``--train``, forward and backward four ways (float32,
+    """``python benchmarks/bench_spike_conv.py --quick``: one row with the four ways' times (float32,
+    int8, sum, Winograd), four ratios and four errors against float64; with ``--train``, forward and backward four ways (float32,
     summed throughout, only the weight gradient summed, the dense forward), three ratios, two
     weight-gradient errors."""
     import torch
@@ -609,7 +609,7 @@ def test_bench_spike_conv_quick_runs_as_a_script(train):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
-    bars, ratios = (12, 3) if train else (11, 2)
+    bars, ratios = (12, 3) if train else (15, 4)
     assert len(rows) == 1 and rows[0].count("|") == bars and rows[0].count("x |") == ratios, proc.stdout
     assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
 

@@ -195,6 +195,28 @@ def test_spike_conv_above_its_limit_and_its_operators_take_the_route(on_here, mo
 
 
 @needs_library
+def test_spike_conv_inference_limit_is_lower_beside_winograd(on_here, monkeypatch):
+    """In inference, maps firing between SPIKE_CONV_INFER_BESIDE_WINOGRAD and spike_conv's own limit
+    go to F(2x2, 3x3) where winograd takes the layer (measured faster there), else to the sums."""
+    from spikingformer.kernels import spike_conv as sc
+    from spikingformer.layers import spike_conv
+
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = (torch.rand(4, 64, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.25).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = conv.weight.detach()
+    monkeypatch.setattr(spike_conv, "_limits", lambda maps: {"min_channels": 64, "train": 0.3, "infer": 0.3,
+                                                             "weight_grad": 0.45})
+    monkeypatch.setattr(routes, "_spike_conv_infer_beside_winograd", 0.2)
+    with torch.inference_mode():
+        assert torch.equal(spike_conv.convolve(conv, x), wk.winograd_reference(x, w))
+        with routes.configured("-winograd"):  # the direct convolution beside it: the old limit, the sums
+            assert torch.equal(spike_conv.convolve(conv, x), sc.accumulate_conv_reference(x, w))
+        monkeypatch.setattr(routes, "_spike_conv_infer_beside_winograd", None)  # an ISA without that limit
+        assert torch.equal(spike_conv.convolve(conv, x), sc.accumulate_conv_reference(x, w))
+
+
+@needs_library
 def test_a_traced_graph_keeps_the_convolution(on_here):
     """``torch.jit.trace`` cannot see the C++ transforms, so the route declines under it: the traced
     graph convolves new inputs correctly."""

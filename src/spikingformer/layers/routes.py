@@ -157,6 +157,11 @@ SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad"
 # AVX2-only AMD EPYC Zen 3: 1.06-1.71x from 64 input channels, the 32-48-channel layers slower or
 # level). An ISA not measured has none: the route does not run there.
 WINOGRAD_MIN_CHANNELS = {"avx2": 64}
+# Per ISA, spike_conv's inference limit on the layers winograd takes: there the dense alternative is
+# F(2x2, 3x3), not the direct convolution SPIKE_CONV_MAX_DENSITY's "infer" was placed against
+# (benchmarks/bench_spike_conv.py on the Zen 3: Winograd's time over the accumulation's on the six
+# layers from 64 channels, geometric mean 1.05 at a firing rate of 0.20, 0.86 at 0.25, 0.73 at 0.30).
+SPIKE_CONV_INFER_BESIDE_WINOGRAD = {"avx2": 0.20}
 # Per ISA, the same under CPU bf16 autocast where bf16 runs on vector units, with its least input channels
 # (an AMD EPYC Zen 5: docs/performance-log.md, "Spike convolution in bf16"); elsewhere the dense convolution.
 SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10, "weight_grad": 0.10}}
@@ -218,6 +223,7 @@ _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for
                                                                    for p in ("train", "infer", "weight_grad")})
 _spike_conv_bf16 = bf16_limit(SPIKE_CONV_BF16)
 _winograd_min_channels = WINOGRAD_MIN_CHANNELS.get(cpu_isa())
+_spike_conv_infer_beside_winograd = SPIKE_CONV_INFER_BESIDE_WINOGRAD.get(cpu_isa())
 
 
 def spike_limit_bf16(in_features: int, out_features: int) -> float | None:

@@ -53,20 +53,25 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rate its backward unpacks the bits for PyTorch's weight gradient). Under CPU bf16 autocast the
     operators take autocast's casts of the maps, weight and bias (bf16). Where ``winograd`` takes
     the maps (:func:`~spikingformer.layers.winograd.takes`), the operators' dense convolutions run
-    by F(2x2, 3x3): their float32 forward, and in training the input gradient. Values differ from
-    the dense convolution's by rounding."""
+    by F(2x2, 3x3): their float32 forward, and in training the input gradient; and the inference
+    limit is at most :data:`~spikingformer.layers.routes.SPIKE_CONV_INFER_BESIDE_WINOGRAD` (this
+    ISA's), measured against F(2x2, 3x3). Values differ from the dense convolution's by rounding."""
     if not takes(conv, x):
         return winograd.convolve(conv, x)
     limits, autocast = _limits(x), torch.is_autocast_enabled("cpu")
     rate = -1.0 if torch.compiler.is_compiling() else ops.sampled_rate(x)  # -1: the operator counts it
     training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
+    wino = winograd.takes(conv, x)
+    infer = limits["infer"]
+    if wino and routes._spike_conv_infer_beside_winograd is not None:  # beside F(2x2, 3x3), not the direct one
+        infer = min(infer, routes._spike_conv_infer_beside_winograd)
     # above the limit the module call (or winograd's), but for the int8 pieces (float32 on a CPU with AMX) in the operators
-    if rate > limits["weight_grad" if training else "infer"] and (autocast or not ops.native_int8()):
+    if rate > (limits["weight_grad"] if training else infer) and (autocast or not ops.native_int8()):
         return winograd.convolve(conv, x)
-    weight, bias, wino = conv.weight, conv.bias, winograd.takes(conv, x)
+    weight, bias = conv.weight, conv.bias
     if autocast:  # what autocast hands the convolution
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = bias.to(torch.bfloat16) if bias is not None else None
     if training:
         return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate, wino)
-    return ops.convolve(x, weight, bias, limits["infer"], rate, wino)
+    return ops.convolve(x, weight, bias, infer, rate, wino)
