@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         t = measure(x, w, args.reps)
         e_direct, e_wino = relative_errors(x, w)
         layout = "channels last" if wk.channels_last(x) and not x.is_contiguous() else "NCHW"
-        ms = " | ".join(f"{1e3 * t[k]:.2f}" for k in ("direct", "Winograd", "fused", "products"))
+        ms = " | ".join(f"{1e3 * t[k]:.3g}" for k in ("direct", "Winograd", "fused", "products"))  # tiny cases: < 0.01 ms
         ratios = " | ".join(f"{t['direct'] / t[k]:.2f}" for k in ("Winograd", "fused", "products"))
         print(f"| {key} | {n}, {c}, {h}, {wd} | {w.shape[0]} | {layout} | {gflop:.2f} | {ms} | {ratios} "
               f"| {e_direct:.1e} | {e_wino:.1e} |")
