@@ -121,12 +121,14 @@ def test_the_spike_linear_takes_its_dense_products_through_onednn(counted):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "other"])
 def test_the_default_follows_the_cpu_vendor_and_isa(monkeypatch, vendor, on, isa):
     """token_linear is on where MKL runs its generic code (not Intel's CPUs) with AVX-512 only: on an
-    AVX2-only AMD EPYC (Zen 3) MKL's generic code measured as fast as oneDNN or faster."""
+    AVX2-only AMD EPYC (Zen 3) MKL's generic code measured as fast as oneDNN or faster. winograd is on
+    with AVX2 everywhere and with AVX-512 on those CPUs only (measured on an AMD EPYC Zen 4 alone)."""
     monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(routes, "cpu_isa", lambda: isa)
     assert cpu_features.mkl_generic() == (on and torch.backends.mkl.is_available()
                                           and cpu_features.platform.machine().lower() in ("x86_64", "amd64"))
     assert ("token_linear" in routes.default_routes()) == (cpu_features.mkl_generic() and isa == "avx512")
+    assert ("winograd" in routes.default_routes()) == (isa == "avx2" or (cpu_features.mkl_generic() and isa == "avx512"))
 
 
 def test_the_vendor_is_read_from_the_system():

@@ -123,8 +123,8 @@ cpu_isa = vector_isa  # the key of MEASURED_FASTER
 # "Routes by ISA"). An ISA not measured runs the plain module calls.
 _FASTER_ON_X86 = frozenset({"channels_last", "inplace_bn", "fused_spike_pool", "spike_linear", "spike_conv",
                             "attention_order", "fused_attention"})
-# winograd on AVX2 alone: an AVX2-only AMD EPYC (Zen 3) measured it 0.95 over its cases, the whole
-# event model 0.85 (inference) and 0.95 (training); AVX-512 CPUs have not measured it.
+# winograd on AVX2: an AVX2-only AMD EPYC (Zen 3) measured it 0.95 over its cases, the whole event
+# model 0.85 (inference) and 0.95 (training); with AVX-512 on AMD's CPUs only (ON_WHERE_MKL_IS_GENERIC).
 MEASURED_FASTER = {"avx512": _FASTER_ON_X86, "avx2": _FASTER_ON_X86 | {"winograd"}}
 # Per ISA, the firing rate up to which spike_linear's accumulation beat the dense product of the
 # zoo's token-linear shapes (docs/performance-log.md, "Spike linear"); above it, F.linear. AVX2's is
@@ -155,8 +155,9 @@ SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad"
 # Per ISA, the least input and output channels for which winograd's F(2x2, 3x3) measured faster than
 # oneDNN's direct 3x3 convolution on the zoo's tokenizer shapes (benchmarks/study_winograd.py; an
 # AVX2-only AMD EPYC Zen 3: 1.06-1.71x from 64 input channels, the 32-48-channel layers slower or
-# level). An ISA not measured has none: the route does not run there.
-WINOGRAD_MIN_CHANNELS = {"avx2": 64}
+# level; an AMD EPYC Zen 4 with AVX-512: 1.14-1.33x from 96 input channels, 0.93x at 64). An ISA not
+# measured has none: the route does not run there.
+WINOGRAD_MIN_CHANNELS = {"avx512": 96, "avx2": 64}
 # Per ISA, spike_conv's inference limit on the layers winograd takes: there the dense alternative is
 # F(2x2, 3x3), not the direct convolution SPIKE_CONV_MAX_DENSITY's "infer" was placed against
 # (benchmarks/bench_spike_conv.py on the Zen 3: Winograd's time over the accumulation's on the six
@@ -173,7 +174,10 @@ SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10,
 # long with the route on, on AVX-512 and capped at AVX2). Per ISA: on an AVX2-only AMD EPYC (Zen 3)
 # MKL's generic code was as fast or faster (oneDNN's time 0.90-1.28x MKL's on the forward and input
 # gradient, whole models 1.03-1.09x as long in training with the route), so AVX-512 only.
-ON_WHERE_MKL_IS_GENERIC = {"avx512": frozenset({"token_linear"})}
+# winograd with AVX-512 here too: measured on an AMD EPYC Zen 4 alone (0.94 over its cases, whole
+# models 0.85-0.96), whose FMA units are 256 bits wide; Intel's AVX-512 CPUs, with 512-bit units for
+# the direct convolution, have not measured it.
+ON_WHERE_MKL_IS_GENERIC = {"avx512": frozenset({"token_linear", "winograd"})}
 # On everywhere: recompute, fused_bn_spike and batch_pieces for memory (the first and last cost
 # time, the second measured 0.96-1.02 of it) and stem_once for work (T - 1 fewer stem convolutions,
 # which deployment's operation counts rely on; no slower where measured).
