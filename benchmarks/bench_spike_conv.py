@@ -15,10 +15,13 @@ forward and backward: autograd's float32 convolution against the accumulation's 
 forward's sums, PyTorch's input gradient, the weight gradient summed at the windows' spikes), and
 against the form that sums only the weight gradient (the float32 forward), and against its
 forward for the maps the accumulation declines (the int8 pieces on a CPU with AMX) with PyTorch's
-gradients, at the rates the benchmark models' neurons give each stage in training. Usage::
+gradients, at the rates the benchmark models' neurons give each stage in training; with
+``--winograd`` the route's dense convolutions in those three (its forward above the limit, the
+input gradient) run by F(2x2, 3x3), as on the layers the ``winograd`` route takes. Usage::
 
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
+    python benchmarks/bench_spike_conv.py --threads 2 --train --winograd --rates 0.1 0.2 0.3   # beside Winograd
     python benchmarks/bench_spike_conv.py --threads 2 --rates 0.02 0.05 0.1 0.2   # the accumulation's limit
     python benchmarks/bench_spike_conv.py --threads 2 --whole --reps 11   # the int8 pieces in whole models
     python benchmarks/bench_spike_conv.py --threads 2 --whole --train --reps 10   # int8 pieces, weight gradient
@@ -93,15 +96,18 @@ def run_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
     return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
-def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> dict:
+def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int, winograd: bool = False) -> dict:
     """Forward and backward (input and weight gradients) of autograd's float32 convolution against
     the route's training form (``spike_conv_ops.convolve_train``) three ways: summed throughout ("sum",
     as up to the ``train`` limit), only the weight gradient summed after the float32 forward
     ("wgrad", as up to the ``weight_grad`` limit without AMX), and the forward of the maps the
     accumulation declines with PyTorch's gradients of the unpacked bits ("dense": the int8 pieces on
     a CPU with AMX, above every limit; elsewhere the float32 convolution); alternately on the same
-    maps and output gradient. Errors are the weight gradients' largest differences from float64's
-    (the summing ways sum it alike)."""
+    maps and output gradient. With ``winograd``, the route's three ways as on the layers the
+    ``winograd`` route takes: their dense convolutions (the forward above the accumulation's limit,
+    the input gradient) by F(2x2, 3x3); the float32 column stays autograd's direct convolution.
+    Errors are the weight gradients' largest differences from float64's (the summing ways sum it
+    alike)."""
     import torch
 
     from spikingformer.kernels import spike_conv_ops as ops
@@ -109,7 +115,7 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     def float_forward(xi, wi):  # the float32 forward, whatever the CPU (as without AMX)
         kept, ops.native_int8 = ops.native_int8, lambda: False
         try:
-            return ops.convolve_train(xi, wi, None, -1.0, 1.0, 1.0)
+            return ops.convolve_train(xi, wi, None, -1.0, 1.0, 1.0, winograd)
         finally:
             ops.native_int8 = kept
 
@@ -119,9 +125,9 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     w = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
     g = torch.randn(n, cout, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     forwards = {"fp32": lambda xi, wi: torch.nn.functional.conv2d(xi, wi, padding=1),
-                "sum": lambda xi, wi: ops.convolve_train(xi, wi, None, 1.0, 1.0),
+                "sum": lambda xi, wi: ops.convolve_train(xi, wi, None, 1.0, 1.0, -1.0, winograd),
                 "wgrad": float_forward,
-                "dense": lambda xi, wi: ops.convolve_train(xi, wi, None, -1.0, -1.0, 1.0)}
+                "dense": lambda xi, wi: ops.convolve_train(xi, wi, None, -1.0, -1.0, 1.0, winograd)}
 
     def step(forward):
         xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -141,14 +147,14 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int) -> 
     return dict(best={k: 1e3 * min(v) for k, v in times.items()}, ratios=ratios, errors=errors)
 
 
-def _train_table(cases: dict, rates: list[float] | None, reps: int) -> None:
+def _train_table(cases: dict, rates: list[float] | None, reps: int, winograd: bool) -> None:
     print("| case | rate | float32 fwd+bwd ms | sum fwd+bwd ms | sum ratio | weight gradient summed ms | its ratio "
           "| dense forward (int8 pieces where AMX) ms | its ratio | weight-gradient error: float32 | sum |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, rows in cases.items():
         for name, shape, model_rate in rows:
             for rate in rates or [model_rate]:
-                r = run_train_case(shape, rate, reps)
+                r = run_train_case(shape, rate, reps, winograd)
                 b, q, e = r["best"], r["ratios"], r["errors"]
                 print(f"| {model} {name} | {rate:.3f} | {b['fp32']:.2f} | {b['sum']:.2f} | {q['sum']:.2f}x | "
                       f"{b['wgrad']:.2f} | {q['wgrad']:.2f}x | {b['dense']:.2f} | {q['dense']:.2f}x | "
@@ -306,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
     ap.add_argument("--train", action="store_true",
                     help="forward and backward: autograd's float32 convolution against the accumulation")
+    ap.add_argument("--winograd", action="store_true",
+                    help="with --train: the route's dense convolutions by F(2x2, 3x3), as where the winograd route runs")
     ap.add_argument("--bf16", action="store_true",
                     help="under CPU bf16 autocast: autocast's bf16 convolution against the route's bf16 sums (with "
                          "--train: forward and backward)")
@@ -314,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                          "with --train, whole training steps: the route as it is against the int8 pieces off, and "
                          "against the float32 convolution above the training limit")
     args = ap.parse_args(argv)
+    if args.winograd and (not args.train or args.whole or args.bf16):
+        ap.error("--winograd goes with --train alone (the inference table has a Winograd column already)")
     import torch
 
     from spikingformer import allocator
@@ -327,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.bf16 else
             "whole training steps, the route as it is against the int8 pieces off and against the float32 "
             "convolution above the training limit (medians of rotating steps, wall clock)" if args.train and args.whole
-            else "forward and backward, float32 against accumulation throughout or in the weight gradient" if args.train
+            else "forward and backward, float32 against accumulation throughout or in the weight gradient"
+            + (", the route's dense convolutions by F(2x2, 3x3)" if args.winograd else "") if args.train
             else "int8 pieces against float32 in whole models (median of alternating batches, wall clock)"
             if args.whole else "float32 against int8 pieces and accumulation")
     print(f"# Spike convolution: {what}\n")
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         _bf16_table(cases, args.rates, args.reps, args.train)
         return 0
     if args.train:
-        _train_table(cases, args.rates, args.reps)
+        _train_table(cases, args.rates, args.reps, args.winograd)
         return 0
     print("| case | rate | float32 ms | int8 ms | int8 ratio | sum ms | sum ratio | Winograd ms | Winograd ratio "
           "| Winograd / sum | error: float32 | int8 | sum | Winograd |")

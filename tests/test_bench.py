@@ -594,24 +594,30 @@ def test_bench_bn_segment_quick_runs_as_a_script():
     assert sorted(line.split("|")[2].strip() for line in rows) == ["bf16", "bf16", "fp32", "fp32"]
 
 
-@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("train", [[], ["--train"], ["--train", "--winograd"]])
 def test_bench_spike_conv_quick_runs_as_a_script(train):
     """``python benchmarks/bench_spike_conv.py --quick``: one row with the four ways' times (float32,
     int8, sum, Winograd), four ratios and four errors against float64; with ``--train``, forward and backward four ways (float32,
     summed throughout, only the weight gradient summed, the dense forward), three ratios, two
-    weight-gradient errors."""
+    weight-gradient errors (with ``--winograd`` too, the route's dense convolutions by F(2x2, 3x3))."""
     import torch
 
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         pytest.skip("this PyTorch build has no oneDNN int8 convolution")
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--quick", "--reps", "1",
-                           "--threads", "1"] + (["--train"] if train else []), capture_output=True, text=True,
-                          timeout=300)
+                           "--threads", "1"] + train, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| small")]
     bars, ratios = (12, 3) if train else (15, 4)
     assert len(rows) == 1 and rows[0].count("|") == bars and rows[0].count("x |") == ratios, proc.stdout
     assert float(rows[0].split("|")[-2]) < 1e-4  # the route's error against float64 (weights ~ 0.5)
+
+
+def test_bench_spike_conv_winograd_goes_with_train_alone():
+    """``--winograd`` outside ``--train`` is a usage error naming the pairing (inference has its column)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_spike_conv.py"), "--quick", "--winograd"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--winograd goes with --train alone" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("train", [False, True])
