@@ -481,7 +481,8 @@ def test_info_says_whether_the_fused_kernels_compute_batch_norm(monkeypatch, rou
     (True, False, "avx512", "its own code for this CPU", False)])
 def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, isa, expected, route):
     """The MKL line of ``info``: a PyTorch without MKL (Arm's builds) is said to have none, not MKL's
-    "own code"; with MKL, generic code (non-Intel x86: token_linear on with AVX-512 only) or its own."""
+    "own code"; with MKL, generic code (non-Intel x86: token_linear, and winograd's AVX-512 rule, on
+    with AVX-512 only) or its own."""
     import torch
 
     from spikingformer import cpu_features, info
@@ -493,6 +494,9 @@ def test_info_mkl_line_names_the_products_code(monkeypatch, mkl, generic, isa, e
     line = info._mkl_line()
     assert line.startswith(expected)
     assert ("is a default route" in line) == route
+    # winograd follows the vendor with AVX-512 only (measured on AMD's CPUs): said where MKL is in the build
+    assert ("winograd" in line) == (mkl and isa == "avx512"), line
+    assert ("nor, with avx512, winograd" in line) == (mkl and not generic and isa == "avx512"), line
 
 
 @pytest.mark.slow

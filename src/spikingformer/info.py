@@ -36,7 +36,9 @@ def _kernel_library(build: bool) -> tuple[str, bool]:
 
 
 def _mkl_line() -> str:
-    """Which code computes PyTorch's float32 products here, as the ``token_linear`` route's rule sees it."""
+    """Which code computes PyTorch's float32 products here, as the vendor rule of the routes sees it
+    (``routes.ON_WHERE_MKL_IS_GENERIC``: ``token_linear``, and per ISA others measured only on x86
+    CPUs that are not Intel's, e.g. ``winograd`` with AVX-512)."""
     import torch
 
     from spikingformer.cpu_features import mkl_generic
@@ -44,11 +46,15 @@ def _mkl_line() -> str:
 
     if not torch.backends.mkl.is_available():
         return "not in this PyTorch build (e.g. on Arm), so token_linear (oneDNN's products) is not a default route"
-    if not mkl_generic():
-        return "its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
     isa = routes.cpu_isa()
-    if "token_linear" in routes.ON_WHERE_MKL_IS_GENERIC.get(isa, ()):
-        return "generic code on this CPU, so token_linear (oneDNN's products) is a default route"
+    by_vendor = routes.ON_WHERE_MKL_IS_GENERIC.get(isa, frozenset())
+    others = ", ".join(sorted(by_vendor - {"token_linear"}))
+    if not mkl_generic():
+        return ("its own code for this CPU, so token_linear (oneDNN's products) is not a default route"
+                + (f" (nor, with {isa}, {others}: measured on other vendors' CPUs only)" if others else ""))
+    if "token_linear" in by_vendor:
+        return ("generic code on this CPU, so token_linear (oneDNN's products) is a default route"
+                + (f" ({others} too, with {isa})" if others else ""))
     return (f"generic code on this CPU, but token_linear (oneDNN's products) is not a default route with {isa}: "
             "it measured no faster than MKL there")
 
