@@ -17,7 +17,8 @@ against the form that sums only the weight gradient (the float32 forward), and a
 forward for the maps the accumulation declines (the int8 pieces on a CPU with AMX) with PyTorch's
 gradients, at the rates the benchmark models' neurons give each stage in training; with
 ``--winograd`` the route's dense convolutions in those three (its forward above the limit, the
-input gradient) run by F(2x2, 3x3), as on the layers the ``winograd`` route takes. Usage::
+input gradient, the weight gradient where it is not summed) run by F(2x2, 3x3), as on the layers
+the ``winograd`` route takes. Usage::
 
     python benchmarks/bench_spike_conv.py --threads 2 --reps 15
     python benchmarks/bench_spike_conv.py --threads 2 --train --models cifar --rates 0.05 0.1 0.2 0.3
@@ -105,7 +106,8 @@ def run_train_case(shape: tuple[int, int, int, int], rate: float, reps: int, win
     a CPU with AMX, above every limit; elsewhere the float32 convolution); alternately on the same
     maps and output gradient. With ``winograd``, the route's three ways as on the layers the
     ``winograd`` route takes: their dense convolutions (the forward above the accumulation's limit,
-    the input gradient) by F(2x2, 3x3); the float32 column stays autograd's direct convolution.
+    the input gradient, the weight gradient where it is not summed) by F(2x2, 3x3); the float32
+    column stays autograd's direct convolution.
     Errors are the weight gradients' largest differences from float64's (the summing ways sum it
     alike)."""
     import torch

@@ -23,16 +23,23 @@ installed as the models run with it, this times alternately on the same tensors:
   over the maps (the same additions in the same order, so the same bits), the weights' transform
   included, the batch in pieces;
 * ``products``: the 16 products alone, the ceiling of a Winograd convolution whose transforms were
-  free.
+  free;
+* ``weight grad``: the weight gradient for a random output gradient, PyTorch's
+  (``aten.convolution_backward``, the limit's) beside the route's (``winograd_weight_grad``: the
+  input's tiles again, the output gradient's tiles, 16 products summed over tiles, the weight
+  transform's adjoint);
 
 and prints each one's median, the ratio of the direct convolution's to each other's (above 1: faster
 than the direct convolution), and Winograd's rounding error against the float64 convolution beside the
-direct one's (largest difference over the largest output).
+direct one's (largest difference over the largest output). With ``--bf16`` the maps and weights are
+bf16, as CPU bf16 autocast hands them to the convolution (where the CPU has bf16 natively), the
+errors against the float64 convolution of those bf16 values.
 
 Usage::
 
     python benchmarks/study_winograd.py                 # both models, all cores
     python benchmarks/study_winograd.py --quick         # tiny shapes: a smoke test
+    python benchmarks/study_winograd.py --bf16          # in bf16 (native bf16 only)
 """
 
 from __future__ import annotations
@@ -101,11 +108,16 @@ def measure(x, w, reps: int) -> dict:
     v = wk.input_transform(x)
     m = torch.bmm(v, u)
     shape = (x.shape[0], w.shape[0], x.shape[2], x.shape[3])
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    g = g.contiguous(memory_format=torch.channels_last) if wk.channels_last(x) else g
     calls = {
         "direct": lambda: F.conv2d(x, w, padding=1),
         "Winograd": lambda: wk.output_transform(torch.bmm(wk.input_transform(x), u), shape),
         "fused": lambda: wk.winograd_conv2d(x, w),
         "products": lambda: torch.bmm(v, u, out=m),
+        "weight grad": lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                                   1, (False, True, False)),
+        "weight grad, Winograd": lambda: wk.winograd_weight_grad(x, g),
     }
     times = {k: [] for k in calls}
     for r in range(reps + 1):
@@ -123,9 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--reps", type=int, default=7, help="alternating timed rounds per convolution")
     ap.add_argument("--quick", action="store_true", help="tiny random shapes: checks the script runs")
+    ap.add_argument("--bf16", action="store_true", help="bf16 maps and weights, as CPU bf16 autocast hands them over")
     args = ap.parse_args(argv)
     from spikingformer import allocator
+    from spikingformer.cpu_features import native_bf16
     from spikingformer.kernels import winograd as wk
+
+    if args.bf16 and not native_bf16():
+        print("bf16: skipped, this CPU has no native bf16 (AVX512-BF16 or AMX)")
+        return
 
     allocator.configure_allocator()  # as the models run: without it, the large maps' page faults dominate
     import torch
@@ -144,9 +162,13 @@ def main(argv: list[str] | None = None) -> None:
                  for xs, ws, cl in QUICK]
     else:
         cases = [(key, x, w) for key in args.models for x, w in tokenizer_convolutions(key)]
+    if args.bf16:
+        cases = [(key, x.to(torch.bfloat16), w.to(torch.bfloat16)) for key, x, w in cases]
+    print(f"dtype: {'bf16' if args.bf16 else 'float32'}\n")
     print("| model | input (N, C, H, W) | K | layout | GFLOP (direct) | direct ms | Winograd ms | fused ms | products ms "
-          "| direct / Winograd | direct / fused | direct / products | error: direct | error: Winograd |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| direct / Winograd | direct / fused | direct / products | error: direct | error: Winograd "
+          "| weight grad ms | weight grad, Winograd ms | weight grad: direct / Winograd |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, x, w in cases:
         n, c, h, wd = x.shape
         gflop = 2 * n * h * wd * c * w.shape[0] * 9 / 1e9
@@ -155,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         layout = "channels last" if wk.channels_last(x) and not x.is_contiguous() else "NCHW"
         ms = " | ".join(f"{1e3 * t[k]:.3g}" for k in ("direct", "Winograd", "fused", "products"))  # tiny cases: < 0.01 ms
         ratios = " | ".join(f"{t['direct'] / t[k]:.2f}" for k in ("Winograd", "fused", "products"))
+        grads = " | ".join(f"{1e3 * t[k]:.3g}" for k in ("weight grad", "weight grad, Winograd"))
         print(f"| {key} | {n}, {c}, {h}, {wd} | {w.shape[0]} | {layout} | {gflop:.2f} | {ms} | {ratios} "
-              f"| {e_direct:.1e} | {e_wino:.1e} |")
+              f"| {e_direct:.1e} | {e_wino:.1e} | {grads} | {t['weight grad'] / t['weight grad, Winograd']:.2f} |")
 
 
 if __name__ == "__main__":

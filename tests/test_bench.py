@@ -318,7 +318,7 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
         assert linears > 0 and dense == own + passes * linears
     # under bf16 autocast where the route sums bf16 spikes, as in float32
     monkeypatch.setattr(routes, "_spike_max_density_bf16", 1.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear,-spike_conv"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear,-spike_conv,-winograd"):
         products.clear()
         own = sum(o["flops"] * o["count"] for o in dense_limit.dense_ops(train))
         linears = sum(products)
@@ -326,7 +326,7 @@ def test_dense_model_limit_counts_the_token_linears_as_dense_products(monkeypatc
     # where it has no bf16 limit, the spike linear's operator computes the dense products itself (keeping
     # the spikes as bits): the recorder sees them inside it, so both limits count the same arithmetic
     monkeypatch.setattr(routes, "_spike_max_density_bf16", None)
-    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), routes.configured("+spike_linear,-winograd"):
         calls = []
         kernels = ops.spike_linear._backend_fns  # the recorder runs the CPU kernel itself, so count its calls
         real = kernels["cpu"]
@@ -714,16 +714,24 @@ def test_bench_products_runs_as_a_script():
     assert all(float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows), proc.stdout
 
 
-def test_study_winograd_runs_as_a_script():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_study_winograd_runs_as_a_script(bf16):
     """``python benchmarks/study_winograd.py --quick``: a row per case with the four times, the three
-    ratios and both rounding errors (Winograd's at float32's rounding)."""
+    ratios, both rounding errors (Winograd's at float32's rounding, or bf16's with ``--bf16``) and
+    the weight gradient's two times and ratio; ``--bf16`` on a CPU without native bf16: one line."""
+    from spikingformer.cpu_features import native_bf16
+
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "study_winograd.py"), "--quick", "--reps", "1",
-                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+                           "--threads", "1"] + (["--bf16"] if bf16 else []), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if bf16 and not native_bf16():
+        assert proc.stdout.strip() == "bf16: skipped, this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        return
+    assert f"dtype: {'bf16' if bf16 else 'float32'}" in proc.stdout
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| quick |")]
     assert len(rows) == 2 and {r[4].strip() for r in rows} == {"NCHW", "channels last"}, proc.stdout
-    assert all(float(r[k]) > 0 for r in rows for k in range(6, 13)), proc.stdout
-    assert all(float(r[14]) < 1e-5 for r in rows), proc.stdout
+    assert all(float(r[k]) > 0 for r in rows for k in (*range(6, 13), 15, 16, 17)), proc.stdout
+    assert all(float(r[14]) < (2 ** -7 if bf16 else 1e-5) for r in rows), proc.stdout
 
 
 def torch_has_onednn() -> bool:

@@ -439,6 +439,9 @@ def test_info_bf16_line_says_what_the_spike_convolution_does_in_bf16():
         "; spike_conv sums bf16 spike maps of 128 input channels or more up to 0.12 (training 0.1)")
     assert _bf16_line(True, 0.15).endswith("; spike_conv keeps autocast's bf16 convolutions")
     assert _bf16_line(True, 0.15, conv=conv, spike_conv_on=False).endswith("; the spike_conv route is off")
+    assert ("; spike_linear sums bf16 spikes up to a firing rate of 0.15; winograd runs bf16 convolutions of 64 "
+            "channels or more by F(2x2, 3x3); spike_conv sums" in _bf16_line(True, 0.15, conv=conv, winograd_channels=64))
+    assert "winograd" not in _bf16_line(True, 0.15, conv=conv)
 
 
 def test_info_bf16_line_names_this_cpus_spike_convolution_limits():
@@ -447,6 +450,8 @@ def test_info_bf16_line_names_this_cpus_spike_convolution_limits():
 
     line = dict(describe())["bf16"]
     conv = routes.bf16_limit(routes.SPIKE_CONV_BF16)
+    wino = routes._winograd_min_channels_bf16 if routes.enabled("winograd") else None
+    assert (f"winograd runs bf16 convolutions of {wino} channels" in line) == (wino is not None and line.startswith("native"))
     if not line.startswith("native"):
         assert "spike_conv" not in line
     elif not routes.enabled("spike_conv"):

@@ -4,11 +4,16 @@
 * The plain-PyTorch twin against the definition of the convolution in float64 (exact to float64's
   rounding: the algorithm is an identity), odd sizes and both layouts.
 * The C++ transforms against the twin bit for bit, the batch in pieces included.
-* float32 rounding: within a few times the direct convolution's error against float64.
-* Gradients: the input's (F(2x2, 3x3) of the flipped weight), the weight's and bias's against the
-  float64 convolution's.
-* Where the route runs (ConvBN's dense maps, ``spike_conv``'s fallbacks and operators) and where it
-  does not (narrow layers, autocast, NCHW maps, non-finite weights, hooks, the route off).
+* float32 and bf16 rounding: within a few times the direct convolution's error against float64;
+  tiles of bf16 spikes transform exactly.
+* Under CPU bf16 autocast: autocast's casts by F(2x2, 3x3) in bf16, gradients reaching the float32
+  parameters.
+* Gradients: the input's (F(2x2, 3x3) of the flipped weight), the weight's (the output gradient's
+  tiles by hand, the twin against the float64 convolution's, the C++ transforms against the twin
+  bit for bit) and the bias's against the float64 convolution's.
+* Where the route runs (ConvBN's dense maps, ``spike_conv``'s fallbacks and operators, in bf16 too) and
+  where it does not (narrow layers, float16 autocast, bf16 without its limit, NCHW maps, non-finite
+  weights, hooks, the route off).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ def _relative(a: torch.Tensor, exact: torch.Tensor) -> float:
 
 @pytest.fixture
 def on_here(monkeypatch):
-    """The route on, with a least channel count of 64 whatever this CPU's ISA."""
+    """The route on, with a least channel count of 64 whatever this CPU's ISA (under bf16 autocast too)."""
     monkeypatch.setattr(routes, "_winograd_min_channels", 64)
+    monkeypatch.setattr(routes, "_winograd_min_channels_bf16", 64)
     with routes.configured("+winograd"):
         yield
 
@@ -82,12 +88,13 @@ def test_twin_is_the_convolution_in_float64(shape, cout, channels_last, bias):
                                         ((3, 2, 1, 1), 1)], ids=str)
 @pytest.mark.parametrize("piece_bytes", [1 << 26, 1 << 12], ids=["whole batch", "pieces"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpp_transforms_equal_the_twin_bit_for_bit(shape, cout, piece_bytes, bias, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_transforms_equal_the_twin_bit_for_bit(shape, cout, piece_bytes, bias, dtype, monkeypatch):
     monkeypatch.setattr(wk, "PIECE_BYTES", piece_bytes)
-    x, w = _maps(shape), _weight(cout, shape[1])
-    b = torch.randn(cout, generator=torch.Generator().manual_seed(3)) if bias else None
+    x, w = _maps(shape).to(dtype), _weight(cout, shape[1]).to(dtype)
+    b = torch.randn(cout, generator=torch.Generator().manual_seed(3)).to(dtype) if bias else None
     y = wk.winograd_conv2d(x, w, b)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, wk.winograd_reference(x, w, b))
     assert torch.equal(wk.winograd_conv2d(x.contiguous(), w, b), y)  # NCHW maps: copied, the same values
 
@@ -123,9 +130,66 @@ def test_gradients_equal_the_float64_convolutions(bias, channels_last):
         gy.contiguous(memory_format=torch.channels_last), w.detach().flip(2, 3).transpose(0, 1)))
 
 
+@needs_library
+@pytest.mark.parametrize("spikes", [False, True], ids=["dense maps", "spikes"])
+def test_bf16_rounding_stays_near_the_direct_convolutions(spikes):
+    """In bf16 the tiles, the weight's transform and the products' sums are each rounded to bf16 (the
+    direct convolution rounds only its outputs): against the float64 convolution of the same bf16
+    values the error stays within a few times the direct one's, below 2^-7 of the largest output.
+    Tiles of spikes are small integers: their transform is exact."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(4, 128, 16, 16, generator=g) < 0.4).float() if spikes else torch.randn(4, 128, 16, 16, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last).bfloat16()
+    w = _weight(256, 128, seed=12).bfloat16()
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    mine, direct = _relative(wk.winograd_conv2d(x, w), exact), _relative(F.conv2d(x, w, padding=1), exact)
+    assert mine < 4 * direct and mine < 2 ** -7
+    if spikes:
+        assert torch.equal(wk.input_transform(x).double(), wk.input_transform(x.double()))
+
+
+def test_gradient_tiles_by_hand():
+    """A 2x2 output gradient is one tile: its tiles are A dY A^T, A the output transform's (4 x 2)."""
+    gy = torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=torch.float64)
+    a = torch.tensor([[1, 0], [1, 1], [1, -1], [0, -1]], dtype=torch.float64)
+    assert torch.equal(wk.grad_tiles(gy.view(1, 1, 2, 2)).view(4, 4), a @ gy @ a.T)
+    odd = wk.grad_tiles(gy[:1].view(1, 1, 1, 2)).view(4, 4)  # one row: the tile's second row of outputs is zero
+    assert torch.equal(odd, a @ torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=torch.float64) @ a.T)
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 3, 5, 7), 4), ((1, 8, 1, 1), 3), ((3, 16, 6, 9), 24)], ids=str)
+def test_weight_grad_twin_is_the_convolutions_in_float64(shape, cout):
+    x = _maps(shape, seed=15, dtype=torch.float64)
+    gy = _maps((shape[0], cout) + shape[2:], seed=16, dtype=torch.float64)
+    exact = torch.ops.aten.convolution_backward(gy, x, _weight(cout, shape[1], dtype=torch.float64), None, [1, 1],
+                                                [1, 1], [1, 1], False, [0, 0], 1, (False, True, False))[1]
+    assert _relative(wk.weight_grad_reference(x, gy), exact) < 1e-14
+
+
+@needs_library
+@pytest.mark.parametrize("shape,cout", [((2, 5, 7, 9), 6), ((2, 70, 8, 8), 33), ((5, 64, 6, 5), 130)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_weight_grad_equals_the_twin(shape, cout, dtype, monkeypatch):
+    """In one piece the same bits as the twin; in pieces (their products summed in float32) as near the
+    float64 gradient as the direct one's, or a few times it."""
+    x = _maps(shape, seed=17).to(dtype)
+    gy = _maps((shape[0], cout) + shape[2:], seed=18).to(dtype)
+    mine = wk.winograd_weight_grad(x, gy)
+    assert mine.dtype == dtype and torch.equal(mine, wk.weight_grad_reference(x, gy))
+    assert torch.equal(wk.winograd_weight_grad(x.contiguous(), gy.contiguous()), mine)  # NCHW: copied
+    monkeypatch.setattr(wk, "PIECE_BYTES", 1 << 12)
+    w = _weight(cout, shape[1]).to(dtype)
+    exact, direct = (torch.ops.aten.convolution_backward(gy.to(t), x.to(t), w.to(t), None, [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, (False, True, False))[1]
+                     for t in (torch.float64, dtype))
+    assert _relative(wk.winograd_weight_grad(x, gy), exact) < max(4 * _relative(direct, exact), 2e-6 if dtype == torch.float32 else 2 ** -7)
+    assert wk.winograd_weight_grad(x.double(), gy.double()) is None
+
+
 def test_other_dtypes_take_pytorchs_convolution():
     x, w = _maps((2, 4, 5, 5), dtype=torch.float64), _weight(3, 4, dtype=torch.float64)
     assert wk.winograd_conv2d(x, w) is None
+    assert wk.winograd_conv2d(x.float(), w.bfloat16()) is None  # mixed dtypes
     assert torch.equal(wk.conv2d(x, w), F.conv2d(x, w, padding=1))
 
 
@@ -150,7 +214,13 @@ def test_where_the_route_declines(on_here, monkeypatch):
     assert not route.takes(nn.Conv2d(64, 32, 3, padding=1, bias=False), x)  # narrow output
     assert not route.takes(conv, x.contiguous())  # NCHW maps
     assert not route.takes(nn.Conv2d(64, 64, 3, padding=1, stride=2), x)  # not the tokenizer's
+    assert not route.takes(conv, x.double())  # float64 maps
+    with torch.autocast("cpu", torch.float16):
+        assert not route.takes(conv, x)
     with torch.autocast("cpu", torch.bfloat16):
+        assert route.takes(conv, x) and route.takes(conv, x.bfloat16())
+        assert not route.takes(nn.Conv2d(48, 64, 3, padding=1, bias=False), _maps((2, 48, 6, 6)))
+        monkeypatch.setattr(routes, "_winograd_min_channels_bf16", None)  # no bf16 limit here (AMX tiles, no native bf16)
         assert not route.takes(conv, x)
     with routes.configured("-winograd"):
         assert not route.takes(conv, x)
@@ -192,6 +262,100 @@ def test_spike_conv_above_its_limit_and_its_operators_take_the_route(on_here, mo
         y2.backward(gy)
     assert torch.equal(y2.detach(), F.conv2d(x, w, padding=1))
     assert _relative(xg.grad, xg2.grad.double()) < 2e-6
+
+
+@needs_library
+def test_bf16_autocast_convolves_autocasts_casts(on_here):
+    """Under CPU bf16 autocast the route convolves what autocast would hand the convolution (the maps,
+    weight and bias in bf16) by F(2x2, 3x3) in bf16; the gradients reach the float32 maps and
+    parameters through autocast's casts, near those of autocast's direct convolution."""
+    conv = nn.Conv2d(64, 96, 3, padding=1)
+    x = _maps((3, 64, 10, 7), seed=13).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = route.convolve(conv, x)
+        direct = conv(x)
+    w, b = conv.weight.detach().bfloat16(), conv.bias.detach().bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y.detach(), wk.winograd_reference(x.detach().bfloat16(), w, b))
+    gy = _maps(y.shape, seed=14).bfloat16()
+    y.backward(gy)
+    grads = [x.grad, conv.weight.grad, conv.bias.grad]
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert torch.equal(x.grad, wk.input_grad(gy, w).float())
+    x.grad = None
+    conv.zero_grad()
+    direct.backward(gy)
+    for mine, theirs in zip(grads, [x.grad, conv.weight.grad, conv.bias.grad]):
+        assert _relative(mine, theirs.double()) < 2 ** -6
+
+
+@needs_library
+def test_a_bf16_training_step_strays_from_float32_no_more_than_autocasts_own(on_here):
+    """A bf16 training step of a zoo model with the route (every tokenizer convolution from 64
+    channels by F(2x2, 3x3) in bf16: forward, input and weight gradients): spikes flip wherever a
+    membrane lies within bf16 rounding of the threshold, in either computation, so its gradients
+    are compared with the float32 step's as autocast's direct convolutions' are: no further off."""
+    from spikingformer.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("spikingformer_cifar10_4_384", depth=1).train()
+    x, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 7, 3, 2])
+    calls = []
+    real = wk.winograd_weight_grad
+
+    def step(spec, bf16):
+        model.zero_grad()
+        with routes.configured(spec + ",-spike_conv"), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    exact = step("-winograd", False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wk, "winograd_weight_grad", lambda *a: calls.append(a[0].dtype) or real(*a))
+        mine = step("+winograd", True)
+    assert calls and set(calls) == {torch.bfloat16}  # the stages from 96 channels (48 -> 96 declines)
+    autocast = step("-winograd", True)
+    assert (mine - exact).norm() <= 1.25 * (autocast - exact).norm()
+
+
+@needs_library
+def test_spike_conv_operators_take_the_route_in_bf16(on_here, monkeypatch):
+    """Under bf16 autocast, spike maps that spike_conv leaves dense go to the route in bf16, and its
+    training operator's dense forward and input gradient run by F(2x2, 3x3) in bf16."""
+    from spikingformer.layers import spike_conv
+
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = (torch.rand(4, 64, 8, 8, generator=torch.Generator().manual_seed(5)) < 0.6).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = conv.weight.detach().bfloat16()
+    with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
+        assert torch.equal(spike_conv.convolve(conv, x), wk.winograd_reference(x.bfloat16(), w))
+    monkeypatch.setattr(spike_conv, "_limits", lambda maps: {"min_channels": 64, "train": 0.1, "infer": 0.1,
+                                                             "weight_grad": 0.9})
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = spike_conv.convolve(conv, xg)
+    assert torch.equal(y.detach(), wk.winograd_reference(x.bfloat16(), w))
+    gy = _maps(y.shape, seed=6).bfloat16()
+    y.backward(gy)
+    assert torch.equal(xg.grad, wk.input_grad(gy, w).float())
+
+
+@needs_library
+def test_spike_conv_backward_above_its_limit_takes_winograds_weight_gradient():
+    """Where the operator's backward does not sum the weight gradient (above its limit), it runs by
+    F(2x2, 3x3) from the unpacked spikes where ``winograd``, else PyTorch's."""
+    x = (torch.rand(2, 64, 6, 6, generator=torch.Generator().manual_seed(7)) < 0.5).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, g = _weight(32, 64), _maps((2, 32, 6, 6), seed=8)
+    _, packed = conv_ops.spike_conv_train(x, w, None, -1.0, -1.0, -1.0, True)
+    for winograd in (True, False):
+        gw = conv_ops.spike_conv_train_backward(packed, g, w, list(x.shape), True, -1.0, [False, True, False], winograd)[1]
+        exact = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
+                                                    False, [0, 0], 1, (False, True, False))[1]
+        assert _relative(gw, exact) < 2e-6
+        if winograd:
+            assert torch.equal(gw, wk.winograd_weight_grad(x, g))
 
 
 @needs_library

@@ -60,10 +60,13 @@ def _mkl_line() -> str:
 
 
 def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = True,
-               wide_limit: float | None = None, conv: dict | None = None, spike_conv_on: bool = True) -> str:
+               wide_limit: float | None = None, conv: dict | None = None, spike_conv_on: bool = True,
+               winograd_channels: int | None = None) -> str:
     """The bf16 line: native or emulated (``--amp auto``'s choice), and what the spike linear does in it
-    (``wide_limit``: its limit for wide layers, where higher) and the spike convolution (``conv``: its
-    :data:`routes.SPIKE_CONV_BF16` entry for this CPU, None where it has none)."""
+    (``wide_limit``: its limit for wide layers, where higher), the dense convolutions where the
+    ``winograd`` route takes them in bf16 (``winograd_channels``: its least channels, None where it
+    does not run) and the spike convolution (``conv``: its :data:`routes.SPIKE_CONV_BF16` entry for
+    this CPU, None where it has none)."""
     if not native:
         return "emulated (no AVX512-BF16 or AMX, or capped): `--amp auto` stays float32"
     if not spike_linear_on:
@@ -74,6 +77,8 @@ def _bf16_line(native: bool, spike_limit: float | None, spike_linear_on: bool = 
             how += f" ({wide_limit:g} in layers with at least twice as many outputs as inputs)"
     else:
         how = "spike_linear keeps autocast's bf16 products (matrix tiles, or no limit measured for this ISA)"
+    if winograd_channels is not None:
+        how += f"; winograd runs bf16 convolutions of {winograd_channels} channels or more by F(2x2, 3x3)"
     if not spike_conv_on:
         how += "; the spike_conv route is off"
     elif conv is not None:
@@ -142,7 +147,8 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
                                                  ": not measured, so no speed route is on")),
         ("bf16", _bf16_line(native_bf16(), routes.bf16_limit(), routes.enabled("spike_linear"),
                             routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()),
-                            routes.bf16_limit(routes.SPIKE_CONV_BF16), routes.enabled("spike_conv"))),
+                            routes.bf16_limit(routes.SPIKE_CONV_BF16), routes.enabled("spike_conv"),
+                            routes._winograd_min_channels_bf16 if routes.enabled("winograd") else None)),
         ("int8 matrix tiles (AMX)", "yes: spike_conv's int8 pieces take the spike maps the accumulation declines "
                                     "(inference, and training's forward)" if native_int8()
                                     else "no: spike maps the accumulation declines take the float32 convolution"),

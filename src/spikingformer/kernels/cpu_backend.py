@@ -122,9 +122,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_spike_attention.restype = ci
     lib.sf_spike_attention_backward.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, ci, f32, ci]
     lib.sf_spike_attention_backward.restype = ci
-    lib.sf_winograd_input.argtypes = [vp, vp, i64, i64, i64, i64, ci]
-    lib.sf_winograd_input.restype = ci
-    lib.sf_winograd_output.argtypes = [vp, vp, vp, i64, i64, i64, i64, ci]
+    lib.sf_winograd_input.argtypes = lib.sf_winograd_grad_tiles.argtypes = [vp, vp, i64, i64, i64, i64, ci, ci]
+    lib.sf_winograd_input.restype = lib.sf_winograd_grad_tiles.restype = ci
+    lib.sf_winograd_output.argtypes = [vp, vp, vp, i64, i64, i64, i64, ci, ci]
     lib.sf_winograd_output.restype = ci
 
 

@@ -108,7 +108,7 @@ def _rate(x: torch.Tensor, rate: float) -> float:
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], winograd: bool) -> torch.Tensor:
     """PyTorch's convolution, its output channels-last (as the other ways write it); by F(2x2, 3x3)
-    where ``winograd`` (the route's choice: float32 maps) and the weight is finite."""
+    where ``winograd`` (the route's choice: float32, or bf16 under CPU bf16 autocast) and the weight is finite."""
     if winograd and _finite(weight):
         return winograd_kernels.conv2d(x, weight, bias)
     y = torch.nn.functional.conv2d(x, weight, bias, padding=1)
@@ -181,7 +181,7 @@ def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: 
     empty unless ``needs`` asks for it; the input's gradient in its layout (``channels_last``), the
     others contiguous. A bf16 weight gradient is summed in float32 and rounded once. ``winograd``: the
     input gradient by F(2x2, 3x3) (the convolution of ``grad`` with the flipped weight) where the
-    weight is finite."""
+    weight is finite, and the weight gradient by F(2x2, 3x3) where it is not summed."""
     layout = _layout(channels_last)
     gx, gw, gb = (grad.new_empty(0) for _ in range(3))  # distinct: an operator's outputs may not alias
     if needs[0] and winograd and _finite(weight):
@@ -194,7 +194,9 @@ def spike_conv_train_backward(packed: torch.Tensor, grad: torch.Tensor, weight: 
         if gw is None:
             n, c, h, w = shape
             x = unpack_spikes(packed, c, weight.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
-            gw = _convolution_backward(grad, x.contiguous(memory_format=layout), weight, (False, True, False))[1]
+            x = x.contiguous(memory_format=layout)
+            gw = (winograd_kernels.weight_grad(x, grad, weight) if winograd
+                  else _convolution_backward(grad, x, weight, (False, True, False))[1])
         gw = gw.to(weight.dtype).contiguous()
     if needs[2]:
         gb = grad.sum((0, 2, 3))

@@ -64,12 +64,16 @@ compute, faster or in less memory. The blocks ask :func:`enabled` before taking 
 * ``winograd``: the tokenizer's float32 3x3 convolutions that the spike routes leave dense (the maps
   above ``spike_conv``'s firing-rate limits, the stage-0 convolution where it is wide enough, the
   dense convolutions inside ``spike_conv``'s operators), with at least
-  :data:`WINOGRAD_MIN_CHANNELS` input and output channels (per ISA), outside autocast,
-  ``torch.compile`` and ``torch.jit.trace``: by Winograd's F(2x2, 3x3) (:mod:`spikingformer.kernels.winograd`: 16 products
+  :data:`WINOGRAD_MIN_CHANNELS` input and output channels (per ISA), outside ``torch.compile``
+  and ``torch.jit.trace``: by Winograd's F(2x2, 3x3) (:mod:`spikingformer.kernels.winograd`: 16 products
   per tile of 2x2 outputs where the direct convolution takes 36, the transforms in C++), the
-  forward and, in training, the input gradient (the weight gradient stays PyTorch's). The
+  forward and, in training, the input and weight gradients. The
   transforms add and subtract before and after the products: float32 rounding differs from the
-  direct convolution's (no larger against float64, measured).
+  direct convolution's (no larger against float64, measured). Under CPU bf16 autocast, where bf16
+  products run on vector units and :data:`WINOGRAD_MIN_CHANNELS_BF16` has a limit, the same in
+  bf16 on autocast's casts (transforms in float32, each result rounded once to bf16; against
+  float64 about 1.5-3x the direct bf16 convolution's error, within about one bf16 step of the
+  largest output).
 * ``batch_pieces``: in inference (no autograd, the tokenizer in eval mode, no hooks on it or its
   modules), the tokenizer runs on pieces of the batch whose stem output holds at most
   :data:`~spikingformer.layers.batch_pieces.PIECE_BYTES` on the CPU, and joins the
@@ -158,6 +162,10 @@ SPIKE_CONV_MAX_DENSITY = {"avx512": {"train": 0.20, "infer": 0.10, "weight_grad"
 # level; an AMD EPYC Zen 4 with AVX-512: 1.14-1.33x from 96 input channels, 0.93x at 64). An ISA not
 # measured has none: the route does not run there.
 WINOGRAD_MIN_CHANNELS = {"avx512": 96, "avx2": 64}
+# Per ISA, the same under CPU bf16 autocast where bf16 products run on vector units (bf16_limit),
+# against autocast's bf16 direct convolution (an AMD EPYC Zen 4: forward 1.11-1.43x, input gradient
+# 1.11-1.44x from 64 input channels, 0.77-0.84x at 32-48). None elsewhere (AMX's tiles: unmeasured).
+WINOGRAD_MIN_CHANNELS_BF16 = {"avx512": 64}
 # Per ISA, spike_conv's inference limit on the layers winograd takes: there the dense alternative is
 # F(2x2, 3x3), not the direct convolution SPIKE_CONV_MAX_DENSITY's "infer" was placed against
 # (benchmarks/bench_spike_conv.py on the Zen 3: Winograd's time over the accumulation's on the six
@@ -227,6 +235,7 @@ _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for
                                                                    for p in ("train", "infer", "weight_grad")})
 _spike_conv_bf16 = bf16_limit(SPIKE_CONV_BF16)
 _winograd_min_channels = WINOGRAD_MIN_CHANNELS.get(cpu_isa())
+_winograd_min_channels_bf16 = bf16_limit(WINOGRAD_MIN_CHANNELS_BF16)
 _spike_conv_infer_beside_winograd = SPIKE_CONV_INFER_BESIDE_WINOGRAD.get(cpu_isa())
 
 

@@ -53,7 +53,7 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rate its backward unpacks the bits for PyTorch's weight gradient). Under CPU bf16 autocast the
     operators take autocast's casts of the maps, weight and bias (bf16). Where ``winograd`` takes
     the maps (:func:`~spikingformer.layers.winograd.takes`), the operators' dense convolutions run
-    by F(2x2, 3x3): their float32 forward, and in training the input gradient; and the inference
+    by F(2x2, 3x3) (in bf16 under bf16 autocast): their forward, and in training the input gradient; and the inference
     limit is at most :data:`~spikingformer.layers.routes.SPIKE_CONV_INFER_BESIDE_WINOGRAD` (this
     ISA's), measured against F(2x2, 3x3). Values differ from the dense convolution's by rounding."""
     if not takes(conv, x):

@@ -18,6 +18,16 @@ from spikingformer.kernels.finite import all_finite
 from spikingformer.layers import routes
 
 
+def _dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``winograd`` computes ``conv(x)`` in: float32 for float32 maps outside autocast;
+    bfloat16 for float32 or bfloat16 maps under CPU bf16 autocast where the route has a bf16 limit
+    on this CPU (:data:`~spikingformer.layers.routes.WINOGRAD_MIN_CHANNELS_BF16`); else None."""
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    return torch.bfloat16 if bf16 and routes._winograd_min_channels_bf16 is not None else None
+
+
 def plain_3x3(conv: nn.Module) -> bool:
     """A plain ``nn.Conv2d`` as :class:`~spikingformer.layers.blocks.ConvBN` makes it (3x3, stride 1,
     padding 1, no groups or dilation; a bias after ConvBN fusion), float32 on the CPU, with no hooks
@@ -33,19 +43,26 @@ def plain_3x3(conv: nn.Module) -> bool:
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``winograd`` computes ``conv(x)`` for maps ``x`` ``(N, C_in, H, W)``: the route on, a
     plain 3x3 convolution (:func:`plain_3x3`) with a finite weight and at least
-    :data:`~spikingformer.layers.routes.WINOGRAD_MIN_CHANNELS` input and output channels (this ISA's),
-    non-empty float32 channels-last CPU maps, outside CPU autocast, ``torch.compile`` (whose
-    compiler picks its own convolution) and ``torch.jit.trace`` (which cannot see the C++ passes)."""
-    least = routes._winograd_min_channels
-    return (routes.enabled("winograd") and least is not None and plain_3x3(conv) and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0 and winograd.channels_last(x)
-            and min(x.shape[1], conv.out_channels) >= least
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    :data:`~spikingformer.layers.routes.WINOGRAD_MIN_CHANNELS` input and output channels (this ISA's;
+    under bf16 autocast :data:`~spikingformer.layers.routes.WINOGRAD_MIN_CHANNELS_BF16`'s, see
+    :func:`_dtype`), non-empty channels-last CPU maps, outside ``torch.compile`` (whose compiler
+    picks its own convolution) and ``torch.jit.trace`` (which cannot see the C++ passes)."""
+    dtype = _dtype(x) if x.device.type == "cpu" else None
+    least = routes._winograd_min_channels if dtype == torch.float32 else routes._winograd_min_channels_bf16
+    return (routes.enabled("winograd") and dtype is not None and least is not None and plain_3x3(conv)
+            and x.dim() == 4 and x.numel() > 0 and winograd.channels_last(x)
+            and min(x.shape[1], conv.out_channels) >= least and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and all_finite(conv.weight.detach()))
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``: by F(2x2, 3x3) (:func:`~spikingformer.kernels.winograd.conv2d`, differentiable)
-    where :func:`takes` says so, else the module call. Values differ from the module's by rounding."""
-    return winograd.conv2d(x, conv.weight, conv.bias) if takes(conv, x) else conv(x)
+    where :func:`takes` says so, else the module call; under bf16 autocast of autocast's casts of
+    the maps, weight and bias, as the module call would be. Values differ from the module's by rounding."""
+    if not takes(conv, x):
+        return conv(x)
+    if not torch.is_autocast_enabled("cpu"):
+        return winograd.conv2d(x, conv.weight, conv.bias)
+    bias = conv.bias.to(torch.bfloat16) if conv.bias is not None else None  # what autocast hands the convolution
+    return winograd.conv2d(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16), bias)
