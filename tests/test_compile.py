@@ -151,16 +151,18 @@ def test_compile_fullgraph_aot_eager_equals_eager(monkeypatch):
     train, with every speed route on but ``token_linear``: in-place inference BN and (threshold
     lowered to reach it) the tokenizer's memory-lean recompute, which steps aside under compile.
     (``token_linear`` computes eager's products with oneDNN and leaves compiled graphs PyTorch's,
-    which round otherwise: tests/test_products.py compares those to rounding.)"""
+    which round otherwise: tests/test_products.py compares those to rounding; ``winograd`` likewise
+    steps aside under compile, where the compiler picks the convolution: tests/test_winograd.py.)"""
     monkeypatch.setattr(layers.routes, "RECOMPUTE_MIN_ELEMENTS", 0)
-    with layers.routes.configured("all,-token_linear"):
+    with layers.routes.configured("all,-token_linear,-winograd"):
         _compiled_equals_eager("aot_eager", torch.float32, exact=True)
 
 
 @pytest.mark.slow
 def test_compile_under_bf16_autocast_equals_eager():
     """Under CPU bf16 autocast the fused routes read and write bf16 maps; compiled (``aot_eager``) with
-    them in the graph, a training step's logits and gradients equal eager's bit for bit."""
+    them in the graph, a training step's logits and gradients equal eager's bit for bit. (``winograd``
+    off on both sides: it steps aside under compile, where the compiler picks the convolution.)"""
     torch._dynamo.reset()
     model = _digits_model()
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -169,7 +171,7 @@ def test_compile_under_bf16_autocast_equals_eager():
     for backend in (None, "aot_eager"):
         model.load_state_dict(state)
         run = torch.compile(model, fullgraph=True, backend=backend) if backend else model
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), layers.routes.configured("-winograd"):
             results.append(_train_step(model, x, run))
     (out0, grads0), (out1, grads1) = results
     assert out0.dtype == torch.bfloat16 and torch.equal(out0, out1)
