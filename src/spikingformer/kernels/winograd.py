@@ -55,6 +55,12 @@ DTYPES = (torch.float32, torch.bfloat16)  # what the C++ transforms read and wri
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
+def _g_kron_g(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``G (x) G`` ``(16, 9)``: row ``4 i + j`` maps a 3x3 kernel to its transform at tile position (i, j)."""
+    g = torch.tensor(_G, dtype=dtype, device=device)
+    return torch.kron(g, g)
+
+
 def weight_transform(weight: torch.Tensor) -> torch.Tensor:
     """``U = G w G^T`` for every (output, input) channel pair of ``weight`` ``(C_out, C_in, 3, 3)``:
     ``(16, C_in, C_out)`` (index ``4 i + j`` for the tile position ``(i, j)``), the products' right
@@ -62,9 +68,8 @@ def weight_transform(weight: torch.Tensor) -> torch.Tensor:
     as it is. One product of ``G (x) G`` with the pairs' 9 weights (``U[i, j] = sum_ab G[i, a]
     G[j, b] w[a, b]``; the entries of ``G (x) G`` are 0, +-1/4, +-1/2 and 1, exact)."""
     wide = weight.float() if weight.dtype == torch.bfloat16 else weight  # bfloat16: in float32, rounded once
-    g = torch.tensor(_G, dtype=wide.dtype, device=weight.device)
     with torch.autocast(weight.device.type, enabled=False):
-        u = (torch.kron(g, g) @ wide.reshape(-1, 9).T).to(weight.dtype)  # (16, C_out C_in)
+        u = (_g_kron_g(wide.dtype, weight.device) @ wide.reshape(-1, 9).T).to(weight.dtype)  # (16, C_out C_in)
     return u.view(16, weight.shape[0], weight.shape[1]).transpose(1, 2)
 
 
@@ -195,10 +200,9 @@ def grad_tiles(g: torch.Tensor) -> torch.Tensor:
 def _weight_from_tiles(du: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight gradient ``(K, C, 3, 3)`` in ``dtype`` from the gradient ``du`` ``(16, C, K)`` of
     :func:`weight_transform`'s ``U`` (its adjoint: ``G^T dU G``), computed in du's dtype."""
-    g = torch.tensor(_G, dtype=du.dtype, device=du.device)
     _, c, k = du.shape
     with torch.autocast(du.device.type, enabled=False):
-        dw = torch.kron(g, g).T @ du.transpose(1, 2).reshape(16, k * c)  # (9, K C)
+        dw = _g_kron_g(du.dtype, du.device).T @ du.transpose(1, 2).reshape(16, k * c)  # (9, K C)
     return dw.T.reshape(k, c, 3, 3).to(dtype)
 
 

@@ -68,10 +68,7 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # above the limit the module call (or winograd's), but for the int8 pieces (float32 on a CPU with AMX) in the operators
     if rate > (limits["weight_grad"] if training else infer) and (autocast or not ops.native_int8()):
         return winograd.convolve(conv, x)
-    weight, bias = conv.weight, conv.bias
-    if autocast:  # what autocast hands the convolution
-        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        bias = bias.to(torch.bfloat16) if bias is not None else None
+    x, weight, bias = winograd.operands(conv, x)  # under autocast, what autocast hands the convolution
     if training:
         return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate, wino)
     return ops.convolve(x, weight, bias, infer, rate, wino)

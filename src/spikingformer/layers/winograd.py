@@ -28,6 +28,15 @@ def _dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.bfloat16 if bf16 and routes._winograd_min_channels_bf16 is not None else None
 
 
+def operands(conv: nn.Module, x: torch.Tensor) -> tuple:
+    """``(x, weight, bias)`` as the module call's convolution gets them: under CPU autocast, autocast's
+    bf16 casts (the routes take no other autocast dtype); else ``conv``'s own."""
+    if not torch.is_autocast_enabled("cpu"):
+        return x, conv.weight, conv.bias
+    bias = conv.bias.to(torch.bfloat16) if conv.bias is not None else None
+    return x.to(torch.bfloat16), conv.weight.to(torch.bfloat16), bias
+
+
 def plain_3x3(conv: nn.Module) -> bool:
     """A plain ``nn.Conv2d`` as :class:`~spikingformer.layers.blocks.ConvBN` makes it (3x3, stride 1,
     padding 1, no groups or dilation; a bias after ConvBN fusion), float32 on the CPU, with no hooks
@@ -58,11 +67,6 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``: by F(2x2, 3x3) (:func:`~spikingformer.kernels.winograd.conv2d`, differentiable)
-    where :func:`takes` says so, else the module call; under bf16 autocast of autocast's casts of
-    the maps, weight and bias, as the module call would be. Values differ from the module's by rounding."""
-    if not takes(conv, x):
-        return conv(x)
-    if not torch.is_autocast_enabled("cpu"):
-        return winograd.conv2d(x, conv.weight, conv.bias)
-    bias = conv.bias.to(torch.bfloat16) if conv.bias is not None else None  # what autocast hands the convolution
-    return winograd.conv2d(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16), bias)
+    where :func:`takes` says so, else the module call; of :func:`operands` (under bf16 autocast,
+    autocast's casts). Values differ from the module's by rounding."""
+    return winograd.conv2d(*operands(conv, x)) if takes(conv, x) else conv(x)
