@@ -608,7 +608,7 @@ def test_zoo_model_with_and_without_the_route_agrees_to_rounding(name, shape, li
 
     # 1.0: every wide one summed (the limit beside winograd lifted too)
     monkeypatch.setattr(routes, "_spike_conv_max_density", {"train": limit, "infer": limit, "weight_grad": limit})
-    monkeypatch.setattr(routes, "_spike_conv_infer_beside_winograd", None)
+    monkeypatch.setattr(routes, "_spike_conv_beside_winograd", {})
     torch.manual_seed(0)
     model = create_model(name, depth=1, **({"time_steps": 4} if len(shape) == 5 else {})).eval()
     for bn in (s.bn for s in model.tokenizer.stages):  # statistics that make the tokenizer fire

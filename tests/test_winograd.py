@@ -48,9 +48,11 @@ def _relative(a: torch.Tensor, exact: torch.Tensor) -> float:
 
 @pytest.fixture
 def on_here(monkeypatch):
-    """The route on, with a least channel count of 64 whatever this CPU's ISA (under bf16 autocast too)."""
+    """The route on, with a least channel count of 64 whatever this CPU's ISA (under bf16 autocast too), and
+    spike_conv's limits beside it none (the test that tests them sets them)."""
     monkeypatch.setattr(routes, "_winograd_min_channels", 64)
     monkeypatch.setattr(routes, "_winograd_min_channels_bf16", 64)
+    monkeypatch.setattr(routes, "_spike_conv_beside_winograd", {})
     with routes.configured("+winograd"):
         yield
 
@@ -359,25 +361,43 @@ def test_spike_conv_backward_above_its_limit_takes_winograds_weight_gradient():
 
 
 @needs_library
-def test_spike_conv_inference_limit_is_lower_beside_winograd(on_here, monkeypatch):
-    """In inference, maps firing between SPIKE_CONV_INFER_BESIDE_WINOGRAD and spike_conv's own limit
-    go to F(2x2, 3x3) where winograd takes the layer (measured faster there), else to the sums."""
+def test_spike_conv_limits_are_lower_beside_winograd(on_here, monkeypatch):
+    """Maps firing between SPIKE_CONV_BESIDE_WINOGRAD's limits and spike_conv's own go to F(2x2, 3x3)
+    where winograd takes the layer (measured faster there), else to the sums: in inference the
+    accumulation, in training the operator (the forward dense, the weight gradient summed)."""
     from spikingformer.kernels import spike_conv as sc
     from spikingformer.layers import spike_conv
 
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
     x = (torch.rand(4, 64, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.25).float()
     x = x.contiguous(memory_format=torch.channels_last)
-    w = conv.weight.detach()
-    monkeypatch.setattr(spike_conv, "_limits", lambda maps: {"min_channels": 64, "train": 0.3, "infer": 0.3,
+    w, g = conv.weight.detach(), _maps((4, 64, 8, 8), seed=5)
+    monkeypatch.setattr(spike_conv, "_limits", lambda maps: {"min_channels": 64, "train": 0.2, "infer": 0.3,
                                                              "weight_grad": 0.45})
-    monkeypatch.setattr(routes, "_spike_conv_infer_beside_winograd", 0.2)
-    with torch.inference_mode():
-        assert torch.equal(spike_conv.convolve(conv, x), wk.winograd_reference(x, w))
-        with routes.configured("-winograd"):  # the direct convolution beside it: the old limit, the sums
-            assert torch.equal(spike_conv.convolve(conv, x), sc.accumulate_conv_reference(x, w))
-        monkeypatch.setattr(routes, "_spike_conv_infer_beside_winograd", None)  # an ISA without that limit
-        assert torch.equal(spike_conv.convolve(conv, x), sc.accumulate_conv_reference(x, w))
+
+    def train():  # the output and the weight gradient, autograd's last node
+        conv.weight.grad = None
+        y = spike_conv.convolve(conv, x)
+        y.backward(g)
+        return y.detach(), conv.weight.grad, type(y.grad_fn).__name__
+
+    for beside in ({"infer": 0.2, "weight_grad": 0.2}, {}):  # an ISA with limits beside it, one without
+        monkeypatch.setattr(routes, "_spike_conv_beside_winograd", beside)
+        with torch.inference_mode():
+            y = spike_conv.convolve(conv, x)
+        y_train, gw, node = train()
+        if beside:  # winograd's convolution and its autograd node
+            assert torch.equal(y, wk.winograd_reference(x, w)) and torch.equal(y_train, y)
+            assert node == "_WinogradBackward" and torch.equal(gw, wk.winograd_weight_grad(x, g))
+        else:  # the sums (the training forward above its limit: dense, by F(2x2, 3x3))
+            assert torch.equal(y, sc.accumulate_conv_reference(x, w))
+            assert node != "_WinogradBackward" and torch.equal(y_train, wk.winograd_reference(x, w))
+            assert torch.equal(gw, sc.accumulate_conv_weight_grad_reference(x, g).to(gw.dtype))
+        with routes.configured("-winograd"):  # the direct convolution beside them: the old limits, the sums
+            with torch.inference_mode():
+                assert torch.equal(spike_conv.convolve(conv, x), sc.accumulate_conv_reference(x, w))
+            y_train, gw, node = train()
+            assert node != "_WinogradBackward" and torch.equal(y_train, F.conv2d(x, w, padding=1))
 
 
 @needs_library

@@ -166,11 +166,15 @@ WINOGRAD_MIN_CHANNELS = {"avx512": 96, "avx2": 64}
 # against autocast's bf16 direct convolution (an AMD EPYC Zen 4: forward 1.11-1.43x, input gradient
 # 1.11-1.44x from 64 input channels, 0.77-0.84x at 32-48). None elsewhere (AMX's tiles: unmeasured).
 WINOGRAD_MIN_CHANNELS_BF16 = {"avx512": 64}
-# Per ISA, spike_conv's inference limit on the layers winograd takes: there the dense alternative is
-# F(2x2, 3x3), not the direct convolution SPIKE_CONV_MAX_DENSITY's "infer" was placed against
-# (benchmarks/bench_spike_conv.py on the Zen 3: Winograd's time over the accumulation's on the six
-# layers from 64 channels, geometric mean 1.05 at a firing rate of 0.20, 0.86 at 0.25, 0.73 at 0.30).
-SPIKE_CONV_INFER_BESIDE_WINOGRAD = {"avx2": 0.20}
+# Per ISA, spike_conv's limits on the layers winograd takes (each at most SPIKE_CONV_MAX_DENSITY's): there
+# the dense alternative is F(2x2, 3x3), not the direct convolution the others were placed against
+# (benchmarks/bench_spike_conv.py). "infer", on the Zen 3: Winograd's time over the accumulation's on
+# the six layers from 64 channels, geometric mean 1.05 at a firing rate of 0.20, 0.86 at 0.25, 0.73 at
+# 0.30. "weight_grad", capped at AVX2 on a Zen 4 (ONEDNN_MAX_CPU_ISA=AVX2, x86-64-v3 kernels) since
+# the weight gradient runs by F(2x2, 3x3) too: the summed weight gradient ahead of the route's dense
+# form on five of the six layers at 0.30, level at 0.35 (geometric means 1.31x and 1.29x autograd's
+# direct step), behind on all six at 0.40.
+SPIKE_CONV_BESIDE_WINOGRAD = {"avx2": {"infer": 0.20, "weight_grad": 0.35}}
 # Per ISA, the same under CPU bf16 autocast where bf16 runs on vector units, with its least input channels
 # (an AMD EPYC Zen 5: docs/performance-log.md, "Spike convolution in bf16"); elsewhere the dense convolution.
 SPIKE_CONV_BF16 = {"avx512": {"min_channels": 128, "train": 0.10, "infer": 0.10, "weight_grad": 0.10}}
@@ -236,7 +240,7 @@ _spike_conv_max_density = SPIKE_CONV_MAX_DENSITY.get(cpu_isa(), {p: min(d[p] for
 _spike_conv_bf16 = bf16_limit(SPIKE_CONV_BF16)
 _winograd_min_channels = WINOGRAD_MIN_CHANNELS.get(cpu_isa())
 _winograd_min_channels_bf16 = bf16_limit(WINOGRAD_MIN_CHANNELS_BF16)
-_spike_conv_infer_beside_winograd = SPIKE_CONV_INFER_BESIDE_WINOGRAD.get(cpu_isa())
+_spike_conv_beside_winograd = SPIKE_CONV_BESIDE_WINOGRAD.get(cpu_isa(), {})
 
 
 def spike_limit_bf16(in_features: int, out_features: int) -> float | None:

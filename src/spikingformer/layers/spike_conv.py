@@ -53,8 +53,8 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rate its backward unpacks the bits for PyTorch's weight gradient). Under CPU bf16 autocast the
     operators take autocast's casts of the maps, weight and bias (bf16). Where ``winograd`` takes
     the maps (:func:`~spikingformer.layers.winograd.takes`), the operators' dense convolutions run
-    by F(2x2, 3x3) (in bf16 under bf16 autocast): their forward, and in training the input gradient; and the inference
-    limit is at most :data:`~spikingformer.layers.routes.SPIKE_CONV_INFER_BESIDE_WINOGRAD` (this
+    by F(2x2, 3x3) (in bf16 under bf16 autocast): their forward, and in training the input gradient and
+    the weight gradient where it is not summed; and the limits are at most :data:`~spikingformer.layers.routes.SPIKE_CONV_BESIDE_WINOGRAD`'s (this
     ISA's), measured against F(2x2, 3x3). Values differ from the dense convolution's by rounding."""
     if not takes(conv, x):
         return winograd.convolve(conv, x)
@@ -62,13 +62,12 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rate = -1.0 if torch.compiler.is_compiling() else ops.sampled_rate(x)  # -1: the operator counts it
     training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
     wino = winograd.takes(conv, x)
-    infer = limits["infer"]
-    if wino and routes._spike_conv_infer_beside_winograd is not None:  # beside F(2x2, 3x3), not the direct one
-        infer = min(infer, routes._spike_conv_infer_beside_winograd)
+    if wino:  # beside F(2x2, 3x3), not the direct convolution
+        limits = {p: min(v, routes._spike_conv_beside_winograd.get(p, v)) for p, v in limits.items()}
     # above the limit the module call (or winograd's), but for the int8 pieces (float32 on a CPU with AMX) in the operators
-    if rate > (limits["weight_grad"] if training else infer) and (autocast or not ops.native_int8()):
+    if rate > limits["weight_grad" if training else "infer"] and (autocast or not ops.native_int8()):
         return winograd.convolve(conv, x)
     x, weight, bias = winograd.operands(conv, x)  # under autocast, what autocast hands the convolution
     if training:
         return ops.convolve_train(x, weight, bias, limits["train"], limits["weight_grad"], rate, wino)
-    return ops.convolve(x, weight, bias, infer, rate, wino)
+    return ops.convolve(x, weight, bias, limits["infer"], rate, wino)
