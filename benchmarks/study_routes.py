@@ -21,7 +21,10 @@ whole models); the MLP's first ConvBN -> SN and the whole models in training
 
 Every case runs on and off alternately (the order swapped every repetition, so a change in the
 machine's load falls on both), after one warm-up each; the table gives the median of each and the
-ratio on / off (below 1: the route is faster). The default clock is the calling thread's CPU time
+ratio on / off (below 1: the route is faster). A last table sums up the whole-model cases per route
+(geometric mean of on / off) and prints the ``SPIKINGFORMER_ROUTES`` value that would turn on the
+routes faster there and off the slower ones, each by more than 3%: on a CPU whose ISA has no
+measured rule (an Arm CPU, say), that value sets the routes by this machine's measurement. The default clock is the calling thread's CPU time
 with one torch thread, which other processes on a shared machine barely disturb.
 
 Usage::
@@ -39,6 +42,7 @@ As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -237,6 +241,58 @@ def measure(run: Callable[[], None], route: str, reps: int, clock: Callable[[], 
     return statistics.median(times["+"]), statistics.median(times["-"])
 
 
+WHOLE_MODEL = "whole model"  # the cases whose ratios make a route's verdict
+MARGIN = 0.03  # how far a route's geometric mean of on / off must lie from 1 to suggest a change
+
+
+def suggestion(rows: list[tuple[str, str, float]], on_now: frozenset[str], kept: frozenset[str]
+               ) -> list[tuple[str, float, str]]:
+    """Per route with whole-model rows among ``rows`` (route, case label, on / off): ``(route,
+    geometric mean of on / off, change)``, the change ``"+route"`` where the route is off
+    (``on_now``) and was faster by more than :data:`MARGIN`, ``"-route"`` where it is on and was
+    slower by more, else ``""``; routes in ``kept`` (on for memory or work, whatever their time)
+    get no change."""
+    ratios: dict[str, list[float]] = {}
+    for route, label, ratio in rows:
+        if label.startswith(WHOLE_MODEL):
+            ratios.setdefault(route, []).append(ratio)
+    out = []
+    for route, rs in ratios.items():
+        mean = math.exp(sum(math.log(r) for r in rs) / len(rs))
+        change = ""
+        if route not in kept and route not in on_now and mean < 1 - MARGIN:
+            change = "+" + route
+        elif route not in kept and route in on_now and mean > 1 + MARGIN:
+            change = "-" + route
+        out.append((route, mean, change))
+    return out
+
+
+def print_suggestion(rows: list[tuple[str, str, float]], bf16: bool = False, quick: bool = False) -> None:
+    """The whole-model verdicts (:func:`suggestion`) and the ``SPIKINGFORMER_ROUTES`` value they add up to
+    (``bf16``: timed under bf16 autocast, which the variable cannot tell from float32; ``quick``: tiny
+    models, from which no value is drawn)."""
+    from spikingformer.layers import routes
+
+    verdicts = suggestion(rows, routes.active(), routes.ALWAYS_ON)
+    if not verdicts:
+        return
+    print(f"\nWhole models, each route's geometric mean of on / off over the passes and models timed (a "
+          f"change where a route off ran more than {MARGIN:.0%} faster on, or a route on more than {MARGIN:.0%} slower):\n")
+    print("| route | on now | on / off | change |")
+    print("|---|---|---:|---|")
+    for route, mean, change in verdicts:
+        kept = " (kept on: memory or work)" if route in routes.ALWAYS_ON else ""
+        print(f"| {route} | {'yes' if routes.enabled(route) else 'no'}{kept} | {mean:.3f} | {change or 'none'} |")
+    if quick:
+        print("\n--quick: tiny models; no value is drawn from them.")
+        return
+    changes = [c for _, _, c in verdicts if c]
+    print("\n" + (f"Suggested on this CPU: `{routes.ENV}={','.join(changes)}` (set it in the environment of "
+                   "training and inference)" if changes else "The defaults hold on this CPU for the routes timed.")
+          + (" Timed under bf16 autocast: the variable sets the routes for float32 too." if bf16 else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -280,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
           + ("; every case under CPU bf16 autocast" if args.bf16 else "") + "\n")
     print("| route | model | case | pass | on ms | off ms | on / off |")
     print("|---|---|---|---|---:|---:|---:|")
+    timed = []
     for route, model, label, kind, run in cases(args.models, args.quick, tuple(args.rates)):
         if args.routes and route not in args.routes:
             continue
         on, off = measure(run, route, args.reps, clock, args.bf16)
+        timed.append((route, label, on / off))
         print(f"| {route} | {model} | {label} | {kind} | {on * 1e3:.2f} | {off * 1e3:.2f} | {on / off:.2f} |", flush=True)
+    print_suggestion(timed, args.bf16, args.quick)
     print(f"\nRun took {time.perf_counter() - began:.0f} s; load average (1 min) at start / end: "
           f"{load:.2f} / {common.load_average():.2f}")
     return 0

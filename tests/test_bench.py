@@ -18,6 +18,7 @@ import bench_model
 import bench_scaling
 import memory_floor
 import study_limits
+import study_routes
 from conftest import BENCHMARKS
 from spikingformer import allocator
 
@@ -678,6 +679,30 @@ def test_study_routes_quick_runs_as_a_script():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " cifar " in line]
     assert {r[1].strip() for r in rows} >= {"spike_linear", "channels_last", "fused_spike_pool", "attention_order"}
     assert all(float(r[7]) > 0 for r in rows), proc.stdout
+    verdicts = [line.split("|") for line in proc.stdout.split("| route | on now |")[-1].splitlines()[2:]
+                if line.startswith("| ")]
+    assert {v[1].strip() for v in verdicts} >= {"spike_linear", "winograd", "token_linear"}, proc.stdout
+    assert "--quick: tiny models; no value is drawn" in proc.stdout
+
+
+def test_study_routes_suggests_routes_from_whole_models_only():
+    """The study's closing suggestion: per route, the geometric mean of on / off over its whole-model
+    rows (other cases ignored); a route off that ran more than 3% faster on is added, a route on that
+    ran more than 3% slower removed, one kept on for memory or work never changed."""
+    rows = [("winograd", "whole model, batch 16", 0.90), ("winograd", "whole model, batch 8", 1.00),
+            ("winograd", "tokenizer, 16 images x T=4", 2.0),  # not a whole model: ignored
+            ("token_linear", "whole model, batch 16", 1.10), ("token_linear", "whole model, batch 8", 1.02),
+            ("spike_conv", "whole model, batch 16", 0.98),  # within the margin
+            ("recompute", "whole model, batch 16", 1.50),  # kept on whatever its time
+            ("channels_last", "tokenizer, 16 images x T=4", 0.5)]  # no whole-model row: no verdict
+    verdicts = {r: (round(m, 4), c) for r, m, c in study_routes.suggestion(
+        rows, on_now=frozenset({"token_linear", "spike_conv", "recompute"}), kept=frozenset({"recompute"}))}
+    assert verdicts == {"winograd": (round(math.sqrt(0.9), 4), "+winograd"),
+                        "token_linear": (round(math.sqrt(1.10 * 1.02), 4), "-token_linear"),
+                        "spike_conv": (0.98, ""), "recompute": (1.5, "")}
+    # the same ratios the other side of the default: no change
+    same = study_routes.suggestion(rows, on_now=frozenset({"winograd"}), kept=frozenset())
+    assert {r: c for r, _, c in same} == {"winograd": "", "token_linear": "", "spike_conv": "", "recompute": ""}
 
 
 def test_study_routes_bf16_runs_only_where_bf16_is_native():
