@@ -54,8 +54,9 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     operators take autocast's casts of the maps, weight and bias (bf16). Where ``winograd`` takes
     the maps (:func:`~spikingformer.layers.winograd.takes`), the operators' dense convolutions run
     by F(2x2, 3x3) (in bf16 under bf16 autocast): their forward, and in training the input gradient and
-    the weight gradient where it is not summed; and the limits are at most :data:`~spikingformer.layers.routes.SPIKE_CONV_BESIDE_WINOGRAD`'s (this
-    ISA's), measured against F(2x2, 3x3). Values differ from the dense convolution's by rounding."""
+    the weight gradient where it is not summed; and the limits are at most
+    :data:`~spikingformer.layers.routes.SPIKE_CONV_BESIDE_WINOGRAD`'s (this ISA's), measured against
+    F(2x2, 3x3). Values differ from the dense convolution's by rounding."""
     if not takes(conv, x):
         return winograd.convolve(conv, x)
     limits, autocast = _limits(x), torch.is_autocast_enabled("cpu")
