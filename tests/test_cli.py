@@ -379,6 +379,15 @@ def _info(tmp_path, *args: str, **env: str) -> dict[str, str]:
     return dict(re.match(r"^([^:]+(?:\([^)]*\))?):\s+(.*)$", line).groups() for line in proc.stdout.splitlines())
 
 
+def test_info_on_an_isa_no_rule_measured_points_to_the_route_study(tmp_path):
+    """Where the routes' ISA key has no measured rule (PyTorch's kernels capped to their baseline here,
+    as on an Arm CPU), ``info`` says no speed route is on and how to set them by measurement."""
+    lines = _info(tmp_path, ATEN_CPU_CAPABILITY="default")
+    assert lines["vector ISA"].startswith("other (") and "not measured, so no speed route is on" in lines["vector ISA"]
+    assert "benchmarks/study_routes.py" in lines["vector ISA"] and "SPIKINGFORMER_ROUTES" in lines["vector ISA"]
+    assert set(lines["routes on"].split(", ")) == {"stem_once", "recompute", "fused_bn_spike", "batch_pieces"}
+
+
 def test_info_says_what_the_environment_chose(tmp_path):
     """``spikingformer info`` under an AVX2 cap and a route setting: the ISA key, bf16 emulated (so
     ``--amp auto`` stays float32), no int8 tiles, exactly the routes the setting leaves on, and a

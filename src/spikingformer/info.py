@@ -144,7 +144,9 @@ def describe(build: bool = False) -> list[tuple[str, str]]:
          + f"; torch threads {torch.get_num_threads()}"),
         ("vector ISA", f"{isa} (PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}; caps set: "
                        f"{', '.join(isa_variables_set()) or 'none'})" + ("" if isa in routes.MEASURED_FASTER else
-                                                 ": not measured, so no speed route is on")),
+                                                 ": not measured, so no speed route is on (`python benchmarks/"
+                                                 "study_routes.py` measures them here and prints the "
+                                                 f"{routes.ENV} value that sets them)")),
         ("bf16", _bf16_line(native_bf16(), routes.bf16_limit(), routes.enabled("spike_linear"),
                             routes.SPIKE_LINEAR_MAX_DENSITY_BF16_WIDE.get(routes.cpu_isa()),
                             routes.bf16_limit(routes.SPIKE_CONV_BF16), routes.enabled("spike_conv"),
