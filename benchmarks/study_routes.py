@@ -24,8 +24,9 @@ machine's load falls on both), after one warm-up each; the table gives the media
 ratio on / off (below 1: the route is faster). A last table sums up the whole-model cases per route
 (geometric mean of on / off) and prints the ``SPIKINGFORMER_ROUTES`` value that would turn on the
 routes faster there and off the slower ones, each by more than 3%: on a CPU whose ISA has no
-measured rule (an Arm CPU, say), that value sets the routes by this machine's measurement. The default clock is the calling thread's CPU time
-with one torch thread, which other processes on a shared machine barely disturb.
+measured rule (an Arm CPU, say), that value sets the routes by this machine's measurement. The
+default clock is the calling thread's CPU time with one torch thread, which other processes on a
+shared machine barely disturb.
 
 Usage::
 
@@ -42,7 +43,6 @@ As an AVX2 CPU (every library capped: MKL, oneDNN, ATen and the neuron kernel)::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -258,12 +258,10 @@ def suggestion(rows: list[tuple[str, str, float]], on_now: frozenset[str], kept:
             ratios.setdefault(route, []).append(ratio)
     out = []
     for route, rs in ratios.items():
-        mean = math.exp(sum(math.log(r) for r in rs) / len(rs))
-        change = ""
-        if route not in kept and route not in on_now and mean < 1 - MARGIN:
-            change = "+" + route
-        elif route not in kept and route in on_now and mean > 1 + MARGIN:
-            change = "-" + route
+        mean = statistics.geometric_mean(rs)
+        faster, slower = mean < 1 - MARGIN, mean > 1 + MARGIN
+        change = "" if route in kept else "+" + route if faster and route not in on_now else (
+            "-" + route if slower and route in on_now else "")
         out.append((route, mean, change))
     return out
 
