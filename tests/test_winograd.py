@@ -192,10 +192,9 @@ def test_cpp_weight_grad_equals_the_twin(shape, cout, dtype, monkeypatch):
 @pytest.mark.parametrize("piece_bytes", [1 << 26, 1 << 12], ids=["whole batch", "pieces"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_forward_keeps_the_input_tiles_for_the_weight_gradient(piece_bytes, dtype, monkeypatch):
-    """Where the weight takes a gradient, the forward keeps the input's tiles (every piece's) and the
-    weight gradient reads them instead of transforming the input again: the same bits as computed
-    again; freed with the weight gradient (a second backward makes them again); none kept where the
-    weight takes no gradient."""
+    """Where the weight takes a gradient, the forward keeps the input's tiles (every piece's, saved for
+    backward as autograd saves tensors) and the weight gradient reads them instead of transforming the
+    input again: the same bits as computed again; none kept where the weight takes no gradient."""
     monkeypatch.setattr(wk, "PIECE_BYTES", piece_bytes)
     given = []
     real = wk.winograd_weight_grad
@@ -203,16 +202,18 @@ def test_the_forward_keeps_the_input_tiles_for_the_weight_gradient(piece_bytes, 
     x = _maps((5, 64, 6, 5), seed=21).to(dtype).requires_grad_()
     w = _weight(70, 64, seed=22).to(dtype).requires_grad_()
     y = wk.conv2d(x, w)
-    assert y.grad_fn.tiles is not None and y.grad_fn.tiles.numel() == 16 * 5 * 3 * 3 * 64
+    kept = y.grad_fn.saved_tensors[2]
+    assert kept.dtype == dtype and kept.numel() == 16 * 5 * 3 * 3 * 64
+    pieces = list(wk._pieces(5, 6, 5, 64, 70, dtype, kept))
+    assert len(pieces) == (1 if piece_bytes > 1 << 20 else 5)
+    for i, count, v, _ in pieces:  # each piece's tiles in its own part of the buffer
+        assert torch.equal(v, wk.input_transform(x.detach()[i:i + count]))
     gy = _maps(tuple(y.shape), seed=23).to(dtype)
-    y.backward(gy, retain_graph=True)
-    assert y.grad_fn.tiles is None and given[0] is not None
-    again = real(x.detach(), gy)  # the input transformed again
-    assert torch.equal(w.grad, again) and torch.equal(x.grad, wk.input_grad(gy, w.detach()))
-    w.grad = None
     y.backward(gy)
-    assert given[1] is None and torch.equal(w.grad, again)
-    assert wk.conv2d(x, w.detach()).grad_fn.tiles is None
+    assert given == [kept]
+    assert torch.equal(w.grad, real(x.detach(), gy))  # the input transformed again
+    assert torch.equal(x.grad, wk.input_grad(gy, w.detach()))
+    assert wk.conv2d(x, w.detach()).grad_fn.saved_tensors[2] is None
 
 
 def test_other_dtypes_take_pytorchs_convolution():

@@ -282,19 +282,17 @@ class _Winograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         # the input's tiles, kept for the weight gradient (4x the input's memory, one pass less)
         tiles = input_tiles(x) if ctx.needs_input_grad[1] else None
         y, kept = _dense_or_winograd(x, weight, bias, tiles)
-        ctx.tiles = tiles if kept else None
+        ctx.save_for_backward(x, weight, tiles if kept else None)
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, weight, tiles = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        tiles, ctx.tiles = ctx.tiles, None  # freed with the weight gradient (a second backward makes them again)
         gx = input_grad(grad, weight) if need_x else None
         gw = weight_grad(x, grad, weight, tiles) if need_w else None
         gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
