@@ -188,34 +188,6 @@ def test_cpp_weight_grad_equals_the_twin(shape, cout, dtype, monkeypatch):
     assert wk.winograd_weight_grad(x.double(), gy.double()) is None
 
 
-@needs_library
-@pytest.mark.parametrize("piece_bytes", [1 << 26, 1 << 12], ids=["whole batch", "pieces"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_forward_keeps_the_input_tiles_for_the_weight_gradient(piece_bytes, dtype, monkeypatch):
-    """Where the weight takes a gradient, the forward keeps the input's tiles (every piece's, saved for
-    backward as autograd saves tensors) and the weight gradient reads them instead of transforming the
-    input again: the same bits as computed again; none kept where the weight takes no gradient."""
-    monkeypatch.setattr(wk, "PIECE_BYTES", piece_bytes)
-    given = []
-    real = wk.winograd_weight_grad
-    monkeypatch.setattr(wk, "winograd_weight_grad", lambda x, g, tiles=None: given.append(tiles) or real(x, g, tiles))
-    x = _maps((5, 64, 6, 5), seed=21).to(dtype).requires_grad_()
-    w = _weight(70, 64, seed=22).to(dtype).requires_grad_()
-    y = wk.conv2d(x, w)
-    kept = y.grad_fn.saved_tensors[2]
-    assert kept.dtype == dtype and kept.numel() == 16 * 5 * 3 * 3 * 64
-    pieces = list(wk._pieces(5, 6, 5, 64, 70, dtype, kept))
-    assert len(pieces) == (1 if piece_bytes > 1 << 20 else 5)
-    for i, count, v, _ in pieces:  # each piece's tiles in its own part of the buffer
-        assert torch.equal(v, wk.input_transform(x.detach()[i:i + count]))
-    gy = _maps(tuple(y.shape), seed=23).to(dtype)
-    y.backward(gy)
-    assert given == [kept]
-    assert torch.equal(w.grad, real(x.detach(), gy))  # the input transformed again
-    assert torch.equal(x.grad, wk.input_grad(gy, w.detach()))
-    assert wk.conv2d(x, w.detach()).grad_fn.saved_tensors[2] is None
-
-
 def test_other_dtypes_take_pytorchs_convolution():
     x, w = _maps((2, 4, 5, 5), dtype=torch.float64), _weight(3, 4, dtype=torch.float64)
     assert wk.winograd_conv2d(x, w) is None

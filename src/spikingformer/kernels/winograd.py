@@ -34,11 +34,11 @@ F(2x2, 3x3) against the direct convolution").
 :func:`conv2d` is differentiable: the input gradient of a 3x3 convolution with padding 1 is the
 3x3 convolution (padding 1) of the output gradient with the weight flipped in space and its
 channels swapped, so it runs here too. The weight gradient runs the three steps backwards
-(:func:`winograd_weight_grad`): the input's tiles ``V`` (kept from the forward where the weight
-takes a gradient: 4x the input's memory for one pass less), the output gradient's tiles
-``dM = A dY A^T`` (:func:`grad_tiles`, the output transform's adjoint, one C++ pass), 16 products
-``V[i]^T dM[i]`` summed over tiles (one ``bmm`` per piece of the batch, pieces summed in float32),
-and the weight transform's adjoint ``G^T dU G``. The bias gradient is the output gradient's sum. The route that calls it is ``winograd`` (:mod:`spikingformer.layers.winograd`).
+(:func:`winograd_weight_grad`): the input's tiles ``V`` (computed again from the saved input), the
+output gradient's tiles ``dM = A dY A^T`` (:func:`grad_tiles`, the output transform's adjoint, one
+C++ pass), 16 products ``V[i]^T dM[i]`` summed over tiles (one ``bmm`` per piece of the batch,
+pieces summed in float32), and the weight transform's adjoint ``G^T dU G``. The bias gradient is
+the output gradient's sum. The route that calls it is ``winograd`` (:mod:`spikingformer.layers.winograd`).
 """
 
 from __future__ import annotations
@@ -129,27 +129,17 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.permute(0, 2, 3, 1).is_contiguous()
 
 
-def _pieces(n: int, h: int, w: int, c: int, k: int, dtype: torch.dtype, tiles: Optional[torch.Tensor] = None):
+def _pieces(n: int, h: int, w: int, c: int, k: int, dtype: torch.dtype):
     """The batch of ``n`` images in pieces whose tiles of ``c`` and ``k`` channels hold at most
     :data:`PIECE_BYTES`: for each, ``(first image, images, V, M)``, V ``(16, tiles, c)`` and M
-    ``(16, tiles, k)`` views of two buffers made once (a piece's tiles fill their first elements).
-    With ``tiles`` (:func:`input_tiles` of the whole batch), each piece's V is its own part of it."""
+    ``(16, tiles, k)`` views of two buffers made once (a piece's tiles fill their first elements)."""
     th, tw = _tiles(h, w)
     images = max(1, min(n, PIECE_BYTES // (16 * th * tw * (c + k) * dtype.itemsize)))
-    v = tiles if tiles is not None else torch.empty(16 * images * th * tw * c, dtype=dtype)
-    m = torch.empty(16 * images * th * tw * k, dtype=dtype)
+    v, m = torch.empty(16 * images * th * tw * c, dtype=dtype), torch.empty(16 * images * th * tw * k, dtype=dtype)
     for i in range(0, n, images):
         count = min(images, n - i)
-        rows, at = count * th * tw, (16 * i * th * tw * c if tiles is not None else 0)
-        yield i, count, v[at:at + 16 * rows * c].view(16, rows, c), m[:16 * rows * k].view(16, rows, k)
-
-
-def input_tiles(x: torch.Tensor) -> torch.Tensor:
-    """A buffer for the input tiles ``V`` of all of ``x``'s images (``(N, C, H, W)``), each piece of
-    :func:`_pieces` in its own part: what the forward keeps for the weight gradient."""
-    n, c, h, w = x.shape
-    th, tw = _tiles(h, w)
-    return torch.empty(16 * n * th * tw * c, dtype=x.dtype)
+        rows = count * th * tw
+        yield i, count, v[:16 * rows * c].view(16, rows, c), m[:16 * rows * k].view(16, rows, k)
 
 
 def _library(*tensors: torch.Tensor):
@@ -164,14 +154,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.detach().permute(0, 2, 3, 1).contiguous()
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    tiles: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                    ) -> Optional[torch.Tensor]:
     """``conv2d(x, weight, bias, padding=1)`` by F(2x2, 3x3) with the C++ transforms, for CPU maps
     ``x`` ``(N, C_in, H, W)``, weight ``(C_out, C_in, 3, 3)`` and bias ``(C_out,)``, all float32 or
     all bfloat16: the output ``(N, C_out, H, W)`` in that dtype, channels-last; the same bits as
     :func:`winograd_reference`. ``None`` for other dtypes or devices, mixed dtypes, or where the
-    kernel library cannot be built. ``x`` not channels-last is copied so first. ``tiles``
-    (:func:`input_tiles` of x) receives the input's tiles, for :func:`winograd_weight_grad`."""
+    kernel library cannot be built. ``x`` not channels-last is copied so first."""
     lib = _library(*((x, weight) if bias is None else (x, weight, bias)))
     if lib is None:
         return None
@@ -180,7 +169,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     xl, u = _rows(x), weight_transform(weight.detach())
     b = bias.detach().float().contiguous() if bias is not None else None  # the C++ pass adds it in float32
     y = torch.empty((n, h, w, k), dtype=x.dtype)
-    for i, count, v, m in _pieces(n, h, w, c, k, x.dtype, tiles):
+    for i, count, v, m in _pieces(n, h, w, c, k, x.dtype):
         lib.sf_winograd_input(xl[i].data_ptr(), v.data_ptr(), count, h, w, c, code, threads)
         torch.bmm(v, u, out=m)
         lib.sf_winograd_output(m.data_ptr(), b.data_ptr() if b is not None else None, y[i].data_ptr(), count, h, w, k,
@@ -226,13 +215,11 @@ def weight_grad_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _weight_from_tiles(du if du.dtype == torch.float64 else du.float(), x.dtype)
 
 
-def winograd_weight_grad(x: torch.Tensor, g: torch.Tensor, tiles: Optional[torch.Tensor] = None
-                         ) -> Optional[torch.Tensor]:
+def winograd_weight_grad(x: torch.Tensor, g: torch.Tensor) -> Optional[torch.Tensor]:
     """:func:`weight_grad_reference` with the C++ transforms, for CPU maps ``x`` ``(N, C_in, H, W)``
     and output gradient ``g`` ``(N, C_out, H, W)``, both float32 or both bfloat16: ``(C_out, C_in, 3,
-    3)`` in their dtype, the pieces' products summed in float32. ``tiles``: x's input tiles as
-    :func:`winograd_conv2d` left them (not computed again). ``None`` where :func:`winograd_conv2d`
-    declines."""
+    3)`` in their dtype, the pieces' products summed in float32. ``None`` where
+    :func:`winograd_conv2d` declines."""
     lib = _library(x, g)
     if lib is None:
         return None
@@ -240,37 +227,29 @@ def winograd_weight_grad(x: torch.Tensor, g: torch.Tensor, tiles: Optional[torch
     k, threads, code = g.shape[1], torch.get_num_threads(), cpu_backend.DTYPE_CODES[x.dtype]
     xl, gl = _rows(x), _rows(g)
     du = torch.zeros((16, c, k), dtype=torch.float32)
-    for i, count, v, m in _pieces(n, h, w, c, k, x.dtype, tiles):
-        if tiles is None:
-            lib.sf_winograd_input(xl[i].data_ptr(), v.data_ptr(), count, h, w, c, code, threads)
+    for i, count, v, m in _pieces(n, h, w, c, k, x.dtype):
+        lib.sf_winograd_input(xl[i].data_ptr(), v.data_ptr(), count, h, w, c, code, threads)
         lib.sf_winograd_grad_tiles(gl[i].data_ptr(), m.data_ptr(), count, h, w, k, code, threads)
         du += torch.bmm(v.transpose(1, 2), m)
     return _weight_from_tiles(du, x.dtype)
 
 
-def _dense_or_winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       tiles: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
-    """The convolution by :func:`winograd_conv2d` (``tiles`` as there), else PyTorch's; and whether
-    the first ran (so ``tiles`` hold x's input tiles)."""
-    y = winograd_conv2d(x, weight, bias, tiles)
-    if y is not None:
-        return y, True
-    return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=torch.channels_last), False
+def _dense_or_winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = winograd_conv2d(x, weight, bias)
+    return y if y is not None else F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=torch.channels_last)
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, weight, padding=1)``'s input for the output gradient ``grad``
     ``(N, C_out, H, W)``: the same convolution of ``grad`` with ``weight`` flipped in space and its
     channels swapped, by F(2x2, 3x3); channels-last."""
-    return _dense_or_winograd(grad, weight.flip(2, 3).transpose(0, 1), None)[0]
+    return _dense_or_winograd(grad, weight.flip(2, 3).transpose(0, 1), None)
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, tiles: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, weight, padding=1)``'s weight for the output gradient ``grad``: by
-    F(2x2, 3x3) (:func:`winograd_weight_grad`, with x's input ``tiles`` where the forward kept
-    them), else (where that declines) PyTorch's."""
-    gw = winograd_weight_grad(x, grad, tiles)
+    F(2x2, 3x3) (:func:`winograd_weight_grad`), else (where that declines) PyTorch's."""
+    gw = winograd_weight_grad(x, grad)
     if gw is None:
         gw = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                  (False, True, False))[1]
@@ -282,19 +261,16 @@ class _Winograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        # the input's tiles, kept for the weight gradient (4x the input's memory, one pass less)
-        tiles = input_tiles(x) if ctx.needs_input_grad[1] else None
-        y, kept = _dense_or_winograd(x, weight, bias, tiles)
-        ctx.save_for_backward(x, weight, tiles if kept else None)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y
+        return _dense_or_winograd(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, tiles = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         gx = input_grad(grad, weight) if need_x else None
-        gw = weight_grad(x, grad, weight, tiles) if need_w else None
+        gw = weight_grad(x, grad, weight) if need_w else None
         gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
         return gx, gw, gb
 
@@ -306,4 +282,4 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     kernel library)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _Winograd.apply(x, weight, bias)
-    return _dense_or_winograd(x, weight, bias)[0]
+    return _dense_or_winograd(x, weight, bias)
