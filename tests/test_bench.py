@@ -1283,3 +1283,36 @@ def test_bench_onnx_runs_as_a_script():
     assert len(rows) == 1 and len(rows[0]) == 10, proc.stdout
     assert all(float(v) > 0 for v in rows[0][3:6]) and all(float(v.strip().rstrip("x")) > 0 for v in rows[0][6:8])
     assert 0 < float(rows[0][2]) < 1 and math.isfinite(float(rows[0][8])), proc.stdout
+
+
+@pytest.mark.parametrize("tile", ["F(2x2, 3x3)", "F(3x3, 3x3)", "F(4x4, 3x3)"])
+def test_winograd_tiles_of_the_accuracy_study_are_the_convolution(tile):
+    """``benchmarks/winograd_tile_accuracy.py``'s Toom-Cook transforms, unrounded (float64): each tile
+    size is the 3x3 convolution with padding 1, on maps whose sides are no multiple of the tile."""
+    import torch
+
+    import winograd_tile_accuracy as study
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    m, points = study.TILES[tile]
+    y = study.tiled_conv(x, w, study.toom_cook(m, points), torch.float64)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=0, atol=1e-10)
+
+
+def test_winograd_tile_accuracy_runs_as_a_script():
+    """``python benchmarks/winograd_tile_accuracy.py --images 1``: a row per layer, map kind and dtype;
+    its F(2x2, 3x3) prototype errs as the route does in bf16 (the same roundings), and the larger
+    tiles err more than F(2x2, 3x3) in both dtypes."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "winograd_tile_accuracy.py"), "--images", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "->" in line]
+    assert len(rows) == 12 and {r[2] for r in rows} == {"float32", "bfloat16"}, proc.stdout
+    for r in rows:
+        direct, f2, f3, f4, route = map(float, r[3:])
+        assert 0 < direct and f2 < f3 < f4, r
+        if r[2] == "bfloat16":
+            assert route == pytest.approx(f2, rel=0.05), r
